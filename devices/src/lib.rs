@@ -1,0 +1,4 @@
+//! Device models for `zc-vmm`. Nothing in this crate touches KVM: every device is
+//! driven through plain method calls, so it can be unit-tested without `/dev/kvm`.
+
+pub mod control;
