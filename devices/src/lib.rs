@@ -1,4 +1,5 @@
 //! Device models for `zc-vmm`. Nothing in this crate touches KVM: every device is
 //! driven through plain method calls, so it can be unit-tested without `/dev/kvm`.
 
+pub mod console;
 pub mod control;

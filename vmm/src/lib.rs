@@ -1,1 +1,17 @@
-//! zc-vmm
+//! `zc-vmm`: a tiny KVM virtual machine monitor that boots a stock Linux kernel
+//! straight into 64-bit mode (no firmware), with a serial console, a guest control
+//! channel and ACPI tables that describe its virtio-mmio devices.
+//!
+//! One concept per module: [`layout`] (memory map), [`boot`] (kernel/initrd/zero
+//! page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`] (legacy port devices),
+//! [`vm`] (the VM and its run loop), [`host`] (which KVM to use) and [`emulated`]
+//! (running inside an emulated KVM host).
+
+pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod emulated;
+pub mod host;
+pub mod layout;
+pub mod pio;
+pub mod vm;

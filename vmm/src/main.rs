@@ -1,1 +1,339 @@
-fn main() {}
+//! `zc-vmm`: boots a Linux guest under KVM, directly or inside an emulated KVM host.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use zc_vmm::emulated::{self, EmulatedHost, InnerCommand};
+use zc_vmm::host::{self, HostMode};
+use zc_vmm::vm::{self, ConsoleTarget, RunReport, VmConfig};
+
+/// Default kernel command line: serial console, reboot through the keyboard
+/// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+/// Where `make images` leaves the emulated host's kernel and initrd.
+const DEFAULT_HOST_KERNEL: &str = "images/out/host/vmlinuz";
+const DEFAULT_HOST_INITRD: &str = "images/out/host/initrd.img";
+
+#[derive(Parser)]
+#[command(name = "zc-vmm", version, about = "A tiny KVM VMM for zero-copy transfer experiments")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a kernel and run the guest to the end; exits with the guest's status.
+    Run(RunArgs),
+    /// Print what the host probe finds and which mode a run would use.
+    Probe,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Kernel image: bzImage (e.g. Debian's /boot/vmlinuz-*) or ELF vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, replacing the default.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Extra kernel command-line words appended to --cmdline.
+    #[arg(long)]
+    append: Option<String>,
+    /// Guest memory, e.g. 512M or 1G (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_mem)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Write a JSON summary of the run to this file.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// Give up after this many seconds (of the guest's own run).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Emulated mode: the emulated host's kernel [env: ZC_HOST_KERNEL].
+    #[arg(long, env = "ZC_HOST_KERNEL", default_value = DEFAULT_HOST_KERNEL)]
+    host_kernel: PathBuf,
+    /// Emulated mode: the emulated host's initrd [env: ZC_HOST_INITRD].
+    #[arg(long, env = "ZC_HOST_INITRD", default_value = DEFAULT_HOST_INITRD)]
+    host_initrd: PathBuf,
+}
+
+/// Parses `512M`, `2G`, `65536K` or a bare MiB count into bytes.
+fn parse_mem(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 30),
+        _ => (text, 20),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: use e.g. 512M or 2G"))?;
+    value
+        .checked_mul(1 << shift)
+        .filter(|bytes| *bytes <= 64 << 30)
+        .ok_or_else(|| format!("{text} is too large: at most 64G"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run(args) => run(args),
+        Cmd::Probe => probe().map(|_| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("zc-vmm: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn probe() -> Result<()> {
+    let facts = host::probe();
+    println!("/dev/kvm:          {}", if facts.dev_kvm { "present" } else { "absent" });
+    println!(
+        "CPU virtualisation: {}",
+        facts.hw_virt.as_deref().unwrap_or("none (no vmx/svm flag)")
+    );
+    println!("kvm_pvm module:    {}", if facts.kvm_pvm { "loaded" } else { "no" });
+    let (mode, why) = host::choose_here()?;
+    println!("mode:              {mode} ({why})");
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<i32> {
+    let (mode, why) = host::choose_here()?;
+    if !args.kernel.is_file() {
+        bail!(
+            "kernel {} does not exist: pass --kernel PATH (run `make images` for the default one)",
+            args.kernel.display()
+        );
+    }
+    if let Some(initrd) = &args.initrd {
+        if !initrd.is_file() {
+            bail!(
+                "initrd {} does not exist: pass --initrd PATH (run `make images` for the default one)",
+                initrd.display()
+            );
+        }
+    }
+    match mode {
+        HostMode::Direct => {
+            let place = if host::inside_emulated_host() {
+                ", inside the emulated KVM host"
+            } else {
+                ""
+            };
+            eprintln!("zc-vmm: mode direct ({why}){place}");
+            run_direct(&args, mode)
+        }
+        HostMode::Emulated => {
+            eprintln!("zc-vmm: mode emulated ({why}): booting the emulated KVM host under QEMU TCG");
+            run_emulated(&args)
+        }
+    }
+}
+
+fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
+    let mut cmdline = args.cmdline.clone();
+    if let Some(extra) = &args.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let config = VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline,
+        mem_bytes: args.mem,
+        vcpus: args.vcpus,
+        console: match &args.console {
+            Some(path) => ConsoleTarget::File(path.clone()),
+            None => ConsoleTarget::Stdout,
+        },
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let report = vm::run(&config)?;
+    print_summary(&report, &args.kernel);
+    if let Some(path) = &args.report_json {
+        let json = report_json(&report, &args.kernel, mode);
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write the report {}", path.display()))?;
+    }
+    Ok(report.exit_status())
+}
+
+fn print_summary(report: &RunReport, kernel: &Path) {
+    let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    match (&report.kernel_release, report.time_to_init) {
+        (Some(release), Some(at)) => eprintln!(
+            "zc-vmm: guest kernel {release} ({:?} {}) reached /init {} after start (guest uptime {})",
+            report.kernel_format,
+            kernel.display(),
+            secs(at),
+            report
+                .init_uptime
+                .map(|u| format!("{u:.2} s"))
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        _ => eprintln!("zc-vmm: the guest program never reported (no hello on the control channel)"),
+    }
+    match report.failure() {
+        None => eprintln!(
+            "zc-vmm: guest exited 0 ({:?}); run took {}",
+            report.stop,
+            secs(report.run_time)
+        ),
+        Some(why) => {
+            eprintln!("zc-vmm: last console lines:");
+            for line in &report.console_tail {
+                eprintln!("  | {line}");
+            }
+            eprintln!("zc-vmm: FAILED after {}: {why}", secs(report.run_time));
+        }
+    }
+}
+
+fn report_json(report: &RunReport, kernel: &Path, mode: HostMode) -> serde_json::Value {
+    serde_json::json!({
+        "schema": "zc-vmm-run/1",
+        "mode": mode.to_string(),
+        "inside_emulated_host": host::inside_emulated_host(),
+        "kernel": kernel,
+        "kernel_format": format!("{:?}", report.kernel_format),
+        "kernel_release": report.kernel_release,
+        "init_uptime_s": report.init_uptime,
+        "time_to_init_s": report.time_to_init.map(|d| d.as_secs_f64()),
+        "run_time_s": report.run_time.as_secs_f64(),
+        "stop": format!("{:?}", report.stop),
+        "guest_exit": report.guest_exit,
+        "exit_status": report.exit_status(),
+        "failure": report.failure(),
+        "messages": report.messages.iter().map(|(at, m)| {
+            serde_json::json!({"at_s": at.as_secs_f64(), "message": format!("{m:?}")})
+        }).collect::<Vec<_>>(),
+        "console_tail": report.console_tail,
+    })
+}
+
+/// How long the emulated host may take beyond the guest's own timeout: its boot and
+/// the 9p mounts.
+const EMULATED_HOST_OVERHEAD: Duration = Duration::from_secs(60);
+
+fn run_emulated(args: &RunArgs) -> Result<i32> {
+    let started = Instant::now();
+    emulated::require_image("kernel", &args.host_kernel, "ZC_HOST_KERNEL")?;
+    emulated::require_image("initrd", &args.host_initrd, "ZC_HOST_INITRD")?;
+    let qemu = emulated::find_qemu()?;
+    let exchange = tempfile::Builder::new()
+        .prefix("zc-emulated-")
+        .tempdir()
+        .context("cannot create the exchange directory for the emulated host")?;
+    let absolute = |p: &Path| -> Result<PathBuf> {
+        std::fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()))
+    };
+
+    // Output files are written inside the read-write share and copied out after.
+    let inner_console = exchange.path().join("console.txt");
+    let inner_report = exchange.path().join("report.json");
+    let exe = std::env::current_exe().context("cannot find the zc-vmm binary's own path")?;
+    let mut argv: Vec<OsString> = vec![exe.into(), "run".into()];
+    let mut push = |flag: &str, value: OsString| {
+        argv.push(flag.into());
+        argv.push(value);
+    };
+    push("--kernel", absolute(&args.kernel)?.into());
+    if let Some(initrd) = &args.initrd {
+        push("--initrd", absolute(initrd)?.into());
+    }
+    push("--cmdline", args.cmdline.clone().into());
+    if let Some(extra) = &args.append {
+        push("--append", extra.into());
+    }
+    push("--mem", format!("{}K", args.mem >> 10).into());
+    push("--vcpus", args.vcpus.to_string().into());
+    push("--timeout", args.timeout.to_string().into());
+    if args.console.is_some() {
+        push("--console", inner_console.clone().into());
+    }
+    if args.report_json.is_some() {
+        push("--report-json", inner_report.clone().into());
+    }
+
+    let mut env: Vec<(OsString, OsString)> = vec![
+        (host::FORCE_ENV.into(), "direct".into()),
+        (host::INSIDE_EMULATED_ENV.into(), "1".into()),
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+    ];
+    for key in ["RUST_BACKTRACE", "RUST_LOG"] {
+        if let Some(value) = std::env::var_os(key) {
+            env.push((key.into(), value));
+        }
+    }
+    let command = InnerCommand {
+        argv,
+        env,
+        cwd: std::env::current_dir().context("cannot read the current directory")?,
+    };
+    let host = EmulatedHost {
+        qemu,
+        kernel: args.host_kernel.clone(),
+        initrd: args.host_initrd.clone(),
+        mem_mib: emulated::DEFAULT_HOST_MEM_MIB,
+        cpus: 2,
+    };
+    let status = emulated::run(
+        &host,
+        &command,
+        exchange.path(),
+        Duration::from_secs(args.timeout) + EMULATED_HOST_OVERHEAD,
+    )?;
+    for (inner, wanted) in [(&inner_console, &args.console), (&inner_report, &args.report_json)] {
+        if let Some(wanted) = wanted {
+            std::fs::copy(inner, wanted).with_context(|| {
+                format!("the run inside the emulated host left no {}", wanted.display())
+            })?;
+        }
+    }
+    eprintln!(
+        "zc-vmm: emulated host finished in {:.2} s; command exited {status}",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_mem("512M"), Ok(512 << 20));
+        assert_eq!(parse_mem("2G"), Ok(2 << 30));
+        assert_eq!(parse_mem("65536k"), Ok(64 << 20));
+        assert_eq!(parse_mem("256"), Ok(256 << 20));
+        assert!(parse_mem("lots").unwrap_err().contains("512M"));
+        assert!(parse_mem("100G").unwrap_err().contains("too large"));
+        assert!(parse_mem("").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

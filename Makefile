@@ -1,0 +1,80 @@
+# zc: `make run` boots the default guest and prints its report; `make test` runs
+# every test (unit, KVM, end-to-end). Both install what they need first.
+
+CARGO        ?= cargo
+HOST_TARGET  := x86_64-unknown-linux-gnu
+RELEASE_DIR  := target/release
+GUEST_BIN    := target/$(HOST_TARGET)/release/zc-init
+ZC_VMM       := $(RELEASE_DIR)/zc-vmm
+ZC_IMAGE     := $(RELEASE_DIR)/zc-image
+IMAGES_OUT   := images/out
+GUEST_KERNEL := $(IMAGES_OUT)/guest/vmlinuz
+GUEST_INITRD := $(IMAGES_OUT)/guest/initrd.img
+# A user's own kernel: make run KERNEL=path/to/bzImage [MODULES=path/to/lib/modules/<release>]
+KERNEL       ?=
+MODULES      ?=
+# Pin a Debian kernel, e.g. KERNEL_VERSION=6.12
+KERNEL_VERSION ?=
+APT_PACKAGES := qemu-system-x86 e2fsprogs
+
+ifneq ($(KERNEL),)
+GUEST_KERNEL_ARGS := --kernel $(KERNEL) $(if $(MODULES),--modules-dir $(MODULES))
+else
+GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
+endif
+
+.PHONY: all deps build guest images run test unit-test e2e-test bench fmt clippy clean
+
+all: build
+
+## deps: install the Debian packages the harness needs (as root), or say how.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "make: missing packages; run: sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+	@apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q Candidate: || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq; else echo "make: run: sudo apt-get update"; exit 1; fi; }
+
+## build: the VMM and the image tool (release: they run inside an emulated host).
+build:
+	$(CARGO) build --release -p zc-vmm -p zc-images
+
+## guest: the static /init program.
+guest:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p zc-guest --target $(HOST_TARGET)
+
+## images: kernels (fetched from Debian, cached) and initramfs for the guest and the emulated host.
+images: deps build guest
+	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) $(GUEST_KERNEL_ARGS) --out $(IMAGES_OUT)
+	$(ZC_IMAGE) build --role host --init $(GUEST_BIN) --out $(IMAGES_OUT)
+
+## run: boot the default guest and print its report.
+run: images
+	$(ZC_VMM) run --kernel $(GUEST_KERNEL) --initrd $(GUEST_INITRD)
+
+## test: unit tests, KVM tests and the end-to-end boots of the real kernel.
+test: images
+	$(CARGO) test --workspace --release
+	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot -- --ignored --test-threads=1
+
+## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
+bench: images
+	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) run --release -p zc-vmm --bin zc-bench
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf $(IMAGES_OUT)

@@ -1,0 +1,301 @@
+//! The emulated KVM host: a QEMU TCG virtual machine with an emulated AMD SVM CPU in
+//! which this very `zc-vmm` binary runs again, in `direct` mode, on that VM's
+//! `/dev/kvm`. The host's root is shared read-only over 9p; one fresh directory (the
+//! exchange directory) is shared read-write for the command to run, its status, and
+//! any output files.
+//!
+//! The emulated host's `/init` (`zc-init` in its `host` role) reads
+//! `<exchange>/cmd/{argv,env,cwd}` (NUL-separated), runs the command chrooted into the
+//! host's root, and writes its status to `<exchange>/cmd/status`.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The QEMU binary we need, from Debian's `qemu-system-x86`.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// Default memory of the emulated host, in MiB: room for a guest of 512 MiB and the
+/// host kernel's own needs.
+pub const DEFAULT_HOST_MEM_MIB: u32 = 2048;
+
+/// Errors running a command inside the emulated host.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatedError {
+    /// QEMU is not installed.
+    #[error("{QEMU_BINARY} not found: install it with `apt-get install qemu-system-x86` (or run `make deps`)")]
+    NoQemu,
+    /// The host kernel or initrd is missing.
+    #[error("the emulated host's {what} {path} does not exist: run `make images` (or set {env})")]
+    MissingImage {
+        /// Kernel or initrd.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The variable that overrides it.
+        env: &'static str,
+    },
+    /// A host-side file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The emulated host ended without a status for the command.
+    #[error("the emulated host stopped ({qemu_status}) without running the command to the end; its console is above")]
+    NoStatus {
+        /// How QEMU ended.
+        qemu_status: String,
+    },
+    /// The emulated host ran past the timeout.
+    #[error("the emulated host did not finish within {0} s; killed it")]
+    Timeout(u64),
+}
+
+/// The emulated host's machine.
+#[derive(Debug, Clone)]
+pub struct EmulatedHost {
+    /// Path of `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// The host's kernel (Debian generic flavour: it has kvm-amd and 9p).
+    pub kernel: PathBuf,
+    /// The host's initrd (`zc-init` in the host role plus the kvm and 9p modules).
+    pub initrd: PathBuf,
+    /// Memory in MiB.
+    pub mem_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u8,
+}
+
+/// A command to run inside.
+#[derive(Debug, Clone)]
+pub struct InnerCommand {
+    /// Program and arguments; the program path is as seen from the host's root.
+    pub argv: Vec<OsString>,
+    /// The whole environment of the command.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+}
+
+/// Finds `qemu-system-x86_64` on `PATH`.
+pub fn find_qemu() -> Result<PathBuf, EmulatedError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(QEMU_BINARY))
+        .find(|candidate| candidate.is_file())
+        .ok_or(EmulatedError::NoQemu)
+}
+
+/// Checks that an image file exists, with the error that says how to make it.
+pub fn require_image(what: &'static str, path: &Path, env: &'static str) -> Result<(), EmulatedError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(EmulatedError::MissingImage {
+            what,
+            path: path.to_path_buf(),
+            env,
+        })
+    }
+}
+
+/// QEMU's arguments for the emulated host sharing `exchange` read-write.
+pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
+    let cmdline = format!(
+        "console=ttyS0 quiet panic=-1 zc.role=host zc.outdir={}",
+        exchange.display()
+    );
+    let mut rw_share = OsString::from("local,id=zcout,security_model=none,path=");
+    rw_share.push(exchange);
+    push(&[
+        "-accel".as_ref(),
+        "tcg,thread=multi".as_ref(),
+        "-cpu".as_ref(),
+        "max".as_ref(),
+        "-smp".as_ref(),
+        host.cpus.to_string().as_ref(),
+        "-m".as_ref(),
+        host.mem_mib.to_string().as_ref(),
+        "-M".as_ref(),
+        "microvm,acpi=on".as_ref(),
+        "-nodefaults".as_ref(),
+        "-no-user-config".as_ref(),
+        "-display".as_ref(),
+        "none".as_ref(),
+        // The console goes straight to our stdout; QEMU never reads our stdin (CI
+        // runs with none).
+        "-serial".as_ref(),
+        "file:/dev/stdout".as_ref(),
+        "-no-reboot".as_ref(),
+        "-kernel".as_ref(),
+        host.kernel.as_os_str(),
+        "-initrd".as_ref(),
+        host.initrd.as_os_str(),
+        "-append".as_ref(),
+        cmdline.as_ref(),
+        "-fsdev".as_ref(),
+        "local,id=hostroot,path=/,security_model=none,readonly=on".as_ref(),
+        "-device".as_ref(),
+        "virtio-9p-device,fsdev=hostroot,mount_tag=hostroot".as_ref(),
+        "-fsdev".as_ref(),
+        rw_share.as_os_str(),
+        "-device".as_ref(),
+        "virtio-9p-device,fsdev=zcout,mount_tag=zcout".as_ref(),
+    ]);
+    args
+}
+
+/// NUL-terminated list, the format `zc-init` reads.
+pub fn nul_list<I, S>(items: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut out = Vec::new();
+    for item in items {
+        out.extend_from_slice(item.as_ref().as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Parses the status `zc-init` wrote: an exit code, or 128 + signal.
+pub fn parse_status(text: &str) -> Option<i32> {
+    text.trim().parse().ok()
+}
+
+/// Runs `command` inside the emulated host, with `exchange` (an empty directory) as
+/// the read-write share. Returns the command's exit status.
+pub fn run(
+    host: &EmulatedHost,
+    command: &InnerCommand,
+    exchange: &Path,
+    timeout: Duration,
+) -> Result<i32, EmulatedError> {
+    let cmd_dir = exchange.join("cmd");
+    let io_err = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EmulatedError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(&cmd_dir).map_err(io_err("cannot create", &cmd_dir))?;
+    let write = |name: &str, bytes: Vec<u8>| {
+        let path = cmd_dir.join(name);
+        std::fs::write(&path, bytes).map_err(io_err("cannot write", &path))
+    };
+    write("argv", nul_list(&command.argv))?;
+    write(
+        "env",
+        nul_list(command.env.iter().map(|(k, v)| {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            kv
+        })),
+    )?;
+    write("cwd", command.cwd.as_os_str().as_bytes().to_vec())?;
+    let status_path = cmd_dir.join("status");
+
+    let mut child = Command::new(&host.qemu)
+        .args(qemu_args(host, exchange))
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(io_err("cannot start", &host.qemu))?;
+    let give_up = Instant::now() + timeout;
+    let qemu_status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.to_string(),
+            Ok(None) if Instant::now() >= give_up => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(EmulatedError::Timeout(timeout.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(source) => {
+                return Err(EmulatedError::Io {
+                    what: "cannot wait for",
+                    path: host.qemu.clone(),
+                    source,
+                })
+            }
+        }
+    };
+    let mut text = String::new();
+    match std::fs::File::open(&status_path) {
+        Ok(mut file) => {
+            file.read_to_string(&mut text)
+                .map_err(io_err("cannot read", &status_path))?;
+        }
+        Err(_) => return Err(EmulatedError::NoStatus { qemu_status }),
+    }
+    parse_status(&text).ok_or(EmulatedError::NoStatus { qemu_status })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> EmulatedHost {
+        EmulatedHost {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            kernel: "/k/vmlinuz".into(),
+            initrd: "/k/initrd.img".into(),
+            mem_mib: 2048,
+            cpus: 2,
+        }
+    }
+
+    #[test]
+    fn qemu_gets_svm_cpu_and_both_shares() {
+        let args: Vec<String> = qemu_args(&host(), Path::new("/tmp/zc-x"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let after = |flag: &str| -> Vec<&str> {
+            args.windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].as_str())
+                .collect()
+        };
+        assert_eq!(after("-cpu"), ["max"]);
+        assert_eq!(after("-accel"), ["tcg,thread=multi"]);
+        assert_eq!(after("-m"), ["2048"]);
+        assert_eq!(after("-kernel"), ["/k/vmlinuz"]);
+        let fsdevs = after("-fsdev");
+        assert!(fsdevs[0].contains("path=/,") && fsdevs[0].contains("readonly=on"));
+        assert!(fsdevs[1].ends_with("path=/tmp/zc-x") && !fsdevs[1].contains("readonly"));
+        let append = after("-append")[0];
+        assert!(append.contains("zc.role=host") && append.contains("zc.outdir=/tmp/zc-x"));
+        assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn lists_are_nul_terminated() {
+        assert_eq!(nul_list(["a", "bc"]), b"a\0bc\0");
+        assert_eq!(nul_list(Vec::<&str>::new()), b"");
+    }
+
+    #[test]
+    fn status_parsing() {
+        assert_eq!(parse_status("0\n"), Some(0));
+        assert_eq!(parse_status("137"), Some(137));
+        assert_eq!(parse_status(""), None);
+        assert_eq!(parse_status("x"), None);
+    }
+
+    #[test]
+    fn missing_image_says_what_to_run() {
+        let err = require_image("kernel", Path::new("/nope/vmlinuz"), "ZC_HOST_KERNEL")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("make images") && err.contains("/nope/vmlinuz"));
+    }
+}

@@ -1,0 +1,526 @@
+//! The virtual machine: KVM VM and vCPUs, guest memory, the boot, and the run loop
+//! that turns vCPU exits into device calls until the guest powers off, resets, or
+//! runs out of time.
+
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use zc_devices::console::{ConsoleSink, ConsoleTail};
+use zc_devices::control::{ControlChannel, ControlMessage, ControlMessages};
+
+use crate::acpi::{self, AcpiConfig};
+use crate::boot::{self, BootSpec, KernelFormat};
+use crate::cpu;
+use crate::layout;
+use crate::pio::{LegacyIo, PioAction};
+
+/// How long a guest that reported its exit status gets to power off cleanly.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors building or starting the VM (what goes wrong while it runs is a
+/// [`StopReason`], not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm ({0}): run as root or join the 'kvm' group; on a host without usable KVM use ZC_HOST=emulated")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {mem_bytes} bytes of guest memory: {source}")]
+    Memory {
+        /// How much was asked for.
+        mem_bytes: u64,
+        /// Why.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Bad memory size.
+    #[error("guest memory of {0} bytes is too small; give at least 64M (--mem)")]
+    MemoryTooSmall(u64),
+    /// Bad vCPU count.
+    #[error("--vcpus {0} is out of range: use 1 to 32")]
+    VcpuCount(u8),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Setting up a vCPU failed.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// A host resource (eventfd, thread, console file) failed.
+    #[error("{what}: {source}")]
+    Host {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Where the guest's console goes.
+#[derive(Debug, Clone)]
+pub enum ConsoleTarget {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Nowhere (the tail is still kept for error reports).
+    Discard,
+}
+
+/// Everything needed to run a guest.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image (bzImage or ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Where the console goes.
+    pub console: ConsoleTarget,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// Why the run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StopReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine (reboot, keyboard controller, or triple fault).
+    Reset,
+    /// The run took longer than the timeout.
+    Timeout,
+    /// The guest reported its exit status but did not power off in time.
+    NoPowerOffAfterExit,
+    /// KVM could not run the vCPU (emulation failure, failed entry...).
+    VcpuFailure(String),
+}
+
+/// What happened in a run, for the caller to print and turn into an exit status.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Why it ended.
+    pub stop: StopReason,
+    /// The status the guest program reported with `exit`, if it did.
+    pub guest_exit: Option<i32>,
+    /// The guest kernel's release, from the guest's `hello`.
+    pub kernel_release: Option<String>,
+    /// Guest uptime when /init started, as the guest reported it.
+    pub init_uptime: Option<f64>,
+    /// Host time from the first vCPU entry to the guest's `hello`.
+    pub time_to_init: Option<Duration>,
+    /// Host time of the whole run.
+    pub run_time: Duration,
+    /// Every control message, in order, with its host time since start.
+    pub messages: Vec<(Duration, ControlMessage)>,
+    /// The console's last lines.
+    pub console_tail: Vec<String>,
+    /// The kernel image's format.
+    pub kernel_format: KernelFormat,
+}
+
+impl RunReport {
+    /// The exit status the VMM should end with: the guest's own, when it reported one
+    /// and then shut down; 1 for anything else.
+    pub fn exit_status(&self) -> i32 {
+        match (&self.stop, self.guest_exit) {
+            (StopReason::PowerOff | StopReason::Reset, Some(code)) => code,
+            (StopReason::NoPowerOffAfterExit, Some(code)) if code != 0 => code,
+            _ => 1,
+        }
+    }
+
+    /// One line saying why a run failed, or `None` when it succeeded.
+    pub fn failure(&self) -> Option<String> {
+        let reason = match (&self.stop, self.guest_exit) {
+            (StopReason::PowerOff | StopReason::Reset, Some(0)) => return None,
+            (StopReason::PowerOff | StopReason::Reset, Some(code)) => {
+                format!("the guest program reported failure (exit {code})")
+            }
+            (StopReason::PowerOff, None) => {
+                "the guest powered off without reporting an exit status".into()
+            }
+            (StopReason::Reset, None) => {
+                "the guest reset before reporting an exit status (kernel panic or reboot; see the console lines above)".into()
+            }
+            (StopReason::Timeout, _) => {
+                "the guest did not finish before the timeout (hung? raise --timeout if it is just slow)".into()
+            }
+            (StopReason::NoPowerOffAfterExit, code) => format!(
+                "the guest reported exit {} but did not power off within {} s",
+                code.unwrap_or(-1),
+                POWEROFF_GRACE.as_secs()
+            ),
+            (StopReason::VcpuFailure(why), _) => format!("the vCPU stopped: {why}"),
+        };
+        Some(reason)
+    }
+}
+
+/// What vCPU threads tell the run loop.
+enum Event {
+    Control(Instant, ControlMessage),
+    Stop(StopReason),
+}
+
+/// Creates the VM, boots the guest and runs it to the end.
+pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
+    if config.mem_bytes < layout::MIN_MEM_BYTES {
+        return Err(VmError::MemoryTooSmall(config.mem_bytes));
+    }
+    if config.vcpus == 0 || config.vcpus > 32 {
+        return Err(VmError::VcpuCount(config.vcpus));
+    }
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(config.mem_bytes)).map_err(
+        |source| VmError::Memory {
+            mem_bytes: config.mem_bytes,
+            source,
+        },
+    )?;
+    register_memory(&vm, &mem)?;
+
+    let loaded = boot::load(
+        &mem,
+        &BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            mem_bytes: config.mem_bytes,
+        },
+    )?;
+    acpi::write_acpi_tables(
+        &mem,
+        GuestAddress(layout::RSDP_ADDR),
+        GuestAddress(layout::ACPI_TABLES_START),
+        GuestAddress(layout::BIOS_END),
+        &AcpiConfig {
+            vcpus: config.vcpus,
+            mmio_devices: Vec::new(),
+        },
+    )?;
+
+    let console_out: Box<dyn Write + Send> = match &config.console {
+        ConsoleTarget::Stdout => Box::new(std::io::stdout()),
+        ConsoleTarget::Discard => Box::new(std::io::sink()),
+        ConsoleTarget::File(path) => Box::new(std::fs::File::create(path).map_err(|source| {
+            VmError::Host {
+                what: "cannot create the console file",
+                source,
+            }
+        })?),
+    };
+    let (console, tail) = ConsoleSink::new(console_out);
+    let (control, messages) = ControlChannel::new();
+    let legacy = LegacyIo::new(console, control).map_err(|source| VmError::Host {
+        what: "cannot create device eventfds",
+        source,
+    })?;
+    for (evt, gsi) in legacy.irq_lines() {
+        vm.register_irqfd(evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    }
+
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        cpu::setup_vcpu(&kvm, &mem, &vcpu, id, config.vcpus, loaded.entry)?;
+        vcpus.push(vcpu);
+    }
+
+    run_vcpus(vcpus, legacy, messages, tail, config.timeout, loaded.format)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM's
+        // use of it: vCPUs only run inside `run`, while `mem` is borrowed.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// Signal used to kick vCPU threads out of `KVM_RUN` at the end of a run.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn run_vcpus(
+    vcpus: Vec<VcpuFd>,
+    legacy: LegacyIo,
+    messages: ControlMessages,
+    tail: ConsoleTail,
+    timeout: Duration,
+    kernel_format: KernelFormat,
+) -> Result<RunReport, VmError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| {
+        VmError::Host {
+            what: "cannot install the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        }
+    })?;
+    let legacy = Arc::new(Mutex::new(legacy));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (events, inbox) = mpsc::channel();
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let legacy = legacy.clone();
+        let messages = messages.clone();
+        let events = events.clone();
+        let stopping = stopping.clone();
+        let handle = thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(vcpu, &legacy, &messages, &events, &stopping))
+            .map_err(|source| VmError::Host {
+                what: "cannot start a vCPU thread",
+                source,
+            })?;
+        threads.push(handle);
+    }
+    drop(events);
+
+    let mut report = RunReport {
+        stop: StopReason::Timeout,
+        guest_exit: None,
+        kernel_release: None,
+        init_uptime: None,
+        time_to_init: None,
+        run_time: Duration::ZERO,
+        messages: Vec::new(),
+        console_tail: Vec::new(),
+        kernel_format,
+    };
+    let mut deadline = started + timeout;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match inbox.recv_timeout(wait) {
+            Ok(Event::Control(at, message)) => {
+                let since = at.duration_since(started);
+                match &message {
+                    ControlMessage::Hello { kernel_release } => {
+                        report.kernel_release = Some(kernel_release.clone());
+                        report.time_to_init = Some(since);
+                    }
+                    ControlMessage::Uptime { seconds } => report.init_uptime = Some(*seconds),
+                    ControlMessage::Exit { code } => {
+                        report.guest_exit = Some(*code);
+                        deadline = deadline.min(Instant::now() + POWEROFF_GRACE);
+                    }
+                    ControlMessage::Log { text } => eprintln!("guest: {text}"),
+                    ControlMessage::Malformed { line } => {
+                        eprintln!("zc-vmm: malformed control line from the guest: {line:?}")
+                    }
+                    ControlMessage::Mark { .. } | ControlMessage::Report { .. } => {}
+                }
+                report.messages.push((since, message));
+            }
+            Ok(Event::Stop(reason)) => {
+                report.stop = reason;
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                report.stop = if report.guest_exit.is_some() {
+                    StopReason::NoPowerOffAfterExit
+                } else {
+                    StopReason::Timeout
+                };
+                break;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                report.stop = StopReason::VcpuFailure("all vCPU threads ended".into());
+                break;
+            }
+        }
+    }
+    report.run_time = started.elapsed();
+    stop_vcpus(threads, &stopping);
+    // Messages a vCPU parsed just before the stop (e.g. `exit` right before power-off).
+    while let Ok(Event::Control(at, message)) = inbox.try_recv() {
+        if let ControlMessage::Exit { code } = message {
+            report.guest_exit = Some(code);
+        }
+        report.messages.push((at.duration_since(started), message));
+    }
+    report.console_tail = tail.lines();
+    Ok(report)
+}
+
+/// Asks every vCPU thread to leave `KVM_RUN` and waits for them.
+fn stop_vcpus(threads: Vec<thread::JoinHandle<()>>, stopping: &AtomicBool) {
+    stopping.store(true, Ordering::SeqCst);
+    for handle in threads {
+        // A signal can land just before the thread enters KVM_RUN and be lost, so
+        // keep kicking until the thread has gone.
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while !handle.is_finished() && Instant::now() < give_up {
+            // SAFETY: the pthread handle is valid while `handle` is not joined, and
+            // the kick signal has a no-op handler installed.
+            unsafe {
+                libc::pthread_kill(handle.as_pthread_t(), kick_signal());
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn vcpu_loop(
+    mut vcpu: VcpuFd,
+    legacy: &Mutex<LegacyIo>,
+    messages: &ControlMessages,
+    events: &mpsc::Sender<Event>,
+    stopping: &AtomicBool,
+) {
+    let stop = |reason| {
+        let _ = events.send(Event::Stop(reason));
+    };
+    while !stopping.load(Ordering::SeqCst) {
+        let exit = vcpu.run();
+        let lock = || legacy.lock().unwrap_or_else(|e| e.into_inner());
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => lock().read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => match lock().write(port, data) {
+                PioAction::Continue => {}
+                PioAction::ControlData => {
+                    for message in messages.drain() {
+                        let _ = events.send(Event::Control(Instant::now(), message));
+                    }
+                }
+                PioAction::Shutdown => return stop(StopReason::PowerOff),
+                PioAction::Reset => return stop(StopReason::Reset),
+            },
+            // No MMIO devices yet: reads see an empty bus, writes go nowhere.
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            // With the in-kernel irqchip KVM handles HLT itself; seeing it here means
+            // the vCPU stopped for good.
+            Ok(VcpuExit::Hlt) => return stop(StopReason::VcpuFailure("the vCPU halted".into())),
+            Ok(VcpuExit::Shutdown) => return stop(StopReason::Reset),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return stop(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff,
+                    _ => StopReason::Reset,
+                })
+            }
+            Ok(VcpuExit::InternalError) => {
+                return stop(StopReason::VcpuFailure(
+                    "KVM internal error (emulation failure); this KVM cannot run this guest, try ZC_HOST=emulated".into(),
+                ))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return stop(StopReason::VcpuFailure(format!(
+                    "KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                )))
+            }
+            Ok(other) => {
+                return stop(StopReason::VcpuFailure(format!(
+                    "unexpected vCPU exit {other:?}"
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return stop(StopReason::VcpuFailure(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(stop: StopReason, guest_exit: Option<i32>) -> RunReport {
+        RunReport {
+            stop,
+            guest_exit,
+            kernel_release: None,
+            init_uptime: None,
+            time_to_init: None,
+            run_time: Duration::ZERO,
+            messages: vec![],
+            console_tail: vec![],
+            kernel_format: KernelFormat::BzImage,
+        }
+    }
+
+    #[test]
+    fn exit_status_follows_the_guest_only_after_a_clean_stop() {
+        assert_eq!(report(StopReason::PowerOff, Some(0)).exit_status(), 0);
+        assert_eq!(report(StopReason::Reset, Some(0)).exit_status(), 0);
+        assert_eq!(report(StopReason::PowerOff, Some(3)).exit_status(), 3);
+        assert_eq!(report(StopReason::PowerOff, None).exit_status(), 1);
+        assert_eq!(report(StopReason::Reset, None).exit_status(), 1);
+        assert_eq!(report(StopReason::Timeout, Some(0)).exit_status(), 1);
+        assert_eq!(report(StopReason::NoPowerOffAfterExit, Some(0)).exit_status(), 1);
+        assert_eq!(report(StopReason::NoPowerOffAfterExit, Some(5)).exit_status(), 5);
+        assert_eq!(
+            report(StopReason::VcpuFailure("x".into()), Some(0)).exit_status(),
+            1
+        );
+    }
+
+    #[test]
+    fn failure_explains_every_unclean_end() {
+        assert_eq!(report(StopReason::PowerOff, Some(0)).failure(), None);
+        for (stop, exit, needle) in [
+            (StopReason::Reset, None, "panic"),
+            (StopReason::Timeout, None, "timeout"),
+            (StopReason::PowerOff, None, "without reporting"),
+            (StopReason::PowerOff, Some(2), "exit 2"),
+            (StopReason::VcpuFailure("boom".into()), None, "boom"),
+        ] {
+            let why = report(stop, exit).failure().unwrap();
+            assert!(why.contains(needle), "{why:?} lacks {needle:?}");
+            assert!(!why.contains('\n'));
+        }
+    }
+}
