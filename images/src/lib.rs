@@ -1,1 +1,20 @@
-//! zc-images
+//! zc-images: builds what a zc VM boots.
+//!
+//! - [`debian`]: pick, download (`apt-get download`), unpack (`dpkg-deb -x`) and cache
+//!   a Debian kernel package;
+//! - [`kernel`]: what is known about one kernel (Debian's or the user's own bzImage or
+//!   vmlinux), including its version read from the image;
+//! - [`modules`]: `.modinfo` of `.ko[.xz|.zst|.gz]` files, the module index of a
+//!   `lib/modules/<release>` directory, and load-order resolution;
+//! - [`initramfs`]: a newc cpio writer (gzip'd) and a reader;
+//! - [`role`]: assembles kernel + initramfs for the `guest` or the `host` role;
+//! - [`elf`]: the minimal ELF64 reading the others need.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod debian;
+pub mod elf;
+pub mod initramfs;
+pub mod kernel;
+pub mod modules;
+pub mod role;

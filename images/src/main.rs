@@ -1,1 +1,171 @@
-fn main() {}
+//! `zc-image`: builds the kernel + initramfs each zc VM role boots.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use zc_images::debian::{self, Flavour};
+use zc_images::initramfs;
+use zc_images::role::{self, BuildRequest, KernelSource, Role};
+
+#[derive(Parser)]
+#[command(
+    name = "zc-image",
+    version,
+    about = "Builds what zc's VMs boot: kernel and initramfs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build `<out>/<role>/{vmlinuz,initrd.img,kernel.json}` (skipped when up to date).
+    Build {
+        /// guest: the VM under test (cloud kernel); host: the emulated KVM host (generic kernel).
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The static program to run as /init (`make guest` builds it).
+        #[arg(long)]
+        init: PathBuf,
+        /// Debian kernel to use: an ABI (6.1.0-56, 6.12.117+deb12) or a prefix (6.12);
+        /// default: what linux-image-cloud-amd64 / linux-image-amd64 depends on now.
+        #[arg(long, value_name = "PIN", conflicts_with = "kernel")]
+        kernel_version: Option<String>,
+        /// Your own kernel (bzImage or vmlinux) instead of Debian's.
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// Modules of --kernel: `lib/modules/<release>`, or an `INSTALL_MOD_PATH`.
+        #[arg(long, value_name = "DIR", requires = "kernel")]
+        modules_dir: Option<PathBuf>,
+        /// Another module to load (with its dependencies); repeatable.
+        #[arg(long = "module", value_name = "NAME")]
+        modules: Vec<String>,
+        /// Where Debian kernels are downloaded and unpacked.
+        #[arg(long, default_value = "images/cache")]
+        cache: PathBuf,
+        /// Output directory.
+        #[arg(long, default_value = "images/out")]
+        out: PathBuf,
+    },
+    /// Fetch (or find in the cache) a Debian kernel and print its kernel.json.
+    Kernel {
+        /// cloud: the test guest's kernel; generic: the emulated host's.
+        #[arg(long, value_enum)]
+        flavour: FlavourArg,
+        /// ABI (6.1.0-56) or prefix (6.12); default: the metapackage's current one.
+        #[arg(long, value_name = "PIN")]
+        kernel_version: Option<String>,
+        /// Where Debian kernels are downloaded and unpacked.
+        #[arg(long, default_value = "images/cache")]
+        cache: PathBuf,
+    },
+    /// List the entries of an initramfs (gzip'd or plain newc cpio).
+    ListInitramfs {
+        /// The archive, e.g. images/out/guest/initrd.img.
+        file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Guest,
+    Host,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlavourArg {
+    Cloud,
+    Generic,
+}
+
+fn step(line: &str) {
+    println!("zc-image: {line}");
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Build {
+            role,
+            init,
+            kernel_version,
+            kernel,
+            modules_dir,
+            modules,
+            cache,
+            out,
+        } => {
+            let role = match role {
+                RoleArg::Guest => Role::Guest,
+                RoleArg::Host => Role::Host,
+            };
+            let kernel = match kernel {
+                Some(image) => KernelSource::User { image, modules_dir },
+                None => KernelSource::Debian {
+                    pin: kernel_version,
+                },
+            };
+            let req = BuildRequest {
+                role,
+                init,
+                kernel,
+                extra_modules: modules,
+                cache,
+                out,
+            };
+            let built = role::build(&req, &mut |l: &str| step(l))?;
+            for w in &built.warnings {
+                eprintln!("zc-image: warning: {w}");
+            }
+            println!(
+                "zc-image: {role} {}: vmlinuz={} initrd={} kernel.json={}",
+                if built.rebuilt { "built" } else { "up to date" },
+                built.vmlinuz.display(),
+                built.initrd.display(),
+                built.kernel_json.display()
+            );
+        }
+        Cmd::Kernel {
+            flavour,
+            kernel_version,
+            cache,
+        } => {
+            let flavour = match flavour {
+                FlavourArg::Cloud => Flavour::Cloud,
+                FlavourArg::Generic => Flavour::Generic,
+            };
+            let info = debian::fetch(
+                &cache,
+                flavour,
+                kernel_version.as_deref(),
+                &mut |l: &str| eprintln!("zc-image: {l}"),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Cmd::ListInitramfs { file } => list(&file)?,
+    }
+    Ok(())
+}
+
+fn list(file: &Path) -> Result<()> {
+    let entries = initramfs::read_archive_file(file)
+        .with_context(|| format!("listing {}", file.display()))?;
+    for e in &entries {
+        println!("{}", e.describe());
+    }
+    let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
+    println!("{} entries, {} bytes of file data", entries.len(), bytes);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zc-image: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

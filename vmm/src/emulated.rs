@@ -143,7 +143,7 @@ pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
         "-append".as_ref(),
         cmdline.as_ref(),
         "-fsdev".as_ref(),
-        "local,id=hostroot,path=/,security_model=none,readonly=on".as_ref(),
+        "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap".as_ref(),
         "-device".as_ref(),
         "virtio-9p-device,fsdev=hostroot,mount_tag=hostroot".as_ref(),
         "-fsdev".as_ref(),
@@ -237,6 +237,71 @@ pub fn run(
         Err(_) => return Err(EmulatedError::NoStatus { qemu_status }),
     }
     parse_status(&text).ok_or(EmulatedError::NoStatus { qemu_status })
+}
+
+/// The environment of a `zc-vmm` process started inside the emulated host: forced
+/// `direct` mode, marked as inside, a plain `PATH`, a writable `TMPDIR` in the
+/// exchange directory (the rest of the host's tree is read-only in there), and the
+/// Rust diagnostics knobs.
+pub fn inner_env(exchange: &Path) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = vec![
+        ("TMPDIR".into(), exchange.join("tmp").into_os_string()),
+        (crate::host::FORCE_ENV.into(), "direct".into()),
+        (crate::host::INSIDE_EMULATED_ENV.into(), "1".into()),
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+    ];
+    for key in ["RUST_BACKTRACE", "RUST_LOG"] {
+        if let Some(value) = std::env::var_os(key) {
+            env.push((key.into(), value));
+        }
+    }
+    env
+}
+
+/// Runs this same executable again inside the emulated host with `args` (argv
+/// without the program), in the current directory. `exchange` is the empty
+/// read-write directory shared with it.
+pub fn relaunch_self(
+    host_kernel: &Path,
+    host_initrd: &Path,
+    args: Vec<OsString>,
+    exchange: &Path,
+    timeout: Duration,
+) -> Result<i32, EmulatedError> {
+    require_image("kernel", host_kernel, "ZC_HOST_KERNEL")?;
+    require_image("initrd", host_initrd, "ZC_HOST_INITRD")?;
+    let host = EmulatedHost {
+        qemu: find_qemu()?,
+        kernel: host_kernel.to_path_buf(),
+        initrd: host_initrd.to_path_buf(),
+        mem_mib: DEFAULT_HOST_MEM_MIB,
+        cpus: 2,
+    };
+    let here = |what: &'static str, result: std::io::Result<PathBuf>| {
+        result.map_err(|source| EmulatedError::Io {
+            what,
+            path: PathBuf::from("."),
+            source,
+        })
+    };
+    let exe = here("cannot find this program's path", std::env::current_exe())?;
+    let mut argv = vec![exe.into_os_string()];
+    argv.extend(args);
+    let tmp = exchange.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(|source| EmulatedError::Io {
+        what: "cannot create",
+        path: tmp,
+        source,
+    })?;
+    let command = InnerCommand {
+        argv,
+        env: inner_env(exchange),
+        cwd: here("cannot read the current directory", std::env::current_dir())?,
+    };
+    run(&host, &command, exchange, timeout)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use zc_vmm::emulated::{self, EmulatedHost, InnerCommand};
+use zc_vmm::emulated;
 use zc_vmm::host::{self, HostMode};
 use zc_vmm::vm::{self, ConsoleTarget, RunReport, VmConfig};
 
@@ -124,6 +124,7 @@ fn run(args: RunArgs) -> Result<i32> {
             args.kernel.display()
         );
     }
+    zc_vmm::boot::detect_format(&args.kernel)?;
     if let Some(initrd) = &args.initrd {
         if !initrd.is_file() {
             bail!(
@@ -236,9 +237,6 @@ const EMULATED_HOST_OVERHEAD: Duration = Duration::from_secs(60);
 
 fn run_emulated(args: &RunArgs) -> Result<i32> {
     let started = Instant::now();
-    emulated::require_image("kernel", &args.host_kernel, "ZC_HOST_KERNEL")?;
-    emulated::require_image("initrd", &args.host_initrd, "ZC_HOST_INITRD")?;
-    let qemu = emulated::find_qemu()?;
     let exchange = tempfile::Builder::new()
         .prefix("zc-emulated-")
         .tempdir()
@@ -247,11 +245,11 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         std::fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()))
     };
 
-    // Output files are written inside the read-write share and copied out after.
+    // Only the exchange directory is writable inside: output files are written there
+    // and copied to where the user asked after the run.
     let inner_console = exchange.path().join("console.txt");
     let inner_report = exchange.path().join("report.json");
-    let exe = std::env::current_exe().context("cannot find the zc-vmm binary's own path")?;
-    let mut argv: Vec<OsString> = vec![exe.into(), "run".into()];
+    let mut argv: Vec<OsString> = vec!["run".into()];
     let mut push = |flag: &str, value: OsString| {
         argv.push(flag.into());
         argv.push(value);
@@ -273,40 +271,19 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
     if args.report_json.is_some() {
         push("--report-json", inner_report.clone().into());
     }
-
-    let mut env: Vec<(OsString, OsString)> = vec![
-        (host::FORCE_ENV.into(), "direct".into()),
-        (host::INSIDE_EMULATED_ENV.into(), "1".into()),
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
-    ];
-    for key in ["RUST_BACKTRACE", "RUST_LOG"] {
-        if let Some(value) = std::env::var_os(key) {
-            env.push((key.into(), value));
-        }
-    }
-    let command = InnerCommand {
+    let status = emulated::relaunch_self(
+        &args.host_kernel,
+        &args.host_initrd,
         argv,
-        env,
-        cwd: std::env::current_dir().context("cannot read the current directory")?,
-    };
-    let host = EmulatedHost {
-        qemu,
-        kernel: args.host_kernel.clone(),
-        initrd: args.host_initrd.clone(),
-        mem_mib: emulated::DEFAULT_HOST_MEM_MIB,
-        cpus: 2,
-    };
-    let status = emulated::run(
-        &host,
-        &command,
         exchange.path(),
         Duration::from_secs(args.timeout) + EMULATED_HOST_OVERHEAD,
     )?;
     for (inner, wanted) in [(&inner_console, &args.console), (&inner_report, &args.report_json)] {
         if let Some(wanted) = wanted {
-            std::fs::copy(inner, wanted).with_context(|| {
-                format!("the run inside the emulated host left no {}", wanted.display())
-            })?;
+            // A run that failed early writes no outputs; its status says why.
+            if let Err(e) = std::fs::copy(inner, wanted) {
+                eprintln!("zc-vmm: no {} from inside the emulated host: {e}", wanted.display());
+            }
         }
     }
     eprintln!(

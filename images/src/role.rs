@@ -1,0 +1,826 @@
+//! Roles: everything one kind of VM boots, assembled into `<out>/<role>/`.
+//!
+//! - `guest`: the VM under test (booted by `zc-vmm`). Debian's cloud kernel by default;
+//!   modules for `virtio_mmio virtio_blk virtio_net` and their dependencies.
+//! - `host`: the emulated KVM host (run under QEMU TCG). Debian's generic kernel;
+//!   modules for `kvm_amd virtio_mmio 9pnet_virtio 9p` and their dependencies (on 6.1
+//!   `kvm_amd`'s `depends=` is `kvm,ccp`, so `ccp` comes in without being named).
+//!
+//! Output, per role:
+//! ```text
+//! <out>/<role>/vmlinuz       the kernel image (a copy)
+//! <out>/<role>/initrd.img    gzip'd newc cpio, see below
+//! <out>/<role>/kernel.json   RoleKernel: package, deb version, release, modules
+//! <out>/<role>/.stamp.json   inputs of the last build; equal inputs => nothing is redone
+//! ```
+//! The initramfs holds `/init` (the static guest program, 0755), the directories
+//! `/dev /proc /sys /tmp /host /etc/zc /lib/modules /root`, `/dev/console` (c 5 1:
+//! without it the kernel gives /init no stdout), `/lib/modules/<NN>-<name>.ko[.xz|.zst]`
+//! (the kernel's own compression, for `finit_module(MODULE_INIT_COMPRESSED_FILE)`),
+//! `/etc/zc/modules` (those paths in load order, one per line) and
+//! `/etc/zc/kernel.json` (the same [`RoleKernel`] as `<out>/<role>/kernel.json`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::debian::{self, DebianError, Flavour};
+use crate::elf;
+use crate::initramfs::{self, InitramfsError};
+use crate::kernel::{self, KernelError, KernelInfo};
+use crate::modules::{Module, ModuleError, ModuleIndex};
+
+/// Bumped whenever the output layout changes, so old outputs are rebuilt.
+const STAMP_FORMAT: u32 = 1;
+
+/// Which VM the output is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The VM under test.
+    Guest,
+    /// The emulated KVM host.
+    Host,
+}
+
+impl Role {
+    /// Lower-case name, as on the command line and in the output path.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Guest => "guest",
+            Role::Host => "host",
+        }
+    }
+
+    /// The Debian kernel flavour used when no `--kernel` is given.
+    pub fn flavour(self) -> Flavour {
+        match self {
+            Role::Guest => Flavour::Cloud,
+            Role::Host => Flavour::Generic,
+        }
+    }
+
+    /// The modules the role needs; their dependencies are resolved from `.modinfo`.
+    pub fn module_roots(self) -> &'static [&'static str] {
+        match self {
+            Role::Guest => &["virtio_mmio", "virtio_blk", "virtio_net"],
+            Role::Host => &["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p"],
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where the kernel comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// Debian's package for the role's flavour; `pin` as for `--kernel-version`.
+    Debian {
+        /// `None` for the metapackage's current version.
+        pin: Option<String>,
+    },
+    /// The user's own build.
+    User {
+        /// bzImage or vmlinux.
+        image: PathBuf,
+        /// Its modules (`lib/modules/<release>` or an `INSTALL_MOD_PATH`), if any.
+        modules_dir: Option<PathBuf>,
+    },
+}
+
+/// Everything `zc-image build` needs.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// The role to build.
+    pub role: Role,
+    /// The static program to run as `/init`.
+    pub init: PathBuf,
+    /// The kernel.
+    pub kernel: KernelSource,
+    /// Extra module roots beyond [`Role::module_roots`].
+    pub extra_modules: Vec<String>,
+    /// Debian kernel cache directory.
+    pub cache: PathBuf,
+    /// Output directory; the role's files go to `<out>/<role>/`.
+    pub out: PathBuf,
+}
+
+/// Description of a built role, written as `kernel.json` (outside and inside the
+/// initramfs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleKernel {
+    /// The role.
+    pub role: Role,
+    /// Debian package, or `None` for a user's kernel.
+    pub package: Option<String>,
+    /// Debian package version, or `None` for a user's kernel.
+    pub deb_version: Option<String>,
+    /// Kernel release (`uname -r`).
+    pub release: String,
+    /// Full version string from the image.
+    pub version: String,
+    /// Modules in load order (normalised names).
+    pub modules: Vec<String>,
+    /// Their paths inside the initramfs, in the same order.
+    pub module_paths: Vec<String>,
+    /// Role modules that needed no file because they are built in (or, for a user
+    /// kernel without a modules directory, are assumed to be).
+    pub builtin: Vec<String>,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// `<out>/<role>`.
+    pub dir: PathBuf,
+    /// `<out>/<role>/vmlinuz`.
+    pub vmlinuz: PathBuf,
+    /// `<out>/<role>/initrd.img`.
+    pub initrd: PathBuf,
+    /// `<out>/<role>/kernel.json`.
+    pub kernel_json: PathBuf,
+    /// The kernel and module description.
+    pub info: RoleKernel,
+    /// False when the outputs were already up to date.
+    pub rebuilt: bool,
+    /// Things the user should know that did not stop the build.
+    pub warnings: Vec<String>,
+}
+
+/// Errors building a role.
+#[derive(Debug, Error)]
+pub enum RoleError {
+    /// The init binary is missing.
+    #[error("init program {0} does not exist; build it with `make guest` (or pass --init PATH)")]
+    InitMissing(PathBuf),
+    /// Output directory trouble.
+    #[error("{what} {path}: {source}; check --out is a writable directory")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Fetching the Debian kernel failed.
+    #[error(transparent)]
+    Debian(#[from] DebianError),
+    /// The kernel image or modules directory is unusable.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// Module resolution failed.
+    #[error(transparent)]
+    Modules(#[from] ModuleError),
+    /// Writing the initramfs failed.
+    #[error(transparent)]
+    Initramfs(#[from] InitramfsError),
+}
+
+/// Fetches or reads the kernel, then assembles the role (see [`build_with_kernel`]).
+pub fn build(req: &BuildRequest, progress: &mut dyn FnMut(&str)) -> Result<Built, RoleError> {
+    check_init(&req.init)?;
+    let kernel = match &req.kernel {
+        KernelSource::Debian { pin } => {
+            debian::fetch(&req.cache, req.role.flavour(), pin.as_deref(), progress)?
+        }
+        KernelSource::User { image, modules_dir } => {
+            let k = kernel::user_kernel(image, modules_dir.as_deref())?;
+            progress(&format!("kernel: {}", k.describe()));
+            k
+        }
+    };
+    let extra: Vec<&str> = req.extra_modules.iter().map(String::as_str).collect();
+    build_with_kernel(req.role, &req.init, &kernel, &extra, &req.out, progress)
+}
+
+fn check_init(init: &Path) -> Result<(), RoleError> {
+    if init.is_file() {
+        Ok(())
+    } else {
+        Err(RoleError::InitMissing(init.to_path_buf()))
+    }
+}
+
+/// Warns when `/init` cannot run in an initramfs that holds nothing else.
+fn init_warnings(init: &Path, data: &[u8]) -> Vec<String> {
+    match elf::has_interp(data) {
+        Ok(false) => vec![],
+        Ok(true) => vec![format!(
+            "{} is dynamically linked (has an ELF interpreter) but the initramfs has no \
+             loader or libraries, so the kernel cannot run it; build it with \
+             -C target-feature=+crt-static (`make guest`)",
+            init.display()
+        )],
+        Err(e) => vec![format!(
+            "{} is not a 64-bit ELF program ({e}); the initramfs has no shell to run a script",
+            init.display()
+        )],
+    }
+}
+
+/// The modules to load for `role` (plus `extra` roots) on `kernel`, in load order,
+/// and the roots that are built in.
+pub fn plan_modules(
+    role: Role,
+    kernel: &KernelInfo,
+    extra: &[&str],
+) -> Result<(Vec<Module>, Vec<String>), RoleError> {
+    let roots: Vec<&str> = role
+        .module_roots()
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect();
+    let Some(dir) = &kernel.modules_dir else {
+        // A user's kernel without modules: everything must be built in.
+        return Ok((
+            vec![],
+            roots.iter().map(|r| crate::modules::normalise(r)).collect(),
+        ));
+    };
+    let index = ModuleIndex::scan(dir)?;
+    let order = index.resolve(&roots)?;
+    let builtin = roots
+        .iter()
+        .filter(|r| index.is_builtin(r))
+        .map(|r| crate::modules::normalise(r))
+        .collect();
+    Ok((order, builtin))
+}
+
+/// Path of a module inside the initramfs: `/lib/modules/<NN>-<name><suffix>`, NN from 01.
+pub fn module_path_in_initramfs(index: usize, module: &Module) -> String {
+    format!(
+        "/lib/modules/{:02}-{}{}",
+        index + 1,
+        module.name,
+        module.compression.suffix()
+    )
+}
+
+/// Directories every initramfs has, with their permission bits.
+pub const DIRS: &[(&str, u32)] = &[
+    ("/dev", 0o755),
+    ("/proc", 0o555),
+    ("/sys", 0o555),
+    ("/tmp", 0o1777),
+    ("/host", 0o755),
+    ("/etc", 0o755),
+    ("/etc/zc", 0o755),
+    ("/lib", 0o755),
+    ("/lib/modules", 0o755),
+    ("/root", 0o700),
+];
+
+/// Writes the gzip'd initramfs to `path` (via `<path>.tmp` and a rename).
+pub fn write_initramfs(
+    path: &Path,
+    init: &Path,
+    modules: &[Module],
+    info: &RoleKernel,
+) -> Result<(), RoleError> {
+    let tmp = initramfs::temp_path(path);
+    let mut w = initramfs::create_gz(&tmp)?;
+    for (dir, mode) in DIRS {
+        w.add_dir(dir, *mode)?;
+    }
+    w.add_char_dev("/dev/console", 0o600, 5, 1)?;
+    w.add_file_from_path("/init", 0o755, init)?;
+    let mut list = String::new();
+    for (i, m) in modules.iter().enumerate() {
+        let p = module_path_in_initramfs(i, m);
+        w.add_file_from_path(&p, 0o644, &m.path)?;
+        list.push_str(&p);
+        list.push('\n');
+    }
+    w.add_file("/etc/zc/modules", 0o644, list.as_bytes())?;
+    let json = serde_json::to_string_pretty(info).expect("RoleKernel serialises") + "\n";
+    w.add_file("/etc/zc/kernel.json", 0o644, json.as_bytes())?;
+    initramfs::finish_gz(w, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|source| RoleError::Io {
+        what: "cannot move the initramfs into place at",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct FileId {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: u128,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Result<Self, RoleError> {
+        let meta = std::fs::metadata(path).map_err(|source| RoleError::Io {
+            what: "cannot read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(Self {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            size: meta.len(),
+            mtime_ns,
+        })
+    }
+}
+
+/// Everything the outputs depend on; equal stamps mean nothing needs redoing.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    format: u32,
+    tool_version: String,
+    role: Role,
+    init: FileId,
+    package: Option<String>,
+    deb_version: Option<String>,
+    release: String,
+    vmlinuz: FileId,
+    modules: Vec<(String, FileId)>,
+    builtin: Vec<String>,
+}
+
+/// Assembles `<out>/<role>/` from an already available kernel. Rebuilds only when
+/// the init binary (path, size, mtime), the kernel or the module list changed, or an
+/// output is missing.
+pub fn build_with_kernel(
+    role: Role,
+    init: &Path,
+    kernel: &KernelInfo,
+    extra_modules: &[&str],
+    out: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Built, RoleError> {
+    check_init(init)?;
+    let dir = out.join(role.name());
+    let vmlinuz = dir.join("vmlinuz");
+    let initrd = dir.join("initrd.img");
+    let kernel_json = dir.join("kernel.json");
+    let stamp_path = dir.join(".stamp.json");
+
+    let (modules, builtin) = plan_modules(role, kernel, extra_modules)?;
+    let mut warnings = Vec::new();
+    if kernel.modules_dir.is_none() {
+        warnings.push(format!(
+            "kernel {} has no modules directory (--modules-dir): assuming {} are built in",
+            kernel.release,
+            builtin.join(", ")
+        ));
+    }
+    let names: Vec<String> = modules.iter().map(|m| m.name.clone()).collect();
+    progress(&format!(
+        "{role}: modules in load order: {}",
+        if names.is_empty() {
+            "(none)".to_string()
+        } else {
+            names.join(" ")
+        }
+    ));
+    if !builtin.is_empty() {
+        progress(&format!(
+            "{role}: built into the kernel: {}",
+            builtin.join(" ")
+        ));
+    }
+    let info = RoleKernel {
+        role,
+        package: kernel.package.clone(),
+        deb_version: kernel.deb_version.clone(),
+        release: kernel.release.clone(),
+        version: kernel.version.clone(),
+        modules: names,
+        module_paths: modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| module_path_in_initramfs(i, m))
+            .collect(),
+        builtin: builtin.clone(),
+    };
+    let stamp = Stamp {
+        format: STAMP_FORMAT,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        role,
+        init: FileId::of(init)?,
+        package: kernel.package.clone(),
+        deb_version: kernel.deb_version.clone(),
+        release: kernel.release.clone(),
+        vmlinuz: FileId::of(&kernel.vmlinuz)?,
+        modules: modules
+            .iter()
+            .map(|m| Ok((m.name.clone(), FileId::of(&m.path)?)))
+            .collect::<Result<_, RoleError>>()?,
+        builtin,
+    };
+    let init_data = std::fs::read(init).map_err(|source| RoleError::Io {
+        what: "cannot read init program",
+        path: init.to_path_buf(),
+        source,
+    })?;
+    warnings.extend(init_warnings(init, &init_data));
+
+    let up_to_date = [&vmlinuz, &initrd, &kernel_json]
+        .iter()
+        .all(|p| p.is_file())
+        && std::fs::read_to_string(&stamp_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Stamp>(&t).ok())
+            .is_some_and(|old| old == stamp);
+    if up_to_date {
+        progress(&format!("{role}: up to date in {}", dir.display()));
+        return Ok(Built {
+            dir,
+            vmlinuz,
+            initrd,
+            kernel_json,
+            info,
+            rebuilt: false,
+            warnings,
+        });
+    }
+
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RoleError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+    // The stamp goes first, so an interrupted build is never taken as up to date.
+    match std::fs::remove_file(&stamp_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("cannot remove", &stamp_path)(e))
+        }
+        _ => {}
+    }
+    let vmlinuz_tmp = dir.join(".vmlinuz.tmp");
+    std::fs::copy(&kernel.vmlinuz, &vmlinuz_tmp)
+        .map_err(io("cannot copy the kernel to", &vmlinuz_tmp))?;
+    std::fs::rename(&vmlinuz_tmp, &vmlinuz).map_err(io("cannot move the kernel to", &vmlinuz))?;
+    progress(&format!(
+        "{role}: kernel {} -> {}",
+        kernel.describe(),
+        vmlinuz.display()
+    ));
+
+    write_initramfs(&initrd, init, &modules, &info)?;
+    let size = std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);
+    progress(&format!(
+        "{role}: initramfs with /init and {} module(s), {} KiB -> {}",
+        modules.len(),
+        size / 1024,
+        initrd.display()
+    ));
+
+    let json = serde_json::to_string_pretty(&info).expect("RoleKernel serialises") + "\n";
+    std::fs::write(&kernel_json, json).map_err(io("cannot write", &kernel_json))?;
+    let stamp_text = serde_json::to_string_pretty(&stamp).expect("Stamp serialises") + "\n";
+    std::fs::write(&stamp_path, stamp_text).map_err(io("cannot write", &stamp_path))?;
+    Ok(Built {
+        dir,
+        vmlinuz,
+        initrd,
+        kernel_json,
+        info,
+        rebuilt: true,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::initramfs::{read_archive_file, S_IFCHR, S_IFDIR, S_IFREG};
+    use crate::modules::testutil::write_module;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        kernel: KernelInfo,
+        init: PathBuf,
+    }
+
+    /// A fake Debian-like kernel: bzImage with a version string, and a modules tree
+    /// shaped like 6.1 cloud's for the guest role (virtio_net -> net_failover ->
+    /// failover; virtio/virtio_ring modules), with `virtio_blk` optionally built in.
+    fn fixture(blk_builtin: bool) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let rel = "6.1.0-56-cloud-amd64";
+        let mods = root.join("k/lib/modules").join(rel);
+        write_module(&mods, "drivers/virtio", "virtio_ring", &[], None);
+        write_module(&mods, "drivers/virtio", "virtio", &["virtio_ring"], None);
+        write_module(
+            &mods,
+            "drivers/virtio",
+            "virtio_mmio",
+            &["virtio", "virtio_ring"],
+            None,
+        );
+        write_module(&mods, "net/core", "failover", &[], None);
+        write_module(&mods, "drivers/net", "net_failover", &["failover"], None);
+        write_module(
+            &mods,
+            "drivers/net",
+            "virtio_net",
+            &["virtio_ring", "virtio", "net_failover"],
+            None,
+        );
+        if blk_builtin {
+            std::fs::write(
+                mods.join("modules.builtin"),
+                "kernel/drivers/block/virtio_blk.ko\n",
+            )
+            .unwrap();
+        } else {
+            write_module(
+                &mods,
+                "drivers/block",
+                "virtio_blk",
+                &["virtio", "virtio_ring"],
+                None,
+            );
+            std::fs::write(mods.join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
+        }
+        std::fs::create_dir_all(root.join("k/boot")).unwrap();
+        let vmlinuz = root.join("k/boot").join(format!("vmlinuz-{rel}"));
+        std::fs::write(
+            &vmlinuz,
+            crate::kernel::testutil::fake_bzimage(&format!("{rel} (d@l) #1 SMP")),
+        )
+        .unwrap();
+        let init = root.join("init-bin");
+        std::fs::write(&init, crate::elf::testutil::elf_with_phdr(1)).unwrap();
+        let kernel = KernelInfo {
+            package: Some("linux-image-6.1.0-56-cloud-amd64".into()),
+            deb_version: Some("6.1.192-2".into()),
+            release: rel.into(),
+            version: format!("{rel} (d@l) #1 SMP"),
+            vmlinuz,
+            modules_dir: Some(mods),
+        };
+        Fixture {
+            _tmp: tmp,
+            root,
+            kernel,
+            init,
+        }
+    }
+
+    fn build(f: &Fixture, lines: &mut Vec<String>) -> Built {
+        build_with_kernel(
+            Role::Guest,
+            &f.init,
+            &f.kernel,
+            &[],
+            &f.root.join("out"),
+            &mut |l: &str| lines.push(l.to_string()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn guest_initramfs_has_everything_in_order() {
+        let f = fixture(false);
+        let mut lines = vec![];
+        let b = build(&f, &mut lines);
+        assert!(b.rebuilt);
+        assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+        assert_eq!(b.dir, f.root.join("out/guest"));
+        assert_eq!(
+            std::fs::read(&b.vmlinuz).unwrap(),
+            std::fs::read(&f.kernel.vmlinuz).unwrap()
+        );
+        assert_eq!(
+            b.info.modules,
+            [
+                "virtio_ring",
+                "virtio",
+                "virtio_mmio",
+                "virtio_blk",
+                "failover",
+                "net_failover",
+                "virtio_net"
+            ]
+        );
+
+        let entries = read_archive_file(&b.initrd).unwrap();
+        let get = |n: &str| {
+            entries
+                .iter()
+                .find(|e| e.name == n)
+                .unwrap_or_else(|| panic!("{n} missing from initramfs"))
+        };
+        for (d, mode) in DIRS {
+            assert_eq!(get(&d[1..]).mode, S_IFDIR | mode, "{d}");
+        }
+        let console = get("dev/console");
+        assert_eq!((console.mode & !0o777, console.rdev), (S_IFCHR, (5, 1)));
+        let init = get("init");
+        assert_eq!(init.mode, S_IFREG | 0o755);
+        assert_eq!(init.data, std::fs::read(&f.init).unwrap());
+
+        let list = String::from_utf8(get("etc/zc/modules").data.clone()).unwrap();
+        let paths: Vec<&str> = list.lines().collect();
+        assert_eq!(paths.len(), 7);
+        assert_eq!(paths[0], "/lib/modules/01-virtio_ring.ko");
+        assert_eq!(paths[6], "/lib/modules/07-virtio_net.ko");
+        for (p, name) in paths.iter().zip(&b.info.modules) {
+            let e = get(&p[1..]);
+            assert_eq!(e.mode, S_IFREG | 0o644);
+            let src = f.kernel.modules_dir.as_ref().unwrap();
+            let original = ModuleIndex::scan(src).unwrap();
+            assert_eq!(
+                e.data,
+                std::fs::read(original.path(name).unwrap()).unwrap(),
+                "{p}"
+            );
+        }
+        let inner: RoleKernel = serde_json::from_slice(&get("etc/zc/kernel.json").data).unwrap();
+        assert_eq!(inner, b.info);
+        let outer: RoleKernel =
+            serde_json::from_str(&std::fs::read_to_string(&b.kernel_json).unwrap()).unwrap();
+        assert_eq!(outer, b.info);
+        assert_eq!(
+            outer.package.as_deref(),
+            Some("linux-image-6.1.0-56-cloud-amd64")
+        );
+        assert_eq!(outer.module_paths, paths);
+        // Nothing else is in there.
+        let module_count = entries
+            .iter()
+            .filter(|e| e.name.starts_with("lib/modules/"))
+            .count();
+        assert_eq!(module_count, 7);
+    }
+
+    #[test]
+    fn builtin_roots_are_skipped_and_reported() {
+        let f = fixture(true);
+        let b = build(&f, &mut vec![]);
+        assert!(!b.info.modules.contains(&"virtio_blk".to_string()));
+        assert_eq!(b.info.builtin, ["virtio_blk"]);
+    }
+
+    #[test]
+    fn second_build_is_a_no_op_until_an_input_changes() {
+        let f = fixture(false);
+        let b1 = build(&f, &mut vec![]);
+        assert!(b1.rebuilt);
+        let before = std::fs::metadata(&b1.initrd).unwrap().modified().unwrap();
+        let b2 = build(&f, &mut vec![]);
+        assert!(!b2.rebuilt, "unchanged inputs must not rebuild");
+        assert_eq!(
+            std::fs::metadata(&b2.initrd).unwrap().modified().unwrap(),
+            before
+        );
+
+        // A new init binary (different size) -> rebuild, with the new contents.
+        let mut data = std::fs::read(&f.init).unwrap();
+        data.extend_from_slice(b"more");
+        std::fs::write(&f.init, &data).unwrap();
+        let b3 = build(&f, &mut vec![]);
+        assert!(b3.rebuilt);
+        let e = read_archive_file(&b3.initrd).unwrap();
+        assert_eq!(e.iter().find(|e| e.name == "init").unwrap().data, data);
+        assert!(!build(&f, &mut vec![]).rebuilt);
+
+        // A changed module set -> rebuild.
+        let mods = f.kernel.modules_dir.clone().unwrap();
+        write_module(
+            &mods,
+            "drivers/net",
+            "virtio_net",
+            &["virtio_ring", "virtio"],
+            None,
+        );
+        let b4 = build(&f, &mut vec![]);
+        assert!(b4.rebuilt);
+        assert!(!b4.info.modules.contains(&"net_failover".to_string()));
+
+        // A deleted output -> rebuild.
+        std::fs::remove_file(&b4.vmlinuz).unwrap();
+        assert!(build(&f, &mut vec![]).rebuilt);
+        assert!(b4.vmlinuz.is_file());
+
+        // Another kernel identity -> rebuild.
+        let mut other = f.kernel.clone();
+        other.deb_version = Some("6.1.192-3".into());
+        let b5 = build_with_kernel(
+            Role::Guest,
+            &f.init,
+            &other,
+            &[],
+            &f.root.join("out"),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(b5.rebuilt);
+    }
+
+    #[test]
+    fn missing_module_and_missing_init_are_errors_naming_the_fix() {
+        let f = fixture(false);
+        std::fs::remove_file(
+            f.kernel
+                .modules_dir
+                .as_ref()
+                .unwrap()
+                .join("kernel/drivers/block/virtio_blk.ko"),
+        )
+        .unwrap();
+        let err = build_with_kernel(
+            Role::Guest,
+            &f.init,
+            &f.kernel,
+            &[],
+            &f.root.join("o"),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("virtio_blk"), "{err}");
+        let f = fixture(false);
+        let err = build_with_kernel(
+            Role::Guest,
+            &f.root.join("nope"),
+            &f.kernel,
+            &[],
+            &f.root.join("o"),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("make guest"), "{err}");
+    }
+
+    #[test]
+    fn user_kernel_without_modules_assumes_builtin_and_warns() {
+        let f = fixture(false);
+        let mut k = f.kernel.clone();
+        k.package = None;
+        k.deb_version = None;
+        k.modules_dir = None;
+        let b = build_with_kernel(Role::Host, &f.init, &k, &[], &f.root.join("o"), &mut |_| {})
+            .unwrap();
+        assert!(b.info.modules.is_empty());
+        assert_eq!(
+            b.info.builtin,
+            ["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p"]
+        );
+        assert!(
+            b.warnings.iter().any(|w| w.contains("built in")),
+            "{:?}",
+            b.warnings
+        );
+        let e = read_archive_file(&b.initrd).unwrap();
+        assert_eq!(
+            e.iter().find(|e| e.name == "etc/zc/modules").unwrap().data,
+            b""
+        );
+    }
+
+    #[test]
+    fn dynamic_init_gets_a_warning() {
+        let f = fixture(false);
+        std::fs::write(&f.init, crate::elf::testutil::elf_with_phdr(3)).unwrap();
+        let b = build(&f, &mut vec![]);
+        assert!(
+            b.warnings.iter().any(|w| w.contains("crt-static")),
+            "{:?}",
+            b.warnings
+        );
+    }
+
+    #[test]
+    fn extra_module_roots() {
+        let f = fixture(false);
+        write_module(
+            f.kernel.modules_dir.as_ref().unwrap(),
+            "net",
+            "extra-one",
+            &["failover"],
+            None,
+        );
+        let b = build_with_kernel(
+            Role::Guest,
+            &f.init,
+            &f.kernel,
+            &["extra-one"],
+            &f.root.join("o"),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(b.info.modules.last().map(String::as_str), Some("extra_one"));
+    }
+}
