@@ -55,7 +55,9 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     /// A bzImage without the 64-bit entry point we jump to.
-    #[error("{0} has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64); build an x86-64 kernel")]
+    #[error(
+        "{0} has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64); build an x86-64 kernel"
+    )]
     No64BitEntry(PathBuf),
     /// The initrd does not fit between the kernel and the end of low memory.
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}; give the guest more memory (--mem)")]
@@ -324,7 +326,8 @@ mod tests {
     }
 
     fn read_params(mem: &GuestMemoryMmap) -> boot_params {
-        mem.read_obj(GuestAddress(layout::BOOT_PARAMS_ADDR)).unwrap()
+        mem.read_obj(GuestAddress(layout::BOOT_PARAMS_ADDR))
+            .unwrap()
     }
 
     #[test]
@@ -458,7 +461,10 @@ mod tests {
 
     #[test]
     fn initrd_placement_is_aligned_and_above_kernel() {
-        assert_eq!(initrd_placement(0x1800, 0x20_0000, 0x100_0000), Some(0xffe000));
+        assert_eq!(
+            initrd_placement(0x1800, 0x20_0000, 0x100_0000),
+            Some(0xffe000)
+        );
         assert_eq!(initrd_placement(0x100_0000, 0x20_0000, 0x100_0000), None);
         assert_eq!(initrd_placement(u64::MAX, 0, 0x100_0000), None);
     }

@@ -262,7 +262,8 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 entry.ecx |= 1 << 31; // hypervisor present
                 if count > 1 {
                     entry.edx |= 1 << 28; // HTT: more than one logical CPU
@@ -339,7 +340,15 @@ mod tests {
     fn segments_decode_from_gdt_entries() {
         let code = segment_from_gdt(gdt_entry(GDT_CODE64, 0, 0xfffff), CODE_SELECTOR);
         assert_eq!(
-            (code.l, code.db, code.g, code.present, code.s, code.type_, code.dpl),
+            (
+                code.l,
+                code.db,
+                code.g,
+                code.present,
+                code.s,
+                code.type_,
+                code.dpl
+            ),
             (1, 0, 1, 1, 1, 0xb, 0)
         );
         assert_eq!(code.limit, 0xffff_ffff);
@@ -366,7 +375,15 @@ mod tests {
             assert_eq!(pde & 0x81, 0x81, "PDE for {va:#x} not a present 2M page");
             (pde & !0x1f_ffff & !0xfff_0000_0000_0000) | (va & 0x1f_ffff)
         };
-        for va in [0u64, 0x7000, 0x10_0200, 0x3fff_ffff, 0x4000_0000, 0xfee0_0000, 0xffff_ffff] {
+        for va in [
+            0u64,
+            0x7000,
+            0x10_0200,
+            0x3fff_ffff,
+            0x4000_0000,
+            0xfee0_0000,
+            0xffff_ffff,
+        ] {
             assert_eq!(translate(va), va);
         }
     }

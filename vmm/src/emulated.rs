@@ -94,7 +94,11 @@ pub fn find_qemu() -> Result<PathBuf, EmulatedError> {
 }
 
 /// Checks that an image file exists, with the error that says how to make it.
-pub fn require_image(what: &'static str, path: &Path, env: &'static str) -> Result<(), EmulatedError> {
+pub fn require_image(
+    what: &'static str,
+    path: &Path,
+    env: &'static str,
+) -> Result<(), EmulatedError> {
     if path.is_file() {
         Ok(())
     } else {

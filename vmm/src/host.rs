@@ -143,8 +143,18 @@ mod tests {
     #[case(facts(true, None, true), None, HostMode::Emulated, "kvm_pvm")]
     #[case(facts(true, None, false), None, HostMode::Emulated, "no vmx/svm")]
     #[case(facts(false, None, false), None, HostMode::Emulated, "no /dev/kvm")]
-    #[case(facts(true, None, true), Some("direct"), HostMode::Direct, "ZC_HOST=direct")]
-    #[case(facts(true, Some("vmx"), false), Some("emulated"), HostMode::Emulated, "ZC_HOST=emulated")]
+    #[case(
+        facts(true, None, true),
+        Some("direct"),
+        HostMode::Direct,
+        "ZC_HOST=direct"
+    )]
+    #[case(
+        facts(true, Some("vmx"), false),
+        Some("emulated"),
+        HostMode::Emulated,
+        "ZC_HOST=emulated"
+    )]
     #[case(facts(true, Some("vmx"), false), Some(""), HostMode::Direct, "vmx")]
     fn chooses_mode_with_a_reason(
         #[case] facts: HostFacts,
@@ -160,8 +170,13 @@ mod tests {
     #[test]
     fn rejects_bad_forced_modes() {
         let f = facts(false, None, false);
-        assert!(matches!(choose(&f, Some("direct")), Err(HostError::NoKvmForDirect)));
+        assert!(matches!(
+            choose(&f, Some("direct")),
+            Err(HostError::NoKvmForDirect)
+        ));
         let err = choose(&f, Some("fast")).unwrap_err();
-        assert!(err.to_string().contains("ZC_HOST=direct or ZC_HOST=emulated"));
+        assert!(err
+            .to_string()
+            .contains("ZC_HOST=direct or ZC_HOST=emulated"));
     }
 }

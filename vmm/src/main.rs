@@ -19,7 +19,11 @@ const DEFAULT_HOST_KERNEL: &str = "images/out/host/vmlinuz";
 const DEFAULT_HOST_INITRD: &str = "images/out/host/initrd.img";
 
 #[derive(Parser)]
-#[command(name = "zc-vmm", version, about = "A tiny KVM VMM for zero-copy transfer experiments")]
+#[command(
+    name = "zc-vmm",
+    version,
+    about = "A tiny KVM VMM for zero-copy transfer experiments"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -105,12 +109,18 @@ fn main() -> ExitCode {
 
 fn probe() -> Result<()> {
     let facts = host::probe();
-    println!("/dev/kvm:          {}", if facts.dev_kvm { "present" } else { "absent" });
+    println!(
+        "/dev/kvm:          {}",
+        if facts.dev_kvm { "present" } else { "absent" }
+    );
     println!(
         "CPU virtualisation: {}",
         facts.hw_virt.as_deref().unwrap_or("none (no vmx/svm flag)")
     );
-    println!("kvm_pvm module:    {}", if facts.kvm_pvm { "loaded" } else { "no" });
+    println!(
+        "kvm_pvm module:    {}",
+        if facts.kvm_pvm { "loaded" } else { "no" }
+    );
     let (mode, why) = host::choose_here()?;
     println!("mode:              {mode} ({why})");
     Ok(())
@@ -144,7 +154,9 @@ fn run(args: RunArgs) -> Result<i32> {
             run_direct(&args, mode)
         }
         HostMode::Emulated => {
-            eprintln!("zc-vmm: mode emulated ({why}): booting the emulated KVM host under QEMU TCG");
+            eprintln!(
+                "zc-vmm: mode emulated ({why}): booting the emulated KVM host under QEMU TCG"
+            );
             run_emulated(&args)
         }
     }
@@ -278,11 +290,17 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         exchange.path(),
         Duration::from_secs(args.timeout) + EMULATED_HOST_OVERHEAD,
     )?;
-    for (inner, wanted) in [(&inner_console, &args.console), (&inner_report, &args.report_json)] {
+    for (inner, wanted) in [
+        (&inner_console, &args.console),
+        (&inner_report, &args.report_json),
+    ] {
         if let Some(wanted) = wanted {
             // A run that failed early writes no outputs; its status says why.
             if let Err(e) = std::fs::copy(inner, wanted) {
-                eprintln!("zc-vmm: no {} from inside the emulated host: {e}", wanted.display());
+                eprintln!(
+                    "zc-vmm: no {} from inside the emulated host: {e}",
+                    wanted.display()
+                );
             }
         }
     }

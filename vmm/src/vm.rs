@@ -202,19 +202,21 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-    let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(config.mem_bytes)).map_err(
-        |source| VmError::Memory {
-            mem_bytes: config.mem_bytes,
-            source,
-        },
-    )?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&layout::ram_regions(config.mem_bytes)).map_err(|source| {
+            VmError::Memory {
+                mem_bytes: config.mem_bytes,
+                source,
+            }
+        })?;
     register_memory(&vm, &mem)?;
 
     let loaded = boot::load(
@@ -240,12 +242,12 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     let console_out: Box<dyn Write + Send> = match &config.console {
         ConsoleTarget::Stdout => Box::new(std::io::stdout()),
         ConsoleTarget::Discard => Box::new(std::io::sink()),
-        ConsoleTarget::File(path) => Box::new(std::fs::File::create(path).map_err(|source| {
-            VmError::Host {
+        ConsoleTarget::File(path) => {
+            Box::new(std::fs::File::create(path).map_err(|source| VmError::Host {
                 what: "cannot create the console file",
                 source,
-            }
-        })?),
+            })?)
+        }
     };
     let (console, tail) = ConsoleSink::new(console_out);
     let (control, messages) = ControlChannel::new();
@@ -500,8 +502,14 @@ mod tests {
         assert_eq!(report(StopReason::PowerOff, None).exit_status(), 1);
         assert_eq!(report(StopReason::Reset, None).exit_status(), 1);
         assert_eq!(report(StopReason::Timeout, Some(0)).exit_status(), 1);
-        assert_eq!(report(StopReason::NoPowerOffAfterExit, Some(0)).exit_status(), 1);
-        assert_eq!(report(StopReason::NoPowerOffAfterExit, Some(5)).exit_status(), 5);
+        assert_eq!(
+            report(StopReason::NoPowerOffAfterExit, Some(0)).exit_status(),
+            1
+        );
+        assert_eq!(
+            report(StopReason::NoPowerOffAfterExit, Some(5)).exit_status(),
+            5
+        );
         assert_eq!(
             report(StopReason::VcpuFailure("x".into()), Some(0)).exit_status(),
             1

@@ -123,5 +123,8 @@ fn bad_kernel_path_is_a_one_line_error(#[case] kernel: &str, #[case] message: &s
     let stderr = String::from_utf8_lossy(&output.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains(message) && errors[0].contains(kernel), "{stderr}");
+    assert!(
+        errors[0].contains(message) && errors[0].contains(kernel),
+        "{stderr}"
+    );
 }

@@ -217,5 +217,8 @@ fn long_mode_boot_state_runs_64bit_code() {
     assert_eq!(stored, 0x1_dead_beef);
     let sregs = t.vcpu.get_sregs().unwrap();
     assert_eq!(sregs.efer & 0x500, 0x500, "LME and LMA set");
-    assert_eq!(t.vcpu.get_regs().unwrap().rsi, zc_vmm::layout::BOOT_PARAMS_ADDR);
+    assert_eq!(
+        t.vcpu.get_regs().unwrap().rsi,
+        zc_vmm::layout::BOOT_PARAMS_ADDR
+    );
 }

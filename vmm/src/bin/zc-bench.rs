@@ -49,7 +49,10 @@ fn main() {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let images = std::fs::canonicalize(&cli.images).with_context(|| {
-        format!("{} not found: run `make images` first", cli.images.display())
+        format!(
+            "{} not found: run `make images` first",
+            cli.images.display()
+        )
     })?;
     let (mode, why) = host::choose_here()?;
     if mode == HostMode::Emulated {
@@ -123,7 +126,10 @@ fn bench(cli: &Cli, images: &Path, place: &str) -> Result<()> {
         "boot benchmark: kernel {release}, mode {place}, median of {} runs each",
         cli.runs
     );
-    println!("{:<30} {:>10} {:>14} {:>9}", "", "zc-vmm", "qemu microvm", "zc/qemu");
+    println!(
+        "{:<30} {:>10} {:>14} {:>9}",
+        "", "zc-vmm", "qemu microvm", "zc/qemu"
+    );
     let mut json = serde_json::Map::new();
     for (label, pick) in rows {
         let (a, b) = (median(&ours, pick), median(&theirs, pick));
@@ -150,7 +156,13 @@ fn boot_zc_vmm(zc_vmm: &Path, kernel: &Path, initrd: &Path, scratch: &Path) -> R
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
-        .args(["--cmdline", CMDLINE, "--console", "/dev/null", "--report-json"])
+        .args([
+            "--cmdline",
+            CMDLINE,
+            "--console",
+            "/dev/null",
+            "--report-json",
+        ])
         .arg(&report_path)
         .stderr(Stdio::null())
         .status()
@@ -174,8 +186,25 @@ fn boot_qemu(qemu: &Path, kernel: &Path, initrd: &Path, scratch: &Path) -> Resul
     com2.push(&control);
     let started = Instant::now();
     let status = Command::new(qemu)
-        .args(["-accel", "kvm", "-cpu", "host", "-M", "microvm,acpi=on", "-m", "512M", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-M",
+            "microvm,acpi=on",
+            "-m",
+            "512M",
+            "-smp",
+            "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
