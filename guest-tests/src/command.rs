@@ -82,8 +82,9 @@ impl HostCommand {
     }
 
     /// Forks; the child chroots into `root`, changes to `cwd` and execs; the parent
-    /// waits for it. Stdio is inherited (the console).
-    pub fn run_in(&self, root: &CString) -> Result<CommandStatus> {
+    /// waits for it. Stdin and stdout are inherited (the console); stderr too, unless
+    /// `stderr` names a file (opened before the chroot) to send it to.
+    pub fn run_in(&self, root: &CString, stderr: Option<&CString>) -> Result<CommandStatus> {
         let argv = null_terminated(&self.argv);
         let env = null_terminated(&self.env);
         let _ = io::stdout().flush();
@@ -95,7 +96,7 @@ impl HostCommand {
             return Err(Error::new(format!("fork: {}", io::Error::last_os_error())));
         }
         if pid == 0 {
-            exec_child(root, &self.cwd, &argv, &env);
+            exec_child(root, &self.cwd, &argv, &env, stderr);
         }
         wait_for(pid)
     }
@@ -115,13 +116,34 @@ const EXIT_SETUP_FAILED: i32 = 125;
 const EXIT_CANNOT_EXEC: i32 = 126;
 const EXIT_NOT_FOUND: i32 = 127;
 
-fn exec_child(root: &CString, cwd: &CString, argv: &[*const c_char], env: &[*const c_char]) -> ! {
+fn exec_child(
+    root: &CString,
+    cwd: &CString,
+    argv: &[*const c_char],
+    env: &[*const c_char],
+    stderr: Option<&CString>,
+) -> ! {
     let fail = |what: String, code: i32| -> ! {
         eprintln!("zc-init(host): {what}: {}", io::Error::last_os_error());
         // SAFETY: _exit ends this forked child without running the parent's atexit
         // handlers or flushing its copied buffers twice.
         unsafe { libc::_exit(code) }
     };
+    if let Some(path) = stderr {
+        // SAFETY: path is NUL-terminated; the returned descriptor is checked.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+                0o644,
+            )
+        };
+        // SAFETY: dup2 onto fd 2 with a descriptor we own; dup2 clears CLOEXEC on
+        // the copy, so only fd 2 survives the exec.
+        if fd < 0 || unsafe { libc::dup2(fd, 2) } < 0 {
+            fail(format!("redirecting stderr to {path:?}"), EXIT_SETUP_FAILED);
+        }
+    }
     // SAFETY: root is a NUL-terminated path.
     if unsafe { libc::chroot(root.as_ptr()) } != 0 {
         fail(format!("chroot {root:?}"), EXIT_SETUP_FAILED);

@@ -92,7 +92,11 @@ fn run_steps(boot: &Boot, share: &str, share_mounted: &mut bool) -> Result<()> {
 
     let started = Instant::now();
     let root = CString::new(HOST_ROOT).map_err(|_| Error::new("host root path"))?;
-    let status = command.run_in(&root)?;
+    // The command's stderr goes to a file the runner outside streams to its own
+    // stderr, so the two streams stay apart; stdout stays on the console.
+    let stderr_path = CString::new(format!("{cmd_dir}/stderr"))
+        .map_err(|_| Error::new("stderr path contains a NUL byte"))?;
+    let status = command.run_in(&root, Some(&stderr_path))?;
     let took = started.elapsed().as_secs_f64();
     let code = status.code();
     if let CommandStatus::Signaled(_) = status {

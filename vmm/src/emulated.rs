@@ -214,9 +214,14 @@ pub fn run(
         .spawn()
         .map_err(io_err("cannot start", &host.qemu))?;
     let give_up = Instant::now() + timeout;
+    let mut stderr = FileFollower::new(cmd_dir.join("stderr"));
     let qemu_status = loop {
+        stderr.copy_new_bytes(&mut std::io::stderr());
         match child.try_wait() {
-            Ok(Some(status)) => break status.to_string(),
+            Ok(Some(status)) => {
+                stderr.copy_new_bytes(&mut std::io::stderr());
+                break status.to_string();
+            }
             Ok(None) if Instant::now() >= give_up => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -308,6 +313,37 @@ pub fn relaunch_self(
     run(&host, &command, exchange, timeout)
 }
 
+/// Follows a file another machine appends to (the inner command's stderr, written
+/// over 9p), passing on what is new since the last look.
+struct FileFollower {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl FileFollower {
+    fn new(path: PathBuf) -> Self {
+        FileFollower { path, offset: 0 }
+    }
+
+    /// Copies the bytes appended since the last call; a missing file is not yet
+    /// written, not an error.
+    fn copy_new_bytes(&mut self, out: &mut dyn std::io::Write) {
+        use std::io::{Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut fresh = Vec::new();
+        if let Ok(n) = file.read_to_end(&mut fresh) {
+            self.offset += n as u64;
+            let _ = out.write_all(&fresh);
+            let _ = out.flush();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +380,23 @@ mod tests {
         let append = after("-append")[0];
         assert!(append.contains("zc.role=host") && append.contains("zc.outdir=/tmp/zc-x"));
         assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn follower_passes_on_only_new_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stderr");
+        let mut follower = FileFollower::new(path.clone());
+        let mut out = Vec::new();
+        follower.copy_new_bytes(&mut out);
+        assert!(out.is_empty(), "a missing file is just not written yet");
+        std::fs::write(&path, "one\n").unwrap();
+        follower.copy_new_bytes(&mut out);
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut file, b"two\n").unwrap();
+        follower.copy_new_bytes(&mut out);
+        follower.copy_new_bytes(&mut out);
+        assert_eq!(out, b"one\ntwo\n");
     }
 
     #[test]

@@ -64,6 +64,13 @@ pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// Smallest guest we agree to build: enough for a compressed kernel to unpack.
 pub const MIN_MEM_BYTES: u64 = 64 << 20;
 
+// Placement rules the compiler checks: the boot stack sits between the zero page and
+// the page tables, the command line ends below the EBDA, and the device window holds
+// the virtio slots below the IO-APIC, LAPIC and KVM's TSS.
+const _: () = assert!(BOOT_STACK_TOP < PML4_ADDR && BOOT_STACK_TOP > BOOT_PARAMS_ADDR + 0x1000);
+const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
+const _: () = assert!(IOAPIC_ADDR > VIRTIO_MMIO_BASE && LAPIC_ADDR < KVM_TSS_ADDR);
+
 /// What an e820 entry describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum E820Kind {
@@ -200,8 +207,5 @@ mod tests {
             }
         }
         assert!(page_tables_end <= CMDLINE_ADDR);
-        assert!(BOOT_STACK_TOP < PML4_ADDR && BOOT_STACK_TOP > BOOT_PARAMS_ADDR + 0x1000);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
-        assert!(IOAPIC_ADDR > VIRTIO_MMIO_BASE && LAPIC_ADDR < KVM_TSS_ADDR);
     }
 }

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a kernel and run the guest to the end; exits with the guest's status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what the host probe finds and which mode a run would use.
     Probe,
 }
@@ -95,7 +95,7 @@ fn parse_mem(text: &str) -> Result<u64, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Probe => probe().map(|_| 0),
     };
     match result {

@@ -170,11 +170,9 @@ fn dirty_log_reports_exactly_the_pages_the_guest_wrote() {
     real_mode(&t, &code);
     // Writes by the VMM itself are not in KVM's log: this one must not show up.
     t.mem.write_obj(0xffu8, GuestAddress(0x9000)).unwrap();
-    loop {
-        match t.vcpu.run().expect("KVM_RUN") {
-            VcpuExit::Hlt => break,
-            other => panic!("unexpected exit {other:?}"),
-        }
+    match t.vcpu.run().expect("KVM_RUN") {
+        VcpuExit::Hlt => {}
+        other => panic!("unexpected exit {other:?}"),
     }
     let bitmap = t.vm.get_dirty_log(0, size).expect("KVM_GET_DIRTY_LOG");
     let pages: Vec<usize> = (0..size / 4096)

@@ -30,6 +30,9 @@ struct Cli {
     json: Option<PathBuf>,
 }
 
+/// Picks one figure out of a sample.
+type Metric = fn(&Sample) -> f64;
+
 /// One boot's figures.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -118,7 +121,7 @@ fn bench(cli: &Cli, images: &Path, place: &str) -> Result<()> {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    let rows: [(&str, fn(&Sample) -> f64); 2] = [
+    let rows: [(&str, Metric); 2] = [
         ("/init reached (guest uptime)", |s| s.init_uptime),
         ("whole run (host wall time)", |s| s.wall),
     ];
