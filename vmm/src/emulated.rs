@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 /// The QEMU binary we need, from Debian's `qemu-system-x86`.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// Extra kernel command-line words for the emulated host (e.g. `loglevel=7` to see
+/// its boot messages).
+pub const HOST_APPEND_ENV: &str = "ZC_HOST_APPEND";
 /// Default memory of the emulated host, in MiB: room for a guest of 512 MiB and the
 /// host kernel's own needs.
 pub const DEFAULT_HOST_MEM_MIB: u32 = 2048;
@@ -56,7 +59,14 @@ pub enum EmulatedError {
     /// The emulated host ran past the timeout.
     #[error("the emulated host did not finish within {0} s; killed it")]
     Timeout(u64),
+    /// The emulated host did not get as far as starting the command.
+    #[error("the emulated host did not start the command within {0} s (stuck in its own boot); killed it. Set ZC_HOST_APPEND=loglevel=7 to see its boot messages")]
+    HostStuck(u64),
 }
+
+/// How long the emulated host may take to boot and start the command: it needs
+/// about 3 s; this leaves room for a loaded machine.
+const HOST_START_LIMIT: Duration = Duration::from_secs(60);
 
 /// The emulated host's machine.
 #[derive(Debug, Clone)]
@@ -71,6 +81,16 @@ pub struct EmulatedHost {
     pub mem_mib: u32,
     /// Virtual CPUs.
     pub cpus: u8,
+    /// This machine's TSC rate in kHz, which TCG passes through to the guest.
+    pub tsc_khz: Option<u64>,
+}
+
+/// The TSC rate the kernel found on this machine, from `/proc/cpuinfo`'s `cpu MHz`
+/// (on x86 with a constant TSC that line is the TSC's rate).
+pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
 /// A command to run inside.
@@ -114,10 +134,20 @@ pub fn require_image(
 pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
-    let cmdline = format!(
+    let mut cmdline = format!(
         "console=ttyS0 quiet panic=-1 zc.role=host zc.outdir={}",
         exchange.display()
     );
+    // Under TCG the guest's TSC is the host's TSC. Tell the kernel its rate: its own
+    // calibration against the emulated PIT fails now and then on a busy machine,
+    // and the emulated host then hangs early in boot with no clock.
+    if let Some(khz) = host.tsc_khz {
+        cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
+    if let Some(extra) = std::env::var_os(HOST_APPEND_ENV) {
+        cmdline.push(' ');
+        cmdline.push_str(&extra.to_string_lossy());
+    }
     let mut rw_share = OsString::from("local,id=zcout,security_model=none,path=");
     rw_share.push(exchange);
     push(&[
@@ -213,7 +243,8 @@ pub fn run(
         .stdin(Stdio::null())
         .spawn()
         .map_err(io_err("cannot start", &host.qemu))?;
-    let give_up = Instant::now() + timeout;
+    let started = Instant::now();
+    let give_up = started + timeout;
     let mut stderr = FileFollower::new(cmd_dir.join("stderr"));
     let qemu_status = loop {
         stderr.copy_new_bytes(&mut std::io::stderr());
@@ -226,6 +257,13 @@ pub fn run(
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(EmulatedError::Timeout(timeout.as_secs()));
+            }
+            // The command's stderr file appears when zc-init starts it; a host that
+            // has not got that far by now is stuck in its own boot.
+            Ok(None) if !stderr.exists() && started.elapsed() > HOST_START_LIMIT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(EmulatedError::HostStuck(HOST_START_LIMIT.as_secs()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(source) => {
@@ -288,6 +326,9 @@ pub fn relaunch_self(
         initrd: host_initrd.to_path_buf(),
         mem_mib: DEFAULT_HOST_MEM_MIB,
         cpus: 2,
+        tsc_khz: tsc_khz_from_cpuinfo(
+            &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+        ),
     };
     let here = |what: &'static str, result: std::io::Result<PathBuf>| {
         result.map_err(|source| EmulatedError::Io {
@@ -325,6 +366,11 @@ impl FileFollower {
         FileFollower { path, offset: 0 }
     }
 
+    /// True once the file exists.
+    fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
     /// Copies the bytes appended since the last call; a missing file is not yet
     /// written, not an error.
     fn copy_new_bytes(&mut self, out: &mut dyn std::io::Write) {
@@ -355,6 +401,7 @@ mod tests {
             initrd: "/k/initrd.img".into(),
             mem_mib: 2048,
             cpus: 2,
+            tsc_khz: Some(2_300_000),
         }
     }
 
@@ -379,6 +426,7 @@ mod tests {
         assert!(fsdevs[1].ends_with("path=/tmp/zc-x") && !fsdevs[1].contains("readonly"));
         let append = after("-append")[0];
         assert!(append.contains("zc.role=host") && append.contains("zc.outdir=/tmp/zc-x"));
+        assert!(append.contains("tsc_early_khz=2300000 tsc=reliable"));
         assert!(args.contains(&"-no-reboot".to_string()));
     }
 
@@ -392,11 +440,23 @@ mod tests {
         assert!(out.is_empty(), "a missing file is just not written yet");
         std::fs::write(&path, "one\n").unwrap();
         follower.copy_new_bytes(&mut out);
-        let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         std::io::Write::write_all(&mut file, b"two\n").unwrap();
         follower.copy_new_bytes(&mut out);
         follower.copy_new_bytes(&mut out);
         assert_eq!(out, b"one\ntwo\n");
+    }
+
+    #[test]
+    fn tsc_rate_comes_from_cpu_mhz() {
+        let cpuinfo = "processor\t: 0\ncpu MHz\t\t: 2300.000\ncpu MHz\t: 1.0\n";
+        assert_eq!(tsc_khz_from_cpuinfo(cpuinfo), Some(2_300_000));
+        assert_eq!(tsc_khz_from_cpuinfo("cpu MHz : 2994.372"), Some(2_994_372));
+        assert_eq!(tsc_khz_from_cpuinfo("cpu MHz : 0"), None);
+        assert_eq!(tsc_khz_from_cpuinfo("flags : fpu"), None);
     }
 
     #[test]
