@@ -40,7 +40,7 @@ deps:
 	    echo "make: missing packages; run: sudo apt-get install$$missing"; exit 1; \
 	  fi; \
 	fi
-	@apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q Candidate: || { \
+	@apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q 'Candidate: [0-9]' || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq; else echo "make: run: sudo apt-get update"; exit 1; fi; }
 
 ## build: the VMM and the image tool (release: they run inside an emulated host).
@@ -54,6 +54,7 @@ guest:
 ## images: kernels (fetched from Debian, cached) and initramfs for the guest and the emulated host.
 images: deps build guest
 	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) $(GUEST_KERNEL_ARGS) --out $(IMAGES_OUT)
+	$(if $(KERNEL),,$(ZC_IMAGE) vmlinux --kernel $(GUEST_KERNEL) --out $(IMAGES_OUT)/guest/vmlinux)
 	$(ZC_IMAGE) build --role host --init $(GUEST_BIN) --out $(IMAGES_OUT)
 
 ## run: boot the default guest and print its report.

@@ -8,6 +8,7 @@
 //!   `lib/modules/<release>` directory, and load-order resolution;
 //! - [`initramfs`]: a newc cpio writer (gzip'd) and a reader;
 //! - [`role`]: assembles kernel + initramfs for the `guest` or the `host` role;
+//! - [`vmlinux`]: the ELF vmlinux extracted from a bzImage's compressed payload;
 //! - [`elf`]: the minimal ELF64 reading the others need.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -18,3 +19,4 @@ pub mod initramfs;
 pub mod kernel;
 pub mod modules;
 pub mod role;
+pub mod vmlinux;

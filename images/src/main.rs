@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use zc_images::debian::{self, Flavour};
 use zc_images::initramfs;
 use zc_images::role::{self, BuildRequest, KernelSource, Role};
+use zc_images::vmlinux;
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +67,15 @@ enum Cmd {
     ListInitramfs {
         /// The archive, e.g. images/out/guest/initrd.img.
         file: PathBuf,
+    },
+    /// Extract the ELF vmlinux from a bzImage (to boot it through the VMM's ELF path).
+    Vmlinux {
+        /// The bzImage, e.g. images/out/guest/vmlinuz or arch/x86/boot/bzImage.
+        #[arg(long, value_name = "BZIMAGE")]
+        kernel: PathBuf,
+        /// Where to write the vmlinux.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -145,6 +155,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
         Cmd::ListInitramfs { file } => list(&file)?,
+        Cmd::Vmlinux { kernel, out } => {
+            let x = vmlinux::extract_file(&kernel, &out)?;
+            println!(
+                "zc-image: vmlinux: {} ({} bytes, ELF x86-64) from {} ({} bytes, {} payload of {} bytes)",
+                out.display(),
+                x.vmlinux_len,
+                kernel.display(),
+                x.bzimage_len,
+                x.format,
+                x.payload_len
+            );
+        }
     }
     Ok(())
 }

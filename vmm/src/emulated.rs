@@ -134,8 +134,10 @@ pub fn require_image(
 pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
+    // loglevel=3: the emulated host's own kernel errors (KVM's notes on MSRs the guest
+    // probes, the absent PCI bus) would drown the guest's console; critical ones stay.
     let mut cmdline = format!(
-        "console=ttyS0 quiet panic=-1 zc.role=host zc.outdir={}",
+        "console=ttyS0 loglevel=3 panic=-1 zc.role=host zc.outdir={}",
         exchange.display()
     );
     // Under TCG the guest's TSC is the host's TSC. Tell the kernel its rate: its own

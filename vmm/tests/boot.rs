@@ -50,13 +50,18 @@ impl Run {
 
 /// Runs `zc-vmm run` on the default guest with extra arguments.
 fn boot(extra: &[&str]) -> Run {
+    boot_kernel("guest/vmlinuz", extra)
+}
+
+/// Runs `zc-vmm run` on a kernel image from the images directory.
+fn boot_kernel(kernel: &str, extra: &[&str]) -> Run {
     let images = images();
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
     let output = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
         .arg("run")
         .arg("--kernel")
-        .arg(images.join("guest/vmlinuz"))
+        .arg(images.join(kernel))
         .arg("--initrd")
         .arg(images.join("guest/initrd.img"))
         .arg("--report-json")
@@ -74,16 +79,18 @@ fn boot(extra: &[&str]) -> Run {
     run
 }
 
-#[test]
+#[rstest]
+#[case::bzimage_as_debian_ships_it("guest/vmlinuz", "BzImage")]
+#[case::elf_vmlinux_extracted_from_it("guest/vmlinux", "Elf")]
 #[ignore = "boots a real kernel: run with `make test`"]
-fn stock_kernel_reaches_init_and_exits_cleanly() {
-    let run = boot(&[]);
+fn stock_kernel_reaches_init_and_exits_cleanly(#[case] kernel: &str, #[case] format: &str) {
+    let run = boot_kernel(kernel, &[]);
     assert_eq!(run.code(), 0, "zc-vmm failed");
     let report = run.report.as_ref().expect("a report");
     assert_eq!(report["kernel_release"], guest_release().as_str());
     assert_eq!(report["guest_exit"], 0);
     assert_eq!(report["stop"], "PowerOff");
-    assert_eq!(report["kernel_format"], "BzImage");
+    assert_eq!(report["kernel_format"], format);
     let uptime = report["init_uptime_s"].as_f64().expect("guest uptime");
     assert!(uptime > 0.0 && uptime < 30.0, "uptime {uptime}");
     // The guest's own console line, through COM1.
