@@ -64,6 +64,7 @@ run: images
 ## test: unit tests, KVM tests and the end-to-end boots of the real kernel.
 test: images
 	$(CARGO) test --workspace --release
+	ZC_REQUIRE_KERNEL_CACHE=1 $(CARGO) test --release -p zc-images --test real_kernels --test real_vmlinux -- --ignored
 	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot -- --ignored --test-threads=1
 
 ## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.

@@ -5,26 +5,14 @@
 //! a SKIP line, and fails instead if `ZC_REQUIRE_KERNEL_CACHE=1`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use zc_images::initramfs::read_archive_file;
 use zc_images::kernel::{self, KernelInfo};
+
+mod common;
 use zc_images::modules::{normalise, read_modinfo, ModuleIndex};
 use zc_images::role::{build_with_kernel, Role};
-
-fn cached_kernels() -> Vec<PathBuf> {
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("cache");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&cache)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.join(kernel::KERNEL_JSON).is_file())
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort();
-    dirs
-}
 
 fn role_for(info: &KernelInfo) -> Role {
     if info
@@ -41,15 +29,9 @@ fn role_for(info: &KernelInfo) -> Role {
 #[test]
 #[ignore = "needs Debian kernels in images/cache: run `zc-image kernel --flavour cloud` and `--flavour generic` first"]
 fn real_cached_kernels() {
-    let dirs = cached_kernels();
-    if dirs.is_empty() {
-        assert!(
-            std::env::var_os("ZC_REQUIRE_KERNEL_CACHE").is_none(),
-            "ZC_REQUIRE_KERNEL_CACHE is set but images/cache holds no kernel"
-        );
-        println!("SKIP real_cached_kernels: images/cache holds no unpacked kernel (run `zc-image kernel --flavour cloud`)");
+    let Some(dirs) = common::cached_kernels_or_skip("real_cached_kernels") else {
         return;
-    }
+    };
     for dir in dirs {
         check_kernel(&dir);
     }

@@ -5,24 +5,10 @@
 //! (about 7 s in a debug build, 1.5 s with `--release`). With no
 //! cache it prints a SKIP line, and fails instead if `ZC_REQUIRE_KERNEL_CACHE=1`.
 
-use std::path::{Path, PathBuf};
-
 use zc_images::kernel::{self, KernelInfo};
-use zc_images::vmlinux::{self, PayloadFormat};
 
-fn cached_kernels() -> Vec<PathBuf> {
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("cache");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&cache)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.join(kernel::KERNEL_JSON).is_file())
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort();
-    dirs
-}
+mod common;
+use zc_images::vmlinux::{self, PayloadFormat};
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
@@ -39,15 +25,10 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 #[test]
 #[ignore = "needs Debian kernels in images/cache: run `zc-image kernel --flavour cloud` first"]
 fn real_cached_kernels_extract_to_elf_vmlinux() {
-    let dirs = cached_kernels();
-    if dirs.is_empty() {
-        assert!(
-            std::env::var_os("ZC_REQUIRE_KERNEL_CACHE").is_none(),
-            "ZC_REQUIRE_KERNEL_CACHE is set but images/cache holds no kernel"
-        );
-        println!("SKIP real_cached_kernels_extract_to_elf_vmlinux: images/cache holds no unpacked kernel (run `zc-image kernel --flavour cloud`)");
+    let Some(dirs) = common::cached_kernels_or_skip("real_cached_kernels_extract_to_elf_vmlinux")
+    else {
         return;
-    }
+    };
     for dir in dirs {
         check(&KernelInfo::load(&dir).unwrap());
     }
