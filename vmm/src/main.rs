@@ -181,13 +181,34 @@ fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
         timeout: Duration::from_secs(args.timeout),
     };
     let report = vm::run(&config)?;
+    let image_info = kernel_image_info(&args.kernel);
+    if let Some(info) = &image_info {
+        eprintln!(
+            "zc-vmm: kernel image from {} {}",
+            info["package"].as_str().unwrap_or("?"),
+            info["deb_version"].as_str().unwrap_or("?")
+        );
+    }
     print_summary(&report, &args.kernel);
     if let Some(path) = &args.report_json {
-        let json = report_json(&report, &args.kernel, mode);
+        let mut json = report_json(&report, &args.kernel, mode);
+        json["kernel_image"] = image_info.unwrap_or(serde_json::Value::Null);
         std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("cannot write the report {}", path.display()))?;
     }
     Ok(report.exit_status())
+}
+
+/// What `zc-image` recorded about the kernel (package, Debian version, release), from
+/// the `kernel.json` it leaves beside the images; `None` for a kernel it did not make.
+fn kernel_image_info(kernel: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(kernel.parent()?.join("kernel.json")).ok()?;
+    let info: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(serde_json::json!({
+        "package": info.get("package"),
+        "deb_version": info.get("deb_version"),
+        "release": info.get("release"),
+    }))
 }
 
 fn print_summary(report: &RunReport, kernel: &Path) {

@@ -91,6 +91,9 @@ fn stock_kernel_reaches_init_and_exits_cleanly(#[case] kernel: &str, #[case] for
     assert_eq!(report["guest_exit"], 0);
     assert_eq!(report["stop"], "PowerOff");
     assert_eq!(report["kernel_format"], format);
+    // The exact Debian package the kernel came from is part of every report.
+    assert_eq!(report["kernel_image"]["release"], guest_release().as_str());
+    assert!(report["kernel_image"]["deb_version"].is_string());
     let uptime = report["init_uptime_s"].as_f64().expect("guest uptime");
     assert!(uptime > 0.0 && uptime < 30.0, "uptime {uptime}");
     // The guest's own console line, through COM1.
