@@ -21,6 +21,7 @@ use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, BootSpec, KernelFormat};
 use crate::cpu;
 use crate::layout;
+use crate::mmio::MmioBus;
 use crate::pio::{LegacyIo, PioAction};
 
 /// How long a guest that reported its exit status gets to power off cleanly.
@@ -268,7 +269,17 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         vcpus.push(vcpu);
     }
 
-    run_vcpus(vcpus, legacy, messages, tail, config.timeout, loaded.format)
+    // virtio-mmio devices go on this bus (and into the ACPI tables above).
+    let mmio = MmioBus::default();
+    run_vcpus(
+        vcpus,
+        legacy,
+        mmio,
+        messages,
+        tail,
+        config.timeout,
+        loaded.format,
+    )
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
@@ -298,6 +309,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 fn run_vcpus(
     vcpus: Vec<VcpuFd>,
     legacy: LegacyIo,
+    mmio: MmioBus,
     messages: ControlMessages,
     tail: ConsoleTail,
     timeout: Duration,
@@ -310,18 +322,20 @@ fn run_vcpus(
         }
     })?;
     let legacy = Arc::new(Mutex::new(legacy));
+    let mmio = Arc::new(mmio);
     let stopping = Arc::new(AtomicBool::new(false));
     let (events, inbox) = mpsc::channel();
     let started = Instant::now();
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let legacy = legacy.clone();
+        let mmio = mmio.clone();
         let messages = messages.clone();
         let events = events.clone();
         let stopping = stopping.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, &legacy, &messages, &events, &stopping))
+            .spawn(move || vcpu_loop(vcpu, &legacy, &mmio, &messages, &events, &stopping))
             .map_err(|source| VmError::Host {
                 what: "cannot start a vCPU thread",
                 source,
@@ -420,6 +434,7 @@ fn stop_vcpus(threads: Vec<thread::JoinHandle<()>>, stopping: &AtomicBool) {
 fn vcpu_loop(
     mut vcpu: VcpuFd,
     legacy: &Mutex<LegacyIo>,
+    mmio: &MmioBus,
     messages: &ControlMessages,
     events: &mpsc::Sender<Event>,
     stopping: &AtomicBool,
@@ -442,9 +457,8 @@ fn vcpu_loop(
                 PioAction::Shutdown => return stop(StopReason::PowerOff),
                 PioAction::Reset => return stop(StopReason::Reset),
             },
-            // No MMIO devices yet: reads see an empty bus, writes go nowhere.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
             // With the in-kernel irqchip KVM handles HLT itself; seeing it here means
             // the vCPU stopped for good.
             Ok(VcpuExit::Hlt) => return stop(StopReason::VcpuFailure("the vCPU halted".into())),
