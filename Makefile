@@ -56,6 +56,7 @@ images: deps build guest
 	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) $(GUEST_KERNEL_ARGS) --out $(IMAGES_OUT)
 	$(if $(KERNEL),,$(ZC_IMAGE) vmlinux --kernel $(GUEST_KERNEL) --out $(IMAGES_OUT)/guest/vmlinux)
 	$(ZC_IMAGE) build --role host --init $(GUEST_BIN) --out $(IMAGES_OUT)
+	$(ZC_IMAGE) disk --out $(IMAGES_OUT)/guest/disk.img
 
 ## run: boot the default guest and print its report.
 run: images

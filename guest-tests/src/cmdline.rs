@@ -3,7 +3,13 @@
 //! Recognised options:
 //! - `zc.role=guest|host` (default `guest`): which program to be, see `guest.rs` and
 //!   `host.rs`.
-//! - `zc.test=panic|hang` (guest role): end-to-end test hooks for the VMM.
+//! - `zc.test=STEP[,STEP...]` (guest role): what to run, in order. Steps: `panic`
+//!   and `hang` (end-to-end hooks for the VMM), `disk-roundtrip` (write, drop caches,
+//!   read back and check a file on the test disk) and `send:<file>` (send
+//!   `/mnt/<file>` to the TCP peer with read+write).
+//! - `zc.ip=A.B.C.D/N` (guest role, default `10.0.2.15/24`): eth0's address.
+//! - `zc.peer=A.B.C.D:PORT` (guest role, default `10.0.2.2:7878`): the TCP peer.
+//! - `zc.disk=rw|ro` (guest role, default `rw`): how `/dev/vda` is mounted on `/mnt`.
 //! - `zc.exit=N` (guest role, 0..=255): the exit status to report instead of 0.
 //! - `zc.outdir=/abs/path` (host role, required): the host directory shared
 //!   read-write as `zcout`.
@@ -13,6 +19,8 @@
 //! last value, as the kernel does for its own parameters.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
@@ -55,26 +63,131 @@ impl Role {
     }
 }
 
-/// A test hook the VMM's end-to-end tests ask for with `zc.test=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One step of `zc.test=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TestHook {
     /// Make the guest kernel panic (via sysrq).
     Panic,
     /// Never exit: the VMM's timeout must fire.
     Hang,
+    /// Write a file of a known pattern to the test disk, drop caches, read it back.
+    DiskRoundtrip,
+    /// Send `/mnt/<file>` to the peer with read+write; the name is relative to `/mnt`.
+    Send(String),
 }
+
+impl TestHook {
+    /// Whether the step needs the test disk mounted on `/mnt`.
+    pub fn needs_disk(&self) -> bool {
+        matches!(self, TestHook::DiskRoundtrip | TestHook::Send(_))
+    }
+
+    /// Whether the step needs eth0 configured.
+    pub fn needs_net(&self) -> bool {
+        matches!(self, TestHook::Send(_))
+    }
+}
+
+impl FromStr for TestHook {
+    type Err = Error;
+
+    fn from_str(step: &str) -> Result<TestHook> {
+        match step {
+            "panic" => Ok(TestHook::Panic),
+            "hang" => Ok(TestHook::Hang),
+            "disk-roundtrip" => Ok(TestHook::DiskRoundtrip),
+            _ => match step.strip_prefix("send:") {
+                Some(file) => check_disk_file(file).map(|f| TestHook::Send(f.to_string())),
+                None => Err(Error::new(format!(
+                    "zc.test: unknown step {step:?} (expected panic, hang, disk-roundtrip or send:<file>, comma-separated)"
+                ))),
+            },
+        }
+    }
+}
+
+/// Checks a `send:` file name: relative to `/mnt` and staying inside it.
+fn check_disk_file(file: &str) -> Result<&str> {
+    if file.is_empty()
+        || file.starts_with('/')
+        || file
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(Error::new(format!(
+            "zc.test=send:{file}: expected a file name relative to the test disk's root, e.g. send:payload.bin"
+        )));
+    }
+    Ok(file)
+}
+
+/// An IPv4 address with its prefix length (`10.0.2.15/24`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    /// The interface's address.
+    pub addr: Ipv4Addr,
+    /// The prefix length, 1..=32.
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    /// The default guest address, QEMU's user-networking convention.
+    pub const DEFAULT: Ipv4Net = Ipv4Net {
+        addr: Ipv4Addr::new(10, 0, 2, 15),
+        prefix: 24,
+    };
+
+    /// The netmask of the prefix (`/24` -> 255.255.255.0).
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix)))
+    }
+}
+
+impl std::fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Ipv4Net> {
+        let bad = || {
+            Error::new(format!(
+                "zc.ip={text}: expected an IPv4 address with a prefix length 1..=32, e.g. zc.ip=10.0.2.15/24"
+            ))
+        };
+        let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(1..=32).contains(&prefix) {
+            return Err(bad());
+        }
+        Ok(Ipv4Net { addr, prefix })
+    }
+}
+
+/// The default TCP peer: the VMM's endpoint.
+pub const DEFAULT_PEER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 7878);
 
 /// The validated `zc.*` options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// `zc.role`.
     pub role: Role,
-    /// `zc.test`.
-    pub test: Option<TestHook>,
+    /// `zc.test`: the steps, in order (empty when absent).
+    pub tests: Vec<TestHook>,
     /// `zc.exit`, 0 when absent.
     pub exit_code: i32,
     /// `zc.outdir`: absolute, normalised without a trailing `/`; required for `Host`.
     pub outdir: Option<String>,
+    /// `zc.ip`: eth0's address.
+    pub ip: Ipv4Net,
+    /// `zc.peer`: where `send` steps connect.
+    pub peer: SocketAddrV4,
+    /// `zc.disk=ro`: mount the test disk read-only.
+    pub disk_read_only: bool,
     /// Keys of `zc.*` options this program does not know (warned about, not fatal,
     /// so that a newer VMM can pass options an older guest ignores).
     pub unknown: Vec<String>,
@@ -98,15 +211,12 @@ impl Options {
                 )))
             }
         };
-        let test = match map.get("test").map(String::as_str) {
-            None => None,
-            Some("panic") => Some(TestHook::Panic),
-            Some("hang") => Some(TestHook::Hang),
-            Some(other) => {
-                return Err(Error::new(format!(
-                    "zc.test={other}: unknown test hook (expected zc.test=panic or zc.test=hang)"
-                )))
-            }
+        let tests = match map.get("test") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<TestHook>>>()?,
         };
         let exit_code = match map.get("exit") {
             None => 0,
@@ -125,16 +235,44 @@ impl Options {
                 "zc.role=host needs zc.outdir=<absolute host path of the output directory>",
             ));
         }
+        let ip = map
+            .get("ip")
+            .map_or(Ok(Ipv4Net::DEFAULT), |text| text.parse())?;
+        let peer = match map.get("peer") {
+            None => DEFAULT_PEER,
+            Some(text) => text.parse().map_err(|_| {
+                Error::new(format!(
+                    "zc.peer={text}: expected an IPv4 address and port, e.g. zc.peer=10.0.2.2:7878"
+                ))
+            })?,
+        };
+        let disk_read_only = match map.get("disk").map(String::as_str) {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(other) => {
+                return Err(Error::new(format!(
+                    "zc.disk={other}: expected zc.disk=rw or zc.disk=ro"
+                )))
+            }
+        };
         let unknown = map
             .keys()
-            .filter(|k| !matches!(k.as_str(), "role" | "test" | "exit" | "outdir"))
+            .filter(|k| {
+                !matches!(
+                    k.as_str(),
+                    "role" | "test" | "exit" | "outdir" | "ip" | "peer" | "disk"
+                )
+            })
             .map(|k| format!("{PREFIX}{k}"))
             .collect();
         Ok(Options {
             role,
-            test,
+            tests,
             exit_code,
             outdir,
+            ip,
+            peer,
+            disk_read_only,
             unknown,
         })
     }
@@ -168,8 +306,11 @@ mod tests {
     fn defaults_without_zc_options() {
         let o = Options::parse(DEBIAN).unwrap();
         assert_eq!(o.role, Role::Guest);
-        assert_eq!(o.test, None);
+        assert!(o.tests.is_empty());
         assert_eq!(o.exit_code, 0);
+        assert_eq!(o.ip.to_string(), "10.0.2.15/24");
+        assert_eq!(o.peer.to_string(), "10.0.2.2:7878");
+        assert!(!o.disk_read_only);
         assert_eq!(o.outdir, None);
         assert!(o.unknown.is_empty());
     }
@@ -198,12 +339,42 @@ mod tests {
     fn guest_options() {
         let o = Options::parse("console=ttyS0 zc.role=guest zc.test=hang zc.exit=255").unwrap();
         assert_eq!(o.role, Role::Guest);
-        assert_eq!(o.test, Some(TestHook::Hang));
+        assert_eq!(o.tests, [TestHook::Hang]);
         assert_eq!(o.exit_code, 255);
         assert_eq!(
-            Options::parse("zc.test=panic").unwrap().test,
-            Some(TestHook::Panic)
+            Options::parse("zc.test=panic").unwrap().tests,
+            [TestHook::Panic]
         );
+    }
+
+    #[test]
+    fn test_steps_in_order() {
+        let o = Options::parse("zc.test=disk-roundtrip,send:payload.bin,send:d/x.bin").unwrap();
+        assert_eq!(
+            o.tests,
+            [
+                TestHook::DiskRoundtrip,
+                TestHook::Send("payload.bin".into()),
+                TestHook::Send("d/x.bin".into())
+            ]
+        );
+        assert!(o.tests.iter().all(TestHook::needs_disk));
+        assert_eq!(o.tests.iter().filter(|t| t.needs_net()).count(), 2);
+        assert!(!TestHook::Hang.needs_disk() && !TestHook::Panic.needs_net());
+    }
+
+    #[test]
+    fn network_and_disk_options() {
+        let o = Options::parse("zc.ip=192.168.7.2/30 zc.peer=192.168.7.1:9000 zc.disk=ro").unwrap();
+        assert_eq!(o.ip.addr, Ipv4Addr::new(192, 168, 7, 2));
+        assert_eq!(o.ip.netmask(), Ipv4Addr::new(255, 255, 255, 252));
+        assert_eq!(o.peer, "192.168.7.1:9000".parse().unwrap());
+        assert!(o.disk_read_only);
+        assert!(o.unknown.is_empty());
+        assert_eq!(Ipv4Net::DEFAULT.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        let host32: Ipv4Net = "10.1.1.1/32".parse().unwrap();
+        assert_eq!(host32.netmask(), Ipv4Addr::BROADCAST);
+        assert!(!Options::parse("zc.disk=rw").unwrap().disk_read_only);
     }
 
     #[test]
@@ -227,6 +398,20 @@ mod tests {
             "zc.role=host zc.outdir=rel/dir",
             "zc.role=host zc.outdir=/",
             "zc.role=host zc.outdir=/a/../etc",
+            "zc.test=",
+            "zc.test=disk-roundtrip,",
+            "zc.test=send:",
+            "zc.test=send:/etc/passwd",
+            "zc.test=send:../x",
+            "zc.test=send:a//b",
+            "zc.ip=10.0.2.15",
+            "zc.ip=10.0.2.15/0",
+            "zc.ip=10.0.2.15/33",
+            "zc.ip=10.0.2/24",
+            "zc.peer=10.0.2.2",
+            "zc.peer=10.0.2.2:99999",
+            "zc.peer=host:7878",
+            "zc.disk=yes",
         ] {
             let err = Options::parse(bad).expect_err(bad);
             assert!(err.to_string().starts_with("zc."), "{bad}: {err}");

@@ -88,15 +88,11 @@ impl<W: Write> Control<W> {
     }
 
     /// `mark <label>`: splits the device logs at this point (label must not be empty).
-    // Part of the protocol the per-method tests use; only unit tests call it yet.
-    #[allow(dead_code)]
     pub fn mark(&mut self, label: &str) -> io::Result<()> {
         self.send("mark", label)
     }
 
     /// `report <json>`: a machine-readable result, one JSON value on one line.
-    // Part of the protocol the per-method tests use; only unit tests call it yet.
-    #[allow(dead_code)]
     pub fn report(&mut self, json: &str) -> io::Result<()> {
         self.send("report", json)
     }

@@ -1,19 +1,24 @@
 //! The guest role: PID 1 inside zc-vmm.
 //!
 //! Control lines, in order: `hello <release>`, `uptime <s>`, `log <modules...>`,
-//! any test hook's `log`, then `exit <code>`; then the machine powers off.
+//! then per `zc.test=` step its `log`/`mark`/`report` lines (the disk is mounted and
+//! eth0 configured before the first step that needs them), then `exit <code>`; then
+//! the machine powers off.
 
 use std::io::Write;
 use std::time::Duration;
 
 use crate::boot::Boot;
-use crate::cmdline::TestHook;
+use crate::cmdline::{Options, TestHook};
 use crate::control::{Control, UartTx, COM2};
 use crate::error::{Context, Error, Result};
-use crate::{modules, power, sys};
+use crate::scenarios::{self, Outcome};
+use crate::{disk, modules, mounts, net, power, sys};
 
 /// Exit status reported when this program fails (a module, a mount, a bad option).
 pub const INIT_FAILED: i32 = 1;
+/// Exit status reported when a `zc.test=` step failed (a mismatch, a short ACK...).
+pub const TEST_FAILED: i32 = 1;
 
 type Channel = Control<UartTx>;
 
@@ -76,12 +81,89 @@ fn run_steps(boot: &Boot, control: &mut Option<Channel>) -> Result<i32> {
         summary.describe()
     );
 
-    match boot.options.test {
-        Some(TestHook::Panic) => panic_kernel(control)?,
-        Some(TestHook::Hang) => hang(control)?,
-        None => {}
+    let all_passed = run_tests(&boot.options, control)?;
+    Ok(if all_passed {
+        boot.options.exit_code
+    } else {
+        TEST_FAILED
+    })
+}
+
+/// Runs the `zc.test=` steps in order; every data step reports, and a failed one
+/// does not stop the rest. Returns whether all passed.
+///
+/// Set-up (mounting the disk, configuring eth0) happens once, before the first step
+/// that needs it, so runs without such steps boot exactly as before; a set-up failure
+/// fails the whole run.
+fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
+    let mut mounted = false;
+    let mut net_up = false;
+    let mut all_passed = true;
+    for test in &options.tests {
+        if test.needs_disk() && !mounted {
+            disk::mount(options.disk_read_only)?;
+            mounted = true;
+            say(
+                control,
+                &format!(
+                    "mounted {} on {} ({})",
+                    disk::DEVICE,
+                    disk::MOUNT_POINT,
+                    if options.disk_read_only { "ro" } else { "rw" }
+                ),
+            )?;
+        }
+        if test.needs_net() && !net_up {
+            net::configure(options.ip)?;
+            net_up = true;
+            say(
+                control,
+                &format!(
+                    "{} {} is {}, peer {}",
+                    net::ETH0,
+                    net::mac_address(net::ETH0),
+                    options.ip,
+                    options.peer
+                ),
+            )?;
+        }
+        let outcome = match test {
+            TestHook::Panic => return panic_kernel(control).map(|()| false),
+            TestHook::Hang => return hang(control).map(|()| false),
+            TestHook::DiskRoundtrip => {
+                say(
+                    control,
+                    "disk-roundtrip: writing, dropping caches, reading back",
+                )?;
+                match scenarios::disk_roundtrip() {
+                    Ok(r) => r.outcome(),
+                    Err(err) => Outcome::failed("disk-roundtrip", None, &err),
+                }
+            }
+            TestHook::Send(file) => {
+                say(control, &format!("send: {file} to {}", options.peer))?;
+                let mut mark = |label: &str| send(control, |c| c.mark(label));
+                match scenarios::send(file, options.peer, &mut mark) {
+                    Ok(s) => s.outcome(),
+                    Err(err) => Outcome::failed("send", Some(file), &err),
+                }
+            }
+        };
+        println!(
+            "zc-init: {} {}",
+            if outcome.ok { "ok" } else { "FAILED" },
+            outcome.report
+        );
+        send(control, |c| c.report(&outcome.report))?;
+        all_passed &= outcome.ok;
     }
-    Ok(boot.options.exit_code)
+    if mounted {
+        // A clean unmount keeps the image's ext4 marked clean (it has no journal).
+        if let Err(err) = mounts::umount(disk::MOUNT_POINT) {
+            say(control, &format!("warning: {err}"))?;
+        }
+    }
+    Ok(all_passed)
 }
 
 /// `zc.test=panic`: crash the kernel through sysrq, as a real oops would.

@@ -1,7 +1,8 @@
 //! `zc-init`: the static program that runs as `/init` (PID 1).
 //!
-//! In a zc guest (`zc.role=guest`, the default) it loads the listed modules and
-//! reports over the COM2 control channel (see `guest.rs`); in the emulated KVM host
+//! In a zc guest (`zc.role=guest`, the default) it loads the listed modules, runs
+//! the `zc.test=` steps (test disk, TCP sends) and reports over the COM2 control
+//! channel (see `guest.rs`); in the emulated KVM host
 //! (`zc.role=host`) it mounts the real host's root over 9p and runs one command in
 //! it (see `host.rs`). Either way it ends by powering the machine off.
 
@@ -9,12 +10,17 @@ mod boot;
 mod cmdline;
 mod command;
 mod control;
+mod disk;
 mod error;
 mod guest;
 mod host;
+mod json;
 mod modules;
 mod mounts;
+mod net;
+mod pattern;
 mod power;
+mod scenarios;
 mod sys;
 
 use cmdline::Role;

@@ -9,11 +9,13 @@
 //! - [`initramfs`]: a newc cpio writer (gzip'd) and a reader;
 //! - [`role`]: assembles kernel + initramfs for the `guest` or the `host` role;
 //! - [`vmlinux`]: the ELF vmlinux extracted from a bzImage's compressed payload;
-//! - [`elf`]: the minimal ELF64 reading the others need.
+//! - [`elf`]: the minimal ELF64 reading the others need;
+//! - [`disk`]: the test disk, ext4 with files of random, page-unique content.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod debian;
+pub mod disk;
 pub mod elf;
 pub mod initramfs;
 pub mod kernel;

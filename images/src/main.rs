@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use zc_images::debian::{self, Flavour};
+use zc_images::disk::{self, DiskRequest, FileSpec};
 use zc_images::initramfs;
 use zc_images::role::{self, BuildRequest, KernelSource, Role};
 use zc_images::vmlinux;
@@ -14,7 +15,7 @@ use zc_images::vmlinux;
 #[command(
     name = "zc-image",
     version,
-    about = "Builds what zc's VMs boot: kernel and initramfs"
+    about = "Builds what zc's VMs boot: kernel, initramfs and test disk"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -63,6 +64,24 @@ enum Cmd {
         #[arg(long, default_value = "images/cache")]
         cache: PathBuf,
     },
+    /// Build the test disk: an ext4 image of files with random, page-unique content,
+    /// `<FILE>.json` (manifest) and `disk-files/` (the files' bytes, for verifying
+    /// transfers) beside it; skipped when up to date.
+    Disk {
+        /// The image to write, e.g. images/out/guest/disk.img.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Image size (sparse): bytes or with K/M/G.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        size: u64,
+        /// A file to put in the image's root: NAME=SIZE; repeatable
+        /// (default: payload.bin=16M).
+        #[arg(long = "file", value_name = "NAME=SIZE", value_parser = parse_file)]
+        files: Vec<FileSpec>,
+        /// The seed all content derives from (decimal or 0x-hex).
+        #[arg(long, value_parser = parse_seed, default_value_t = disk::DEFAULT_SEED)]
+        seed: u64,
+    },
     /// List the entries of an initramfs (gzip'd or plain newc cpio).
     ListInitramfs {
         /// The archive, e.g. images/out/guest/initrd.img.
@@ -89,6 +108,22 @@ enum RoleArg {
 enum FlavourArg {
     Cloud,
     Generic,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    disk::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_file(text: &str) -> Result<FileSpec, String> {
+    text.parse().map_err(|e: disk::DiskError| e.to_string())
+}
+
+fn parse_seed(text: &str) -> Result<u64, String> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("{text:?}: {e} (expected a u64, decimal or 0x-hex)"))
 }
 
 fn step(line: &str) {
@@ -153,6 +188,34 @@ fn run(cli: Cli) -> Result<()> {
                 &mut |l: &str| eprintln!("zc-image: {l}"),
             )?;
             println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Cmd::Disk {
+            out,
+            size,
+            files,
+            seed,
+        } => {
+            let req = DiskRequest {
+                out,
+                size,
+                files,
+                seed,
+            };
+            let built = disk::build(&req, &mut |l: &str| step(l))?;
+            println!(
+                "zc-image: disk {}: image={} manifest={} files={} ({})",
+                if built.rebuilt { "built" } else { "up to date" },
+                built.image.display(),
+                built.manifest_path.display(),
+                built.files_dir.display(),
+                built
+                    .manifest
+                    .files
+                    .iter()
+                    .map(|f| format!("{} {} bytes", f.name, f.size))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         Cmd::ListInitramfs { file } => list(&file)?,
         Cmd::Vmlinux { kernel, out } => {
