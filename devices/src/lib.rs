@@ -3,3 +3,7 @@
 
 pub mod console;
 pub mod control;
+pub mod dma_log;
+pub mod net_peer;
+pub mod pcap;
+pub mod virtio;

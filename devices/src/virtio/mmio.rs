@@ -1,0 +1,683 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2), without KVM.
+//!
+//! The VMM maps one [`MmioTransport`] per 4 KiB device slot and forwards:
+//! - MMIO reads/writes at `slot_base + offset` to [`MmioTransport::read`] /
+//!   [`MmioTransport::write`];
+//! - queue notifications: either a plain write of `QueueNotify` (handled by
+//!   `write`), or, faster, an ioeventfd registered at `slot_base + `[`NOTIFY_OFFSET`]
+//!   with the queue index as datamatch, whose wake-up calls
+//!   [`MmioTransport::notify_queue`];
+//! - interrupts: the [`InterruptLine`] given to [`MmioTransport::new`] (an irqfd
+//!   `EventFd` registered on the slot's GSI).
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+
+use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
+use super::{
+    GuestMem, InterruptLine, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// `MagicValue`: "virt" little-endian.
+pub const MAGIC_VALUE: u32 = 0x7472_6976;
+/// `Version`: 2 (modern).
+pub const VERSION: u32 = 2;
+/// `VendorID` reported by our devices ("ZC" + 0).
+pub const VENDOR_ID: u32 = 0x0000_435a;
+/// Offset of `QueueNotify`, for ioeventfd registration.
+pub const NOTIFY_OFFSET: u64 = 0x050;
+/// Offset where the device configuration space starts.
+pub const CONFIG_OFFSET: u64 = 0x100;
+
+mod reg {
+    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+/// One virtio-mmio device slot: the register file around a [`VirtioDevice`].
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMem,
+    interrupt: Arc<VirtioInterrupt>,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status())
+            .field("acked_features", &self.acked_features)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// Wraps `device`, which will access `mem` and interrupt through `line`.
+    pub fn new(device: D, mem: GuestMem, line: Arc<dyn InterruptLine>) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| {
+                // A device with an invalid max size (not a power of two, > 32768) gets a
+                // minimal queue rather than a panic; its QueueNumMax reads as 1.
+                Queue::new(max).unwrap_or_else(|_| Queue::new(1).expect("1 is a valid queue size"))
+            })
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            interrupt: Arc::new(VirtioInterrupt::new(line)),
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+        }
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device model, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// The shared interrupt state (`InterruptStatus`, NEEDS_RESET).
+    pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
+        &self.interrupt
+    }
+
+    /// Features offered to the driver: the device's plus the transport's ring features.
+    pub fn device_features(&self) -> u64 {
+        self.device.features()
+            | VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The `Status` register as the driver reads it.
+    pub fn status(&self) -> u32 {
+        if self.interrupt.needs_reset() {
+            self.status | DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// Whether the device was activated (DRIVER_OK accepted) and not reset since.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Handles a notification of queue `index` (ioeventfd wake-up or a write of
+    /// `QueueNotify`). Ignored before activation, after NEEDS_RESET, or for a queue
+    /// that does not exist.
+    pub fn notify_queue(&mut self, index: u32) {
+        if !self.active || self.interrupt.needs_reset() {
+            return;
+        }
+        if let Ok(i) = u16::try_from(index) {
+            if usize::from(i) < self.queues.len() {
+                self.device.process_queue(i);
+            }
+        }
+    }
+
+    /// An MMIO read of `data.len()` bytes at `offset` within the slot. Registers take
+    /// 4-byte aligned 4-byte reads (anything else reads zero); the configuration space
+    /// takes any size.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.device.read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        data.fill(0);
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            return;
+        }
+        let q = self.queues.get(self.queue_sel as usize);
+        let v: u32 = match offset {
+            reg::MAGIC_VALUE => MAGIC_VALUE,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_NUM => q.map_or(0, |q| u32::from(q.size())),
+            reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
+            reg::QUEUE_DESC_LOW => q.map_or(0, |q| q.desc_table() as u32),
+            reg::QUEUE_DESC_HIGH => q.map_or(0, |q| (q.desc_table() >> 32) as u32),
+            reg::QUEUE_DRIVER_LOW => q.map_or(0, |q| q.avail_ring() as u32),
+            reg::QUEUE_DRIVER_HIGH => q.map_or(0, |q| (q.avail_ring() >> 32) as u32),
+            reg::QUEUE_DEVICE_LOW => q.map_or(0, |q| q.used_ring() as u32),
+            reg::QUEUE_DEVICE_HIGH => q.map_or(0, |q| (q.used_ring() >> 32) as u32),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status(),
+            // No shared memory regions: their length reads as -1.
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// An MMIO write of `data` at `offset` within the slot (see [`Self::read`] for
+    /// sizes). Writes that the spec forbids in the current state are ignored.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            // The driver must not write config before DRIVER, and never after FAILED.
+            if self.status & DRIVER != 0 && self.status & FAILED == 0 {
+                self.device.write_config(offset - CONFIG_OFFSET, data);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        let v = u32::from_le_bytes(bytes);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            // Only while negotiating: after DRIVER, before FEATURES_OK.
+            reg::DRIVER_FEATURES if self.status & DRIVER != 0 && self.status & FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
+                    1 => {
+                        self.acked_features =
+                            (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NOTIFY => self.notify_queue(v),
+            reg::INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::STATUS => self.write_status(v),
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
+            | reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_DRIVER_LOW
+            | reg::QUEUE_DRIVER_HIGH
+            | reg::QUEUE_DEVICE_LOW
+            | reg::QUEUE_DEVICE_HIGH => self.write_queue_reg(offset, v),
+            _ => {}
+        }
+    }
+
+    fn write_queue_reg(&mut self, offset: u64, v: u32) {
+        // Queue setup happens after FEATURES_OK and before DRIVER_OK.
+        if self.status & FEATURES_OK == 0 || self.status & DRIVER_OK != 0 {
+            return;
+        }
+        let Some(q) = self.queues.get_mut(self.queue_sel as usize) else {
+            return;
+        };
+        match offset {
+            // An invalid size (0, > max, not a power of two) is refused by virtio-queue and
+            // the old size stays; the driver reads it back.
+            reg::QUEUE_NUM => {
+                if let Ok(size) = u16::try_from(v) {
+                    let _ = q.try_set_size(size);
+                }
+            }
+            reg::QUEUE_READY => q.set_ready(v == 1),
+            reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+            reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+            reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
+            reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
+            reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
+            reg::QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(v)),
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // NEEDS_RESET belongs to the device; the driver may only add bits.
+        let v = v & !DEVICE_NEEDS_RESET;
+        if v & self.status != self.status {
+            return;
+        }
+        let added = v & !self.status;
+        let mut new = v;
+        if added & FEATURES_OK != 0 && !self.features_acceptable() {
+            // Leaving FEATURES_OK clear tells the driver the subset is unsupported.
+            new &= !FEATURES_OK;
+        }
+        if added & DRIVER_OK != 0 {
+            if new & FEATURES_OK == 0 || new & ACKNOWLEDGE == 0 || new & DRIVER == 0 {
+                new &= !DRIVER_OK;
+            } else {
+                self.status = new;
+                self.activate();
+                return;
+            }
+        }
+        self.status = new;
+    }
+
+    fn features_acceptable(&self) -> bool {
+        self.status & DRIVER != 0
+            && self.acked_features & !self.device_features() == 0
+            && self.acked_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for q in self.queues.iter_mut() {
+            q.set_event_idx(event_idx);
+            if q.ready() && !q.is_valid(&self.mem) {
+                self.interrupt.set_needs_reset();
+                return;
+            }
+            let state = q.state();
+            match Queue::try_from(state) {
+                Ok(copy) => queues.push(copy),
+                Err(_) => {
+                    self.interrupt.set_needs_reset();
+                    return;
+                }
+            }
+        }
+        match self.device.activate(
+            self.mem.clone(),
+            queues,
+            self.interrupt.clone(),
+            self.acked_features,
+        ) {
+            Ok(()) => self.active = true,
+            Err(_) => self.interrupt.set_needs_reset(),
+        }
+    }
+
+    /// Device reset (the driver wrote 0 to `Status`): the device drops its queues, all
+    /// queue registers, features and interrupt bits return to their initial values.
+    pub fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt.reset();
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked_features = 0;
+        self.status = 0;
+        self.active = false;
+    }
+
+    /// Guest address of the used ring of queue `index`, for diagnostics.
+    pub fn queue_used_ring(&self, index: usize) -> Option<GuestAddress> {
+        self.queues.get(index).map(|q| GuestAddress(q.used_ring()))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::virtio::test_util::CountingLine;
+    use crate::virtio::ActivateError;
+    use vm_memory::GuestMemoryMmap;
+
+    /// Per queue at activation: (ready, size, event_idx).
+    type QueueSnapshot = Vec<(bool, u16, bool)>;
+
+    /// A device that records what the transport did to it.
+    #[derive(Default)]
+    pub struct FakeDevice {
+        pub config: Vec<u8>,
+        pub activated: Option<(u64, QueueSnapshot)>,
+        pub notified: Vec<u16>,
+        pub resets: usize,
+        pub sizes: Vec<u16>,
+        pub fail_activate: bool,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::virtio::read_config_bytes(&self.config, offset, data)
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            let o = offset as usize;
+            if o + data.len() <= self.config.len() {
+                self.config[o..o + data.len()].copy_from_slice(data);
+            }
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMem,
+            queues: Vec<Queue>,
+            _interrupt: Arc<VirtioInterrupt>,
+            acked: u64,
+        ) -> Result<(), ActivateError> {
+            if self.fail_activate {
+                return Err(ActivateError::Other("no".into()));
+            }
+            self.activated = Some((
+                acked,
+                queues
+                    .iter()
+                    .map(|q| (q.ready(), q.size(), q.event_idx_enabled()))
+                    .collect(),
+            ));
+            Ok(())
+        }
+        fn process_queue(&mut self, index: u16) {
+            self.notified.push(index);
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+            self.activated = None;
+        }
+    }
+
+    pub fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn rd(t: &mut MmioTransport<FakeDevice>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport<FakeDevice>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn transport() -> (MmioTransport<FakeDevice>, Arc<CountingLine>) {
+        let line = Arc::new(CountingLine::default());
+        let dev = FakeDevice {
+            config: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            sizes: vec![16, 8],
+            ..Default::default()
+        };
+        (MmioTransport::new(dev, mem(), line.clone()), line)
+    }
+
+    /// Drives the standard init sequence up to (not including) DRIVER_OK.
+    fn negotiate(t: &mut MmioTransport<FakeDevice>, features: u64) -> u32 {
+        wr(t, reg::STATUS, ACKNOWLEDGE);
+        wr(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+        wr(t, reg::DRIVER_FEATURES_SEL, 0);
+        wr(t, reg::DRIVER_FEATURES, features as u32);
+        wr(t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+        wr(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        rd(t, reg::STATUS)
+    }
+
+    fn setup_queue(t: &mut MmioTransport<FakeDevice>, sel: u32, size: u32, base: u64) {
+        wr(t, reg::QUEUE_SEL, sel);
+        wr(t, reg::QUEUE_NUM, size);
+        wr(t, reg::QUEUE_DESC_LOW, base as u32);
+        wr(t, reg::QUEUE_DESC_HIGH, 0);
+        wr(t, reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+        wr(t, reg::QUEUE_DRIVER_HIGH, 0);
+        wr(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+        wr(t, reg::QUEUE_DEVICE_HIGH, 0);
+        wr(t, reg::QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(rd(&mut t, reg::MAGIC_VALUE), MAGIC_VALUE);
+        assert_eq!(rd(&mut t, reg::VERSION), 2);
+        assert_eq!(rd(&mut t, reg::DEVICE_ID), 42);
+        assert_eq!(rd(&mut t, reg::VENDOR_ID), VENDOR_ID);
+        wr(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        let lo = rd(&mut t, reg::DEVICE_FEATURES);
+        wr(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        let hi = rd(&mut t, reg::DEVICE_FEATURES);
+        let f = u64::from(lo) | (u64::from(hi) << 32);
+        assert_eq!(
+            f,
+            (1 << 3) | VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
+        );
+        wr(&mut t, reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(rd(&mut t, reg::DEVICE_FEATURES), 0);
+        wr(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 8);
+        wr(&mut t, reg::QUEUE_SEL, 5);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 0);
+        // Bad widths read zero and are ignored on write.
+        let mut two = [0xffu8; 2];
+        t.read(reg::MAGIC_VALUE, &mut two);
+        assert_eq!(two, [0, 0]);
+        t.write(reg::STATUS, &[1, 0]);
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        assert_eq!(rd(&mut t, reg::SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn config_space_access() {
+        let (mut t, _) = transport();
+        let mut b = [0u8; 2];
+        t.read(CONFIG_OFFSET + 6, &mut b);
+        assert_eq!(b, [7, 8]);
+        let mut b = [0u8; 4];
+        t.read(CONFIG_OFFSET + 6, &mut b);
+        assert_eq!(b, [7, 8, 0, 0]);
+        // Writes before DRIVER are ignored.
+        t.write(CONFIG_OFFSET, &[9]);
+        assert_eq!(t.device().config[0], 1);
+        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+        t.write(CONFIG_OFFSET, &[9]);
+        assert_eq!(t.device().config[0], 9);
+    }
+
+    #[test]
+    fn feature_negotiation_accepts_subset_with_version_1() {
+        let (mut t, _) = transport();
+        let s = negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        assert_eq!(s, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(
+            t.acked_features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        );
+        // Features are frozen after FEATURES_OK.
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, reg::DRIVER_FEATURES, 0);
+        assert_eq!(
+            t.acked_features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        );
+    }
+
+    #[test]
+    fn feature_negotiation_refuses_unknown_or_legacy() {
+        let (mut t, _) = transport();
+        let s = negotiate(&mut t, VIRTIO_F_VERSION_1 | (1 << 5));
+        assert_eq!(s & FEATURES_OK, 0, "unoffered feature bit 5");
+        let (mut t, _) = transport();
+        let s = negotiate(&mut t, 1 << 3);
+        assert_eq!(s & FEATURES_OK, 0, "VERSION_1 missing");
+        // Features written before DRIVER are ignored.
+        let (mut t, _) = transport();
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, reg::DRIVER_FEATURES, 1);
+        assert_eq!(t.acked_features(), 0);
+    }
+
+    #[test]
+    fn status_state_machine_and_activation() {
+        let (mut t, _) = transport();
+        // DRIVER_OK without FEATURES_OK is refused.
+        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+        assert_eq!(rd(&mut t, reg::STATUS), ACKNOWLEDGE | DRIVER);
+        assert!(!t.is_active());
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        // A non-power-of-two size is refused; the old value stays.
+        wr(&mut t, reg::QUEUE_NUM, 6);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM), 8);
+        assert_eq!(rd(&mut t, reg::QUEUE_READY), 1);
+        assert_eq!(rd(&mut t, reg::QUEUE_DRIVER_LOW), 0x1_1000);
+        // Clearing a bit is refused.
+        wr(&mut t, reg::STATUS, ACKNOWLEDGE);
+        assert_eq!(rd(&mut t, reg::STATUS), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.is_active());
+        let (acked, queues) = t.device().activated.clone().unwrap();
+        assert_eq!(acked, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        assert_eq!(queues, vec![(true, 8, true), (false, 8, true)]);
+        // Queue registers are frozen after DRIVER_OK.
+        wr(&mut t, reg::QUEUE_NUM, 4);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM), 8);
+        // Notify by register and by the ioeventfd path; bad index ignored.
+        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        t.notify_queue(1);
+        t.notify_queue(9);
+        assert_eq!(t.device().notified, vec![0, 1]);
+    }
+
+    #[test]
+    fn activation_with_invalid_queue_sets_needs_reset() {
+        let (mut t, line) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        // Used ring outside guest memory.
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        wr(&mut t, reg::QUEUE_DEVICE_LOW, 0xfff0_0000);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(!t.is_active());
+        assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 2);
+        assert_eq!(line.config_count(), 1);
+        wr(&mut t, reg::INTERRUPT_ACK, 2);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+        // Notifications are ignored in this state.
+        t.notify_queue(0);
+        assert!(t.device().notified.is_empty());
+    }
+
+    #[test]
+    fn failed_activation_sets_needs_reset() {
+        let (mut t, _) = transport();
+        t.device_mut().fail_activate = true;
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
+        // The driver cannot clear NEEDS_RESET by writing status bits.
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | FAILED,
+        );
+        assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
+        wr(&mut t, reg::STATUS, 0);
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn reset_clears_queues_and_features() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC);
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.is_active());
+        t.interrupt()
+            .signal(crate::virtio::InterruptKind::Queue)
+            .unwrap();
+        wr(&mut t, reg::STATUS, 0);
+        assert!(!t.is_active());
+        assert_eq!(t.device().resets, 1);
+        assert_eq!(t.acked_features(), 0);
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+        wr(&mut t, reg::QUEUE_SEL, 0);
+        assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM), 16);
+        assert_eq!(rd(&mut t, reg::QUEUE_DESC_LOW), 0);
+        // Notifies after reset reach nothing.
+        t.notify_queue(0);
+        assert!(t.device().notified.is_empty());
+    }
+}
