@@ -3,7 +3,7 @@
 //! channel and ACPI tables that describe its virtio-mmio devices.
 //!
 //! One concept per module: [`layout`] (memory map), [`boot`] (kernel/initrd/zero
-//! page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`] (legacy port devices), [`mmio`] (the MMIO bus),
+//! page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`] (legacy port devices), [`mmio`] (the MMIO bus), [`virtio`] (attaching virtio devices),
 //! [`vm`] (the VM and its run loop), [`host`] (which KVM to use) and [`emulated`]
 //! (running inside an emulated KVM host).
 
@@ -15,4 +15,5 @@ pub mod host;
 pub mod layout;
 pub mod mmio;
 pub mod pio;
+pub mod virtio;
 pub mod vm;

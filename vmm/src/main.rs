@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zc_vmm::emulated;
 use zc_vmm::host::{self, HostMode};
-use zc_vmm::vm::{self, ConsoleTarget, RunReport, VmConfig};
+use zc_vmm::vm::{self, ConsoleTarget, DiskConfig, RunReport, VmConfig};
 
 /// Default kernel command line: serial console, reboot through the keyboard
 /// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan.
@@ -63,6 +63,15 @@ struct RunArgs {
     /// Write a JSON summary of the run to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
+    /// A disk image for the guest (virtio-blk, `/dev/vda`).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Make the disk read-only to the guest.
+    #[arg(long, requires = "disk")]
+    disk_ro: bool,
+    /// Log every DMA descriptor the devices touch to this file (JSON Lines, docs/dma-log.md).
+    #[arg(long)]
+    dma_log: Option<PathBuf>,
     /// Give up after this many seconds (of the guest's own run).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -135,6 +144,14 @@ fn run(args: RunArgs) -> Result<i32> {
         );
     }
     zc_vmm::boot::detect_format(&args.kernel)?;
+    if let Some(disk) = &args.disk {
+        if !disk.is_file() {
+            bail!(
+                "disk image {} does not exist: pass --disk PATH (run `make images` for the test disk)",
+                disk.display()
+            );
+        }
+    }
     if let Some(initrd) = &args.initrd {
         if !initrd.is_file() {
             bail!(
@@ -179,6 +196,11 @@ fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
             None => ConsoleTarget::Stdout,
         },
         timeout: Duration::from_secs(args.timeout),
+        disk: args.disk.as_ref().map(|path| DiskConfig {
+            path: path.clone(),
+            read_only: args.disk_ro,
+        }),
+        dma_log: args.dma_log.clone(),
     };
     let report = vm::run(&config)?;
     let image_info = kernel_image_info(&args.kernel);
@@ -282,6 +304,14 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
     // and copied to where the user asked after the run.
     let inner_console = exchange.path().join("console.txt");
     let inner_report = exchange.path().join("report.json");
+    let inner_log = exchange.path().join("dma-log.jsonl");
+    // The host's tree is read-only in there: the guest's disk is a copy in the
+    // exchange directory, written back after the run unless it is read-only.
+    let inner_disk = exchange.path().join("disk.img");
+    if let Some(disk) = &args.disk {
+        std::fs::copy(disk, &inner_disk)
+            .with_context(|| format!("cannot copy {} for the emulated host", disk.display()))?;
+    }
     let mut argv: Vec<OsString> = vec!["run".into()];
     let mut push = |flag: &str, value: OsString| {
         argv.push(flag.into());
@@ -304,6 +334,15 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
     if args.report_json.is_some() {
         push("--report-json", inner_report.clone().into());
     }
+    if args.dma_log.is_some() {
+        push("--dma-log", inner_log.clone().into());
+    }
+    if args.disk.is_some() {
+        push("--disk", inner_disk.clone().into());
+        if args.disk_ro {
+            argv.push("--disk-ro".into());
+        }
+    }
     let status = emulated::relaunch_self(
         &args.host_kernel,
         &args.host_initrd,
@@ -311,9 +350,14 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         exchange.path(),
         Duration::from_secs(args.timeout) + EMULATED_HOST_OVERHEAD,
     )?;
+    if let (Some(disk), false) = (&args.disk, args.disk_ro) {
+        std::fs::copy(&inner_disk, disk)
+            .with_context(|| format!("cannot write the guest's disk back to {}", disk.display()))?;
+    }
     for (inner, wanted) in [
         (&inner_console, &args.console),
         (&inner_report, &args.report_json),
+        (&inner_log, &args.dma_log),
     ] {
         if let Some(wanted) = wanted {
             // A run that failed early writes no outputs; its status says why.

@@ -23,6 +23,9 @@ use crate::cpu;
 use crate::layout;
 use crate::mmio::MmioBus;
 use crate::pio::{LegacyIo, PioAction};
+use crate::virtio;
+use zc_devices::dma_log::DmaLog;
+use zc_devices::virtio::blk::{Block, BlockOptions};
 
 /// How long a guest that reported its exit status gets to power off cleanly.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
@@ -65,6 +68,15 @@ pub enum VmError {
     /// ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// The DMA log could not be created.
+    #[error("DMA log: {0}")]
+    DmaLog(zc_devices::dma_log::DmaLogError),
+    /// The disk image could not be opened.
+    #[error("disk: {0}")]
+    Disk(zc_devices::virtio::blk::BlockError),
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Attach(#[from] virtio::AttachError),
     /// A host resource (eventfd, thread, console file) failed.
     #[error("{what}: {source}")]
     Host {
@@ -107,6 +119,19 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// Give up after this long.
     pub timeout: Duration,
+    /// The disk, if any (virtio-blk).
+    pub disk: Option<DiskConfig>,
+    /// Where the DMA descriptor log goes; `None` turns logging off.
+    pub dma_log: Option<PathBuf>,
+}
+
+/// A virtio-blk disk backed by a host file.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
 }
 
 /// Why the run ended.
@@ -229,6 +254,22 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
             mem_bytes: config.mem_bytes,
         },
     )?;
+    let dma_log = match &config.dma_log {
+        Some(path) => DmaLog::create(path).map_err(VmError::DmaLog)?,
+        None => DmaLog::disabled(),
+    };
+    let mut mmio = MmioBus::default();
+    let mut mmio_devices = Vec::new();
+    if let Some(disk) = &config.disk {
+        let options = BlockOptions {
+            read_only: disk.read_only,
+            ..BlockOptions::default()
+        };
+        let block = Block::open(&disk.path, options, dma_log.clone()).map_err(VmError::Disk)?;
+        let slot = mmio_devices.len() as u32;
+        let (_, info) = virtio::attach(&vm, &mem, &mut mmio, slot, block)?;
+        mmio_devices.push(info);
+    }
     acpi::write_acpi_tables(
         &mem,
         GuestAddress(layout::RSDP_ADDR),
@@ -236,7 +277,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         GuestAddress(layout::BIOS_END),
         &AcpiConfig {
             vcpus: config.vcpus,
-            mmio_devices: Vec::new(),
+            mmio_devices,
         },
     )?;
 
@@ -269,17 +310,22 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         vcpus.push(vcpu);
     }
 
-    // virtio-mmio devices go on this bus (and into the ACPI tables above).
-    let mmio = MmioBus::default();
-    run_vcpus(
-        vcpus,
-        legacy,
+    let devices = Devices {
+        legacy: Mutex::new(legacy),
         mmio,
         messages,
-        tail,
-        config.timeout,
-        loaded.format,
-    )
+        dma_log,
+    };
+    run_vcpus(vcpus, devices, tail, config.timeout, loaded.format)
+}
+
+/// What the vCPU threads share: the devices they dispatch exits to, and where
+/// control-channel messages and markers go.
+struct Devices {
+    legacy: Mutex<LegacyIo>,
+    mmio: MmioBus,
+    messages: ControlMessages,
+    dma_log: DmaLog,
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
@@ -308,9 +354,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 
 fn run_vcpus(
     vcpus: Vec<VcpuFd>,
-    legacy: LegacyIo,
-    mmio: MmioBus,
-    messages: ControlMessages,
+    devices: Devices,
     tail: ConsoleTail,
     timeout: Duration,
     kernel_format: KernelFormat,
@@ -321,21 +365,18 @@ fn run_vcpus(
             source: std::io::Error::from_raw_os_error(e.errno()),
         }
     })?;
-    let legacy = Arc::new(Mutex::new(legacy));
-    let mmio = Arc::new(mmio);
+    let devices = Arc::new(devices);
     let stopping = Arc::new(AtomicBool::new(false));
     let (events, inbox) = mpsc::channel();
     let started = Instant::now();
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let legacy = legacy.clone();
-        let mmio = mmio.clone();
-        let messages = messages.clone();
+        let devices = devices.clone();
         let events = events.clone();
         let stopping = stopping.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, &legacy, &mmio, &messages, &events, &stopping))
+            .spawn(move || vcpu_loop(vcpu, &devices, &events, &stopping))
             .map_err(|source| VmError::Host {
                 what: "cannot start a vCPU thread",
                 source,
@@ -407,6 +448,9 @@ fn run_vcpus(
         report.messages.push((at.duration_since(started), message));
     }
     report.console_tail = tail.lines();
+    if let Err(e) = devices.dma_log.flush() {
+        eprintln!("zc-vmm: the DMA log is incomplete: {e}");
+    }
     Ok(report)
 }
 
@@ -433,9 +477,7 @@ fn stop_vcpus(threads: Vec<thread::JoinHandle<()>>, stopping: &AtomicBool) {
 
 fn vcpu_loop(
     mut vcpu: VcpuFd,
-    legacy: &Mutex<LegacyIo>,
-    mmio: &MmioBus,
-    messages: &ControlMessages,
+    devices: &Devices,
     events: &mpsc::Sender<Event>,
     stopping: &AtomicBool,
 ) {
@@ -444,21 +486,27 @@ fn vcpu_loop(
     };
     while !stopping.load(Ordering::SeqCst) {
         let exit = vcpu.run();
-        let lock = || legacy.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = || devices.legacy.lock().unwrap_or_else(|e| e.into_inner());
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => lock().read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => match lock().write(port, data) {
                 PioAction::Continue => {}
                 PioAction::ControlData => {
-                    for message in messages.drain() {
+                    for message in devices.messages.drain() {
+                        // Logged here, on the vCPU thread during the guest's port
+                        // write, so the marker sits exactly between the DMA the
+                        // guest started before it and after it.
+                        if let ControlMessage::Mark { label } = &message {
+                            devices.dma_log.marker(label);
+                        }
                         let _ = events.send(Event::Control(Instant::now(), message));
                     }
                 }
                 PioAction::Shutdown => return stop(StopReason::PowerOff),
                 PioAction::Reset => return stop(StopReason::Reset),
             },
-            Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio.write(addr, data),
             // With the in-kernel irqchip KVM handles HLT itself; seeing it here means
             // the vCPU stopped for good.
             Ok(VcpuExit::Hlt) => return stop(StopReason::VcpuFailure("the vCPU halted".into())),
