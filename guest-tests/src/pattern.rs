@@ -26,7 +26,7 @@ fn byte_at(offset: u64) -> u8 {
 pub fn fill(offset: u64, buf: &mut [u8]) {
     let mut pos = 0;
     // Unaligned head, byte by byte; then whole words (the common, fast case).
-    while pos < buf.len() && (offset + pos as u64) % 8 != 0 {
+    while pos < buf.len() && !(offset + pos as u64).is_multiple_of(8) {
         buf[pos] = byte_at(offset + pos as u64);
         pos += 1;
     }

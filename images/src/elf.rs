@@ -184,7 +184,7 @@ pub(crate) mod testutil {
         shstrtab.extend_from_slice(b".shstrtab\0");
         let strtab = shstrtab.clone();
         headers.push(place(&mut out, name_off, &strtab, 3));
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
         let shoff = out.len();

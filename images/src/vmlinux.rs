@@ -643,7 +643,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            if x % 5 == 0 {
+            if x.is_multiple_of(5) {
                 let rel = ((x >> 8) % 8192) as i32 - 4096;
                 out.push(if x & 1 == 1 { 0xE8 } else { 0xE9 });
                 out.extend_from_slice(&rel.to_le_bytes());

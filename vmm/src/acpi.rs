@@ -221,7 +221,7 @@ pub fn write_acpi_tables<M: GuestMemory>(
     let rsdp = rsdp_addr.0;
     let rsdp_len = Rsdp::len() as u64;
     let overlaps = rsdp < end && rsdp.saturating_add(rsdp_len) > start;
-    if rsdp % RSDP_ALIGN != 0 || overlaps {
+    if !rsdp.is_multiple_of(RSDP_ALIGN) || overlaps {
         return Err(AcpiError::RsdpPlacement(rsdp));
     }
     if config.vcpus == 0 {

@@ -22,6 +22,9 @@ pub const FIRST_GSI: u32 = 5;
 /// How many slots the IO-APIC's 24 pins leave us.
 pub const MAX_SLOTS: u32 = 24 - FIRST_GSI;
 
+/// A device's transport, shared by the MMIO bus, its queue threads and the VMM.
+pub type SharedTransport<D> = Arc<Mutex<MmioTransport<D>>>;
+
 /// Errors attaching a device.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -69,7 +72,7 @@ pub fn attach<D: VirtioDevice + 'static>(
     bus: &mut MmioBus,
     slot: u32,
     device: D,
-) -> Result<(Arc<Mutex<MmioTransport<D>>>, MmioDeviceInfo), AttachError> {
+) -> Result<(SharedTransport<D>, MmioDeviceInfo), AttachError> {
     if slot >= MAX_SLOTS {
         return Err(AttachError::NoSlot);
     }
