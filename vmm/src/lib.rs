@@ -10,6 +10,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpu;
+pub mod dma_view;
 pub mod emulated;
 pub mod host;
 pub mod layout;

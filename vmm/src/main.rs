@@ -35,6 +35,71 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Print what the host probe finds and which mode a run would use.
     Probe,
+    /// Read a DMA log (--dma-log): show records, totals, or search.
+    DmaLog {
+        #[command(subcommand)]
+        action: DmaLogCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DmaLogCmd {
+    /// One line per record.
+    Show(DmaLogArgs),
+    /// Descriptors and bytes per device and direction, requests per kind.
+    Stats(DmaLogArgs),
+    /// Records whose JSON text contains PATTERN (e.g. a fingerprint).
+    Grep {
+        /// Text to look for.
+        pattern: String,
+        #[command(flatten)]
+        args: DmaLogArgs,
+    },
+}
+
+#[derive(Args)]
+struct DmaLogArgs {
+    /// The log file.
+    log: PathBuf,
+    /// Only this device: blk or net.
+    #[arg(long, value_parser = parse_device)]
+    device: Option<zc_devices::dma_log::DeviceKind>,
+    /// Only this queue.
+    #[arg(long)]
+    queue: Option<u16>,
+    /// Only between the guest's markers `BEGIN SPAN` and `END SPAN`.
+    #[arg(long)]
+    span: Option<String>,
+    /// Only descriptors touching START..END (hex or decimal guest-physical addresses).
+    #[arg(long, value_parser = parse_range)]
+    addr: Option<(u64, u64)>,
+}
+
+fn parse_device(text: &str) -> Result<zc_devices::dma_log::DeviceKind, String> {
+    match text {
+        "blk" => Ok(zc_devices::dma_log::DeviceKind::Blk),
+        "net" => Ok(zc_devices::dma_log::DeviceKind::Net),
+        _ => Err(format!("{text:?} is not a device: use blk or net")),
+    }
+}
+
+fn parse_range(text: &str) -> Result<(u64, u64), String> {
+    let number = |t: &str| {
+        let t = t.trim();
+        match t.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => t.parse(),
+        }
+        .map_err(|_| format!("{t:?} is not an address"))
+    };
+    let (start, end) = text
+        .split_once("..")
+        .ok_or_else(|| format!("{text:?} is not a range: use START..END"))?;
+    let (start, end) = (number(start)?, number(end)?);
+    if start >= end {
+        return Err(format!("{text:?} is empty"));
+    }
+    Ok((start, end))
 }
 
 #[derive(Args, Clone)]
@@ -106,6 +171,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run(*args),
         Cmd::Probe => probe().map(|_| 0),
+        Cmd::DmaLog { action } => dma_log(action).map(|_| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -113,6 +179,52 @@ fn main() -> ExitCode {
             eprintln!("zc-vmm: error: {err:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn dma_log(action: DmaLogCmd) -> Result<()> {
+    use std::io::Write as _;
+    use zc_devices::dma_log::Record;
+    use zc_vmm::dma_view::{self, Filter};
+    let (args, totals, pattern) = match action {
+        DmaLogCmd::Show(args) => (args, false, None),
+        DmaLogCmd::Stats(args) => (args, true, None),
+        DmaLogCmd::Grep { pattern, args } => (args, false, Some(pattern)),
+    };
+    let records = zc_devices::dma_log::read_log(&args.log)
+        .with_context(|| format!("cannot read the DMA log {}", args.log.display()))?;
+    if let Some(span) = &args.span {
+        let begin = format!("BEGIN {span}");
+        if !records
+            .iter()
+            .any(|r| matches!(r, Record::Marker(m) if m.label == begin))
+        {
+            bail!("the log has no marker `{begin}`: see `zc-vmm dma-log grep mark`");
+        }
+    }
+    let filter = Filter {
+        device: args.device,
+        queue: args.queue,
+        span: args.span.clone(),
+        addr: args.addr,
+    };
+    let mut selected = dma_view::select(&records, &filter);
+    if let Some(pattern) = &pattern {
+        selected
+            .retain(|r| serde_json::to_string(r).is_ok_and(|json| json.contains(pattern.as_str())));
+    }
+    let mut out = std::io::stdout().lock();
+    let written = if totals {
+        writeln!(out, "{}", dma_view::stats(&selected))
+    } else {
+        selected
+            .into_iter()
+            .try_for_each(|record| writeln!(out, "{}", dma_view::line(record)))
+    };
+    match written {
+        // `zc-vmm dma-log show LOG | head` is normal use, not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }
 
