@@ -66,7 +66,7 @@ run: images
 test: images
 	$(CARGO) test --workspace --release
 	ZC_REQUIRE_KERNEL_CACHE=1 $(CARGO) test --release -p zc-images --test real_kernels --test real_vmlinux -- --ignored
-	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot -- --ignored --test-threads=1
+	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices -- --ignored --test-threads=1
 
 ## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
 bench: images

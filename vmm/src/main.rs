@@ -391,6 +391,13 @@ fn report_json(report: &RunReport, kernel: &Path, mode: HostMode) -> serde_json:
         "guest_exit": report.guest_exit,
         "exit_status": report.exit_status(),
         "failure": report.failure(),
+        // The guest's machine-readable results, parsed (kept as text if not JSON).
+        "reports": report.messages.iter().filter_map(|(_, m)| match m {
+            zc_devices::control::ControlMessage::Report { json } => Some(
+                serde_json::from_str(json).unwrap_or_else(|_| serde_json::Value::String(json.clone())),
+            ),
+            _ => None,
+        }).collect::<Vec<_>>(),
         "messages": report.messages.iter().map(|(at, m)| {
             serde_json::json!({"at_s": at.as_secs_f64(), "message": format!("{m:?}")})
         }).collect::<Vec<_>>(),
