@@ -74,12 +74,17 @@ pub enum TestHook {
     DiskRoundtrip,
     /// Send `/mnt/<file>` to the peer with read+write; the name is relative to `/mnt`.
     Send(String),
+    /// Read the whole disk device sequentially with O_DIRECT in 1 MiB requests.
+    DiskRead,
 }
 
 impl TestHook {
     /// Whether the step needs the test disk mounted on `/mnt`.
     pub fn needs_disk(&self) -> bool {
-        matches!(self, TestHook::DiskRoundtrip | TestHook::Send(_))
+        matches!(
+            self,
+            TestHook::DiskRoundtrip | TestHook::Send(_) | TestHook::DiskRead
+        )
     }
 
     /// Whether the step needs eth0 configured.
@@ -96,10 +101,11 @@ impl FromStr for TestHook {
             "panic" => Ok(TestHook::Panic),
             "hang" => Ok(TestHook::Hang),
             "disk-roundtrip" => Ok(TestHook::DiskRoundtrip),
+            "disk-read" => Ok(TestHook::DiskRead),
             _ => match step.strip_prefix("send:") {
                 Some(file) => check_disk_file(file).map(|f| TestHook::Send(f.to_string())),
                 None => Err(Error::new(format!(
-                    "zc.test: unknown step {step:?} (expected panic, hang, disk-roundtrip or send:<file>, comma-separated)"
+                    "zc.test: unknown step {step:?} (expected panic, hang, disk-roundtrip, disk-read or send:<file>, comma-separated)"
                 ))),
             },
         }
@@ -349,13 +355,15 @@ mod tests {
 
     #[test]
     fn test_steps_in_order() {
-        let o = Options::parse("zc.test=disk-roundtrip,send:payload.bin,send:d/x.bin").unwrap();
+        let o = Options::parse("zc.test=disk-roundtrip,send:payload.bin,send:d/x.bin,disk-read")
+            .unwrap();
         assert_eq!(
             o.tests,
             [
                 TestHook::DiskRoundtrip,
                 TestHook::Send("payload.bin".into()),
-                TestHook::Send("d/x.bin".into())
+                TestHook::Send("d/x.bin".into()),
+                TestHook::DiskRead,
             ]
         );
         assert!(o.tests.iter().all(TestHook::needs_disk));

@@ -140,6 +140,10 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
                     Err(err) => Outcome::failed("disk-roundtrip", None, &err),
                 }
             }
+            TestHook::DiskRead => match scenarios::disk_read() {
+                Ok(r) => r,
+                Err(err) => Outcome::failed("disk-read", None, &err),
+            },
             TestHook::Send(file) => {
                 say(control, &format!("send: {file} to {}", options.peer))?;
                 let mut mark = |label: &str| send(control, |c| c.mark(label));

@@ -146,6 +146,54 @@ pub fn disk_roundtrip() -> Result<Roundtrip> {
     })
 }
 
+/// The disk device `disk-read` reads.
+pub const DISK_DEVICE: &str = "/dev/vda";
+/// Request size of `disk-read`.
+const DISK_READ_CHUNK: usize = 1 << 20;
+/// O_DIRECT wants buffers aligned to the logical block size; a page covers any.
+const DIRECT_ALIGN: usize = 4096;
+
+/// `disk-read`: reads [`DISK_DEVICE`] from start to end with O_DIRECT in 1 MiB
+/// requests, so every byte is a device DMA into this buffer and no page cache is
+/// involved: the disk's raw throughput as the guest sees it.
+pub fn disk_read() -> Result<Outcome> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(DISK_DEVICE)
+        .context(|| format!("opening {DISK_DEVICE} with O_DIRECT"))?;
+    // Over-allocate and start at an aligned offset: Vec gives no alignment promise.
+    let mut backing = vec![0u8; DISK_READ_CHUNK + DIRECT_ALIGN];
+    let skip = backing.as_ptr().align_offset(DIRECT_ALIGN);
+    let buf = &mut backing[skip..skip + DISK_READ_CHUNK];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    let mut reads = 0u64;
+    loop {
+        let n = file
+            .read(buf)
+            .context(|| format!("reading {DISK_DEVICE} at {bytes}"))?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        reads += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let ok = bytes > 0;
+    Ok(Outcome {
+        ok,
+        report: Object::new()
+            .str("test", "disk-read")
+            .u64("bytes", bytes)
+            .bool("ok", ok)
+            .u64("read_calls", reads)
+            .f64("seconds", seconds, 6)
+            .f64("mbps", bytes as f64 * 8.0 / seconds.max(1e-9) / 1e6, 1)
+            .finish(),
+    })
+}
+
 /// Reads until `buf` is full or EOF; returns the bytes read.
 fn read_full(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;

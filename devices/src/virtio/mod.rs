@@ -4,7 +4,8 @@
 //!   exits of a device slot to [`mmio::MmioTransport::read`] / [`mmio::MmioTransport::write`]
 //!   and queue notifications (ioeventfd on `QueueNotify`) to
 //!   [`mmio::MmioTransport::notify_queue`].
-//! - A device model implements [`VirtioDevice`]; [`blk::Block`] is virtio-blk.
+//! - A device model implements [`VirtioDevice`]; [`blk::Block`] is virtio-blk,
+//!   [`net::Net`] virtio-net.
 //! - Interrupts go out through an [`InterruptLine`] (an irqfd `EventFd` in the VMM,
 //!   a counter in tests), wrapped by [`VirtioInterrupt`], which also holds the
 //!   `InterruptStatus` bits and the device's NEEDS_RESET flag.
@@ -13,6 +14,7 @@
 pub mod blk;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
