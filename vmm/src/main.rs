@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zc_vmm::emulated;
 use zc_vmm::host::{self, HostMode};
-use zc_vmm::vm::{self, ConsoleTarget, DiskConfig, RunReport, VmConfig};
+use zc_vmm::vm::{self, ConsoleTarget, DiskConfig, NetConfig, RunReport, VmConfig};
 
 /// Default kernel command line: serial console, reboot through the keyboard
 /// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan.
@@ -137,6 +137,21 @@ struct RunArgs {
     /// Log every DMA descriptor the devices touch to this file (JSON Lines, docs/dma-log.md).
     #[arg(long)]
     dma_log: Option<PathBuf>,
+    /// Network card backend: `peer` (a TCP endpoint inside the VMM at 10.0.2.2:7878
+    /// that checks every byte it receives) or `none`.
+    #[arg(long, value_enum, default_value_t = NetBackendArg::None)]
+    net: NetBackendArg,
+    /// Offer checksum offload so that Linux gives the card scatter-gather (`on`), or
+    /// not, so that Linux must linearise every frame (`off`).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    net_sg: OnOff,
+    /// Write every frame the card carries, both directions, to this pcap file.
+    #[arg(long, requires = "net")]
+    pcap: Option<PathBuf>,
+    /// A file the guest will send to the peer; one per TCP connection, in order. The
+    /// run fails unless each arrives complete and identical.
+    #[arg(long = "peer-expect", value_name = "FILE")]
+    peer_expect: Vec<PathBuf>,
     /// Give up after this many seconds (of the guest's own run).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -146,6 +161,24 @@ struct RunArgs {
     /// Emulated mode: the emulated host's initrd [env: ZC_HOST_INITRD].
     #[arg(long, env = "ZC_HOST_INITRD", default_value = DEFAULT_HOST_INITRD)]
     host_initrd: PathBuf,
+}
+
+/// Which network backend the card gets.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum NetBackendArg {
+    /// No network card.
+    None,
+    /// The in-VMM TCP peer.
+    Peer,
+}
+
+/// A switch.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// Parses `512M`, `2G`, `65536K` or a bare MiB count into bytes.
@@ -256,6 +289,17 @@ fn run(args: RunArgs) -> Result<i32> {
         );
     }
     zc_vmm::boot::detect_format(&args.kernel)?;
+    if !args.peer_expect.is_empty() && args.net != NetBackendArg::Peer {
+        bail!("--peer-expect needs --net peer");
+    }
+    for file in &args.peer_expect {
+        if !file.is_file() {
+            bail!(
+                "--peer-expect {} does not exist: name the file the guest will send",
+                file.display()
+            );
+        }
+    }
     if let Some(disk) = &args.disk {
         if !disk.is_file() {
             bail!(
@@ -313,6 +357,11 @@ fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
             read_only: args.disk_ro,
         }),
         dma_log: args.dma_log.clone(),
+        net: (args.net == NetBackendArg::Peer).then(|| NetConfig {
+            sg: args.net_sg == OnOff::On,
+            pcap: args.pcap.clone(),
+            expect: args.peer_expect.clone(),
+        }),
     };
     let report = vm::run(&config)?;
     let image_info = kernel_image_info(&args.kernel);
@@ -360,6 +409,17 @@ fn print_summary(report: &RunReport, kernel: &Path) {
         ),
         _ => eprintln!("zc-vmm: the guest program never reported (no hello on the control channel)"),
     }
+    for t in &report.transfers {
+        eprintln!(
+            "zc-vmm: peer received {} bytes of {}: {}{}",
+            t.bytes,
+            t.label,
+            t.failure.as_deref().unwrap_or("every byte matches"),
+            t.mbps
+                .map(|m| format!(", {m:.1} Mbit/s"))
+                .unwrap_or_default()
+        );
+    }
     match report.failure() {
         None => eprintln!(
             "zc-vmm: guest exited 0 ({:?}); run took {}",
@@ -402,6 +462,11 @@ fn report_json(report: &RunReport, kernel: &Path, mode: HostMode) -> serde_json:
             serde_json::json!({"at_s": at.as_secs_f64(), "message": format!("{m:?}")})
         }).collect::<Vec<_>>(),
         "console_tail": report.console_tail,
+        "transfers": report.transfers.iter().map(|t| serde_json::json!({
+            "label": t.label, "bytes": t.bytes, "ok": t.failure.is_none(),
+            "failure": t.failure, "mbps": t.mbps,
+        })).collect::<Vec<_>>(),
+        "missing_transfers": report.missing_transfers,
     })
 }
 
@@ -424,6 +489,7 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
     let inner_console = exchange.path().join("console.txt");
     let inner_report = exchange.path().join("report.json");
     let inner_log = exchange.path().join("dma-log.jsonl");
+    let inner_pcap = exchange.path().join("frames.pcap");
     // The host's tree is read-only in there: the guest's disk is a copy in the
     // exchange directory, written back after the run unless it is read-only.
     let inner_disk = exchange.path().join("disk.img");
@@ -456,6 +522,21 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
     if args.dma_log.is_some() {
         push("--dma-log", inner_log.clone().into());
     }
+    if args.net == NetBackendArg::Peer {
+        push("--net", "peer".into());
+        let sg = if args.net_sg == OnOff::On {
+            "on"
+        } else {
+            "off"
+        };
+        push("--net-sg", sg.into());
+        for file in &args.peer_expect {
+            push("--peer-expect", absolute(file)?.into());
+        }
+        if args.pcap.is_some() {
+            push("--pcap", inner_pcap.clone().into());
+        }
+    }
     if args.disk.is_some() {
         push("--disk", inner_disk.clone().into());
         if args.disk_ro {
@@ -477,6 +558,7 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         (&inner_console, &args.console),
         (&inner_report, &args.report_json),
         (&inner_log, &args.dma_log),
+        (&inner_pcap, &args.pcap),
     ] {
         if let Some(wanted) = wanted {
             // A run that failed early writes no outputs; its status says why.

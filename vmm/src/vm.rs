@@ -24,8 +24,12 @@ use crate::layout;
 use crate::mmio::MmioBus;
 use crate::pio::{LegacyIo, PioAction};
 use crate::virtio;
+use crate::virtio::SharedTransport;
 use zc_devices::dma_log::DmaLog;
+use zc_devices::net_peer::{Expectation, NetPeer, NetPeerConfig};
+use zc_devices::pcap::PcapWriter;
 use zc_devices::virtio::blk::{Block, BlockOptions};
+use zc_devices::virtio::net::{Net, NetOptions};
 
 /// How long a guest that reported its exit status gets to power off cleanly.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
@@ -123,6 +127,33 @@ pub struct VmConfig {
     pub disk: Option<DiskConfig>,
     /// Where the DMA descriptor log goes; `None` turns logging off.
     pub dma_log: Option<PathBuf>,
+    /// The network card, if any (virtio-net with the in-VMM TCP peer).
+    pub net: Option<NetConfig>,
+}
+
+/// A virtio-net card whose other end is the TCP peer inside the VMM.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Offer checksum offload, so that Linux gives the card scatter-gather.
+    pub sg: bool,
+    /// Write every frame, both directions, to this pcap file.
+    pub pcap: Option<PathBuf>,
+    /// The files the guest will send, one per TCP connection, in order: the peer
+    /// checks every byte against them.
+    pub expect: Vec<PathBuf>,
+}
+
+/// What the peer found for one TCP connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferResult {
+    /// What was expected (the file), or "unexpected".
+    pub label: String,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Throughput from first to last byte, in Mbit/s.
+    pub mbps: Option<f64>,
 }
 
 /// A virtio-blk disk backed by a host file.
@@ -170,12 +201,19 @@ pub struct RunReport {
     pub console_tail: Vec<String>,
     /// The kernel image's format.
     pub kernel_format: KernelFormat,
+    /// What the TCP peer received, one entry per connection.
+    pub transfers: Vec<TransferResult>,
+    /// Expected transfers that never arrived.
+    pub missing_transfers: Vec<String>,
 }
 
 impl RunReport {
     /// The exit status the VMM should end with: the guest's own, when it reported one
-    /// and then shut down; 1 for anything else.
+    /// and then shut down; 1 for anything else, and for any transfer that lost data.
     pub fn exit_status(&self) -> i32 {
+        if self.transfer_failure().is_some() && matches!(self.guest_exit, Some(0)) {
+            return 1;
+        }
         match (&self.stop, self.guest_exit) {
             (StopReason::PowerOff | StopReason::Reset, Some(code)) => code,
             (StopReason::NoPowerOffAfterExit, Some(code)) if code != 0 => code,
@@ -183,10 +221,26 @@ impl RunReport {
         }
     }
 
+    /// Why the transfers the peer checked failed, if any did.
+    fn transfer_failure(&self) -> Option<String> {
+        if let Some(bad) = self.transfers.iter().find(|t| t.failure.is_some()) {
+            return Some(format!(
+                "the peer's check of {} failed: {}",
+                bad.label,
+                bad.failure.as_deref().unwrap_or("")
+            ));
+        }
+        self.missing_transfers
+            .first()
+            .map(|label| format!("the peer never received {label}"))
+    }
+
     /// One line saying why a run failed, or `None` when it succeeded.
     pub fn failure(&self) -> Option<String> {
         let reason = match (&self.stop, self.guest_exit) {
-            (StopReason::PowerOff | StopReason::Reset, Some(0)) => return None,
+            (StopReason::PowerOff | StopReason::Reset, Some(0)) => {
+                return self.transfer_failure();
+            }
             (StopReason::PowerOff | StopReason::Reset, Some(code)) => {
                 format!("the guest program reported failure (exit {code})")
             }
@@ -270,6 +324,18 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         let (_, info) = virtio::attach(&vm, &mem, &mut mmio, slot, block)?;
         mmio_devices.push(info);
     }
+    let mut nic = None;
+    if let Some(net) = &config.net {
+        let device = net_device(net, &dma_log)?;
+        let slot = mmio_devices.len() as u32;
+        let (transport, info) = virtio::attach(&vm, &mem, &mut mmio, slot, device)?;
+        mmio_devices.push(info);
+        spawn_backend_timer(transport.clone()).map_err(|source| VmError::Host {
+            what: "cannot start the network timer thread",
+            source,
+        })?;
+        nic = Some(transport);
+    }
     acpi::write_acpi_tables(
         &mem,
         GuestAddress(layout::RSDP_ADDR),
@@ -316,7 +382,93 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         messages,
         dma_log,
     };
-    run_vcpus(vcpus, devices, tail, config.timeout, loaded.format)
+    let mut report = run_vcpus(vcpus, devices, tail, config.timeout, loaded.format)?;
+    if let Some(nic) = nic {
+        collect_transfers(&nic, &mut report);
+    }
+    Ok(report)
+}
+
+/// The virtio-net device with the TCP peer behind it, told what to expect.
+fn net_device(config: &NetConfig, log: &DmaLog) -> Result<Net<NetPeer>, VmError> {
+    let net_err = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| VmError::Host {
+            what,
+            source: std::io::Error::other(e.to_string()),
+        }
+    };
+    let mut peer = NetPeer::new(NetPeerConfig::default(), Instant::now())
+        .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
+    for path in &config.expect {
+        let expectation = Expectation::of_file(path.display().to_string(), path)
+            .map_err(|e| net_err("cannot read a file the peer is to expect")(&e))?;
+        peer.expect(expectation);
+    }
+    let options = NetOptions {
+        sg: config.sg,
+        ..NetOptions::default()
+    };
+    let mut device = Net::new(peer, options, log.clone())
+        .map_err(|e| net_err("cannot create the network card")(&e))?;
+    if let Some(path) = &config.pcap {
+        device.set_pcap(
+            PcapWriter::create(path).map_err(|e| net_err("cannot create the pcap file")(&e))?,
+        );
+    }
+    Ok(device)
+}
+
+/// Runs the peer's TCP timers (retransmits, delayed ACKs) when no frame does.
+fn spawn_backend_timer(nic: SharedTransport<Net<NetPeer>>) -> std::io::Result<()> {
+    // Bounds on the sleep: short enough that a lost timer costs little, long
+    // enough not to spin.
+    const MIN: Duration = Duration::from_micros(200);
+    const MAX: Duration = Duration::from_millis(20);
+    thread::Builder::new()
+        .name("net-timer".into())
+        .spawn(move || loop {
+            let delay = nic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .next_poll_delay(Instant::now())
+                .unwrap_or(MAX)
+                .clamp(MIN, MAX);
+            thread::sleep(delay);
+            nic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .poll_backend(Instant::now());
+        })
+        .map(drop)
+}
+
+/// What the peer received, and what it expected but never got.
+fn collect_transfers(nic: &SharedTransport<Net<NetPeer>>, report: &mut RunReport) {
+    let mut transport = nic.lock().unwrap_or_else(|e| e.into_inner());
+    let device = transport.device_mut();
+    if let Err(e) = device.flush_pcap() {
+        eprintln!("zc-vmm: the pcap file is incomplete: {e}");
+    }
+    let peer = device.backend_mut();
+    peer.finish(Instant::now());
+    for received in peer.take_results() {
+        report.transfers.push(TransferResult {
+            label: received
+                .expected
+                .as_ref()
+                .map(|e| e.label.clone())
+                .unwrap_or_else(|| "an unexpected connection".into()),
+            bytes: received.bytes,
+            failure: received.failure.as_ref().map(|f| f.to_string()),
+            mbps: received.throughput().map(|bps| bps * 8.0 / 1e6),
+        });
+    }
+    report.missing_transfers = peer
+        .pending_expectation_labels()
+        .into_iter()
+        .map(|label| label.to_string())
+        .collect();
 }
 
 /// What the vCPU threads share: the devices they dispatch exits to, and where
@@ -395,6 +547,8 @@ fn run_vcpus(
         messages: Vec::new(),
         console_tail: Vec::new(),
         kernel_format,
+        transfers: Vec::new(),
+        missing_transfers: Vec::new(),
     };
     let mut deadline = started + timeout;
     loop {
@@ -553,6 +707,8 @@ mod tests {
             messages: vec![],
             console_tail: vec![],
             kernel_format: KernelFormat::BzImage,
+            transfers: vec![],
+            missing_transfers: vec![],
         }
     }
 

@@ -309,6 +309,11 @@ impl NetPeer {
         self.expectations.len()
     }
 
+    /// The labels of the expectations no connection has taken yet, in order.
+    pub fn pending_expectation_labels(&self) -> Vec<&str> {
+        self.expectations.iter().map(|e| e.label.as_str()).collect()
+    }
+
     /// Processes one Ethernet frame the guest transmitted (without the virtio-net
     /// header). Replies it causes (ARP, ICMP, RST) are queued for the guest at once;
     /// data ACKs wait for [`poll`](Self::poll).
