@@ -5,5 +5,6 @@ pub mod console;
 pub mod control;
 pub mod dma_log;
 pub mod net_peer;
+pub mod net_tap;
 pub mod pcap;
 pub mod virtio;

@@ -1,0 +1,183 @@
+//! Fuzzes virtio-blk's request queue with arbitrary guest memory and queue setup.
+//!
+//! The input is decoded as: the number of driver operations, the feature subset the
+//! driver accepts, the disk (0..=32 sectors, optionally a partial trailing sector,
+//! read-only or not, DMA log on or off), the queue registers (size, descriptor table,
+//! available and used ring addresses, initial avail `idx`), up to 8 operations
+//! (notify, publish more chains and notify, poke a byte of guest memory, ack
+//! interrupts, reset and re-initialise), and finally the first bytes of the 64 KiB of
+//! guest RAM at GPA 0 (descriptor tables, rings and buffers all live there). The device
+//! is a `Block` over a memfd disk behind the real `MmioTransport`.
+//!
+//! Checked, besides "no panic" (vm-memory bounds every guest access):
+//! - after a notify that leaves the device healthy, the used ring's `idx` equals the
+//!   available ring's `idx` (every published chain was answered, none twice), and
+//!   when the driver's `idx` did not change under the device, it moved by at most
+//!   the queue size;
+//! - once the device is in DEVICE_NEEDS_RESET, `process_queue` changes no guest memory;
+//! - the disk file keeps its size, and a read-only disk its contents.
+
+#![no_main]
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, OnceLock};
+
+use common::{
+    guest_memory, handshake, read_u16, reg, snapshot, write_reg, Input, NullLine, Op,
+    QueueParams, QueueState, MAX_OPS,
+};
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zc_devices::dma_log::DmaLog;
+use zc_devices::virtio::blk::{Block, BlockOptions, SECTOR_SIZE};
+use zc_devices::virtio::mmio::MmioTransport;
+use zc_devices::virtio::VirtioDevice;
+
+/// The largest disk: 32 sectors and a partial one.
+const MAX_DISK: usize = 33 * SECTOR_SIZE as usize;
+
+/// One memfd, refilled for every input (no file system, no fsync cost).
+fn disk_file() -> &'static File {
+    static DISK: OnceLock<File> = OnceLock::new();
+    DISK.get_or_init(|| {
+        let fd = rustix::fs::memfd_create("zc-fuzz-disk", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        File::from(fd)
+    })
+}
+
+/// A DMA log to nowhere, so the logging paths run too.
+fn sink_log() -> DmaLog {
+    static LOG: OnceLock<DmaLog> = OnceLock::new();
+    LOG.get_or_init(|| DmaLog::new(std::io::sink()).expect("log to sink"))
+        .clone()
+}
+
+fn disk_pattern() -> &'static [u8] {
+    static P: OnceLock<Vec<u8>> = OnceLock::new();
+    P.get_or_init(|| {
+        (0..MAX_DISK)
+            .map(|i| (i.wrapping_mul(131) ^ (i >> 9)) as u8 | 1)
+            .collect()
+    })
+}
+
+fuzz_target!(|data: &[u8]| run(data));
+
+fn run(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let n_ops = usize::from(inp.u8()) % (MAX_OPS + 1);
+    let feature_mask = u64::from(inp.u32()) | (u64::from(inp.u8()) << 32);
+    let disk_flags = inp.u8();
+    let qp = QueueParams::decode(&mut inp);
+    let ops: Vec<Op> = (0..MAX_OPS).map(|_| Op::decode(&mut inp)).collect();
+    let mem = guest_memory(inp.rest());
+
+    let disk_len = usize::from(disk_flags % 33) * SECTOR_SIZE as usize
+        + if disk_flags & 0x40 != 0 { 100 } else { 0 };
+    let read_only = disk_flags & 0x80 != 0;
+    let file = disk_file();
+    file.set_len(0).expect("truncate memfd");
+    file.write_all_at(&disk_pattern()[..disk_len], 0)
+        .expect("fill memfd");
+    let log = if disk_flags & 0x20 != 0 {
+        sink_log()
+    } else {
+        DmaLog::disabled()
+    };
+    let opts = BlockOptions {
+        read_only,
+        ..BlockOptions::default()
+    };
+    let dev = Block::new(file.try_clone().expect("dup memfd"), opts, log).expect("valid options");
+    assert_eq!(dev.capacity_bytes(), (disk_len as u64) / SECTOR_SIZE * SECTOR_SIZE);
+    let mut t = MmioTransport::new(dev, mem.clone(), Arc::new(NullLine));
+
+    let mut q = handshake(&mut t, &mem, feature_mask, &[qp]).map(|v| v[0]);
+    for op in &ops[..n_ops] {
+        match *op {
+            Op::Notify(i) => notify_round(&mut t, &mem, q.as_mut(), i),
+            Op::Publish { queue, n } => {
+                if let Some(s) = q.as_ref().filter(|_| queue == 0) {
+                    let idx = read_u16(&mem, s.avail + 2).expect("avail ring was validated");
+                    mem.write_obj(idx.wrapping_add(n), GuestAddress(s.avail + 2))
+                        .expect("avail ring was validated");
+                }
+                notify_round(&mut t, &mem, q.as_mut(), queue);
+            }
+            Op::Poke { addr, value } => {
+                mem.write_obj(value, GuestAddress(u64::from(addr)))
+                    .expect("u16 address is inside 64 KiB");
+            }
+            Op::Ack(bits) => write_reg(&mut t, reg::INTERRUPT_ACK, bits),
+            Op::Poll => {
+                let mut cfg = [0u8; 8];
+                t.read(0x100, &mut cfg);
+            }
+            Op::Reinit => q = handshake(&mut t, &mem, feature_mask, &[qp]).map(|v| v[0]),
+        }
+    }
+
+    let len = file.metadata().expect("fstat memfd").len();
+    assert_eq!(len, disk_len as u64, "the disk file changed size");
+    if read_only {
+        let mut now = vec![0u8; disk_len];
+        file.read_exact_at(&mut now, 0).expect("read memfd");
+        assert!(
+            now == disk_pattern()[..disk_len],
+            "a read-only disk was modified"
+        );
+    }
+}
+
+/// Notifies queue `index` and checks the used ring against the available ring.
+fn notify_round(
+    t: &mut MmioTransport<Block>,
+    mem: &GuestMemoryMmap,
+    q: Option<&mut QueueState>,
+    index: u16,
+) {
+    if t.interrupt().needs_reset() {
+        // The transport ignores notifies now; the device must also stay still if it
+        // is called anyway.
+        let before = snapshot(mem);
+        write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
+        t.device_mut().process_queue(index);
+        assert!(
+            snapshot(mem) == before,
+            "device in NEEDS_RESET wrote guest memory"
+        );
+        return;
+    }
+    let Some(q) = q.filter(|_| index == 0) else {
+        write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
+        return;
+    };
+    let a0 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
+    write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
+    if t.interrupt().needs_reset() {
+        return;
+    }
+    let a1 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
+    if a1 == q.shadow_used {
+        return;
+    }
+    let used = read_u16(mem, q.used + 2).expect("used ring was validated");
+    assert_eq!(
+        used, a1,
+        "healthy device left avail idx {a1} with used idx {used} (was {})",
+        q.shadow_used
+    );
+    if a0 == a1 {
+        let moved = a1.wrapping_sub(q.shadow_used);
+        assert!(
+            moved <= q.size,
+            "used idx moved by {moved} in one round on a queue of {}",
+            q.size
+        );
+    }
+    q.shadow_used = a1;
+}

@@ -1,0 +1,279 @@
+//! Shared by the fuzz targets: input decoding, a 64 KiB guest memory, the driver's
+//! virtio-mmio handshake and ring helpers.
+//!
+//! Both targets drive their device through the real [`MmioTransport`] register file,
+//! so a queue only reaches the device after the transport's own checks
+//! (`Queue::is_valid`, feature negotiation), exactly as with a guest.
+
+#![allow(dead_code)]
+
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zc_devices::virtio::mmio::MmioTransport;
+use zc_devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+use zc_devices::virtio::{InterruptKind, InterruptLine, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Guest RAM: one region at GPA 0.
+pub const MEM_SIZE: usize = 64 * 1024;
+/// Most operations (notify rounds, memory patches, resets) per input.
+pub const MAX_OPS: usize = 8;
+
+/// virtio-mmio register offsets (virtio 1.2, 4.2.2).
+pub mod reg {
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+}
+
+/// Reads the fuzz input front to back; past its end every byte reads as zero, so any
+/// input decodes.
+pub struct Input<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Input { data }
+    }
+
+    /// The next `n` bytes (fewer at the end of the input).
+    pub fn take(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.data.len());
+        let (head, tail) = self.data.split_at(n);
+        self.data = tail;
+        head
+    }
+
+    pub fn u8(&mut self) -> u8 {
+        self.take(1).first().copied().unwrap_or(0)
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
+    }
+
+    /// Everything not consumed yet.
+    pub fn rest(self) -> &'a [u8] {
+        self.data
+    }
+}
+
+/// An interrupt line that goes nowhere.
+pub struct NullLine;
+
+impl InterruptLine for NullLine {
+    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// 64 KiB of guest RAM at GPA 0 holding `image` (zero beyond it).
+pub fn guest_memory(image: &[u8]) -> GuestMemoryMmap {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+        .expect("64 KiB of anonymous memory");
+    let n = image.len().min(MEM_SIZE);
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("image fits guest memory");
+    mem
+}
+
+/// A copy of all of guest memory.
+pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
+    let mut v = vec![0u8; MEM_SIZE];
+    mem.read_slice(&mut v, GuestAddress(0))
+        .expect("guest memory is MEM_SIZE bytes");
+    v
+}
+
+/// The little-endian u16 at `addr`, if it is in guest memory.
+pub fn read_u16(mem: &GuestMemoryMmap, addr: u64) -> Option<u16> {
+    mem.read_obj::<u16>(GuestAddress(addr)).ok()
+}
+
+/// What the driver writes into one queue's registers.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueParams {
+    /// `QueueNum` as written (may be invalid: the transport then keeps the maximum).
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// Written to the available ring's `idx` before activation.
+    pub avail_idx: u16,
+    pub ready: bool,
+}
+
+impl QueueParams {
+    /// 18 bytes: usually a power-of-two size and ring addresses inside the 64 KiB of
+    /// RAM; a flag byte selects raw sizes, addresses anywhere, or a queue left not ready.
+    pub fn decode(inp: &mut Input) -> Self {
+        let size_sel = inp.u8();
+        let raw_size = inp.u16();
+        let flags = inp.u8();
+        let (d, a, u) = (inp.u32(), inp.u32(), inp.u32());
+        let avail_idx = inp.u16();
+        let size = if size_sel & 0x80 != 0 {
+            raw_size
+        } else {
+            1 << (size_sel % 9)
+        };
+        let addr = |v: u32| {
+            if flags & 1 != 0 {
+                u64::from(v) | (u64::from(flags >> 4) << 32)
+            } else {
+                u64::from(v & 0xffff)
+            }
+        };
+        QueueParams {
+            size,
+            desc: addr(d),
+            avail: addr(a),
+            used: addr(u),
+            avail_idx,
+            ready: flags & 2 == 0,
+        }
+    }
+}
+
+/// A queue as the device got it, plus what the harness knows of the device's side.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueState {
+    pub size: u16,
+    pub avail: u64,
+    pub used: u64,
+    /// The device's `next_used` as far as the harness can tell (0 after activation).
+    pub shadow_used: u16,
+}
+
+pub fn write_reg<D: VirtioDevice>(t: &mut MmioTransport<D>, offset: u64, v: u32) {
+    t.write(offset, &v.to_le_bytes());
+}
+
+pub fn read_reg<D: VirtioDevice>(t: &mut MmioTransport<D>, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// The driver's initialisation sequence (virtio 1.2, 3.1.1 and 4.2.3): negotiate
+/// `offered & feature_mask` (plus VERSION_1), set up `queues`, write their avail
+/// `idx` into guest memory, and set DRIVER_OK. Returns the queues as activated, or
+/// `None` when the transport or the device refused them.
+pub fn handshake<D: VirtioDevice>(
+    t: &mut MmioTransport<D>,
+    mem: &GuestMemoryMmap,
+    feature_mask: u64,
+    queues: &[QueueParams],
+) -> Option<Vec<QueueState>> {
+    write_reg(t, reg::STATUS, 0);
+    write_reg(t, reg::STATUS, ACKNOWLEDGE);
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+    let acked = (t.device_features() & feature_mask) | VIRTIO_F_VERSION_1;
+    for sel in 0..2u32 {
+        write_reg(t, reg::DRIVER_FEATURES_SEL, sel);
+        write_reg(t, reg::DRIVER_FEATURES, (acked >> (32 * sel)) as u32);
+    }
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_ne!(
+        read_reg(t, reg::STATUS) & FEATURES_OK,
+        0,
+        "transport refused a subset of its own features ({acked:#x})"
+    );
+    let mut states = Vec::with_capacity(queues.len());
+    for (i, q) in queues.iter().enumerate() {
+        write_reg(t, reg::QUEUE_SEL, i as u32);
+        write_reg(t, reg::QUEUE_NUM, u32::from(q.size));
+        write_reg(t, reg::QUEUE_DESC_LOW, q.desc as u32);
+        write_reg(t, reg::QUEUE_DESC_HIGH, (q.desc >> 32) as u32);
+        write_reg(t, reg::QUEUE_DRIVER_LOW, q.avail as u32);
+        write_reg(t, reg::QUEUE_DRIVER_HIGH, (q.avail >> 32) as u32);
+        write_reg(t, reg::QUEUE_DEVICE_LOW, q.used as u32);
+        write_reg(t, reg::QUEUE_DEVICE_HIGH, (q.used >> 32) as u32);
+        write_reg(t, reg::QUEUE_READY, u32::from(q.ready));
+        // virtio-queue ignores an invalid size or a misaligned ring address (the old
+        // value stays), so read back what the queue really uses.
+        let size = read_reg(t, reg::QUEUE_NUM) as u16;
+        assert!(
+            size.is_power_of_two(),
+            "QueueNum reads back {size} after writing {}",
+            q.size
+        );
+        let reg64 = |t: &mut MmioTransport<D>, low: u64| {
+            u64::from(read_reg(t, low)) | (u64::from(read_reg(t, low + 4)) << 32)
+        };
+        let avail = reg64(t, reg::QUEUE_DRIVER_LOW);
+        let used = reg64(t, reg::QUEUE_DEVICE_LOW);
+        // Ignored when outside memory: the transport then refuses the queue.
+        let _ = mem.write_obj(q.avail_idx, GuestAddress(avail.wrapping_add(2)));
+        states.push(QueueState {
+            size,
+            avail,
+            used,
+            shadow_used: 0,
+        });
+    }
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    if t.is_active() {
+        assert!(
+            !t.interrupt().needs_reset(),
+            "active device already needs a reset"
+        );
+        Some(states)
+    } else {
+        None
+    }
+}
+
+/// One step of the driver after activation.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// Write `QueueNotify` (the index may name no queue).
+    Notify(u16),
+    /// Advance the available `idx` of a queue by `n`, then notify it.
+    Publish { queue: u16, n: u16 },
+    /// Overwrite one byte of guest memory (the driver editing rings or buffers).
+    Poke { addr: u16, value: u8 },
+    /// Acknowledge interrupts.
+    Ack(u32),
+    /// Device-specific (net: run the backend's timers and deliver).
+    Poll,
+    /// Reset the device and initialise it again with the same parameters.
+    Reinit,
+}
+
+impl Op {
+    /// 4 bytes.
+    pub fn decode(inp: &mut Input) -> Self {
+        let (k, a, b, c) = (inp.u8(), inp.u8(), inp.u8(), inp.u8());
+        match k % 8 {
+            0 | 1 => Op::Notify(u16::from(a % 3)),
+            2 | 3 => Op::Publish {
+                queue: u16::from(a % 2),
+                n: u16::from(b % 8) + 1,
+            },
+            4 => Op::Poke {
+                addr: u16::from_le_bytes([a, b]),
+                value: c,
+            },
+            5 => Op::Ack(u32::from(a)),
+            6 => Op::Poll,
+            _ => Op::Reinit,
+        }
+    }
+}
