@@ -15,7 +15,7 @@ KERNEL       ?=
 MODULES      ?=
 # Pin a Debian kernel, e.g. KERNEL_VERSION=6.12
 KERNEL_VERSION ?=
-APT_PACKAGES := qemu-system-x86 e2fsprogs
+APT_PACKAGES := qemu-system-x86 e2fsprogs iproute2
 
 ifneq ($(KERNEL),)
 GUEST_KERNEL_ARGS := --kernel $(KERNEL) $(if $(MODULES),--modules-dir $(MODULES))
@@ -23,7 +23,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps build guest images run test unit-test e2e-test bench fmt clippy clean
+.PHONY: all deps build guest images run test unit-test e2e-test bench fuzz fmt clippy clean
 
 all: build
 
@@ -66,11 +66,25 @@ run: images
 test: images
 	$(CARGO) test --workspace --release
 	ZC_REQUIRE_KERNEL_CACHE=1 $(CARGO) test --release -p zc-images --test real_kernels --test real_vmlinux -- --ignored
+	@if [ "$$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then \
+	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
+	else echo "make: tap backend tests not run: they need root and /dev/net/tun"; fi
 	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices -- --ignored --test-threads=1
 
 ## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
 bench: images
 	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) run --release -p zc-vmm --bin zc-bench
+
+## fuzz: run each cargo-fuzz target of devices/ (devices/fuzz) for FUZZ_SECONDS seconds;
+## not part of `test`. Stable Rust needs RUSTC_BOOTSTRAP=1 for cargo-fuzz's -Z flags.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := blk_queue net_queue
+fuzz:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd devices && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t && \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 fmt:
 	$(CARGO) fmt --all
