@@ -26,8 +26,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
 use common::{
-    guest_memory, handshake, read_u16, reg, snapshot, write_reg, Input, NullLine, Op,
-    QueueParams, QueueState, MAX_OPS,
+    guest_memory, handshake, read_u16, reg, snapshot, write_reg, Input, NullLine, Op, QueueParams,
+    QueueState, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -93,7 +93,10 @@ fn run(data: &[u8]) {
         ..BlockOptions::default()
     };
     let dev = Block::new(file.try_clone().expect("dup memfd"), opts, log).expect("valid options");
-    assert_eq!(dev.capacity_bytes(), (disk_len as u64) / SECTOR_SIZE * SECTOR_SIZE);
+    assert_eq!(
+        dev.capacity_bytes(),
+        (disk_len as u64) / SECTOR_SIZE * SECTOR_SIZE
+    );
     let mut t = MmioTransport::new(dev, mem.clone(), Arc::new(NullLine));
 
     let mut q = handshake(&mut t, &mem, feature_mask, &[qp]).map(|v| v[0]);

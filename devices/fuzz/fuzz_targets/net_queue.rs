@@ -29,8 +29,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    guest_memory, handshake, read_u16, reg, snapshot, write_reg, Input, NullLine, Op,
-    QueueParams, QueueState, MAX_OPS,
+    guest_memory, handshake, read_u16, reg, snapshot, write_reg, Input, NullLine, Op, QueueParams,
+    QueueState, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

@@ -7,7 +7,6 @@
 
 #![allow(dead_code)]
 
-
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_devices::virtio::mmio::MmioTransport;
 use zc_devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
@@ -228,7 +227,11 @@ pub fn handshake<D: VirtioDevice>(
             shadow_used: 0,
         });
     }
-    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    write_reg(
+        t,
+        reg::STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
     if t.is_active() {
         assert!(
             !t.interrupt().needs_reset(),
