@@ -10,19 +10,12 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use rstest::rstest;
+
+mod common;
 use serde_json::Value;
 
-/// The directory `make images` wrote, from `ZC_IMAGES`.
 fn images() -> PathBuf {
-    let dir = std::env::var_os("ZC_IMAGES")
-        .map(PathBuf::from)
-        .expect("ZC_IMAGES is not set: run these tests with `make test`");
-    assert!(
-        dir.join("guest/vmlinuz").is_file(),
-        "{} has no guest/vmlinuz: run `make images`",
-        dir.display()
-    );
-    dir
+    common::images_with("guest/vmlinuz")
 }
 
 fn guest_release() -> String {
@@ -58,17 +51,10 @@ fn boot_kernel(kernel: &str, extra: &[&str]) -> Run {
     let images = images();
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(images.join(kernel))
-        .arg("--initrd")
-        .arg(images.join("guest/initrd.img"))
+    let output = common::zc_vmm_run(&images, kernel)
         .arg("--report-json")
         .arg(&report_path)
         .args(extra)
-        .env("ZC_HOST_KERNEL", images.join("host/vmlinuz"))
-        .env("ZC_HOST_INITRD", images.join("host/initrd.img"))
         .output()
         .expect("start zc-vmm");
     let report = std::fs::read_to_string(&report_path)

@@ -4,22 +4,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use rstest::rstest;
+
+mod common;
 
 use zc_devices::dma_log::{read_log, BlkStatus, DescRole, Direction, Record, RequestDetail};
 
 fn images() -> PathBuf {
-    let dir = std::env::var_os("ZC_IMAGES")
-        .map(PathBuf::from)
-        .expect("ZC_IMAGES is not set: run these tests with `make test`");
-    assert!(
-        dir.join("guest/disk.img").is_file(),
-        "{} has no guest/disk.img: run `make images`",
-        dir.display()
-    );
-    dir
+    common::images_with("guest/disk.img")
 }
 
 #[test]
@@ -31,12 +25,7 @@ fn guest_disk_roundtrip_is_in_the_dma_log() {
     std::fs::copy(images.join("guest/disk.img"), &disk).unwrap();
     let log_path = dir.path().join("dma.jsonl");
     let report_path = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(images.join("guest/vmlinuz"))
-        .arg("--initrd")
-        .arg(images.join("guest/initrd.img"))
+    let output = common::zc_vmm_run(&images, "guest/vmlinuz")
         .arg("--disk")
         .arg(&disk)
         .arg("--dma-log")
@@ -44,8 +33,6 @@ fn guest_disk_roundtrip_is_in_the_dma_log() {
         .arg("--report-json")
         .arg(&report_path)
         .args(["--append", "zc.test=disk-roundtrip"])
-        .env("ZC_HOST_KERNEL", images.join("host/vmlinuz"))
-        .env("ZC_HOST_INITRD", images.join("host/initrd.img"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -96,12 +83,7 @@ fn send_payload(sg: &str, expect: &Path, dir: &Path) -> (Output, PathBuf, serde_
     let images = images();
     let log_path = dir.join("dma.jsonl");
     let report_path = dir.join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(images.join("guest/vmlinuz"))
-        .arg("--initrd")
-        .arg(images.join("guest/initrd.img"))
+    let output = common::zc_vmm_run(&images, "guest/vmlinuz")
         .arg("--disk")
         .arg(images.join("guest/disk.img"))
         .arg("--disk-ro")
@@ -114,8 +96,6 @@ fn send_payload(sg: &str, expect: &Path, dir: &Path) -> (Output, PathBuf, serde_
         .arg("--report-json")
         .arg(&report_path)
         .args(["--append", "zc.disk=ro zc.test=send:payload.bin"])
-        .env("ZC_HOST_KERNEL", images.join("host/vmlinuz"))
-        .env("ZC_HOST_INITRD", images.join("host/initrd.img"))
         .output()
         .unwrap();
     eprintln!(
