@@ -152,6 +152,11 @@ struct RunArgs {
     /// run fails unless each arrives complete and identical.
     #[arg(long = "peer-expect", value_name = "FILE")]
     peer_expect: Vec<PathBuf>,
+    /// With --net tap: the tap device's name (created if absent; `%d` is numbered).
+    /// The caller brings it up and addresses it. In emulated mode it lives inside the
+    /// emulated host, so use tap on a direct host.
+    #[arg(long, default_value = "zctap%d")]
+    tap: String,
     /// Give up after this many seconds (of the guest's own run).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -170,6 +175,8 @@ enum NetBackendArg {
     None,
     /// The in-VMM TCP peer.
     Peer,
+    /// A host tap device (root only; see --tap).
+    Tap,
 }
 
 /// A switch.
@@ -209,10 +216,26 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(err) => {
-            eprintln!("zc-vmm: error: {err:#}");
+            eprintln!("zc-vmm: error: {}", one_line(&err));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the message
+/// before it already contains (many library errors print their source themselves).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn dma_log(action: DmaLogCmd) -> Result<()> {
@@ -357,10 +380,11 @@ fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
             read_only: args.disk_ro,
         }),
         dma_log: args.dma_log.clone(),
-        net: (args.net == NetBackendArg::Peer).then(|| NetConfig {
+        net: (args.net != NetBackendArg::None).then(|| NetConfig {
             sg: args.net_sg == OnOff::On,
             pcap: args.pcap.clone(),
             expect: args.peer_expect.clone(),
+            tap: (args.net == NetBackendArg::Tap).then(|| args.tap.clone()),
         }),
     };
     let report = vm::run(&config)?;
@@ -522,8 +546,14 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
     if args.dma_log.is_some() {
         push("--dma-log", inner_log.clone().into());
     }
-    if args.net == NetBackendArg::Peer {
-        push("--net", "peer".into());
+    if args.net != NetBackendArg::None {
+        let backend = if args.net == NetBackendArg::Tap {
+            "tap"
+        } else {
+            "peer"
+        };
+        push("--net", backend.into());
+        push("--tap", args.tap.clone().into());
         let sg = if args.net_sg == OnOff::On {
             "on"
         } else {
@@ -580,6 +610,15 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_causes_are_not_repeated() {
+        let inner = std::io::Error::other("disk on fire");
+        let err = anyhow::Error::new(inner).context("cannot open disk.img: disk on fire");
+        assert_eq!(one_line(&err), "cannot open disk.img: disk on fire");
+        let err = anyhow::anyhow!("root cause").context("while booting");
+        assert_eq!(one_line(&err), "while booting: root cause");
+    }
 
     #[test]
     fn memory_sizes_parse() {

@@ -27,9 +27,10 @@ use crate::virtio;
 use crate::virtio::SharedTransport;
 use zc_devices::dma_log::DmaLog;
 use zc_devices::net_peer::{Expectation, NetPeer, NetPeerConfig};
+use zc_devices::net_tap::TapBackend;
 use zc_devices::pcap::PcapWriter;
 use zc_devices::virtio::blk::{Block, BlockOptions};
-use zc_devices::virtio::net::{Net, NetOptions};
+use zc_devices::virtio::net::{Net, NetBackend, NetOptions};
 
 /// How long a guest that reported its exit status gets to power off cleanly.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
@@ -141,6 +142,8 @@ pub struct NetConfig {
     /// The files the guest will send, one per TCP connection, in order: the peer
     /// checks every byte against them.
     pub expect: Vec<PathBuf>,
+    /// Use this host tap device instead of the peer (root only).
+    pub tap: Option<String>,
 }
 
 /// What the peer found for one TCP connection.
@@ -326,15 +329,30 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     }
     let mut nic = None;
     if let Some(net) = &config.net {
-        let device = net_device(net, &dma_log)?;
         let slot = mmio_devices.len() as u32;
-        let (transport, info) = virtio::attach(&vm, &mem, &mut mmio, slot, device)?;
-        mmio_devices.push(info);
-        spawn_backend_timer(transport.clone()).map_err(|source| VmError::Host {
+        let timer_err = |source| VmError::Host {
             what: "cannot start the network timer thread",
             source,
-        })?;
-        nic = Some(transport);
+        };
+        match &net.tap {
+            None => {
+                let device = net_card(peer_backend(net)?, net, &dma_log)?;
+                let (transport, info) = virtio::attach(&vm, &mem, &mut mmio, slot, device)?;
+                mmio_devices.push(info);
+                spawn_backend_timer(transport.clone()).map_err(timer_err)?;
+                nic = Some(transport);
+            }
+            Some(name) => {
+                let tap = TapBackend::open(name).map_err(|e| VmError::Host {
+                    what: "cannot open the tap device",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let device = net_card(tap, net, &dma_log)?;
+                let (transport, info) = virtio::attach(&vm, &mem, &mut mmio, slot, device)?;
+                mmio_devices.push(info);
+                spawn_backend_timer(transport).map_err(timer_err)?;
+            }
+        }
     }
     acpi::write_acpi_tables(
         &mem,
@@ -390,13 +408,16 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
 }
 
 /// The virtio-net device with the TCP peer behind it, told what to expect.
-fn net_device(config: &NetConfig, log: &DmaLog) -> Result<Net<NetPeer>, VmError> {
-    let net_err = |what: &'static str| {
-        move |e: &dyn std::fmt::Display| VmError::Host {
-            what,
-            source: std::io::Error::other(e.to_string()),
-        }
-    };
+/// A host error from a device-side error that only has a message.
+fn net_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> VmError {
+    move |e| VmError::Host {
+        what,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// The TCP peer, told which files to expect.
+fn peer_backend(config: &NetConfig) -> Result<NetPeer, VmError> {
     let mut peer = NetPeer::new(NetPeerConfig::default(), Instant::now())
         .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
     for path in &config.expect {
@@ -404,11 +425,20 @@ fn net_device(config: &NetConfig, log: &DmaLog) -> Result<Net<NetPeer>, VmError>
             .map_err(|e| net_err("cannot read a file the peer is to expect")(&e))?;
         peer.expect(expectation);
     }
+    Ok(peer)
+}
+
+/// The virtio-net card in front of `backend`.
+fn net_card<B: NetBackend>(
+    backend: B,
+    config: &NetConfig,
+    log: &DmaLog,
+) -> Result<Net<B>, VmError> {
     let options = NetOptions {
         sg: config.sg,
         ..NetOptions::default()
     };
-    let mut device = Net::new(peer, options, log.clone())
+    let mut device = Net::new(backend, options, log.clone())
         .map_err(|e| net_err("cannot create the network card")(&e))?;
     if let Some(path) = &config.pcap {
         device.set_pcap(
@@ -418,8 +448,11 @@ fn net_device(config: &NetConfig, log: &DmaLog) -> Result<Net<NetPeer>, VmError>
     Ok(device)
 }
 
-/// Runs the peer's TCP timers (retransmits, delayed ACKs) when no frame does.
-fn spawn_backend_timer(nic: SharedTransport<Net<NetPeer>>) -> std::io::Result<()> {
+/// Runs the backend's timers (the peer's retransmits and delayed ACKs, the tap's
+/// reads) when no guest frame does.
+fn spawn_backend_timer<B: NetBackend + 'static>(
+    nic: SharedTransport<Net<B>>,
+) -> std::io::Result<()> {
     // Bounds on the sleep: short enough that a lost timer costs little, long
     // enough not to spin.
     const MIN: Duration = Duration::from_micros(200);
