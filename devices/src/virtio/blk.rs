@@ -28,14 +28,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{walk_chain, ChainDesc};
-use super::{
-    ActivateError, GuestMem, InterruptKind, VirtioDevice, VirtioInterrupt,
-    VIRTIO_RING_F_INDIRECT_DESC,
-};
+use super::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::dma_log::{
     pieces_from_guest, BlkRequest, BlkStatus, DescEntry, DescRole, DeviceKind, Direction, DmaLog,
     RequestDetail,
@@ -361,49 +358,14 @@ impl VirtioDevice for Block {
             return;
         }
         let log = self.disk.log.clone();
-        loop {
-            if let Err(e) = active.queue.disable_notification(&active.mem) {
-                Self::fatal(active, &log, None, &format!("used ring: {e}"));
-                return;
-            }
-            loop {
-                let head = match active.queue.iter(&active.mem) {
-                    Ok(mut it) => it.next().map(|c| c.head_index()),
-                    Err(e) => {
-                        Self::fatal(active, &log, None, &format!("available ring: {e}"));
-                        return;
-                    }
-                };
-                let Some(head) = head else { break };
-                let used = match self.disk.handle_chain(active, head) {
-                    Ok(used) => used,
-                    Err(what) => {
-                        Self::fatal(active, &log, Some(head), &what);
-                        return;
-                    }
-                };
-                if let Err(e) = active.queue.add_used(&active.mem, head, used) {
-                    Self::fatal(active, &log, Some(head), &format!("used ring: {e}"));
-                    return;
-                }
-            }
-            match active.queue.enable_notification(&active.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    Self::fatal(active, &log, None, &format!("used ring: {e}"));
-                    return;
-                }
-            }
-        }
-        match active.queue.needs_notification(&active.mem) {
-            Ok(true) => {
-                // A failing irqfd cannot be reported to the guest; the VMM sees it in its
-                // own event loop.
-                let _ = active.interrupt.signal(InterruptKind::Queue);
-            }
-            Ok(false) => {}
-            Err(e) => Self::fatal(active, &log, None, &format!("avail ring used_event: {e}")),
+        let disk = &mut self.disk;
+        let indirect = active.indirect;
+        let served = super::drain_queue(&mut active.queue, &active.mem, |queue, head| {
+            disk.handle_chain(&active.mem, queue, indirect, head)
+        })
+        .and_then(|()| super::signal_used(&mut active.queue, &active.mem, &active.interrupt));
+        if let Err(fault) = served {
+            Self::fatal(active, &log, fault.head, &fault.what);
         }
     }
 
@@ -416,14 +378,19 @@ impl VirtioDevice for Block {
 impl Disk {
     /// Handles one chain. `Ok(used_len)` when the request was answered through its
     /// status byte; `Err(what)` when the device must go to NEEDS_RESET.
-    fn handle_chain(&mut self, active: &Active, head: u16) -> Result<u32, String> {
-        let mem = &active.mem;
+    fn handle_chain(
+        &mut self,
+        mem: &GuestMem,
+        queue: &Queue,
+        indirect: bool,
+        head: u16,
+    ) -> Result<u32, String> {
         let descs = walk_chain(
             mem,
-            GuestAddress(active.queue.desc_table()),
-            active.queue.size(),
+            GuestAddress(queue.desc_table()),
+            queue.size(),
             head,
-            active.indirect,
+            indirect,
         )
         .map_err(|e| e.to_string())?;
         let last = descs

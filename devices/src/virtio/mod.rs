@@ -198,6 +198,76 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Why a queue could not be served: the chain at fault (if one was) and what was
+/// wrong. The device logs it and sets DEVICE_NEEDS_RESET.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueueFault {
+    pub head: Option<u16>,
+    pub what: String,
+}
+
+impl QueueFault {
+    fn new(head: Option<u16>, what: String) -> Self {
+        QueueFault { head, what }
+    }
+}
+
+/// Serves every chain the driver made available: `handle` processes the chain at
+/// `head` (it gets the queue, read-only, to walk the descriptor table) and returns the
+/// used length, and the chain goes to the used ring. Notifications are off while the
+/// queue is drained and the ring is checked again after turning them back on, so a
+/// chain published in between is not missed (the EVENT_IDX race). Stops at the first
+/// fault.
+pub(crate) fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMem,
+    mut handle: impl FnMut(&Queue, u16) -> Result<u32, String>,
+) -> Result<(), QueueFault> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let used_ring = |head, e| QueueFault::new(head, format!("used ring: {e}"));
+    loop {
+        queue
+            .disable_notification(mem)
+            .map_err(|e| used_ring(None, e))?;
+        loop {
+            let head = match queue.iter(mem) {
+                Ok(mut chains) => chains.next().map(|c| c.head_index()),
+                Err(e) => return Err(QueueFault::new(None, format!("available ring: {e}"))),
+            };
+            let Some(head) = head else { break };
+            let used = handle(queue, head).map_err(|what| QueueFault::new(Some(head), what))?;
+            queue
+                .add_used(mem, head, used)
+                .map_err(|e| used_ring(Some(head), e))?;
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(|e| used_ring(None, e))?
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Interrupts the driver if the used ring says it wants to hear about what was just
+/// added (EVENT_IDX `used_event`, or always without it).
+pub(crate) fn signal_used(
+    queue: &mut Queue,
+    mem: &GuestMem,
+    interrupt: &VirtioInterrupt,
+) -> Result<(), QueueFault> {
+    use virtio_queue::QueueT;
+    match queue.needs_notification(mem) {
+        Ok(true) => {
+            // A failing irqfd cannot be reported to the guest; the VMM sees it itself.
+            let _ = interrupt.signal(InterruptKind::Queue);
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(QueueFault::new(None, format!("avail ring used_event: {e}"))),
+    }
+}
+
 /// Copies `config[offset..]` into `data`, zero-filling what lies beyond `config`.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);

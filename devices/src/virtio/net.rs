@@ -52,10 +52,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{walk_chain, ChainDesc};
-use super::{
-    ActivateError, GuestMem, InterruptKind, VirtioDevice, VirtioInterrupt,
-    VIRTIO_RING_F_INDIRECT_DESC,
-};
+use super::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::dma_log::{
     fingerprint, page_pieces, DescEntry, DescRole, DeviceKind, Direction, DmaLog, Fingerprint,
     NetRequest, Piece, RequestDetail,
@@ -401,64 +398,17 @@ impl<B: NetBackend> Net<B> {
         };
         let host = &mut self.host;
         let now = Instant::now();
-        loop {
-            if let Err(e) = active.tx.disable_notification(&active.mem) {
-                fatal(
-                    active,
-                    &host.log,
-                    TX_QUEUE,
-                    None,
-                    &format!("used ring: {e}"),
-                );
-                return;
-            }
-            loop {
-                let head = match active.tx.iter(&active.mem) {
-                    Ok(mut it) => it.next().map(|c| c.head_index()),
-                    Err(e) => {
-                        fatal(
-                            active,
-                            &host.log,
-                            TX_QUEUE,
-                            None,
-                            &format!("available ring: {e}"),
-                        );
-                        return;
-                    }
-                };
-                let Some(head) = head else { break };
-                if let Err(what) = host.handle_tx_chain(active, head, now) {
-                    fatal(active, &host.log, TX_QUEUE, Some(head), &what);
-                    return;
-                }
-                // TX buffers are only read: the used length is 0.
-                if let Err(e) = active.tx.add_used(&active.mem, head, 0) {
-                    fatal(
-                        active,
-                        &host.log,
-                        TX_QUEUE,
-                        Some(head),
-                        &format!("used ring: {e}"),
-                    );
-                    return;
-                }
-            }
-            match active.tx.enable_notification(&active.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    fatal(
-                        active,
-                        &host.log,
-                        TX_QUEUE,
-                        None,
-                        &format!("used ring: {e}"),
-                    );
-                    return;
-                }
-            }
+        let indirect = active.indirect;
+        let served = super::drain_queue(&mut active.tx, &active.mem, |tx, head| {
+            // TX buffers are only read: the used length is 0.
+            host.handle_tx_chain(&active.mem, tx, indirect, head, now)
+                .map(|()| 0)
+        })
+        .and_then(|()| super::signal_used(&mut active.tx, &active.mem, &active.interrupt));
+        if let Err(fault) = served {
+            fatal(active, &host.log, TX_QUEUE, fault.head, &fault.what);
+            return;
         }
-        signal_if_needed(active, &host.log, TX_QUEUE);
         // Replies to what was just sent (ARP, ACKs) go out in the same pass.
         host.backend.poll(now);
     }
@@ -468,28 +418,6 @@ fn fatal(active: &mut Active, log: &DmaLog, queue: u16, head: Option<u16>, what:
     log.device_error(DeviceKind::Net, queue, head, what, true);
     active.broken = true;
     active.interrupt.set_needs_reset();
-}
-
-fn signal_if_needed(active: &mut Active, log: &DmaLog, queue: u16) {
-    let q = if queue == RX_QUEUE {
-        &mut active.rx
-    } else {
-        &mut active.tx
-    };
-    match q.needs_notification(&active.mem) {
-        Ok(true) => {
-            // A failing irqfd cannot be reported to the guest; the VMM sees it itself.
-            let _ = active.interrupt.signal(InterruptKind::Queue);
-        }
-        Ok(false) => {}
-        Err(e) => fatal(
-            active,
-            log,
-            queue,
-            None,
-            &format!("avail ring used_event: {e}"),
-        ),
-    }
 }
 
 /// Per-page fingerprints of `bytes`, which are (or were just written to) guest memory
@@ -564,14 +492,20 @@ impl<B: NetBackend> Host<B> {
 
     /// Handles one TX chain. `Ok(())` when the chain can be completed (the frame was
     /// sent or dropped with a logged error); `Err(what)` for NEEDS_RESET.
-    fn handle_tx_chain(&mut self, active: &Active, head: u16, now: Instant) -> Result<(), String> {
-        let mem = &active.mem;
+    fn handle_tx_chain(
+        &mut self,
+        mem: &GuestMem,
+        tx: &Queue,
+        indirect: bool,
+        head: u16,
+        now: Instant,
+    ) -> Result<(), String> {
         let descs = walk_chain(
             mem,
-            GuestAddress(active.tx.desc_table()),
-            active.tx.size(),
+            GuestAddress(tx.desc_table()),
+            tx.size(),
             head,
-            active.indirect,
+            indirect,
         )
         .map_err(|e| e.to_string())?;
         for d in &descs {
@@ -732,7 +666,9 @@ impl<B: NetBackend> Host<B> {
             }
         }
         if delivered {
-            signal_if_needed(active, &self.log, RX_QUEUE);
+            if let Err(fault) = super::signal_used(&mut active.rx, &active.mem, &active.interrupt) {
+                fatal(active, &self.log, RX_QUEUE, fault.head, &fault.what);
+            }
         }
     }
 

@@ -17,24 +17,7 @@ pub const MEM_SIZE: usize = 64 * 1024;
 /// Most operations (notify rounds, memory patches, resets) per input.
 pub const MAX_OPS: usize = 8;
 
-/// virtio-mmio register offsets (virtio 1.2, 4.2.2).
-pub mod reg {
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-}
+pub use zc_devices::virtio::mmio::reg;
 
 /// Reads the fuzz input front to back; past its end every byte reads as zero, so any
 /// input decodes.

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
 
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
