@@ -103,8 +103,6 @@ pub enum ConsoleTarget {
     Stdout,
     /// A file, created or truncated.
     File(PathBuf),
-    /// Nowhere (the tail is still kept for error reports).
-    Discard,
 }
 
 /// Everything needed to run a guest.
@@ -367,7 +365,6 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
 
     let console_out: Box<dyn Write + Send> = match &config.console {
         ConsoleTarget::Stdout => Box::new(std::io::stdout()),
-        ConsoleTarget::Discard => Box::new(std::io::sink()),
         ConsoleTarget::File(path) => {
             Box::new(std::fs::File::create(path).map_err(|source| VmError::Host {
                 what: "cannot create the console file",

@@ -45,6 +45,13 @@ enum Suite {
     All,
 }
 
+/// The median of one figure over the samples (the upper one of an even count).
+fn median<T>(samples: &[T], pick: fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = samples.iter().map(pick).collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// Picks one figure out of a device sample: (disk, send) Mbit/s.
 type DeviceMetric = fn(&(f64, f64)) -> f64;
 
@@ -156,11 +163,6 @@ fn bench_devices(cli: &Cli, images: &Path) -> Result<serde_json::Value> {
             }
         }
     }
-    let median = |samples: &[(f64, f64)], pick: DeviceMetric| {
-        let mut values: Vec<f64> = samples.iter().map(pick).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     println!(
         "device benchmark: guest-side throughput, median of {} runs each",
         cli.runs
@@ -257,11 +259,6 @@ fn bench_boot(
             theirs[run].wall
         );
     }
-    let median = |samples: &[Sample], pick: fn(&Sample) -> f64| {
-        let mut values: Vec<f64> = samples.iter().map(pick).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     let rows: [(&str, Metric); 2] = [
         ("/init reached (guest uptime)", |s| s.init_uptime),
         ("whole run (host wall time)", |s| s.wall),
