@@ -261,6 +261,16 @@ pub struct NetRequest {
     /// TCP payload length, when the frame is TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_len: Option<u32>,
+    /// TCP flags from `SFRPA`, when the frame is TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<String>,
+    /// Offset of the first TCP payload byte in the frame (Ethernet header = 0), so
+    /// the audit can map the chain's `data` bytes to stream offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_payload_off: Option<u32>,
+    /// TCP source and destination ports, when the frame is TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_ports: Option<(u16, u16)>,
 }
 
 /// Device-specific part of a request record.
@@ -323,6 +333,34 @@ pub struct DeviceErrorRecord {
     pub needs_reset: bool,
 }
 
+/// A run of payload bytes found in a guest page the guest CPU dirtied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRun {
+    /// Guest-physical address of the run's first byte.
+    pub gpa: u64,
+    /// Bytes (the run never crosses a 4 KiB guest page).
+    pub len: u32,
+    /// Offset in the source file of the run's first byte.
+    pub file_off: u64,
+}
+
+/// One sample of KVM's dirty-page log: the pages the guest CPU wrote since the
+/// previous sample, and the payload content found in them at sampling time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRecord {
+    /// Sequence number.
+    pub seq: u64,
+    /// Monotonic ns since the log started.
+    pub t_ns: u64,
+    /// The guest's label for the sample (the chunk number; `u32::MAX` for the
+    /// sample taken at an `END` marker).
+    pub sample: u32,
+    /// Pages the guest CPU dirtied since the previous sample.
+    pub dirty_pages: u32,
+    /// Payload runs in those pages, in address order.
+    pub runs: Vec<PayloadRun>,
+}
+
 /// Any line of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -337,6 +375,22 @@ pub enum Record {
     Marker(MarkerRecord),
     /// A guest driver error.
     DeviceError(DeviceErrorRecord),
+    /// A dirty-page sample.
+    Dirty(DirtyRecord),
+}
+
+impl Record {
+    /// The record's sequence number (`None` for the header).
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Record::Header(_) => None,
+            Record::Desc(d) => Some(d.seq),
+            Record::Request(r) => Some(r.seq),
+            Record::Marker(m) => Some(m.seq),
+            Record::DeviceError(e) => Some(e.seq),
+            Record::Dirty(d) => Some(d.seq),
+        }
+    }
 }
 
 /// What a device passes to [`DmaLog::descriptor`]; the log adds `seq` and `t_ns`.
@@ -497,6 +551,19 @@ impl DmaLog {
                 seq,
                 t_ns,
                 label: label.to_string(),
+            })
+        });
+    }
+
+    /// Records a dirty-page sample and the payload found in the dirtied pages.
+    pub fn dirty(&self, sample: u32, dirty_pages: u32, runs: Vec<PayloadRun>) {
+        self.write_with(|seq, t_ns| {
+            Record::Dirty(DirtyRecord {
+                seq,
+                t_ns,
+                sample,
+                dirty_pages,
+                runs,
             })
         });
     }
@@ -726,6 +793,9 @@ mod tests {
                 summary: "tx".into(),
                 tcp_seq: Some(7),
                 tcp_len: None,
+                tcp_flags: None,
+                tcp_payload_off: None,
+                tcp_ports: None,
             }),
         );
         log.device_error(DeviceKind::Blk, 0, None, "bad", true);
@@ -738,16 +808,7 @@ mod tests {
         assert_eq!(r.header().schema, SCHEMA);
         let recs: Vec<Record> = r.collect::<Result<_, _>>().unwrap();
         assert_eq!(recs.len(), 5);
-        let seqs: Vec<u64> = recs
-            .iter()
-            .map(|r| match r {
-                Record::Desc(d) => d.seq,
-                Record::Request(q) => q.seq,
-                Record::Marker(m) => m.seq,
-                Record::DeviceError(e) => e.seq,
-                Record::Header(_) => unreachable!(),
-            })
-            .collect();
+        let seqs: Vec<u64> = recs.iter().map(|r| r.seq().unwrap()).collect();
         assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
         match &recs[1] {
             Record::Desc(d) => {

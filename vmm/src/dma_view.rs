@@ -41,6 +41,15 @@ impl Filter {
             Record::DeviceError(e) => {
                 self.addr.is_none() && self.device_and_queue(e.device, e.queue)
             }
+            Record::Dirty(d) => {
+                self.device.is_none()
+                    && self.queue.is_none()
+                    && self.addr.is_none_or(|(start, end)| {
+                        d.runs
+                            .iter()
+                            .any(|r| r.gpa < end && r.gpa + u64::from(r.len) > start)
+                    })
+            }
         }
     }
 }
@@ -132,6 +141,14 @@ pub fn line(record: &Record) -> String {
             e.error,
             if e.needs_reset { " (needs reset)" } else { "" }
         ),
+        Record::Dirty(d) => format!(
+            "{:>12.3} ms  ---- dirty sample {} pages {} payload runs {} bytes {}",
+            ms(d.t_ns),
+            d.sample,
+            d.dirty_pages,
+            d.runs.len(),
+            d.runs.iter().map(|r| u64::from(r.len)).sum::<u64>()
+        ),
     }
 }
 
@@ -146,6 +163,10 @@ pub struct Stats {
     pub errors: u64,
     /// Markers.
     pub markers: u64,
+    /// Dirty-page samples.
+    pub dirty_samples: u64,
+    /// Payload bytes found in CPU-dirtied pages, over all samples.
+    pub dirty_payload_bytes: u64,
 }
 
 /// Adds up descriptors, bytes, requests and errors.
@@ -173,6 +194,10 @@ pub fn stats(records: &[&Record]) -> Stats {
             }
             Record::DeviceError(_) => stats.errors += 1,
             Record::Marker(_) => stats.markers += 1,
+            Record::Dirty(d) => {
+                stats.dirty_samples += 1;
+                stats.dirty_payload_bytes += d.runs.iter().map(|r| u64::from(r.len)).sum::<u64>();
+            }
             Record::Header(_) => {}
         }
     }
@@ -192,7 +217,11 @@ impl fmt::Display for Stats {
         for ((device, kind), count) in &self.requests {
             writeln!(f, "{device:<6} {kind:<7} requests {count:>8}")?;
         }
-        write!(f, "markers {}, device errors {}", self.markers, self.errors)
+        write!(
+            f,
+            "markers {}, device errors {}, dirty samples {} ({} payload bytes in CPU-dirtied pages)",
+            self.markers, self.errors, self.dirty_samples, self.dirty_payload_bytes
+        )
     }
 }
 

@@ -587,11 +587,7 @@ impl<B: NetBackend> Host<B> {
                         DeviceKind::Net,
                         TX_QUEUE,
                         head,
-                        RequestDetail::Net(NetRequest {
-                            summary: format!("tx {}", s.text),
-                            tcp_seq: s.tcp_seq,
-                            tcp_len: s.tcp_len,
-                        }),
+                        RequestDetail::Net(s.into_request("tx ", "")),
                     );
                 }
             }
@@ -614,6 +610,9 @@ impl<B: NetBackend> Host<B> {
                     summary: format!("tx dropped: {what}"),
                     tcp_seq: None,
                     tcp_len: None,
+                    tcp_flags: None,
+                    tcp_payload_off: None,
+                    tcp_ports: None,
                 }),
             );
         }
@@ -818,11 +817,7 @@ impl<B: NetBackend> Host<B> {
                 DeviceKind::Net,
                 RX_QUEUE,
                 chains[0].0,
-                RequestDetail::Net(NetRequest {
-                    summary: format!("rx {} buffers={nbufs}", s.text),
-                    tcp_seq: s.tcp_seq,
-                    tcp_len: s.tcp_len,
-                }),
+                RequestDetail::Net(s.into_request("rx ", &format!(" buffers={nbufs}"))),
             );
         }
         Ok(Delivery::Done)
@@ -972,6 +967,26 @@ pub struct FrameSummary {
     pub tcp_seq: Option<u32>,
     /// TCP payload length.
     pub tcp_len: Option<u32>,
+    /// TCP flags from `SFRPA`.
+    pub tcp_flags: Option<String>,
+    /// Offset of the TCP payload in the frame.
+    pub tcp_payload_off: Option<u32>,
+    /// TCP source and destination ports.
+    pub tcp_ports: Option<(u16, u16)>,
+}
+
+impl FrameSummary {
+    /// The log's request detail: `prefix`, the summary text, then `suffix`.
+    fn into_request(self, prefix: &str, suffix: &str) -> NetRequest {
+        NetRequest {
+            summary: format!("{prefix}{}{suffix}", self.text),
+            tcp_seq: self.tcp_seq,
+            tcp_len: self.tcp_len,
+            tcp_flags: self.tcp_flags,
+            tcp_payload_off: self.tcp_payload_off,
+            tcp_ports: self.tcp_ports,
+        }
+    }
 }
 
 /// Parses Ethernet / ARP / IPv4 / TCP headers defensively (any length, any content).
@@ -980,6 +995,9 @@ pub fn summarize(frame: &[u8]) -> FrameSummary {
         text,
         tcp_seq: None,
         tcp_len: None,
+        tcp_flags: None,
+        tcp_payload_off: None,
+        tcp_ports: None,
     };
     if frame.len() < ETH_HLEN {
         return plain(format!("runt len={}", frame.len()));
@@ -1033,12 +1051,16 @@ pub fn summarize(frame: &[u8]) -> FrameSummary {
                     .collect();
                     FrameSummary {
                         text: format!(
-                            "tcp {src}:{}>{dst}:{} seq={seq} len={len} flags={flags}",
+                            "tcp {src}:{}>{dst}:{} seq={seq} len={len} flags={}",
                             be16(l4, 0),
-                            be16(l4, 2)
+                            be16(l4, 2),
+                            flags
                         ),
                         tcp_seq: Some(seq),
                         tcp_len: Some(len),
+                        tcp_payload_off: Some((ETH_HLEN + ihl + doff.max(20)) as u32),
+                        tcp_ports: Some((be16(l4, 0), be16(l4, 2))),
+                        tcp_flags: Some(flags),
                     }
                 }
                 1 if !l4.is_empty() => plain(format!("icmp {src}>{dst} type={}", l4[0])),
