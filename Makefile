@@ -15,6 +15,7 @@ KERNEL       ?=
 MODULES      ?=
 # Pin a Debian kernel, e.g. KERNEL_VERSION=6.12
 KERNEL_VERSION ?=
+METHODS_OUT  ?= out/methods
 APT_PACKAGES := qemu-system-x86 e2fsprogs iproute2
 
 ifneq ($(KERNEL),)
@@ -23,7 +24,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps build guest images run test unit-test e2e-test bench fuzz fmt clippy clean
+.PHONY: all deps build guest images run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean
 
 all: build
 
@@ -59,8 +60,31 @@ images: deps build guest
 	$(ZC_IMAGE) disk --out $(IMAGES_OUT)/guest/disk.img
 
 ## run: boot the default guest and print its report.
+# The main job: every transfer method, both NIC variants, audited against
+# audit/expected.toml; prints the verdict table (reports in out/methods/).
 run: images
+	$(ZC_VMM) methods --kernel $(GUEST_KERNEL) --initrd $(GUEST_INITRD) \
+	  --disk $(IMAGES_OUT)/guest/disk.img --payload $(IMAGES_OUT)/guest/disk-files/payload.bin \
+	  --out $(METHODS_OUT)
+
+# Just boot the default guest and print what it reports.
+boot: images
 	$(ZC_VMM) run --kernel $(GUEST_KERNEL) --initrd $(GUEST_INITRD)
+
+# The suite on each of Debian's kernels, one table per kernel side by side.
+MATRIX_KERNELS ?= 6.1 6.12
+matrix: deps build guest
+	$(ZC_IMAGE) build --role host --init $(GUEST_BIN) --out $(IMAGES_OUT)
+	@status=0; dirs=""; for v in $(MATRIX_KERNELS); do \
+	  out=$(IMAGES_OUT)/matrix-$$v; \
+	  $(ZC_IMAGE) build --role guest --init $(GUEST_BIN) --kernel-version $$v --out $$out || exit 1; \
+	  $(ZC_IMAGE) disk --out $$out/guest/disk.img || exit 1; \
+	  $(ZC_VMM) methods --kernel $$out/guest/vmlinuz --initrd $$out/guest/initrd.img \
+	    --disk $$out/guest/disk.img --payload $$out/guest/disk-files/payload.bin \
+	    --out out/matrix/$$v || status=1; \
+	  dirs="$$dirs out/matrix/$$v"; \
+	done; \
+	$(ZC_VMM) compare $$dirs; exit $$status
 
 ## test: unit tests, KVM tests and the end-to-end boots of the real kernel.
 test: images
@@ -69,7 +93,7 @@ test: images
 	@if [ "$$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then \
 	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
 	else echo "make: tap backend tests not run: they need root and /dev/net/tun"; fi
-	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices -- --ignored --test-threads=1
+	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods -- --ignored --test-threads=1
 
 ## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
 bench: images
@@ -94,4 +118,4 @@ clippy:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(IMAGES_OUT)
+	rm -rf $(IMAGES_OUT) out

@@ -5,8 +5,13 @@
 //!   `host.rs`.
 //! - `zc.test=STEP[,STEP...]` (guest role): what to run, in order. Steps: `panic`
 //!   and `hang` (end-to-end hooks for the VMM), `disk-roundtrip` (write, drop caches,
-//!   read back and check a file on the test disk) and `send:<file>` (send
-//!   `/mnt/<file>` to the TCP peer with read+write).
+//!   read back and check a file on the test disk), `send:<file>` (send
+//!   `/mnt/<file>` to the TCP peer with read+write) and `methods` (the method
+//!   suite, `docs/method-suite.md`).
+//! - `zc.methods=NAME[,NAME...]|all` (default `all`), `zc.file=NAME` (default
+//!   `payload.bin`), `zc.size=BYTES` (default: the whole file) and
+//!   `zc.chunk=BYTES` (default 65536, a multiple of 4096): what the `methods` step
+//!   runs, from which file on the test disk, how much, in which chunks.
 //! - `zc.ip=A.B.C.D/N` (guest role, default `10.0.2.15/24`): eth0's address.
 //! - `zc.peer=A.B.C.D:PORT` (guest role, default `10.0.2.2:7878`): the TCP peer.
 //! - `zc.disk=rw|ro` (guest role, default `rw`): how `/dev/vda` is mounted on `/mnt`.
@@ -23,6 +28,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::methods::{Method, Suite, CHUNK_ALIGN, MAX_CHUNK};
 
 /// The prefix that marks our options among the kernel's own.
 const PREFIX: &str = "zc.";
@@ -76,6 +82,8 @@ pub enum TestHook {
     Send(String),
     /// Read the whole disk device sequentially with O_DIRECT in 1 MiB requests.
     DiskRead,
+    /// Run the method suite (`zc.methods`, `zc.file`, `zc.size`, `zc.chunk`).
+    Methods,
 }
 
 impl TestHook {
@@ -83,13 +91,13 @@ impl TestHook {
     pub fn needs_disk(&self) -> bool {
         matches!(
             self,
-            TestHook::DiskRoundtrip | TestHook::Send(_) | TestHook::DiskRead
+            TestHook::DiskRoundtrip | TestHook::Send(_) | TestHook::DiskRead | TestHook::Methods
         )
     }
 
     /// Whether the step needs eth0 configured.
     pub fn needs_net(&self) -> bool {
-        matches!(self, TestHook::Send(_))
+        matches!(self, TestHook::Send(_) | TestHook::Methods)
     }
 }
 
@@ -102,18 +110,21 @@ impl FromStr for TestHook {
             "hang" => Ok(TestHook::Hang),
             "disk-roundtrip" => Ok(TestHook::DiskRoundtrip),
             "disk-read" => Ok(TestHook::DiskRead),
+            "methods" => Ok(TestHook::Methods),
             _ => match step.strip_prefix("send:") {
-                Some(file) => check_disk_file(file).map(|f| TestHook::Send(f.to_string())),
+                Some(file) => check_disk_file(file, "zc.test=send:")
+                    .map(|f| TestHook::Send(f.to_string())),
                 None => Err(Error::new(format!(
-                    "zc.test: unknown step {step:?} (expected panic, hang, disk-roundtrip, disk-read or send:<file>, comma-separated)"
+                    "zc.test: unknown step {step:?} (expected panic, hang, disk-roundtrip, disk-read, send:<file> or methods, comma-separated)"
                 ))),
             },
         }
     }
 }
 
-/// Checks a `send:` file name: relative to `/mnt` and staying inside it.
-fn check_disk_file(file: &str) -> Result<&str> {
+/// Checks a file name on the test disk (`send:` or `zc.file`, named by `option`
+/// in the error, e.g. `zc.file=`): relative to `/mnt` and staying inside it.
+fn check_disk_file<'a>(file: &'a str, option: &str) -> Result<&'a str> {
     if file.is_empty()
         || file.starts_with('/')
         || file
@@ -121,10 +132,61 @@ fn check_disk_file(file: &str) -> Result<&str> {
             .any(|part| part.is_empty() || part == "." || part == "..")
     {
         return Err(Error::new(format!(
-            "zc.test=send:{file}: expected a file name relative to the test disk's root, e.g. send:payload.bin"
+            "{option}{file}: expected a file name relative to the test disk's root, e.g. {option}payload.bin"
         )));
     }
     Ok(file)
+}
+
+/// Parses `zc.methods`: `all` or a comma list of method names, no repeats (the
+/// marks and reports are keyed by name, so a repeat would be ambiguous).
+fn parse_methods(list: &str) -> Result<Vec<Method>> {
+    if list == "all" {
+        return Ok(Method::ALL.to_vec());
+    }
+    let names = || {
+        Method::ALL
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut methods = Vec::new();
+    for name in list.split(',') {
+        let method = Method::from_name(name).ok_or_else(|| {
+            Error::new(format!(
+                "zc.methods={list}: unknown method {name:?} (expected all, or a comma list of: {})",
+                names()
+            ))
+        })?;
+        if methods.contains(&method) {
+            return Err(Error::new(format!(
+                "zc.methods={list}: {name} is listed twice"
+            )));
+        }
+        methods.push(method);
+    }
+    Ok(methods)
+}
+
+/// Parses `zc.size`: a byte count > 0.
+fn parse_size(text: &str) -> Result<u64> {
+    match text.parse::<u64>() {
+        Ok(size) if size > 0 => Ok(size),
+        _ => Err(Error::new(format!(
+            "zc.size={text}: expected a number of bytes > 0 (a prefix of zc.file; omit it for the whole file)"
+        ))),
+    }
+}
+
+/// Parses `zc.chunk`: a multiple of the page size, > 0 and at most [`MAX_CHUNK`].
+fn parse_chunk(text: &str) -> Result<usize> {
+    match text.parse::<usize>() {
+        Ok(chunk) if chunk > 0 && chunk % CHUNK_ALIGN == 0 && chunk <= MAX_CHUNK => Ok(chunk),
+        _ => Err(Error::new(format!(
+            "zc.chunk={text}: expected a multiple of {CHUNK_ALIGN} bytes, > 0 and at most {MAX_CHUNK}, e.g. zc.chunk=65536"
+        ))),
+    }
 }
 
 /// An IPv4 address with its prefix length (`10.0.2.15/24`).
@@ -194,6 +256,8 @@ pub struct Options {
     pub peer: SocketAddrV4,
     /// `zc.disk=ro`: mount the test disk read-only.
     pub disk_read_only: bool,
+    /// `zc.methods`, `zc.file`, `zc.size`, `zc.chunk`: what the `methods` step runs.
+    pub suite: Suite,
     /// Keys of `zc.*` options this program does not know (warned about, not fatal,
     /// so that a newer VMM can pass options an older guest ignores).
     pub unknown: Vec<String>,
@@ -261,12 +325,36 @@ impl Options {
                 )))
             }
         };
+        let defaults = Suite::default();
+        let suite = Suite {
+            methods: map
+                .get("methods")
+                .map_or(Ok(defaults.methods), |list| parse_methods(list))?,
+            file: match map.get("file") {
+                None => defaults.file,
+                Some(file) => check_disk_file(file, "zc.file=")?.to_string(),
+            },
+            size: map.get("size").map(|text| parse_size(text)).transpose()?,
+            chunk: map
+                .get("chunk")
+                .map_or(Ok(defaults.chunk), |text| parse_chunk(text))?,
+        };
         let unknown = map
             .keys()
             .filter(|k| {
                 !matches!(
                     k.as_str(),
-                    "role" | "test" | "exit" | "outdir" | "ip" | "peer" | "disk"
+                    "role"
+                        | "test"
+                        | "exit"
+                        | "outdir"
+                        | "ip"
+                        | "peer"
+                        | "disk"
+                        | "methods"
+                        | "file"
+                        | "size"
+                        | "chunk"
                 )
             })
             .map(|k| format!("{PREFIX}{k}"))
@@ -279,6 +367,7 @@ impl Options {
             ip,
             peer,
             disk_read_only,
+            suite,
             unknown,
         })
     }
@@ -319,6 +408,68 @@ mod tests {
         assert!(!o.disk_read_only);
         assert_eq!(o.outdir, None);
         assert!(o.unknown.is_empty());
+        assert_eq!(o.suite.methods, Method::ALL);
+        assert_eq!(o.suite.file, "payload.bin");
+        assert_eq!(o.suite.size, None);
+        assert_eq!(o.suite.chunk, 65536);
+    }
+
+    #[test]
+    fn method_suite_options() {
+        let o = Options::parse(
+            "zc.test=methods zc.methods=sendfile,read_write,uring_send_zc zc.file=d/p.bin zc.size=1000000 zc.chunk=16384",
+        )
+        .unwrap();
+        assert_eq!(o.tests, [TestHook::Methods]);
+        assert!(TestHook::Methods.needs_disk() && TestHook::Methods.needs_net());
+        assert_eq!(
+            o.suite,
+            Suite {
+                methods: vec![Method::Sendfile, Method::ReadWrite, Method::UringSendZc],
+                file: "d/p.bin".into(),
+                size: Some(1_000_000),
+                chunk: 16384,
+            }
+        );
+        assert!(o.unknown.is_empty());
+        assert_eq!(
+            Options::parse("zc.methods=all").unwrap().suite.methods,
+            Method::ALL
+        );
+        // Every name round-trips, in the contract's spelling.
+        let all = Method::ALL.map(|m| m.name()).join(",");
+        assert_eq!(
+            Options::parse(&format!("zc.methods={all}"))
+                .unwrap()
+                .suite
+                .methods,
+            Method::ALL
+        );
+        assert_eq!(
+            all,
+            "read_write,mmap_write,sendfile,splice,direct_write,direct_zerocopy,mmap_zerocopy,uring_send_zc,cow_zerocopy,sendfile_warm"
+        );
+    }
+
+    #[test]
+    fn method_suite_errors_are_one_helpful_line() {
+        let err = Options::parse("zc.methods=sendfile,zerocopy")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown method \"zerocopy\""), "{err}");
+        assert!(err.contains("read_write, mmap_write"), "{err}");
+        let err = Options::parse("zc.methods=splice,splice")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("splice is listed twice"), "{err}");
+        let err = Options::parse("zc.chunk=1000").unwrap_err().to_string();
+        assert!(err.contains("multiple of 4096"), "{err}");
+        for err in [
+            Options::parse("zc.methods=sendfile,zerocopy"),
+            Options::parse("zc.chunk=1000"),
+        ] {
+            assert!(!err.unwrap_err().to_string().contains('\n'));
+        }
     }
 
     #[test]
@@ -420,6 +571,27 @@ mod tests {
             "zc.peer=10.0.2.2:99999",
             "zc.peer=host:7878",
             "zc.disk=yes",
+            "zc.test=method",
+            "zc.methods=",
+            "zc.methods=ALL",
+            "zc.methods=sendfile,",
+            "zc.methods=,sendfile",
+            "zc.methods=send_file",
+            "zc.methods=all,sendfile",
+            "zc.methods=sendfile,sendfile",
+            "zc.file=",
+            "zc.file=/mnt/payload.bin",
+            "zc.file=../payload.bin",
+            "zc.size=0",
+            "zc.size=-1",
+            "zc.size=1M",
+            "zc.size=",
+            "zc.chunk=0",
+            "zc.chunk=4095",
+            "zc.chunk=6000",
+            "zc.chunk=2147483648",
+            "zc.chunk=16781312",
+            "zc.chunk=64k",
         ] {
             let err = Options::parse(bad).expect_err(bad);
             assert!(err.to_string().starts_with("zc."), "{bad}: {err}");

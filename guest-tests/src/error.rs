@@ -1,7 +1,8 @@
 //! A tiny error type: a message that already says what failed and why.
 //!
 //! `anyhow` would do, but this program is PID 1 in a minimal initramfs and keeps its
-//! dependencies to `libc`; all it ever does with an error is print it and power off.
+//! dependencies to `libc` and `io-uring`; all it ever does with an error is print
+//! it and power off.
 
 use std::fmt;
 use std::io;

@@ -6,12 +6,15 @@
 //! the machine powers off.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::boot::Boot;
 use crate::cmdline::{Options, TestHook};
 use crate::control::{Control, UartTx, COM2};
 use crate::error::{Context, Error, Result};
+use crate::methods::port::SamplePort;
+use crate::methods::{self, Hooks};
 use crate::scenarios::{self, Outcome};
 use crate::{disk, modules, mounts, net, power, sys};
 
@@ -144,6 +147,40 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
                 Ok(r) => r,
                 Err(err) => Outcome::failed("disk-read", None, &err),
             },
+            TestHook::Methods => {
+                let suite = &options.suite;
+                let names: Vec<&str> = suite.methods.iter().map(|m| m.name()).collect();
+                say(
+                    control,
+                    &format!(
+                        "methods: {} from {}/{} ({}), chunk {}, to {}",
+                        names.join(","),
+                        disk::MOUNT_POINT,
+                        suite.file,
+                        suite
+                            .size
+                            .map_or("whole file".to_string(), |s| format!("{s} bytes")),
+                        suite.chunk,
+                        options.peer
+                    ),
+                )?;
+                match SamplePort::open() {
+                    Ok(port) => {
+                        let mut hooks = GuestHooks { control, port };
+                        let passed = methods::run_suite(
+                            suite,
+                            Path::new(disk::MOUNT_POINT),
+                            options.peer,
+                            &mut hooks,
+                        )?;
+                        // Each method already reported; the suite has no report of
+                        // its own.
+                        all_passed &= passed;
+                        continue;
+                    }
+                    Err(err) => Outcome::failed("methods", None, &err),
+                }
+            }
             TestHook::Send(file) => {
                 say(control, &format!("send: {file} to {}", options.peer))?;
                 let mut mark = |label: &str| send(control, |c| c.mark(label));
@@ -168,6 +205,35 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
         }
     }
     Ok(all_passed)
+}
+
+/// The method suite's surroundings in the guest: the control channel for marks
+/// and reports, port 0x610 for samples, `/proc/sys/vm/drop_caches`, the console.
+struct GuestHooks<'a> {
+    control: &'a mut Option<Channel>,
+    port: SamplePort,
+}
+
+impl Hooks for GuestHooks<'_> {
+    fn drop_caches(&mut self) -> Result<()> {
+        disk::drop_caches()
+    }
+
+    fn mark(&mut self, label: &str) -> Result<()> {
+        send(self.control, |c| c.mark(label))
+    }
+
+    fn sample(&mut self, chunk: u32) {
+        self.port.request(chunk);
+    }
+
+    fn report(&mut self, json: &str) -> Result<()> {
+        send(self.control, |c| c.report(json))
+    }
+
+    fn console(&mut self, line: &str) {
+        println!("{line}");
+    }
 }
 
 /// `zc.test=panic`: crash the kernel through sysrq, as a real oops would.

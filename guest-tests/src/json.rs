@@ -1,5 +1,5 @@
 //! A minimal JSON object writer for `report` lines (the guest keeps its dependencies
-//! to `libc`, so no serde).
+//! to `libc` and `io-uring`, so no serde).
 
 use std::fmt::Write;
 
@@ -64,6 +64,20 @@ impl Object {
         self
     }
 
+    /// Adds a `null` member (a value the program could not know).
+    pub fn null(mut self, key: &str) -> Object {
+        self.key(key);
+        self.text.push_str("null");
+        self
+    }
+
+    /// Adds a nested object member.
+    pub fn object(mut self, key: &str, value: Object) -> Object {
+        self.key(key);
+        self.text.push_str(&value.finish());
+        self
+    }
+
     /// The finished object.
     pub fn finish(mut self) -> String {
         self.text.push('}');
@@ -112,6 +126,20 @@ mod tests {
         assert_eq!(
             Object::new().f64("x", f64::INFINITY, 2).finish(),
             r#"{"x":null}"#
+        );
+    }
+
+    #[test]
+    fn nests_objects_and_nulls() {
+        let json = Object::new()
+            .str("test", "method")
+            .object("syscalls", Object::new().u64("read", 2).u64("write", 3))
+            .object("empty", Object::new())
+            .null("copied")
+            .finish();
+        assert_eq!(
+            json,
+            r#"{"test":"method","syscalls":{"read":2,"write":3},"empty":{},"copied":null}"#
         );
     }
 

@@ -15,6 +15,7 @@ mod error;
 mod guest;
 mod host;
 mod json;
+mod methods;
 mod modules;
 mod mounts;
 mod net;

@@ -10,6 +10,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpu;
+pub mod dirty;
 pub mod dma_view;
 pub mod emulated;
 pub mod host;

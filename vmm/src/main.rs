@@ -11,6 +11,10 @@ use zc_vmm::emulated;
 use zc_vmm::host::{self, HostMode};
 use zc_vmm::vm::{self, ConsoleTarget, DiskConfig, NetConfig, RunReport, VmConfig};
 
+mod suite;
+
+
+
 /// Default kernel command line: serial console, reboot through the keyboard
 /// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
@@ -33,6 +37,11 @@ struct Cli {
 enum Cmd {
     /// Boot a kernel and run the guest to the end; exits with the guest's status.
     Run(Box<RunArgs>),
+    /// Run every transfer method (both NIC variants), audit the DMA logs against the
+    /// expected table and print the verdicts; exits 1 if any verdict differs.
+    Methods(Box<suite::MethodsArgs>),
+    /// Print the verdicts of several `methods` runs (e.g. one per kernel) side by side.
+    Compare(suite::CompareArgs),
     /// Print what the host probe finds and which mode a run would use.
     Probe,
     /// Read a DMA log (--dma-log): show records, totals, or search.
@@ -152,6 +161,9 @@ struct RunArgs {
     /// run fails unless each arrives complete and identical.
     #[arg(long = "peer-expect", value_name = "FILE")]
     peer_expect: Vec<PathBuf>,
+    /// Each connection carries only the first BYTES of its --peer-expect file.
+    #[arg(long, value_name = "BYTES", requires = "peer_expect")]
+    peer_expect_bytes: Option<u64>,
     /// With --net tap: the tap device's name (created if absent; `%d` is numbered).
     /// The caller brings it up and addresses it. In emulated mode it lives inside the
     /// emulated host, so use tap on a direct host.
@@ -210,6 +222,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run(args) => run(*args),
+
+        Cmd::Methods(args) => suite::run(*args),
+        Cmd::Compare(args) => suite::compare(args),
         Cmd::Probe => probe().map(|_| 0),
         Cmd::DmaLog { action } => dma_log(action).map(|_| 0),
     };
@@ -384,6 +399,7 @@ fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
             sg: args.net_sg == OnOff::On,
             pcap: args.pcap.clone(),
             expect: args.peer_expect.clone(),
+            expect_bytes: args.peer_expect_bytes,
             tap: (args.net == NetBackendArg::Tap).then(|| args.tap.clone()),
         }),
     };
@@ -562,6 +578,9 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         push("--net-sg", sg.into());
         for file in &args.peer_expect {
             push("--peer-expect", absolute(file)?.into());
+        }
+        if let Some(bytes) = args.peer_expect_bytes {
+            push("--peer-expect-bytes", bytes.to_string().into());
         }
         if args.pcap.is_some() {
             push("--pcap", inner_pcap.clone().into());

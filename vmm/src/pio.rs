@@ -24,6 +24,10 @@ pub const I8042_DATA: u16 = 0x60;
 /// Keyboard controller command/status port: `0xfe` written here pulses CPU reset.
 pub const I8042_COMMAND: u16 = 0x64;
 const UART_PORTS: u16 = 8;
+/// The guest writes a 32-bit sample label here (`outl`) to have the VMM sample KVM's
+/// dirty-page log (`docs/method-suite.md`). Free in the PC's port map and beside the
+/// ACPI PM block (0x600..0x603) that the VMM already owns.
+pub const SAMPLE_PORT: u16 = 0x610;
 
 /// An interrupt line: an eventfd the VMM registers with KVM as an irqfd.
 #[derive(Debug)]
@@ -54,6 +58,8 @@ pub enum PioAction {
     Shutdown,
     /// The guest asked for a reset (reboot, or a panic with `panic=-1`).
     Reset,
+    /// The guest asked for a dirty-page sample with this label.
+    DirtySample(u32),
 }
 
 /// The legacy port-I/O devices.
@@ -94,6 +100,12 @@ impl LegacyIo {
 
     /// Handles a port write and says what the VMM must do about it.
     pub fn write(&mut self, port: u16, data: &[u8]) -> PioAction {
+        if port == SAMPLE_PORT {
+            let mut label = [0u8; 4];
+            let n = data.len().min(4);
+            label[..n].copy_from_slice(&data[..n]);
+            return PioAction::DirtySample(u32::from_le_bytes(label));
+        }
         let Some(&value) = data.first() else {
             return PioAction::Continue;
         };
@@ -173,6 +185,16 @@ mod tests {
         let (mut io, _, _) = legacy();
         assert_eq!(io.write(I8042_COMMAND, &[0x20]), PioAction::Continue);
         assert_eq!(io.write(I8042_COMMAND, &[0xfe]), PioAction::Reset);
+    }
+
+    #[test]
+    fn sample_port_passes_the_label() {
+        let (mut io, _, _) = legacy();
+        assert_eq!(
+            io.write(SAMPLE_PORT, &7u32.to_le_bytes()),
+            PioAction::DirtySample(7)
+        );
+        assert_eq!(io.write(SAMPLE_PORT, &[3]), PioAction::DirtySample(3));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use zc_devices::control::{ControlChannel, ControlMessage, ControlMessages};
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, BootSpec, KernelFormat};
 use crate::cpu;
+use crate::dirty::{self, DirtySampler, PayloadIndex};
 use crate::layout;
 use crate::mmio::MmioBus;
 use crate::pio::{LegacyIo, PioAction};
@@ -138,8 +139,11 @@ pub struct NetConfig {
     /// Write every frame, both directions, to this pcap file.
     pub pcap: Option<PathBuf>,
     /// The files the guest will send, one per TCP connection, in order: the peer
-    /// checks every byte against them.
+    /// checks every byte against them. The first one is also what dirty-page samples
+    /// look for (`dirty.rs`) when the DMA log is on.
     pub expect: Vec<PathBuf>,
+    /// Each connection carries only this many bytes of its file (a prefix), not all.
+    pub expect_bytes: Option<u64>,
     /// Use this host tap device instead of the peer (root only).
     pub tap: Option<String>,
 }
@@ -298,7 +302,14 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
                 source,
             }
         })?;
-    register_memory(&vm, &mem)?;
+    // Dirty-page sampling needs the DMA log (where samples go) and a payload file
+    // (what they look for).
+    let payload = match (&config.dma_log, config.net.as_ref().and_then(|n| n.expect.first())) {
+        (Some(_), Some(path)) => Some(read_payload(path, config.net.as_ref().and_then(|n| n.expect_bytes))?),
+        _ => None,
+    };
+    register_memory(&vm, &mem, payload.is_some())?;
+    let vm = Arc::new(vm);
 
     let loaded = boot::load(
         &mem,
@@ -391,11 +402,21 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         vcpus.push(vcpu);
     }
 
+    let sampler = payload.map(|payload| {
+        DirtySampler::new(
+            vm.clone(),
+            mem.clone(),
+            dirty::slots_of(&mem),
+            PayloadIndex::new(Arc::new(payload)),
+            dma_log.clone(),
+        )
+    });
     let devices = Devices {
         legacy: Mutex::new(legacy),
         mmio,
         messages,
         dma_log,
+        sampler,
     };
     let mut report = run_vcpus(vcpus, devices, tail, config.timeout, loaded.format)?;
     if let Some(nic) = nic {
@@ -418,8 +439,16 @@ fn peer_backend(config: &NetConfig) -> Result<NetPeer, VmError> {
     let mut peer = NetPeer::new(NetPeerConfig::default(), Instant::now())
         .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
     for path in &config.expect {
-        let expectation = Expectation::of_file(path.display().to_string(), path)
+        let mut expectation = Expectation::of_file(path.display().to_string(), path)
             .map_err(|e| net_err("cannot read a file the peer is to expect")(&e))?;
+        if let Some(bytes) = config.expect_bytes {
+            if bytes > expectation.size {
+                return Err(net_err("the peer cannot expect more than a whole file")(
+                    &format!("{} has {} bytes, not {bytes}", path.display(), expectation.size),
+                ));
+            }
+            expectation.size = bytes;
+        }
         peer.expect(expectation);
     }
     Ok(peer)
@@ -508,16 +537,36 @@ struct Devices {
     mmio: MmioBus,
     messages: ControlMessages,
     dma_log: DmaLog,
+    /// Present when the run samples dirty pages (DMA log on, a file to look for).
+    sampler: Option<DirtySampler>,
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+/// The first `limit` bytes (or all) of the payload file that dirty samples look for.
+fn read_payload(path: &std::path::Path, limit: Option<u64>) -> Result<Vec<u8>, VmError> {
+    let mut bytes = std::fs::read(path).map_err(|source| VmError::Host {
+        what: "cannot read the payload file for dirty-page sampling",
+        source,
+    })?;
+    if let Some(limit) = limit {
+        bytes.truncate(limit as usize);
+    }
+    Ok(bytes)
+}
+
+/// Registers guest RAM with KVM; with `log_dirty`, KVM records the pages the guest
+/// CPU writes (`dirty.rs`).
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM's
         // use of it: vCPUs only run inside `run`, while `mem` is borrowed.
@@ -673,8 +722,13 @@ fn vcpu_loop(
         let lock = || devices.legacy.lock().unwrap_or_else(|e| e.into_inner());
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => lock().read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => match lock().write(port, data) {
+            Ok(VcpuExit::IoOut(port, data)) => match { lock().write(port, data) } {
                 PioAction::Continue => {}
+                PioAction::DirtySample(label) => {
+                    if let Some(sampler) = &devices.sampler {
+                        sampler.sample(label);
+                    }
+                }
                 PioAction::ControlData => {
                     for message in devices.messages.drain() {
                         // Logged here, on the vCPU thread during the guest's port
@@ -682,6 +736,13 @@ fn vcpu_loop(
                         // guest started before it and after it.
                         if let ControlMessage::Mark { label } = &message {
                             devices.dma_log.marker(label);
+                            if let Some(sampler) = &devices.sampler {
+                                if label.starts_with("BEGIN ") {
+                                    sampler.clear();
+                                } else if label.starts_with("END ") {
+                                    sampler.sample(dirty::END_SAMPLE);
+                                }
+                            }
                         }
                         let _ = events.send(Event::Control(Instant::now(), message));
                     }

@@ -1,0 +1,410 @@
+//! `expected.toml`: what each method should show, per NIC variant. The schema is
+//! documented at the top of `audit/expected.toml`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::AuditError;
+
+/// Tolerance on CPU copies per byte when `[defaults]` does not give one: wide enough
+/// for headers, retransmissions and the odd page the scan sees twice, narrow enough
+/// that 0, 1 and 2 copies never overlap.
+const CPU_COPIES_TOLERANCE: f64 = 0.15;
+/// Tolerance on system calls per chunk when `[defaults]` does not give one: a short
+/// write now and then adds a call without changing the method's shape.
+const SYSCALLS_TOLERANCE: f64 = 0.1;
+
+/// All expectations, by method and variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Expectations {
+    /// Tolerances that apply where a table does not set its own.
+    pub defaults: Defaults,
+    /// `methods[method][variant]`.
+    pub methods: BTreeMap<String, BTreeMap<String, Expectation>>,
+}
+
+/// The `[defaults]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Defaults {
+    /// Absolute tolerance on `cpu_copies`.
+    pub cpu_copies_tolerance: f64,
+    /// Absolute tolerance on `syscalls_per_chunk` (twice that on mode switches).
+    pub syscalls_tolerance: f64,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            cpu_copies_tolerance: CPU_COPIES_TOLERANCE,
+            syscalls_tolerance: SYSCALLS_TOLERANCE,
+        }
+    }
+}
+
+/// What one method must show in one variant (`[method.variant]`). Every field is
+/// optional: an absent field is not checked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Expectation {
+    /// System calls per chunk, within the syscalls tolerance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscalls_per_chunk: Option<f64>,
+    /// Lowest acceptable system calls per chunk (inclusive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscalls_per_chunk_min: Option<f64>,
+    /// Highest acceptable system calls per chunk (inclusive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscalls_per_chunk_max: Option<f64>,
+    /// Mode switches per chunk, within twice the syscalls tolerance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_switches_per_chunk: Option<f64>,
+    /// Lowest acceptable mode switches per chunk (inclusive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_switches_per_chunk_min: Option<f64>,
+    /// Highest acceptable mode switches per chunk (inclusive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_switches_per_chunk_max: Option<f64>,
+    /// Overrides `[defaults] syscalls_tolerance` for this table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscalls_tolerance: Option<f64>,
+    /// DMA copies (disk + NIC, each rounded), exactly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dma_copies: Option<u32>,
+    /// CPU-copied payload bytes per byte sent, within the CPU tolerance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_copies: Option<f64>,
+    /// Overrides `[defaults] cpu_copies_tolerance` for this table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_copies_tolerance: Option<f64>,
+    /// Lowest acceptable share (percent) of NIC payload bytes read zero-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_copy_pct_min: Option<f64>,
+    /// Highest acceptable share (percent) of NIC payload bytes read zero-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_copy_pct_max: Option<f64>,
+    /// Whether the kernel must flag sends as copied (`true`: at least one send
+    /// flagged; `false`: none). Needs the report's `zerocopy` counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_claims_copied: Option<bool>,
+    /// Free text for the reader; not checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The measured values an [`Expectation`] is checked against.
+pub(crate) struct Measured {
+    pub syscalls_per_chunk: Option<f64>,
+    pub mode_switches_per_chunk: Option<f64>,
+    pub dma_copies: u32,
+    pub cpu_copies: f64,
+    pub zero_copy_pct: f64,
+    pub kernel_copied: Option<u64>,
+    pub dirty_samples: u64,
+}
+
+#[derive(Deserialize)]
+struct File {
+    #[serde(default)]
+    defaults: Defaults,
+    #[serde(flatten)]
+    methods: BTreeMap<String, BTreeMap<String, Expectation>>,
+}
+
+impl Expectations {
+    /// Parses the text of an expectations file.
+    pub fn parse(text: &str) -> Result<Self, AuditError> {
+        let file: File = toml::from_str(text).map_err(|e| AuditError::Expectations {
+            what: e.to_string(),
+        })?;
+        let ex = Expectations {
+            defaults: file.defaults,
+            methods: file.methods,
+        };
+        ex.validate()?;
+        Ok(ex)
+    }
+
+    /// Reads and parses the expectations file at `path`.
+    pub fn load(path: &Path) -> Result<Self, AuditError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuditError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            AuditError::Expectations { what } => AuditError::Expectations {
+                what: format!("{}: {what}", path.display()),
+            },
+            other => other,
+        })
+    }
+
+    /// The expectation of `method` in `variant`, if the file has one.
+    pub fn get(&self, method: &str, variant: &str) -> Option<&Expectation> {
+        self.methods.get(method)?.get(variant)
+    }
+
+    // A typo'd range (min above max, a negative tolerance) would make a check that can
+    // never pass or never fail; refuse it when the file is read instead.
+    fn validate(&self) -> Result<(), AuditError> {
+        let bad = |table: &str, what: String| AuditError::Expectations {
+            what: format!("[{table}]: {what}"),
+        };
+        // NaN and inf are valid TOML floats, and no use as a tolerance.
+        let usable = |t: f64| t.is_finite() && t >= 0.0;
+        for (name, tol) in [
+            ("cpu_copies_tolerance", self.defaults.cpu_copies_tolerance),
+            ("syscalls_tolerance", self.defaults.syscalls_tolerance),
+        ] {
+            if !usable(tol) {
+                return Err(bad("defaults", format!("{name} must be a number >= 0")));
+            }
+        }
+        for (method, variants) in &self.methods {
+            for (variant, e) in variants {
+                let ranges = [
+                    (
+                        "syscalls_per_chunk",
+                        e.syscalls_per_chunk_min,
+                        e.syscalls_per_chunk_max,
+                    ),
+                    (
+                        "mode_switches_per_chunk",
+                        e.mode_switches_per_chunk_min,
+                        e.mode_switches_per_chunk_max,
+                    ),
+                    ("zero_copy_pct", e.zero_copy_pct_min, e.zero_copy_pct_max),
+                ];
+                for (name, min, max) in ranges {
+                    if let (Some(lo), Some(hi)) = (min, max) {
+                        if lo > hi {
+                            return Err(bad(
+                                &format!("{method}.{variant}"),
+                                format!("{name}_min {lo} is above {name}_max {hi}"),
+                            ));
+                        }
+                    }
+                }
+                for (name, tol) in [
+                    ("cpu_copies_tolerance", e.cpu_copies_tolerance),
+                    ("syscalls_tolerance", e.syscalls_tolerance),
+                ] {
+                    if tol.is_some_and(|t| !usable(t)) {
+                        return Err(bad(
+                            &format!("{method}.{variant}"),
+                            format!("{name} must be a number >= 0"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Expectation {
+    /// Every way `m` misses this expectation, as one line each.
+    pub(crate) fn check(&self, defaults: &Defaults, m: &Measured) -> Vec<String> {
+        let mut out = Vec::new();
+        let sys_tol = self
+            .syscalls_tolerance
+            .unwrap_or(defaults.syscalls_tolerance);
+        check_value(
+            &mut out,
+            "syscalls/chunk",
+            m.syscalls_per_chunk,
+            self.syscalls_per_chunk,
+            sys_tol,
+            self.syscalls_per_chunk_min,
+            self.syscalls_per_chunk_max,
+        );
+        check_value(
+            &mut out,
+            "mode switches/chunk",
+            m.mode_switches_per_chunk,
+            self.mode_switches_per_chunk,
+            2.0 * sys_tol,
+            self.mode_switches_per_chunk_min,
+            self.mode_switches_per_chunk_max,
+        );
+        if let Some(want) = self.dma_copies {
+            if m.dma_copies != want {
+                out.push(format!("dma copies {}, expected {want}", m.dma_copies));
+            }
+        }
+        if self.cpu_copies.is_some() && m.dirty_samples == 0 {
+            // Zero samples read as zero copies: a zero-copy expectation would pass
+            // on a run that never logged dirty pages at all.
+            out.push("no dirty-page samples in the span: cpu copies unknown".to_string());
+        } else {
+            let tol = self
+                .cpu_copies_tolerance
+                .unwrap_or(defaults.cpu_copies_tolerance);
+            check_value(
+                &mut out,
+                "cpu copies",
+                Some(m.cpu_copies),
+                self.cpu_copies,
+                tol,
+                None,
+                None,
+            );
+        }
+        if let Some(lo) = self.zero_copy_pct_min {
+            if m.zero_copy_pct < lo {
+                out.push(format!(
+                    "zero-copy {:.1}%, expected >= {lo:.1}%",
+                    m.zero_copy_pct
+                ));
+            }
+        }
+        if let Some(hi) = self.zero_copy_pct_max {
+            if m.zero_copy_pct > hi {
+                out.push(format!(
+                    "zero-copy {:.1}%, expected <= {hi:.1}%",
+                    m.zero_copy_pct
+                ));
+            }
+        }
+        if let Some(want) = self.kernel_claims_copied {
+            match m.kernel_copied {
+                None => out.push("kernel zero-copy counts missing from the report".to_string()),
+                Some(copied) if (copied > 0) != want => out.push(format!(
+                    "kernel flagged {copied} sends copied, expected {}",
+                    if want { "some" } else { "none" }
+                )),
+                Some(_) => {}
+            }
+        }
+        out
+    }
+}
+
+fn check_value(
+    out: &mut Vec<String>,
+    what: &str,
+    got: Option<f64>,
+    want: Option<f64>,
+    tol: f64,
+    min: Option<f64>,
+    max: Option<f64>,
+) {
+    if want.is_none() && min.is_none() && max.is_none() {
+        return;
+    }
+    let Some(got) = got else {
+        out.push(format!(
+            "{what} unknown (the guest report lacks the counts)"
+        ));
+        return;
+    };
+    if let Some(want) = want {
+        // A hair of slack so that a tolerance edge (e.g. 0.15 vs 0.1500000001 from
+        // float division) does not decide a verdict.
+        if (got - want).abs() > tol + 1e-9 {
+            out.push(format!("{what} {got:.2}, expected {want:.2} ± {tol:.2}"));
+        }
+    }
+    if let Some(lo) = min {
+        if got < lo - 1e-9 {
+            out.push(format!("{what} {got:.2}, expected >= {lo:.2}"));
+        }
+    }
+    if let Some(hi) = max {
+        if got > hi + 1e-9 {
+            out.push(format!("{what} {got:.2}, expected <= {hi:.2}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured() -> Measured {
+        Measured {
+            syscalls_per_chunk: Some(1.0),
+            mode_switches_per_chunk: Some(2.0),
+            dma_copies: 2,
+            cpu_copies: 1.02,
+            zero_copy_pct: 0.0,
+            kernel_copied: Some(0),
+            dirty_samples: 3,
+        }
+    }
+
+    #[test]
+    fn parse_defaults_and_tables() {
+        let ex = Expectations::parse(
+            "[defaults]\ncpu_copies_tolerance = 0.2\n[sendfile.sg-on]\ncpu_copies = 0\ndma_copies = 2\n",
+        )
+        .unwrap();
+        assert_eq!(ex.defaults.cpu_copies_tolerance, 0.2);
+        assert_eq!(ex.defaults.syscalls_tolerance, SYSCALLS_TOLERANCE);
+        let e = ex.get("sendfile", "sg-on").unwrap();
+        assert_eq!(e.cpu_copies, Some(0.0));
+        assert!(ex.get("sendfile", "sg-off").is_none());
+    }
+
+    #[test]
+    fn typos_and_bad_ranges_are_refused() {
+        let e = Expectations::parse("[sendfile.sg-on]\ncpu_copy = 0\n").unwrap_err();
+        assert!(e.to_string().contains("cpu_copy"), "{e}");
+        let e = Expectations::parse(
+            "[x.sg-on]\nsyscalls_per_chunk_min = 3\nsyscalls_per_chunk_max = 1\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[x.sg-on]"), "{e}");
+        let e = Expectations::parse("[defaults]\nsyscalls_tolerance = -1\n").unwrap_err();
+        assert!(e.to_string().contains("syscalls_tolerance"), "{e}");
+    }
+
+    #[test]
+    fn check_reports_each_miss() {
+        let e = Expectation {
+            syscalls_per_chunk: Some(2.0),
+            cpu_copies: Some(0.0),
+            dma_copies: Some(1),
+            zero_copy_pct_min: Some(90.0),
+            kernel_claims_copied: Some(true),
+            ..Default::default()
+        };
+        let r = e.check(&Defaults::default(), &measured());
+        assert_eq!(
+            r,
+            vec![
+                "syscalls/chunk 1.00, expected 2.00 ± 0.10",
+                "dma copies 2, expected 1",
+                "cpu copies 1.02, expected 0.00 ± 0.15",
+                "zero-copy 0.0%, expected >= 90.0%",
+                "kernel flagged 0 sends copied, expected some",
+            ]
+        );
+        let ok = Expectation {
+            cpu_copies: Some(1.0),
+            syscalls_per_chunk_min: Some(1.0),
+            mode_switches_per_chunk_max: Some(2.0),
+            kernel_claims_copied: Some(false),
+            ..Default::default()
+        };
+        assert!(ok.check(&Defaults::default(), &measured()).is_empty());
+    }
+
+    #[test]
+    fn zero_dirty_samples_cannot_pass_a_cpu_expectation() {
+        let e = Expectation {
+            cpu_copies: Some(0.0),
+            ..Default::default()
+        };
+        let m = Measured {
+            cpu_copies: 0.0,
+            dirty_samples: 0,
+            ..measured()
+        };
+        let r = e.check(&Defaults::default(), &m);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("no dirty-page samples"));
+    }
+}

@@ -1,0 +1,419 @@
+//! `zc-audit`: per-method verdicts from the evidence the devices logged.
+//!
+//! Input: the DMA log (`zc_devices::dma_log`), the source file, the guest's method
+//! reports and the NIC variant of the run. Output: one [`MethodAudit`] per method,
+//! judged against `audit/expected.toml` ([`Expectations`]), and reports of those
+//! ([`report`]). Pure functions: no VM, no KVM, no I/O except the loaders.
+//!
+//! The contract is `docs/method-suite.md` ("What the audit computes"); the exact
+//! rules are:
+//!
+//! **Span.** A method's span is the records strictly between its first `BEGIN name`
+//! marker and the first `END name` marker after that. Disk and NIC evidence is taken
+//! from that span (a TX frame belongs to it when its `request` record does). The CPU
+//! side also reads the first `dirty` record after `END`, unless another marker comes
+//! first: the VMM takes its last sample when it logs `END`, so that record follows it.
+//!
+//! **Disk DMA bytes.** The `len` of every virtio-blk `device_writes` `data` record in
+//! the span.
+//!
+//! **Page contents.** Over the *whole* log, every `device_writes` piece is a write
+//! to its guest page. A blk `data` piece of a full 4 KiB whose fingerprint is that of
+//! a page of the source file gives the page that file content; any other device
+//! write (partial page, unknown content, net RX) gives it unknown content. The last
+//! file page of a source not a multiple of 4 KiB is fingerprinted zero-padded.
+//!
+//! **NIC.** The method's connection is that of the first TX frame in the span with
+//! `S` and not `A` in `tcp_flags`; its `tcp_ports` select the frames, its `tcp_seq`
+//! is the ISN. A frame's `data` descriptor records, in chain order, make up the frame
+//! from offset 0; bytes at frame offsets `[tcp_payload_off, tcp_payload_off +
+//! tcp_len)` are payload (Ethernet padding is not), at stream offset `tcp_seq - isn -
+//! 1 + (frame_off - tcp_payload_off)` (u32 wrapping, unwrapped to 64 bits against
+//! the previous frame), which is the file offset. Every payload byte counts
+//! (retransmissions too). A piece (4 KiB-page cut) wholly payload is zero-copy iff
+//! its guest page's last device write before it gave the page the file page holding
+//! that stream offset, its page offset equals the stream offset's, and its
+//! fingerprint equals that of the source bytes it should carry. Pieces mixing
+//! headers and payload are copied payload.
+//!
+//! **CPU.** Each run of each dirty sample in the span is payload the guest CPU left
+//! in a page it dirtied. A run is a DMA destination, not a copy, when its page offset
+//! equals its file offset's and the page's last device write before the sample, or
+//! its first device write after the sample and before the next sample (the blk thread
+//! writes guest memory before it logs), gave the page that file page. Other runs are
+//! counted once per guest byte and content: per page, the ranges already counted are
+//! kept per `gpa - file_off`; a byte counts again only after it was counted with
+//! other content, or a device wrote it, in between.
+//!
+//! **Ratios.** `cpu_copies` = CPU-copied bytes / bytes sent; `dma_copies` =
+//! round(disk / bytes) + round(NIC payload / bytes); mode switches = 2 x system calls.
+
+#![warn(missing_docs)]
+
+mod analyze;
+mod expect;
+mod guest;
+pub mod report;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use zc_devices::dma_log::Record;
+
+pub use expect::{Defaults, Expectation, Expectations};
+pub use guest::{parse_reports, MethodReport, ZeroCopyCounts};
+
+use analyze::{LogIndex, SpanLookup};
+
+/// Errors of loading the audit's inputs.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The expectations file is not valid.
+    #[error("expectations: {what}")]
+    Expectations {
+        /// What is wrong, with the file and table where known.
+        what: String,
+    },
+    /// A guest method report is not valid JSON of the report's shape.
+    #[error("guest report line {line}: {source}")]
+    Report {
+        /// 1-based line number in the text given.
+        line: u64,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+}
+
+/// Everything one run (one NIC variant) gives the audit.
+#[derive(Debug, Clone, Default)]
+pub struct AuditInput {
+    /// The DMA log's records, header excluded (`zc_devices::dma_log::read_log`).
+    pub records: Vec<Record>,
+    /// The payload file's bytes, or the prefix each method sent.
+    pub source: Vec<u8>,
+    /// The guest's method reports ([`parse_reports`]).
+    pub reports: Vec<MethodReport>,
+    /// The run's variant, as `expected.toml` names it (e.g. `sg-on`, `sg-off`).
+    pub variant: String,
+}
+
+/// The audit's judgement of a method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    /// The method ran and met every expectation.
+    Pass,
+    /// The method failed, lacks evidence, or missed an expectation.
+    Fail,
+    /// The guest skipped the method.
+    Skip,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Skip => "SKIP",
+        })
+    }
+}
+
+/// One method's numbers and verdict in one variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MethodAudit {
+    /// Method name.
+    pub method: String,
+    /// The run's variant.
+    pub variant: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Why it is not PASS (for SKIP: the guest's reason), one line each.
+    pub reasons: Vec<String>,
+    /// Observations that do not decide the verdict (e.g. the kernel's zero-copy
+    /// claim disagreeing with the device), one line each.
+    pub findings: Vec<String>,
+    /// Bytes sent (the guest's count; the source length when there is no report).
+    pub bytes: u64,
+    /// Chunks sent.
+    pub chunks: Option<u64>,
+    /// The guest's transfer time.
+    pub seconds: Option<f64>,
+    /// System calls in the per-chunk loop.
+    pub loop_syscalls: Option<u64>,
+    /// System calls between the marks.
+    pub total_syscalls: Option<u64>,
+    /// `loop_syscalls / chunks`.
+    pub syscalls_per_chunk: Option<f64>,
+    /// Twice `syscalls_per_chunk`.
+    pub mode_switches_per_chunk: Option<f64>,
+    /// Bytes virtio-blk wrote into guest memory (data) during the span.
+    pub disk_dma_bytes: u64,
+    /// TCP payload bytes the NIC read for the method's connection.
+    pub nic_payload_bytes: u64,
+    /// Of those, bytes read zero-copy (where the disk put them, unchanged).
+    pub nic_zero_copy_bytes: u64,
+    /// Of those, bytes read from anywhere else.
+    pub nic_copied_bytes: u64,
+    /// `nic_zero_copy_bytes` in percent of `nic_payload_bytes`.
+    pub zero_copy_pct: f64,
+    /// Payload bytes the guest CPU wrote (deduplicated, DMA destinations excluded).
+    pub cpu_copied_bytes: u64,
+    /// Payload bytes in CPU-dirtied pages that the disk had put there (excluded).
+    pub cpu_dma_destination_bytes: u64,
+    /// Dirty-page samples the CPU side read.
+    pub dirty_samples: u64,
+    /// `cpu_copied_bytes / bytes`.
+    pub cpu_copies: f64,
+    /// `round(disk / bytes) + round(nic payload / bytes)`.
+    pub dma_copies: u32,
+    /// `bytes * 8 / seconds`, in Mbit/s.
+    pub throughput_mbit_s: Option<f64>,
+    /// The kernel's zero-copy completion counts, if the method has them.
+    pub kernel: Option<ZeroCopyCounts>,
+    /// Sequence numbers of the `BEGIN` and `END` markers.
+    pub span_seq: Option<(u64, u64)>,
+    /// The expectation the method was judged against.
+    pub expected: Option<Expectation>,
+}
+
+/// Audits every method of one run: those the guest reported, in report order, then
+/// those with a `BEGIN` marker but no report (only names `expected.toml` knows, so
+/// other steps' markers are left alone). A method in `expectations` that this run
+/// did not run is not listed; whether that matters is the caller's call.
+pub fn audit(input: &AuditInput, expectations: &Expectations) -> Vec<MethodAudit> {
+    let index = LogIndex::new(&input.records, &input.source);
+    let mut names: Vec<&str> = Vec::new();
+    for r in &input.reports {
+        if !names.contains(&r.method.as_str()) {
+            names.push(&r.method);
+        }
+    }
+    for n in index.begin_names() {
+        if expectations.methods.contains_key(n) && !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let report = input.reports.iter().find(|r| r.method == name);
+            audit_one(name, report, input, &index, expectations)
+        })
+        .collect()
+}
+
+/// Like [`audit`], and also gives every method of `wanted` a row: one the run never
+/// got to (no report, no marker) FAILs with those reasons instead of being left out.
+pub fn audit_wanted(
+    input: &AuditInput,
+    expectations: &Expectations,
+    wanted: &[String],
+) -> Vec<MethodAudit> {
+    let mut audits = audit(input, expectations);
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|w| !audits.iter().any(|a| &a.method == *w))
+        .collect();
+    if !missing.is_empty() {
+        let index = LogIndex::new(&input.records, &input.source);
+        for name in missing {
+            audits.push(audit_one(name, None, input, &index, expectations));
+        }
+    }
+    audits
+}
+
+fn ratio(n: u64, d: u64) -> f64 {
+    if d == 0 {
+        0.0
+    } else {
+        n as f64 / d as f64
+    }
+}
+
+fn audit_one(
+    name: &str,
+    report: Option<&MethodReport>,
+    input: &AuditInput,
+    index: &LogIndex,
+    expectations: &Expectations,
+) -> MethodAudit {
+    let expected = expectations.get(name, &input.variant).cloned();
+    let bytes = report
+        .and_then(|r| r.bytes)
+        .unwrap_or(input.source.len() as u64);
+    let chunks = report.and_then(|r| r.chunks);
+    let loop_syscalls = report.and_then(|r| r.loop_syscalls);
+    let syscalls_per_chunk = match (loop_syscalls, chunks) {
+        (Some(l), Some(c)) if c > 0 => Some(l as f64 / c as f64),
+        _ => None,
+    };
+    let total_syscalls = report.and_then(|r| {
+        if r.syscalls.is_empty() {
+            r.loop_syscalls.zip(r.setup_syscalls).map(|(a, b)| a + b)
+        } else {
+            Some(r.syscalls.values().sum())
+        }
+    });
+    let seconds = report.and_then(|r| r.seconds);
+    let mut a = MethodAudit {
+        method: name.to_string(),
+        variant: input.variant.clone(),
+        verdict: Verdict::Pass,
+        reasons: Vec::new(),
+        findings: Vec::new(),
+        bytes,
+        chunks,
+        seconds,
+        loop_syscalls,
+        total_syscalls,
+        syscalls_per_chunk,
+        mode_switches_per_chunk: syscalls_per_chunk.map(|s| 2.0 * s),
+        disk_dma_bytes: 0,
+        nic_payload_bytes: 0,
+        nic_zero_copy_bytes: 0,
+        nic_copied_bytes: 0,
+        zero_copy_pct: 0.0,
+        cpu_copied_bytes: 0,
+        cpu_dma_destination_bytes: 0,
+        dirty_samples: 0,
+        cpu_copies: 0.0,
+        dma_copies: 0,
+        throughput_mbit_s: seconds
+            .filter(|s| *s > 0.0)
+            .map(|s| bytes as f64 * 8.0 / s / 1e6),
+        kernel: report.and_then(|r| r.zerocopy),
+        span_seq: None,
+        expected: expected.clone(),
+    };
+
+    if let Some(why) = report.and_then(|r| r.skipped.as_ref()) {
+        a.verdict = Verdict::Skip;
+        a.reasons.push(why.clone());
+        return a;
+    }
+    match report {
+        None => a.reasons.push("no guest report".to_string()),
+        Some(r) if !r.ok => a.reasons.push(format!(
+            "guest: {}",
+            r.error.as_deref().unwrap_or("not ok (no error given)")
+        )),
+        Some(_) => {}
+    }
+    let span = match index.span(name) {
+        SpanLookup::Found(s) => Some(s),
+        SpanLookup::NoBegin => {
+            a.reasons
+                .push(format!("no `BEGIN {name}` marker in the DMA log"));
+            None
+        }
+        SpanLookup::NoEnd => {
+            a.reasons
+                .push(format!("no `END {name}` marker after `BEGIN {name}`"));
+            None
+        }
+    };
+    if expected.is_none() {
+        a.reasons.push(format!(
+            "no [{name}.{}] table in the expectations",
+            input.variant
+        ));
+    }
+    if let Some(span) = span {
+        a.span_seq = Some((index.seq(span.begin), index.seq(span.end)));
+        if span.duplicates > 0 {
+            a.findings.push(format!(
+                "{} more `BEGIN {name}` markers in the log: audited the first run only",
+                span.duplicates
+            ));
+        }
+        let ev = index.analyze(&span);
+        fill(&mut a, &ev);
+    }
+    // Numbers from a run without its marks or its report would be judged on half the
+    // evidence; the structural reasons above already decide the verdict.
+    if a.reasons.is_empty() {
+        if let Some(e) = &expected {
+            let m = expect::Measured {
+                syscalls_per_chunk: a.syscalls_per_chunk,
+                mode_switches_per_chunk: a.mode_switches_per_chunk,
+                dma_copies: a.dma_copies,
+                cpu_copies: a.cpu_copies,
+                zero_copy_pct: a.zero_copy_pct,
+                kernel_copied: a.kernel.map(|k| k.copied),
+                dirty_samples: a.dirty_samples,
+            };
+            a.reasons = e.check(&expectations.defaults, &m);
+        }
+    }
+    if !a.reasons.is_empty() {
+        a.verdict = Verdict::Fail;
+    }
+    a
+}
+
+/// Copies the device evidence into `a` and notes what looks wrong with it.
+fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
+    a.disk_dma_bytes = ev.disk_dma_bytes;
+    a.nic_payload_bytes = ev.nic_payload_bytes;
+    a.nic_zero_copy_bytes = ev.nic_zero_copy_bytes;
+    a.nic_copied_bytes = ev.nic_payload_bytes - ev.nic_zero_copy_bytes;
+    a.zero_copy_pct = 100.0 * ratio(ev.nic_zero_copy_bytes, ev.nic_payload_bytes);
+    a.cpu_copied_bytes = ev.cpu_copied_bytes;
+    a.cpu_dma_destination_bytes = ev.cpu_dma_destination_bytes;
+    a.dirty_samples = ev.dirty_samples;
+    a.cpu_copies = ratio(ev.cpu_copied_bytes, a.bytes);
+    let rounded = |n: u64| ratio(n, a.bytes).round() as u32;
+    a.dma_copies = rounded(ev.disk_dma_bytes) + rounded(ev.nic_payload_bytes);
+
+    if ev.no_syn {
+        a.findings
+            .push("no TCP SYN from the guest in the span: no NIC payload attributed".to_string());
+    } else if ev.nic_payload_bytes < a.bytes {
+        a.findings.push(format!(
+            "the NIC read {} payload bytes for the connection to port {}, fewer than the {} sent",
+            ev.nic_payload_bytes,
+            ev.peer_port.unwrap_or(0),
+            a.bytes
+        ));
+    }
+    if ev.nic_beyond_source > 0 {
+        a.findings.push(format!(
+            "{} NIC payload bytes lie beyond the {}-byte source (counted as copied)",
+            ev.nic_beyond_source, a.bytes
+        ));
+    }
+    if let Some(chunks) = a.chunks {
+        if ev.dirty_samples < chunks + 1 {
+            a.findings.push(format!(
+                "{} dirty-page samples for {chunks} chunks (expected one per chunk and one at END): CPU copies may be undercounted",
+                ev.dirty_samples
+            ));
+        }
+    }
+    if let Some(k) = a.kernel {
+        if k.sends > 0 && ev.nic_payload_bytes > 0 {
+            let kernel = ratio(k.copied, k.sends);
+            let device = ratio(a.nic_copied_bytes, ev.nic_payload_bytes);
+            // Half of everything is the line between "mostly zero-copy" and "mostly
+            // copied": a few fallback sends either way are not a disagreement.
+            if (kernel - device).abs() > 0.5 {
+                a.findings.push(format!(
+                    "kernel flagged {} of {} zero-copy sends as copied, but the NIC read {:.1}% of the payload from copies",
+                    k.copied,
+                    k.sends,
+                    100.0 * device
+                ));
+            }
+        }
+    }
+}

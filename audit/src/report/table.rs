@@ -1,0 +1,66 @@
+//! The terminal table.
+
+use super::{num, one_line};
+use crate::MethodAudit;
+
+/// A fixed-width text table, one row per audit: method, variant, system calls and
+/// mode switches per chunk, DMA and CPU copies, zero-copy share, throughput, and the
+/// verdict with its first reason.
+pub fn table(audits: &[MethodAudit]) -> String {
+    let header = [
+        "method",
+        "variant",
+        "syscalls/chunk",
+        "switches/chunk",
+        "DMA copies",
+        "CPU copies",
+        "zero-copy %",
+        "Mbit/s",
+        "verdict",
+    ];
+    let rows: Vec<[String; 9]> = audits
+        .iter()
+        .map(|a| {
+            let verdict = match a.reasons.first() {
+                Some(r) => format!("{}: {}", a.verdict, one_line(r)),
+                None => a.verdict.to_string(),
+            };
+            [
+                a.method.clone(),
+                a.variant.clone(),
+                num(a.syscalls_per_chunk, 2),
+                num(a.mode_switches_per_chunk, 2),
+                a.dma_copies.to_string(),
+                format!("{:.2}", a.cpu_copies),
+                format!("{:.1}", a.zero_copy_pct),
+                num(a.throughput_mbit_s, 1),
+                verdict,
+            ]
+        })
+        .collect();
+    let mut width = header.map(str::len);
+    for r in &rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(width).enumerate() {
+            // Names left, numbers right, the verdict last and unpadded.
+            match i {
+                0 | 1 => s.push_str(&format!("{cell:<w$}  ")),
+                8 => s.push_str(cell),
+                _ => s.push_str(&format!("{cell:>w$}  ")),
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(&header.map(String::from));
+    for r in &rows {
+        line(r);
+    }
+    out
+}

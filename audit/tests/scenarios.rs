@@ -1,0 +1,1062 @@
+//! The audit on small recorded logs (`tests/data/`): each scenario is a DMA log in the
+//! real schema plus the guest's reports, made by the simulator in `common/` from the
+//! scenario functions below. The tests read the checked-in files; `data_files_are_current`
+//! checks that they are what the functions make. After changing a scenario:
+//! `ZC_AUDIT_REGEN=1 cargo test -p zc-audit --test scenarios data_files_are_current`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{source, Conn, Frame, Sim, L2_L4, NET_HDR, PAGE};
+use rstest::rstest;
+use serde_json::json;
+use zc_audit::{audit, parse_reports, report, AuditInput, Expectations, MethodAudit, Verdict};
+use zc_devices::dma_log::read_log;
+
+/// The source file of every scenario: 8 pages.
+const SRC_LEN: u64 = 8 * PAGE;
+/// Chunk size of the scenarios (2 chunks).
+const CHUNK: u64 = 4 * PAGE;
+const MSS: u64 = 1448;
+/// 66 bytes: what precedes the payload in a linear TX buffer.
+const HDRS: u64 = NET_HDR + L2_L4 as u64;
+
+// Guest-physical layout of the scenarios.
+const META: u64 = 0x0010_0000;
+const META_OTHER: u64 = 0x0011_0000;
+const PAGE_CACHE: u64 = 0x0200_0000;
+const HDR_BUFS: u64 = 0x0300_0000;
+const SKB_SLOTS: u64 = 0x0400_0000;
+const USER_BUF: u64 = 0x0500_0000;
+const FRAGS: u64 = 0x0600_0000;
+const RX_BUFS: u64 = 0x0700_0000;
+
+const CONN: Conn = Conn {
+    ports: (40000, 7878),
+    // Near the top so the stream's sequence numbers wrap through 0.
+    isn: 0xffff_f000,
+};
+
+/// Page-cache page of file page `p`: scattered, as the page allocator hands them out.
+fn pc_page(p: u64) -> u64 {
+    PAGE_CACHE + ((p * 5 + 3) % 16) * PAGE
+}
+
+fn pc_gpa(file_off: u64) -> u64 {
+    pc_page(file_off / PAGE) + file_off % PAGE
+}
+
+/// `[off, end)` cut at MSS boundaries of the stream.
+fn segments(off: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = off;
+    while at < end {
+        let next = ((at / MSS + 1) * MSS).min(end);
+        out.push((at, next - at));
+        at = next;
+    }
+    out
+}
+
+/// `[off, off + len)` cut where file pages end.
+fn by_page(off: u64, len: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = off;
+    while at < off + len {
+        let next = ((at / PAGE + 1) * PAGE).min(off + len);
+        out.push((at, next - at));
+        at = next;
+    }
+    out
+}
+
+/// Counters the scenario functions share: descriptor heads and buffer slots.
+#[derive(Default)]
+struct Heads {
+    tx: u16,
+    blk: u16,
+    rx: u16,
+}
+
+impl Heads {
+    fn tx(&mut self) -> u16 {
+        self.tx = (self.tx + 1) % 256;
+        self.tx
+    }
+    fn blk(&mut self) -> u16 {
+        self.blk = (self.blk + 4) % 128;
+        self.blk
+    }
+    fn rx(&mut self) -> (u16, u64) {
+        self.rx = (self.rx + 1) % 64;
+        (self.rx, RX_BUFS + u64::from(self.rx) * 2048)
+    }
+}
+
+/// Page-cache fill for file pages `[lo, hi)`: init_on_alloc zeroes each page, then
+/// one blk request reads them.
+fn fill_page_cache(s: &mut Sim, h: &mut Heads, lo: u64, hi: u64) {
+    for p in lo / PAGE..hi / PAGE {
+        s.cpu_zero_page(pc_page(p));
+    }
+    let segs: Vec<_> = (lo / PAGE..hi / PAGE)
+        .map(|p| (pc_page(p), p * PAGE, PAGE))
+        .collect();
+    let head = h.blk();
+    s.blk_read(head, &segs, META + u64::from(head) * 32);
+}
+
+/// A scatter-gather frame: headers in a header buffer, the payload straight from the
+/// pages at `payload_gpa(file_off)`.
+fn sg_frame(
+    s: &mut Sim,
+    h: &mut Heads,
+    off: u64,
+    len: u64,
+    payload_gpa: impl Fn(u64) -> u64,
+    rx: bool,
+) {
+    let head = h.tx();
+    let hdr = HDR_BUFS + u64::from(head % 32) * 128;
+    s.write_frame_headers(hdr, CONN.seq(off));
+    let mut segs = vec![(hdr, HDRS)];
+    segs.extend(
+        by_page(off, len)
+            .into_iter()
+            .map(|(o, l)| (payload_gpa(o), l)),
+    );
+    let rx_between = rx.then(|| h.rx());
+    s.tx(
+        &CONN,
+        Frame {
+            head,
+            segs: &segs,
+            seq: CONN.seq(off),
+            tcp_len: len as u32,
+            flags: "A",
+            rx_between,
+        },
+    );
+}
+
+/// A linear frame: the CPU copies headers and payload into one socket buffer slot
+/// (what a NIC without scatter-gather gets), `slot` of 16 rotating 2 KiB slots.
+fn linear_frame(s: &mut Sim, h: &mut Heads, off: u64, len: u64, slot: u64, resend: bool) {
+    let head = h.tx();
+    let buf = SKB_SLOTS + (slot % 16) * 2048;
+    if !resend {
+        s.write_frame_headers(buf, CONN.seq(off));
+        for (o, l) in by_page(off, len) {
+            s.cpu_copy(buf + HDRS + (o - off), pc_gpa(o), l);
+        }
+    }
+    s.tx(
+        &CONN,
+        Frame {
+            head,
+            segs: &[(buf, HDRS + len)],
+            seq: CONN.seq(off),
+            tcp_len: len as u32,
+            flags: "A",
+            rx_between: None,
+        },
+    );
+}
+
+fn connect(s: &mut Sim, h: &mut Heads) {
+    let head = h.tx();
+    s.syn(head, HDR_BUFS + 0x800, &CONN);
+    let (rx, gpa) = h.rx();
+    s.rx(rx, gpa, 66, &CONN);
+}
+
+/// The peer's 8-byte byte count arriving.
+fn peer_count(s: &mut Sim, h: &mut Heads) {
+    let (rx, gpa) = h.rx();
+    s.rx(rx, gpa, 66 + 8, &CONN);
+}
+
+fn report(method: &str, loop_calls: &[(&str, u64)], setup: &[(&str, u64)]) -> serde_json::Value {
+    let chunks = SRC_LEN / CHUNK;
+    let mut syscalls = serde_json::Map::new();
+    for (n, c) in loop_calls.iter().chain(setup) {
+        let prev = syscalls.get(*n).and_then(|v| v.as_u64()).unwrap_or(0);
+        syscalls.insert(n.to_string(), json!(prev + c));
+    }
+    json!({
+        "test": "method", "method": method, "ok": true, "bytes": SRC_LEN,
+        "chunk": CHUNK, "chunks": chunks, "seconds": 0.004,
+        "syscalls": syscalls,
+        "loop_syscalls": loop_calls.iter().map(|c| c.1).sum::<u64>(),
+        "setup_syscalls": setup.iter().map(|c| c.1).sum::<u64>(),
+    })
+}
+
+const SOCKET_SETUP: &[(&str, u64)] = &[("socket", 1), ("connect", 1), ("recv", 1)];
+
+/// A scenario: its log, the guest's reports and the variant it ran in.
+struct Scenario {
+    sim: Sim,
+    reports: Vec<serde_json::Value>,
+    variant: &'static str,
+}
+
+/// sendfile with scatter-gather: the NIC reads the payload from the page-cache pages
+/// virtio-blk filled; one RX frame interleaves with a TX chain.
+fn sendfile_sg_on() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    // Metadata read before BEGIN: not the transfer.
+    s.blk_read_other(h.blk(), META_OTHER, PAGE);
+    s.begin("sendfile");
+    connect(&mut s, &mut h);
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        fill_page_cache(&mut s, &mut h, lo, hi);
+        for (i, (off, len)) in segments(lo, hi).into_iter().enumerate() {
+            sg_frame(&mut s, &mut h, off, len, pc_gpa, i == 3);
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("sendfile");
+    Scenario {
+        sim: s,
+        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
+        variant: "sg-on",
+    }
+}
+
+/// sendfile without scatter-gather: the CPU copies each frame into a linear socket
+/// buffer (16 slots, reused in the second chunk); one frame is sent twice.
+fn sendfile_sg_off() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("sendfile");
+    connect(&mut s, &mut h);
+    let mut slot = 0;
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        fill_page_cache(&mut s, &mut h, lo, hi);
+        for (i, (off, len)) in segments(lo, hi).into_iter().enumerate() {
+            linear_frame(&mut s, &mut h, off, len, slot, false);
+            if c == 1 && i == 0 {
+                // A retransmission: the NIC reads the same buffer again.
+                linear_frame(&mut s, &mut h, off, len, slot, true);
+            }
+            slot += 1;
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("sendfile");
+    Scenario {
+        sim: s,
+        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
+        variant: "sg-off",
+    }
+}
+
+/// read + write: page cache -> user buffer (page-aligned, reused per chunk) -> socket
+/// buffer fragments, which the NIC reads.
+fn read_write() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("read_write");
+    connect(&mut s, &mut h);
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        fill_page_cache(&mut s, &mut h, lo, hi);
+        for (o, l) in by_page(lo, CHUNK) {
+            s.cpu_copy(USER_BUF + (o - lo), pc_gpa(o), l);
+        }
+        // The fragments sit at the same page offsets as the file: only the page's
+        // history tells them from the page cache.
+        for (o, l) in by_page(lo, CHUNK) {
+            s.cpu_copy(FRAGS + o, USER_BUF + (o - lo), l);
+        }
+        for (off, len) in segments(lo, hi) {
+            sg_frame(&mut s, &mut h, off, len, |o| FRAGS + o, false);
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("read_write");
+    Scenario {
+        sim: s,
+        reports: vec![report(
+            "read_write",
+            &[("read", 2), ("write", 2)],
+            SOCKET_SETUP,
+        )],
+        variant: "sg-on",
+    }
+}
+
+/// sendfile on a warm cache: the page cache was filled (and read once) before BEGIN.
+fn sendfile_warm() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    fill_page_cache(&mut s, &mut h, 0, SRC_LEN);
+    for (o, l) in by_page(0, SRC_LEN) {
+        s.cpu_copy(USER_BUF + o % CHUNK, pc_gpa(o), l);
+    }
+    s.begin("sendfile_warm");
+    connect(&mut s, &mut h);
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        for (off, len) in segments(lo, hi) {
+            sg_frame(&mut s, &mut h, off, len, pc_gpa, false);
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("sendfile_warm");
+    Scenario {
+        sim: s,
+        reports: vec![report("sendfile_warm", &[("sendfile", 2)], SOCKET_SETUP)],
+        variant: "sg-on",
+    }
+}
+
+/// Where garbled bytes land in [`content_mismatch`]: in file page 2, inside the frame
+/// that carries stream bytes [8688, 10136).
+const GARBLED_AT: u64 = 2 * PAGE + 1000;
+
+/// sendfile with scatter-gather, but 100 bytes of one page-cache page change after
+/// the disk filled it: the NIC reads the right page, the wrong content.
+fn content_mismatch() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("sendfile");
+    connect(&mut s, &mut h);
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        fill_page_cache(&mut s, &mut h, lo, hi);
+        if c == 0 {
+            s.cpu_write(pc_gpa(GARBLED_AT), &[0xa5; 100]);
+        }
+        for (off, len) in segments(lo, hi) {
+            sg_frame(&mut s, &mut h, off, len, pc_gpa, false);
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("sendfile");
+    Scenario {
+        sim: s,
+        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
+        variant: "sg-on",
+    }
+}
+
+/// mmap + write, 4 KiB chunks, into a ring of 3 socket-buffer pages. Each chunk also
+/// writes next to the previous chunk's payload (re-dirtying that page with its old
+/// content still there), and the ring wraps (a page then holds new content).
+fn dedupe() -> Scenario {
+    const RING: u64 = 3;
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("mmap_write");
+    connect(&mut s, &mut h);
+    let chunks = SRC_LEN / PAGE;
+    for c in 0..chunks {
+        let (lo, hi) = (c * PAGE, (c + 1) * PAGE);
+        fill_page_cache(&mut s, &mut h, lo, hi);
+        let ring = |k: u64| FRAGS + (k % RING) * PAGE;
+        s.cpu_copy(ring(c), pc_gpa(lo), PAGE);
+        s.cpu_touch(ring(c + RING - 1));
+        for (off, len) in segments(lo, hi) {
+            sg_frame(&mut s, &mut h, off, len, |o| ring(c) + o % PAGE, false);
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("mmap_write");
+    let mut r = report("mmap_write", &[("write", chunks)], SOCKET_SETUP);
+    r["chunk"] = json!(PAGE);
+    r["chunks"] = json!(chunks);
+    r["syscalls"]["mmap"] = json!(1);
+    r["setup_syscalls"] = json!(4);
+    Scenario {
+        sim: s,
+        reports: vec![r],
+        variant: "sg-on",
+    }
+}
+
+/// sendfile with scatter-gather, where readahead for the second chunk is in flight at
+/// the first sample: the pages are zeroed (CPU-dirty) and already hold the disk's
+/// data, but virtio-blk logs that write only after the sample.
+fn init_on_alloc() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("sendfile");
+    connect(&mut s, &mut h);
+    fill_page_cache(&mut s, &mut h, 0, CHUNK);
+    for p in CHUNK / PAGE..SRC_LEN / PAGE {
+        s.cpu_zero_page(pc_page(p));
+    }
+    let ahead: Vec<_> = (CHUNK / PAGE..SRC_LEN / PAGE)
+        .map(|p| (pc_page(p), p * PAGE, PAGE))
+        .collect();
+    s.blk_dma(&ahead);
+    for (off, len) in segments(0, CHUNK) {
+        sg_frame(&mut s, &mut h, off, len, pc_gpa, false);
+    }
+    s.sample(0);
+    let head = h.blk();
+    s.blk_log(head, &ahead, META + u64::from(head) * 32);
+    for (off, len) in segments(CHUNK, SRC_LEN) {
+        sg_frame(&mut s, &mut h, off, len, pc_gpa, false);
+    }
+    s.sample(1);
+    peer_count(&mut s, &mut h);
+    s.end("sendfile");
+    Scenario {
+        sim: s,
+        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
+        variant: "sg-on",
+    }
+}
+
+/// mmap + MSG_ZEROCOPY on a NIC without scatter-gather: the kernel reports every
+/// send zero-copy, the device reads every byte from a linear copy.
+fn kernel_claim() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("mmap_zerocopy");
+    connect(&mut s, &mut h);
+    let mut slot = 0;
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        fill_page_cache(&mut s, &mut h, lo, hi);
+        for (off, len) in segments(lo, hi) {
+            linear_frame(&mut s, &mut h, off, len, slot, false);
+            slot += 1;
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("mmap_zerocopy");
+    let mut r = report(
+        "mmap_zerocopy",
+        &[("sendmsg", 2)],
+        &[
+            ("socket", 1),
+            ("connect", 1),
+            ("mmap", 1),
+            ("recvmsg", 2),
+            ("recv", 1),
+        ],
+    );
+    r["zerocopy"] = json!({"sends": 2, "completions": 2, "copied": 0});
+    Scenario {
+        sim: s,
+        reports: vec![r],
+        variant: "sg-off",
+    }
+}
+
+/// Every recorded scenario, by file name stem.
+fn scenarios() -> Vec<(&'static str, Scenario)> {
+    vec![
+        ("sendfile_sg_on", sendfile_sg_on()),
+        ("sendfile_sg_off", sendfile_sg_off()),
+        ("read_write", read_write()),
+        ("sendfile_warm", sendfile_warm()),
+        ("content_mismatch", content_mismatch()),
+        ("dedupe", dedupe()),
+        ("init_on_alloc", init_on_alloc()),
+        ("kernel_claim", kernel_claim()),
+    ]
+}
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+fn reports_text(s: &Scenario) -> String {
+    let mut out = String::new();
+    for r in &s.reports {
+        out.push_str(&serde_json::to_string(r).unwrap());
+        out.push('\n');
+    }
+    out
+}
+
+/// The checked-in files of every scenario: `NAME.dma.jsonl`, `NAME.reports.jsonl`,
+/// and the shared `source.bin`.
+fn expected_files() -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = data_dir();
+    let mut out = vec![(dir.join("source.bin"), source(SRC_LEN as usize))];
+    for (name, s) in scenarios() {
+        out.push((
+            dir.join(format!("{name}.dma.jsonl")),
+            s.sim.jsonl().into_bytes(),
+        ));
+        out.push((
+            dir.join(format!("{name}.reports.jsonl")),
+            reports_text(&s).into_bytes(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn data_files_are_current() {
+    let regen = std::env::var_os("ZC_AUDIT_REGEN").is_some();
+    for (path, bytes) in expected_files() {
+        if regen {
+            std::fs::write(&path, &bytes).unwrap();
+            continue;
+        }
+        let on_disk = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            on_disk == bytes,
+            "{} is not what its scenario makes; regenerate with ZC_AUDIT_REGEN=1",
+            path.display()
+        );
+    }
+}
+
+/// Scenario `name`'s recorded input, read back from the files.
+fn load(name: &str, variant: &str) -> AuditInput {
+    let dir = data_dir();
+    let reports = std::fs::read_to_string(dir.join(format!("{name}.reports.jsonl"))).unwrap();
+    AuditInput {
+        records: read_log(&dir.join(format!("{name}.dma.jsonl"))).unwrap(),
+        source: std::fs::read(dir.join("source.bin")).unwrap(),
+        reports: parse_reports(&reports).unwrap(),
+        variant: variant.to_string(),
+    }
+}
+
+fn expected_toml() -> Expectations {
+    Expectations::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml")).unwrap()
+}
+
+/// Audits scenario `name` (as recorded, in `variant`) against the real expectations.
+fn run(name: &str, variant: &str) -> MethodAudit {
+    let mut a = audit(&load(name, variant), &expected_toml());
+    assert_eq!(a.len(), 1, "{a:#?}");
+    a.remove(0)
+}
+
+/// The variant scenario `name` was recorded in (without re-making the scenarios).
+fn recorded_variant(name: &str) -> &'static str {
+    match name {
+        "sendfile_sg_off" | "kernel_claim" => "sg-off",
+        _ => "sg-on",
+    }
+}
+
+#[test]
+fn recorded_variants_are_known() {
+    for (name, s) in scenarios() {
+        assert_eq!(recorded_variant(name), s.variant, "{name}");
+    }
+}
+
+#[rstest]
+#[case::sendfile_zero_copy("sendfile_sg_on", 0, 2, 100.0)]
+#[case::sendfile_copied("sendfile_sg_off", 32768, 2, 0.0)]
+#[case::read_write_two_copies("read_write", 65536, 2, 0.0)]
+#[case::warm_cache_no_disk_dma("sendfile_warm", 0, 1, 100.0)]
+#[case::dedupe_of_redirtied_pages("dedupe", 32768, 2, 0.0)]
+#[case::init_on_alloc_and_late_blk_record("init_on_alloc", 0, 2, 100.0)]
+#[case::device_edge_copy("kernel_claim", 32768, 2, 0.0)]
+fn recorded_scenarios_pass(
+    #[case] name: &str,
+    #[case] cpu_bytes: u64,
+    #[case] dma: u32,
+    #[case] zero_copy_pct: f64,
+) {
+    let a = run(name, recorded_variant(name));
+    assert_eq!(a.verdict, Verdict::Pass, "{a:#?}");
+    assert_eq!(a.cpu_copied_bytes, cpu_bytes, "{a:#?}");
+    assert_eq!(a.dma_copies, dma);
+    assert_eq!(a.zero_copy_pct, zero_copy_pct);
+    assert_eq!(a.dirty_samples, a.chunks.unwrap() + 1);
+}
+
+#[test]
+fn sendfile_zero_copy_numbers() {
+    let a = run("sendfile_sg_on", "sg-on");
+    assert_eq!(
+        a.disk_dma_bytes, SRC_LEN,
+        "the metadata read before BEGIN is not the transfer"
+    );
+    assert_eq!(a.nic_payload_bytes, SRC_LEN);
+    assert_eq!(a.nic_zero_copy_bytes, SRC_LEN);
+    assert_eq!(a.cpu_copies, 0.0);
+    // The init_on_alloc pages hold the disk's data when sampled: not copies.
+    assert_eq!(a.cpu_dma_destination_bytes, SRC_LEN);
+    assert_eq!(a.syscalls_per_chunk, Some(1.0));
+    assert_eq!(a.mode_switches_per_chunk, Some(2.0));
+    assert_eq!(a.total_syscalls, Some(5));
+    assert_eq!(
+        a.throughput_mbit_s,
+        Some(SRC_LEN as f64 * 8.0 / 0.004 / 1e6)
+    );
+    assert!(a.findings.is_empty(), "{:?}", a.findings);
+    assert!(a.reasons.is_empty());
+}
+
+#[test]
+fn retransmitted_bytes_count_as_the_nic_read_them() {
+    let a = run("sendfile_sg_off", "sg-off");
+    // The resent frame is the second chunk's first, up to the next MSS boundary.
+    let resent = (CHUNK / MSS + 1) * MSS - CHUNK;
+    assert_eq!(a.nic_payload_bytes, SRC_LEN + resent);
+    assert_eq!(a.nic_copied_bytes, SRC_LEN + resent);
+    assert_eq!(a.cpu_copies, 1.0);
+}
+
+#[test]
+fn read_write_counts_user_buffer_and_socket_buffer() {
+    let a = run("read_write", "sg-on");
+    assert_eq!(a.cpu_copies, 2.0);
+    assert_eq!(
+        a.nic_zero_copy_bytes, 0,
+        "fragments at file-page offsets are not the page cache"
+    );
+    assert_eq!(a.syscalls_per_chunk, Some(2.0));
+}
+
+#[test]
+fn wrong_copy_count_fails_with_reasons() {
+    // The copying run judged as if the NIC had scatter-gather.
+    let a = run("sendfile_sg_off", "sg-on");
+    assert_eq!(a.verdict, Verdict::Fail);
+    assert_eq!(
+        a.reasons,
+        vec![
+            "cpu copies 1.00, expected 0.00 ± 0.15",
+            "zero-copy 0.0%, expected >= 90.0%"
+        ]
+    );
+}
+
+#[test]
+fn warm_run_matches_blk_writes_before_the_span() {
+    let a = run("sendfile_warm", "sg-on");
+    assert_eq!(a.disk_dma_bytes, 0);
+    assert_eq!(a.nic_zero_copy_bytes, SRC_LEN);
+    // The warm-up read's copy happened before BEGIN.
+    assert_eq!(a.cpu_copied_bytes, 0);
+}
+
+#[test]
+fn content_mismatch_is_not_zero_copy() {
+    let a = run("content_mismatch", "sg-on");
+    // Only the frame piece covering the garbled bytes: stream [8688, 10136).
+    assert_eq!(a.nic_copied_bytes, MSS);
+    assert_eq!(a.nic_zero_copy_bytes, SRC_LEN - MSS);
+    // The rest of the garbled page still holds the disk's data where it put it.
+    assert_eq!(a.cpu_copied_bytes, 0);
+    assert_eq!(a.verdict, Verdict::Pass, "{a:#?}");
+}
+
+#[test]
+fn dedupe_counts_each_byte_once_per_content() {
+    let records = load("dedupe", "sg-on").records;
+    // The log really shows re-dirtied pages: the samples hold more payload than sent.
+    let reported: u64 = records
+        .iter()
+        .filter_map(|r| match r {
+            zc_devices::dma_log::Record::Dirty(d) => Some(d),
+            _ => None,
+        })
+        .flat_map(|d| &d.runs)
+        .filter(|r| r.gpa >= FRAGS)
+        .map(|r| u64::from(r.len))
+        .sum();
+    assert!(reported > SRC_LEN + 4 * PAGE, "{reported}");
+    let a = run("dedupe", "sg-on");
+    assert_eq!(a.cpu_copied_bytes, SRC_LEN);
+}
+
+#[test]
+fn kernel_claim_disagreement_is_a_finding() {
+    let a = run("kernel_claim", "sg-off");
+    assert_eq!(
+        a.verdict,
+        Verdict::Pass,
+        "the disagreement is expected for sg-off"
+    );
+    assert_eq!(
+        a.findings,
+        vec!["kernel flagged 0 of 2 zero-copy sends as copied, but the NIC read 100.0% of the payload from copies"]
+    );
+    assert_eq!(a.kernel.unwrap().copied, 0);
+}
+
+#[test]
+fn kernel_claiming_copies_on_a_zero_copy_run_is_a_finding_too() {
+    let mut input = load("sendfile_sg_on", "sg-on");
+    input.reports[0].zerocopy = Some(zc_audit::ZeroCopyCounts {
+        sends: 2,
+        completions: 2,
+        copied: 2,
+    });
+    let a = audit(&input, &expected_toml()).remove(0);
+    assert_eq!(
+        a.findings,
+        vec!["kernel flagged 2 of 2 zero-copy sends as copied, but the NIC read 0.0% of the payload from copies"]
+    );
+}
+
+/// How the guest's report (or its absence) and the marks decide the verdict.
+#[rstest]
+#[case::passes(
+    "sendfile",
+    r#"{"test":"method","method":"sendfile","ok":true,"bytes":32768,"chunks":2,"loop_syscalls":2}"#,
+    "sg-on",
+    Verdict::Pass,
+    None
+)]
+#[case::skipped(
+    "sendfile",
+    r#"{"test":"method","method":"sendfile","ok":true,"skipped":"not today"}"#,
+    "sg-on",
+    Verdict::Skip,
+    Some("not today")
+)]
+#[case::not_ok(
+    "sendfile",
+    r#"{"test":"method","method":"sendfile","ok":false,"error":"peer: byte 5 differs"}"#,
+    "sg-on",
+    Verdict::Fail,
+    Some("guest: peer: byte 5 differs")
+)]
+#[case::no_report("sendfile", "", "sg-on", Verdict::Fail, Some("no guest report"))]
+#[case::no_span(
+    "splice",
+    r#"{"test":"method","method":"splice","ok":true,"bytes":32768,"chunks":2,"loop_syscalls":4}"#,
+    "sg-on",
+    Verdict::Fail,
+    Some("no `BEGIN splice` marker in the DMA log")
+)]
+#[case::no_expectation(
+    "sendfile",
+    r#"{"test":"method","method":"sendfile","ok":true,"bytes":32768,"chunks":2,"loop_syscalls":2}"#,
+    "tap",
+    Verdict::Fail,
+    Some("no [sendfile.tap] table in the expectations")
+)]
+#[case::syscalls_unknown(
+    "sendfile",
+    r#"{"test":"method","method":"sendfile","ok":true,"bytes":32768}"#,
+    "sg-on",
+    Verdict::Fail,
+    Some("syscalls/chunk unknown (the guest report lacks the counts)")
+)]
+fn report_and_marks_decide(
+    #[case] method: &str,
+    #[case] report: &str,
+    #[case] variant: &str,
+    #[case] verdict: Verdict,
+    #[case] reason: Option<&str>,
+) {
+    let mut input = load("sendfile_sg_on", variant);
+    input.reports = parse_reports(report).unwrap();
+    let audits = audit(&input, &expected_toml());
+    let a = audits.iter().find(|a| a.method == method).unwrap();
+    assert_eq!(a.verdict, verdict, "{a:#?}");
+    assert_eq!(a.reasons.first().map(String::as_str), reason);
+}
+
+#[test]
+fn a_span_without_end_fails() {
+    let mut input = load("sendfile_sg_on", "sg-on");
+    input.records.retain(
+        |r| !matches!(r, zc_devices::dma_log::Record::Marker(m) if m.label == "END sendfile"),
+    );
+    let a = audit(&input, &expected_toml()).remove(0);
+    assert_eq!(a.verdict, Verdict::Fail);
+    assert_eq!(
+        a.reasons,
+        vec!["no `END sendfile` marker after `BEGIN sendfile`"]
+    );
+}
+
+// ---- rules on in-memory logs (not recorded: one rule each) ----
+
+/// One file page's worth of bytes in one frame, `len` bytes from stream offset 0,
+/// read by the NIC from `gpa`, after `prepare` set guest memory up.
+fn one_frame(prepare: impl FnOnce(&mut Sim), gpa: u64, len: u64) -> MethodAudit {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("sendfile");
+    connect(&mut s, &mut h);
+    prepare(&mut s);
+    sg_frame(&mut s, &mut h, 0, len, |o| gpa + o, false);
+    s.sample(0);
+    s.end("sendfile");
+    let input = AuditInput {
+        records: s.records().to_vec(),
+        source: s.src.clone(),
+        reports: Vec::new(),
+        variant: "sg-on".into(),
+    };
+    audit(&input, &expected_toml()).remove(0)
+}
+
+const X: u64 = 0x0800_0000;
+
+#[rstest]
+#[case::intact(|s: &mut Sim| s.blk_read(0, &[(X, 0, PAGE)], META), PAGE)]
+#[case::content_changed(|s: &mut Sim| { s.blk_read(0, &[(X, 0, PAGE)], META); s.cpu_write(X + 10, &[0; 4]); }, 0)]
+#[case::cpu_put_it_back(|s: &mut Sim| { s.blk_read(0, &[(X, PAGE, PAGE)], META); s.blk_dma(&[(X + PAGE, 0, PAGE)]); s.cpu_copy(X, X + PAGE, PAGE); }, 0)]
+#[case::partial_blk_pieces(|s: &mut Sim| s.blk_read(0, &[(X, 0, PAGE / 2), (X + PAGE / 2, PAGE / 2, PAGE / 2)], META), 0)]
+#[case::dma_never_logged(|s: &mut Sim| s.blk_dma(&[(X, 0, PAGE)]), 0)]
+#[case::rx_overwrote_after_blk(|s: &mut Sim| { s.blk_read(0, &[(X, 0, PAGE)], META); s.rx(9, X + PAGE - 20, 4, &CONN); s.blk_dma(&[(X, 0, PAGE)]); }, 0)]
+fn nic_zero_copy_rule(#[case] prepare: impl FnOnce(&mut Sim), #[case] zero_copy: u64) {
+    let a = one_frame(prepare, X, PAGE);
+    assert_eq!(a.nic_payload_bytes, PAGE);
+    assert_eq!(a.nic_zero_copy_bytes, zero_copy, "{a:#?}");
+}
+
+/// The page offset must match the stream offset's, even where the content and the
+/// page's disk data would: a source repeating every 2 KiB makes that possible.
+#[test]
+fn zero_copy_needs_the_same_page_offset() {
+    let half: Vec<u8> = source(2048);
+    let periodic: Vec<u8> = half
+        .iter()
+        .chain(&half)
+        .cycle()
+        .take(SRC_LEN as usize)
+        .copied()
+        .collect();
+    let frame = |stream_off: u64| {
+        let mut s = Sim::new(periodic.clone());
+        let mut h = Heads::default();
+        s.begin("sendfile");
+        connect(&mut s, &mut h);
+        s.blk_read(0, &[(X, 0, PAGE)], META);
+        // Stream bytes [stream_off, +2048) read from the page's first half.
+        sg_frame(
+            &mut s,
+            &mut h,
+            stream_off,
+            2048,
+            |o| X + o - stream_off,
+            false,
+        );
+        s.end("sendfile");
+        let input = AuditInput {
+            records: s.records().to_vec(),
+            source: s.src.clone(),
+            reports: Vec::new(),
+            variant: "sg-on".into(),
+        };
+        audit(&input, &expected_toml()).remove(0)
+    };
+    assert_eq!(frame(0).nic_zero_copy_bytes, 2048);
+    let shifted = frame(2048);
+    assert_eq!(shifted.nic_payload_bytes, 2048);
+    assert_eq!(shifted.nic_zero_copy_bytes, 0);
+}
+
+/// CPU-side exclusion: what a sample counts in a page `prepare` set up.
+#[rstest]
+// The disk put file page 0 there after init_on_alloc zeroed it.
+#[case::dma_destination(|s: &mut Sim| { s.cpu_zero_page(X); s.blk_read(0, &[(X, 0, PAGE)], META); s.sample(0); }, 0)]
+// Same, the blk record logged after the sample but before the next one.
+#[case::blk_record_after_sample(|s: &mut Sim| { s.cpu_zero_page(X); s.blk_dma(&[(X, 0, PAGE)]); s.sample(0); s.blk_log(0, &[(X, 0, PAGE)], META); s.sample(1); }, 0)]
+// The blk record comes only after the next sample: too late to explain the first.
+#[case::blk_record_too_late(|s: &mut Sim| { s.cpu_zero_page(X); s.blk_dma(&[(X, 0, PAGE)]); s.sample(0); s.sample(1); s.blk_log(0, &[(X, 0, PAGE)], META); }, PAGE)]
+// The disk put file page 0 there, the CPU then copied file page 1 over it.
+#[case::other_file_page(|s: &mut Sim| { s.blk_read(0, &[(X, 0, PAGE)], META); s.blk_dma(&[(X + PAGE, PAGE, PAGE)]); s.cpu_copy(X, X + PAGE, PAGE); s.sample(0); }, PAGE)]
+// File bytes 0..2048 copied to the middle of that page: misaligned, a copy; the
+// disk's data around it is not.
+#[case::misaligned_in_dma_page(|s: &mut Sim| { s.blk_read(0, &[(X, 0, PAGE)], META); s.blk_dma(&[(X + PAGE, 0, PAGE)]); s.cpu_copy(X + 1024, X + PAGE, 2048); s.sample(0); }, 2048)]
+// Counted, then a device overwrote the page (freed, reused as page cache), then the
+// CPU copied the same bytes there again: a second copy.
+#[case::device_overwrite_between(|s: &mut Sim| { s.blk_dma(&[(X + PAGE, 0, PAGE)]); s.cpu_copy(X, X + PAGE, PAGE); s.sample(0); s.blk_read(0, &[(X, PAGE, PAGE)], META); s.cpu_copy(X, X + PAGE, PAGE); s.sample(1); }, 2 * PAGE)]
+// Counted, then re-dirtied with the same content still there: once.
+#[case::redirtied_unchanged(|s: &mut Sim| { s.blk_dma(&[(X + PAGE, 0, PAGE)]); s.cpu_copy(X, X + PAGE, PAGE); s.sample(0); s.cpu_touch(X); s.sample(1); }, PAGE)]
+fn cpu_dma_destination_rule(#[case] prepare: impl FnOnce(&mut Sim), #[case] copied: u64) {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    s.begin("sendfile");
+    prepare(&mut s);
+    s.end("sendfile");
+    let input = AuditInput {
+        records: s.records().to_vec(),
+        source: s.src.clone(),
+        reports: Vec::new(),
+        variant: "sg-on".into(),
+    };
+    let a = audit(&input, &expected_toml()).remove(0);
+    assert_eq!(a.cpu_copied_bytes, copied, "{a:#?}");
+}
+
+#[test]
+fn dirty_records_after_end_count_only_up_to_the_end_sample() {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    s.begin("sendfile");
+    s.end("sendfile");
+    // Dirty after the END sample (another step's): not this method's.
+    s.blk_dma(&[(X, 0, PAGE)]);
+    s.cpu_copy(X + PAGE, X, PAGE);
+    s.sample(7);
+    let mut input = AuditInput {
+        records: s.records().to_vec(),
+        source: s.src.clone(),
+        reports: Vec::new(),
+        variant: "sg-on".into(),
+    };
+    let a = audit(&input, &expected_toml()).remove(0);
+    assert_eq!(a.dirty_samples, 1);
+    assert_eq!(a.cpu_copied_bytes, 0);
+    // Without the END sample the first dirty record after END is still taken...
+    input
+        .records
+        .retain(|r| !matches!(r, zc_devices::dma_log::Record::Dirty(d) if d.sample == u32::MAX));
+    let a = audit(&input, &expected_toml()).remove(0);
+    assert_eq!(a.cpu_copied_bytes, PAGE);
+    // ...unless another marker comes first.
+    let mut s2 = Sim::new(source(SRC_LEN as usize));
+    s2.begin("sendfile");
+    s2.marker("END sendfile");
+    s2.marker("BEGIN other");
+    s2.blk_dma(&[(X, 0, PAGE)]);
+    s2.cpu_copy(X + PAGE, X, PAGE);
+    s2.sample(0);
+    input.records = s2.records().to_vec();
+    let a = audit(&input, &expected_toml()).remove(0);
+    assert_eq!((a.dirty_samples, a.cpu_copied_bytes), (0, 0));
+}
+
+// ---- expectations file and reports ----
+
+#[test]
+fn expected_toml_covers_every_method_of_the_contract() {
+    let contract = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/method-suite.md"),
+    )
+    .unwrap();
+    let section = contract
+        .split("## Method names")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .unwrap();
+    let names: Vec<&str> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    assert_eq!(names.len(), 10, "{names:?}");
+    let ex = expected_toml();
+    for name in &names {
+        for variant in ["sg-on", "sg-off"] {
+            assert!(ex.get(name, variant).is_some(), "no [{name}.{variant}]");
+        }
+    }
+    for method in ex.methods.keys() {
+        assert!(
+            names.contains(&method.as_str()),
+            "{method} is not in the contract"
+        );
+    }
+}
+
+fn all_audits() -> Vec<MethodAudit> {
+    let names = [
+        "sendfile_sg_on",
+        "sendfile_sg_off",
+        "read_write",
+        "sendfile_warm",
+        "content_mismatch",
+        "dedupe",
+        "init_on_alloc",
+        "kernel_claim",
+    ];
+    let mut out: Vec<MethodAudit> = names.iter().map(|n| run(n, recorded_variant(n))).collect();
+    out.push(run("sendfile_sg_off", "sg-on"));
+    let mut input = load("sendfile_sg_on", "sg-on");
+    input.reports = parse_reports(
+        r#"{"test":"method","method":"uring_send_zc","ok":true,"skipped":"kernel has no IORING_OP_SEND_ZC"}"#,
+    )
+    .unwrap();
+    out.extend(
+        audit(&input, &expected_toml())
+            .into_iter()
+            .filter(|a| a.verdict == Verdict::Skip),
+    );
+    out
+}
+
+#[test]
+fn ktap_report() {
+    let audits = all_audits();
+    let k = report::ktap(&audits);
+    let lines: Vec<&str> = k.lines().collect();
+    assert_eq!(lines[0], "KTAP version 1");
+    assert_eq!(lines[1], format!("1..{}", audits.len()));
+    assert!(lines.contains(&"ok 1 sendfile[sg-on]"), "{k}");
+    assert!(
+        lines.contains(&"not ok 9 sendfile[sg-on] # cpu copies 1.00, expected 0.00 ± 0.15"),
+        "{k}"
+    );
+    assert!(
+        lines.contains(&"# sendfile[sg-on]: zero-copy 0.0%, expected >= 90.0%"),
+        "{k}"
+    );
+    assert!(
+        lines.contains(&"ok 10 uring_send_zc[sg-on] # SKIP kernel has no IORING_OP_SEND_ZC"),
+        "{k}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("# mmap_zerocopy[sg-off]: kernel flagged")));
+    let results = lines
+        .iter()
+        .filter(|l| l.starts_with("ok ") || l.starts_with("not ok "))
+        .count();
+    assert_eq!(results, audits.len());
+}
+
+#[test]
+fn table_report() {
+    let t = report::table(&all_audits());
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(lines[0].starts_with("method"), "{t}");
+    assert!(lines[0].contains("CPU copies"));
+    let row = lines.iter().find(|l| l.starts_with("read_write")).unwrap();
+    assert!(row.contains("2.00"), "{row}");
+    assert!(row.ends_with("PASS"), "{row}");
+    assert!(
+        t.contains("FAIL: cpu copies 1.00, expected 0.00 ± 0.15"),
+        "{t}"
+    );
+    assert!(t.contains("SKIP: kernel has no IORING_OP_SEND_ZC"), "{t}");
+}
+
+#[test]
+fn json_report_round_trips() {
+    let audits = all_audits();
+    let v: serde_json::Value = serde_json::from_str(&report::json(&audits)).unwrap();
+    assert_eq!(v["schema"], "zc-audit/1");
+    let methods = v["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), audits.len());
+    assert_eq!(methods[0]["verdict"], "PASS");
+    assert_eq!(methods[0]["expected"]["cpu_copies"], 0.0);
+    assert_eq!(methods[2]["cpu_copies"], 2.0);
+}
+
+#[test]
+fn html_report_is_self_contained() {
+    let h = report::html(&all_audits());
+    assert!(h.starts_with("<!DOCTYPE html>"));
+    assert_eq!(h.matches("<svg").count(), 2);
+    assert!(h.contains("<style>"));
+    for external in ["<script", "src=", "href=", "http:", "https:", "url("] {
+        assert!(!h.contains(external), "{external}");
+    }
+    assert!(h.contains("mmap_zerocopy"));
+    assert!(h.contains("expected 0.00 ± 0.15"));
+}

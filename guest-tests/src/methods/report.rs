@@ -1,0 +1,263 @@
+//! A method's result as the `report` JSON line and as a KTAP result line.
+//!
+//! The JSON shape is the contract's (`docs/method-suite.md`):
+//! ```json
+//! {"test":"method","method":"sendfile","ok":true,"bytes":16777216,"chunk":65536,
+//!  "chunks":256,"seconds":1.234,"syscalls":{"sendfile":256,"socket":1,...},
+//!  "loop_syscalls":256,"setup_syscalls":3,
+//!  "zerocopy":{"sends":256,"completions":256,"copied":0}}
+//! ```
+//! `zerocopy` only for the zero-copy methods, `copied` `null` when the kernel does
+//! not say (io_uring before Linux 6.2). A skipped method is
+//! `{"test":"method","method":M,"ok":true,"skipped":"<reason>"}`, a failed one
+//! `{"test":"method","method":M,"ok":false,"error":"<one line>"}`.
+
+use super::Method;
+use crate::json::Object;
+
+/// The first line of the suite's KTAP document.
+pub const KTAP_HEADER: &str = "KTAP version 1";
+
+/// The KTAP plan line for `count` tests.
+pub fn ktap_plan(count: usize) -> String {
+    format!("1..{count}")
+}
+
+/// The zero-copy counts of a method (MSG_ZEROCOPY or io_uring SEND_ZC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZcReport {
+    /// Zero-copy sends issued.
+    pub sends: u64,
+    /// Sends whose completion notification arrived.
+    pub completions: u64,
+    /// Sends the kernel flagged as copied; `None` when it cannot tell.
+    pub copied: Option<u64>,
+}
+
+/// What a method that ran to the end measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// Bytes sent (and acknowledged by the peer).
+    pub bytes: u64,
+    /// The chunk size.
+    pub chunk: u64,
+    /// Chunks sent: the number of sample requests.
+    pub chunks: u64,
+    /// Connect to the last completion, in seconds.
+    pub seconds: f64,
+    /// Every system call between the marks, by name (non-zero only).
+    pub syscalls: Vec<(&'static str, u64)>,
+    /// Those issued inside the per-chunk loop.
+    pub loop_syscalls: u64,
+    /// The rest.
+    pub setup_syscalls: u64,
+    /// Zero-copy counts (zero-copy methods only).
+    pub zerocopy: Option<ZcReport>,
+}
+
+impl Measured {
+    /// Loop system calls per chunk (what the table's "system calls per chunk" is).
+    pub fn syscalls_per_chunk(&self) -> f64 {
+        if self.chunks == 0 {
+            0.0
+        } else {
+            self.loop_syscalls as f64 / self.chunks as f64
+        }
+    }
+}
+
+/// How one method ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MethodResult {
+    /// It sent everything and the peer acknowledged it.
+    Passed(Method, Measured),
+    /// The kernel cannot run it; the reason says what is missing.
+    Skipped(Method, String),
+    /// It failed; one line saying why.
+    Failed(Method, String),
+}
+
+impl MethodResult {
+    /// Whether this counts against the suite (a skip does not).
+    pub fn failed(&self) -> bool {
+        matches!(self, MethodResult::Failed(..))
+    }
+
+    /// The `report` JSON.
+    pub fn json(&self) -> String {
+        let head = |method: Method, ok: bool| {
+            Object::new()
+                .str("test", "method")
+                .str("method", method.name())
+                .bool("ok", ok)
+        };
+        match self {
+            MethodResult::Passed(method, m) => {
+                let syscalls = m
+                    .syscalls
+                    .iter()
+                    .fold(Object::new(), |o, &(name, n)| o.u64(name, n));
+                let mut json = head(*method, true)
+                    .u64("bytes", m.bytes)
+                    .u64("chunk", m.chunk)
+                    .u64("chunks", m.chunks)
+                    .f64("seconds", m.seconds, 6)
+                    .object("syscalls", syscalls)
+                    .u64("loop_syscalls", m.loop_syscalls)
+                    .u64("setup_syscalls", m.setup_syscalls);
+                if let Some(zc) = m.zerocopy {
+                    let mut z = Object::new()
+                        .u64("sends", zc.sends)
+                        .u64("completions", zc.completions);
+                    z = match zc.copied {
+                        Some(n) => z.u64("copied", n),
+                        None => z.null("copied"),
+                    };
+                    json = json.object("zerocopy", z);
+                }
+                json.finish()
+            }
+            MethodResult::Skipped(method, reason) => {
+                head(*method, true).str("skipped", reason).finish()
+            }
+            MethodResult::Failed(method, error) => {
+                head(*method, false).str("error", &one_line(error)).finish()
+            }
+        }
+    }
+
+    /// The KTAP result line for test number `number` (1-based).
+    pub fn ktap_line(&self, number: usize) -> String {
+        match self {
+            MethodResult::Passed(method, m) => {
+                let mut line = format!(
+                    "ok {number} {method} # bytes={} seconds={:.2} syscalls_per_chunk={:.2}",
+                    m.bytes,
+                    m.seconds,
+                    m.syscalls_per_chunk()
+                );
+                if let Some(zc) = m.zerocopy {
+                    let copied = zc.copied.map_or("unknown".to_string(), |n| n.to_string());
+                    line.push_str(&format!(
+                        " zc_sends={} zc_completions={} zc_copied={copied}",
+                        zc.sends, zc.completions
+                    ));
+                }
+                line
+            }
+            MethodResult::Skipped(method, reason) => {
+                format!("ok {number} {method} # SKIP {}", one_line(reason))
+            }
+            MethodResult::Failed(method, error) => {
+                format!("not ok {number} {method} # {}", one_line(error))
+            }
+        }
+    }
+}
+
+/// `text` on one line: a KTAP line or report must not be split.
+fn one_line(text: &str) -> String {
+    text.split(['\n', '\r']).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sendfile() -> Measured {
+        Measured {
+            bytes: 16 << 20,
+            chunk: 65536,
+            chunks: 256,
+            seconds: 1.234,
+            syscalls: vec![
+                ("recv", 1),
+                ("sendfile", 256),
+                ("socket", 1),
+                ("connect", 1),
+            ],
+            loop_syscalls: 256,
+            setup_syscalls: 3,
+            zerocopy: None,
+        }
+    }
+
+    #[test]
+    fn passed_report_has_the_contract_shape() {
+        let r = MethodResult::Passed(Method::Sendfile, sendfile());
+        assert_eq!(
+            r.json(),
+            r#"{"test":"method","method":"sendfile","ok":true,"bytes":16777216,"chunk":65536,"chunks":256,"seconds":1.234000,"syscalls":{"recv":1,"sendfile":256,"socket":1,"connect":1},"loop_syscalls":256,"setup_syscalls":3}"#
+        );
+        assert_eq!(
+            r.ktap_line(3),
+            "ok 3 sendfile # bytes=16777216 seconds=1.23 syscalls_per_chunk=1.00"
+        );
+        assert!(!r.failed());
+    }
+
+    #[test]
+    fn zerocopy_member() {
+        let mut m = sendfile();
+        m.zerocopy = Some(ZcReport {
+            sends: 256,
+            completions: 256,
+            copied: Some(0),
+        });
+        let r = MethodResult::Passed(Method::MmapZerocopy, m.clone());
+        assert!(r
+            .json()
+            .ends_with(r#""zerocopy":{"sends":256,"completions":256,"copied":0}}"#));
+        assert!(r
+            .ktap_line(7)
+            .ends_with("zc_sends=256 zc_completions=256 zc_copied=0"));
+        m.zerocopy = Some(ZcReport {
+            sends: 2,
+            completions: 2,
+            copied: None,
+        });
+        let r = MethodResult::Passed(Method::UringSendZc, m);
+        assert!(r
+            .json()
+            .ends_with(r#""zerocopy":{"sends":2,"completions":2,"copied":null}}"#));
+        assert!(r.ktap_line(8).ends_with("zc_copied=unknown"));
+    }
+
+    #[test]
+    fn skipped_and_failed() {
+        let s = MethodResult::Skipped(
+            Method::UringSendZc,
+            "kernel has no IORING_OP_SEND_ZC (needs Linux 6.0)".into(),
+        );
+        assert_eq!(
+            s.json(),
+            r#"{"test":"method","method":"uring_send_zc","ok":true,"skipped":"kernel has no IORING_OP_SEND_ZC (needs Linux 6.0)"}"#
+        );
+        assert_eq!(
+            s.ktap_line(8),
+            "ok 8 uring_send_zc # SKIP kernel has no IORING_OP_SEND_ZC (needs Linux 6.0)"
+        );
+        assert!(!s.failed());
+        let f = MethodResult::Failed(Method::Splice, "connecting: refused\nsecond".into());
+        assert_eq!(
+            f.json(),
+            r#"{"test":"method","method":"splice","ok":false,"error":"connecting: refused second"}"#
+        );
+        assert_eq!(
+            f.ktap_line(4),
+            "not ok 4 splice # connecting: refused second"
+        );
+        assert!(f.failed());
+        assert_eq!(ktap_plan(10), "1..10");
+    }
+
+    #[test]
+    fn zero_chunks_do_not_divide_by_zero() {
+        let m = Measured {
+            chunks: 0,
+            loop_syscalls: 0,
+            ..sendfile()
+        };
+        assert_eq!(m.syscalls_per_chunk(), 0.0);
+    }
+}

@@ -1,0 +1,57 @@
+//! `splice`: file -> pipe -> socket with two `splice` calls per chunk (pipe size =
+//! chunk).
+//!
+//! The pipe holds references to the page-cache pages, not copies; the socket side
+//! attaches them to skbs as fragments, so with a scatter-gather NIC no CPU copy.
+
+use std::os::fd::AsRawFd;
+
+use super::runner::{send_error, Done, Transfer};
+use crate::error::{Context, Error, Result};
+
+/// Sends the file through a pipe with `splice`, then waits for the ACK; the pipe
+/// is kept until after `END`.
+pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
+    let fd = t.file.as_raw_fd();
+    let (pipe_r, pipe_w) = t.sys.pipe().context(|| "pipe2".to_string())?;
+    let (r, w) = (pipe_r.as_raw_fd(), pipe_w.as_raw_fd());
+    let chunk = t.chunk;
+    t.sys
+        .fcntl_int(w, libc::F_SETPIPE_SZ, chunk as libc::c_int)
+        .context(|| format!("fcntl(F_SETPIPE_SZ, {chunk}) (above /proc/sys/fs/pipe-max-size?)"))?;
+    let mut off: i64 = 0;
+    t.for_each_chunk(|t, c| {
+        let mut left = c.len;
+        // Normally one splice in and one out per chunk: the pipe holds a whole
+        // chunk. Short splices continue.
+        while left > 0 {
+            let n = match t
+                .sys
+                .splice(fd, Some(&mut off), w, left, libc::SPLICE_F_MOVE)
+            {
+                Ok(0) => {
+                    return Err(Error::new(format!(
+                        "splice from the file returned 0 at offset {off}: the file ended early"
+                    )))
+                }
+                Ok(n) => n,
+                Err(e) => return Err(Error::new(format!("splice file -> pipe at {off}: {e}"))),
+            };
+            let mut in_pipe = n;
+            while in_pipe > 0 {
+                match t.sys.splice(r, None, t.sock, in_pipe, libc::SPLICE_F_MOVE) {
+                    Ok(0) => return Err(Error::new("splice pipe -> socket returned 0")),
+                    Ok(m) => in_pipe -= m,
+                    Err(e) => return Err(send_error("splice pipe ->", e)),
+                }
+            }
+            left -= n;
+        }
+        Ok(())
+    })?;
+    t.wait_ack()?;
+    Ok(Done {
+        keep: vec![Box::new(pipe_r), Box::new(pipe_w)],
+        zerocopy: None,
+    })
+}

@@ -1,0 +1,477 @@
+//! The suite against a local TCP peer on 127.0.0.1 that behaves like the VMM's:
+//! per connection it reads `size` bytes, checks them against the file, and sends
+//! the 8-byte little-endian count. Marks, samples, reports and console lines go to
+//! a recorder instead of the control channel and port 0x610.
+//!
+//! On loopback, MSG_ZEROCOPY (and io_uring SEND_ZC) always end up copied: the
+//! receiver cannot keep references to the sender's pages. So every zero-copy
+//! completion must carry the kernel's "copied" flag here, which checks the copied
+//! counters against a known answer.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::*;
+use crate::pattern;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    DropCaches,
+    Mark(String),
+    Sample(u32),
+    Report(String),
+    Console(String),
+}
+
+#[derive(Default)]
+struct Recorder {
+    events: Vec<Event>,
+}
+
+impl Hooks for Recorder {
+    fn drop_caches(&mut self) -> Result<()> {
+        // Unprivileged tests cannot drop caches; the order of calls is what counts.
+        self.events.push(Event::DropCaches);
+        Ok(())
+    }
+    fn mark(&mut self, label: &str) -> Result<()> {
+        self.events.push(Event::Mark(label.to_string()));
+        Ok(())
+    }
+    fn sample(&mut self, chunk: u32) {
+        self.events.push(Event::Sample(chunk));
+    }
+    fn report(&mut self, json: &str) -> Result<()> {
+        self.events.push(Event::Report(json.to_string()));
+        Ok(())
+    }
+    fn console(&mut self, line: &str) {
+        self.events.push(Event::Console(line.to_string()));
+    }
+}
+
+impl Recorder {
+    fn reports(&self) -> Vec<Value> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Report(json) => Some(serde_json::from_str(json).expect(json)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn console(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Console(line) => Some(line.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// What the peer saw on one connection.
+#[derive(Debug)]
+struct Received {
+    bytes: usize,
+    matched: bool,
+}
+
+/// The peer: accepts connections forever (the thread is left blocked in accept
+/// when the test ends), answers each like the VMM, reports what it saw.
+/// `ack_offset` is added to the count it acknowledges (to test a wrong ACK).
+fn spawn_peer(expected: Vec<u8>, ack_offset: u64) -> (SocketAddrV4, mpsc::Receiver<Received>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut got = vec![0u8; expected.len()];
+            let mut n = 0;
+            while n < got.len() {
+                match conn.read(&mut got[n..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
+            let matched = n == expected.len() && got == expected;
+            let ack = if matched { n as u64 + ack_offset } else { 0 };
+            // Reported before the ACK: once the method has its ACK, the test can
+            // read what the peer saw without waiting.
+            if tx.send(Received { bytes: n, matched }).is_err() {
+                return;
+            }
+            let _ = conn.write_all(&ack.to_le_bytes());
+        }
+    });
+    (addr, rx)
+}
+
+/// A closed local port: bound, then dropped.
+fn closed_port() -> SocketAddrV4 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    match l.local_addr().unwrap() {
+        SocketAddr::V4(a) => a,
+        _ => unreachable!(),
+    }
+}
+
+/// A payload file of `len` pattern bytes in a fresh directory.
+fn payload(len: usize) -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = vec![0u8; len];
+    pattern::fill(0, &mut data);
+    std::fs::write(dir.path().join(DEFAULT_FILE), &data).unwrap();
+    (dir, data)
+}
+
+/// Whether the directory's file system takes O_DIRECT (tmpfs did not before 6.6).
+fn o_direct_works(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dir.join(DEFAULT_FILE))
+        .is_ok()
+}
+
+fn count(report: &Value, call: &str) -> u64 {
+    report["syscalls"][call].as_u64().unwrap_or(0)
+}
+
+/// The events of one method: from its BEGIN mark to its report.
+fn span<'a>(events: &'a [Event], method: &str) -> &'a [Event] {
+    let begin = Event::Mark(format!("BEGIN {method}"));
+    let start = events.iter().position(|e| *e == begin).expect("BEGIN");
+    let end = start
+        + events[start..]
+            .iter()
+            .position(|e| matches!(e, Event::Report(_)))
+            .expect("report");
+    &events[start..end]
+}
+
+/// Checks what every method that ran shares: the sequence of events, the peer's
+/// view, and the report's common fields. Returns the report.
+fn check_common(
+    recorder: &Recorder,
+    report: &Value,
+    received: &Received,
+    size: u64,
+    chunk: u64,
+) -> u64 {
+    let method = report["method"].as_str().unwrap();
+    assert_eq!(report["test"], "method");
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["bytes"], size);
+    assert_eq!(report["chunk"], chunk);
+    let chunks = size.div_ceil(chunk);
+    assert_eq!(report["chunks"], chunks);
+    assert!(report["seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        received.matched && received.bytes as u64 == size,
+        "{method}: {received:?}"
+    );
+
+    // BEGIN, one sample per chunk in order, END: nothing else between.
+    let mut want = vec![Event::Mark(format!("BEGIN {method}"))];
+    want.extend((0..chunks as u32).map(Event::Sample));
+    want.push(Event::Mark(format!("END {method}")));
+    assert_eq!(span(&recorder.events, method), want, "{method}");
+
+    // The split adds up, and connecting is setup.
+    let total: u64 = report["syscalls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    let (lp, setup) = (
+        report["loop_syscalls"].as_u64().unwrap(),
+        report["setup_syscalls"].as_u64().unwrap(),
+    );
+    assert_eq!(lp + setup, total, "{method}: {report}");
+    assert_eq!(count(report, "socket"), 1, "{method}");
+    assert_eq!(count(report, "connect"), 1, "{method}");
+    assert!(count(report, "recv") >= 1, "{method}");
+    assert!(setup >= 5, "{method}: socket, 2 setsockopt, connect, recv");
+    chunks
+}
+
+/// The zero-copy member on loopback: every send completed, every one copied.
+fn check_loopback_zerocopy(report: &Value, chunks: u64) {
+    let method = report["method"].as_str().unwrap();
+    let zc = &report["zerocopy"];
+    let sends = zc["sends"].as_u64().unwrap();
+    assert!(sends >= chunks, "{method}: {zc}");
+    assert_eq!(zc["completions"], sends, "{method}: {zc}");
+    assert_eq!(
+        zc["copied"], sends,
+        "{method}: loopback always copies: {zc}"
+    );
+}
+
+fn check_method(report: &Value, chunks: u64) {
+    let method = report["method"].as_str().unwrap();
+    let lp = report["loop_syscalls"].as_u64().unwrap();
+    match Method::from_name(method).unwrap() {
+        Method::ReadWrite | Method::DirectWrite => {
+            assert_eq!(count(report, "read"), chunks, "{method}");
+            assert!(count(report, "write") >= chunks, "{method}");
+            assert_eq!(lp, count(report, "read") + count(report, "write"));
+            assert!(report.get("zerocopy").is_none());
+        }
+        Method::MmapWrite => {
+            assert_eq!(count(report, "mmap"), 1);
+            assert!(count(report, "write") >= chunks);
+            assert_eq!(lp, count(report, "write"));
+        }
+        Method::Sendfile | Method::SendfileWarm => {
+            assert!(count(report, "sendfile") >= chunks, "{method}");
+            assert_eq!(lp, count(report, "sendfile"));
+        }
+        Method::Splice => {
+            assert_eq!((count(report, "pipe2"), count(report, "fcntl")), (1, 1));
+            assert!(count(report, "splice") >= 2 * chunks);
+            assert_eq!(lp, count(report, "splice"));
+        }
+        Method::DirectZerocopy => {
+            assert_eq!(count(report, "read"), chunks);
+            // Per chunk at least: read, send, and a completion read.
+            assert!(lp >= 3 * chunks, "{report}");
+            check_loopback_zerocopy(report, chunks);
+            assert_eq!(count(report, "setsockopt"), 3, "timeouts and SO_ZEROCOPY");
+        }
+        Method::MmapZerocopy | Method::CowZerocopy => {
+            assert_eq!(count(report, "mmap"), 1);
+            assert!(count(report, "send") >= chunks);
+            check_loopback_zerocopy(report, chunks);
+            assert_eq!(count(report, "setsockopt"), 3, "timeouts and SO_ZEROCOPY");
+        }
+        Method::UringSendZc => {
+            assert_eq!(count(report, "io_uring_setup"), 1);
+            // Batched: one enter per batch of 16 in the common case, never one per
+            // chunk (loopback always completes inline).
+            assert_eq!(lp, count(report, "io_uring_enter") - setup_enters(report));
+            assert!(lp < chunks, "{report}");
+            let zc = &report["zerocopy"];
+            assert_eq!(zc["sends"], chunks, "{zc}");
+            assert_eq!(zc["completions"], chunks, "{zc}");
+            // Null only on kernels before 6.2 (no IORING_SEND_ZC_REPORT_USAGE).
+            assert!(zc["copied"] == chunks || zc["copied"].is_null(), "{zc}");
+        }
+    }
+}
+
+/// io_uring_enter calls outside the loop (the final notification wait).
+fn setup_enters(report: &Value) -> u64 {
+    report["setup_syscalls"].as_u64().unwrap()
+        - [
+            "socket",
+            "setsockopt",
+            "connect",
+            "recv",
+            "mmap",
+            "io_uring_setup",
+        ]
+        .iter()
+        .map(|c| count(report, c))
+        .sum::<u64>()
+}
+
+/// Runs `suite` against a fresh peer; returns the recorder, the suite's result and
+/// what the peer saw, in order.
+fn run(
+    suite: &Suite,
+    dir: &Path,
+    expected: &[u8],
+    ack_offset: u64,
+) -> (Recorder, bool, Vec<Received>) {
+    let (peer, seen) = spawn_peer(expected.to_vec(), ack_offset);
+    let mut recorder = Recorder::default();
+    let passed = run_suite(suite, dir, peer, &mut recorder).unwrap();
+    let received = seen.try_iter().collect();
+    (recorder, passed, received)
+}
+
+#[test]
+fn every_method_against_a_local_peer() {
+    // 16 whole chunks and a tail that is not a whole page: exercises the O_DIRECT
+    // rounding and the short last chunk everywhere.
+    let (dir, data) = payload((1 << 20) + 5000);
+    let direct_ok = o_direct_works(dir.path());
+    let suite = Suite::default();
+    let (recorder, passed, received) = run(&suite, dir.path(), &data, 0);
+
+    let console = recorder.console();
+    assert_eq!(console[0], "KTAP version 1");
+    assert_eq!(console[1], "1..10");
+    assert_eq!(console.len(), 12, "{console:#?}");
+    let reports = recorder.reports();
+    assert_eq!(reports.len(), 10);
+    let mut received = received.iter();
+    for (i, (method, report)) in Method::ALL.iter().zip(&reports).enumerate() {
+        let line = &console[i + 2];
+        eprintln!("{line}\n  {report}");
+        assert_eq!(report["method"], method.name());
+        if report.get("skipped").is_some() {
+            // Only io_uring may be missing on a test host.
+            assert_eq!(*method, Method::UringSendZc, "{report}");
+            assert_eq!(report["ok"], true);
+            assert!(line.starts_with(&format!("ok {} uring_send_zc # SKIP ", i + 1)));
+            assert!(!recorder
+                .events
+                .contains(&Event::Mark("BEGIN uring_send_zc".into())));
+            continue;
+        }
+        if method.direct() && !direct_ok {
+            assert_eq!(report["ok"], false, "{report}");
+            assert!(report["error"].as_str().unwrap().contains("O_DIRECT"));
+            assert!(line.starts_with("not ok "));
+            continue;
+        }
+        let got = received.next().expect("one connection per method");
+        let chunks = check_common(&recorder, report, got, data.len() as u64, 65536);
+        assert_eq!(chunks, 17);
+        check_method(report, chunks);
+        assert!(
+            line.starts_with(&format!(
+                "ok {} {method} # bytes={} seconds=",
+                i + 1,
+                data.len()
+            )),
+            "{line}"
+        );
+        assert_eq!(
+            line.contains(" zc_sends="),
+            report.get("zerocopy").is_some(),
+            "{line}"
+        );
+    }
+    assert!(received.next().is_none());
+    assert_eq!(passed, direct_ok);
+
+    // Caches: dropped before every cold method, never for the warm one.
+    let drops = recorder
+        .events
+        .iter()
+        .filter(|e| **e == Event::DropCaches)
+        .count();
+    let skipped = reports
+        .iter()
+        .filter(|r| r.get("skipped").is_some())
+        .count();
+    assert_eq!(drops, 9 - skipped);
+    let warm = span(&recorder.events, "sendfile_warm");
+    assert!(!warm.contains(&Event::DropCaches));
+}
+
+#[test]
+fn prefix_with_small_chunks() {
+    let (dir, data) = payload(200_000);
+    if !o_direct_works(dir.path()) {
+        eprintln!("no O_DIRECT on this file system: skipping");
+        return;
+    }
+    let size = 3 * 4096 + 100;
+    let suite = Suite {
+        methods: vec![
+            Method::DirectZerocopy,
+            Method::CowZerocopy,
+            Method::Splice,
+            Method::UringSendZc,
+            Method::MmapWrite,
+        ],
+        file: DEFAULT_FILE.to_string(),
+        size: Some(size),
+        chunk: 8192,
+    };
+    let (recorder, passed, received) = run(&suite, dir.path(), &data[..size as usize], 0);
+    assert!(passed);
+    let mut received = received.iter();
+    for report in recorder.reports() {
+        if report.get("skipped").is_some() {
+            continue;
+        }
+        let chunks = check_common(&recorder, &report, received.next().unwrap(), size, 8192);
+        assert_eq!(chunks, 2);
+        check_method(&report, chunks);
+    }
+}
+
+#[test]
+fn failures_are_reported_and_spans_stay_paired() {
+    let (dir, data) = payload(100_000);
+    let suite = Suite {
+        methods: vec![Method::Sendfile, Method::ReadWrite],
+        ..Suite::default()
+    };
+    let mut recorder = Recorder::default();
+    let passed = run_suite(&suite, dir.path(), closed_port(), &mut recorder).unwrap();
+    assert!(!passed);
+    let reports = recorder.reports();
+    for (report, method) in reports.iter().zip(["sendfile", "read_write"]) {
+        assert_eq!(report["ok"], false);
+        assert_eq!(report["method"], method);
+        let error = report["error"].as_str().unwrap();
+        assert!(error.starts_with("connecting to the peer"), "{error}");
+        // Connecting failed after BEGIN: END still follows, with no sample.
+        assert_eq!(
+            span(&recorder.events, method),
+            [
+                Event::Mark(format!("BEGIN {method}")),
+                Event::Mark(format!("END {method}"))
+            ]
+        );
+    }
+    assert!(recorder.console()[2].starts_with("not ok 1 sendfile # connecting to the peer"));
+
+    // A prefix longer than the file fails before BEGIN: no marks at all.
+    let too_long = Suite {
+        methods: vec![Method::Sendfile],
+        size: Some(data.len() as u64 + 1),
+        ..Suite::default()
+    };
+    let (recorder, passed, received) = run(&too_long, dir.path(), &data, 0);
+    assert!(!passed && received.is_empty());
+    assert!(!recorder.events.iter().any(|e| matches!(e, Event::Mark(_))));
+    let error = recorder.reports()[0]["error"].as_str().unwrap().to_string();
+    assert!(error.contains("has only 100000 bytes"), "{error}");
+
+    // A wrong ACK is a failure of the method, after END.
+    let one = Suite {
+        methods: vec![Method::MmapZerocopy],
+        ..Suite::default()
+    };
+    let (recorder, passed, _) = run(&one, dir.path(), &data, 1);
+    assert!(!passed);
+    let error = recorder.reports()[0]["error"].as_str().unwrap().to_string();
+    assert_eq!(error, "the peer acknowledged 100001 of 100000 bytes");
+    assert!(recorder
+        .events
+        .contains(&Event::Mark("END mmap_zerocopy".into())));
+
+    // A missing file fails before BEGIN too.
+    let missing = Suite {
+        methods: vec![Method::Splice],
+        file: "nope.bin".into(),
+        ..Suite::default()
+    };
+    let (recorder, passed, _) = run(&missing, dir.path(), &data, 0);
+    assert!(!passed);
+    assert!(recorder.reports()[0]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("opening "));
+}
