@@ -344,6 +344,9 @@ impl<'r, 's> LogIndex<'r, 's> {
                     }
                     if whole && fs >= po && fe <= pe && self.zero_copy(d_idx, p, stream) {
                         ev.nic_zero_copy_bytes += n;
+                    } else if whole {
+                        let gpa = p.gpa + (os - fs);
+                        ev.nic_copied_ranges.push((d_idx, gpa, n, stream));
                     }
                 }
             }
@@ -365,8 +368,26 @@ impl<'r, 's> LogIndex<'r, 's> {
         self.history.last_before(p.gpa / PAGE_SIZE, desc_idx) == Some(PageContent::File(want))
     }
 
+    /// CPU copies: the payload in pages the CPU dirtied, at each sample; plus the
+    /// last hop of payload the NIC read from a page no device filled with it. The
+    /// CPU must have written those bytes there (only the CPU and the devices write
+    /// guest memory), and KVM confirms the page was CPU-dirtied, but a buffer the
+    /// driver frees as soon as the NIC is done (a frame linearised at the device
+    /// edge) may be reused before the next sample, so the samples alone miss it.
+    /// Both feed one deduplication, so a copy seen both ways counts once.
     fn cpu(&self, span: &Span, ev: &mut Evidence) {
         let last = self.cpu_end(span);
+        // Where each page was first seen CPU-dirtied in the span.
+        let mut first_dirty: HashMap<u64, usize> = HashMap::new();
+        for idx in span.begin + 1..=last {
+            if let Record::Dirty(dr) = &self.records[idx] {
+                for &pfn in &dr.dirtied {
+                    first_dirty.entry(pfn).or_insert(idx);
+                }
+            }
+        }
+        let ranges = std::mem::take(&mut ev.nic_copied_ranges);
+        let mut nic_reads = ranges.iter().peekable();
         let mut seen = Seen::default();
         for idx in span.begin + 1..=last {
             match &self.records[idx] {
@@ -382,6 +403,33 @@ impl<'r, 's> LogIndex<'r, 's> {
                     self.dirty_sample(idx, dr, &mut seen, ev);
                 }
                 _ => {}
+            }
+            while let Some(&&(d_idx, gpa, len, file_off)) = nic_reads.peek() {
+                if d_idx > idx {
+                    break;
+                }
+                nic_reads.next();
+                // The CPU wrote the page before the NIC read it: the sample that
+                // saw it dirty is at the latest the first one after the read.
+                let next_sample = self
+                    .dirty
+                    .get(self.dirty.partition_point(|&i| i <= idx))
+                    .copied()
+                    .unwrap_or(usize::MAX);
+                // A page the disk filled with this very file page is not a copy's
+                // destination even if the CPU wrote into it since (bytes garbled
+                // in place are not payload the CPU copied there).
+                let page = gpa / PAGE_SIZE;
+                let disk_put_it_there = gpa % PAGE_SIZE == file_off % PAGE_SIZE
+                    && self.source.page_fp_at(file_off).is_some_and(|fp| {
+                        self.history.last_before(page, d_idx) == Some(PageContent::File(fp))
+                    });
+                if !disk_put_it_there && first_dirty.get(&page).is_some_and(|&at| at <= next_sample)
+                {
+                    let new = seen.add(gpa, len, file_off);
+                    ev.cpu_copied_bytes += new;
+                    ev.cpu_copied_seen_by_nic += new;
+                }
             }
         }
     }
@@ -441,6 +489,11 @@ pub(crate) struct Evidence {
     pub cpu_copied_bytes: u64,
     pub cpu_dma_destination_bytes: u64,
     pub dirty_samples: u64,
+    /// Of `cpu_copied_bytes`, those only the NIC saw (see `LogIndex::cpu`).
+    pub cpu_copied_seen_by_nic: u64,
+    /// Payload the NIC read from anywhere but a disk-filled page: (record index of the
+    /// descriptor, gpa, len, file offset), in log order.
+    nic_copied_ranges: Vec<(usize, u64, u64, u64)>,
 }
 
 /// Turns 32-bit stream offsets into 64-bit ones, taking each as the candidate

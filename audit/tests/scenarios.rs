@@ -12,7 +12,7 @@ use common::{source, Conn, Frame, Sim, L2_L4, NET_HDR, PAGE};
 use rstest::rstest;
 use serde_json::json;
 use zc_audit::{audit, parse_reports, report, AuditInput, Expectations, MethodAudit, Verdict};
-use zc_devices::dma_log::read_log;
+use zc_devices::dma_log::{read_log, Record};
 
 /// The source file of every scenario: 8 pages.
 const SRC_LEN: u64 = 8 * PAGE;
@@ -258,6 +258,33 @@ fn sendfile_sg_off() -> Scenario {
     }
 }
 
+/// sendfile without scatter-gather where the driver reuses its two linear buffers
+/// frame after frame: by the per-chunk sample only the last two frames' copies are
+/// still in memory. The NIC's reads of the others are the evidence of those copies.
+fn linear_reuse() -> Scenario {
+    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut h = Heads::default();
+    s.begin("sendfile");
+    connect(&mut s, &mut h);
+    let mut slot = 0;
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        fill_page_cache(&mut s, &mut h, lo, hi);
+        for (off, len) in segments(lo, hi) {
+            linear_frame(&mut s, &mut h, off, len, slot % 2, false);
+            slot += 1;
+        }
+        s.sample(c as u32);
+    }
+    peer_count(&mut s, &mut h);
+    s.end("sendfile");
+    Scenario {
+        sim: s,
+        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
+        variant: "sg-off",
+    }
+}
+
 /// read + write: page cache -> user buffer (page-aligned, reused per chunk) -> socket
 /// buffer fragments, which the NIC reads.
 fn read_write() -> Scenario {
@@ -470,6 +497,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("dedupe", dedupe()),
         ("init_on_alloc", init_on_alloc()),
         ("kernel_claim", kernel_claim()),
+        ("linear_reuse", linear_reuse()),
     ]
 }
 
@@ -547,7 +575,7 @@ fn run(name: &str, variant: &str) -> MethodAudit {
 /// The variant scenario `name` was recorded in (without re-making the scenarios).
 fn recorded_variant(name: &str) -> &'static str {
     match name {
-        "sendfile_sg_off" | "kernel_claim" => "sg-off",
+        "sendfile_sg_off" | "kernel_claim" | "linear_reuse" => "sg-off",
         _ => "sg-on",
     }
 }
@@ -567,6 +595,7 @@ fn recorded_variants_are_known() {
 #[case::dedupe_of_redirtied_pages("dedupe", 32768, 2, 0.0)]
 #[case::init_on_alloc_and_late_blk_record("init_on_alloc", 0, 2, 100.0)]
 #[case::device_edge_copy("kernel_claim", 32768, 2, 0.0)]
+#[case::reused_linear_buffers("linear_reuse", 32768, 2, 0.0)]
 fn recorded_scenarios_pass(
     #[case] name: &str,
     #[case] cpu_bytes: u64,
@@ -579,6 +608,26 @@ fn recorded_scenarios_pass(
     assert_eq!(a.dma_copies, dma);
     assert_eq!(a.zero_copy_pct, zero_copy_pct);
     assert_eq!(a.dirty_samples, a.chunks.unwrap() + 1);
+}
+
+#[test]
+fn copies_only_the_nic_saw_need_the_dirty_log() {
+    let a = run("linear_reuse", "sg-off");
+    assert!(
+        a.cpu_copied_seen_by_nic > SRC_LEN / 2,
+        "most copies were overwritten before a sample: {a:#?}"
+    );
+    // Without KVM's word that the CPU wrote those pages, the NIC's reads prove nothing.
+    let mut input = load("linear_reuse", "sg-off");
+    for r in &mut input.records {
+        if let Record::Dirty(d) = r {
+            d.dirtied.clear();
+        }
+    }
+    let a = zc_audit::audit(&input, &expected_toml()).remove(0);
+    assert_eq!(a.cpu_copied_seen_by_nic, 0);
+    assert!(a.cpu_copies < 0.5, "{a:#?}");
+    assert_eq!(a.verdict, Verdict::Fail);
 }
 
 #[test]
@@ -1059,4 +1108,25 @@ fn html_report_is_self_contained() {
     }
     assert!(h.contains("mmap_zerocopy"));
     assert!(h.contains("expected 0.00 ± 0.15"));
+}
+
+#[test]
+fn a_wanted_method_that_never_ran_fails() {
+    let input = AuditInput {
+        variant: "sg-on".to_string(),
+        ..load("sendfile_sg_on", "sg-on")
+    };
+    let wanted = ["sendfile".to_string(), "splice".to_string()];
+    let audits = zc_audit::audit_wanted(&input, &expected_toml(), &wanted);
+    assert_eq!(audits.len(), 2);
+    assert_eq!(audits[0].verdict, Verdict::Pass, "{:#?}", audits[0]);
+    let splice = &audits[1];
+    assert_eq!(
+        (splice.method.as_str(), splice.verdict),
+        ("splice", Verdict::Fail)
+    );
+    assert!(
+        splice.reasons.iter().any(|r| r.contains("no guest report")),
+        "{splice:#?}"
+    );
 }

@@ -6,6 +6,12 @@
 //! [disabled](DmaLog::disabled), in which case every call is a single branch and the
 //! devices skip computing fingerprints (see [`DmaLog::is_enabled`]).
 //!
+//! Calls only number, time-stamp and queue a record, with a copy of the bytes it
+//! describes when the device cannot hand over its own; a writer thread computes the
+//! fingerprints, formats the lines and writes them (`writer`). So the device and
+//! vCPU threads, which the guest waits for, pay a short lock and a memory copy per
+//! record, and [`DmaLog::flush`] is what waits for the file to be complete.
+//!
 //! Fingerprints are 64-bit XXH3 hashes ([`fingerprint`]) of the bytes of each 4 KiB
 //! guest-page piece of a buffer ([`page_pieces`]). XXH3 was chosen over FNV-1a
 //! because it hashes a 4 KiB page at memory-bandwidth speed (FNV-1a works a byte at a
@@ -14,12 +20,15 @@
 //! audit side (or Python's `xxhash` package) can recompute.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+mod json;
+mod writer;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Schema identifier written in the header line; readers refuse any other value.
@@ -53,6 +62,22 @@ pub fn page_pieces(gpa: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
         cur = piece_end;
         Some(piece)
     })
+}
+
+/// Per-page fingerprints of `bytes`, the contents of guest memory at `gpa`.
+pub fn pieces_of(gpa: u64, bytes: &[u8]) -> Vec<Piece> {
+    let mut at = 0usize;
+    page_pieces(gpa, bytes.len() as u64)
+        .map(|(p, len)| {
+            let piece = &bytes[at..at + len as usize];
+            at += len as usize;
+            Piece {
+                gpa: p,
+                len,
+                hash: Fingerprint(fingerprint(piece)),
+            }
+        })
+        .collect()
 }
 
 /// Reads `[gpa, gpa + len)` from guest memory page piece by page piece and returns the
@@ -357,6 +382,10 @@ pub struct DirtyRecord {
     pub sample: u32,
     /// Pages the guest CPU dirtied since the previous sample.
     pub dirty_pages: u32,
+    /// Those pages' frame numbers (guest-physical address / 4096), ascending: the
+    /// audit needs them to tell a page the CPU wrote from one only a device wrote.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirtied: Vec<u64>,
     /// Payload runs in those pages, in address order.
     pub runs: Vec<PayloadRun>,
 }
@@ -418,21 +447,66 @@ pub struct DescEntry {
     pub pieces: Vec<Piece>,
 }
 
-struct Inner {
-    start: Instant,
-    state: Mutex<State>,
+/// Where a descriptor range is and what it carried: a [`DescEntry`] without the
+/// fingerprints, for [`DmaLog::descriptor_from_guest`] and [`DmaLog::descriptor_bytes`]
+/// which compute them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DescInfo {
+    /// Device model.
+    pub device: DeviceKind,
+    /// Virtqueue index.
+    pub queue: u16,
+    /// Head descriptor index.
+    pub head: u16,
+    /// Descriptor index.
+    pub desc: u16,
+    /// Whether `desc` indexes an indirect table.
+    pub indirect: bool,
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Direction.
+    pub dir: Direction,
+    /// Role of the range.
+    pub role: DescRole,
 }
 
-struct State {
-    seq: u64,
-    out: Box<dyn Write + Send>,
-    error: Option<io::Error>,
-}
+/// Works out a request's detail from the bytes given to [`DmaLog::request_from_bytes`]
+/// and its `arg`. A plain function, so that queuing one allocates nothing.
+pub type DetailFn = fn(&[u8], u64) -> RequestDetail;
 
-/// Handle to a DMA log. Clones share one writer; a disabled log does nothing.
+/// A file registered with a log ([`DmaLog::stable_file`]) as one whose contents do
+/// not change while the log is in use, such as a read-only disk image. Only valid
+/// with the log that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StableFile(u32);
+
+/// `statfs` magic numbers of file systems whose reads leave the machine (or the VM):
+/// 9p, NFS, FUSE, CIFS, SMB2, Ceph.
+const REMOTE_FS: [i64; 6] = [
+    0x0102_1997,
+    0x6969,
+    0x6573_5546,
+    0xff53_4d42,
+    0xfe53_4d42,
+    0x00c3_6400,
+];
+
+/// Ranges longer than this are fingerprinted on the calling thread instead of being
+/// copied for the writer thread, so that a huge descriptor cannot make the queue
+/// hold gigabytes.
+const COPY_LIMIT: usize = 1 << 20;
+const _: () = assert!(COPY_LIMIT <= writer::MAX_BYTES);
+
+/// Handle to a DMA log. Clones share one writer thread; a disabled log does nothing.
+///
+/// Records are numbered and time-stamped when the call is made and written, in that
+/// order, by a writer thread; [`DmaLog::flush`] waits for it. Dropping the last clone
+/// writes out what is queued.
 #[derive(Clone, Default)]
 pub struct DmaLog {
-    inner: Option<Arc<Inner>>,
+    inner: Option<Arc<writer::Handle>>,
 }
 
 impl std::fmt::Debug for DmaLog {
@@ -449,28 +523,22 @@ impl DmaLog {
         DmaLog { inner: None }
     }
 
-    /// A log writing to `out` (buffered internally); writes the header line now.
+    /// A log writing to `out` (buffered internally) from a writer thread of its own;
+    /// the header line is its first line.
     pub fn new<W: Write + Send + 'static>(out: W) -> Result<Self, DmaLogError> {
         let start_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        let mut out: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(1 << 20, out));
         let header = Record::Header(HeaderRecord {
             schema: SCHEMA.to_string(),
             start_unix_ns,
         });
-        serde_json::to_writer(&mut out, &header).map_err(io::Error::from)?;
-        out.write_all(b"\n")?;
+        let mut head = serde_json::to_vec(&header).map_err(io::Error::from)?;
+        head.push(b'\n');
+        let handle = writer::start(Box::new(out), head)?;
         Ok(DmaLog {
-            inner: Some(Arc::new(Inner {
-                start: Instant::now(),
-                state: Mutex::new(State {
-                    seq: 0,
-                    out,
-                    error: None,
-                }),
-            })),
+            inner: Some(Arc::new(handle)),
         })
     }
 
@@ -489,82 +557,175 @@ impl DmaLog {
         self.inner.is_some()
     }
 
-    fn write_with(&self, make: impl FnOnce(u64, u64) -> Record) {
-        let Some(inner) = &self.inner else { return };
-        let mut st = match inner.state.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if st.error.is_some() {
-            return;
-        }
-        let seq = st.seq;
-        st.seq += 1;
-        let t_ns = inner.start.elapsed().as_nanos() as u64;
-        let rec = make(seq, t_ns);
-        let res = serde_json::to_writer(&mut st.out, &rec)
-            .map_err(io::Error::from)
-            .and_then(|()| st.out.write_all(b"\n"));
-        if let Err(e) = res {
-            st.error = Some(e);
+    fn push(&self, copy_len: usize, make: impl FnOnce(&mut writer::Batch) -> writer::Body) {
+        if let Some(inner) = &self.inner {
+            inner.shared.push(copy_len, make);
         }
     }
 
-    /// Records one descriptor access.
+    /// Records one descriptor access whose fingerprints the caller computed.
     pub fn descriptor(&self, e: DescEntry) {
-        self.write_with(|seq, t_ns| {
-            Record::Desc(DescRecord {
-                seq,
-                t_ns,
-                device: e.device,
-                queue: e.queue,
-                head: e.head,
-                desc: e.desc,
-                indirect: e.indirect,
-                gpa: e.gpa,
-                len: e.len,
-                dir: e.dir,
-                role: e.role,
-                pieces: e.pieces,
-            })
+        let info = DescInfo {
+            device: e.device,
+            queue: e.queue,
+            head: e.head,
+            desc: e.desc,
+            indirect: e.indirect,
+            gpa: e.gpa,
+            len: e.len,
+            dir: e.dir,
+            role: e.role,
+        };
+        self.push(0, |_| {
+            writer::Body::Desc(info, writer::Pieces::Hashed(e.pieces))
+        });
+    }
+
+    /// Records one descriptor access, fingerprinting the guest's bytes
+    /// `[d.gpa, d.gpa + d.len)` as they are now (call it right after the device
+    /// wrote them, or when it read them). Like [`pieces_from_guest`], a range not
+    /// entirely in guest memory gets no pieces.
+    pub fn descriptor_from_guest<M: GuestMemory + ?Sized>(&self, mem: &M, d: DescInfo) {
+        if !self.is_enabled() {
+            return;
+        }
+        let len = d.len as usize;
+        if len > COPY_LIMIT {
+            let pieces = pieces_from_guest(mem, d.gpa, u64::from(d.len)).unwrap_or_default();
+            self.push(0, |_| writer::Body::Desc(d, writer::Pieces::Hashed(pieces)));
+            return;
+        }
+        // The copy is taken now, under the queue lock; the writer thread hashes it
+        // later (the guest may reuse the buffer as soon as the device completes it).
+        self.push(len, |batch| {
+            let (at, dst) = batch.reserve(len);
+            let pieces = match mem.read_slice(dst, GuestAddress(d.gpa)) {
+                Ok(()) => writer::Pieces::Copied { at, len },
+                Err(_) => {
+                    batch.unreserve(at);
+                    writer::Pieces::Hashed(Vec::new())
+                }
+            };
+            writer::Body::Desc(d, pieces)
+        });
+    }
+
+    /// Records one descriptor access, fingerprinting `bytes`: the device's own copy
+    /// of the `d.len` bytes at `d.gpa` (as it read them from, or wrote them to, guest
+    /// memory), which saves reading guest memory again.
+    pub fn descriptor_bytes(&self, d: DescInfo, bytes: &[u8]) {
+        if !self.is_enabled() {
+            return;
+        }
+        debug_assert_eq!(bytes.len(), d.len as usize);
+        let len = bytes.len();
+        if len > COPY_LIMIT {
+            let pieces = pieces_of(d.gpa, bytes);
+            self.push(0, |_| writer::Body::Desc(d, writer::Pieces::Hashed(pieces)));
+            return;
+        }
+        self.push(len, |batch| {
+            let (at, dst) = batch.reserve(len);
+            dst.copy_from_slice(bytes);
+            writer::Body::Desc(d, writer::Pieces::Copied { at, len })
+        });
+    }
+
+    /// Registers `file` (a duplicate of its descriptor is kept) for
+    /// [`DmaLog::descriptor_from_file`]. The caller promises that nothing writes to the
+    /// file while the log is in use: fingerprints are then computed from the file on
+    /// the writer thread, and the device thread takes no copy of guest memory. `None`
+    /// for a disabled log, or if the descriptor cannot be duplicated.
+    ///
+    /// Also `None` when the file is on a file system that reads over a transport
+    /// (9p, NFS, FUSE, SMB, Ceph): without a page cache every re-read is a round trip
+    /// (milliseconds per page over the emulated host's 9p share), and the writer would
+    /// then hold the device back far more than copying guest memory does.
+    pub fn stable_file(&self, file: &File) -> Option<StableFile> {
+        let inner = self.inner.as_ref()?;
+        let fs = rustix::fs::fstatfs(file).ok()?;
+        if REMOTE_FS.contains(&(fs.f_type as i64)) {
+            return None;
+        }
+        let dup = file.try_clone().ok()?;
+        Some(StableFile(inner.shared.add_file(dup)))
+    }
+
+    /// Records one descriptor access where the device filled guest memory
+    /// `[d.gpa, d.gpa + d.len)` with the bytes at `offset` in `file`. Its fingerprints
+    /// are those of the bytes the device wrote, read again from the file later.
+    pub fn descriptor_from_file(&self, d: DescInfo, file: StableFile, offset: u64) {
+        let len = d.len as usize;
+        self.push(len.min(COPY_LIMIT), |batch| {
+            batch.add_file_bytes(len);
+            writer::Body::Desc(
+                d,
+                writer::Pieces::File {
+                    file: file.0,
+                    off: offset,
+                },
+            )
         });
     }
 
     /// Records a completed request (one per chain).
     pub fn request(&self, device: DeviceKind, queue: u16, head: u16, req: RequestDetail) {
-        self.write_with(|seq, t_ns| {
-            Record::Request(RequestRecord {
-                seq,
-                t_ns,
+        self.push(0, |_| writer::Body::Request {
+            device,
+            queue,
+            head,
+            req,
+        });
+    }
+
+    /// Records a completed request whose detail is worked out from `bytes` (e.g. the
+    /// frame, for its summary) by `detail(bytes, arg)`. A copy of `bytes` is taken
+    /// now and `detail` runs later on the writer thread, off the device's path.
+    pub fn request_from_bytes(
+        &self,
+        device: DeviceKind,
+        queue: u16,
+        head: u16,
+        bytes: &[u8],
+        arg: u64,
+        detail: DetailFn,
+    ) {
+        if !self.is_enabled() {
+            return;
+        }
+        let len = bytes.len();
+        if len > COPY_LIMIT {
+            self.request(device, queue, head, detail(bytes, arg));
+            return;
+        }
+        self.push(len, |batch| {
+            let (at, dst) = batch.reserve(len);
+            dst.copy_from_slice(bytes);
+            writer::Body::DeferredRequest {
                 device,
                 queue,
                 head,
-                req,
-            })
+                at,
+                len,
+                arg,
+                detail,
+            }
         });
     }
 
     /// Records a guest marker (from the control channel).
     pub fn marker(&self, label: &str) {
-        self.write_with(|seq, t_ns| {
-            Record::Marker(MarkerRecord {
-                seq,
-                t_ns,
-                label: label.to_string(),
-            })
-        });
+        self.push(0, |_| writer::Body::Marker(label.to_string()));
     }
 
     /// Records a dirty-page sample and the payload found in the dirtied pages.
-    pub fn dirty(&self, sample: u32, dirty_pages: u32, runs: Vec<PayloadRun>) {
-        self.write_with(|seq, t_ns| {
-            Record::Dirty(DirtyRecord {
-                seq,
-                t_ns,
-                sample,
-                dirty_pages,
-                runs,
-            })
+    pub fn dirty(&self, sample: u32, dirtied: Vec<u64>, runs: Vec<PayloadRun>) {
+        let dirty_pages = dirtied.len() as u32;
+        self.push(0, |_| writer::Body::Dirty {
+            dirtied,
+            sample,
+            dirty_pages,
+            runs,
         });
     }
 
@@ -577,36 +738,23 @@ impl DmaLog {
         error: &str,
         needs_reset: bool,
     ) {
-        self.write_with(|seq, t_ns| {
-            Record::DeviceError(DeviceErrorRecord {
-                seq,
-                t_ns,
-                device,
-                queue,
-                head,
-                error: error.to_string(),
-                needs_reset,
-            })
+        self.push(0, |_| writer::Body::DeviceError {
+            device,
+            queue,
+            head,
+            error: error.to_string(),
+            needs_reset,
         });
     }
 
-    /// Flushes buffered records to the writer. Returns the first write error since the
-    /// log started, if any (after an error the log stops recording).
+    /// Waits until every record made before the call is written and the writer
+    /// flushed. Returns the first write error since the log started, if any (after
+    /// an error the log stops recording).
     pub fn flush(&self) -> Result<(), DmaLogError> {
-        let Some(inner) = &self.inner else {
-            return Ok(());
-        };
-        let mut st = match inner.state.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(e) = st.error.take() {
-            // Keep the log stopped: a partial line may have been written.
-            st.error = Some(io::Error::new(e.kind(), e.to_string()));
-            return Err(DmaLogError::Io(e));
+        match &self.inner {
+            Some(inner) => inner.shared.flush(),
+            None => Ok(()),
         }
-        st.out.flush()?;
-        Ok(())
     }
 }
 
@@ -704,6 +852,7 @@ pub fn read_log(path: &Path) -> Result<Vec<Record>, DmaLogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use vm_memory::GuestMemoryMmap;
 
     /// A `Write` that appends into a shared buffer, so tests can read what was written.

@@ -203,7 +203,7 @@ impl DirtySampler {
     pub fn sample(&self, sample: u32) {
         let mut runs = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         runs.clear();
-        let mut dirty_pages = 0u32;
+        let mut dirtied = Vec::new();
         let mut page = vec![0u8; PAGE];
         for slot in &self.slots {
             let bitmap = match self.vm.get_dirty_log(slot.slot, slot.len as usize) {
@@ -221,14 +221,14 @@ impl DirtySampler {
                     if gpa >= slot.start + slot.len {
                         continue;
                     }
-                    dirty_pages += 1;
+                    dirtied.push(gpa / PAGE as u64);
                     if self.mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() {
                         self.index.scan_page(gpa, &page, &mut runs);
                     }
                 }
             }
         }
-        self.log.dirty(sample, dirty_pages, runs.clone());
+        self.log.dirty(sample, dirtied, runs.clone());
     }
 }
 
@@ -321,7 +321,10 @@ mod tests {
         let runs = scan(&index, &page);
         assert_eq!(runs.len(), 2, "{runs:?}");
         assert_eq!((runs[0].len, runs[0].file_off), (1448, 30_000));
-        assert_eq!((runs[1].gpa, runs[1].len, runs[1].file_off), (0x10_0000 + 1448, 1448, 5_000));
+        assert_eq!(
+            (runs[1].gpa, runs[1].len, runs[1].file_off),
+            (0x10_0000 + 1448, 1448, 5_000)
+        );
     }
 
     #[test]

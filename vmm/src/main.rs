@@ -13,8 +13,6 @@ use zc_vmm::vm::{self, ConsoleTarget, DiskConfig, NetConfig, RunReport, VmConfig
 
 mod suite;
 
-
-
 /// Default kernel command line: serial console, reboot through the keyboard
 /// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";

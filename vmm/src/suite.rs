@@ -21,6 +21,20 @@ const DEFAULT_DISK: &str = "images/out/guest/disk.img";
 const DEFAULT_PAYLOAD: &str = "images/out/guest/disk-files/payload.bin";
 const DEFAULT_EXPECTED: &str = "audit/expected.toml";
 
+/// The methods in the order of `../shared/docs/transfer-methods.md`.
+const METHOD_ORDER: &[&str] = &[
+    "read_write",
+    "mmap_write",
+    "sendfile",
+    "splice",
+    "direct_write",
+    "direct_zerocopy",
+    "mmap_zerocopy",
+    "uring_send_zc",
+    "cow_zerocopy",
+    "sendfile_warm",
+];
+
 /// Options of `zc-vmm methods`.
 #[derive(Args, Clone)]
 pub struct MethodsArgs {
@@ -76,22 +90,54 @@ struct Variant {
 pub fn run(args: MethodsArgs) -> Result<i32> {
     let started = Instant::now();
     for (what, path, hint) in [
-        ("kernel", &args.kernel, "pass --kernel PATH or run `make images`"),
-        ("initrd", &args.initrd, "pass --initrd PATH or run `make images`"),
+        (
+            "kernel",
+            &args.kernel,
+            "pass --kernel PATH or run `make images`",
+        ),
+        (
+            "initrd",
+            &args.initrd,
+            "pass --initrd PATH or run `make images`",
+        ),
         ("disk", &args.disk, "pass --disk PATH or run `make images`"),
-        ("payload file", &args.payload, "pass --payload PATH (the file on the disk) or run `make images`"),
-        ("expected table", &args.expected, "pass --expected PATH (audit/expected.toml in the source tree)"),
+        (
+            "payload file",
+            &args.payload,
+            "pass --payload PATH (the file on the disk) or run `make images`",
+        ),
+        (
+            "expected table",
+            &args.expected,
+            "pass --expected PATH (audit/expected.toml in the source tree)",
+        ),
     ] {
         if !path.is_file() {
             bail!("{what} {} does not exist: {hint}", path.display());
         }
     }
-    if args.chunk == 0 || args.chunk % 4096 != 0 {
-        bail!("--chunk {}: must be a positive multiple of 4096", args.chunk);
+    if args.chunk == 0 || !args.chunk.is_multiple_of(4096) {
+        bail!(
+            "--chunk {}: must be a positive multiple of 4096",
+            args.chunk
+        );
     }
     let expectations = Expectations::load(&args.expected)
         .with_context(|| format!("cannot load the expected table {}", args.expected.display()))?;
-    let known: Vec<String> = expectations.methods.keys().cloned().collect();
+    // The specification's order first (cheapest copies last, warm cache at the end),
+    // then any method a user added to the table.
+    let mut known: Vec<String> = METHOD_ORDER
+        .iter()
+        .filter(|m| expectations.methods.contains_key(**m))
+        .map(|m| m.to_string())
+        .collect();
+    known.extend(
+        expectations
+            .methods
+            .keys()
+            .filter(|m| !METHOD_ORDER.contains(&m.as_str()))
+            .cloned(),
+    );
     let select = |list: &str, flag: &str| -> Result<Vec<String>> {
         if list == "all" {
             return Ok(known.clone());
@@ -111,7 +157,11 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     };
     let variants: Vec<Variant> = [
         ("sg-on", true, select(&args.methods, "--methods")?),
-        ("sg-off", false, select(&args.sg_off_methods, "--sg-off-methods")?),
+        (
+            "sg-off",
+            false,
+            select(&args.sg_off_methods, "--sg-off-methods")?,
+        ),
     ]
     .into_iter()
     .filter(|(_, _, methods)| !methods.is_empty())
@@ -147,8 +197,14 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     let elapsed = started.elapsed().as_secs_f64();
     let ktap = zc_audit::report::ktap(&audits);
     write(&args.out.join("verdicts.ktap"), &ktap)?;
-    write(&args.out.join("verdicts.json"), &zc_audit::report::json(&audits))?;
-    write(&args.out.join("report.html"), &zc_audit::report::html(&audits))?;
+    write(
+        &args.out.join("verdicts.json"),
+        &zc_audit::report::json(&audits),
+    )?;
+    write(
+        &args.out.join("report.html"),
+        &zc_audit::report::html(&audits),
+    )?;
     println!("{}", zc_audit::report::table(&audits));
     println!(
         "zc-vmm: {} method runs in {elapsed:.1} s; logs and reports in {} (verdicts.ktap, verdicts.json, report.html)",
@@ -158,19 +214,23 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     for failure in &run_failures {
         println!("zc-vmm: run problem: {failure}");
     }
-    let failed = audits
-        .iter()
-        .filter(|a| a.verdict == Verdict::Fail)
-        .count();
+    let failed = audits.iter().filter(|a| a.verdict == Verdict::Fail).count();
     if failed > 0 || !run_failures.is_empty() {
         println!(
             "zc-vmm: FAIL: {failed} verdict(s) differ from {}{}",
             args.expected.display(),
-            if run_failures.is_empty() { "" } else { ", and a run failed" }
+            if run_failures.is_empty() {
+                ""
+            } else {
+                ", and a run failed"
+            }
         );
         return Ok(1);
     }
-    println!("zc-vmm: PASS: every verdict matches {}", args.expected.display());
+    println!(
+        "zc-vmm: PASS: every verdict matches {}",
+        args.expected.display()
+    );
     Ok(0)
 }
 
@@ -203,7 +263,11 @@ fn audit_variant(
         reports,
         variant: variant.name.to_string(),
     };
-    Ok(zc_audit::audit_wanted(&input, expectations, &variant.methods))
+    Ok(zc_audit::audit_wanted(
+        &input,
+        expectations,
+        &variant.methods,
+    ))
 }
 
 /// What one variant's boot left behind.
@@ -230,7 +294,12 @@ fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<Vari
         .arg("--disk")
         .arg(&args.disk)
         .arg("--disk-ro")
-        .args(["--net", "peer", "--net-sg", if variant.sg { "on" } else { "off" }])
+        .args([
+            "--net",
+            "peer",
+            "--net-sg",
+            if variant.sg { "on" } else { "off" },
+        ])
         .arg("--mem")
         .arg(&args.mem)
         .arg("--timeout")
@@ -292,16 +361,23 @@ pub fn compare(args: CompareArgs) -> Result<i32> {
     for dir in &args.dirs {
         let path = dir.join("verdicts.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {}: run `zc-vmm methods --out {}` first", path.display(), dir.display())
+            format!(
+                "cannot read {}: run `zc-vmm methods --out {}` first",
+                path.display(),
+                dir.display()
+            )
         })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
         let release = std::fs::read_to_string(dir.join("sg-on.run.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v["kernel_release"].as_str().map(str::to_string))
             .unwrap_or_else(|| dir.display().to_string());
-        runs.push((release, json["methods"].as_array().cloned().unwrap_or_default()));
+        runs.push((
+            release,
+            json["methods"].as_array().cloned().unwrap_or_default(),
+        ));
     }
     let mut rows: Vec<(String, String)> = Vec::new();
     for (_, methods) in &runs {

@@ -304,8 +304,14 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         })?;
     // Dirty-page sampling needs the DMA log (where samples go) and a payload file
     // (what they look for).
-    let payload = match (&config.dma_log, config.net.as_ref().and_then(|n| n.expect.first())) {
-        (Some(_), Some(path)) => Some(read_payload(path, config.net.as_ref().and_then(|n| n.expect_bytes))?),
+    let payload = match (
+        &config.dma_log,
+        config.net.as_ref().and_then(|n| n.expect.first()),
+    ) {
+        (Some(_), Some(path)) => Some(read_payload(
+            path,
+            config.net.as_ref().and_then(|n| n.expect_bytes),
+        )?),
         _ => None,
     };
     register_memory(&vm, &mem, payload.is_some())?;
@@ -444,7 +450,11 @@ fn peer_backend(config: &NetConfig) -> Result<NetPeer, VmError> {
         if let Some(bytes) = config.expect_bytes {
             if bytes > expectation.size {
                 return Err(net_err("the peer cannot expect more than a whole file")(
-                    &format!("{} has {} bytes, not {bytes}", path.display(), expectation.size),
+                    &format!(
+                        "{} has {} bytes, not {bytes}",
+                        path.display(),
+                        expectation.size
+                    ),
                 ));
             }
             expectation.size = bytes;
@@ -722,7 +732,11 @@ fn vcpu_loop(
         let lock = || devices.legacy.lock().unwrap_or_else(|e| e.into_inner());
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => lock().read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => match { lock().write(port, data) } {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                // Bound first: a guard in the match scrutinee would keep the port
+                // devices locked through a dirty-page sample.
+                let action = lock().write(port, data);
+                match action {
                 PioAction::Continue => {}
                 PioAction::DirtySample(label) => {
                     if let Some(sampler) = &devices.sampler {
@@ -749,7 +763,8 @@ fn vcpu_loop(
                 }
                 PioAction::Shutdown => return stop(StopReason::PowerOff),
                 PioAction::Reset => return stop(StopReason::Reset),
-            },
+                }
+            }
             Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => devices.mmio.write(addr, data),
             // With the in-kernel irqchip KVM handles HLT itself; seeing it here means

@@ -12,7 +12,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 fn methods_out(json: &serde_json::Value) -> Vec<serde_json::Value> {
     assert_eq!(json["schema"], "zc-audit/1", "unexpected verdicts.json");
@@ -31,7 +30,7 @@ fn every_method_matches_the_expected_table() {
     let images = common::images_with("guest/disk.img");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
+    let output = common::zc_vmm(&images)
         .arg("methods")
         .arg("--kernel")
         .arg(images.join("guest/vmlinuz"))
@@ -45,8 +44,6 @@ fn every_method_matches_the_expected_table() {
         .arg(workspace.join("audit/expected.toml"))
         .arg("--out")
         .arg(out.path())
-        .env("ZC_HOST_KERNEL", images.join("host/vmlinuz"))
-        .env("ZC_HOST_INITRD", images.join("host/initrd.img"))
         .output()
         .expect("zc-vmm runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -99,16 +96,27 @@ fn every_method_matches_the_expected_table() {
     let off = row(&rows, "sendfile", "sg-off");
     let copies = |r: &serde_json::Value| r["cpu_copies"].as_f64().unwrap();
     assert!(copies(on) < 0.15, "sendfile with SG: {on}");
-    assert!((copies(off) - 1.0).abs() < 0.15, "sendfile without SG: {off}");
+    assert!(
+        (copies(off) - 1.0).abs() < 0.15,
+        "sendfile without SG: {off}"
+    );
     assert!(on["zero_copy_pct"].as_f64().unwrap() > 90.0, "{on}");
     assert!(off["zero_copy_pct"].as_f64().unwrap() < 10.0, "{off}");
 
     // read+write copies twice, mmap+write once: the dirty-page count tells them apart.
     let rw = copies(row(&rows, "read_write", "sg-on"));
     let mw = copies(row(&rows, "mmap_write", "sg-on"));
-    assert!((rw - 2.0).abs() < 0.15 && (mw - 1.0).abs() < 0.15, "read_write {rw}, mmap_write {mw}");
+    assert!(
+        (rw - 2.0).abs() < 0.15 && (mw - 1.0).abs() < 0.15,
+        "read_write {rw}, mmap_write {mw}"
+    );
 
-    for report in ["verdicts.ktap", "report.html", "sg-on.dma-log.jsonl", "sg-on.pcap"] {
+    for report in [
+        "verdicts.ktap",
+        "report.html",
+        "sg-on.dma-log.jsonl",
+        "sg-on.pcap",
+    ] {
         assert!(out.path().join(report).is_file(), "no {report}");
     }
     let ktap = std::fs::read_to_string(out.path().join("verdicts.ktap")).unwrap();

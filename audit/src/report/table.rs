@@ -5,7 +5,7 @@ use crate::MethodAudit;
 
 /// A fixed-width text table, one row per audit: method, variant, system calls and
 /// mode switches per chunk, DMA and CPU copies, zero-copy share, throughput, and the
-/// verdict with its first reason.
+/// verdict with its first reason; then one line per finding.
 pub fn table(audits: &[MethodAudit]) -> String {
     let header = [
         "method",
@@ -61,6 +61,18 @@ pub fn table(audits: &[MethodAudit]) -> String {
     line(&header.map(String::from));
     for r in &rows {
         line(r);
+    }
+    // Findings do not decide a verdict, but they are what a reader must not miss
+    // (e.g. the kernel's zero-copy claim against the device's evidence).
+    for a in audits {
+        for f in &a.findings {
+            out.push_str(&format!(
+                "finding: {} [{}]: {}\n",
+                a.method,
+                a.variant,
+                one_line(f)
+            ));
+        }
     }
     out
 }

@@ -499,6 +499,7 @@ impl Sim {
             t_ns: Self::t_ns(seq),
             sample,
             dirty_pages: pages.len() as u32,
+            dirtied: pages,
             runs,
         }));
     }

@@ -34,8 +34,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::chain::{walk_chain, ChainDesc};
 use super::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::dma_log::{
-    pieces_from_guest, BlkRequest, BlkStatus, DescEntry, DescRole, DeviceKind, Direction, DmaLog,
-    RequestDetail,
+    BlkRequest, BlkStatus, DescInfo, DescRole, DeviceKind, Direction, DmaLog, RequestDetail,
+    StableFile,
 };
 
 /// Sector size of the virtio-blk protocol.
@@ -182,6 +182,10 @@ struct Disk {
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     log: DmaLog,
+    /// The image registered with the log when the disk is read-only: nothing changes
+    /// it, so what IN requests put in guest memory is fingerprinted from the file on
+    /// the log's writer thread rather than copied out of guest memory here.
+    stable: Option<StableFile>,
     flushes: u64,
     acked_features: u64,
 }
@@ -267,6 +271,11 @@ impl Block {
         put32(&mut config, 52, 1); // max_write_zeroes_seg
         config[56] = 1; // write_zeroes_may_unmap
 
+        let stable = if opts.read_only {
+            log.stable_file(&file)
+        } else {
+            None
+        };
         Ok(Block {
             disk: Disk {
                 file,
@@ -274,6 +283,7 @@ impl Block {
                 read_only: opts.read_only,
                 id,
                 log,
+                stable,
                 flushes: 0,
                 acked_features: 0,
             },
@@ -448,9 +458,8 @@ impl Disk {
         Ok(u32::try_from(outcome.written + 1).unwrap_or(u32::MAX))
     }
 
-    fn log_range(&self, mem: &GuestMem, head: u16, s: Seg, dir: Direction, role: DescRole) {
-        let pieces = pieces_from_guest(mem, s.addr, s.len).unwrap_or_default();
-        self.log.descriptor(DescEntry {
+    fn desc_info(head: u16, s: Seg, dir: Direction, role: DescRole) -> DescInfo {
+        DescInfo {
             device: DeviceKind::Blk,
             queue: 0,
             head,
@@ -461,8 +470,12 @@ impl Disk {
             len: s.len as u32,
             dir,
             role,
-            pieces,
-        });
+        }
+    }
+
+    fn log_range(&self, mem: &GuestMem, head: u16, s: Seg, dir: Direction, role: DescRole) {
+        self.log
+            .descriptor_from_guest(mem, Self::desc_info(head, s, dir, role));
     }
 
     /// Validates and executes a request whose status byte is known to be writable.
@@ -602,7 +615,13 @@ impl Disk {
             if let Err(e) = res {
                 return Outcome::ioerr(format!("reading disk at {off}: {e}"));
             }
-            if self.log.is_enabled() {
+            if let Some(file) = self.stable {
+                self.log.descriptor_from_file(
+                    Self::desc_info(head, *s, Direction::DeviceWrites, DescRole::Data),
+                    file,
+                    off,
+                );
+            } else if self.log.is_enabled() {
                 self.log_range(mem, head, *s, Direction::DeviceWrites, DescRole::Data);
             }
             off += s.len;

@@ -2,6 +2,9 @@
 //! `zc-vmm run` command already pointed at the default guest and, for emulated mode,
 //! at the emulated host's kernel and initrd.
 
+// Each test file compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -21,13 +24,20 @@ pub fn images_with(wanted: &str) -> PathBuf {
 /// `zc-vmm run --kernel <images>/<kernel> --initrd <images>/guest/initrd.img`, with
 /// the emulated host's images set in the environment.
 pub fn zc_vmm_run(images: &std::path::Path, kernel: &str) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_zc-vmm"));
+    let mut command = zc_vmm(images);
     command
         .arg("run")
         .arg("--kernel")
         .arg(images.join(kernel))
         .arg("--initrd")
-        .arg(images.join("guest/initrd.img"))
+        .arg(images.join("guest/initrd.img"));
+    command
+}
+
+/// `zc-vmm` with the emulated host's images set in the environment.
+pub fn zc_vmm(images: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_zc-vmm"));
+    command
         .env("ZC_HOST_KERNEL", images.join("host/vmlinuz"))
         .env("ZC_HOST_INITRD", images.join("host/initrd.img"));
     command

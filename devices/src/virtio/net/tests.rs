@@ -2,7 +2,7 @@
 //! end to end, the real [`NetPeer`].
 
 use super::*;
-use crate::dma_log::{DescRecord, DmaLogReader, Record, RequestRecord};
+use crate::dma_log::{fingerprint, DescRecord, DmaLogReader, Record, RequestRecord};
 use crate::net_peer::{NetPeerConfig, DEFAULT_MAC as PEER_MAC};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
@@ -1006,6 +1006,52 @@ fn summaries_survive_garbage() {
     let mut a = arp_request();
     a[21] = 9;
     assert_eq!(summarize(&a).text, "arp op=9");
+}
+
+/// The TCP summary is built by hand for speed; it must say exactly what the
+/// `format!` it replaced said.
+#[test]
+fn tcp_summary_text_is_the_formatted_one() {
+    for (payload_len, addrs, ports, seq, flags) in [
+        (
+            5usize,
+            [10, 0, 2, 15, 10, 0, 2, 2],
+            (40000u16, 7878u16),
+            1000u32,
+            0x18u8,
+        ),
+        (
+            0,
+            [0, 0, 0, 0, 255, 255, 255, 255],
+            (0, 65535),
+            u32::MAX,
+            0x1f,
+        ),
+        (1448, [192, 168, 100, 9, 1, 22, 3, 44], (9, 80), 0, 0x00),
+    ] {
+        let mut f = tcp_frame(&payload(payload_len), 0);
+        f[26..34].copy_from_slice(&addrs);
+        f[34..36].copy_from_slice(&ports.0.to_be_bytes());
+        f[36..38].copy_from_slice(&ports.1.to_be_bytes());
+        f[38..42].copy_from_slice(&seq.to_be_bytes());
+        f[47] = flags;
+        let s = summarize(&f);
+        let flag_text: String = [(2, 'S'), (1, 'F'), (4, 'R'), (8, 'P'), (0x10, 'A')]
+            .iter()
+            .filter(|(m, _)| flags & m != 0)
+            .map(|(_, c)| *c)
+            .collect();
+        let want = format!(
+            "tcp {}:{}>{}:{} seq={seq} len={} flags={flag_text}",
+            std::net::Ipv4Addr::new(addrs[0], addrs[1], addrs[2], addrs[3]),
+            ports.0,
+            std::net::Ipv4Addr::new(addrs[4], addrs[5], addrs[6], addrs[7]),
+            ports.1,
+            s.tcp_len.unwrap(),
+        );
+        assert_eq!(s.text, want);
+        assert_eq!(s.tcp_len, Some(payload_len as u32));
+    }
 }
 
 #[test]

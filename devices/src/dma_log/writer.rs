@@ -1,0 +1,924 @@
+//! The log's writer thread and the queue that feeds it.
+//!
+//! Device threads (the vCPU threads) only take a short lock to number a record,
+//! stamp its time and append it, with a copy of the guest bytes it describes, to the
+//! pending batch. The writer thread swaps the whole batch out, fingerprints the
+//! copies, formats the lines and writes them. This keeps hashing, formatting and
+//! file I/O off the threads that run the guest: in the emulated host every
+//! instruction on a vCPU thread is time the guest does not run, while the host's
+//! other CPU is mostly idle.
+//!
+//! Because records are numbered and appended under the same lock, the queue is in
+//! `seq` order and the file is too, whichever thread (device or VMM) made them.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{
+    fingerprint, json, page_pieces, DescInfo, DeviceErrorRecord, DeviceKind, DirtyRecord,
+    DmaLogError, MarkerRecord, PayloadRun, Piece, Record, RequestDetail, PAGE_SIZE,
+};
+
+/// A pending batch holding this many records wakes a lingering writer at once.
+const WAKE_ENTRIES: usize = 4096;
+/// ... or this many bytes to fingerprint (copies, or ranges of stable files).
+const WAKE_BYTES: usize = 1 << 20;
+/// A producer waits for the writer rather than let the batch grow past this many
+/// records ...
+const MAX_ENTRIES: usize = 1 << 16;
+/// ... or this many bytes to fingerprint, so that memory stays bounded and the writer
+/// does not fall far behind (the device then runs at the writer's pace: nothing is
+/// dropped).
+pub(super) const MAX_BYTES: usize = 8 << 20;
+/// How long the writer lets records accumulate after the first one arrives, so that
+/// one wake-up writes many records and producers rarely need to wake it.
+const LINGER: Duration = Duration::from_millis(2);
+/// Formatted lines are handed to the output in chunks of about this size.
+const OUT_CHUNK: usize = 1 << 20;
+/// Stable files are read again in chunks of at most this size (a multiple of pages).
+const FILE_CHUNK: usize = 1 << 20;
+
+/// What the writer thread is doing, so that producers wake it only when needed (a
+/// condvar notification is a system call even when nobody waits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterState {
+    /// Writing, or about to look at the queue again.
+    Busy,
+    /// Waiting a short while for more records (a batch is pending).
+    Lingering,
+    /// Waiting for the first record (nothing pending).
+    Idle,
+}
+
+/// The fingerprints of a `desc` record, or what the writer computes them from.
+pub(super) enum Pieces {
+    /// Already computed by the device thread.
+    Hashed(Vec<Piece>),
+    /// `len` bytes at `at` in the batch's `bytes`: a copy taken when the device
+    /// accessed them.
+    Copied { at: usize, len: usize },
+    /// The record's `len` bytes at `off` in stable file number `file` (see
+    /// [`Shared::add_file`]), whose contents do not change.
+    File { file: u32, off: u64 },
+}
+
+/// One queued record, minus `seq` and `t_ns`.
+pub(super) enum Body {
+    Desc(DescInfo, Pieces),
+    Request {
+        device: DeviceKind,
+        queue: u16,
+        head: u16,
+        req: RequestDetail,
+    },
+    /// A request whose detail the writer computes: `detail(bytes, arg)`, over the
+    /// `len` copied bytes at `at`.
+    DeferredRequest {
+        device: DeviceKind,
+        queue: u16,
+        head: u16,
+        at: usize,
+        len: usize,
+        arg: u64,
+        detail: super::DetailFn,
+    },
+    Marker(String),
+    DeviceError {
+        device: DeviceKind,
+        queue: u16,
+        head: Option<u16>,
+        error: String,
+        needs_reset: bool,
+    },
+    Dirty {
+        sample: u32,
+        dirty_pages: u32,
+        dirtied: Vec<u64>,
+        runs: Vec<PayloadRun>,
+    },
+}
+
+struct Entry {
+    seq: u64,
+    t_ns: u64,
+    body: Body,
+}
+
+/// Records waiting for the writer, and the guest bytes they fingerprint.
+pub(super) struct Batch {
+    entries: Vec<Entry>,
+    /// Copies of guest bytes, `used` bytes long. The vector keeps its largest length
+    /// across batches so that reusing it never zero-fills again.
+    bytes: Vec<u8>,
+    used: usize,
+    /// Bytes of stable files the records refer to: they cost the writer as much as
+    /// copies, so they count against the same limits.
+    file_bytes: usize,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            entries: Vec::with_capacity(WAKE_ENTRIES),
+            // Large enough that a batch rarely grows (growing copies and zero-fills
+            // on the device thread); fresh zeroed pages from the allocator cost no
+            // zero-filling either.
+            bytes: vec![0; WAKE_BYTES + super::COPY_LIMIT],
+            used: 0,
+            file_bytes: 0,
+        }
+    }
+
+    /// Bytes the writer will fingerprint for this batch.
+    fn weight(&self) -> usize {
+        self.used + self.file_bytes
+    }
+
+    /// Counts `len` bytes of a stable file that a record refers to.
+    pub(super) fn add_file_bytes(&mut self, len: usize) {
+        self.file_bytes += len;
+    }
+
+    /// Room for `len` more bytes of copies: returns where they start and the slice
+    /// to fill. [`Batch::unreserve`] gives the room back if filling fails.
+    pub(super) fn reserve(&mut self, len: usize) -> (usize, &mut [u8]) {
+        let at = self.used;
+        let end = at + len;
+        if self.bytes.len() < end {
+            self.bytes.resize(end, 0);
+        }
+        self.used = end;
+        (at, &mut self.bytes[at..end])
+    }
+
+    /// Drops the room taken by the last [`Batch::reserve`], which started at `at`.
+    pub(super) fn unreserve(&mut self, at: usize) {
+        self.used = at;
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.used = 0;
+        self.file_bytes = 0;
+    }
+}
+
+struct State {
+    /// Next `seq` to hand out.
+    seq: u64,
+    pending: Batch,
+    /// Set after the first write error (or if the writer thread died): records are
+    /// dropped from then on, as a partial line may already be in the file.
+    stopped: bool,
+    /// The first write error, for [`Shared::flush`] to report.
+    error: Option<io::Error>,
+    writer: WriterState,
+    /// Producers waiting on `done` for room in the batch.
+    room_waiters: usize,
+    /// Callers of `flush` waiting on `done`.
+    flush_waiters: usize,
+    /// Flush tickets handed out, and the last one the writer has completed.
+    flush_asked: u64,
+    flush_done: u64,
+    /// Every handle is gone: write what is queued and stop.
+    shutdown: bool,
+    /// The writer thread has ended (only on shutdown, unless it panicked).
+    writer_gone: bool,
+}
+
+/// What the log's handles and its writer thread share.
+pub(super) struct Shared {
+    start: Instant,
+    state: Mutex<State>,
+    /// The writer waits here for records.
+    wake: Condvar,
+    /// Producers waiting for room and callers of `flush` wait here.
+    done: Condvar,
+    /// Stable files, by number ([`Pieces::File`]).
+    files: Mutex<Vec<Arc<File>>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves the state consistent (every
+        // update is a few plain assignments), so keep logging.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a file whose contents do not change while the log lives; returns
+    /// its number for [`Pieces::File`].
+    pub(super) fn add_file(&self, file: File) -> u32 {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.push(Arc::new(file));
+        (files.len() - 1) as u32
+    }
+
+    /// Queues one record: `make` builds it (given the pending batch to copy guest
+    /// bytes into, at most `copy_len` of them) under the lock, right after its
+    /// `seq` and `t_ns` are taken, so that they are those of the access it records.
+    pub(super) fn push(&self, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
+        let mut st = self.lock();
+        loop {
+            if st.stopped {
+                return;
+            }
+            let p = &st.pending;
+            // An empty batch takes any record (`copy_len` is at most `MAX_BYTES`).
+            if p.entries.len() < MAX_ENTRIES
+                && (p.weight() == 0 || p.weight() + copy_len <= MAX_BYTES)
+            {
+                break;
+            }
+            if st.writer != WriterState::Busy {
+                st.writer = WriterState::Busy;
+                self.wake.notify_one();
+            }
+            st.room_waiters += 1;
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.room_waiters -= 1;
+        }
+        let seq = st.seq;
+        st.seq += 1;
+        let t_ns = self.start.elapsed().as_nanos() as u64;
+        let weight_before = st.pending.weight();
+        let body = make(&mut st.pending);
+        let p = &mut st.pending;
+        p.entries.push(Entry { seq, t_ns, body });
+        let wake = match st.writer {
+            WriterState::Busy => false,
+            WriterState::Idle => true,
+            WriterState::Lingering => {
+                let p = &st.pending;
+                p.entries.len() == WAKE_ENTRIES
+                    || (weight_before < WAKE_BYTES && p.weight() >= WAKE_BYTES)
+            }
+        };
+        if wake {
+            st.writer = WriterState::Busy;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits until every record queued before the call is written and the output
+    /// flushed; returns the first write error since the log started, if any.
+    pub(super) fn flush(&self) -> Result<(), DmaLogError> {
+        let mut st = self.lock();
+        st.flush_asked += 1;
+        let ticket = st.flush_asked;
+        if st.writer != WriterState::Busy {
+            st.writer = WriterState::Busy;
+            self.wake.notify_one();
+        }
+        while st.flush_done < ticket && !st.writer_gone {
+            st.flush_waiters += 1;
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.flush_waiters -= 1;
+        }
+        if let Some(e) = st.error.take() {
+            // Keep the log stopped and the error reported by later flushes too.
+            st.error = Some(io::Error::new(e.kind(), e.to_string()));
+            return Err(DmaLogError::Io(e));
+        }
+        if st.flush_done < ticket {
+            return Err(DmaLogError::Io(io::Error::other(
+                "the DMA log writer thread stopped (panicked); records were lost",
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The handle every [`DmaLog`](super::DmaLog) clone points to; dropping the last one
+/// writes out what is queued and ends the writer thread.
+pub(super) struct Handle {
+    pub(super) shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            st.shutdown = true;
+            st.writer = WriterState::Busy;
+        }
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            // A panic of the writer was already reported on stderr by the runtime.
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the writer thread over `out`; `head` (the header line) is written first.
+pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle, DmaLogError> {
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        state: Mutex::new(State {
+            seq: 0,
+            pending: Batch::new(),
+            stopped: false,
+            error: None,
+            writer: WriterState::Busy,
+            room_waiters: 0,
+            flush_waiters: 0,
+            flush_asked: 0,
+            flush_done: 0,
+            shutdown: false,
+            writer_gone: false,
+        }),
+        wake: Condvar::new(),
+        done: Condvar::new(),
+        files: Mutex::new(Vec::new()),
+    });
+    let for_thread = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("zc-dma-log".into())
+        .spawn(move || {
+            let gone = Gone(&for_thread);
+            run(
+                &for_thread,
+                Sink {
+                    out,
+                    buf: head,
+                    files: Vec::new(),
+                    scratch: Vec::new(),
+                },
+            );
+            drop(gone);
+        })?;
+    Ok(Handle {
+        shared,
+        thread: Some(thread),
+    })
+}
+
+/// Marks the writer gone however it ends, so that `flush` never waits forever.
+struct Gone<'a>(&'a Shared);
+
+impl Drop for Gone<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.writer_gone = true;
+        st.stopped = true;
+        self.0.done.notify_all();
+    }
+}
+
+/// The output and the lines formatted but not yet handed to it.
+struct Sink {
+    out: Box<dyn Write + Send>,
+    buf: Vec<u8>,
+    /// The writer's copy of [`Shared::files`], refreshed when a record names a file
+    /// it does not have yet.
+    files: Vec<Arc<File>>,
+    /// Where ranges of stable files are read to be fingerprinted.
+    scratch: Vec<u8>,
+}
+
+impl Sink {
+    /// Formats and writes the batch's records, emptying it.
+    fn write_batch(&mut self, shared: &Shared, batch: &mut Batch) -> io::Result<()> {
+        let Batch { entries, bytes, .. } = batch;
+        for e in entries.drain(..) {
+            self.format(shared, e, bytes)?;
+            if self.buf.len() >= OUT_CHUNK {
+                self.out.write_all(&self.buf)?;
+                self.buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the line of `e`, whose guest copies are in `bytes`.
+    fn format(&mut self, shared: &Shared, e: Entry, bytes: &[u8]) -> io::Result<()> {
+        let (seq, t_ns) = (e.seq, e.t_ns);
+        let out = &mut self.buf;
+        let rec = match e.body {
+            Body::Desc(info, pieces) => {
+                json::begin_desc(out, &json::DescHead { seq, t_ns, info });
+                let mut first = true;
+                match pieces {
+                    Pieces::Hashed(pieces) => {
+                        for p in pieces {
+                            json::push_piece(out, first, p.gpa, p.len, p.hash.0);
+                            first = false;
+                        }
+                    }
+                    Pieces::Copied { at, len } => {
+                        push_pieces(out, &mut first, info.gpa, &bytes[at..at + len]);
+                    }
+                    Pieces::File { file, off } => {
+                        self.file_pieces(
+                            shared,
+                            file,
+                            off,
+                            info.gpa,
+                            u64::from(info.len),
+                            &mut first,
+                        )?;
+                    }
+                }
+                json::end_desc(&mut self.buf, !first);
+                return Ok(());
+            }
+            Body::Request {
+                device,
+                queue,
+                head,
+                req,
+            } => {
+                json::request(out, seq, t_ns, device, queue, head, &req);
+                return Ok(());
+            }
+            Body::DeferredRequest {
+                device,
+                queue,
+                head,
+                at,
+                len,
+                arg,
+                detail,
+            } => {
+                let req = detail(&bytes[at..at + len], arg);
+                json::request(out, seq, t_ns, device, queue, head, &req);
+                return Ok(());
+            }
+            // Rare records: serde's output is the reference, and its cost does not matter.
+            Body::Marker(label) => Record::Marker(MarkerRecord { seq, t_ns, label }),
+            Body::DeviceError {
+                device,
+                queue,
+                head,
+                error,
+                needs_reset,
+            } => Record::DeviceError(DeviceErrorRecord {
+                seq,
+                t_ns,
+                device,
+                queue,
+                head,
+                error,
+                needs_reset,
+            }),
+            Body::Dirty {
+                sample,
+                dirty_pages,
+                dirtied,
+                runs,
+            } => Record::Dirty(DirtyRecord {
+                seq,
+                t_ns,
+                sample,
+                dirty_pages,
+                dirtied,
+                runs,
+            }),
+        };
+        serde_json::to_writer(&mut *out, &rec).map_err(io::Error::from)?;
+        out.push(b'\n');
+        Ok(())
+    }
+
+    /// Appends the pieces of the guest range at `gpa`, `len` bytes long, that a device
+    /// filled from `off` in stable file number `file`: the file is read again, in
+    /// chunks that end on guest page boundaries so that no piece is split.
+    fn file_pieces(
+        &mut self,
+        shared: &Shared,
+        file: u32,
+        off: u64,
+        gpa: u64,
+        len: u64,
+        first: &mut bool,
+    ) -> io::Result<()> {
+        let index = file as usize;
+        if index >= self.files.len() {
+            self.files = shared
+                .files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+        }
+        let f = self.files.get(index).ok_or_else(|| {
+            io::Error::other(format!(
+                "DMA log: a record names unknown stable file {file}"
+            ))
+        })?;
+        let mut done = 0u64;
+        while done < len {
+            let at = gpa.wrapping_add(done);
+            let mut n = (len - done).min(FILE_CHUNK as u64);
+            if n < len - done {
+                n -= at.wrapping_add(n) % PAGE_SIZE;
+            }
+            self.scratch.resize(n as usize, 0);
+            f.read_exact_at(&mut self.scratch, off + done).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "DMA log: cannot read the disk image again at {} (+{n} bytes) to fingerprint what the device read: {e}",
+                        off + done
+                    ),
+                )
+            })?;
+            push_pieces(&mut self.buf, first, at, &self.scratch);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        self.out.flush()
+    }
+}
+
+fn run(shared: &Shared, mut sink: Sink) {
+    let mut batch = Batch::new();
+    let mut failed = false;
+    loop {
+        let (ticket, shutdown, flushed) = {
+            let mut st = shared.lock();
+            let mut lingered = false;
+            loop {
+                let p = &st.pending;
+                if st.shutdown
+                    || st.flush_asked != st.flush_done
+                    || p.entries.len() >= WAKE_ENTRIES
+                    || p.weight() >= WAKE_BYTES
+                    || (st.room_waiters > 0 && !p.entries.is_empty())
+                    || (lingered && !p.entries.is_empty())
+                {
+                    break;
+                }
+                if p.entries.is_empty() {
+                    st.writer = WriterState::Idle;
+                    st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                } else {
+                    st.writer = WriterState::Lingering;
+                    st = shared
+                        .wake
+                        .wait_timeout(st, LINGER)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    lingered = true;
+                }
+            }
+            st.writer = WriterState::Busy;
+            std::mem::swap(&mut st.pending, &mut batch);
+            if st.room_waiters > 0 {
+                shared.done.notify_all();
+            }
+            (st.flush_asked, st.shutdown, st.flush_done)
+        };
+        let mut result = Ok(());
+        if !failed {
+            result = sink.write_batch(shared, &mut batch);
+            if result.is_ok() && (ticket != flushed || shutdown) {
+                result = sink.flush();
+            }
+        }
+        batch.clear();
+        let mut st = shared.lock();
+        if let Err(e) = result {
+            failed = true;
+            st.stopped = true;
+            st.error.get_or_insert(e);
+        }
+        st.flush_done = ticket;
+        if st.flush_waiters > 0 {
+            shared.done.notify_all();
+        }
+        if shutdown && st.pending.entries.is_empty() {
+            return;
+        }
+    }
+}
+
+/// Appends the pieces of the range at `gpa` holding `bytes`, fingerprinting them;
+/// `first` says no piece of the line has been written yet.
+fn push_pieces(out: &mut Vec<u8>, first: &mut bool, gpa: u64, bytes: &[u8]) {
+    let mut off = 0;
+    for (piece_gpa, len) in page_pieces(gpa, bytes.len() as u64) {
+        let piece = &bytes[off..off + len as usize];
+        off += len as usize;
+        json::push_piece(out, *first, piece_gpa, len, fingerprint(piece));
+        *first = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Write as _};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use crate::dma_log::{
+        fingerprint, pieces_of, DescInfo, DescRole, DeviceKind, Direction, DmaLog, DmaLogReader,
+        NetRequest, Record, RequestDetail,
+    };
+
+    /// An output that appends to a shared buffer, optionally slowly, and fails once
+    /// `fail_after` bytes have been written.
+    #[derive(Clone, Default)]
+    struct Out {
+        buf: Arc<Mutex<Vec<u8>>>,
+        slow: Option<Duration>,
+        fail_after: Option<usize>,
+        flushes: Arc<AtomicUsize>,
+    }
+
+    impl io::Write for Out {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if let Some(d) = self.slow {
+                std::thread::sleep(d);
+            }
+            let mut buf = self.buf.lock().unwrap();
+            if self.fail_after.is_some_and(|n| buf.len() + b.len() > n) {
+                return Err(io::Error::other("disk full (test)"));
+            }
+            buf.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl Out {
+        fn records(&self) -> Vec<Record> {
+            let bytes = self.buf.lock().unwrap().clone();
+            DmaLogReader::new(&bytes[..])
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+    }
+
+    fn info(gpa: u64, len: u32) -> DescInfo {
+        DescInfo {
+            device: DeviceKind::Net,
+            queue: 1,
+            head: 0,
+            desc: 0,
+            indirect: false,
+            gpa,
+            len,
+            dir: Direction::DeviceReads,
+            role: DescRole::Data,
+        }
+    }
+
+    fn content(len: usize, salt: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13 ^ salt) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn concurrent_producers_get_one_seq_order() {
+        let out = Out::default();
+        let log = DmaLog::new(out.clone()).unwrap();
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let bytes = content(300, t);
+                    for i in 0..500u32 {
+                        if i % 2 == 0 {
+                            log.marker(&format!("t{t} {i}"));
+                        } else {
+                            let mut d = info(u64::from(t) << 32 | u64::from(i), 300);
+                            d.head = t as u16;
+                            d.desc = i as u16;
+                            log.descriptor_bytes(d, &bytes);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        log.flush().unwrap();
+        let recs = out.records();
+        assert_eq!(recs.len(), 2000);
+        let mut last_t = 0;
+        let mut next = [0u32; 4];
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!(r.seq(), Some(i as u64), "records are written in seq order");
+            let (t, n, t_ns) = match r {
+                Record::Marker(m) => {
+                    let (t, n) = m.label[1..].split_once(' ').unwrap();
+                    (t.parse::<usize>().unwrap(), n.parse().unwrap(), m.t_ns)
+                }
+                Record::Desc(d) => {
+                    let t = d.head as usize;
+                    assert_eq!(d.pieces, pieces_of(d.gpa, &content(300, t as u32)));
+                    (t, u32::from(d.desc), d.t_ns)
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            assert!(t_ns >= last_t, "t_ns is non-decreasing in seq order");
+            last_t = t_ns;
+            assert_eq!(n, next[t], "each thread's records keep its order");
+            next[t] += 1;
+        }
+    }
+
+    #[test]
+    fn flush_waits_for_everything_queued() {
+        let out = Out {
+            slow: Some(Duration::from_millis(30)),
+            ..Out::default()
+        };
+        let log = DmaLog::new(out.clone()).unwrap();
+        for i in 0..100 {
+            log.marker(&format!("m{i}"));
+        }
+        log.flush().unwrap();
+        assert_eq!(out.records().len(), 100);
+        assert!(out.flushes.load(Ordering::SeqCst) >= 1);
+        // Nothing queued: still a flush of the output.
+        let before = out.flushes.load(Ordering::SeqCst);
+        log.flush().unwrap();
+        assert!(out.flushes.load(Ordering::SeqCst) > before);
+    }
+
+    #[test]
+    fn dropping_the_last_handle_writes_what_is_queued() {
+        let out = Out {
+            slow: Some(Duration::from_millis(20)),
+            ..Out::default()
+        };
+        let log = DmaLog::new(out.clone()).unwrap();
+        let other = log.clone();
+        for i in 0..50 {
+            log.marker(&format!("m{i}"));
+        }
+        drop(log);
+        other.marker("last");
+        drop(other);
+        let recs = out.records();
+        assert_eq!(recs.len(), 51);
+        assert!(matches!(&recs[50], Record::Marker(m) if m.label == "last"));
+    }
+
+    #[test]
+    fn write_errors_stop_the_log_and_every_flush_reports_them() {
+        let out = Out {
+            fail_after: Some(2000),
+            ..Out::default()
+        };
+        let log = DmaLog::new(out.clone()).unwrap();
+        let bytes = content(1000, 1);
+        for i in 0..5000u64 {
+            log.descriptor_bytes(info(i * 4096, 1000), &bytes);
+        }
+        let err = log.flush().unwrap_err();
+        assert!(err.to_string().contains("disk full (test)"), "{err}");
+        let written = out.buf.lock().unwrap().len();
+        log.marker("after the error");
+        let again = log.flush().unwrap_err();
+        assert!(again.to_string().contains("disk full (test)"), "{again}");
+        assert_eq!(
+            out.buf.lock().unwrap().len(),
+            written,
+            "nothing after an error"
+        );
+    }
+
+    #[test]
+    fn a_slow_output_holds_producers_back_without_losing_records() {
+        let out = Out {
+            slow: Some(Duration::from_millis(2)),
+            ..Out::default()
+        };
+        let log = DmaLog::new(out.clone()).unwrap();
+        let bytes = content(256 << 10, 7);
+        // 40 × 256 KiB is several times what one batch may hold.
+        for i in 0..40u64 {
+            log.descriptor_bytes(info(i << 20, bytes.len() as u32), &bytes);
+        }
+        log.flush().unwrap();
+        let recs = out.records();
+        assert_eq!(recs.len(), 40);
+        for (i, r) in recs.iter().enumerate() {
+            let Record::Desc(d) = r else { panic!("{r:?}") };
+            assert_eq!(d.gpa, (i as u64) << 20);
+            assert_eq!(d.pieces.len(), 64);
+            assert_eq!(d.pieces[5].hash.0, fingerprint(&bytes[5 * 4096..6 * 4096]));
+        }
+    }
+
+    #[test]
+    fn copies_are_taken_when_the_device_accesses_memory() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let before = content(0x3000, 3);
+        mem.write_slice(&before, GuestAddress(0x1800)).unwrap();
+        let out = Out::default();
+        let log = DmaLog::new(out.clone()).unwrap();
+        log.descriptor_from_guest(&mem, info(0x1800, 0x3000));
+        // The guest reuses the buffer at once; the writer has not hashed it yet.
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(0x1800))
+            .unwrap();
+        // Not all of it in guest memory: no pieces, as before.
+        log.descriptor_from_guest(&mem, info(0xff000, 0x2000));
+        log.flush().unwrap();
+        let recs = out.records();
+        let Record::Desc(d) = &recs[0] else { panic!() };
+        assert_eq!(d.pieces, pieces_of(0x1800, &before));
+        assert_eq!(d.pieces.len(), 4);
+        let Record::Desc(d) = &recs[1] else { panic!() };
+        assert!(d.pieces.is_empty());
+        assert_eq!(d.len, 0x2000);
+    }
+
+    #[test]
+    fn stable_file_ranges_are_fingerprinted_from_the_file() {
+        let data = content(3 << 20, 9);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let out = Out::default();
+        let log = DmaLog::new(out.clone()).unwrap();
+        let stable = log.stable_file(&file).unwrap();
+        assert!(DmaLog::disabled().stable_file(&file).is_none());
+        // Longer than the writer's read chunk and not page aligned in the guest: the
+        // chunks must not split a piece.
+        let (gpa, off, len) = (0x10_0123u64, 4096 + 77u64, (2 << 20) + 1000u32);
+        log.descriptor_from_file(info(gpa, len), stable, off);
+        log.descriptor_from_file(info(0x5000, 512), stable, 512);
+        log.flush().unwrap();
+        let recs = out.records();
+        let Record::Desc(d) = &recs[0] else { panic!() };
+        let want = &data[off as usize..off as usize + len as usize];
+        assert_eq!(d.pieces, pieces_of(gpa, want));
+        let Record::Desc(d) = &recs[1] else { panic!() };
+        assert_eq!(d.pieces, pieces_of(0x5000, &data[512..1024]));
+        // Reading past the end is a log error, not a wrong fingerprint.
+        log.descriptor_from_file(info(0, 4096), stable, data.len() as u64);
+        assert!(log.flush().is_err());
+    }
+
+    #[test]
+    fn deferred_request_details_see_the_bytes_as_they_were() {
+        fn detail(bytes: &[u8], arg: u64) -> RequestDetail {
+            RequestDetail::Net(NetRequest {
+                summary: format!("{} {arg}", String::from_utf8_lossy(bytes)),
+                tcp_seq: None,
+                tcp_len: None,
+                tcp_flags: None,
+                tcp_payload_off: None,
+                tcp_ports: None,
+            })
+        }
+        let out = Out::default();
+        let log = DmaLog::new(out.clone()).unwrap();
+        let mut frame = b"frame one".to_vec();
+        log.request_from_bytes(DeviceKind::Net, 0, 3, &frame, 2, detail);
+        frame.copy_from_slice(b"overwrite");
+        log.flush().unwrap();
+        let recs = out.records();
+        match &recs[0] {
+            Record::Request(r) => match &r.req {
+                RequestDetail::Net(n) => assert_eq!(n.summary, "frame one 2"),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn flush_returns_when_the_writer_is_gone() {
+        // A writer that panics (here: an output whose write panics) must not leave
+        // `flush` waiting forever.
+        struct Panics(Arc<AtomicBool>);
+        impl io::Write for Panics {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                self.0.store(true, Ordering::SeqCst);
+                panic!("output panicked (test)");
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let hit = Arc::new(AtomicBool::new(false));
+        let log = DmaLog::new(Panics(hit.clone())).unwrap();
+        log.marker("x");
+        assert!(log.flush().is_err());
+        assert!(hit.load(Ordering::SeqCst));
+        log.marker("ignored");
+        assert!(log.flush().is_err());
+    }
+}
