@@ -144,6 +144,11 @@ struct RunArgs {
     /// Log every DMA descriptor the devices touch to this file (JSON Lines, docs/dma-log.md).
     #[arg(long)]
     dma_log: Option<PathBuf>,
+    /// With --dma-log and --peer-expect: sample KVM's dirty-page log when the guest
+    /// asks (port 0x610), logging the payload found in CPU-written pages
+    /// (docs/method-suite.md). Slows guest writes; `zc-vmm methods` turns it on.
+    #[arg(long, requires = "dma_log")]
+    dirty_samples: bool,
     /// Network card backend: `peer` (a TCP endpoint inside the VMM at 10.0.2.2:7878
     /// that checks every byte it receives) or `none`.
     #[arg(long, value_enum, default_value_t = NetBackendArg::None)]
@@ -393,6 +398,7 @@ fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
             read_only: args.disk_ro,
         }),
         dma_log: args.dma_log.clone(),
+        dirty_samples: args.dirty_samples,
         net: (args.net != NetBackendArg::None).then(|| NetConfig {
             sg: args.net_sg == OnOff::On,
             pcap: args.pcap.clone(),
@@ -560,6 +566,7 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
     if args.dma_log.is_some() {
         push("--dma-log", inner_log.clone().into());
     }
+
     if args.net != NetBackendArg::None {
         let backend = if args.net == NetBackendArg::Tap {
             "tap"
@@ -589,6 +596,9 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         if args.disk_ro {
             argv.push("--disk-ro".into());
         }
+    }
+    if args.dirty_samples {
+        argv.push("--dirty-samples".into());
     }
     let status = emulated::relaunch_self(
         &args.host_kernel,

@@ -306,6 +306,7 @@ fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<Vari
         .arg(args.timeout.to_string())
         .arg("--dma-log")
         .arg(&files.dma_log)
+        .arg("--dirty-samples")
         .arg("--report-json")
         .arg(&files.run_json)
         .arg("--console")

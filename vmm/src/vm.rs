@@ -127,6 +127,10 @@ pub struct VmConfig {
     pub disk: Option<DiskConfig>,
     /// Where the DMA descriptor log goes; `None` turns logging off.
     pub dma_log: Option<PathBuf>,
+    /// Sample KVM's dirty-page log when the guest asks (`dirty.rs`); needs the DMA
+    /// log (where samples go) and a peer expectation (what they look for). Off by
+    /// default: write-protecting guest RAM slows every guest write.
+    pub dirty_samples: bool,
     /// The network card, if any (virtio-net with the in-VMM TCP peer).
     pub net: Option<NetConfig>,
 }
@@ -305,7 +309,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     // Dirty-page sampling needs the DMA log (where samples go) and a payload file
     // (what they look for).
     let payload = match (
-        &config.dma_log,
+        config.dma_log.as_ref().filter(|_| config.dirty_samples),
         config.net.as_ref().and_then(|n| n.expect.first()),
     ) {
         (Some(_), Some(path)) => Some(read_payload(

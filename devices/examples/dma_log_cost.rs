@@ -1,0 +1,261 @@
+//! Micro-benchmark of what the DMA log costs a device thread: run it natively, under
+//! `valgrind --tool=callgrind` (deterministic instruction counts) or under
+//! `qemu-x86_64 -cpu max` (TCG, like the emulated KVM host) to see where the
+//! instructions go. `cargo run --release -p zc-devices --example dma_log_cost [ITERS]`.
+//!
+//! Each line is the wall time per operation on the calling thread; `+ flush` lines
+//! include waiting for everything queued to be written (the writer thread's share).
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zc_devices::dma_log::{
+    fingerprint, pieces_from_guest, BlkRequest, BlkStatus, DescEntry, DescInfo, DescRole,
+    DeviceKind, Direction, DmaLog, NetRequest, RequestDetail,
+};
+
+const PAGE: usize = 4096;
+/// One O_DIRECT 1 MiB read: 256 page-sized data descriptors.
+const REQ_PAGES: usize = 256;
+
+fn time(label: &str, ops: usize, f: impl FnOnce()) {
+    let t = Instant::now();
+    f();
+    let ns = t.elapsed().as_nanos() as f64 / ops as f64;
+    println!("{label:<44} {ns:>10.0} ns/op");
+}
+
+fn report(label: &str, d: std::time::Duration, ops: usize) {
+    let ns = d.as_nanos() as f64 / ops as f64;
+    println!("{label:<44} {ns:>10.0} ns/op");
+}
+
+fn blk_request(log: &DmaLog, mem: &GuestMemoryMmap, head: u16) {
+    for i in 0..REQ_PAGES {
+        let gpa = 0x10_0000 + (i * PAGE) as u64;
+        log.descriptor_from_guest(
+            mem,
+            DescInfo {
+                device: DeviceKind::Blk,
+                queue: 0,
+                head,
+                desc: (head + 1 + i as u16) % 1024,
+                indirect: true,
+                gpa,
+                len: PAGE as u32,
+                dir: Direction::DeviceWrites,
+                role: DescRole::Data,
+            },
+        );
+    }
+    log.request(
+        DeviceKind::Blk,
+        0,
+        head,
+        RequestDetail::Blk(BlkRequest {
+            op: "in".into(),
+            code: 0,
+            sector: 2048,
+            bytes: (REQ_PAGES * PAGE) as u64,
+            status: BlkStatus::Ok,
+        }),
+    );
+}
+
+fn net_frame(log: &DmaLog, frame: &[u8], head: u16) {
+    let gpa = 0x20_0000 + u64::from(head) * 2048;
+    for (role, at, len) in [
+        (DescRole::Header, 0usize, 12usize),
+        (DescRole::Data, 12, frame.len() - 12),
+    ] {
+        log.descriptor_bytes(
+            DescInfo {
+                device: DeviceKind::Net,
+                queue: 1,
+                head,
+                desc: head,
+                indirect: false,
+                gpa: gpa + at as u64,
+                len: len as u32,
+                dir: Direction::DeviceReads,
+                role,
+            },
+            &frame[at..at + len],
+        );
+    }
+    log.request_from_bytes(DeviceKind::Net, 1, head, &frame[12..], 0, tx_detail);
+}
+
+/// As the net device does: the summary is worked out on the writer thread.
+fn tx_detail(frame: &[u8], _: u64) -> RequestDetail {
+    let s = zc_devices::virtio::net::summarize(frame);
+    RequestDetail::Net(NetRequest {
+        summary: format!("tx {}", s.text),
+        tcp_seq: s.tcp_seq,
+        tcp_len: s.tcp_len,
+        tcp_flags: s.tcp_flags,
+        tcp_payload_off: s.tcp_payload_off,
+        tcp_ports: s.tcp_ports,
+    })
+}
+
+fn main() {
+    let iters: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20);
+    let mem: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let content: Vec<u8> = (0..0x40_0000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    mem.write_slice(&content, GuestAddress(0)).unwrap();
+    let frame = &content[12..1514 + 12];
+
+    let pages = iters * REQ_PAGES;
+    time("copy 4 KiB out of guest memory", pages, || {
+        let mut buf = [0u8; PAGE];
+        for i in 0..pages {
+            let gpa = 0x10_0000 + ((i % REQ_PAGES) * PAGE) as u64;
+            mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
+            black_box(&buf);
+        }
+    });
+    time("fingerprint 4 KiB", pages, || {
+        for i in 0..pages {
+            let at = (i % REQ_PAGES) * PAGE;
+            black_box(fingerprint(black_box(&content[at..at + PAGE])));
+        }
+    });
+    time("fingerprint 1514 B", pages, || {
+        for _ in 0..pages {
+            black_box(fingerprint(black_box(frame)));
+        }
+    });
+    time("pieces_from_guest 4 KiB", pages, || {
+        for i in 0..pages {
+            let gpa = 0x10_0000 + ((i % REQ_PAGES) * PAGE) as u64;
+            black_box(pieces_from_guest(&mem, gpa, PAGE as u64).unwrap());
+        }
+    });
+
+    let n = pages;
+    time("Instant::now", n, || {
+        for _ in 0..n {
+            black_box(Instant::now());
+        }
+    });
+    let m = std::sync::Mutex::new(0u64);
+    time("uncontended Mutex lock + unlock", n, || {
+        for _ in 0..n {
+            *black_box(&m).lock().unwrap() += 1;
+        }
+    });
+
+    let mut tcp = vec![0u8; 1514];
+    tcp[12..14].copy_from_slice(&[0x08, 0x00]);
+    tcp[14..34].copy_from_slice(&[
+        0x45, 0, 0x05, 0xdc, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 2, 15, 10, 0, 2, 2,
+    ]);
+    tcp[34..54].copy_from_slice(&[
+        0x9c, 0x40, 0x1b, 0x58, 0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
+    // What the TX queue hands the device: the 12-byte virtio-net header, then a TCP frame.
+    let tx: Vec<u8> = [&[0u8; 12][..], &tcp].concat();
+    time("summarize a TCP frame + summary string", n, || {
+        for _ in 0..n {
+            let s = zc_devices::virtio::net::summarize(black_box(&tcp));
+            black_box(format!("tx {}", s.text));
+        }
+    });
+
+    // The device-thread share: each request is timed alone, then the writer is
+    // waited for (untimed), as in a guest whose requests come slower than the writer
+    // writes them. The `+ flush` figure is the total, i.e. the writer's pace.
+    let log = DmaLog::new(std::io::sink()).unwrap();
+    blk_request(&log, &mem, 0);
+    log.flush().unwrap();
+    let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
+    for r in 0..iters {
+        let c = Instant::now();
+        blk_request(&log, &mem, r as u16);
+        calls += c.elapsed();
+        log.flush().unwrap();
+    }
+    report("blk 1 MiB request, per page (calls)", calls, pages);
+    report("blk 1 MiB request, per page (+ flush)", t.elapsed(), pages);
+
+    // A read-only disk: the writer reads the image again instead of the device
+    // copying guest memory.
+    let mut image = tempfile::tempfile().unwrap();
+    std::io::Write::write_all(&mut image, &content[..REQ_PAGES * PAGE]).unwrap();
+    let stable = log.stable_file(&image).unwrap();
+    let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
+    for r in 0..iters {
+        let c = Instant::now();
+        for i in 0..REQ_PAGES {
+            let d = DescInfo {
+                device: DeviceKind::Blk,
+                queue: 0,
+                head: r as u16,
+                desc: i as u16,
+                indirect: true,
+                gpa: 0x10_0000 + (i * PAGE) as u64,
+                len: PAGE as u32,
+                dir: Direction::DeviceWrites,
+                role: DescRole::Data,
+            };
+            log.descriptor_from_file(d, stable, (i * PAGE) as u64);
+        }
+        calls += c.elapsed();
+        log.flush().unwrap();
+    }
+    report("blk page from a read-only image (calls)", calls, pages);
+    report(
+        "blk page from a read-only image (+ flush)",
+        t.elapsed(),
+        pages,
+    );
+
+    let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
+    for r in 0..iters {
+        let c = Instant::now();
+        for i in 0..REQ_PAGES {
+            log.descriptor(DescEntry {
+                device: DeviceKind::Blk,
+                queue: 0,
+                head: r as u16,
+                desc: i as u16,
+                indirect: true,
+                gpa: (i * PAGE) as u64,
+                len: PAGE as u32,
+                dir: Direction::DeviceWrites,
+                role: DescRole::Data,
+                pieces: Vec::new(),
+            });
+        }
+        calls += c.elapsed();
+        log.flush().unwrap();
+    }
+    report("desc record, no pieces (calls)", calls, pages);
+    report("desc record, no pieces (+ flush)", t.elapsed(), pages);
+
+    let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
+    for r in 0..iters {
+        let c = Instant::now();
+        for f in 0..REQ_PAGES {
+            net_frame(&log, &tx, (r * REQ_PAGES + f) as u16);
+        }
+        calls += c.elapsed();
+        log.flush().unwrap();
+    }
+    report("net TX frame 1514 B (calls)", calls, pages);
+    report("net TX frame 1514 B (+ flush)", t.elapsed(), pages);
+}
