@@ -165,7 +165,7 @@ pub struct DirtySampler {
     log: DmaLog,
     // One sample at a time: two vCPUs sampling at once would split one interval's
     // pages between two records at random.
-    busy: Mutex<Vec<PayloadRun>>,
+    busy: Mutex<()>,
 }
 
 impl DirtySampler {
@@ -183,7 +183,7 @@ impl DirtySampler {
             slots,
             index,
             log,
-            busy: Mutex::new(Vec::new()),
+            busy: Mutex::new(()),
         }
     }
 
@@ -192,26 +192,28 @@ impl DirtySampler {
     pub fn clear(&self) {
         let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         for slot in &self.slots {
-            if let Err(e) = self.vm.get_dirty_log(slot.slot, slot.len as usize) {
-                eprintln!("zc-vmm: KVM_GET_DIRTY_LOG failed: {e}");
-            }
+            self.take_dirty_log(slot);
         }
+    }
+
+    /// Reads and clears `slot`'s dirty bitmap; `None` (reported) if KVM refuses.
+    fn take_dirty_log(&self, slot: &LoggedSlot) -> Option<Vec<u64>> {
+        self.vm
+            .get_dirty_log(slot.slot, slot.len as usize)
+            .map_err(|e| eprintln!("zc-vmm: KVM_GET_DIRTY_LOG failed: {e}"))
+            .ok()
     }
 
     /// Reads and clears the dirty log, scans the dirtied pages and logs a `dirty`
     /// record labelled `sample`.
     pub fn sample(&self, sample: u32) {
-        let mut runs = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        runs.clear();
+        let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut runs = Vec::new();
         let mut dirtied = Vec::new();
         let mut page = vec![0u8; PAGE];
         for slot in &self.slots {
-            let bitmap = match self.vm.get_dirty_log(slot.slot, slot.len as usize) {
-                Ok(bitmap) => bitmap,
-                Err(e) => {
-                    eprintln!("zc-vmm: KVM_GET_DIRTY_LOG failed: {e}");
-                    continue;
-                }
+            let Some(bitmap) = self.take_dirty_log(slot) else {
+                continue;
             };
             for (word_index, mut word) in bitmap.into_iter().enumerate() {
                 while word != 0 {
@@ -228,7 +230,7 @@ impl DirtySampler {
                 }
             }
         }
-        self.log.dirty(sample, dirtied, runs.clone());
+        self.log.dirty(sample, dirtied, runs);
     }
 }
 
