@@ -1,7 +1,10 @@
 //! Loading the kernel modules listed in `/etc/zc/modules` with `finit_module`.
 //!
 //! The initramfs has no `modprobe` and no `modules.dep`: the image builder resolves
-//! dependencies and writes the list in load order, one path per line.
+//! dependencies and writes the list in load order, one path per line. As modprobe
+//! does, a `module.param=value` word on the kernel command line (e.g.
+//! `kvm_amd.npt=0`) is passed to that module when it loads; the kernel itself only
+//! applies such words to built-in code.
 
 use std::fs::File;
 use std::io;
@@ -28,6 +31,34 @@ pub fn parse_module_list(text: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The module's name from its file in the initramfs: `/lib/modules/07-kvm_amd.ko.xz`
+/// is `kvm_amd` (the image builder writes `<NN>-<name>.ko[.xz|.zst]`; dashes in a
+/// name are underscores to the kernel).
+pub fn module_name(path: &Path) -> String {
+    let file = path.file_name().unwrap_or_default().to_string_lossy();
+    let stem = file.split(".ko").next().unwrap_or_default();
+    let stem = match stem.split_once('-') {
+        Some((order, rest)) if !order.is_empty() && order.bytes().all(|b| b.is_ascii_digit()) => {
+            rest
+        }
+        _ => stem,
+    };
+    stem.replace('-', "_")
+}
+
+/// The parameters the kernel command line gives `module`, joined as `finit_module`
+/// takes them: `kvm.tdp_mmu=0 kvm_amd.npt=0` gives `npt=0` for `kvm_amd`.
+pub fn cmdline_params(cmdline: &str, module: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .filter_map(|word| {
+            let (name, param) = word.split_once('.')?;
+            (name.replace('-', "_") == module && !param.is_empty()).then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The `finit_module` flags for a module file, from its name.
 pub fn finit_flags(path: &Path) -> libc::c_uint {
     match path.extension().and_then(|e| e.to_str()) {
@@ -43,6 +74,8 @@ pub struct Loaded {
     pub path: PathBuf,
     /// False when the kernel already had it (`EEXIST`, e.g. built in twice).
     pub newly_loaded: bool,
+    /// The parameters it was given (from the kernel command line), or empty.
+    pub params: String,
     /// Time `finit_module` took.
     pub elapsed: Duration,
 }
@@ -69,6 +102,9 @@ impl Summary {
         if present > 0 {
             text.push_str(&format!(" ({present} already present)"));
         }
+        for m in self.modules.iter().filter(|m| !m.params.is_empty()) {
+            text.push_str(&format!(", {} with {}", module_name(&m.path), m.params));
+        }
         text
     }
 
@@ -79,8 +115,13 @@ impl Summary {
             .map(|m| {
                 let name = m.path.file_name().unwrap_or(m.path.as_os_str());
                 let note = if m.newly_loaded { "" } else { " (present)" };
+                let params = if m.params.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", m.params)
+                };
                 format!(
-                    "{} {:.3} s{note}",
+                    "{}{params} {:.3} s{note}",
                     name.to_string_lossy(),
                     m.elapsed.as_secs_f64()
                 )
@@ -98,10 +139,11 @@ pub fn load_listed() -> Result<Summary> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).context(|| format!("reading {MODULE_LIST}")),
     };
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let start = Instant::now();
     let modules = parse_module_list(&text)
         .into_iter()
-        .map(|path| load_one(&path))
+        .map(|path| load_one(&path, &cmdline_params(&cmdline, &module_name(&path))))
         .collect::<Result<Vec<_>>>()?;
     Ok(Summary {
         modules,
@@ -109,7 +151,9 @@ pub fn load_listed() -> Result<Summary> {
     })
 }
 
-fn load_one(path: &Path) -> Result<Loaded> {
+fn load_one(path: &Path, params: &str) -> Result<Loaded> {
+    let c_params = std::ffi::CString::new(params)
+        .map_err(|_| Error::new(format!("a NUL in the parameters for {}", path.display())))?;
     let file = File::open(path).context(|| {
         format!(
             "opening module {} (listed in {MODULE_LIST})",
@@ -119,12 +163,12 @@ fn load_one(path: &Path) -> Result<Loaded> {
     let flags = finit_flags(path);
     let start = Instant::now();
     // SAFETY: finit_module reads the module from an open fd that outlives the call;
-    // the parameter string is a NUL-terminated static empty string.
+    // the parameter string is a NUL-terminated CString that outlives the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_finit_module,
             file.as_raw_fd(),
-            c"".as_ptr(),
+            c_params.as_ptr(),
             flags,
         )
     };
@@ -133,6 +177,7 @@ fn load_one(path: &Path) -> Result<Loaded> {
         return Ok(Loaded {
             path: path.to_path_buf(),
             newly_loaded: true,
+            params: params.to_string(),
             elapsed,
         });
     }
@@ -141,6 +186,7 @@ fn load_one(path: &Path) -> Result<Loaded> {
         Some(libc::EEXIST) => Ok(Loaded {
             path: path.to_path_buf(),
             newly_loaded: false,
+            params: params.to_string(),
             elapsed,
         }),
         errno => Err(Error::new(format!(
@@ -189,6 +235,27 @@ mod tests {
     }
 
     #[test]
+    fn module_names_come_from_the_initramfs_file_names() {
+        for (path, name) in [
+            ("/lib/modules/07-kvm_amd.ko", "kvm_amd"),
+            ("/lib/modules/12-9pnet_virtio.ko.xz", "9pnet_virtio"),
+            ("/lib/modules/03-kvm-amd.ko.zst", "kvm_amd"),
+            ("/tmp/virtio_net.ko", "virtio_net"),
+        ] {
+            assert_eq!(module_name(Path::new(path)), name, "{path}");
+        }
+    }
+
+    #[test]
+    fn command_line_parameters_go_to_their_module_only() {
+        let cmdline =
+            "console=ttyS0 kvm.tdp_mmu=0 kvm_amd.npt=0 kvm-amd.nested=1 zc.role=host kvm.";
+        assert_eq!(cmdline_params(cmdline, "kvm_amd"), "npt=0 nested=1");
+        assert_eq!(cmdline_params(cmdline, "kvm"), "tdp_mmu=0");
+        assert_eq!(cmdline_params(cmdline, "virtio_mmio"), "");
+    }
+
+    #[test]
     fn empty_list() {
         assert!(parse_module_list("").is_empty());
         assert!(parse_module_list("\n \n").is_empty());
@@ -208,11 +275,13 @@ mod tests {
                 Loaded {
                     path: "/lib/modules/01-virtio.ko".into(),
                     newly_loaded: true,
+                    params: String::new(),
                     elapsed: Duration::from_millis(3),
                 },
                 Loaded {
                     path: "/lib/modules/02-kvm.ko.xz".into(),
                     newly_loaded: false,
+                    params: "tdp_mmu=0".into(),
                     elapsed: Duration::ZERO,
                 },
             ],
@@ -220,11 +289,11 @@ mod tests {
         };
         assert_eq!(
             summary.describe(),
-            "2 modules loaded in 0.05 s (1 already present)"
+            "2 modules loaded in 0.05 s (1 already present), kvm with tdp_mmu=0"
         );
         assert_eq!(
             summary.details(),
-            "01-virtio.ko 0.003 s, 02-kvm.ko.xz 0.000 s (present)"
+            "01-virtio.ko 0.003 s, 02-kvm.ko.xz [tdp_mmu=0] 0.000 s (present)"
         );
         assert_eq!(Summary::default().describe(), "0 modules loaded in 0.00 s");
     }

@@ -179,8 +179,11 @@ pub struct DiskConfig {
 pub enum StopReason {
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest reset the machine (reboot, keyboard controller, or triple fault).
+    /// The guest asked for a reset (reboot, keyboard controller, `panic=-1`).
     Reset,
+    /// KVM reported a shutdown exit: the guest triple-faulted, a fault the guest
+    /// kernel could not even report. Carries the vCPU's state at that moment.
+    TripleFault(String),
     /// The run took longer than the timeout.
     Timeout,
     /// The guest reported its exit status but did not power off in time.
@@ -266,6 +269,9 @@ impl RunReport {
                 "the guest reported exit {} but did not power off within {} s",
                 code.unwrap_or(-1),
                 POWEROFF_GRACE.as_secs()
+            ),
+            (StopReason::TripleFault(state), _) => format!(
+                "the guest triple-faulted (KVM shutdown exit; a fault its kernel could not report): {state}"
             ),
             (StopReason::VcpuFailure(why), _) => format!("the vCPU stopped: {why}"),
         };
@@ -774,7 +780,7 @@ fn vcpu_loop(
             // With the in-kernel irqchip KVM handles HLT itself; seeing it here means
             // the vCPU stopped for good.
             Ok(VcpuExit::Hlt) => return stop(StopReason::VcpuFailure("the vCPU halted".into())),
-            Ok(VcpuExit::Shutdown) => return stop(StopReason::Reset),
+            Ok(VcpuExit::Shutdown) => return stop(StopReason::TripleFault(vcpu_state(&vcpu))),
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 return stop(match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff,
@@ -799,6 +805,25 @@ fn vcpu_loop(
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => return stop(StopReason::VcpuFailure(format!("KVM_RUN failed: {e}"))),
         }
+    }
+}
+
+/// The registers that tell where a guest died: enough to look the address up in the
+/// guest kernel's `System.map` and to see whether its stack or page tables were sane.
+fn vcpu_state(vcpu: &VcpuFd) -> String {
+    let regs = vcpu.get_regs();
+    let sregs = vcpu.get_sregs();
+    match (regs, sregs) {
+        // AMD's KVM reinitialises the vCPU on a shutdown intercept (the VMCB is
+        // undefined after one), so the registers show the reset vector, not the fault.
+        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => {
+            "where it faulted is lost: KVM had already reset the vCPU (it does on AMD)".into()
+        }
+        (Ok(r), Ok(s)) => format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} cs {:#x} idt {:#x}+{:#x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.cs.selector, s.idt.base, s.idt.limit
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
     }
 }
 
@@ -853,6 +878,11 @@ mod tests {
             (StopReason::PowerOff, None, "without reporting"),
             (StopReason::PowerOff, Some(2), "exit 2"),
             (StopReason::VcpuFailure("boom".into()), None, "boom"),
+            (
+                StopReason::TripleFault("rip 0x1".into()),
+                None,
+                "triple-faulted",
+            ),
         ] {
             let why = report(stop, exit).failure().unwrap();
             assert!(why.contains(needle), "{why:?} lacks {needle:?}");
