@@ -28,6 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod json;
+mod page_table;
 mod writer;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 

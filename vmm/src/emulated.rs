@@ -62,6 +62,23 @@ pub enum EmulatedError {
     /// The emulated host did not get as far as starting the command.
     #[error("the emulated host did not start the command within {0} s (stuck in its own boot); killed it. Set ZC_HOST_APPEND=loglevel=7 to see its boot messages")]
     HostStuck(u64),
+    /// The emulated host's kernel reported a soft lockup: seen under TCG with both
+    /// of its CPUs stuck for minutes (a lost inter-processor interrupt, most likely),
+    /// never recovering.
+    #[error("the emulated host wedged (its kernel: \"{0}\"); killed it")]
+    HostWedged(String),
+}
+
+impl EmulatedError {
+    /// Whether the emulated host itself failed (wedged, or never started the
+    /// command), as opposed to the command or the guest: the test bench failing, not
+    /// the kernel under test, so a caller may start it once more.
+    pub fn is_host_failure(&self) -> bool {
+        matches!(
+            self,
+            EmulatedError::Timeout(_) | EmulatedError::HostStuck(_) | EmulatedError::HostWedged(_)
+        )
+    }
 }
 
 /// How long the emulated host may take to boot and start the command: it needs
@@ -141,7 +158,7 @@ pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
     // than use the nested paging that QEMU's TCG emulates. With nested paging, KVM's
     // dirty-page log (write-protecting pages, `--dirty-samples`) made the stock guest
     // triple-fault mid-transfer in 3 of 8 method-suite boots, and never without
-    // the dirty log (0 of 8); with shadow paging, 0 of N and no slower. (zc-init
+    // the dirty log (0 of 8); with shadow paging 0 of 14, and no slower. (zc-init
     // passes `module.param=` words to the modules it loads, as modprobe does.)
     let mut cmdline = format!(
         "console=ttyS0 loglevel=3 panic=-1 kvm_amd.npt=0 zc.role=host zc.outdir={}",
@@ -157,6 +174,8 @@ pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
         cmdline.push(' ');
         cmdline.push_str(&extra.to_string_lossy());
     }
+    let mut serial = OsString::from("file:");
+    serial.push(host_console(exchange));
     let mut rw_share = OsString::from("local,id=zcout,security_model=none,path=");
     rw_share.push(exchange);
     push(&[
@@ -174,10 +193,10 @@ pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
         "-no-user-config".as_ref(),
         "-display".as_ref(),
         "none".as_ref(),
-        // The console goes straight to our stdout; QEMU never reads our stdin (CI
-        // runs with none).
+        // The console goes to a file that `run` follows, passes on to our stdout and
+        // watches for a wedged host; QEMU never reads our stdin (CI runs with none).
         "-serial".as_ref(),
-        "file:/dev/stdout".as_ref(),
+        serial.as_os_str(),
         "-no-reboot".as_ref(),
         "-kernel".as_ref(),
         host.kernel.as_os_str(),
@@ -195,6 +214,13 @@ pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
         "virtio-9p-device,fsdev=zcout,mount_tag=zcout".as_ref(),
     ]);
     args
+}
+
+/// Where the emulated host's console goes: beside, not inside, what it shares.
+fn host_console(exchange: &Path) -> PathBuf {
+    let mut name = exchange.as_os_str().to_os_string();
+    name.push(".console");
+    PathBuf::from(name)
 }
 
 /// NUL-terminated list, the format `zc-init` reads.
@@ -255,28 +281,38 @@ pub fn run(
     let started = Instant::now();
     let give_up = started + timeout;
     let mut stderr = FileFollower::new(cmd_dir.join("stderr"));
-    let qemu_status = loop {
+    let console_path = host_console(exchange);
+    let mut console = FileFollower::new(console_path.clone());
+    let mut lockups = LockupWatch::default();
+    let result = loop {
         stderr.copy_new_bytes(&mut std::io::stderr());
+        let fresh = console.copy_new_bytes(&mut std::io::stdout());
+        if let Some(line) = lockups.feed(&fresh) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break Err(EmulatedError::HostWedged(line));
+        }
         match child.try_wait() {
             Ok(Some(status)) => {
                 stderr.copy_new_bytes(&mut std::io::stderr());
-                break status.to_string();
+                console.copy_new_bytes(&mut std::io::stdout());
+                break Ok(status.to_string());
             }
             Ok(None) if Instant::now() >= give_up => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(EmulatedError::Timeout(timeout.as_secs()));
+                break Err(EmulatedError::Timeout(timeout.as_secs()));
             }
             // The command's stderr file appears when zc-init starts it; a host that
             // has not got that far by now is stuck in its own boot.
             Ok(None) if !stderr.exists() && started.elapsed() > HOST_START_LIMIT => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(EmulatedError::HostStuck(HOST_START_LIMIT.as_secs()));
+                break Err(EmulatedError::HostStuck(HOST_START_LIMIT.as_secs()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(source) => {
-                return Err(EmulatedError::Io {
+                break Err(EmulatedError::Io {
                     what: "cannot wait for",
                     path: host.qemu.clone(),
                     source,
@@ -284,6 +320,8 @@ pub fn run(
             }
         }
     };
+    let _ = std::fs::remove_file(&console_path);
+    let qemu_status = result?;
     let mut text = String::new();
     match std::fs::File::open(&status_path) {
         Ok(mut file) => {
@@ -380,22 +418,49 @@ impl FileFollower {
         self.path.exists()
     }
 
-    /// Copies the bytes appended since the last call; a missing file is not yet
-    /// written, not an error.
-    fn copy_new_bytes(&mut self, out: &mut dyn std::io::Write) {
+    /// Copies the bytes appended since the last call, and returns them; a missing
+    /// file is not yet written, not an error.
+    fn copy_new_bytes(&mut self, out: &mut dyn std::io::Write) -> Vec<u8> {
         use std::io::{Seek, SeekFrom};
+        let mut fresh = Vec::new();
         let Ok(mut file) = std::fs::File::open(&self.path) else {
-            return;
+            return fresh;
         };
         if file.seek(SeekFrom::Start(self.offset)).is_err() {
-            return;
+            return fresh;
         }
-        let mut fresh = Vec::new();
         if let Ok(n) = file.read_to_end(&mut fresh) {
             self.offset += n as u64;
-            let _ = out.write_all(&fresh);
-            let _ = out.flush();
+            if n > 0 {
+                let _ = out.write_all(&fresh);
+                let _ = out.flush();
+            }
         }
+        fresh
+    }
+}
+
+/// Watches the emulated host's console for its kernel's soft-lockup report.
+#[derive(Default)]
+struct LockupWatch {
+    /// The unfinished last line of what came so far.
+    partial: Vec<u8>,
+}
+
+impl LockupWatch {
+    /// Takes the next bytes of the console; returns the first complete line that
+    /// reports a soft lockup.
+    fn feed(&mut self, bytes: &[u8]) -> Option<String> {
+        self.partial.extend_from_slice(bytes);
+        let mut found = None;
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            if found.is_none() && line.contains("BUG: soft lockup") {
+                found = Some(line.trim().to_string());
+            }
+        }
+        found
     }
 }
 
@@ -412,6 +477,17 @@ mod tests {
             cpus: 2,
             tsc_khz: Some(2_300_000),
         }
+    }
+
+    #[test]
+    fn a_soft_lockup_line_is_caught_even_when_split_across_reads() {
+        let mut watch = LockupWatch::default();
+        assert_eq!(watch.feed(b"[   1.0] zc-init(host): kernel 6.1\n[  40.4] watchdog: BUG: soft lo"), None);
+        assert_eq!(
+            watch.feed(b"ckup - CPU#1 stuck for 26s! [kthreadd:2]\nmore"),
+            Some("[  40.4] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [kthreadd:2]".into())
+        );
+        assert_eq!(watch.feed(b" text\n"), None);
     }
 
     #[test]

@@ -614,7 +614,7 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         // lockup under TCG), not the guest: the guest's own timeout is enforced inside
         // and ends the host normally. That is the test bench failing, not the kernel
         // under test, so start it once more, from the original disk, and say so.
-        Err(e @ (emulated::EmulatedError::Timeout(_) | emulated::EmulatedError::HostStuck(_))) => {
+        Err(e) if e.is_host_failure() => {
             eprintln!("zc-vmm: {e}; the emulated host wedged, starting it again (once)");
             let _ = std::fs::remove_dir_all(exchange.path().join("cmd"));
             if let Some(disk) = &args.disk {

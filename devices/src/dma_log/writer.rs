@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::page_table::PageTable;
 use super::{
     fingerprint, json, page_pieces, DescInfo, DeviceErrorRecord, DeviceKind, DirtyRecord,
     DmaLogError, MarkerRecord, PayloadRun, Piece, Record, RequestDetail, PAGE_SIZE,
@@ -199,7 +200,7 @@ pub(super) struct Shared {
     /// Producers waiting for room and callers of `flush` wait here.
     done: Condvar,
     /// Stable files, by number ([`Pieces::File`]).
-    files: Mutex<Vec<Arc<File>>>,
+    files: Mutex<Vec<StableEntry>>,
 }
 
 impl Shared {
@@ -212,8 +213,10 @@ impl Shared {
     /// Registers a file whose contents do not change while the log lives; returns
     /// its number for [`Pieces::File`].
     pub(super) fn add_file(&self, file: File) -> u32 {
+        let file = Arc::new(file);
+        let pages = PageTable::start(file.clone());
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        files.push(Arc::new(file));
+        files.push(StableEntry { file, pages });
         (files.len() - 1) as u32
     }
 
@@ -375,7 +378,7 @@ struct Sink {
     buf: Vec<u8>,
     /// The writer's copy of [`Shared::files`], refreshed when a record names a file
     /// it does not have yet.
-    files: Vec<Arc<File>>,
+    files: Vec<StableEntry>,
     /// Where ranges of stable files are read to be fingerprinted.
     scratch: Vec<u8>,
 }
@@ -504,7 +507,7 @@ impl Sink {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
         }
-        let f = self.files.get(index).ok_or_else(|| {
+        let entry = self.files.get(index).ok_or_else(|| {
             io::Error::other(format!(
                 "DMA log: a record names unknown stable file {file}"
             ))
@@ -516,8 +519,16 @@ impl Sink {
             if n < len - done {
                 n -= at.wrapping_add(n) % PAGE_SIZE;
             }
+            if let Some(hashes) = table_hashes(&entry.pages, at, off + done, n) {
+                for ((piece_gpa, piece_len), hash) in page_pieces(at, n).zip(hashes) {
+                    json::push_piece(&mut self.buf, *first, piece_gpa, piece_len, hash);
+                    *first = false;
+                }
+                done += n;
+                continue;
+            }
             self.scratch.resize(n as usize, 0);
-            f.read_exact_at(&mut self.scratch, off + done).map_err(|e| {
+            entry.file.read_exact_at(&mut self.scratch, off + done).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!(
@@ -603,6 +614,27 @@ fn run(shared: &Shared, mut sink: Sink) {
 
 /// Appends the pieces of the range at `gpa` holding `bytes`, fingerprinting them;
 /// `first` says no piece of the line has been written yet.
+/// A stable file and the fingerprints of its pages, once known.
+#[derive(Clone)]
+pub(super) struct StableEntry {
+    file: Arc<File>,
+    pages: Arc<PageTable>,
+}
+
+/// The fingerprints of the pieces of guest range `[gpa, gpa + len)`, filled from
+/// `off` in a file, taken from the file's page table: only when every piece is a
+/// whole page of the file at a page-aligned offset and the table has it.
+fn table_hashes(pages: &PageTable, gpa: u64, off: u64, len: u64) -> Option<Vec<u64>> {
+    page_pieces(gpa, len)
+        .map(|(piece_gpa, piece_len)| {
+            if u64::from(piece_len) != PAGE_SIZE {
+                return None;
+            }
+            pages.page(off + (piece_gpa - gpa))
+        })
+        .collect()
+}
+
 fn push_pieces(out: &mut Vec<u8>, first: &mut bool, gpa: u64, bytes: &[u8]) {
     let mut off = 0;
     for (piece_gpa, len) in page_pieces(gpa, bytes.len() as u64) {
@@ -622,6 +654,7 @@ mod tests {
 
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+    use super::table_hashes;
     use crate::dma_log::{
         fingerprint, pieces_of, DescInfo, DescRole, DeviceKind, Direction, DmaLog, DmaLogReader,
         NetRequest, Record, RequestDetail,
@@ -869,6 +902,50 @@ mod tests {
         // Reading past the end is a log error, not a wrong fingerprint.
         log.descriptor_from_file(info(0, 4096), stable, data.len() as u64);
         assert!(log.flush().is_err());
+    }
+
+    #[test]
+    fn page_aligned_reads_take_the_file_page_table_and_match_hashing() {
+        let data = content(3 << 20, 4);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let out = Out::default();
+        let log = DmaLog::new(out.clone()).unwrap();
+        let stable = log.stable_file(&file).unwrap();
+        let shared = &log.inner.as_ref().unwrap().shared;
+        let pages = shared.files.lock().unwrap()[stable.0 as usize]
+            .pages
+            .clone();
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        while !pages.is_ready() {
+            assert!(std::time::Instant::now() < give_up, "no page table");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Aligned (from the table, across the writer's read chunks), aligned in the
+        // guest but not in the file, and a partial page: all must read as hashed.
+        let cases = [
+            (0x20_0000u64, 8192u64, (1 << 20) + 4096u32),
+            (0x20_0000, 8192 + 512, 8192),
+            (0x30_0000, 4096, 100),
+        ];
+        for (gpa, off, len) in cases {
+            log.descriptor_from_file(info(gpa, len), stable, off);
+        }
+        log.flush().unwrap();
+        let recs = out.records();
+        for (i, (gpa, off, len)) in cases.into_iter().enumerate() {
+            let Record::Desc(d) = &recs[i] else { panic!() };
+            let want = &data[off as usize..(off + u64::from(len)) as usize];
+            assert_eq!(d.pieces, pieces_of(gpa, want), "case {i}");
+        }
+        assert_eq!(
+            table_hashes(&pages, 0x20_0000, 8192, 8192),
+            Some(vec![
+                fingerprint(&data[8192..12288]),
+                fingerprint(&data[12288..16384])
+            ])
+        );
+        assert_eq!(table_hashes(&pages, 0x20_0000, 8192 + 512, 8192), None);
     }
 
     #[test]
