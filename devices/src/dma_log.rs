@@ -477,6 +477,18 @@ pub struct DescInfo {
 /// and its `arg`. A plain function, so that queuing one allocates nothing.
 pub type DetailFn = fn(&[u8], u64) -> RequestDetail;
 
+/// Lets the calling thread (the log's writer, or its page-table pass) have only the
+/// CPU time that the vCPUs and device threads leave: the log must not slow the guest
+/// down where it can wait (producers still wait for it once it falls 8 MiB
+/// behind, so it cannot starve for long).
+fn lower_this_threads_priority() {
+    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who 0 is the
+    // calling thread. Failing leaves the priority as it was, which is harmless.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
 /// A file registered with a log ([`DmaLog::stable_file`]) as one whose contents do
 /// not change while the log is in use, such as a read-only disk image. Only valid
 /// with the log that made it.

@@ -43,7 +43,7 @@ impl PageTable {
         let spawned = std::thread::Builder::new()
             .name("zc-dma-pages".into())
             .spawn(move || {
-                lower_this_threads_priority();
+                super::lower_this_threads_priority();
                 if let Some(pages) = hash_pages(&file, len, &weak) {
                     if let Some(table) = weak.upgrade() {
                         let _ = table.pages.set(pages);

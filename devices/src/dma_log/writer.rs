@@ -342,6 +342,7 @@ pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
     let thread = std::thread::Builder::new()
         .name("zc-dma-log".into())
         .spawn(move || {
+            super::lower_this_threads_priority();
             let gone = Gone(&for_thread);
             run(
                 &for_thread,
