@@ -10,7 +10,9 @@
 //! addresses and routes, when the backend is dropped. A new interface is down and has
 //! no address: bringing it up and giving it one (or enslaving it to a bridge) is the
 //! caller's or the admin's job, e.g. `ip addr add 10.0.2.2/24 dev NAME; ip link set
-//! NAME up`.
+//! NAME up`, which [`TapBackend::set_ipv4`] does (`zc-vmm run --tap-ip`); the host's
+//! own TCP stack is then the guest's peer, and `crate::net_peer::SocketPeer` can
+//! check what the guest sends to it.
 //!
 //! # Flags
 //! `IFF_TAP | IFF_NO_PI`: Ethernet frames (the guest is on an Ethernet link), with no
@@ -41,7 +43,8 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
@@ -182,6 +185,78 @@ impl TapBackend {
             last_error: None,
             detached: false,
         })
+    }
+
+    /// Gives the host side of the tap the IPv4 address `addr/prefix_len` and brings
+    /// the interface up: what `ip addr add ADDR/PREFIX dev NAME; ip link set NAME up`
+    /// does, for a run that wants the host's TCP stack as the guest's peer (the
+    /// address is gone with the interface when the backend is dropped).
+    pub fn set_ipv4(&self, addr: Ipv4Addr, prefix_len: u8) -> Result<(), TapError> {
+        if prefix_len > 32 {
+            return Err(TapError::Io {
+                what: "set the address",
+                name: self.name.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "prefix longer than 32"),
+            });
+        }
+        let err = |what, source| TapError::Io {
+            what,
+            name: self.name.clone(),
+            source,
+        };
+        // SAFETY: a plain socket(2) call; the fd is owned right away.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(err("open a socket", io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0);
+        let ifr_name = ifname(&self.name)?;
+        let with_addr = |a: Ipv4Addr| {
+            // SAFETY: `ifreq` is plain data, for which all-zero bytes are valid.
+            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+            ifr.ifr_name = ifr_name;
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(a).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: `sockaddr_in` fits in the union's `sockaddr` (both 16 bytes),
+            // which is how the kernel reads the address of SIOCSIFADDR/SIOCSIFNETMASK.
+            unsafe {
+                std::ptr::write_unaligned(
+                    std::ptr::addr_of_mut!(ifr.ifr_ifru.ifru_addr).cast::<libc::sockaddr_in>(),
+                    sin,
+                );
+            }
+            ifr
+        };
+        let ioctl = |request, ifr: &mut libc::ifreq| {
+            // SAFETY: these SIOC* requests read or write one `struct ifreq`, which
+            // `ifr` is, live for the call; `sock` is an open socket.
+            let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, ifr as *mut libc::ifreq) };
+            if rc < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        ioctl(libc::SIOCSIFADDR, &mut with_addr(addr)).map_err(|e| err("set the address", e))?;
+        ioctl(libc::SIOCSIFNETMASK, &mut with_addr(Ipv4Addr::from(mask)))
+            .map_err(|e| err("set the netmask", e))?;
+        let mut ifr = with_addr(Ipv4Addr::UNSPECIFIED);
+        ioctl(libc::SIOCGIFFLAGS, &mut ifr).map_err(|e| err("read the flags", e))?;
+        // SAFETY: SIOCGIFFLAGS just filled the union's flags member.
+        let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+        ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        ioctl(libc::SIOCSIFFLAGS, &mut ifr).map_err(|e| err("bring the interface up", e))?;
+        Ok(())
     }
 
     /// The interface's name, as the kernel set it.
@@ -496,8 +571,12 @@ mod tests {
         assert_eq!(tap.poll_delay(Instant::now()), Some(POLL_INTERVAL));
         let sys = format!("/sys/class/net/{name}");
         let tap_mac = std::fs::read_to_string(format!("{sys}/address")).unwrap();
-        ip(&["addr", "add", "10.99.0.1/24", "dev", &name]);
-        ip(&["link", "set", &name, "up"]);
+        // What `ip addr add 10.99.0.1/24 dev NAME; ip link set NAME up` would do.
+        tap.set_ipv4(std::net::Ipv4Addr::from(HOST_IP), 24)
+            .expect("address the tap");
+        let flags = std::fs::read_to_string(format!("{sys}/flags")).unwrap();
+        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_ne!(flags & libc::IFF_UP as u32, 0, "the tap is not up");
 
         // ARP: who has 10.99.0.1? Tell 10.99.0.2.
         let req = arp(1, [0xff; 6], GUEST_MAC, GUEST_IP, [0; 6], HOST_IP);
@@ -550,6 +629,12 @@ mod tests {
         assert!(stats.tx_frames >= 2 && stats.tx_errors == 0, "{stats:?}");
         assert!(stats.rx_frames >= 2, "{stats:?}");
         drop(tap);
+        // The kernel unregisters the interface after the close returns, once the
+        // last reference to it (an addressed interface has more) is dropped.
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while Path::new(&sys).exists() && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(
             !Path::new(&sys).exists(),
             "the tap outlived its fd: remove it with `ip link del {name}`"

@@ -67,7 +67,8 @@ impl Role {
     pub fn module_roots(self) -> &'static [&'static str] {
         match self {
             Role::Guest => &["virtio_mmio", "virtio_blk", "virtio_net"],
-            Role::Host => &["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p"],
+            // `tun`: for `zc-vmm run --net tap` inside the emulated host.
+            Role::Host => &["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p", "tun"],
         }
     }
 }
@@ -776,7 +777,7 @@ mod tests {
         assert!(b.info.modules.is_empty());
         assert_eq!(
             b.info.builtin,
-            ["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p"]
+            ["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p", "tun"]
         );
         assert!(
             b.warnings.iter().any(|w| w.contains("built in")),

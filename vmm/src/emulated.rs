@@ -482,7 +482,10 @@ mod tests {
     #[test]
     fn a_soft_lockup_line_is_caught_even_when_split_across_reads() {
         let mut watch = LockupWatch::default();
-        assert_eq!(watch.feed(b"[   1.0] zc-init(host): kernel 6.1\n[  40.4] watchdog: BUG: soft lo"), None);
+        assert_eq!(
+            watch.feed(b"[   1.0] zc-init(host): kernel 6.1\n[  40.4] watchdog: BUG: soft lo"),
+            None
+        );
         assert_eq!(
             watch.feed(b"ckup - CPU#1 stuck for 26s! [kthreadd:2]\nmore"),
             Some("[  40.4] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [kthreadd:2]".into())

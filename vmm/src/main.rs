@@ -1,6 +1,7 @@
 //! `zc-vmm`: boots a Linux guest under KVM, directly or inside an emulated KVM host.
 
 use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -168,10 +169,15 @@ struct RunArgs {
     #[arg(long, value_name = "BYTES", requires = "peer_expect")]
     peer_expect_bytes: Option<u64>,
     /// With --net tap: the tap device's name (created if absent; `%d` is numbered).
-    /// The caller brings it up and addresses it. In emulated mode it lives inside the
-    /// emulated host, so use tap on a direct host.
+    /// In emulated mode it lives inside the emulated host.
     #[arg(long, default_value = "zctap%d")]
     tap: String,
+    /// With --net tap: give the host side of the tap this address and bring it up
+    /// (otherwise that is the caller's job). With --peer-expect as well, the check
+    /// listens on this address, port 7878, through the host's own TCP stack; the
+    /// guest's default peer is 10.0.2.2, so `--tap-ip 10.0.2.2/24`.
+    #[arg(long, value_name = "ADDR/PREFIX", value_parser = parse_ipv4_prefix)]
+    tap_ip: Option<(Ipv4Addr, u8)>,
     /// Give up after this many seconds (of the guest's own run).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -181,6 +187,22 @@ struct RunArgs {
     /// Emulated mode: the emulated host's initrd [env: ZC_HOST_INITRD].
     #[arg(long, env = "ZC_HOST_INITRD", default_value = DEFAULT_HOST_INITRD)]
     host_initrd: PathBuf,
+}
+
+/// Parses `10.0.2.2/24`.
+fn parse_ipv4_prefix(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not ADDR/PREFIX (e.g. 10.0.2.2/24)"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("{prefix:?} is not a prefix length (0 to 32)"))?;
+    Ok((addr, prefix))
 }
 
 /// Which network backend the card gets.
@@ -330,8 +352,17 @@ fn run(args: RunArgs) -> Result<i32> {
         );
     }
     zc_vmm::boot::detect_format(&args.kernel)?;
-    if !args.peer_expect.is_empty() && args.net != NetBackendArg::Peer {
-        bail!("--peer-expect needs --net peer");
+    if !args.peer_expect.is_empty() {
+        match args.net {
+            NetBackendArg::None => bail!("--peer-expect needs --net peer (or tap with --tap-ip)"),
+            NetBackendArg::Tap if args.tap_ip.is_none() => bail!(
+                "--peer-expect with --net tap needs --tap-ip (e.g. 10.0.2.2/24): the check listens on that address"
+            ),
+            _ => {}
+        }
+    }
+    if args.tap_ip.is_some() && args.net != NetBackendArg::Tap {
+        bail!("--tap-ip is for --net tap");
     }
     for file in &args.peer_expect {
         if !file.is_file() {
@@ -405,6 +436,7 @@ fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
             expect: args.peer_expect.clone(),
             expect_bytes: args.peer_expect_bytes,
             tap: (args.net == NetBackendArg::Tap).then(|| args.tap.clone()),
+            tap_ip: args.tap_ip,
         }),
     };
     let report = vm::run(&config)?;
@@ -575,6 +607,9 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
         };
         push("--net", backend.into());
         push("--tap", args.tap.clone().into());
+        if let Some((ip, prefix)) = args.tap_ip {
+            push("--tap-ip", format!("{ip}/{prefix}").into());
+        }
         let sg = if args.net_sg == OnOff::On {
             "on"
         } else {

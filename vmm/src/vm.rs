@@ -3,6 +3,7 @@
 //! runs out of time.
 
 use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +28,9 @@ use crate::pio::{LegacyIo, PioAction};
 use crate::virtio;
 use crate::virtio::SharedTransport;
 use zc_devices::dma_log::DmaLog;
-use zc_devices::net_peer::{Expectation, NetPeer, NetPeerConfig};
+use zc_devices::net_peer::{
+    Expectation, NetPeer, NetPeerConfig, Received, SocketPeer, DEFAULT_PORT,
+};
 use zc_devices::net_tap::TapBackend;
 use zc_devices::pcap::PcapWriter;
 use zc_devices::virtio::blk::{Block, BlockOptions};
@@ -150,6 +153,9 @@ pub struct NetConfig {
     pub expect_bytes: Option<u64>,
     /// Use this host tap device instead of the peer (root only).
     pub tap: Option<String>,
+    /// Address (and prefix length) for the host side of the tap, which is then
+    /// brought up; with `expect`, the check listens there on the peer's port.
+    pub tap_ip: Option<(Ipv4Addr, u8)>,
 }
 
 /// What the peer found for one TCP connection.
@@ -353,6 +359,7 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         mmio_devices.push(info);
     }
     let mut nic = None;
+    let mut socket_peer = None;
     if let Some(net) = &config.net {
         let slot = mmio_devices.len() as u32;
         let timer_err = |source| VmError::Host {
@@ -372,6 +379,11 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
                     what: "cannot open the tap device",
                     source: std::io::Error::other(e.to_string()),
                 })?;
+                if let Some((ip, prefix)) = net.tap_ip {
+                    tap.set_ipv4(ip, prefix)
+                        .map_err(|e| net_err("cannot address the tap device")(&e))?;
+                }
+                socket_peer = socket_peer_for(net)?;
                 let device = net_card(tap, net, &dma_log)?;
                 let (transport, info) = virtio::attach(&vm, &mem, &mut mmio, slot, device)?;
                 mmio_devices.push(info);
@@ -438,7 +450,48 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     if let Some(nic) = nic {
         collect_transfers(&nic, &mut report);
     }
+    if let Some(peer) = socket_peer {
+        collect_socket_transfers(&peer, &mut report);
+    }
     Ok(report)
+}
+
+/// With the tap backend: the host-socket check of what the guest sends, on the
+/// tap's address, if expectations were given.
+fn socket_peer_for(config: &NetConfig) -> Result<Option<SocketPeer>, VmError> {
+    if config.expect.is_empty() {
+        return Ok(None);
+    }
+    let Some((ip, _)) = config.tap_ip else {
+        return Err(net_err("cannot check transfers over a tap")(
+            &"--peer-expect with --net tap needs --tap-ip (e.g. 10.0.2.2/24): the check listens on that address",
+        ));
+    };
+    let peer = SocketPeer::listen(SocketAddrV4::new(ip, DEFAULT_PORT), expectations(config)?)
+        .map_err(|e| net_err("cannot listen on the tap's address")(&e))?;
+    Ok(Some(peer))
+}
+
+/// What the host socket received, and what it expected but never got.
+fn collect_socket_transfers(peer: &SocketPeer, report: &mut RunReport) {
+    // The guest waits for the count before it closes and powers off, so connections
+    // are over by now but for the last FIN in flight.
+    let (results, missing) = peer.finish(Duration::from_secs(2));
+    report.transfers.extend(results.iter().map(transfer_result));
+    report.missing_transfers.extend(missing);
+}
+
+fn transfer_result(received: &Received) -> TransferResult {
+    TransferResult {
+        label: received
+            .expected
+            .as_ref()
+            .map(|e| e.label.clone())
+            .unwrap_or_else(|| "an unexpected connection".into()),
+        bytes: received.bytes,
+        failure: received.failure.as_ref().map(|f| f.to_string()),
+        mbps: received.throughput().map(|bps| bps * 8.0 / 1e6),
+    }
 }
 
 /// The virtio-net device with the TCP peer behind it, told what to expect.
@@ -454,6 +507,15 @@ fn net_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> VmError {
 fn peer_backend(config: &NetConfig) -> Result<NetPeer, VmError> {
     let mut peer = NetPeer::new(NetPeerConfig::default(), Instant::now())
         .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
+    for expectation in expectations(config)? {
+        peer.expect(expectation);
+    }
+    Ok(peer)
+}
+
+/// What each of the guest's connections must carry, in order.
+fn expectations(config: &NetConfig) -> Result<Vec<Expectation>, VmError> {
+    let mut all = Vec::new();
     for path in &config.expect {
         let mut expectation = Expectation::of_file(path.display().to_string(), path)
             .map_err(|e| net_err("cannot read a file the peer is to expect")(&e))?;
@@ -469,9 +531,9 @@ fn peer_backend(config: &NetConfig) -> Result<NetPeer, VmError> {
             }
             expectation.size = bytes;
         }
-        peer.expect(expectation);
+        all.push(expectation);
     }
-    Ok(peer)
+    Ok(all)
 }
 
 /// The virtio-net card in front of `backend`.
@@ -531,18 +593,9 @@ fn collect_transfers(nic: &SharedTransport<Net<NetPeer>>, report: &mut RunReport
     }
     let peer = device.backend_mut();
     peer.finish(Instant::now());
-    for received in peer.take_results() {
-        report.transfers.push(TransferResult {
-            label: received
-                .expected
-                .as_ref()
-                .map(|e| e.label.clone())
-                .unwrap_or_else(|| "an unexpected connection".into()),
-            bytes: received.bytes,
-            failure: received.failure.as_ref().map(|f| f.to_string()),
-            mbps: received.throughput().map(|bps| bps * 8.0 / 1e6),
-        });
-    }
+    report
+        .transfers
+        .extend(peer.take_results().iter().map(transfer_result));
     report.missing_transfers = peer
         .pending_expectation_labels()
         .into_iter()

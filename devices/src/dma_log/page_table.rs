@@ -93,16 +93,6 @@ fn hash_pages(file: &File, len: u64, table: &Weak<PageTable>) -> Option<Vec<u64>
     Some(pages)
 }
 
-/// Lets the pass use only CPU time nothing else wants: it runs while the guest boots,
-/// and must not slow the guest or the devices down.
-fn lower_this_threads_priority() {
-    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who 0 is the
-    // calling thread. Failing leaves the priority as it was, which is harmless.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;

@@ -45,6 +45,7 @@
 //! [`NetPeer::drain_frames_for_guest`]).
 
 mod link;
+mod socket;
 mod verify;
 
 #[cfg(test)]
@@ -60,6 +61,7 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use link::{Link, TxQueue};
+pub use socket::SocketPeer;
 use verify::StreamVerifier;
 pub use verify::{xxh3_128, xxh3_128_of_reader, End, Expectation, Failure, Received};
 
