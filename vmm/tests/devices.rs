@@ -113,12 +113,8 @@ fn send_payload(sg: &str, expect: &Path, dir: &Path) -> (Output, PathBuf, serde_
 #[test]
 #[ignore = "boots a real kernel: run with `make test`"]
 fn tap_backend_carries_a_transfer_to_the_host_tcp_stack() {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "a tap device needs root (CAP_NET_ADMIN): run `make test` as root"
-    );
+    // A tap needs root on a direct host (zc-vmm then says so in one line); in
+    // emulated mode zc-vmm is root inside the emulated host whoever runs the test.
     let images = images();
     let payload = images.join("guest/disk-files/payload.bin");
     let size = std::fs::metadata(&payload).unwrap().len();
