@@ -178,6 +178,8 @@ enum Phase {
     Closing,
 }
 
+/// One connection's transfer as it arrives: the check, the times, the count sent.
+/// Also what [`SocketPeer`] keeps per connection.
 struct Transfer {
     id: u64,
     remote: Option<SocketAddrV4>,
@@ -186,6 +188,74 @@ struct Transfer {
     first_byte_at: Option<Duration>,
     last_byte_at: Option<Duration>,
     ack_sent: bool,
+}
+
+impl Transfer {
+    /// A connection accepted at `t` (time since the peer started).
+    fn new(
+        id: u64,
+        remote: Option<SocketAddrV4>,
+        expected: Option<Expectation>,
+        t: Duration,
+    ) -> Self {
+        Transfer {
+            id,
+            remote,
+            verifier: StreamVerifier::new(expected),
+            accepted_at: t,
+            first_byte_at: None,
+            last_byte_at: None,
+            ack_sent: false,
+        }
+    }
+
+    /// Checks `data`, received at `t`.
+    fn receive(&mut self, data: &[u8], t: Duration) {
+        if data.is_empty() {
+            return;
+        }
+        self.verifier.feed(data);
+        let since = t.saturating_sub(self.accepted_at);
+        self.first_byte_at.get_or_insert(since);
+        self.last_byte_at = Some(since);
+    }
+
+    /// Whether every expected byte is in (the moment to send the count).
+    fn is_complete(&self) -> bool {
+        self.verifier
+            .expected_size()
+            .is_some_and(|size| self.verifier.bytes() >= size)
+    }
+
+    /// The bytes received so far, as the count the guest is sent (little-endian).
+    fn count(&self) -> [u8; 8] {
+        self.verifier.bytes().to_le_bytes()
+    }
+
+    /// Ends the check; the record of the connection.
+    fn finish(self, end: End) -> Received {
+        let v = self.verifier.finish();
+        let elapsed = match (self.first_byte_at, self.last_byte_at) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => Duration::ZERO,
+        };
+        Received {
+            connection: self.id,
+            remote: self.remote,
+            expected: v.expected,
+            bytes: v.bytes,
+            xxh3_128: v.xxh3_128,
+            hash_ok: v.hash_ok,
+            content_ok: v.content_ok,
+            failure: v.failure,
+            end,
+            ack_sent: self.ack_sent,
+            accepted_at: self.accepted_at,
+            first_byte_at: self.first_byte_at,
+            last_byte_at: self.last_byte_at,
+            elapsed,
+        }
+    }
 }
 
 /// The `peer` backend: see the [module documentation](self).
@@ -425,7 +495,7 @@ impl NetPeer {
             if let Phase::Active(transfer) = std::mem::replace(&mut conn.phase, Phase::Closing) {
                 let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
                 socket.abort();
-                self.results.push(finalize(*transfer, End::Finished));
+                self.results.push(transfer.finish(End::Finished));
             }
         }
         self.poll(now);
@@ -460,15 +530,12 @@ impl NetPeer {
                             #[allow(unreachable_patterns)]
                             _ => None,
                         });
-                        conn.phase = Phase::Active(Box::new(Transfer {
-                            id: *next_id,
+                        conn.phase = Phase::Active(Box::new(Transfer::new(
+                            *next_id,
                             remote,
-                            verifier: StreamVerifier::new(expectations.pop_front()),
-                            accepted_at: t,
-                            first_byte_at: None,
-                            last_byte_at: None,
-                            ack_sent: false,
-                        }));
+                            expectations.pop_front(),
+                            t,
+                        )));
                         *next_id += 1;
                         stats.connections += 1;
                     }
@@ -485,12 +552,8 @@ impl NetPeer {
                 Phase::Active(transfer) => {
                     let fin = drain(socket, transfer, t);
                     let state = socket.state();
-                    let complete = transfer
-                        .verifier
-                        .expected_size()
-                        .is_some_and(|size| transfer.verifier.bytes() >= size);
-                    if !transfer.ack_sent && (complete || fin) && socket.can_send() {
-                        let count = transfer.verifier.bytes().to_le_bytes();
+                    if !transfer.ack_sent && (transfer.is_complete() || fin) && socket.can_send() {
+                        let count = transfer.count();
                         // The send buffer is empty and larger than 8 bytes: all fit.
                         transfer.ack_sent = socket.send_slice(&count) == Ok(count.len());
                     }
@@ -523,17 +586,12 @@ impl NetPeer {
 /// FIN has been reached.
 fn drain(socket: &mut tcp::Socket<'_>, transfer: &mut Transfer, t: Duration) -> bool {
     loop {
-        let verifier = &mut transfer.verifier;
         match socket.recv(|buf| {
-            verifier.feed(buf);
+            transfer.receive(buf, t);
             (buf.len(), buf.len())
         }) {
             Ok(0) => return false,
-            Ok(_) => {
-                let since = t.saturating_sub(transfer.accepted_at);
-                transfer.first_byte_at.get_or_insert(since);
-                transfer.last_byte_at = Some(since);
-            }
+            Ok(_) => {}
             Err(tcp::RecvError::Finished) => return true,
             Err(tcp::RecvError::InvalidState) => return false,
         }
@@ -543,31 +601,7 @@ fn drain(socket: &mut tcp::Socket<'_>, transfer: &mut Transfer, t: Duration) -> 
 /// Records the result of the transfer in `phase` and moves it to closing.
 fn end_transfer(phase: &mut Phase, results: &mut Vec<Received>, end: End) {
     if let Phase::Active(transfer) = std::mem::replace(phase, Phase::Closing) {
-        results.push(finalize(*transfer, end));
-    }
-}
-
-fn finalize(transfer: Transfer, end: End) -> Received {
-    let v = transfer.verifier.finish();
-    let elapsed = match (transfer.first_byte_at, transfer.last_byte_at) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => Duration::ZERO,
-    };
-    Received {
-        connection: transfer.id,
-        remote: transfer.remote,
-        expected: v.expected,
-        bytes: v.bytes,
-        xxh3_128: v.xxh3_128,
-        hash_ok: v.hash_ok,
-        content_ok: v.content_ok,
-        failure: v.failure,
-        end,
-        ack_sent: transfer.ack_sent,
-        accepted_at: transfer.accepted_at,
-        first_byte_at: transfer.first_byte_at,
-        last_byte_at: transfer.last_byte_at,
-        elapsed,
+        results.push(transfer.finish(end));
     }
 }
 

@@ -13,8 +13,7 @@ use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::verify::StreamVerifier;
-use super::{End, Expectation, Received};
+use super::{End, Expectation, Received, Transfer};
 
 /// A connection silent for this long is given up (recorded as reset): the guest
 /// sends continuously, so this is a guest that died mid-transfer.
@@ -138,61 +137,30 @@ fn serve(
     expected: Option<Expectation>,
     start: Instant,
 ) -> Received {
-    let accepted_at = start.elapsed();
     let remote = match stream.peer_addr() {
         Ok(SocketAddr::V4(a)) => Some(a),
         _ => None,
     };
+    let mut transfer = Transfer::new(connection, remote, expected, start.elapsed());
     let _ = stream.set_read_timeout(Some(IDLE_LIMIT));
-    let mut verifier = StreamVerifier::new(expected);
     let mut buf = vec![0u8; READ_BUF];
-    let (mut first_byte_at, mut last_byte_at) = (None, None);
-    let mut ack_sent = false;
-    let send_count =
-        |stream: &mut TcpStream, bytes: u64| stream.write_all(&bytes.to_le_bytes()).is_ok();
     let end = loop {
         match stream.read(&mut buf) {
             Ok(0) => break End::Fin,
             Ok(n) => {
-                let t = start.elapsed().saturating_sub(accepted_at);
-                first_byte_at.get_or_insert(t);
-                last_byte_at = Some(t);
-                verifier.feed(&buf[..n]);
-                let complete = verifier
-                    .expected_size()
-                    .is_some_and(|size| verifier.bytes() >= size);
-                if complete && !ack_sent {
-                    ack_sent = send_count(&mut stream, verifier.bytes());
+                transfer.receive(&buf[..n], start.elapsed());
+                if transfer.is_complete() && !transfer.ack_sent {
+                    transfer.ack_sent = stream.write_all(&transfer.count()).is_ok();
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break End::Reset,
         }
     };
-    if end == End::Fin && !ack_sent {
-        ack_sent = send_count(&mut stream, verifier.bytes());
+    if end == End::Fin && !transfer.ack_sent {
+        transfer.ack_sent = stream.write_all(&transfer.count()).is_ok();
     }
-    let v = verifier.finish();
-    let elapsed = match (first_byte_at, last_byte_at) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => Duration::ZERO,
-    };
-    Received {
-        connection,
-        remote,
-        expected: v.expected,
-        bytes: v.bytes,
-        xxh3_128: v.xxh3_128,
-        hash_ok: v.hash_ok,
-        content_ok: v.content_ok,
-        failure: v.failure,
-        end,
-        ack_sent,
-        accepted_at,
-        first_byte_at,
-        last_byte_at,
-        elapsed,
-    }
+    transfer.finish(end)
 }
 
 #[cfg(test)]
