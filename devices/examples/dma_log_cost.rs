@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_devices::dma_log::{
-    fingerprint, pieces_from_guest, BlkRequest, BlkStatus, DescEntry, DescInfo, DescRole,
-    DeviceKind, Direction, DmaLog, NetRequest, RequestDetail,
+    fingerprint, pieces_from_guest, BlkRequest, BlkStatus, DescInfo, DescRole, DeviceKind,
+    Direction, DmaLog, NetRequest, RequestDetail,
 };
 
 const PAGE: usize = 4096;
@@ -228,18 +228,20 @@ fn main() {
     for r in 0..iters {
         let c = Instant::now();
         for i in 0..REQ_PAGES {
-            log.descriptor(DescEntry {
-                device: DeviceKind::Blk,
-                queue: 0,
-                head: r as u16,
-                desc: i as u16,
-                indirect: true,
-                gpa: (i * PAGE) as u64,
-                len: PAGE as u32,
-                dir: Direction::DeviceWrites,
-                role: DescRole::Data,
-                pieces: Vec::new(),
-            });
+            log.descriptor(
+                DescInfo {
+                    device: DeviceKind::Blk,
+                    queue: 0,
+                    head: r as u16,
+                    desc: i as u16,
+                    indirect: true,
+                    gpa: (i * PAGE) as u64,
+                    len: PAGE as u32,
+                    dir: Direction::DeviceWrites,
+                    role: DescRole::Data,
+                },
+                Vec::new(),
+            );
         }
         calls += c.elapsed();
         log.flush().unwrap();

@@ -423,34 +423,8 @@ impl Record {
     }
 }
 
-/// What a device passes to [`DmaLog::descriptor`]; the log adds `seq` and `t_ns`.
-#[derive(Debug, Clone)]
-pub struct DescEntry {
-    /// Device model.
-    pub device: DeviceKind,
-    /// Virtqueue index.
-    pub queue: u16,
-    /// Head descriptor index.
-    pub head: u16,
-    /// Descriptor index.
-    pub desc: u16,
-    /// Whether `desc` indexes an indirect table.
-    pub indirect: bool,
-    /// Guest-physical address.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub len: u32,
-    /// Direction.
-    pub dir: Direction,
-    /// Role of the range.
-    pub role: DescRole,
-    /// Per-page fingerprints.
-    pub pieces: Vec<Piece>,
-}
-
-/// Where a descriptor range is and what it carried: a [`DescEntry`] without the
-/// fingerprints, for [`DmaLog::descriptor_from_guest`] and [`DmaLog::descriptor_bytes`]
-/// which compute them.
+/// Where a descriptor range is and what it carried, without the fingerprints: what
+/// the `DmaLog::descriptor*` calls take (the log adds `seq` and `t_ns`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DescInfo {
     /// Device model.
@@ -577,20 +551,9 @@ impl DmaLog {
     }
 
     /// Records one descriptor access whose fingerprints the caller computed.
-    pub fn descriptor(&self, e: DescEntry) {
-        let info = DescInfo {
-            device: e.device,
-            queue: e.queue,
-            head: e.head,
-            desc: e.desc,
-            indirect: e.indirect,
-            gpa: e.gpa,
-            len: e.len,
-            dir: e.dir,
-            role: e.role,
-        };
+    pub fn descriptor(&self, info: DescInfo, pieces: Vec<Piece>) {
         self.push(0, |_| {
-            writer::Body::Desc(info, writer::Pieces::Hashed(e.pieces))
+            writer::Body::Desc(info, writer::Pieces::Hashed(pieces))
         });
     }
 
@@ -919,22 +882,24 @@ mod tests {
         let buf = SharedBuf::default();
         let log = DmaLog::new(buf.clone()).unwrap();
         log.marker("BEGIN x");
-        log.descriptor(DescEntry {
-            device: DeviceKind::Blk,
-            queue: 0,
-            head: 3,
-            desc: 4,
-            indirect: true,
-            gpa: 0x1000,
-            len: 512,
-            dir: Direction::DeviceWrites,
-            role: DescRole::Data,
-            pieces: vec![Piece {
+        log.descriptor(
+            DescInfo {
+                device: DeviceKind::Blk,
+                queue: 0,
+                head: 3,
+                desc: 4,
+                indirect: true,
+                gpa: 0x1000,
+                len: 512,
+                dir: Direction::DeviceWrites,
+                role: DescRole::Data,
+            },
+            vec![Piece {
                 gpa: 0x1000,
                 len: 512,
                 hash: Fingerprint(u64::MAX - 1),
             }],
-        });
+        );
         log.request(
             DeviceKind::Blk,
             0,
