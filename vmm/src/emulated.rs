@@ -81,6 +81,30 @@ impl EmulatedError {
     }
 }
 
+/// Runs `attempt` (a [`run`] or [`relaunch_self`] sharing `exchange`), and once more
+/// if the emulated host itself failed ([`EmulatedError::is_host_failure`]: seen rarely,
+/// both of its CPUs in soft lockup under TCG). The guest's own timeout is enforced
+/// inside and ends the host normally, so this is the test bench failing, not the
+/// kernel under test. Says so on stderr as `program`, clears the command's state in
+/// `exchange`, and lets `prepare_retry` restore what the first attempt may have
+/// changed (a disk image) before the second.
+pub fn retry_once_if_host_failed<E: From<EmulatedError>>(
+    program: &str,
+    exchange: &Path,
+    attempt: impl Fn() -> Result<i32, EmulatedError>,
+    prepare_retry: impl FnOnce() -> Result<(), E>,
+) -> Result<i32, E> {
+    match attempt() {
+        Err(e) if e.is_host_failure() => {
+            eprintln!("{program}: {e}; the emulated host wedged, starting it again (once)");
+            let _ = std::fs::remove_dir_all(exchange.join("cmd"));
+            prepare_retry()?;
+            Ok(attempt()?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// How long the emulated host may take to boot and start the command: it needs
 /// about 3 s; this leaves room for a loaded machine.
 const HOST_START_LIMIT: Duration = Duration::from_secs(60);
@@ -477,6 +501,43 @@ mod tests {
             cpus: 2,
             tsc_khz: Some(2_300_000),
         }
+    }
+
+    #[test]
+    fn only_a_failed_host_is_started_again_and_only_once() {
+        use std::cell::Cell;
+        let dir = tempfile::tempdir().unwrap();
+        let run = |results: Vec<Result<i32, EmulatedError>>| {
+            let results = std::cell::RefCell::new(results.into_iter());
+            let (tries, prepared) = (Cell::new(0), Cell::new(0));
+            let out = retry_once_if_host_failed(
+                "test",
+                dir.path(),
+                || {
+                    tries.set(tries.get() + 1);
+                    results.borrow_mut().next().unwrap()
+                },
+                || {
+                    prepared.set(prepared.get() + 1);
+                    Ok::<_, EmulatedError>(())
+                },
+            );
+            (out.ok(), tries.get(), prepared.get())
+        };
+        let wedged = || Err(EmulatedError::HostWedged("BUG: soft lockup".into()));
+        assert_eq!(run(vec![Ok(3)]), (Some(3), 1, 0));
+        assert_eq!(run(vec![wedged(), Ok(0)]), (Some(0), 2, 1));
+        assert_eq!(run(vec![wedged(), wedged()]), (None, 2, 1));
+        assert_eq!(
+            run(vec![Err(EmulatedError::Timeout(5)), Ok(0)]),
+            (Some(0), 2, 1)
+        );
+        let no_status = || {
+            Err(EmulatedError::NoStatus {
+                qemu_status: "exit 1".into(),
+            })
+        };
+        assert_eq!(run(vec![no_status(), Ok(0)]), (None, 1, 0));
     }
 
     #[test]

@@ -644,23 +644,14 @@ fn run_emulated(args: &RunArgs) -> Result<i32> {
             Duration::from_secs(args.timeout) + EMULATED_HOST_OVERHEAD,
         )
     };
-    let status = match attempt() {
-        // The emulated host itself wedged (seen rarely: both of its CPUs in soft
-        // lockup under TCG), not the guest: the guest's own timeout is enforced inside
-        // and ends the host normally. That is the test bench failing, not the kernel
-        // under test, so start it once more, from the original disk, and say so.
-        Err(e) if e.is_host_failure() => {
-            eprintln!("zc-vmm: {e}; the emulated host wedged, starting it again (once)");
-            let _ = std::fs::remove_dir_all(exchange.path().join("cmd"));
-            if let Some(disk) = &args.disk {
-                std::fs::copy(disk, &inner_disk).with_context(|| {
-                    format!("cannot copy {} for the emulated host", disk.display())
-                })?;
-            }
-            attempt()?
+    let status = emulated::retry_once_if_host_failed("zc-vmm", exchange.path(), attempt, || {
+        // The second start gets the original disk, not what the first one wrote.
+        if let Some(disk) = &args.disk {
+            std::fs::copy(disk, &inner_disk)
+                .with_context(|| format!("cannot copy {} for the emulated host", disk.display()))?;
         }
-        other => other?,
-    };
+        anyhow::Ok(())
+    })?;
     if let (Some(disk), false) = (&args.disk, args.disk_ro) {
         std::fs::copy(&inner_disk, disk)
             .with_context(|| format!("cannot write the guest's disk back to {}", disk.display()))?;

@@ -112,16 +112,10 @@ fn real_main() -> Result<()> {
                 Duration::from_secs(120 + 150 * cli.runs as u64),
             )
         };
-        // As `zc-vmm run` does: a wedged emulated host is the bench failing, not
-        // what it measures; start it once more, and say so.
-        let status = match attempt() {
-            Err(e) if e.is_host_failure() => {
-                eprintln!("zc-bench: {e}; starting the emulated host again (once)");
-                let _ = std::fs::remove_dir_all(exchange.path().join("cmd"));
-                attempt()?
-            }
-            other => other?,
-        };
+        let status =
+            emulated::retry_once_if_host_failed("zc-bench", exchange.path(), attempt, || {
+                anyhow::Ok(())
+            })?;
         if let Some(json) = &cli.json {
             std::fs::copy(&inner_json, json).context("no figures came back")?;
         }
