@@ -11,14 +11,14 @@
 use std::os::fd::AsRawFd;
 
 use super::runner::{Done, Transfer};
-use super::zerocopy::{MsgZerocopy, DRAIN_EVERY};
+use super::zerocopy::send_mapping;
 use crate::error::{Context, Result};
 
 /// Maps the file privately, copies-on-write one page per chunk and sends it with
 /// MSG_ZEROCOPY, waits for the ACK and every completion; the mapping is kept until
 /// after `END`.
 pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
-    let mut map = t
+    let map = t
         .sys
         .mmap_file(
             t.file.as_raw_fd(),
@@ -32,21 +32,6 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
                 t.size
             )
         })?;
-    let mut zc = MsgZerocopy::new(t.sock, t.chunks());
-    t.for_each_chunk(|t, c| {
-        // Before the send, never after: a page must not change while the NIC may
-        // read it.
-        map.touch(c.offset as usize);
-        zc.send_all(&mut t.sys, map.slice(c.offset as usize, c.len))?;
-        if (c.index + 1) % DRAIN_EVERY == 0 {
-            zc.drain(&mut t.sys)?;
-        }
-        Ok(())
-    })?;
-    t.wait_ack()?;
-    zc.wait_until(&mut t.sys, 0)?;
-    Ok(Done {
-        keep: vec![Box::new(map)],
-        zerocopy: Some(zc.completions.report()),
-    })
+    // The write before each send makes that page a private copy.
+    send_mapping(t, map, |map, offset| map.touch(offset))
 }

@@ -4,23 +4,13 @@
 //! The user buffer is the page cache itself, so the read copy disappears; `write`
 //! still copies page cache -> socket buffer (one CPU copy per byte).
 
-use std::os::fd::AsRawFd;
-
 use super::runner::{write_all, Done, Transfer};
-use crate::error::{Context, Result};
+use crate::error::Result;
 
 /// Maps the file, writes it chunk by chunk, waits for the ACK; the mapping is
 /// kept until after `END`.
 pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
-    let map = t
-        .sys
-        .mmap_file(
-            t.file.as_raw_fd(),
-            t.size as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-        )
-        .context(|| format!("mmap of {} bytes (MAP_SHARED, PROT_READ)", t.size))?;
+    let map = t.map_shared()?;
     t.for_each_chunk(|t, c| write_all(&mut t.sys, t.sock, map.slice(c.offset as usize, c.len)))?;
     t.wait_ack()?;
     Ok(Done {

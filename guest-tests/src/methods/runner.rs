@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::report::{Measured, MethodResult, ZcReport};
-use super::syscalls::Syscalls;
+use super::syscalls::{Mapping, Syscalls};
 use super::zerocopy::SO_ZEROCOPY;
 use super::{
     cow_zerocopy, direct_write, direct_zerocopy, mmap_write, mmap_zerocopy, read_write, sendfile,
@@ -161,6 +161,15 @@ impl<'a> Transfer<'a> {
         }
         self.sys.set_loop(false);
         Ok(())
+    }
+
+    /// `mmap` of the bytes to send, shared and read-only: the page-cache pages
+    /// themselves.
+    pub fn map_shared(&mut self) -> Result<Mapping> {
+        let fd = self.file.as_raw_fd();
+        self.sys
+            .mmap_file(fd, self.size as usize, libc::PROT_READ, libc::MAP_SHARED)
+            .context(|| format!("mmap of {} bytes (MAP_SHARED, PROT_READ)", self.size))
     }
 
     /// Waits for the peer's 8-byte little-endian byte count and checks it is

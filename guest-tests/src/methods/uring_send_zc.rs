@@ -19,8 +19,6 @@
 //! Kernels without `IORING_OP_SEND_ZC` (before 6.0), or without io_uring at all,
 //! skip the method with the reason ([`probe`]).
 
-use std::os::fd::AsRawFd;
-
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use super::runner::{Done, Transfer, IO_TIMEOUT};
@@ -313,15 +311,7 @@ fn setup_ring(sys: &mut Syscalls) -> Result<IoUring> {
 /// Maps the file, sends it with SEND_ZC in batches, waits for the ACK and every
 /// notification; the ring and then the mapping are dropped after `END`.
 pub fn transfer(t: &mut Transfer<'_>, report_usage: bool) -> Result<Done> {
-    let map = t
-        .sys
-        .mmap_file(
-            t.file.as_raw_fd(),
-            t.size as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-        )
-        .context(|| format!("mmap of {} bytes (MAP_SHARED, PROT_READ)", t.size))?;
+    let map = t.map_shared()?;
     let ring = setup_ring(&mut t.sys)?;
     let mut completions = if report_usage {
         Completions::new()

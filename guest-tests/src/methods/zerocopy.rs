@@ -17,7 +17,8 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use super::report::ZcReport;
-use super::syscalls::Syscalls;
+use super::runner::{Done, Transfer};
+use super::syscalls::{Mapping, Syscalls};
 use crate::error::{Error, Result};
 
 /// `SO_ZEROCOPY` (asm-generic/socket.h; not in the libc crate).
@@ -202,6 +203,33 @@ pub fn parse_notices(control: &[u8]) -> Result<Vec<Notice>> {
 /// enough that notifications do not pile up, rarely enough to stay well under one
 /// extra system call per chunk.
 pub const DRAIN_EVERY: u64 = 16;
+
+/// Sends `map` (the bytes to send, mapped) chunk by chunk with MSG_ZEROCOPY,
+/// draining completions every [`DRAIN_EVERY`] chunks, then waits for the ACK and
+/// every completion; the mapping is kept until after `END`. `before_send` runs for
+/// each chunk's offset before its send, never after: a page must not change while
+/// the NIC may read it.
+pub fn send_mapping(
+    t: &mut Transfer<'_>,
+    mut map: Mapping,
+    mut before_send: impl FnMut(&mut Mapping, usize),
+) -> Result<Done> {
+    let mut zc = MsgZerocopy::new(t.sock, t.chunks());
+    t.for_each_chunk(|t, c| {
+        before_send(&mut map, c.offset as usize);
+        zc.send_all(&mut t.sys, map.slice(c.offset as usize, c.len))?;
+        if (c.index + 1) % DRAIN_EVERY == 0 {
+            zc.drain(&mut t.sys)?;
+        }
+        Ok(())
+    })?;
+    t.wait_ack()?;
+    zc.wait_until(&mut t.sys, 0)?;
+    Ok(Done {
+        keep: vec![Box::new(map)],
+        zerocopy: Some(zc.completions.report()),
+    })
+}
 
 /// Bound on waiting for zero-copy completions (they come with the peer's TCP ACKs,
 /// so normally within a round trip).
