@@ -1,5 +1,15 @@
 //! Device models for `zc-vmm`. Nothing in this crate touches KVM: every device is
 //! driven through plain method calls, so it can be unit-tested without `/dev/kvm`.
+//!
+//! - [`console`]: the guest's serial console (COM1) output, with its last lines kept;
+//! - [`control`]: the guest control channel on COM2 (`docs/control-channel.md`);
+//! - [`virtio`]: the virtio-mmio transport, descriptor-chain walking, virtio-blk and
+//!   virtio-net;
+//! - [`net_peer`]: the `peer` net backend, a TCP endpoint inside the VMM that checks
+//!   every byte the guest sends;
+//! - [`net_tap`]: the `tap` net backend, frames to a host tap device;
+//! - [`pcap`]: the capture file of every frame a net device carried;
+//! - [`dma_log`]: the DMA descriptor log every device writes (`docs/dma-log.md`).
 
 pub mod console;
 pub mod control;

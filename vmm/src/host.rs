@@ -1,6 +1,6 @@
 //! The host probe: can this machine's `/dev/kvm` boot a stock kernel (`direct`), or
-//! must the run go inside an emulated KVM host (`emulated`)? See
-//! `shared/docs/kvm-hosts.md`: a KVM without `vmx`/`svm` in the CPU flags (e.g. the
+//! must the run go inside an emulated KVM host (`emulated`)? See `docs/design.md`
+//! ("Host modes"): a KVM without `vmx`/`svm` in the CPU flags (e.g. the
 //! `kvm_pvm` module) runs tiny guests but dies on a stock kernel.
 
 use std::fmt;

@@ -3,9 +3,11 @@
 //! channel and ACPI tables that describe its virtio-mmio devices.
 //!
 //! One concept per module: [`layout`] (memory map), [`boot`] (kernel/initrd/zero
-//! page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`] (legacy port devices), [`mmio`] (the MMIO bus), [`virtio`] (attaching virtio devices),
-//! [`vm`] (the VM and its run loop), [`host`] (which KVM to use) and [`emulated`]
-//! (running inside an emulated KVM host).
+//! page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`] (legacy port devices),
+//! [`mmio`] (the MMIO bus), [`virtio`] (attaching virtio devices), [`vm`] (the VM and
+//! its run loop), [`dirty`] (dirty-page samples: which payload bytes the guest CPU
+//! wrote), [`dma_view`] (reading a DMA log back for `zc-vmm dma-log`), [`host`]
+//! (which KVM to use) and [`emulated`] (running inside an emulated KVM host).
 
 pub mod acpi;
 pub mod boot;

@@ -21,7 +21,7 @@ const DEFAULT_DISK: &str = "images/out/guest/disk.img";
 const DEFAULT_PAYLOAD: &str = "images/out/guest/disk-files/payload.bin";
 const DEFAULT_EXPECTED: &str = "audit/expected.toml";
 
-/// The methods in the order of `../shared/docs/transfer-methods.md`.
+/// The methods in the order of `docs/transfer-methods.md`.
 const METHOD_ORDER: &[&str] = &[
     "read_write",
     "mmap_write",

@@ -1,5 +1,5 @@
 //! The method suite (`zc.test=methods`): every file-to-network transfer method of
-//! `shared/docs/transfer-methods.md`, run one after the other from the same file to
+//! `docs/transfer-methods.md`, run one after the other from the same file to
 //! the same TCP peer, each between a `mark BEGIN <name>` / `mark END <name>` pair,
 //! with a dirty-page sample request after every chunk.
 //!
