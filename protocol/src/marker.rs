@@ -8,6 +8,9 @@ use std::fmt;
 
 use crate::method::Method;
 
+/// The span of the guest's `send:<file>` step (`zc.test=send:...`).
+pub const SEND_SPAN: SpanName<'static> = SpanName::new("send");
+
 const BEGIN: &str = "BEGIN ";
 const END: &str = "END ";
 
