@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::AuditError;
+use zc_protocol::Method;
 
 /// Tolerance on CPU copies per byte when `[defaults]` does not give one: wide enough
 /// for headers, retransmissions and the odd page the scan sees twice, narrow enough
@@ -199,6 +200,14 @@ impl Expectations {
                     }
                 }
             }
+            // After the table's own checks, so a typo'd range is named as such. A
+            // table for a method the guest does not have could never be run.
+            if method.parse::<Method>().is_err() {
+                return Err(bad(
+                    method,
+                    format!("not a method (known: {})", Method::names()),
+                ));
+            }
         }
         Ok(())
     }
@@ -359,6 +368,30 @@ mod tests {
         assert!(e.to_string().contains("[x.sg-on]"), "{e}");
         let e = Expectations::parse("[defaults]\nsyscalls_tolerance = -1\n").unwrap_err();
         assert!(e.to_string().contains("syscalls_tolerance"), "{e}");
+    }
+
+    #[test]
+    fn a_table_names_a_method_of_the_protocol() {
+        let e = Expectations::parse("[send_file.sg-on]\ncpu_copies = 0\n").unwrap_err();
+        assert!(e.to_string().contains("[send_file]: not a method"), "{e}");
+        assert!(e.to_string().contains("read_write, mmap_write"), "{e}");
+    }
+
+    /// The shipped table has both variants of every method, and nothing else.
+    #[test]
+    fn shipped_table_covers_every_method() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml");
+        let table = Expectations::load(&path).unwrap();
+        for method in Method::ALL {
+            for variant in ["sg-on", "sg-off"] {
+                assert!(
+                    table.get(method.name(), variant).is_some(),
+                    "no [{method}.{variant}] in {}",
+                    path.display()
+                );
+            }
+        }
+        assert_eq!(table.methods.len(), Method::ALL.len());
     }
 
     #[test]
