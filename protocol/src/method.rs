@@ -96,12 +96,6 @@ impl Method {
         matches!(self, Method::UringSendZc)
     }
 
-    /// Whether the guest reports zero-copy completion counts for it (MSG_ZEROCOPY
-    /// or io_uring SEND_ZC).
-    pub const fn reports_zerocopy(self) -> bool {
-        self.msg_zerocopy() || self.io_uring()
-    }
-
     /// Whether the socket send path takes the payload without a CPU copy, so that
     /// the method moves it with no copy at all only through a NIC with
     /// scatter-gather (without it, Linux linearises each frame: one copy more).

@@ -281,7 +281,7 @@ fn measure(
     hooks: &mut dyn Hooks,
 ) -> Result<MethodResult> {
     // Capability check first: a skipped method touches neither caches nor marks.
-    let uring = if method == Method::UringSendZc {
+    let uring = if method.io_uring() {
         match uring_send_zc::probe()? {
             uring_send_zc::Support::Missing(reason) => {
                 return Ok(MethodResult::Skipped(method, reason))

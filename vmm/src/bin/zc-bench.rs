@@ -394,7 +394,11 @@ fn boot_qemu(qemu: &Path, kernel: &Path, initrd: &Path, scratch: &Path) -> Resul
         .arg(initrd)
         .args(["-append", CMDLINE, "-serial", "file:/dev/null", "-chardev"])
         .arg(&com2)
-        .args(["-device", "isa-serial,chardev=com2,iobase=0x2f8,irq=3"])
+        .arg("-device")
+        .arg(format!(
+            "isa-serial,chardev=com2,iobase={:#x},irq=3",
+            zc_protocol::addr::CONTROL_UART_BASE
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .status()
