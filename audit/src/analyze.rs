@@ -9,6 +9,7 @@ use zc_devices::dma_log::{
     fingerprint, DescRecord, DescRole, DeviceKind, Direction, DirtyRecord, Fingerprint, NetRequest,
     Piece, Record, RequestDetail, PAGE_SIZE,
 };
+use zc_protocol::Marker;
 
 /// virtio-net's transmit queue.
 const TX_QUEUE: u16 = 1;
@@ -191,14 +192,13 @@ impl<'r, 's> LogIndex<'r, 's> {
     /// indices. `duplicates` counts further `BEGIN name` markers (a method run twice
     /// in one log is audited on its first run only).
     pub(crate) fn span(&self, name: &str) -> SpanLookup {
-        let begin_label = format!("BEGIN {name}");
-        let end_label = format!("END {name}");
+        let (begin_marker, end_marker) = (Marker::begin(name), Marker::end(name));
         let mut begins = self
             .records
             .iter()
             .enumerate()
             .filter_map(|(i, r)| match r {
-                Record::Marker(m) if m.label == begin_label => Some(i),
+                Record::Marker(m) if begin_marker.matches(&m.label) => Some(i),
                 _ => None,
             });
         let Some(begin) = begins.next() else {
@@ -207,7 +207,7 @@ impl<'r, 's> LogIndex<'r, 's> {
         let duplicates = begins.count();
         let end = self.records[begin + 1..]
             .iter()
-            .position(|r| matches!(r, Record::Marker(m) if m.label == end_label))
+            .position(|r| matches!(r, Record::Marker(m) if end_marker.matches(&m.label)))
             .map(|p| begin + 1 + p);
         match end {
             Some(end) => SpanLookup::Found(Span {
@@ -225,7 +225,10 @@ impl<'r, 's> LogIndex<'r, 's> {
         self.records
             .iter()
             .filter_map(|r| match r {
-                Record::Marker(m) => m.label.strip_prefix("BEGIN "),
+                Record::Marker(m) => match Marker::parse(&m.label) {
+                    Some(Marker::Begin(span)) => Some(span.as_str()),
+                    _ => None,
+                },
                 _ => None,
             })
             .collect()

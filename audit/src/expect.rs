@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::AuditError;
+use zc_protocol::Method;
 
 /// Tolerance on CPU copies per byte when `[defaults]` does not give one: wide enough
 /// for headers, retransmissions and the odd page the scan sees twice, narrow enough
@@ -199,6 +200,14 @@ impl Expectations {
                     }
                 }
             }
+            // After the table's own checks, so a typo'd range is named as such. A
+            // table for a method the guest does not have could never be run.
+            if method.parse::<Method>().is_err() {
+                return Err(bad(
+                    method,
+                    format!("not a method (known: {})", Method::names()),
+                ));
+            }
         }
         Ok(())
     }
@@ -359,6 +368,55 @@ mod tests {
         assert!(e.to_string().contains("[x.sg-on]"), "{e}");
         let e = Expectations::parse("[defaults]\nsyscalls_tolerance = -1\n").unwrap_err();
         assert!(e.to_string().contains("syscalls_tolerance"), "{e}");
+    }
+
+    #[test]
+    fn a_table_names_a_method_of_the_protocol() {
+        let e = Expectations::parse("[send_file.sg-on]\ncpu_copies = 0\n").unwrap_err();
+        assert!(e.to_string().contains("[send_file]: not a method"), "{e}");
+        assert!(e.to_string().contains("read_write, mmap_write"), "{e}");
+    }
+
+    fn shipped_table() -> Expectations {
+        Expectations::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml")).unwrap()
+    }
+
+    /// The table's numbers and the protocol's method properties are two accounts of
+    /// the same methods; a new method with one and not the other fails here.
+    #[test]
+    fn shipped_table_agrees_with_the_method_properties() {
+        let table = shipped_table();
+        for method in Method::ALL {
+            let on = table.get(method.name(), "sg-on").unwrap();
+            let off = table.get(method.name(), "sg-off").unwrap();
+            let (on_cpu, off_cpu) = (on.cpu_copies.unwrap(), off.cpu_copies.unwrap());
+            // Under one copy with scatter-gather exactly when the send path takes
+            // the payload without a CPU copy (COW's one page in sixteen is not a
+            // copy of the whole payload).
+            assert_eq!(on_cpu < 0.5, method.needs_sg_for_zero_copy(), "{method}");
+            // Without scatter-gather Linux linearises every frame: one copy more.
+            assert!((off_cpu - on_cpu - 1.0).abs() < 1e-9, "{method}");
+            // A warm page cache means no disk DMA: only the NIC's.
+            assert_eq!(on.dma_copies == Some(1), method.warm(), "{method}");
+            assert_eq!(on.dma_copies, off.dma_copies, "{method}");
+        }
+    }
+
+    /// The shipped table has both variants of every method, and nothing else.
+    #[test]
+    fn shipped_table_covers_every_method() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml");
+        let table = shipped_table();
+        for method in Method::ALL {
+            for variant in ["sg-on", "sg-off"] {
+                assert!(
+                    table.get(method.name(), variant).is_some(),
+                    "no [{method}.{variant}] in {}",
+                    path.display()
+                );
+            }
+        }
+        assert_eq!(table.methods.len(), Method::ALL.len());
     }
 
     #[test]

@@ -65,6 +65,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use zc_devices::dma_log::Record;
+use zc_protocol::Marker;
 
 pub use expect::{Defaults, Expectation, Expectations};
 pub use guest::{parse_reports, MethodReport, ZeroCopyCounts};
@@ -272,7 +273,7 @@ fn audit_one(
         if r.syscalls.is_empty() {
             r.loop_syscalls.zip(r.setup_syscalls).map(|(a, b)| a + b)
         } else {
-            Some(r.syscalls.values().sum())
+            Some(r.syscalls.iter().map(|(_, n)| n).sum())
         }
     });
     let seconds = report.and_then(|r| r.seconds);
@@ -324,13 +325,18 @@ fn audit_one(
     let span = match index.span(name) {
         SpanLookup::Found(s) => Some(s),
         SpanLookup::NoBegin => {
-            a.reasons
-                .push(format!("no `BEGIN {name}` marker in the DMA log"));
+            a.reasons.push(format!(
+                "no `{}` marker in the DMA log",
+                Marker::begin(name)
+            ));
             None
         }
         SpanLookup::NoEnd => {
-            a.reasons
-                .push(format!("no `END {name}` marker after `BEGIN {name}`"));
+            a.reasons.push(format!(
+                "no `{}` marker after `{}`",
+                Marker::end(name),
+                Marker::begin(name)
+            ));
             None
         }
     };
@@ -361,7 +367,7 @@ fn audit_one(
                 dma_copies: a.dma_copies,
                 cpu_copies: a.cpu_copies,
                 zero_copy_pct: a.zero_copy_pct,
-                kernel_copied: a.kernel.map(|k| k.copied),
+                kernel_copied: a.kernel.and_then(|k| k.copied),
                 dirty_samples: a.dirty_samples,
             };
             a.reasons = e.check(&expectations.defaults, &m);
@@ -413,9 +419,16 @@ fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
             ));
         }
     }
-    if let Some(k) = a.kernel {
-        if k.sends > 0 && ev.nic_payload_bytes > 0 {
-            let kernel = ratio(k.copied, k.sends);
+    // A kernel that cannot tell which sends it copied (`copied: null`) has no claim
+    // to compare.
+    if let Some(ZeroCopyCounts {
+        sends,
+        copied: Some(copied),
+        ..
+    }) = a.kernel
+    {
+        if sends > 0 && ev.nic_payload_bytes > 0 {
+            let kernel = ratio(copied, sends);
             let device = ratio(a.nic_copied_bytes, ev.nic_payload_bytes);
             // A tenth of the sends: a few fallback sends, or COW's one copied page
             // in sixteen, are not a disagreement; the kernel calling a third of
@@ -423,8 +436,8 @@ fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
             if (kernel - device).abs() > 0.1 {
                 a.findings.push(format!(
                     "kernel flagged {} of {} zero-copy sends as copied, but the NIC read {:.1}% of the payload from copies",
-                    k.copied,
-                    k.sends,
+                    copied,
+                    sends,
                     100.0 * device
                 ));
             }

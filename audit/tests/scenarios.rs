@@ -13,6 +13,8 @@ use rstest::rstest;
 use serde_json::json;
 use zc_audit::{audit, parse_reports, report, AuditInput, Expectations, MethodAudit, Verdict};
 use zc_devices::dma_log::{read_log, Record};
+use zc_protocol::dirty::END_SAMPLE;
+use zc_protocol::{Marker, Method};
 
 /// The source file of every scenario: 8 pages.
 const SRC_LEN: u64 = 8 * PAGE;
@@ -739,7 +741,7 @@ fn kernel_claim_disagreement_is_a_finding() {
         a.findings,
         vec!["kernel flagged 0 of 2 zero-copy sends as copied, but the NIC read 100.0% of the payload from copies"]
     );
-    assert_eq!(a.kernel.unwrap().copied, 0);
+    assert_eq!(a.kernel.unwrap().copied, Some(0));
 }
 
 #[test]
@@ -748,7 +750,7 @@ fn kernel_claiming_copies_on_a_zero_copy_run_is_a_finding_too() {
     input.reports[0].zerocopy = Some(zc_audit::ZeroCopyCounts {
         sends: 2,
         completions: 2,
-        copied: 2,
+        copied: Some(2),
     });
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(
@@ -821,7 +823,7 @@ fn report_and_marks_decide(
 fn a_span_without_end_fails() {
     let mut input = load("sendfile_sg_on", "sg-on");
     input.records.retain(
-        |r| !matches!(r, zc_devices::dma_log::Record::Marker(m) if m.label == "END sendfile"),
+        |r| !matches!(r, zc_devices::dma_log::Record::Marker(m) if Marker::end(Method::Sendfile).matches(&m.label)),
     );
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(a.verdict, Verdict::Fail);
@@ -964,14 +966,14 @@ fn dirty_records_after_end_count_only_up_to_the_end_sample() {
     // Without the END sample the first dirty record after END is still taken...
     input
         .records
-        .retain(|r| !matches!(r, zc_devices::dma_log::Record::Dirty(d) if d.sample == u32::MAX));
+        .retain(|r| !matches!(r, zc_devices::dma_log::Record::Dirty(d) if d.sample == END_SAMPLE));
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(a.cpu_copied_bytes, PAGE);
     // ...unless another marker comes first.
     let mut s2 = Sim::new(source(SRC_LEN as usize));
     s2.begin("sendfile");
-    s2.marker("END sendfile");
-    s2.marker("BEGIN other");
+    s2.marker(&Marker::end(Method::Sendfile).label());
+    s2.marker(&Marker::begin("other").label());
     s2.blk_dma(&[(X, 0, PAGE)]);
     s2.cpu_copy(X + PAGE, X, PAGE);
     s2.sample(0);

@@ -881,7 +881,7 @@ mod tests {
     fn round_trip_all_record_kinds() {
         let buf = SharedBuf::default();
         let log = DmaLog::new(buf.clone()).unwrap();
-        log.marker("BEGIN x");
+        log.marker("label x");
         log.descriptor(
             DescInfo {
                 device: DeviceKind::Blk,

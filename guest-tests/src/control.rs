@@ -1,9 +1,6 @@
-//! The guest → VMM control channel: one text message per `\n`-terminated line on
-//! the second UART (COM2, I/O port 0x2f8).
-//!
-//! Messages: `hello <kernel release>`, `uptime <seconds>`, `log <text>`,
-//! `mark <label>`, `report <json>`, `exit <code>`; the VMM's parser is
-//! `zc_devices::control::ControlMessage`.
+//! The guest → VMM control channel's sending end: the messages are
+//! `zc_protocol::ControlMessage`s, formatted by it, one line each on the control
+//! UART (COM2, `zc_protocol::addr::CONTROL_UART_BASE`).
 //!
 //! The bytes go straight to the UART's transmit register with `outb`, not through
 //! the kernel's tty layer: each byte is one synchronous port exit, so by the time
@@ -12,10 +9,12 @@
 
 use std::io::{self, Write};
 
+use zc_protocol::ControlMessage;
+
 use crate::error::{Context, Result};
 
 /// The I/O base of COM2, the control UART.
-pub const COM2: u16 = 0x2f8;
+pub use zc_protocol::addr::CONTROL_UART_BASE as COM2;
 
 /// Line status register offset from the UART's base.
 const LSR: u16 = 5;
@@ -25,27 +24,6 @@ const LSR_THRE: u8 = 0x20;
 /// reports empty, so this only bounds the wait on a UART that never drains (PID 1
 /// must not hang on its own reporting).
 const THRE_SPINS: u32 = 100_000;
-
-/// Formats one message as exactly one line: `<verb> <text>\n`, or `<verb>\n` when
-/// `text` is empty.
-///
-/// Control characters in `text` (`\n`, `\r`, and the rest of C0 and DEL) are
-/// replaced by a space, so a message can never be split into two lines or carry
-/// terminal escapes. That is lossless for the JSON of `report` (JSON strings cannot
-/// contain raw control characters, and between tokens they are just whitespace).
-pub fn format_line(verb: &str, text: &str) -> Vec<u8> {
-    let mut line = Vec::with_capacity(verb.len() + text.len() + 2);
-    line.extend_from_slice(verb.as_bytes());
-    if !text.is_empty() {
-        line.push(b' ');
-        line.extend(
-            text.bytes()
-                .map(|b| if b < 0x20 || b == 0x7f { b' ' } else { b }),
-        );
-    }
-    line.push(b'\n');
-    line
-}
 
 /// Writes control messages to a byte sink: [`UartTx`] in the guest, a `Vec<u8>` in
 /// tests.
@@ -67,39 +45,47 @@ impl<W: Write> Control<W> {
         self.sink
     }
 
-    fn send(&mut self, verb: &str, text: &str) -> io::Result<()> {
-        self.sink.write_all(&format_line(verb, text))?;
+    fn send(&mut self, message: ControlMessage) -> io::Result<()> {
+        self.sink.write_all(&message.to_line())?;
         self.sink.flush()
     }
 
     /// `hello <release>`: the program started on this kernel (`uname -r`).
     pub fn hello(&mut self, kernel_release: &str) -> io::Result<()> {
-        self.send("hello", kernel_release)
+        self.send(ControlMessage::Hello {
+            kernel_release: kernel_release.to_string(),
+        })
     }
 
     /// `uptime <seconds>`: the kernel's uptime when this program started.
     pub fn uptime(&mut self, seconds: f64) -> io::Result<()> {
-        self.send("uptime", &format!("{seconds:.2}"))
+        self.send(ControlMessage::Uptime { seconds })
     }
 
     /// `log <text>`: a human-readable line for the VMM's log.
     pub fn log(&mut self, text: &str) -> io::Result<()> {
-        self.send("log", text)
+        self.send(ControlMessage::Log {
+            text: text.to_string(),
+        })
     }
 
     /// `mark <label>`: splits the device logs at this point (label must not be empty).
     pub fn mark(&mut self, label: &str) -> io::Result<()> {
-        self.send("mark", label)
+        self.send(ControlMessage::Mark {
+            label: label.to_string(),
+        })
     }
 
     /// `report <json>`: a machine-readable result, one JSON value on one line.
     pub fn report(&mut self, json: &str) -> io::Result<()> {
-        self.send("report", json)
+        self.send(ControlMessage::Report {
+            json: json.to_string(),
+        })
     }
 
     /// `exit <code>`: the program's final status; the VMM exits with it.
     pub fn exit(&mut self, code: i32) -> io::Result<()> {
-        self.send("exit", &code.to_string())
+        self.send(ControlMessage::Exit { code })
     }
 }
 
@@ -197,7 +183,7 @@ mod tests {
         assert_eq!(written(|c| c.uptime(1.234)), "uptime 1.23\n");
         assert_eq!(written(|c| c.log("3 modules")), "log 3 modules\n");
         assert_eq!(
-            written(|c| c.mark("BEGIN sendfile")),
+            written(|c| c.mark(&zc_protocol::Marker::begin(zc_protocol::Method::Sendfile).label())),
             "mark BEGIN sendfile\n"
         );
         assert_eq!(written(|c| c.report(r#"{"a":1}"#)), "report {\"a\":1}\n");
@@ -226,6 +212,6 @@ mod tests {
 
     #[test]
     fn empty_text_has_no_trailing_space() {
-        assert_eq!(format_line("log", ""), b"log\n");
+        assert_eq!(written(|c| c.log("")), "log\n");
     }
 }

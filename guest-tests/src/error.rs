@@ -33,6 +33,12 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl From<zc_protocol::OptionsError> for Error {
+    fn from(err: zc_protocol::OptionsError) -> Error {
+        Error::new(err.to_string())
+    }
+}
+
 /// Adds "what we were doing" to an I/O error.
 pub trait Context<T> {
     /// Prefixes the error with `what()` (e.g. "reading /proc/cmdline").

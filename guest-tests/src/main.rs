@@ -14,7 +14,6 @@ mod disk;
 mod error;
 mod guest;
 mod host;
-mod json;
 mod methods;
 mod modules;
 mod mounts;

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use crate::disk::{self, MOUNT_POINT};
 use crate::error::{Context, Error, Result};
-use crate::json::Object;
 use crate::pattern;
+use zc_protocol::json::Object;
+use zc_protocol::marker::SEND_SPAN;
+use zc_protocol::{ack, Marker};
 
 /// Size of the `disk-roundtrip` file: large enough to span many blk requests and
 /// to not fit any single merged request.
@@ -276,9 +278,9 @@ pub fn send(
     // inode blocks, which are not part of the transfer.
     let mut source = File::open(&path).context(|| format!("opening {path}"))?;
     let size = source.metadata().context(|| format!("stat {path}"))?.len();
-    mark("BEGIN send")?;
+    mark(&Marker::begin(SEND_SPAN).label())?;
     let result = transfer(&mut source, &path, size, peer);
-    let end = mark("END send");
+    let end = mark(&Marker::end(SEND_SPAN).label());
     let (seconds, sent, ack, read_calls, write_calls) = result?;
     end?;
     if sent != size {
@@ -345,7 +347,7 @@ fn transfer(
             }
         }
     }
-    let mut ack = [0u8; 8];
+    let mut ack = [0u8; ack::ACK_LEN];
     read_full(&mut stream, &mut ack)
         .and_then(|got| {
             if got == ack.len() {
@@ -353,7 +355,10 @@ fn transfer(
             } else {
                 Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("connection closed after {got} of the ACK's 8 bytes"),
+                    format!(
+                        "connection closed after {got} of the ACK's {} bytes",
+                        ack::ACK_LEN
+                    ),
                 ))
             }
         })
@@ -361,7 +366,7 @@ fn transfer(
     Ok((
         start.elapsed().as_secs_f64(),
         sent,
-        u64::from_le_bytes(ack),
+        ack::decode(ack),
         reads,
         writes,
     ))

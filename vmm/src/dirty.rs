@@ -30,12 +30,10 @@ const WINDOW: usize = 8;
 /// or more are always found, at 1/8 of the index size and 1/8 of the probes of indexing and
 /// probing every byte.
 const PERIOD: usize = 64;
-/// Shortest run reported. Random 8-byte windows do not repeat by chance, but the
-/// guest's own small buffers (e.g. a header copied next to payload) may end a run a
-/// few bytes in; anything under this is noise, not a copy of payload.
-const MIN_RUN: usize = 16;
+/// Shortest run reported: the protocol's, which the audit's tests simulate too.
+const MIN_RUN: usize = zc_protocol::dirty::MIN_PAYLOAD_RUN;
 /// Label of the sample taken at an `END` marker.
-pub const END_SAMPLE: u32 = u32::MAX;
+pub const END_SAMPLE: u32 = zc_protocol::dirty::END_SAMPLE;
 
 /// A hasher for keys that are already uniformly random (8 bytes of the random test
 /// file): one multiply spreads them over the table. Hand-written because SipHash,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 
 use zc_devices::dma_log::{DeviceKind, Direction, Record, RequestDetail};
+use zc_protocol::Marker;
 
 /// Which records to keep.
 #[derive(Debug, Clone, Default)]
@@ -60,13 +61,16 @@ pub fn select<'a>(records: &'a [Record], filter: &Filter) -> Vec<&'a Record> {
     let mut kept = Vec::new();
     for record in records {
         if let (Some(span), Record::Marker(m)) = (&filter.span, record) {
-            if m.label == format!("BEGIN {span}") {
-                inside = true;
-                continue;
-            }
-            if m.label == format!("END {span}") {
-                inside = false;
-                continue;
+            match Marker::parse(&m.label) {
+                Some(Marker::Begin(s)) if s.as_str() == span.as_str() => {
+                    inside = true;
+                    continue;
+                }
+                Some(Marker::End(s)) if s.as_str() == span.as_str() => {
+                    inside = false;
+                    continue;
+                }
+                _ => {}
             }
         }
         if inside && filter.keeps(record) {
@@ -231,6 +235,7 @@ mod tests {
     use zc_devices::dma_log::{
         BlkRequest, BlkStatus, DescRecord, DescRole, DeviceErrorRecord, MarkerRecord, RequestRecord,
     };
+    use zc_protocol::marker::SEND_SPAN;
 
     fn desc(device: DeviceKind, queue: u16, gpa: u64, len: u32, dir: Direction) -> Record {
         Record::Desc(DescRecord {
@@ -260,7 +265,7 @@ mod tests {
     fn log() -> Vec<Record> {
         vec![
             desc(DeviceKind::Blk, 0, 0x1000, 4096, Direction::DeviceWrites),
-            mark("BEGIN send"),
+            mark(&Marker::begin(SEND_SPAN).label()),
             desc(DeviceKind::Blk, 0, 0x2000, 8192, Direction::DeviceWrites),
             desc(DeviceKind::Net, 1, 0x2000, 1500, Direction::DeviceReads),
             Record::Request(RequestRecord {
@@ -286,7 +291,7 @@ mod tests {
                 error: "loop".into(),
                 needs_reset: true,
             }),
-            mark("END send"),
+            mark(&Marker::end(SEND_SPAN).label()),
             desc(DeviceKind::Net, 1, 0x9000, 60, Direction::DeviceReads),
         ]
     }
@@ -295,7 +300,7 @@ mod tests {
     fn span_selects_between_its_markers() {
         let log = log();
         let filter = Filter {
-            span: Some("send".into()),
+            span: Some(SEND_SPAN.to_string()),
             ..Filter::default()
         };
         let kept = select(&log, &filter);

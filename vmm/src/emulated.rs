@@ -184,9 +184,14 @@ pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
     // triple-fault mid-transfer in 3 of 8 method-suite boots, and never without
     // the dirty log (0 of 8); with shadow paging 0 of 14, and no slower. (zc-init
     // passes `module.param=` words to the modules it loads, as modprobe does.)
+    let host_role = zc_protocol::Options {
+        role: zc_protocol::Role::Host,
+        outdir: Some(exchange.display().to_string()),
+        ..zc_protocol::Options::default()
+    };
     let mut cmdline = format!(
-        "console=ttyS0 loglevel=3 panic=-1 kvm_amd.npt=0 zc.role=host zc.outdir={}",
-        exchange.display()
+        "console=ttyS0 loglevel=3 panic=-1 kvm_amd.npt=0 {}",
+        host_role.to_cmdline()
     );
     // Under TCG the guest's TSC is the host's TSC. Tell the kernel its rate: its own
     // calibration against the emulated PIT fails now and then on a busy machine,

@@ -290,10 +290,10 @@ fn dma_log(action: DmaLogCmd) -> Result<()> {
     let records = zc_devices::dma_log::read_log(&args.log)
         .with_context(|| format!("cannot read the DMA log {}", args.log.display()))?;
     if let Some(span) = &args.span {
-        let begin = format!("BEGIN {span}");
+        let begin = zc_protocol::Marker::begin(span.as_str());
         if !records
             .iter()
-            .any(|r| matches!(r, Record::Marker(m) if m.label == begin))
+            .any(|r| matches!(r, Record::Marker(m) if begin.matches(&m.label)))
         {
             bail!("the log has no marker `{begin}`: see `zc-vmm dma-log grep mark`");
         }

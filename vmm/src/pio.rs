@@ -14,7 +14,7 @@ use crate::acpi::{self, PowerRequest};
 /// COM1: the guest's console, `ttyS0`.
 pub const COM1_BASE: u16 = 0x3f8;
 /// COM2: the control channel, `ttyS1`.
-pub const COM2_BASE: u16 = 0x2f8;
+pub const COM2_BASE: u16 = zc_protocol::addr::CONTROL_UART_BASE;
 /// Legacy IRQ (and GSI, with KVM's default routing) of COM1.
 pub const COM1_GSI: u32 = 4;
 /// Legacy IRQ of COM2.
@@ -27,7 +27,7 @@ const UART_PORTS: u16 = 8;
 /// The guest writes a 32-bit sample label here (`outl`) to have the VMM sample KVM's
 /// dirty-page log (`docs/method-suite.md`). Free in the PC's port map and beside the
 /// ACPI PM block (0x600..0x603) that the VMM already owns.
-pub const SAMPLE_PORT: u16 = 0x610;
+pub const SAMPLE_PORT: u16 = zc_protocol::addr::DIRTY_SAMPLE_PORT;
 
 /// An interrupt line: an eventfd the VMM registers with KVM as an irqfd.
 #[derive(Debug)]

@@ -12,7 +12,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::Deserialize as _;
 use zc_audit::{AuditInput, Expectations, MethodAudit, Verdict};
+use zc_protocol::options::{Options, Suite, TestHook};
+use zc_protocol::report::{MethodReport, METHOD_TEST};
+use zc_protocol::Method;
 
 /// Default locations, as `make images` leaves them.
 const DEFAULT_KERNEL: &str = "images/out/guest/vmlinuz";
@@ -20,20 +24,6 @@ const DEFAULT_INITRD: &str = "images/out/guest/initrd.img";
 const DEFAULT_DISK: &str = "images/out/guest/disk.img";
 const DEFAULT_PAYLOAD: &str = "images/out/guest/disk-files/payload.bin";
 const DEFAULT_EXPECTED: &str = "audit/expected.toml";
-
-/// The methods in the order of `docs/transfer-methods.md`.
-const METHOD_ORDER: &[&str] = &[
-    "read_write",
-    "mmap_write",
-    "sendfile",
-    "splice",
-    "direct_write",
-    "direct_zerocopy",
-    "mmap_zerocopy",
-    "uring_send_zc",
-    "cow_zerocopy",
-    "sendfile_warm",
-];
 
 /// Options of `zc-vmm methods`.
 #[derive(Args, Clone)]
@@ -124,20 +114,13 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     }
     let expectations = Expectations::load(&args.expected)
         .with_context(|| format!("cannot load the expected table {}", args.expected.display()))?;
-    // The specification's order first (cheapest copies last, warm cache at the end),
-    // then any method a user added to the table.
-    let mut known: Vec<String> = METHOD_ORDER
+    // The protocol's order (cheapest copies last, warm cache at the end); the table
+    // names no other method (`Expectations::load` checks).
+    let known: Vec<String> = Method::ALL
         .iter()
-        .filter(|m| expectations.methods.contains_key(**m))
-        .map(|m| m.to_string())
+        .filter(|m| expectations.methods.contains_key(m.name()))
+        .map(|m| m.name().to_string())
         .collect();
-    known.extend(
-        expectations
-            .methods
-            .keys()
-            .filter(|m| !METHOD_ORDER.contains(&m.as_str()))
-            .cloned(),
-    );
     let select = |list: &str, flag: &str| -> Result<Vec<String>> {
         if list == "all" {
             return Ok(known.clone());
@@ -249,14 +232,19 @@ fn audit_variant(
             .with_context(|| format!("cannot read {}", files.run_json.display()))?,
     )
     .with_context(|| format!("{} is not JSON", files.run_json.display()))?;
-    let report_lines: Vec<String> = run["reports"]
+    let reports = run["reports"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|r| r["test"] == "method")
-        .map(|r| r.to_string())
-        .collect();
-    let reports = zc_audit::parse_reports(&report_lines.join("\n"))?;
+        .filter(|r| r["test"] == METHOD_TEST)
+        .map(MethodReport::deserialize)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| {
+            format!(
+                "{}: a method report is not of the report's shape",
+                files.run_json.display()
+            )
+        })?;
     let input = AuditInput {
         records,
         source: source.to_vec(),
@@ -268,6 +256,27 @@ fn audit_variant(
         expectations,
         &variant.methods,
     ))
+}
+
+/// The guest's options for one variant's boot: the method suite, from the
+/// read-only test disk.
+fn guest_options(variant: &Variant, size: u64, chunk: u64) -> Result<Options> {
+    let methods = variant
+        .methods
+        .iter()
+        .map(|name| name.parse::<Method>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Options {
+        tests: vec![TestHook::Methods],
+        disk_read_only: true,
+        suite: Suite {
+            methods,
+            size: Some(size),
+            chunk: usize::try_from(chunk).context("--chunk does not fit in memory")?,
+            ..Suite::default()
+        },
+        ..Options::default()
+    })
 }
 
 /// What one variant's boot left behind.
@@ -314,11 +323,7 @@ fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<Vari
         .arg("--pcap")
         .arg(out("pcap"))
         .arg("--append")
-        .arg(format!(
-            "zc.test=methods zc.disk=ro zc.methods={} zc.size={size} zc.chunk={}",
-            variant.methods.join(","),
-            args.chunk
-        ));
+        .arg(guest_options(variant, size, args.chunk)?.to_cmdline());
     for _ in &variant.methods {
         cmd.arg("--peer-expect").arg(&args.payload);
     }

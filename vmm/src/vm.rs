@@ -17,6 +17,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use zc_devices::console::{ConsoleSink, ConsoleTail};
 use zc_devices::control::{ControlChannel, ControlMessage, ControlMessages};
+use zc_protocol::Marker;
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, BootSpec, KernelFormat};
@@ -814,10 +815,10 @@ fn vcpu_loop(
                         if let ControlMessage::Mark { label } = &message {
                             devices.dma_log.marker(label);
                             if let Some(sampler) = &devices.sampler {
-                                if label.starts_with("BEGIN ") {
-                                    sampler.clear();
-                                } else if label.starts_with("END ") {
-                                    sampler.sample(dirty::END_SAMPLE);
+                                match Marker::parse(label) {
+                                    Some(Marker::Begin(_)) => sampler.clear(),
+                                    Some(Marker::End(_)) => sampler.sample(dirty::END_SAMPLE),
+                                    None => {}
                                 }
                             }
                         }

@@ -13,6 +13,15 @@ use rstest::rstest;
 
 mod common;
 use serde_json::Value;
+use zc_protocol::{Options, TestHook};
+
+/// The guest options that run one `zc.test=` step.
+fn steps(step: TestHook) -> Options {
+    Options {
+        tests: vec![step],
+        ..Options::default()
+    }
+}
 
 fn images() -> PathBuf {
     common::images_with("guest/vmlinuz")
@@ -91,12 +100,20 @@ fn stock_kernel_reaches_init_and_exits_cleanly(#[case] kernel: &str, #[case] for
 }
 
 #[rstest]
-#[case::exit_status_passes_through(&["--append", "zc.exit=3"], 3, "exit 3")]
-#[case::kernel_panic_fails_the_run(&["--append", "zc.test=panic"], 1, "panic")]
-#[case::hang_hits_the_timeout(&["--append", "zc.test=hang", "--timeout", "20"], 1, "timeout")]
+#[case::exit_status_passes_through(Options { exit_code: 3, ..Options::default() }, &[], 3, "exit 3")]
+#[case::kernel_panic_fails_the_run(steps(TestHook::Panic), &[], 1, "panic")]
+#[case::hang_hits_the_timeout(steps(TestHook::Hang), &["--timeout", "20"], 1, "timeout")]
 #[ignore = "boots a real kernel: run with `make test`"]
-fn failing_guests_fail_the_run(#[case] args: &[&str], #[case] code: i32, #[case] reason: &str) {
-    let run = boot(args);
+fn failing_guests_fail_the_run(
+    #[case] guest: Options,
+    #[case] extra: &[&str],
+    #[case] code: i32,
+    #[case] reason: &str,
+) {
+    let append = guest.to_cmdline();
+    let mut args = vec!["--append", append.as_str()];
+    args.extend_from_slice(extra);
+    let run = boot(&args);
     assert_eq!(run.code(), code);
     let stderr = run.stderr();
     let failed = stderr

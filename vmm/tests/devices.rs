@@ -11,6 +11,22 @@ use rstest::rstest;
 mod common;
 
 use zc_devices::dma_log::{read_log, BlkStatus, DescRole, Direction, Record, RequestDetail};
+use zc_protocol::options::DEFAULT_FILE;
+use zc_protocol::{Options, TestHook};
+
+/// The guest options that run `step`, with the test disk read-only or not.
+fn guest_options(step: TestHook, disk_read_only: bool) -> Options {
+    Options {
+        tests: vec![step],
+        disk_read_only,
+        ..Options::default()
+    }
+}
+
+/// The `send:payload.bin` step.
+fn send_payload_step() -> TestHook {
+    TestHook::Send(DEFAULT_FILE.to_string())
+}
 
 fn images() -> PathBuf {
     common::images_with("guest/disk.img")
@@ -32,7 +48,8 @@ fn guest_disk_roundtrip_is_in_the_dma_log() {
         .arg(&log_path)
         .arg("--report-json")
         .arg(&report_path)
-        .args(["--append", "zc.test=disk-roundtrip"])
+        .arg("--append")
+        .arg(guest_options(TestHook::DiskRoundtrip, false).to_cmdline())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -95,7 +112,8 @@ fn send_payload(sg: &str, expect: &Path, dir: &Path) -> (Output, PathBuf, serde_
         .arg(&log_path)
         .arg("--report-json")
         .arg(&report_path)
-        .args(["--append", "zc.disk=ro zc.test=send:payload.bin"])
+        .arg("--append")
+        .arg(guest_options(send_payload_step(), true).to_cmdline())
         .output()
         .unwrap();
     eprintln!(
@@ -136,7 +154,8 @@ fn tap_backend_carries_a_transfer_to_the_host_tcp_stack() {
         .arg(&payload)
         .arg("--report-json")
         .arg(&report_path)
-        .args(["--append", "zc.disk=ro zc.test=send:payload.bin"])
+        .arg("--append")
+        .arg(guest_options(send_payload_step(), true).to_cmdline())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

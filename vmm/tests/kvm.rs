@@ -113,7 +113,7 @@ fn control_channel_over_port_io_then_hlt() {
                 kernel_release: "tiny".into()
             },
             ControlMessage::Mark {
-                label: "BEGIN x".into()
+                label: zc_protocol::Marker::begin("x").label()
             },
             ControlMessage::Exit { code: 5 },
         ]

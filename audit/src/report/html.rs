@@ -181,7 +181,10 @@ pub fn html(audits: &[MethodAudit]) -> String {
     for a in audits {
         let kernel = a.kernel.map_or_else(
             || "-".to_string(),
-            |k| format!("{}/{}/{}", k.sends, k.completions, k.copied),
+            |k| {
+                let copied = k.copied.map_or("unknown".to_string(), |n| n.to_string());
+                format!("{}/{}/{}", k.sends, k.completions, copied)
+            },
         );
         let _ = writeln!(
             s,

@@ -7,6 +7,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use zc_protocol::dirty::END_SAMPLE;
+use zc_protocol::Marker;
+
 use zc_devices::dma_log::{
     fingerprint, page_pieces, BlkRequest, BlkStatus, DescRecord, DescRole, DeviceKind, Direction,
     DirtyRecord, Fingerprint, HeaderRecord, MarkerRecord, NetRequest, PayloadRun, Piece, Record,
@@ -20,7 +23,7 @@ pub const NET_HDR: u64 = 12;
 /// Ethernet + IPv4 + TCP headers without options.
 pub const L2_L4: u32 = 54;
 /// Shortest run the VMM's scan reports.
-const MIN_RUN: usize = 72;
+const MIN_RUN: usize = zc_protocol::dirty::MIN_PAYLOAD_RUN;
 
 /// A deterministic pseudo-random source file (xorshift64), so runs of it never
 /// repeat and every page has its own fingerprint.
@@ -455,18 +458,18 @@ impl Sim {
 
     /// `mark BEGIN`: the VMM clears the dirty log.
     pub fn begin(&mut self, method: &str) {
-        self.marker(&format!("BEGIN {method}"));
+        self.marker(&Marker::begin(method).label());
         self.dirty.clear();
     }
 
     /// `mark END`, then the VMM's last sample.
     pub fn end(&mut self, method: &str) {
-        self.marker(&format!("END {method}"));
-        self.sample(u32::MAX);
+        self.marker(&Marker::end(method).label());
+        self.sample(END_SAMPLE);
     }
 
     /// The VMM's dirty-page sample: scans the pages dirtied since the last sample for
-    /// payload (runs of consecutive file offsets, at least 72 bytes, never crossing
+    /// payload (runs of consecutive file offsets, at least [`MIN_RUN`] bytes, never crossing
     /// a page), logs them and clears the dirty set.
     pub fn sample(&mut self, sample: u32) {
         let pages: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();

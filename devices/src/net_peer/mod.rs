@@ -68,11 +68,11 @@ pub use verify::{xxh3_128, xxh3_128_of_reader, End, Expectation, Failure, Receiv
 /// Default peer MAC address.
 pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x02, 0x02];
 /// Default peer IPv4 address.
-pub const DEFAULT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+pub const DEFAULT_IP: Ipv4Addr = zc_protocol::addr::PEER_IP;
 /// The guest's address in the default network.
-pub const DEFAULT_GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+pub const DEFAULT_GUEST_IP: Ipv4Addr = zc_protocol::addr::GUEST_IP;
 /// Default TCP port the peer listens on.
-pub const DEFAULT_PORT: u16 = 7878;
+pub const DEFAULT_PORT: u16 = zc_protocol::addr::PEER_PORT;
 /// Length of an Ethernet header (no VLAN tag, no FCS).
 pub const ETHERNET_HEADER_LEN: usize = 14;
 
@@ -227,9 +227,9 @@ impl Transfer {
             .is_some_and(|size| self.verifier.bytes() >= size)
     }
 
-    /// The bytes received so far, as the count the guest is sent (little-endian).
-    fn count(&self) -> [u8; 8] {
-        self.verifier.bytes().to_le_bytes()
+    /// The bytes received so far, as the ACK the guest is sent.
+    fn count(&self) -> [u8; zc_protocol::ack::ACK_LEN] {
+        zc_protocol::ack::encode(self.verifier.bytes())
     }
 
     /// Ends the check; the record of the connection.

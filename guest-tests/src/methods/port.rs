@@ -1,5 +1,5 @@
-//! The dirty-page sample request: a 32-bit `outl` of the chunk number to I/O port
-//! 0x610 (`vmm/src/pio.rs`, `SAMPLE_PORT`).
+//! The dirty-page sample request: a 32-bit `outl` of the chunk number to the I/O
+//! port `zc_protocol::addr::DIRTY_SAMPLE_PORT` (the VMM's `vmm/src/pio.rs`).
 //!
 //! One port write is one synchronous vCPU exit and no system call: the VMM reads
 //! KVM's dirty log before the guest's next instruction, so every sample sits
@@ -10,7 +10,7 @@ use std::io;
 use crate::error::{Context, Result};
 
 /// The sample port.
-pub const SAMPLE_PORT: u16 = 0x610;
+pub use zc_protocol::addr::DIRTY_SAMPLE_PORT as SAMPLE_PORT;
 
 /// Access to [`SAMPLE_PORT`].
 #[derive(Debug)]

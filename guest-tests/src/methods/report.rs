@@ -1,19 +1,9 @@
-//! A method's result as the `report` JSON line and as a KTAP result line.
-//!
-//! The JSON shape is the contract's (`docs/method-suite.md`):
-//! ```json
-//! {"test":"method","method":"sendfile","ok":true,"bytes":16777216,"chunk":65536,
-//!  "chunks":256,"seconds":1.234,"syscalls":{"sendfile":256,"socket":1,...},
-//!  "loop_syscalls":256,"setup_syscalls":3,
-//!  "zerocopy":{"sends":256,"completions":256,"copied":0}}
-//! ```
-//! `zerocopy` only for the zero-copy methods, `copied` `null` when the kernel does
-//! not say (io_uring before Linux 6.2). A skipped method is
-//! `{"test":"method","method":M,"ok":true,"skipped":"<reason>"}`, a failed one
-//! `{"test":"method","method":M,"ok":false,"error":"<one line>"}`.
+//! A method's result as the `report` JSON line (`zc_protocol::MethodReport`, whose
+//! docs show the shape) and as a KTAP result line.
+
+use zc_protocol::report::{MethodReport, ZeroCopyCounts};
 
 use super::Method;
-use crate::json::Object;
 
 /// The first line of the suite's KTAP document.
 pub const KTAP_HEADER: &str = "KTAP version 1";
@@ -24,15 +14,7 @@ pub fn ktap_plan(count: usize) -> String {
 }
 
 /// The zero-copy counts of a method (MSG_ZEROCOPY or io_uring SEND_ZC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ZcReport {
-    /// Zero-copy sends issued.
-    pub sends: u64,
-    /// Sends whose completion notification arrived.
-    pub completions: u64,
-    /// Sends the kernel flagged as copied; `None` when it cannot tell.
-    pub copied: Option<u64>,
-}
+pub type ZcReport = ZeroCopyCounts;
 
 /// What a method that ran to the end measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,47 +65,38 @@ impl MethodResult {
         matches!(self, MethodResult::Failed(..))
     }
 
-    /// The `report` JSON.
-    pub fn json(&self) -> String {
-        let head = |method: Method, ok: bool| {
-            Object::new()
-                .str("test", "method")
-                .str("method", method.name())
-                .bool("ok", ok)
-        };
+    /// The report.
+    pub fn report(&self) -> MethodReport {
         match self {
-            MethodResult::Passed(method, m) => {
-                let syscalls = m
+            MethodResult::Passed(method, m) => MethodReport {
+                bytes: Some(m.bytes),
+                chunk: Some(m.chunk),
+                chunks: Some(m.chunks),
+                seconds: Some(m.seconds),
+                syscalls: m
                     .syscalls
                     .iter()
-                    .fold(Object::new(), |o, &(name, n)| o.u64(name, n));
-                let mut json = head(*method, true)
-                    .u64("bytes", m.bytes)
-                    .u64("chunk", m.chunk)
-                    .u64("chunks", m.chunks)
-                    .f64("seconds", m.seconds, 6)
-                    .object("syscalls", syscalls)
-                    .u64("loop_syscalls", m.loop_syscalls)
-                    .u64("setup_syscalls", m.setup_syscalls);
-                if let Some(zc) = m.zerocopy {
-                    let mut z = Object::new()
-                        .u64("sends", zc.sends)
-                        .u64("completions", zc.completions);
-                    z = match zc.copied {
-                        Some(n) => z.u64("copied", n),
-                        None => z.null("copied"),
-                    };
-                    json = json.object("zerocopy", z);
-                }
-                json.finish()
-            }
-            MethodResult::Skipped(method, reason) => {
-                head(*method, true).str("skipped", reason).finish()
-            }
-            MethodResult::Failed(method, error) => {
-                head(*method, false).str("error", &one_line(error)).finish()
-            }
+                    .map(|&(name, n)| (name.to_string(), n))
+                    .collect(),
+                loop_syscalls: Some(m.loop_syscalls),
+                setup_syscalls: Some(m.setup_syscalls),
+                zerocopy: m.zerocopy,
+                ..MethodReport::new(method.name(), true)
+            },
+            MethodResult::Skipped(method, reason) => MethodReport {
+                skipped: Some(reason.clone()),
+                ..MethodReport::new(method.name(), true)
+            },
+            MethodResult::Failed(method, error) => MethodReport {
+                error: Some(one_line(error)),
+                ..MethodReport::new(method.name(), false)
+            },
         }
+    }
+
+    /// The `report` JSON.
+    pub fn json(&self) -> String {
+        self.report().to_json()
     }
 
     /// The KTAP result line for test number `number` (1-based).

@@ -30,6 +30,7 @@ use super::{
     sendfile_warm, splice, uring_send_zc, Hooks, Method, Suite, CHUNK_ALIGN,
 };
 use crate::error::{Context, Error, Result};
+use zc_protocol::{ack, Marker};
 
 /// Bound on connecting and on any one blocking send or receive (SO_SNDTIMEO and
 /// SO_RCVTIMEO), so that a dead peer fails the method instead of hanging the run
@@ -175,13 +176,14 @@ impl<'a> Transfer<'a> {
     /// Waits for the peer's 8-byte little-endian byte count and checks it is
     /// `size` (the peer sends it once it received and checked everything).
     pub fn wait_ack(&mut self) -> Result<()> {
-        let mut ack = [0u8; 8];
+        let mut ack = [0u8; ack::ACK_LEN];
         let mut got = 0;
         while got < ack.len() {
             match self.sys.recv(self.sock, &mut ack[got..], 0) {
                 Ok(0) => {
                     return Err(Error::new(format!(
-                        "the peer closed the connection after {got} of the ACK's 8 bytes"
+                        "the peer closed the connection after {got} of the ACK's {} bytes",
+                        ack::ACK_LEN
                     )))
                 }
                 Ok(n) => got += n,
@@ -195,7 +197,7 @@ impl<'a> Transfer<'a> {
                 Err(e) => return Err(Error::new(format!("waiting for the peer's ACK: {e}"))),
             }
         }
-        let acked = u64::from_le_bytes(ack);
+        let acked = ack::decode(ack);
         if acked != self.size {
             return Err(Error::new(format!(
                 "the peer acknowledged {acked} of {} bytes",
@@ -279,7 +281,7 @@ fn measure(
     hooks: &mut dyn Hooks,
 ) -> Result<MethodResult> {
     // Capability check first: a skipped method touches neither caches nor marks.
-    let uring = if method == Method::UringSendZc {
+    let uring = if method.io_uring() {
         match uring_send_zc::probe()? {
             uring_send_zc::Support::Missing(reason) => {
                 return Ok(MethodResult::Skipped(method, reason))
@@ -324,7 +326,7 @@ fn measure(
         return Err(Error::new(format!("{shown} is empty: nothing to send")));
     }
 
-    let (begin, end) = (format!("BEGIN {method}"), format!("END {method}"));
+    let (begin, end) = (Marker::begin(method).label(), Marker::end(method).label());
     let buf = AlignedBuf::new(suite.chunk);
     hooks.mark(&begin)?;
     let start = Instant::now();

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::pattern;
+use zc_protocol::Marker;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
@@ -152,7 +153,7 @@ fn count(report: &Value, call: &str) -> u64 {
 
 /// The events of one method: from its BEGIN mark to its report.
 fn span<'a>(events: &'a [Event], method: &str) -> &'a [Event] {
-    let begin = Event::Mark(format!("BEGIN {method}"));
+    let begin = Event::Mark(Marker::begin(method).label());
     let start = events.iter().position(|e| *e == begin).expect("BEGIN");
     let end = start
         + events[start..]
@@ -185,9 +186,9 @@ fn check_common(
     );
 
     // BEGIN, one sample per chunk in order, END: nothing else between.
-    let mut want = vec![Event::Mark(format!("BEGIN {method}"))];
+    let mut want = vec![Event::Mark(Marker::begin(method).label())];
     want.extend((0..chunks as u32).map(Event::Sample));
-    want.push(Event::Mark(format!("END {method}")));
+    want.push(Event::Mark(Marker::end(method).label()));
     assert_eq!(span(&recorder.events, method), want, "{method}");
 
     // The split adds up, and connecting is setup.
@@ -332,7 +333,7 @@ fn every_method_against_a_local_peer() {
             assert!(line.starts_with(&format!("ok {} uring_send_zc # SKIP ", i + 1)));
             assert!(!recorder
                 .events
-                .contains(&Event::Mark("BEGIN uring_send_zc".into())));
+                .contains(&Event::Mark(Marker::begin(Method::UringSendZc).label())));
             continue;
         }
         if method.direct() && !direct_ok {
@@ -430,8 +431,8 @@ fn failures_are_reported_and_spans_stay_paired() {
         assert_eq!(
             span(&recorder.events, method),
             [
-                Event::Mark(format!("BEGIN {method}")),
-                Event::Mark(format!("END {method}"))
+                Event::Mark(Marker::begin(method).label()),
+                Event::Mark(Marker::end(method).label())
             ]
         );
     }
@@ -460,7 +461,7 @@ fn failures_are_reported_and_spans_stay_paired() {
     assert_eq!(error, "the peer acknowledged 100001 of 100000 bytes");
     assert!(recorder
         .events
-        .contains(&Event::Mark("END mmap_zerocopy".into())));
+        .contains(&Event::Mark(Marker::end(Method::MmapZerocopy).label())));
 
     // A missing file fails before BEGIN too.
     let missing = Suite {

@@ -213,6 +213,19 @@ fn bench_devices(cli: &Cli, images: &Path) -> Result<serde_json::Value> {
     Ok(json.into())
 }
 
+/// The guest's steps for a device run: read the read-only disk, then send the
+/// payload.
+fn bench_guest_options() -> zc_protocol::Options {
+    zc_protocol::Options {
+        tests: vec![
+            zc_protocol::TestHook::DiskRead,
+            zc_protocol::TestHook::Send(zc_protocol::options::DEFAULT_FILE.to_string()),
+        ],
+        disk_read_only: true,
+        ..zc_protocol::Options::default()
+    }
+}
+
 /// One boot reading the whole disk and sending the payload; (disk, send) Mbit/s as
 /// the guest measured them.
 fn device_run(
@@ -237,7 +250,8 @@ fn device_run(
         .arg(images.join("guest/disk-files/payload.bin"))
         .args(["--console", "/dev/null", "--report-json"])
         .arg(&report_path)
-        .args(["--append", "zc.disk=ro zc.test=disk-read,send:payload.bin"])
+        .arg("--append")
+        .arg(bench_guest_options().to_cmdline())
         .stderr(std::fs::File::create(scratch.join("zc-vmm.err"))?);
     if log {
         // Memory-backed when there is one: this measures the log, not the file
@@ -380,7 +394,11 @@ fn boot_qemu(qemu: &Path, kernel: &Path, initrd: &Path, scratch: &Path) -> Resul
         .arg(initrd)
         .args(["-append", CMDLINE, "-serial", "file:/dev/null", "-chardev"])
         .arg(&com2)
-        .args(["-device", "isa-serial,chardev=com2,iobase=0x2f8,irq=3"])
+        .arg("-device")
+        .arg(format!(
+            "isa-serial,chardev=com2,iobase={:#x},irq=3",
+            zc_protocol::addr::CONTROL_UART_BASE
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .status()

@@ -13,6 +13,7 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
+use zc_protocol::Marker;
 
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -581,7 +582,7 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
     });
     let vq = h.vq();
     h.activate(&vq, BASE_FEATURES);
-    h.dma.marker("BEGIN read");
+    h.dma.marker(&Marker::begin("read").label());
     // IN 3 sectors..: 6000 bytes would not be a sector multiple; use 2 buffers,
     // one crossing a page boundary.
     h.header(HDR, VIRTIO_BLK_T_IN, 2);
@@ -596,7 +597,7 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
         ],
     );
     h.dev.process_queue(0);
-    h.dma.marker("END read");
+    h.dma.marker(&Marker::end("read").label());
     h.mem
         .write_slice(&[0xa5; 0x8000], GuestAddress(DATA))
         .unwrap();
@@ -652,13 +653,13 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
     assert_eq!(
         kinds,
         vec![
-            "BEGIN read",
+            Marker::begin("read").label().as_str(),
             "Header",
             "Data",
             "Data",
             "Status",
             "in 2 12288 Ok",
-            "END read"
+            Marker::end("read").label().as_str()
         ]
     );
 }

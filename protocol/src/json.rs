@@ -1,5 +1,6 @@
-//! A minimal JSON object writer for `report` lines (the guest keeps its dependencies
-//! to `libc` and `io-uring`, so no serde).
+//! A minimal JSON object writer for `report` lines. Hand-written rather than serde
+//! because the guest program keeps its dependencies to `libc` and `io-uring` (and
+//! this crate): it writes a few flat objects, in a fixed member order.
 
 use std::fmt::Write;
 
