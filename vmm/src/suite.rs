@@ -13,6 +13,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use zc_audit::{AuditInput, Expectations, MethodAudit, Verdict};
+use zc_vmm::report::RunSummary;
+use zc_vmm::spec::{parse_mem, DiskSpec, NicSpec, RunOutputs, RunSpec};
 
 /// Default locations, as `make images` leaves them.
 const DEFAULT_KERNEL: &str = "images/out/guest/vmlinuz";
@@ -71,9 +73,9 @@ pub struct MethodsArgs {
     /// Where logs and reports go (created).
     #[arg(long, default_value = "out/methods")]
     out: PathBuf,
-    /// Guest memory.
-    #[arg(long, default_value = "512M")]
-    mem: String,
+    /// Guest memory, e.g. 512M or 1G (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_mem)]
+    mem: u64,
     /// Give up on a variant's guest after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -244,18 +246,8 @@ fn audit_variant(
 ) -> Result<Vec<MethodAudit>> {
     let records = zc_devices::dma_log::read_log(&files.dma_log)
         .with_context(|| format!("cannot read the DMA log {}", files.dma_log.display()))?;
-    let run: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&files.run_json)
-            .with_context(|| format!("cannot read {}", files.run_json.display()))?,
-    )
-    .with_context(|| format!("{} is not JSON", files.run_json.display()))?;
-    let report_lines: Vec<String> = run["reports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["test"] == "method")
-        .map(|r| r.to_string())
-        .collect();
+    let run = RunSummary::load(&files.run_json)?;
+    let report_lines: Vec<String> = run.reports_of("method").map(|r| r.0.to_string()).collect();
     let reports = zc_audit::parse_reports(&report_lines.join("\n"))?;
     let input = AuditInput {
         records,
@@ -279,57 +271,27 @@ struct VariantFiles {
 
 fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<VariantFiles> {
     let out = |suffix: &str| args.out.join(format!("{}.{suffix}", variant.name));
+    let spec = variant_spec(args, variant, size);
     let files = VariantFiles {
         dma_log: out("dma-log.jsonl"),
         run_json: out("run.json"),
         failure: None,
     };
+    // Beside the outputs: what was booted, and `zc-vmm run --spec` boots it again.
+    let spec_file = out("spec.json");
+    spec.save(&spec_file)
+        .with_context(|| format!("cannot write {}", spec_file.display()))?;
     let exe = std::env::current_exe().context("cannot find the zc-vmm executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("run")
-        .arg("--kernel")
-        .arg(&args.kernel)
-        .arg("--initrd")
-        .arg(&args.initrd)
-        .arg("--disk")
-        .arg(&args.disk)
-        .arg("--disk-ro")
-        .args([
-            "--net",
-            "peer",
-            "--net-sg",
-            if variant.sg { "on" } else { "off" },
-        ])
-        .arg("--mem")
-        .arg(&args.mem)
-        .arg("--timeout")
-        .arg(args.timeout.to_string())
-        .arg("--dma-log")
-        .arg(&files.dma_log)
-        .arg("--dirty-samples")
-        .arg("--report-json")
-        .arg(&files.run_json)
-        .arg("--console")
-        .arg(out("console.txt"))
-        .arg("--pcap")
-        .arg(out("pcap"))
-        .arg("--append")
-        .arg(format!(
-            "zc.test=methods zc.disk=ro zc.methods={} zc.size={size} zc.chunk={}",
-            variant.methods.join(","),
-            args.chunk
-        ));
-    for _ in &variant.methods {
-        cmd.arg("--peer-expect").arg(&args.payload);
-    }
-    cmd.arg("--peer-expect-bytes").arg(size.to_string());
     eprintln!(
         "zc-vmm: variant {} (NIC scatter-gather {}): {}",
         variant.name,
         if variant.sg { "on" } else { "off" },
         variant.methods.join(", ")
     );
-    let status = cmd
+    let status = Command::new(exe)
+        .arg("run")
+        .arg("--spec")
+        .arg(&spec_file)
         .status()
         .context("cannot start zc-vmm run for a variant")?;
     let failure = match status.code() {
@@ -341,6 +303,41 @@ fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<Vari
         None => Some("zc-vmm run was killed".to_string()),
     };
     Ok(VariantFiles { failure, ..files })
+}
+
+/// One variant's boot: the read-only test disk, one card in front of the peer with
+/// the variant's scatter-gather, expecting `size` bytes of the payload once per
+/// method, and the DMA log with dirty-page samples.
+fn variant_spec(args: &MethodsArgs, variant: &Variant, size: u64) -> RunSpec {
+    let out = |suffix: &str| args.out.join(format!("{}.{suffix}", variant.name));
+    RunSpec {
+        initrd: Some(args.initrd.clone()),
+        append: Some(format!(
+            "zc.test=methods zc.disk=ro zc.methods={} zc.size={size} zc.chunk={}",
+            variant.methods.join(","),
+            args.chunk
+        )),
+        mem_bytes: args.mem,
+        timeout_s: args.timeout,
+        disk: Some(DiskSpec {
+            path: args.disk.clone(),
+            read_only: true,
+        }),
+        nics: vec![NicSpec {
+            sg: variant.sg,
+            pcap: Some(out("pcap")),
+            peer_expect: vec![args.payload.clone(); variant.methods.len()],
+            peer_expect_bytes: Some(size),
+            ..NicSpec::peer()
+        }],
+        dirty_samples: true,
+        outputs: RunOutputs {
+            console: Some(out("console.txt")),
+            summary: Some(out("run.json")),
+            dma_log: Some(out("dma-log.jsonl")),
+        },
+        ..RunSpec::new(&args.kernel)
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -370,10 +367,9 @@ pub fn compare(args: CompareArgs) -> Result<i32> {
         })?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        let release = std::fs::read_to_string(dir.join("sg-on.run.json"))
+        let release = RunSummary::load(&dir.join("sg-on.run.json"))
             .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["kernel_release"].as_str().map(str::to_string))
+            .and_then(|summary| summary.run.kernel_release)
             .unwrap_or_else(|| dir.display().to_string());
         runs.push((
             release,
