@@ -434,3 +434,66 @@ fn sub_header(runs: usize, width: usize) -> String {
         .map(|_| format!(" | {:<width$}", "cpu   0-copy  Mbit/s verdict"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: MethodsArgs,
+    }
+
+    fn methods_args(extra: &[&str]) -> MethodsArgs {
+        let argv = ["zc-vmm-methods", "--out", "/o", "--mem", "1G"];
+        Wrapper::parse_from(argv.iter().chain(extra)).args
+    }
+
+    #[rstest::rstest]
+    #[case::sg_on("sg-on", true)]
+    #[case::sg_off("sg-off", false)]
+    fn each_variant_boots_one_peer_nic_with_its_scatter_gather(
+        #[case] name: &'static str,
+        #[case] sg: bool,
+    ) {
+        let args = methods_args(&["--chunk", "8192", "--timeout", "300"]);
+        let variant = Variant {
+            name,
+            sg,
+            methods: vec!["sendfile".into(), "splice".into()],
+        };
+        let spec = variant_spec(&args, &variant, 4096);
+        let out = |suffix: &str| PathBuf::from(format!("/o/{name}.{suffix}"));
+        let expected = RunSpec {
+            initrd: Some(DEFAULT_INITRD.into()),
+            append: Some(
+                "zc.test=methods zc.disk=ro zc.methods=sendfile,splice zc.size=4096 zc.chunk=8192"
+                    .into(),
+            ),
+            mem_bytes: 1 << 30,
+            timeout_s: 300,
+            disk: Some(DiskSpec {
+                path: DEFAULT_DISK.into(),
+                read_only: true,
+            }),
+            nics: vec![NicSpec {
+                sg,
+                pcap: Some(out("pcap")),
+                // One connection per method, each the payload's first `size` bytes.
+                peer_expect: vec![PathBuf::from(DEFAULT_PAYLOAD); 2],
+                peer_expect_bytes: Some(4096),
+                ..NicSpec::peer()
+            }],
+            dirty_samples: true,
+            outputs: RunOutputs {
+                console: Some(out("console.txt")),
+                summary: Some(out("run.json")),
+                dma_log: Some(out("dma-log.jsonl")),
+            },
+            ..RunSpec::new(DEFAULT_KERNEL)
+        };
+        assert_eq!(spec, expected);
+    }
+}
