@@ -1,7 +1,8 @@
-//! Plugging a virtio device into the VM: its virtio-mmio window on the MMIO bus, an
-//! irqfd for its interrupt, one ioeventfd per queue so that a queue notification
-//! wakes a device thread instead of stopping the vCPU, and the ACPI description that
-//! lets a stock kernel find it.
+//! Plugging a virtio device into the VM: a slot from the [`SlotAllocator`] (its
+//! virtio-mmio window, its GSI and its place in the DSDT), the window on the MMIO
+//! bus, an irqfd for its interrupt, and one ioeventfd per queue so that a queue
+//! notification wakes a device thread instead of stopping the vCPU. The VMM reaches
+//! the device afterwards through a [`DeviceHandle`].
 
 use std::sync::{Arc, Mutex};
 use std::thread;
