@@ -538,11 +538,11 @@ fn collect_transfers(nic: &DeviceHandle<Net<NetPeer>>, report: &mut RunReport) {
         report
             .transfers
             .extend(peer.take_results().iter().map(transfer_result));
-        report.missing_transfers = peer
-            .pending_expectation_labels()
-            .into_iter()
-            .map(|label| label.to_string())
-            .collect();
+        report.missing_transfers.extend(
+            peer.pending_expectation_labels()
+                .into_iter()
+                .map(|label| label.to_string()),
+        );
     });
 }
 
