@@ -3,7 +3,8 @@
 //! dirty-page samples on, audits each method against the expected table and writes
 //! the reports (`docs/method-suite.md`).
 //!
-//! Each variant is a plain `zc-vmm run` child process, so it goes through the same
+//! Each variant is a [`RunSpec`], written beside its outputs (`<variant>.spec.json`)
+//! and run by a plain `zc-vmm run --spec` child process, so it goes through the same
 //! host probe, emulated-host relaunch and checks as any run.
 
 use std::path::{Path, PathBuf};
