@@ -88,7 +88,7 @@ pub enum BootError {
 }
 
 /// The kernel image formats we boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelFormat {
     /// A compressed `bzImage` (what distributions ship as `vmlinuz`).
     BzImage,

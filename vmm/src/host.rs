@@ -13,7 +13,8 @@ pub const FORCE_ENV: &str = "ZC_HOST";
 pub const INSIDE_EMULATED_ENV: &str = "ZC_INSIDE_EMULATED_HOST";
 
 /// How the guest gets its KVM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HostMode {
     /// This machine's `/dev/kvm`.
     Direct,

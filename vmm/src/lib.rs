@@ -2,12 +2,14 @@
 //! straight into 64-bit mode (no firmware), with a serial console, a guest control
 //! channel and ACPI tables that describe its virtio-mmio devices.
 //!
-//! One concept per module: [`layout`] (memory map), [`boot`] (kernel/initrd/zero
-//! page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`] (legacy port devices),
-//! [`mmio`] (the MMIO bus), [`virtio`] (attaching virtio devices), [`vm`] (the VM and
-//! its run loop), [`dirty`] (dirty-page samples: which payload bytes the guest CPU
-//! wrote), [`dma_view`] (reading a DMA log back for `zc-vmm dma-log`), [`host`]
-//! (which KVM to use) and [`emulated`] (running inside an emulated KVM host).
+//! One concept per module: [`spec`] (what a run boots: the run spec), [`report`]
+//! (what it found: the run report and `run.json`), [`layout`] (memory map), [`boot`]
+//! (kernel/initrd/zero page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`]
+//! (legacy port devices), [`mmio`] (the MMIO bus), [`virtio`] (virtio slots and
+//! attaching devices), [`vm`] (the VM builder and run loop), [`dirty`] (dirty-page
+//! samples), [`dma_view`] (reading DMA logs), [`host`] (which KVM to use),
+//! [`emulated`] (running inside an emulated KVM host) and [`emulated_run`] (a run
+//! spec run there).
 
 pub mod acpi;
 pub mod boot;
@@ -15,9 +17,12 @@ pub mod cpu;
 pub mod dirty;
 pub mod dma_view;
 pub mod emulated;
+pub mod emulated_run;
 pub mod host;
 pub mod layout;
 pub mod mmio;
 pub mod pio;
+pub mod report;
+pub mod spec;
 pub mod virtio;
 pub mod vm;

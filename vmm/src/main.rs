@@ -1,22 +1,22 @@
 //! `zc-vmm`: boots a Linux guest under KVM, directly or inside an emulated KVM host.
 
-use std::ffi::OsString;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use zc_vmm::emulated;
+use zc_vmm::emulated_run;
 use zc_vmm::host::{self, HostMode};
-use zc_vmm::vm::{self, ConsoleTarget, DiskConfig, NetConfig, RunReport, VmConfig};
+use zc_vmm::report::{RunReport, RunSummary};
+use zc_vmm::spec::{
+    parse_mem, parse_tap_address, DiskSpec, NetBackendSpec, NicSpec, RunOutputs, RunSpec,
+    TapAddress, DEFAULT_CMDLINE, DEFAULT_TIMEOUT_S,
+};
+use zc_vmm::vm;
 
 mod suite;
 
-/// Default kernel command line: serial console, reboot through the keyboard
-/// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 /// Where `make images` leaves the emulated host's kernel and initrd.
 const DEFAULT_HOST_KERNEL: &str = "images/out/host/vmlinuz";
 const DEFAULT_HOST_INITRD: &str = "images/out/host/initrd.img";
@@ -112,9 +112,26 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
 
 #[derive(Args, Clone)]
 struct RunArgs {
+    /// Run what this JSON run spec says (`zc-vmm methods` writes one per boot beside
+    /// its outputs) instead of the flags below.
+    #[arg(long, value_name = "FILE", conflicts_with = "RunFlags")]
+    spec: Option<PathBuf>,
+    #[command(flatten)]
+    flags: RunFlags,
+    /// Emulated mode: the emulated host's kernel [env: ZC_HOST_KERNEL].
+    #[arg(long, env = "ZC_HOST_KERNEL", default_value = DEFAULT_HOST_KERNEL)]
+    host_kernel: PathBuf,
+    /// Emulated mode: the emulated host's initrd [env: ZC_HOST_INITRD].
+    #[arg(long, env = "ZC_HOST_INITRD", default_value = DEFAULT_HOST_INITRD)]
+    host_initrd: PathBuf,
+}
+
+/// What to run, as flags; [`RunFlags::into_spec`] turns them into a [`RunSpec`].
+#[derive(Args, Clone)]
+struct RunFlags {
     /// Kernel image: bzImage (e.g. Debian's /boot/vmlinuz-*) or ELF vmlinux.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "spec")]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk (cpio, optionally compressed).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -176,33 +193,59 @@ struct RunArgs {
     /// (otherwise that is the caller's job). With --peer-expect as well, the check
     /// listens on this address, port 7878, through the host's own TCP stack; the
     /// guest's default peer is 10.0.2.2, so `--tap-ip 10.0.2.2/24`.
-    #[arg(long, value_name = "ADDR/PREFIX", value_parser = parse_ipv4_prefix)]
-    tap_ip: Option<(Ipv4Addr, u8)>,
+    #[arg(long, value_name = "ADDR/PREFIX", value_parser = parse_tap_address)]
+    tap_ip: Option<TapAddress>,
     /// Give up after this many seconds (of the guest's own run).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_S)]
     timeout: u64,
-    /// Emulated mode: the emulated host's kernel [env: ZC_HOST_KERNEL].
-    #[arg(long, env = "ZC_HOST_KERNEL", default_value = DEFAULT_HOST_KERNEL)]
-    host_kernel: PathBuf,
-    /// Emulated mode: the emulated host's initrd [env: ZC_HOST_INITRD].
-    #[arg(long, env = "ZC_HOST_INITRD", default_value = DEFAULT_HOST_INITRD)]
-    host_initrd: PathBuf,
 }
 
-/// Parses `10.0.2.2/24`.
-fn parse_ipv4_prefix(text: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (addr, prefix) = text
-        .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not ADDR/PREFIX (e.g. 10.0.2.2/24)"))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
-    let prefix: u8 = prefix
-        .parse()
-        .ok()
-        .filter(|p| *p <= 32)
-        .ok_or_else(|| format!("{prefix:?} is not a prefix length (0 to 32)"))?;
-    Ok((addr, prefix))
+impl RunFlags {
+    /// The run spec the flags describe: the one place `zc-vmm run`'s flags are read.
+    fn into_spec(self) -> Result<RunSpec> {
+        let kernel = self.kernel.context("pass --kernel PATH or --spec FILE")?;
+        if !self.peer_expect.is_empty() && self.net == NetBackendArg::None {
+            bail!("--peer-expect needs --net peer (or tap with --tap-ip)");
+        }
+        if self.tap_ip.is_some() && self.net != NetBackendArg::Tap {
+            bail!("--tap-ip is for --net tap");
+        }
+        let backend = match self.net {
+            NetBackendArg::None => None,
+            NetBackendArg::Peer => Some(NetBackendSpec::Peer),
+            NetBackendArg::Tap => Some(NetBackendSpec::Tap {
+                name: self.tap,
+                address: self.tap_ip,
+            }),
+        };
+        let nic = backend.map(|backend| NicSpec {
+            backend,
+            sg: self.net_sg == OnOff::On,
+            pcap: self.pcap,
+            peer_expect: self.peer_expect,
+            peer_expect_bytes: self.peer_expect_bytes,
+        });
+        Ok(RunSpec {
+            kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            append: self.append,
+            mem_bytes: self.mem,
+            vcpus: self.vcpus,
+            timeout_s: self.timeout,
+            disk: self.disk.map(|path| DiskSpec {
+                path,
+                read_only: self.disk_ro,
+            }),
+            nics: nic.into_iter().collect(),
+            dirty_samples: self.dirty_samples,
+            outputs: RunOutputs {
+                console: self.console,
+                summary: self.report_json,
+                dma_log: self.dma_log,
+            },
+        })
+    }
 }
 
 /// Which network backend the card gets.
@@ -223,24 +266,6 @@ enum OnOff {
     On,
     /// Off.
     Off,
-}
-
-/// Parses `512M`, `2G`, `65536K` or a bare MiB count into bytes.
-fn parse_mem(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&text[..i], 10),
-        Some((i, 'M' | 'm')) => (&text[..i], 20),
-        Some((i, 'G' | 'g')) => (&text[..i], 30),
-        _ => (text, 20),
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: use e.g. 512M or 2G"))?;
-    value
-        .checked_mul(1 << shift)
-        .filter(|bytes| *bytes <= 64 << 30)
-        .ok_or_else(|| format!("{text} is too large: at most 64G"))
 }
 
 fn main() -> ExitCode {
@@ -345,49 +370,11 @@ fn probe() -> Result<()> {
 
 fn run(args: RunArgs) -> Result<i32> {
     let (mode, why) = host::choose_here()?;
-    if !args.kernel.is_file() {
-        bail!(
-            "kernel {} does not exist: pass --kernel PATH (run `make images` for the default one)",
-            args.kernel.display()
-        );
-    }
-    zc_vmm::boot::detect_format(&args.kernel)?;
-    if !args.peer_expect.is_empty() {
-        match args.net {
-            NetBackendArg::None => bail!("--peer-expect needs --net peer (or tap with --tap-ip)"),
-            NetBackendArg::Tap if args.tap_ip.is_none() => bail!(
-                "--peer-expect with --net tap needs --tap-ip (e.g. 10.0.2.2/24): the check listens on that address"
-            ),
-            _ => {}
-        }
-    }
-    if args.tap_ip.is_some() && args.net != NetBackendArg::Tap {
-        bail!("--tap-ip is for --net tap");
-    }
-    for file in &args.peer_expect {
-        if !file.is_file() {
-            bail!(
-                "--peer-expect {} does not exist: name the file the guest will send",
-                file.display()
-            );
-        }
-    }
-    if let Some(disk) = &args.disk {
-        if !disk.is_file() {
-            bail!(
-                "disk image {} does not exist: pass --disk PATH (run `make images` for the test disk)",
-                disk.display()
-            );
-        }
-    }
-    if let Some(initrd) = &args.initrd {
-        if !initrd.is_file() {
-            bail!(
-                "initrd {} does not exist: pass --initrd PATH (run `make images` for the default one)",
-                initrd.display()
-            );
-        }
-    }
+    let spec = match &args.spec {
+        Some(path) => RunSpec::load(path)?,
+        None => args.flags.into_spec()?,
+    };
+    spec.validate()?;
     match mode {
         HostMode::Direct => {
             let place = if host::inside_emulated_host() {
@@ -396,78 +383,38 @@ fn run(args: RunArgs) -> Result<i32> {
                 ""
             };
             eprintln!("zc-vmm: mode direct ({why}){place}");
-            run_direct(&args, mode)
+            run_direct(&spec, mode)
         }
         HostMode::Emulated => {
             eprintln!(
                 "zc-vmm: mode emulated ({why}): booting the emulated KVM host under QEMU TCG"
             );
-            run_emulated(&args)
+            Ok(emulated_run::run(
+                &spec,
+                &args.host_kernel,
+                &args.host_initrd,
+            )?)
         }
     }
 }
 
-fn run_direct(args: &RunArgs, mode: HostMode) -> Result<i32> {
-    let mut cmdline = args.cmdline.clone();
-    if let Some(extra) = &args.append {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
-    let config = VmConfig {
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
-        cmdline,
-        mem_bytes: args.mem,
-        vcpus: args.vcpus,
-        console: match &args.console {
-            Some(path) => ConsoleTarget::File(path.clone()),
-            None => ConsoleTarget::Stdout,
-        },
-        timeout: Duration::from_secs(args.timeout),
-        disk: args.disk.as_ref().map(|path| DiskConfig {
-            path: path.clone(),
-            read_only: args.disk_ro,
-        }),
-        dma_log: args.dma_log.clone(),
-        dirty_samples: args.dirty_samples,
-        net: (args.net != NetBackendArg::None).then(|| NetConfig {
-            sg: args.net_sg == OnOff::On,
-            pcap: args.pcap.clone(),
-            expect: args.peer_expect.clone(),
-            expect_bytes: args.peer_expect_bytes,
-            tap: (args.net == NetBackendArg::Tap).then(|| args.tap.clone()),
-            tap_ip: args.tap_ip,
-        }),
-    };
-    let report = vm::run(&config)?;
-    let image_info = kernel_image_info(&args.kernel);
-    if let Some(info) = &image_info {
+fn run_direct(spec: &RunSpec, mode: HostMode) -> Result<i32> {
+    let report = vm::run(spec)?;
+    let summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
+    if let Some(image) = &summary.kernel_image {
         eprintln!(
             "zc-vmm: kernel image from {} {}",
-            info["package"].as_str().unwrap_or("?"),
-            info["deb_version"].as_str().unwrap_or("?")
+            image.package.as_deref().unwrap_or("?"),
+            image.deb_version.as_deref().unwrap_or("?")
         );
     }
-    print_summary(&report, &args.kernel);
-    if let Some(path) = &args.report_json {
-        let mut json = report_json(&report, &args.kernel, mode);
-        json["kernel_image"] = image_info.unwrap_or(serde_json::Value::Null);
-        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+    print_summary(&summary.run, &spec.kernel);
+    if let Some(path) = &spec.outputs.summary {
+        summary
+            .save(path)
             .with_context(|| format!("cannot write the report {}", path.display()))?;
     }
-    Ok(report.exit_status())
-}
-
-/// What `zc-image` recorded about the kernel (package, Debian version, release), from
-/// the `kernel.json` it leaves beside the images; `None` for a kernel it did not make.
-fn kernel_image_info(kernel: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(kernel.parent()?.join("kernel.json")).ok()?;
-    let info: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(serde_json::json!({
-        "package": info.get("package"),
-        "deb_version": info.get("deb_version"),
-        "release": info.get("release"),
-    }))
+    Ok(summary.exit_status)
 }
 
 fn print_summary(report: &RunReport, kernel: &Path) {
@@ -512,173 +459,6 @@ fn print_summary(report: &RunReport, kernel: &Path) {
     }
 }
 
-fn report_json(report: &RunReport, kernel: &Path, mode: HostMode) -> serde_json::Value {
-    serde_json::json!({
-        "schema": "zc-vmm-run/1",
-        "mode": mode.to_string(),
-        "inside_emulated_host": host::inside_emulated_host(),
-        "kernel": kernel,
-        "kernel_format": format!("{:?}", report.kernel_format),
-        "kernel_release": report.kernel_release,
-        "init_uptime_s": report.init_uptime,
-        "time_to_init_s": report.time_to_init.map(|d| d.as_secs_f64()),
-        "run_time_s": report.run_time.as_secs_f64(),
-        "stop": format!("{:?}", report.stop),
-        "guest_exit": report.guest_exit,
-        "exit_status": report.exit_status(),
-        "failure": report.failure(),
-        // The guest's machine-readable results, parsed (kept as text if not JSON).
-        "reports": report.messages.iter().filter_map(|(_, m)| match m {
-            zc_devices::control::ControlMessage::Report { json } => Some(
-                serde_json::from_str(json).unwrap_or_else(|_| serde_json::Value::String(json.clone())),
-            ),
-            _ => None,
-        }).collect::<Vec<_>>(),
-        "messages": report.messages.iter().map(|(at, m)| {
-            serde_json::json!({"at_s": at.as_secs_f64(), "message": format!("{m:?}")})
-        }).collect::<Vec<_>>(),
-        "console_tail": report.console_tail,
-        "transfers": report.transfers.iter().map(|t| serde_json::json!({
-            "label": t.label, "bytes": t.bytes, "ok": t.failure.is_none(),
-            "failure": t.failure, "mbps": t.mbps,
-        })).collect::<Vec<_>>(),
-        "missing_transfers": report.missing_transfers,
-    })
-}
-
-/// How long the emulated host may take beyond the guest's own timeout: its boot and
-/// the 9p mounts.
-const EMULATED_HOST_OVERHEAD: Duration = Duration::from_secs(60);
-
-fn run_emulated(args: &RunArgs) -> Result<i32> {
-    let started = Instant::now();
-    let exchange = tempfile::Builder::new()
-        .prefix("zc-emulated-")
-        .tempdir()
-        .context("cannot create the exchange directory for the emulated host")?;
-    let absolute = |p: &Path| -> Result<PathBuf> {
-        std::fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()))
-    };
-
-    // Only the exchange directory is writable inside: output files are written there
-    // and copied to where the user asked after the run.
-    let inner_console = exchange.path().join("console.txt");
-    let inner_report = exchange.path().join("report.json");
-    let inner_log = exchange.path().join("dma-log.jsonl");
-    let inner_pcap = exchange.path().join("frames.pcap");
-    // The host's tree is read-only in there: the guest's disk is a copy in the
-    // exchange directory, written back after the run unless it is read-only.
-    let inner_disk = exchange.path().join("disk.img");
-    if let Some(disk) = &args.disk {
-        std::fs::copy(disk, &inner_disk)
-            .with_context(|| format!("cannot copy {} for the emulated host", disk.display()))?;
-    }
-    let mut argv: Vec<OsString> = vec!["run".into()];
-    let mut push = |flag: &str, value: OsString| {
-        argv.push(flag.into());
-        argv.push(value);
-    };
-    push("--kernel", absolute(&args.kernel)?.into());
-    if let Some(initrd) = &args.initrd {
-        push("--initrd", absolute(initrd)?.into());
-    }
-    push("--cmdline", args.cmdline.clone().into());
-    if let Some(extra) = &args.append {
-        push("--append", extra.into());
-    }
-    push("--mem", format!("{}K", args.mem >> 10).into());
-    push("--vcpus", args.vcpus.to_string().into());
-    push("--timeout", args.timeout.to_string().into());
-    if args.console.is_some() {
-        push("--console", inner_console.clone().into());
-    }
-    if args.report_json.is_some() {
-        push("--report-json", inner_report.clone().into());
-    }
-    if args.dma_log.is_some() {
-        push("--dma-log", inner_log.clone().into());
-    }
-
-    if args.net != NetBackendArg::None {
-        let backend = if args.net == NetBackendArg::Tap {
-            "tap"
-        } else {
-            "peer"
-        };
-        push("--net", backend.into());
-        push("--tap", args.tap.clone().into());
-        if let Some((ip, prefix)) = args.tap_ip {
-            push("--tap-ip", format!("{ip}/{prefix}").into());
-        }
-        let sg = if args.net_sg == OnOff::On {
-            "on"
-        } else {
-            "off"
-        };
-        push("--net-sg", sg.into());
-        for file in &args.peer_expect {
-            push("--peer-expect", absolute(file)?.into());
-        }
-        if let Some(bytes) = args.peer_expect_bytes {
-            push("--peer-expect-bytes", bytes.to_string().into());
-        }
-        if args.pcap.is_some() {
-            push("--pcap", inner_pcap.clone().into());
-        }
-    }
-    if args.disk.is_some() {
-        push("--disk", inner_disk.clone().into());
-        if args.disk_ro {
-            argv.push("--disk-ro".into());
-        }
-    }
-    if args.dirty_samples {
-        argv.push("--dirty-samples".into());
-    }
-    let attempt = || {
-        emulated::relaunch_self(
-            &args.host_kernel,
-            &args.host_initrd,
-            argv.clone(),
-            exchange.path(),
-            Duration::from_secs(args.timeout) + EMULATED_HOST_OVERHEAD,
-        )
-    };
-    let status = emulated::retry_once_if_host_failed("zc-vmm", exchange.path(), attempt, || {
-        // The second start gets the original disk, not what the first one wrote.
-        if let Some(disk) = &args.disk {
-            std::fs::copy(disk, &inner_disk)
-                .with_context(|| format!("cannot copy {} for the emulated host", disk.display()))?;
-        }
-        anyhow::Ok(())
-    })?;
-    if let (Some(disk), false) = (&args.disk, args.disk_ro) {
-        std::fs::copy(&inner_disk, disk)
-            .with_context(|| format!("cannot write the guest's disk back to {}", disk.display()))?;
-    }
-    for (inner, wanted) in [
-        (&inner_console, &args.console),
-        (&inner_report, &args.report_json),
-        (&inner_log, &args.dma_log),
-        (&inner_pcap, &args.pcap),
-    ] {
-        if let Some(wanted) = wanted {
-            // A run that failed early writes no outputs; its status says why.
-            if let Err(e) = std::fs::copy(inner, wanted) {
-                eprintln!(
-                    "zc-vmm: no {} from inside the emulated host: {e}",
-                    wanted.display()
-                );
-            }
-        }
-    }
-    eprintln!(
-        "zc-vmm: emulated host finished in {:.2} s; command exited {status}",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(status)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,15 +472,145 @@ mod tests {
         assert_eq!(one_line(&err), "while booting: root cause");
     }
 
+    /// `zc-vmm run ARGS`, parsed, and the spec it describes.
+    fn spec_of(args: &[&str]) -> Result<RunSpec> {
+        let cli = Cli::try_parse_from(["zc-vmm", "run"].iter().chain(args))?;
+        match cli.command {
+            Cmd::Run(run) => run.flags.into_spec(),
+            _ => unreachable!("parsed a run command"),
+        }
+    }
+
     #[test]
-    fn memory_sizes_parse() {
-        assert_eq!(parse_mem("512M"), Ok(512 << 20));
-        assert_eq!(parse_mem("2G"), Ok(2 << 30));
-        assert_eq!(parse_mem("65536k"), Ok(64 << 20));
-        assert_eq!(parse_mem("256"), Ok(256 << 20));
-        assert!(parse_mem("lots").unwrap_err().contains("512M"));
-        assert!(parse_mem("100G").unwrap_err().contains("too large"));
-        assert!(parse_mem("").is_err());
+    fn run_flags_become_the_spec_they_describe() {
+        let spec = spec_of(&[
+            "--kernel",
+            "/k/vmlinuz",
+            "--initrd",
+            "/k/initrd.img",
+            "--append",
+            "zc.test=x",
+            "--mem",
+            "1G",
+            "--vcpus",
+            "2",
+            "--timeout",
+            "90",
+            "--disk",
+            "/d.img",
+            "--disk-ro",
+            "--net",
+            "peer",
+            "--net-sg",
+            "off",
+            "--pcap",
+            "/o/f.pcap",
+            "--peer-expect",
+            "/p1",
+            "--peer-expect",
+            "/p2",
+            "--peer-expect-bytes",
+            "100",
+            "--dma-log",
+            "/o/dma.jsonl",
+            "--dirty-samples",
+            "--console",
+            "/o/console.txt",
+            "--report-json",
+            "/o/run.json",
+        ])
+        .unwrap();
+        let expected = RunSpec {
+            initrd: Some("/k/initrd.img".into()),
+            append: Some("zc.test=x".into()),
+            mem_bytes: 1 << 30,
+            vcpus: 2,
+            timeout_s: 90,
+            disk: Some(DiskSpec {
+                path: "/d.img".into(),
+                read_only: true,
+            }),
+            nics: vec![NicSpec {
+                backend: NetBackendSpec::Peer,
+                sg: false,
+                pcap: Some("/o/f.pcap".into()),
+                peer_expect: vec!["/p1".into(), "/p2".into()],
+                peer_expect_bytes: Some(100),
+            }],
+            dirty_samples: true,
+            outputs: RunOutputs {
+                console: Some("/o/console.txt".into()),
+                summary: Some("/o/run.json".into()),
+                dma_log: Some("/o/dma.jsonl".into()),
+            },
+            ..RunSpec::new("/k/vmlinuz")
+        };
+        assert_eq!(spec, expected);
+    }
+
+    #[test]
+    fn run_flags_defaults_are_the_spec_defaults() {
+        assert_eq!(
+            spec_of(&["--kernel", "/k/vmlinuz"]).unwrap(),
+            RunSpec::new("/k/vmlinuz")
+        );
+    }
+
+    #[test]
+    fn a_tap_flag_set_becomes_a_tap_nic() {
+        let spec = spec_of(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap",
+            "--tap",
+            "zctest%d",
+            "--tap-ip",
+            "10.0.2.2/24",
+        ])
+        .unwrap();
+        assert_eq!(
+            spec.nics,
+            vec![NicSpec {
+                backend: NetBackendSpec::Tap {
+                    name: "zctest%d".into(),
+                    address: Some(TapAddress {
+                        addr: std::net::Ipv4Addr::new(10, 0, 2, 2),
+                        prefix: 24
+                    }),
+                },
+                ..NicSpec::peer()
+            }]
+        );
+    }
+
+    #[rstest::rstest]
+    #[case::expectation_without_a_card(&["--peer-expect", "/p"], "needs --net peer")]
+    #[case::tap_address_without_a_tap(&["--net", "peer", "--tap-ip", "10.0.2.2/24"], "for --net tap")]
+    fn flag_mistakes_are_one_line(#[case] args: &[&str], #[case] needle: &str) {
+        let mut all = vec!["--kernel", "/k"];
+        all.extend_from_slice(args);
+        let message = one_line(&spec_of(&all).unwrap_err());
+        assert!(message.contains(needle), "{message}");
+    }
+
+    #[test]
+    fn a_spec_file_replaces_the_flags_and_excludes_them() {
+        let cli = Cli::try_parse_from(["zc-vmm", "run", "--spec", "/s.json"]).unwrap();
+        let Cmd::Run(run) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(run.spec.as_deref(), Some(Path::new("/s.json")));
+        assert!(
+            Cli::try_parse_from(["zc-vmm", "run", "--spec", "/s.json", "--kernel", "/k"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["zc-vmm", "run", "--spec", "/s.json", "--mem", "1G"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["zc-vmm", "run"]).is_err(),
+            "kernel or spec"
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! dirty-page samples on, audits each method against the expected table and writes
 //! the reports (`docs/method-suite.md`).
 //!
-//! Each variant is a plain `zc-vmm run` child process, so it goes through the same
+//! Each variant is a [`RunSpec`], written beside its outputs (`<variant>.spec.json`)
+//! and run by a plain `zc-vmm run --spec` child process, so it goes through the same
 //! host probe, emulated-host relaunch and checks as any run.
 
 use std::path::{Path, PathBuf};
@@ -12,11 +13,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde::Deserialize as _;
 use zc_audit::{AuditInput, Expectations, MethodAudit, Verdict};
 use zc_protocol::options::{Options, Suite, TestHook};
 use zc_protocol::report::{MethodReport, METHOD_TEST};
 use zc_protocol::Method;
+use zc_vmm::report::RunSummary;
+use zc_vmm::spec::{parse_mem, DiskSpec, NicSpec, RunOutputs, RunSpec};
 
 /// Default locations, as `make images` leaves them.
 const DEFAULT_KERNEL: &str = "images/out/guest/vmlinuz";
@@ -61,9 +63,9 @@ pub struct MethodsArgs {
     /// Where logs and reports go (created).
     #[arg(long, default_value = "out/methods")]
     out: PathBuf,
-    /// Guest memory.
-    #[arg(long, default_value = "512M")]
-    mem: String,
+    /// Guest memory, e.g. 512M or 1G (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_mem)]
+    mem: u64,
     /// Give up on a variant's guest after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -227,17 +229,10 @@ fn audit_variant(
 ) -> Result<Vec<MethodAudit>> {
     let records = zc_devices::dma_log::read_log(&files.dma_log)
         .with_context(|| format!("cannot read the DMA log {}", files.dma_log.display()))?;
-    let run: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&files.run_json)
-            .with_context(|| format!("cannot read {}", files.run_json.display()))?,
-    )
-    .with_context(|| format!("{} is not JSON", files.run_json.display()))?;
-    let reports = run["reports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["test"] == METHOD_TEST)
-        .map(MethodReport::deserialize)
+    let run = RunSummary::load(&files.run_json)?;
+    let reports = run
+        .reports_of(METHOD_TEST)
+        .map(|r| r.decode::<MethodReport>())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| {
             format!(
@@ -288,53 +283,27 @@ struct VariantFiles {
 
 fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<VariantFiles> {
     let out = |suffix: &str| args.out.join(format!("{}.{suffix}", variant.name));
+    let spec = variant_spec(args, variant, size)?;
     let files = VariantFiles {
         dma_log: out("dma-log.jsonl"),
         run_json: out("run.json"),
         failure: None,
     };
+    // Beside the outputs: what was booted, and `zc-vmm run --spec` boots it again.
+    let spec_file = out("spec.json");
+    spec.save(&spec_file)
+        .with_context(|| format!("cannot write {}", spec_file.display()))?;
     let exe = std::env::current_exe().context("cannot find the zc-vmm executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("run")
-        .arg("--kernel")
-        .arg(&args.kernel)
-        .arg("--initrd")
-        .arg(&args.initrd)
-        .arg("--disk")
-        .arg(&args.disk)
-        .arg("--disk-ro")
-        .args([
-            "--net",
-            "peer",
-            "--net-sg",
-            if variant.sg { "on" } else { "off" },
-        ])
-        .arg("--mem")
-        .arg(&args.mem)
-        .arg("--timeout")
-        .arg(args.timeout.to_string())
-        .arg("--dma-log")
-        .arg(&files.dma_log)
-        .arg("--dirty-samples")
-        .arg("--report-json")
-        .arg(&files.run_json)
-        .arg("--console")
-        .arg(out("console.txt"))
-        .arg("--pcap")
-        .arg(out("pcap"))
-        .arg("--append")
-        .arg(guest_options(variant, size, args.chunk)?.to_cmdline());
-    for _ in &variant.methods {
-        cmd.arg("--peer-expect").arg(&args.payload);
-    }
-    cmd.arg("--peer-expect-bytes").arg(size.to_string());
     eprintln!(
         "zc-vmm: variant {} (NIC scatter-gather {}): {}",
         variant.name,
         if variant.sg { "on" } else { "off" },
         variant.methods.join(", ")
     );
-    let status = cmd
+    let status = Command::new(exe)
+        .arg("run")
+        .arg("--spec")
+        .arg(&spec_file)
         .status()
         .context("cannot start zc-vmm run for a variant")?;
     let failure = match status.code() {
@@ -346,6 +315,37 @@ fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<Vari
         None => Some("zc-vmm run was killed".to_string()),
     };
     Ok(VariantFiles { failure, ..files })
+}
+
+/// One variant's boot: the read-only test disk, one card in front of the peer with
+/// the variant's scatter-gather, expecting `size` bytes of the payload once per
+/// method, and the DMA log with dirty-page samples.
+fn variant_spec(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<RunSpec> {
+    let out = |suffix: &str| args.out.join(format!("{}.{suffix}", variant.name));
+    Ok(RunSpec {
+        initrd: Some(args.initrd.clone()),
+        append: Some(guest_options(variant, size, args.chunk)?.to_cmdline()),
+        mem_bytes: args.mem,
+        timeout_s: args.timeout,
+        disk: Some(DiskSpec {
+            path: args.disk.clone(),
+            read_only: true,
+        }),
+        nics: vec![NicSpec {
+            sg: variant.sg,
+            pcap: Some(out("pcap")),
+            peer_expect: vec![args.payload.clone(); variant.methods.len()],
+            peer_expect_bytes: Some(size),
+            ..NicSpec::peer()
+        }],
+        dirty_samples: true,
+        outputs: RunOutputs {
+            console: Some(out("console.txt")),
+            summary: Some(out("run.json")),
+            dma_log: Some(out("dma-log.jsonl")),
+        },
+        ..RunSpec::new(&args.kernel)
+    })
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -375,10 +375,9 @@ pub fn compare(args: CompareArgs) -> Result<i32> {
         })?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        let release = std::fs::read_to_string(dir.join("sg-on.run.json"))
+        let release = RunSummary::load(&dir.join("sg-on.run.json"))
             .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["kernel_release"].as_str().map(str::to_string))
+            .and_then(|summary| summary.run.kernel_release)
             .unwrap_or_else(|| dir.display().to_string());
         runs.push((
             release,
@@ -442,4 +441,77 @@ fn sub_header(runs: usize, width: usize) -> String {
     (0..runs)
         .map(|_| format!(" | {:<width$}", "cpu   0-copy  Mbit/s verdict"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: MethodsArgs,
+    }
+
+    fn methods_args(extra: &[&str]) -> MethodsArgs {
+        let argv = ["zc-vmm-methods", "--out", "/o", "--mem", "1G"];
+        Wrapper::parse_from(argv.iter().chain(extra)).args
+    }
+
+    #[rstest::rstest]
+    #[case::sg_on("sg-on", true)]
+    #[case::sg_off("sg-off", false)]
+    fn each_variant_boots_one_peer_nic_with_its_scatter_gather(
+        #[case] name: &'static str,
+        #[case] sg: bool,
+    ) {
+        let args = methods_args(&["--chunk", "8192", "--timeout", "300"]);
+        let variant = Variant {
+            name,
+            sg,
+            methods: vec!["sendfile".into(), "splice".into()],
+        };
+        let mut spec = variant_spec(&args, &variant, 4096).unwrap();
+        // The guest's options, as the guest will parse them.
+        let append = spec.append.take().expect("the guest's options");
+        let options = Options::parse(&append).unwrap();
+        assert_eq!(options.tests, vec![TestHook::Methods]);
+        assert!(options.disk_read_only);
+        assert_eq!(
+            options.suite,
+            Suite {
+                methods: vec![Method::Sendfile, Method::Splice],
+                size: Some(4096),
+                chunk: 8192,
+                ..Suite::default()
+            }
+        );
+        let out = |suffix: &str| PathBuf::from(format!("/o/{name}.{suffix}"));
+        let expected = RunSpec {
+            initrd: Some(DEFAULT_INITRD.into()),
+            mem_bytes: 1 << 30,
+            timeout_s: 300,
+            disk: Some(DiskSpec {
+                path: DEFAULT_DISK.into(),
+                read_only: true,
+            }),
+            nics: vec![NicSpec {
+                sg,
+                pcap: Some(out("pcap")),
+                // One connection per method, each the payload's first `size` bytes.
+                peer_expect: vec![PathBuf::from(DEFAULT_PAYLOAD); 2],
+                peer_expect_bytes: Some(4096),
+                ..NicSpec::peer()
+            }],
+            dirty_samples: true,
+            outputs: RunOutputs {
+                console: Some(out("console.txt")),
+                summary: Some(out("run.json")),
+                dma_log: Some(out("dma-log.jsonl")),
+            },
+            ..RunSpec::new(DEFAULT_KERNEL)
+        };
+        assert_eq!(spec, expected);
+    }
 }

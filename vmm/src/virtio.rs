@@ -1,7 +1,8 @@
-//! Plugging a virtio device into the VM: its virtio-mmio window on the MMIO bus, an
-//! irqfd for its interrupt, one ioeventfd per queue so that a queue notification
-//! wakes a device thread instead of stopping the vCPU, and the ACPI description that
-//! lets a stock kernel find it.
+//! Plugging a virtio device into the VM: a slot from the [`SlotAllocator`] (its
+//! virtio-mmio window, its GSI and its place in the DSDT), the window on the MMIO
+//! bus, an irqfd for its interrupt, and one ioeventfd per queue so that a queue
+//! notification wakes a device thread instead of stopping the vCPU. The VMM reaches
+//! the device afterwards through a [`DeviceHandle`].
 
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -64,32 +65,91 @@ impl<D: VirtioDevice + 'static> MmioDevice for MmioTransport<D> {
     }
 }
 
-/// Attaches `device` as virtio-mmio slot `slot`. Returns the shared transport (to
-/// reach the device later) and what the ACPI tables must say about it.
+/// One virtio-mmio slot: its index, register window and interrupt, which is also what
+/// the ACPI tables say about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// The slot's number, in the order the guest numbers the devices.
+    pub index: u32,
+    /// Window and GSI, as the DSDT describes them.
+    pub info: MmioDeviceInfo,
+}
+
+/// Hands out virtio-mmio slots in attach order: slot `n` gets the `n`-th window and
+/// GSI `FIRST_GSI + n`, and is the `n`-th device the DSDT lists. Free of KVM, so the
+/// placement is testable on its own.
+#[derive(Debug, Default)]
+pub struct SlotAllocator {
+    taken: Vec<MmioDeviceInfo>,
+}
+
+impl SlotAllocator {
+    /// The next free slot.
+    pub fn allocate(&mut self) -> Result<VirtioSlot, AttachError> {
+        let index = u32::try_from(self.taken.len()).map_err(|_| AttachError::NoSlot)?;
+        if index >= MAX_SLOTS {
+            return Err(AttachError::NoSlot);
+        }
+        let info = MmioDeviceInfo {
+            base: layout::virtio_mmio_slot(index).0,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq: FIRST_GSI + index,
+        };
+        self.taken.push(info);
+        Ok(VirtioSlot { index, info })
+    }
+
+    /// Every slot handed out, in order: the devices the ACPI tables describe.
+    pub fn acpi_devices(&self) -> Vec<MmioDeviceInfo> {
+        self.taken.clone()
+    }
+}
+
+/// A way to reach an attached device, whatever transport it sits behind.
+pub struct DeviceHandle<D: VirtioDevice>(SharedTransport<D>);
+
+impl<D: VirtioDevice> Clone for DeviceHandle<D> {
+    fn clone(&self) -> Self {
+        DeviceHandle(self.0.clone())
+    }
+}
+
+impl<D: VirtioDevice> DeviceHandle<D> {
+    /// Runs `f` on the device, holding the transport's lock (a vCPU touching the
+    /// device's registers meanwhile waits).
+    pub fn with<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
+        f(self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_mut())
+    }
+}
+
+/// Attaches `device` behind virtio-mmio in `slot`: its window on `bus`, an irqfd for
+/// its GSI and one ioeventfd (and thread) per queue.
 pub fn attach<D: VirtioDevice + 'static>(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     bus: &mut MmioBus,
-    slot: u32,
+    slot: VirtioSlot,
     device: D,
-) -> Result<(SharedTransport<D>, MmioDeviceInfo), AttachError> {
-    if slot >= MAX_SLOTS {
-        return Err(AttachError::NoSlot);
-    }
-    let base = layout::virtio_mmio_slot(slot).0;
-    let gsi = FIRST_GSI + slot;
+) -> Result<DeviceHandle<D>, AttachError> {
+    let VirtioSlot { index: slot, info } = slot;
+    let base = info.base;
     let host = |source| AttachError::Host { slot, source };
     let kvm = |what| move |source| AttachError::Kvm { what, slot, source };
 
     let irq = EventFd::new(0).map_err(host)?;
-    vm.register_irqfd(&irq, gsi).map_err(kvm("KVM_IRQFD"))?;
+    vm.register_irqfd(&irq, info.irq)
+        .map_err(kvm("KVM_IRQFD"))?;
     let queues = device.queue_max_sizes().len() as u16;
     let transport = Arc::new(Mutex::new(MmioTransport::new(
         device,
         mem.clone(),
         Arc::new(irq),
     )));
-    bus.insert(base, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
+    bus.insert(base, info.size, transport.clone())?;
 
     for queue in 0..queues {
         let notify = EventFd::new(0).map_err(host)?;
@@ -113,12 +173,56 @@ pub fn attach<D: VirtioDevice + 'static>(
             })
             .map_err(host)?;
     }
-    Ok((
-        transport,
-        MmioDeviceInfo {
-            base,
-            size: layout::VIRTIO_MMIO_SIZE,
-            irq: gsi,
-        },
-    ))
+    Ok(DeviceHandle(transport))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_and_two_nics_get_three_slots_in_attach_order() {
+        let mut slots = SlotAllocator::default();
+        let disk = slots.allocate().unwrap();
+        let nic0 = slots.allocate().unwrap();
+        let nic1 = slots.allocate().unwrap();
+        assert_eq!(
+            [disk.index, nic0.index, nic1.index],
+            [0, 1, 2],
+            "the guest numbers devices in attach order"
+        );
+        assert_eq!(
+            [disk.info.irq, nic0.info.irq, nic1.info.irq],
+            [FIRST_GSI, FIRST_GSI + 1, FIRST_GSI + 2]
+        );
+        assert_eq!(disk.info.base, layout::VIRTIO_MMIO_BASE);
+        assert_eq!(nic0.info.base, disk.info.base + layout::VIRTIO_MMIO_SIZE);
+        assert_eq!(nic1.info.base, nic0.info.base + layout::VIRTIO_MMIO_SIZE);
+        assert_eq!(slots.acpi_devices(), vec![disk.info, nic0.info, nic1.info]);
+        // The windows fit on one bus side by side.
+        let mut bus = MmioBus::default();
+        for info in slots.acpi_devices() {
+            let device: crate::mmio::SharedMmioDevice = Arc::new(Mutex::new(Nothing));
+            bus.insert(info.base, info.size, device).unwrap();
+        }
+    }
+
+    #[test]
+    fn slots_run_out_below_the_io_apics_last_pin() {
+        let mut slots = SlotAllocator::default();
+        for _ in 0..MAX_SLOTS {
+            let slot = slots.allocate().unwrap();
+            assert!(slot.info.irq < 24);
+            assert!(slot.info.base + slot.info.size <= layout::IOAPIC_ADDR);
+        }
+        assert!(matches!(slots.allocate(), Err(AttachError::NoSlot)));
+        assert_eq!(slots.acpi_devices().len(), MAX_SLOTS as usize);
+    }
+
+    struct Nothing;
+
+    impl MmioDevice for Nothing {
+        fn read(&mut self, _: u64, _: &mut [u8]) {}
+        fn write(&mut self, _: u64, _: &[u8]) {}
+    }
 }

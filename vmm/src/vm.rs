@@ -1,13 +1,14 @@
-//! The virtual machine: KVM VM and vCPUs, guest memory, the boot, and the run loop
-//! that turns vCPU exits into device calls until the guest powers off, resets, or
-//! runs out of time.
+//! The virtual machine: assembled by a [`VmBuilder`] from a [`RunSpec`] (KVM VM and
+//! guest memory, then one `attach_*` call per device, then the boot), and run by
+//! [`Vm::run`], whose loop turns vCPU exits into device calls until the guest powers
+//! off, resets, or runs out of time.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,6 +18,15 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use zc_devices::console::{ConsoleSink, ConsoleTail};
 use zc_devices::control::{ControlChannel, ControlMessage, ControlMessages};
+use zc_devices::dma_log::DmaLog;
+use zc_devices::net_peer::{
+    Expectation, NetPeer, NetPeerConfig, Received, SocketPeer, DEFAULT_PORT,
+};
+use zc_devices::net_tap::TapBackend;
+use zc_devices::pcap::PcapWriter;
+use zc_devices::virtio::blk::{Block, BlockOptions};
+use zc_devices::virtio::net::{Net, NetBackend, NetOptions};
+use zc_devices::virtio::VirtioDevice;
 use zc_protocol::Marker;
 
 use crate::acpi::{self, AcpiConfig};
@@ -26,24 +36,19 @@ use crate::dirty::{self, DirtySampler, PayloadIndex};
 use crate::layout;
 use crate::mmio::MmioBus;
 use crate::pio::{LegacyIo, PioAction};
-use crate::virtio;
-use crate::virtio::SharedTransport;
-use zc_devices::dma_log::DmaLog;
-use zc_devices::net_peer::{
-    Expectation, NetPeer, NetPeerConfig, Received, SocketPeer, DEFAULT_PORT,
+use crate::report::{
+    NetBackendKind, NicSummary, RunReport, StopReason, TimedMessage, TransferResult, POWEROFF_GRACE,
 };
-use zc_devices::net_tap::TapBackend;
-use zc_devices::pcap::PcapWriter;
-use zc_devices::virtio::blk::{Block, BlockOptions};
-use zc_devices::virtio::net::{Net, NetBackend, NetOptions};
-
-/// How long a guest that reported its exit status gets to power off cleanly.
-const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress};
+use crate::virtio::{self, DeviceHandle, SlotAllocator};
 
 /// Errors building or starting the VM (what goes wrong while it runs is a
 /// [`StopReason`], not an error).
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The spec has a mistake a user must fix.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm ({0}): run as root or join the 'kvm' group; on a host without usable KVM use ZC_HOST=emulated")]
     OpenKvm(kvm_ioctls::Error),
@@ -63,12 +68,6 @@ pub enum VmError {
         /// Why.
         source: vm_memory::mmap::FromRangesError,
     },
-    /// Bad memory size.
-    #[error("guest memory of {0} bytes is too small; give at least 64M (--mem)")]
-    MemoryTooSmall(u64),
-    /// Bad vCPU count.
-    #[error("--vcpus {0} is out of range: use 1 to 32")]
-    VcpuCount(u8),
     /// Loading the kernel failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
@@ -101,206 +100,250 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// Where the guest's console goes.
-#[derive(Debug, Clone)]
-pub enum ConsoleTarget {
-    /// The VMM's standard output.
-    Stdout,
-    /// A file, created or truncated.
-    File(PathBuf),
-}
-
-/// Everything needed to run a guest.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Kernel image (bzImage or ELF vmlinux).
-    pub kernel: PathBuf,
-    /// Initrd, if any.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Guest RAM in bytes.
-    pub mem_bytes: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Where the console goes.
-    pub console: ConsoleTarget,
-    /// Give up after this long.
-    pub timeout: Duration,
-    /// The disk, if any (virtio-blk).
-    pub disk: Option<DiskConfig>,
-    /// Where the DMA descriptor log goes; `None` turns logging off.
-    pub dma_log: Option<PathBuf>,
-    /// Sample KVM's dirty-page log when the guest asks (`dirty.rs`); needs the DMA
-    /// log (where samples go) and a peer expectation (what they look for). Off by
-    /// default: write-protecting guest RAM slows every guest write.
-    pub dirty_samples: bool,
-    /// The network card, if any (virtio-net with the in-VMM TCP peer).
-    pub net: Option<NetConfig>,
-}
-
-/// A virtio-net card whose other end is the TCP peer inside the VMM.
-#[derive(Debug, Clone)]
-pub struct NetConfig {
-    /// Offer checksum offload, so that Linux gives the card scatter-gather.
-    pub sg: bool,
-    /// Write every frame, both directions, to this pcap file.
-    pub pcap: Option<PathBuf>,
-    /// The files the guest will send, one per TCP connection, in order: the peer
-    /// checks every byte against them. The first one is also what dirty-page samples
-    /// look for (`dirty.rs`) when the DMA log is on.
-    pub expect: Vec<PathBuf>,
-    /// Each connection carries only this many bytes of its file (a prefix), not all.
-    pub expect_bytes: Option<u64>,
-    /// Use this host tap device instead of the peer (root only).
-    pub tap: Option<String>,
-    /// Address (and prefix length) for the host side of the tap, which is then
-    /// brought up; with `expect`, the check listens there on the peer's port.
-    pub tap_ip: Option<(Ipv4Addr, u8)>,
-}
-
-/// What the peer found for one TCP connection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TransferResult {
-    /// What was expected (the file), or "unexpected".
-    pub label: String,
-    /// Bytes received.
-    pub bytes: u64,
-    /// Why it failed, if it did.
-    pub failure: Option<String>,
-    /// Throughput from first to last byte, in Mbit/s.
-    pub mbps: Option<f64>,
-}
-
-/// A virtio-blk disk backed by a host file.
-#[derive(Debug, Clone)]
-pub struct DiskConfig {
-    /// The image file.
-    pub path: PathBuf,
-    /// Refuse guest writes.
-    pub read_only: bool,
-}
-
-/// Why the run ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StopReason {
-    /// The guest powered off (ACPI S5).
-    PowerOff,
-    /// The guest asked for a reset (reboot, keyboard controller, `panic=-1`).
-    Reset,
-    /// KVM reported a shutdown exit: the guest triple-faulted, a fault the guest
-    /// kernel could not even report. Carries the vCPU's state at that moment.
-    TripleFault(String),
-    /// The run took longer than the timeout.
-    Timeout,
-    /// The guest reported its exit status but did not power off in time.
-    NoPowerOffAfterExit,
-    /// KVM could not run the vCPU (emulation failure, failed entry...).
-    VcpuFailure(String),
-}
-
-/// What happened in a run, for the caller to print and turn into an exit status.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    /// Why it ended.
-    pub stop: StopReason,
-    /// The status the guest program reported with `exit`, if it did.
-    pub guest_exit: Option<i32>,
-    /// The guest kernel's release, from the guest's `hello`.
-    pub kernel_release: Option<String>,
-    /// Guest uptime when /init started, as the guest reported it.
-    pub init_uptime: Option<f64>,
-    /// Host time from the first vCPU entry to the guest's `hello`.
-    pub time_to_init: Option<Duration>,
-    /// Host time of the whole run.
-    pub run_time: Duration,
-    /// Every control message, in order, with its host time since start.
-    pub messages: Vec<(Duration, ControlMessage)>,
-    /// The console's last lines.
-    pub console_tail: Vec<String>,
-    /// The kernel image's format.
-    pub kernel_format: KernelFormat,
-    /// What the TCP peer received, one entry per connection.
-    pub transfers: Vec<TransferResult>,
-    /// Expected transfers that never arrived.
-    pub missing_transfers: Vec<String>,
-}
-
-impl RunReport {
-    /// The exit status the VMM should end with: the guest's own, when it reported one
-    /// and then shut down; 1 for anything else, and for any transfer that lost data.
-    pub fn exit_status(&self) -> i32 {
-        if self.transfer_failure().is_some() && matches!(self.guest_exit, Some(0)) {
-            return 1;
-        }
-        match (&self.stop, self.guest_exit) {
-            (StopReason::PowerOff | StopReason::Reset, Some(code)) => code,
-            (StopReason::NoPowerOffAfterExit, Some(code)) if code != 0 => code,
-            _ => 1,
-        }
+/// A host error from a device-side error that only has a message.
+fn net_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> VmError {
+    move |e| VmError::Host {
+        what,
+        source: std::io::Error::other(e.to_string()),
     }
+}
 
-    /// Why the transfers the peer checked failed, if any did.
-    fn transfer_failure(&self) -> Option<String> {
-        if let Some(bad) = self.transfers.iter().find(|t| t.failure.is_some()) {
-            return Some(format!(
-                "the peer's check of {} failed: {}",
-                bad.label,
-                bad.failure.as_deref().unwrap_or("")
-            ));
-        }
-        self.missing_transfers
-            .first()
-            .map(|label| format!("the peer never received {label}"))
+/// Creates the VM `spec` describes, boots the guest and runs it to the end.
+pub fn run(spec: &RunSpec) -> Result<RunReport, VmError> {
+    let mut builder = VmBuilder::new(spec)?;
+    if let Some(disk) = &spec.disk {
+        builder.attach_disk(disk)?;
     }
+    for nic in &spec.nics {
+        builder.attach_nic(nic)?;
+    }
+    builder.build()?.run()
+}
 
-    /// One line saying why a run failed, or `None` when it succeeded.
-    pub fn failure(&self) -> Option<String> {
-        let reason = match (&self.stop, self.guest_exit) {
-            (StopReason::PowerOff | StopReason::Reset, Some(0)) => {
-                return self.transfer_failure();
-            }
-            (StopReason::PowerOff | StopReason::Reset, Some(code)) => {
-                format!("the guest program reported failure (exit {code})")
-            }
-            (StopReason::PowerOff, None) => {
-                "the guest powered off without reporting an exit status".into()
-            }
-            (StopReason::Reset, None) => {
-                "the guest reset before reporting an exit status (kernel panic or reboot; see the console lines above)".into()
-            }
-            (StopReason::Timeout, _) => {
-                "the guest did not finish before the timeout (hung? raise --timeout if it is just slow)".into()
-            }
-            (StopReason::NoPowerOffAfterExit, code) => format!(
-                "the guest reported exit {} but did not power off within {} s",
-                code.unwrap_or(-1),
-                POWEROFF_GRACE.as_secs()
-            ),
-            (StopReason::TripleFault(state), _) => format!(
-                "the guest triple-faulted (KVM shutdown exit; a fault its kernel could not report): {state}"
-            ),
-            (StopReason::VcpuFailure(why), _) => format!("the vCPU stopped: {why}"),
+/// A VM being assembled: KVM and guest memory are set up; devices are attached one
+/// call each, in the order the guest will number them; [`VmBuilder::build`] loads the
+/// kernel and describes the devices to the guest.
+pub struct VmBuilder<'a> {
+    spec: &'a RunSpec,
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    dma_log: DmaLog,
+    /// What dirty-page samples look for, when the run samples.
+    payload: Option<Vec<u8>>,
+    mmio: MmioBus,
+    slots: SlotAllocator,
+    nics: Vec<AttachedNic>,
+}
+
+impl<'a> VmBuilder<'a> {
+    /// Checks `spec` ([`RunSpec::validate`]), creates the KVM VM with its interrupt
+    /// controller and timer, and registers guest memory.
+    pub fn new(spec: &'a RunSpec) -> Result<Self, VmError> {
+        spec.validate()?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = create_vm(&kvm)?;
+        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(spec.mem_bytes)).map_err(
+            |source| VmError::Memory {
+                mem_bytes: spec.mem_bytes,
+                source,
+            },
+        )?;
+        let payload = match spec.dirty_sample_payload() {
+            Some((path, limit)) => Some(read_payload(path, limit)?),
+            None => None,
         };
-        Some(reason)
+        register_memory(&vm, &mem, payload.is_some())?;
+        let dma_log = match &spec.outputs.dma_log {
+            Some(path) => DmaLog::create(path).map_err(VmError::DmaLog)?,
+            None => DmaLog::disabled(),
+        };
+        Ok(VmBuilder {
+            spec,
+            kvm,
+            vm: Arc::new(vm),
+            mem,
+            dma_log,
+            payload,
+            mmio: MmioBus::default(),
+            slots: SlotAllocator::default(),
+            nics: Vec::new(),
+        })
+    }
+
+    /// Attaches a virtio-blk disk backed by `disk`'s image file.
+    pub fn attach_disk(&mut self, disk: &DiskSpec) -> Result<(), VmError> {
+        let options = BlockOptions {
+            read_only: disk.read_only,
+            ..BlockOptions::default()
+        };
+        let block =
+            Block::open(&disk.path, options, self.dma_log.clone()).map_err(VmError::Disk)?;
+        self.plug(block)?;
+        Ok(())
+    }
+
+    /// Attaches a virtio-net card with `nic`'s backend, and starts the backend's timer.
+    pub fn attach_nic(&mut self, nic: &NicSpec) -> Result<(), VmError> {
+        let attached = match &nic.backend {
+            NetBackendSpec::Peer => {
+                let device = self.plug(net_card(peer_backend(nic)?, nic, &self.dma_log)?)?;
+                spawn_backend_timer(device.clone())?;
+                AttachedNic::Peer { sg: nic.sg, device }
+            }
+            NetBackendSpec::Tap { name, address } => {
+                let tap = open_tap(name, *address)?;
+                let check = socket_peer_for(nic, *address)?;
+                let device = self.plug(net_card(tap, nic, &self.dma_log)?)?;
+                spawn_backend_timer(device.clone())?;
+                AttachedNic::Tap {
+                    sg: nic.sg,
+                    device,
+                    check,
+                }
+            }
+        };
+        self.nics.push(attached);
+        Ok(())
+    }
+
+    /// Puts `device` behind a transport in the next free slot: its registers, its
+    /// interrupt and queue notifications, and the ACPI node [`VmBuilder::build`] writes.
+    fn plug<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<DeviceHandle<D>, VmError> {
+        let slot = self.slots.allocate()?;
+        Ok(virtio::attach(
+            &self.vm,
+            &self.mem,
+            &mut self.mmio,
+            slot,
+            device,
+        )?)
+    }
+
+    /// Loads the kernel, writes the ACPI tables that describe the attached devices,
+    /// and creates the console, control channel and vCPUs.
+    pub fn build(self) -> Result<Vm, VmError> {
+        let spec = self.spec;
+        let cmdline = spec.full_cmdline();
+        let loaded = boot::load(
+            &self.mem,
+            &BootSpec {
+                kernel: &spec.kernel,
+                initrd: spec.initrd.as_deref(),
+                cmdline: &cmdline,
+                mem_bytes: spec.mem_bytes,
+            },
+        )?;
+        acpi::write_acpi_tables(
+            &self.mem,
+            GuestAddress(layout::RSDP_ADDR),
+            GuestAddress(layout::ACPI_TABLES_START),
+            GuestAddress(layout::BIOS_END),
+            &AcpiConfig {
+                vcpus: spec.vcpus,
+                mmio_devices: self.slots.acpi_devices(),
+            },
+        )?;
+        let (legacy, messages, tail) = legacy_devices(&self.vm, spec.outputs.console.as_deref())?;
+        let vcpus = create_vcpus(&self.kvm, &self.vm, &self.mem, spec.vcpus, loaded.entry)?;
+        let sampler = self.payload.map(|payload| {
+            DirtySampler::new(
+                self.vm.clone(),
+                self.mem.clone(),
+                dirty::slots_of(&self.mem),
+                PayloadIndex::new(Arc::new(payload)),
+                self.dma_log.clone(),
+            )
+        });
+        Ok(Vm {
+            vcpus,
+            devices: Devices {
+                legacy: Mutex::new(legacy),
+                mmio: self.mmio,
+                messages,
+                dma_log: self.dma_log,
+                sampler,
+            },
+            tail,
+            timeout: Duration::from_secs(spec.timeout_s),
+            kernel_format: loaded.format,
+            nics: self.nics,
+            _vm: self.vm,
+            _mem: self.mem,
+            _kvm: self.kvm,
+        })
     }
 }
 
-/// What vCPU threads tell the run loop.
-enum Event {
-    Control(Instant, ControlMessage),
-    Stop(StopReason),
+/// A VM ready to run.
+pub struct Vm {
+    vcpus: Vec<VcpuFd>,
+    devices: Devices,
+    tail: ConsoleTail,
+    timeout: Duration,
+    kernel_format: KernelFormat,
+    nics: Vec<AttachedNic>,
+    // Held for the whole run: guest memory is registered with this VM (see
+    // `register_memory`), and the VM with this KVM handle.
+    _vm: Arc<VmFd>,
+    _mem: GuestMemoryMmap,
+    _kvm: Kvm,
 }
 
-/// Creates the VM, boots the guest and runs it to the end.
-pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
-    if config.mem_bytes < layout::MIN_MEM_BYTES {
-        return Err(VmError::MemoryTooSmall(config.mem_bytes));
+impl Vm {
+    /// Runs the guest to the end; then collects what each card's peer received and
+    /// each card's counters.
+    pub fn run(self) -> Result<RunReport, VmError> {
+        let mut report = run_vcpus(
+            self.vcpus,
+            self.devices,
+            self.tail,
+            self.timeout,
+            self.kernel_format,
+        )?;
+        for nic in &self.nics {
+            nic.collect(&mut report);
+        }
+        Ok(report)
     }
-    if config.vcpus == 0 || config.vcpus > 32 {
-        return Err(VmError::VcpuCount(config.vcpus));
+}
+
+/// A network card as the run needs it after the guest has stopped.
+enum AttachedNic {
+    /// In front of the in-VMM TCP peer, which checked what arrived.
+    Peer {
+        sg: bool,
+        device: DeviceHandle<Net<NetPeer>>,
+    },
+    /// In front of a host tap, with the host-socket check if expectations were given.
+    Tap {
+        sg: bool,
+        device: DeviceHandle<Net<TapBackend>>,
+        check: Option<SocketPeer>,
+    },
+}
+
+impl AttachedNic {
+    /// Adds what the card's peer received and the card's counters to `report`.
+    fn collect(&self, report: &mut RunReport) {
+        let (backend, sg, stats) = match self {
+            AttachedNic::Peer { sg, device } => {
+                collect_transfers(device, report);
+                (NetBackendKind::Peer, *sg, device.with(|d| d.stats()))
+            }
+            AttachedNic::Tap { sg, device, check } => {
+                flush_pcap(device);
+                if let Some(check) = check {
+                    collect_socket_transfers(check, report);
+                }
+                (NetBackendKind::Tap, *sg, device.with(|d| d.stats()))
+            }
+        };
+        report.nics.push(NicSummary { backend, sg, stats });
     }
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -311,106 +354,21 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
 
-    let mem =
-        GuestMemoryMmap::from_ranges(&layout::ram_regions(config.mem_bytes)).map_err(|source| {
-            VmError::Memory {
-                mem_bytes: config.mem_bytes,
-                source,
-            }
-        })?;
-    // Dirty-page sampling needs the DMA log (where samples go) and a payload file
-    // (what they look for).
-    let payload = match (
-        config.dma_log.as_ref().filter(|_| config.dirty_samples),
-        config.net.as_ref().and_then(|n| n.expect.first()),
-    ) {
-        (Some(_), Some(path)) => Some(read_payload(
-            path,
-            config.net.as_ref().and_then(|n| n.expect_bytes),
-        )?),
-        _ => None,
-    };
-    register_memory(&vm, &mem, payload.is_some())?;
-    let vm = Arc::new(vm);
-
-    let loaded = boot::load(
-        &mem,
-        &BootSpec {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
-            mem_bytes: config.mem_bytes,
-        },
-    )?;
-    let dma_log = match &config.dma_log {
-        Some(path) => DmaLog::create(path).map_err(VmError::DmaLog)?,
-        None => DmaLog::disabled(),
-    };
-    let mut mmio = MmioBus::default();
-    let mut mmio_devices = Vec::new();
-    if let Some(disk) = &config.disk {
-        let options = BlockOptions {
-            read_only: disk.read_only,
-            ..BlockOptions::default()
-        };
-        let block = Block::open(&disk.path, options, dma_log.clone()).map_err(VmError::Disk)?;
-        let slot = mmio_devices.len() as u32;
-        let (_, info) = virtio::attach(&vm, &mem, &mut mmio, slot, block)?;
-        mmio_devices.push(info);
-    }
-    let mut nic = None;
-    let mut socket_peer = None;
-    if let Some(net) = &config.net {
-        let slot = mmio_devices.len() as u32;
-        let timer_err = |source| VmError::Host {
-            what: "cannot start the network timer thread",
+/// The port devices (COM1 console to `console` or stdout, COM2 control channel, the
+/// rest of the legacy I/O) with their interrupts wired to the VM.
+fn legacy_devices(
+    vm: &VmFd,
+    console: Option<&Path>,
+) -> Result<(LegacyIo, ControlMessages, ConsoleTail), VmError> {
+    let console_out: Box<dyn Write + Send> = match console {
+        None => Box::new(std::io::stdout()),
+        Some(path) => Box::new(std::fs::File::create(path).map_err(|source| VmError::Host {
+            what: "cannot create the console file",
             source,
-        };
-        match &net.tap {
-            None => {
-                let device = net_card(peer_backend(net)?, net, &dma_log)?;
-                let (transport, info) = virtio::attach(&vm, &mem, &mut mmio, slot, device)?;
-                mmio_devices.push(info);
-                spawn_backend_timer(transport.clone()).map_err(timer_err)?;
-                nic = Some(transport);
-            }
-            Some(name) => {
-                let tap = TapBackend::open(name).map_err(|e| VmError::Host {
-                    what: "cannot open the tap device",
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                if let Some((ip, prefix)) = net.tap_ip {
-                    tap.set_ipv4(ip, prefix)
-                        .map_err(|e| net_err("cannot address the tap device")(&e))?;
-                }
-                socket_peer = socket_peer_for(net)?;
-                let device = net_card(tap, net, &dma_log)?;
-                let (transport, info) = virtio::attach(&vm, &mem, &mut mmio, slot, device)?;
-                mmio_devices.push(info);
-                spawn_backend_timer(transport).map_err(timer_err)?;
-            }
-        }
-    }
-    acpi::write_acpi_tables(
-        &mem,
-        GuestAddress(layout::RSDP_ADDR),
-        GuestAddress(layout::ACPI_TABLES_START),
-        GuestAddress(layout::BIOS_END),
-        &AcpiConfig {
-            vcpus: config.vcpus,
-            mmio_devices,
-        },
-    )?;
-
-    let console_out: Box<dyn Write + Send> = match &config.console {
-        ConsoleTarget::Stdout => Box::new(std::io::stdout()),
-        ConsoleTarget::File(path) => {
-            Box::new(std::fs::File::create(path).map_err(|source| VmError::Host {
-                what: "cannot create the console file",
-                source,
-            })?)
-        }
+        })?),
     };
     let (console, tail) = ConsoleSink::new(console_out);
     let (control, messages) = ControlChannel::new();
@@ -421,54 +379,53 @@ pub fn run(config: &VmConfig) -> Result<RunReport, VmError> {
     for (evt, gsi) in legacy.irq_lines() {
         vm.register_irqfd(evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
     }
+    Ok((legacy, messages, tail))
+}
 
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    count: u8,
+    entry: GuestAddress,
+) -> Result<Vec<VcpuFd>, VmError> {
     let mut vcpus = Vec::new();
-    for id in 0..config.vcpus {
+    for id in 0..count {
         let vcpu = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        cpu::setup_vcpu(&kvm, &mem, &vcpu, id, config.vcpus, loaded.entry)?;
+        cpu::setup_vcpu(kvm, mem, &vcpu, id, count, entry)?;
         vcpus.push(vcpu);
     }
+    Ok(vcpus)
+}
 
-    let sampler = payload.map(|payload| {
-        DirtySampler::new(
-            vm.clone(),
-            mem.clone(),
-            dirty::slots_of(&mem),
-            PayloadIndex::new(Arc::new(payload)),
-            dma_log.clone(),
-        )
-    });
-    let devices = Devices {
-        legacy: Mutex::new(legacy),
-        mmio,
-        messages,
-        dma_log,
-        sampler,
-    };
-    let mut report = run_vcpus(vcpus, devices, tail, config.timeout, loaded.format)?;
-    if let Some(nic) = nic {
-        collect_transfers(&nic, &mut report);
+/// The tap device `name`, given `address` and brought up if there is one.
+fn open_tap(name: &str, address: Option<TapAddress>) -> Result<TapBackend, VmError> {
+    let tap = TapBackend::open(name).map_err(|e| VmError::Host {
+        what: "cannot open the tap device",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    if let Some(TapAddress { addr, prefix }) = address {
+        tap.set_ipv4(addr, prefix)
+            .map_err(|e| net_err("cannot address the tap device")(&e))?;
     }
-    if let Some(peer) = socket_peer {
-        collect_socket_transfers(&peer, &mut report);
-    }
-    Ok(report)
+    Ok(tap)
 }
 
 /// With the tap backend: the host-socket check of what the guest sends, on the
 /// tap's address, if expectations were given.
-fn socket_peer_for(config: &NetConfig) -> Result<Option<SocketPeer>, VmError> {
-    if config.expect.is_empty() {
+fn socket_peer_for(
+    config: &NicSpec,
+    address: Option<TapAddress>,
+) -> Result<Option<SocketPeer>, VmError> {
+    if config.peer_expect.is_empty() {
         return Ok(None);
     }
-    let Some((ip, _)) = config.tap_ip else {
-        return Err(net_err("cannot check transfers over a tap")(
-            &"--peer-expect with --net tap needs --tap-ip (e.g. 10.0.2.2/24): the check listens on that address",
-        ));
+    let Some(TapAddress { addr, .. }) = address else {
+        return Err(SpecError::TapCheckWithoutAddress.into());
     };
-    let peer = SocketPeer::listen(SocketAddrV4::new(ip, DEFAULT_PORT), expectations(config)?)
+    let peer = SocketPeer::listen(SocketAddrV4::new(addr, DEFAULT_PORT), expectations(config)?)
         .map_err(|e| net_err("cannot listen on the tap's address")(&e))?;
     Ok(Some(peer))
 }
@@ -495,17 +452,8 @@ fn transfer_result(received: &Received) -> TransferResult {
     }
 }
 
-/// The virtio-net device with the TCP peer behind it, told what to expect.
-/// A host error from a device-side error that only has a message.
-fn net_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> VmError {
-    move |e| VmError::Host {
-        what,
-        source: std::io::Error::other(e.to_string()),
-    }
-}
-
 /// The TCP peer, told which files to expect.
-fn peer_backend(config: &NetConfig) -> Result<NetPeer, VmError> {
+fn peer_backend(config: &NicSpec) -> Result<NetPeer, VmError> {
     let mut peer = NetPeer::new(NetPeerConfig::default(), Instant::now())
         .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
     for expectation in expectations(config)? {
@@ -515,20 +463,19 @@ fn peer_backend(config: &NetConfig) -> Result<NetPeer, VmError> {
 }
 
 /// What each of the guest's connections must carry, in order.
-fn expectations(config: &NetConfig) -> Result<Vec<Expectation>, VmError> {
+fn expectations(config: &NicSpec) -> Result<Vec<Expectation>, VmError> {
     let mut all = Vec::new();
-    for path in &config.expect {
+    for path in &config.peer_expect {
         let mut expectation = Expectation::of_file(path.display().to_string(), path)
             .map_err(|e| net_err("cannot read a file the peer is to expect")(&e))?;
-        if let Some(bytes) = config.expect_bytes {
+        if let Some(bytes) = config.peer_expect_bytes {
             if bytes > expectation.size {
-                return Err(net_err("the peer cannot expect more than a whole file")(
-                    &format!(
-                        "{} has {} bytes, not {bytes}",
-                        path.display(),
-                        expectation.size
-                    ),
-                ));
+                return Err(SpecError::BytesBeyondFile {
+                    bytes,
+                    path: path.clone(),
+                    size: expectation.size,
+                }
+                .into());
             }
             expectation.size = bytes;
         }
@@ -538,11 +485,7 @@ fn expectations(config: &NetConfig) -> Result<Vec<Expectation>, VmError> {
 }
 
 /// The virtio-net card in front of `backend`.
-fn net_card<B: NetBackend>(
-    backend: B,
-    config: &NetConfig,
-    log: &DmaLog,
-) -> Result<Net<B>, VmError> {
+fn net_card<B: NetBackend>(backend: B, config: &NicSpec, log: &DmaLog) -> Result<Net<B>, VmError> {
     let options = NetOptions {
         sg: config.sg,
         ..NetOptions::default()
@@ -559,9 +502,7 @@ fn net_card<B: NetBackend>(
 
 /// Runs the backend's timers (the peer's retransmits and delayed ACKs, the tap's
 /// reads) when no guest frame does.
-fn spawn_backend_timer<B: NetBackend + 'static>(
-    nic: SharedTransport<Net<B>>,
-) -> std::io::Result<()> {
+fn spawn_backend_timer<B: NetBackend + 'static>(nic: DeviceHandle<Net<B>>) -> Result<(), VmError> {
     // Bounds on the sleep: short enough that a lost timer costs little, long
     // enough not to spin.
     const MIN: Duration = Duration::from_micros(200);
@@ -570,38 +511,40 @@ fn spawn_backend_timer<B: NetBackend + 'static>(
         .name("net-timer".into())
         .spawn(move || loop {
             let delay = nic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device_mut()
-                .next_poll_delay(Instant::now())
+                .with(|device| device.next_poll_delay(Instant::now()))
                 .unwrap_or(MAX)
                 .clamp(MIN, MAX);
             thread::sleep(delay);
-            nic.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device_mut()
-                .poll_backend(Instant::now());
+            nic.with(|device| device.poll_backend(Instant::now()));
         })
         .map(drop)
+        .map_err(|source| VmError::Host {
+            what: "cannot start the network timer thread",
+            source,
+        })
+}
+
+fn flush_pcap<B: NetBackend + 'static>(nic: &DeviceHandle<Net<B>>) {
+    if let Err(e) = nic.with(|device| device.flush_pcap()) {
+        eprintln!("zc-vmm: the pcap file is incomplete: {e}");
+    }
 }
 
 /// What the peer received, and what it expected but never got.
-fn collect_transfers(nic: &SharedTransport<Net<NetPeer>>, report: &mut RunReport) {
-    let mut transport = nic.lock().unwrap_or_else(|e| e.into_inner());
-    let device = transport.device_mut();
-    if let Err(e) = device.flush_pcap() {
-        eprintln!("zc-vmm: the pcap file is incomplete: {e}");
-    }
-    let peer = device.backend_mut();
-    peer.finish(Instant::now());
-    report
-        .transfers
-        .extend(peer.take_results().iter().map(transfer_result));
-    report.missing_transfers = peer
-        .pending_expectation_labels()
-        .into_iter()
-        .map(|label| label.to_string())
-        .collect();
+fn collect_transfers(nic: &DeviceHandle<Net<NetPeer>>, report: &mut RunReport) {
+    flush_pcap(nic);
+    nic.with(|device| {
+        let peer = device.backend_mut();
+        peer.finish(Instant::now());
+        report
+            .transfers
+            .extend(peer.take_results().iter().map(transfer_result));
+        report.missing_transfers.extend(
+            peer.pending_expectation_labels()
+                .into_iter()
+                .map(|label| label.to_string()),
+        );
+    });
 }
 
 /// What the vCPU threads share: the devices they dispatch exits to, and where
@@ -616,13 +559,13 @@ struct Devices {
 }
 
 /// The first `limit` bytes (or all) of the payload file that dirty samples look for.
-fn read_payload(path: &std::path::Path, limit: Option<u64>) -> Result<Vec<u8>, VmError> {
+fn read_payload(path: &Path, limit: Option<u64>) -> Result<Vec<u8>, VmError> {
     let mut bytes = std::fs::read(path).map_err(|source| VmError::Host {
         what: "cannot read the payload file for dirty-page sampling",
         source,
     })?;
     if let Some(limit) = limit {
-        bytes.truncate(limit as usize);
+        bytes.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }
     Ok(bytes)
 }
@@ -642,12 +585,19 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<
                 0
             },
         };
-        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM's
-        // use of it: vCPUs only run inside `run`, while `mem` is borrowed.
+        // SAFETY: the region is a live mmap owned by `mem`; the builder and then the
+        // `Vm` hold `mem` (and the devices their clones of it) as long as the VM
+        // itself, so the mapping outlives every guest access through KVM.
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
+}
+
+/// What vCPU threads tell the run loop.
+enum Event {
+    Control(Instant, ControlMessage),
+    Stop(StopReason),
 }
 
 /// Signal used to kick vCPU threads out of `KVM_RUN` at the end of a run.
@@ -674,6 +624,36 @@ fn run_vcpus(
     let stopping = Arc::new(AtomicBool::new(false));
     let (events, inbox) = mpsc::channel();
     let started = Instant::now();
+    let threads = spawn_vcpus(vcpus, &devices, events, &stopping)?;
+
+    let mut report = RunReport::new(kernel_format);
+    wait_for_stop(&inbox, started, timeout, &mut report);
+    report.run_time = started.elapsed();
+    stop_vcpus(threads, &stopping);
+    // Messages a vCPU parsed just before the stop (e.g. `exit` right before power-off).
+    while let Ok(Event::Control(at, message)) = inbox.try_recv() {
+        if let ControlMessage::Exit { code } = message {
+            report.guest_exit = Some(code);
+        }
+        report.messages.push(TimedMessage {
+            at: at.duration_since(started),
+            message,
+        });
+    }
+    report.console_tail = tail.lines();
+    if let Err(e) = devices.dma_log.flush() {
+        eprintln!("zc-vmm: the DMA log is incomplete: {e}");
+    }
+    Ok(report)
+}
+
+/// One thread per vCPU, each running [`vcpu_loop`].
+fn spawn_vcpus(
+    vcpus: Vec<VcpuFd>,
+    devices: &Arc<Devices>,
+    events: mpsc::Sender<Event>,
+    stopping: &Arc<AtomicBool>,
+) -> Result<Vec<thread::JoinHandle<()>>, VmError> {
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let devices = devices.clone();
@@ -688,77 +668,62 @@ fn run_vcpus(
             })?;
         threads.push(handle);
     }
-    drop(events);
+    Ok(threads)
+}
 
-    let mut report = RunReport {
-        stop: StopReason::Timeout,
-        guest_exit: None,
-        kernel_release: None,
-        init_uptime: None,
-        time_to_init: None,
-        run_time: Duration::ZERO,
-        messages: Vec::new(),
-        console_tail: Vec::new(),
-        kernel_format,
-        transfers: Vec::new(),
-        missing_transfers: Vec::new(),
-    };
+/// Takes the vCPUs' control messages into `report` until a vCPU stops, the timeout
+/// passes, or the guest reported its exit and had its grace time to power off.
+fn wait_for_stop(
+    inbox: &Receiver<Event>,
+    started: Instant,
+    timeout: Duration,
+    report: &mut RunReport,
+) {
     let mut deadline = started + timeout;
     loop {
         let wait = deadline.saturating_duration_since(Instant::now());
-        match inbox.recv_timeout(wait) {
+        let stop = match inbox.recv_timeout(wait) {
             Ok(Event::Control(at, message)) => {
-                let since = at.duration_since(started);
-                match &message {
-                    ControlMessage::Hello { kernel_release } => {
-                        report.kernel_release = Some(kernel_release.clone());
-                        report.time_to_init = Some(since);
-                    }
-                    ControlMessage::Uptime { seconds } => report.init_uptime = Some(*seconds),
-                    ControlMessage::Exit { code } => {
-                        report.guest_exit = Some(*code);
-                        deadline = deadline.min(Instant::now() + POWEROFF_GRACE);
-                    }
-                    ControlMessage::Log { text } => eprintln!("guest: {text}"),
-                    ControlMessage::Malformed { line } => {
-                        eprintln!("zc-vmm: malformed control line from the guest: {line:?}")
-                    }
-                    ControlMessage::Mark { .. } | ControlMessage::Report { .. } => {}
+                let at = at.duration_since(started);
+                if take_message(report, at, &message) {
+                    deadline = deadline.min(Instant::now() + POWEROFF_GRACE);
                 }
-                report.messages.push((since, message));
+                report.messages.push(TimedMessage { at, message });
+                continue;
             }
-            Ok(Event::Stop(reason)) => {
-                report.stop = reason;
-                break;
+            Ok(Event::Stop(reason)) => reason,
+            Err(RecvTimeoutError::Timeout) if report.guest_exit.is_some() => {
+                StopReason::NoPowerOffAfterExit
             }
-            Err(RecvTimeoutError::Timeout) => {
-                report.stop = if report.guest_exit.is_some() {
-                    StopReason::NoPowerOffAfterExit
-                } else {
-                    StopReason::Timeout
-                };
-                break;
-            }
+            Err(RecvTimeoutError::Timeout) => StopReason::Timeout,
             Err(RecvTimeoutError::Disconnected) => {
-                report.stop = StopReason::VcpuFailure("all vCPU threads ended".into());
-                break;
+                StopReason::VcpuFailure("all vCPU threads ended".into())
             }
+        };
+        report.stop = stop;
+        return;
+    }
+}
+
+/// Notes what a control message says about the run; true for the guest's `exit`.
+fn take_message(report: &mut RunReport, at: Duration, message: &ControlMessage) -> bool {
+    match message {
+        ControlMessage::Hello { kernel_release } => {
+            report.kernel_release = Some(kernel_release.clone());
+            report.time_to_init = Some(at);
         }
-    }
-    report.run_time = started.elapsed();
-    stop_vcpus(threads, &stopping);
-    // Messages a vCPU parsed just before the stop (e.g. `exit` right before power-off).
-    while let Ok(Event::Control(at, message)) = inbox.try_recv() {
-        if let ControlMessage::Exit { code } = message {
-            report.guest_exit = Some(code);
+        ControlMessage::Uptime { seconds } => report.init_uptime = Some(*seconds),
+        ControlMessage::Exit { code } => {
+            report.guest_exit = Some(*code);
+            return true;
         }
-        report.messages.push((at.duration_since(started), message));
+        ControlMessage::Log { text } => eprintln!("guest: {text}"),
+        ControlMessage::Malformed { line } => {
+            eprintln!("zc-vmm: malformed control line from the guest: {line:?}")
+        }
+        ControlMessage::Mark { .. } | ControlMessage::Report { .. } => {}
     }
-    report.console_tail = tail.lines();
-    if let Err(e) = devices.dma_log.flush() {
-        eprintln!("zc-vmm: the DMA log is incomplete: {e}");
-    }
-    Ok(report)
+    false
 }
 
 /// Asks every vCPU thread to leave `KVM_RUN` and waits for them.
@@ -800,33 +765,8 @@ fn vcpu_loop(
                 // Bound first: a guard in the match scrutinee would keep the port
                 // devices locked through a dirty-page sample.
                 let action = lock().write(port, data);
-                match action {
-                PioAction::Continue => {}
-                PioAction::DirtySample(label) => {
-                    if let Some(sampler) = &devices.sampler {
-                        sampler.sample(label);
-                    }
-                }
-                PioAction::ControlData => {
-                    for message in devices.messages.drain() {
-                        // Logged here, on the vCPU thread during the guest's port
-                        // write, so the marker sits exactly between the DMA the
-                        // guest started before it and after it.
-                        if let ControlMessage::Mark { label } = &message {
-                            devices.dma_log.marker(label);
-                            if let Some(sampler) = &devices.sampler {
-                                match Marker::parse(label) {
-                                    Some(Marker::Begin(_)) => sampler.clear(),
-                                    Some(Marker::End(_)) => sampler.sample(dirty::END_SAMPLE),
-                                    None => {}
-                                }
-                            }
-                        }
-                        let _ = events.send(Event::Control(Instant::now(), message));
-                    }
-                }
-                PioAction::Shutdown => return stop(StopReason::PowerOff),
-                PioAction::Reset => return stop(StopReason::Reset),
+                if let Some(reason) = on_port_write(action, devices, events) {
+                    return stop(reason);
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => devices.mmio.read(addr, data),
@@ -862,6 +802,43 @@ fn vcpu_loop(
     }
 }
 
+/// Acts on what a port write asked for; returns why the run stops, if it does.
+fn on_port_write(
+    action: PioAction,
+    devices: &Devices,
+    events: &mpsc::Sender<Event>,
+) -> Option<StopReason> {
+    match action {
+        PioAction::Continue => {}
+        PioAction::DirtySample(label) => {
+            if let Some(sampler) = &devices.sampler {
+                sampler.sample(label);
+            }
+        }
+        PioAction::ControlData => {
+            for message in devices.messages.drain() {
+                // Logged here, on the vCPU thread during the guest's port
+                // write, so the marker sits exactly between the DMA the
+                // guest started before it and after it.
+                if let ControlMessage::Mark { label } = &message {
+                    devices.dma_log.marker(label);
+                    if let Some(sampler) = &devices.sampler {
+                        match Marker::parse(label) {
+                            Some(Marker::Begin(_)) => sampler.clear(),
+                            Some(Marker::End(_)) => sampler.sample(dirty::END_SAMPLE),
+                            None => {}
+                        }
+                    }
+                }
+                let _ = events.send(Event::Control(Instant::now(), message));
+            }
+        }
+        PioAction::Shutdown => return Some(StopReason::PowerOff),
+        PioAction::Reset => return Some(StopReason::Reset),
+    }
+    None
+}
+
 /// The registers that tell where a guest died: enough to look the address up in the
 /// guest kernel's `System.map` and to see whether its stack or page tables were sane.
 fn vcpu_state(vcpu: &VcpuFd) -> String {
@@ -885,62 +862,62 @@ fn vcpu_state(vcpu: &VcpuFd) -> String {
 mod tests {
     use super::*;
 
-    fn report(stop: StopReason, guest_exit: Option<i32>) -> RunReport {
-        RunReport {
-            stop,
-            guest_exit,
-            kernel_release: None,
-            init_uptime: None,
-            time_to_init: None,
-            run_time: Duration::ZERO,
-            messages: vec![],
-            console_tail: vec![],
-            kernel_format: KernelFormat::BzImage,
-            transfers: vec![],
-            missing_transfers: vec![],
-        }
+    fn message_report() -> RunReport {
+        RunReport::new(KernelFormat::BzImage)
     }
 
     #[test]
-    fn exit_status_follows_the_guest_only_after_a_clean_stop() {
-        assert_eq!(report(StopReason::PowerOff, Some(0)).exit_status(), 0);
-        assert_eq!(report(StopReason::Reset, Some(0)).exit_status(), 0);
-        assert_eq!(report(StopReason::PowerOff, Some(3)).exit_status(), 3);
-        assert_eq!(report(StopReason::PowerOff, None).exit_status(), 1);
-        assert_eq!(report(StopReason::Reset, None).exit_status(), 1);
-        assert_eq!(report(StopReason::Timeout, Some(0)).exit_status(), 1);
-        assert_eq!(
-            report(StopReason::NoPowerOffAfterExit, Some(0)).exit_status(),
-            1
-        );
-        assert_eq!(
-            report(StopReason::NoPowerOffAfterExit, Some(5)).exit_status(),
-            5
-        );
-        assert_eq!(
-            report(StopReason::VcpuFailure("x".into()), Some(0)).exit_status(),
-            1
-        );
+    fn control_messages_fill_the_report_and_exit_starts_the_grace_time() {
+        let mut report = message_report();
+        let at = Duration::from_millis(1500);
+        let hello = ControlMessage::Hello {
+            kernel_release: "6.1".into(),
+        };
+        assert!(!take_message(&mut report, at, &hello));
+        assert!(!take_message(
+            &mut report,
+            at,
+            &ControlMessage::Uptime { seconds: 0.5 }
+        ));
+        assert!(take_message(
+            &mut report,
+            at,
+            &ControlMessage::Exit { code: 4 }
+        ));
+        assert_eq!(report.kernel_release.as_deref(), Some("6.1"));
+        assert_eq!(report.time_to_init, Some(at));
+        assert_eq!(report.init_uptime, Some(0.5));
+        assert_eq!(report.guest_exit, Some(4));
     }
 
     #[test]
-    fn failure_explains_every_unclean_end() {
-        assert_eq!(report(StopReason::PowerOff, Some(0)).failure(), None);
-        for (stop, exit, needle) in [
-            (StopReason::Reset, None, "panic"),
-            (StopReason::Timeout, None, "timeout"),
-            (StopReason::PowerOff, None, "without reporting"),
-            (StopReason::PowerOff, Some(2), "exit 2"),
-            (StopReason::VcpuFailure("boom".into()), None, "boom"),
-            (
-                StopReason::TripleFault("rip 0x1".into()),
-                None,
-                "triple-faulted",
-            ),
-        ] {
-            let why = report(stop, exit).failure().unwrap();
-            assert!(why.contains(needle), "{why:?} lacks {needle:?}");
-            assert!(!why.contains('\n'));
-        }
+    fn the_run_loop_stops_on_a_vcpu_stop_and_keeps_earlier_messages() {
+        let (events, inbox) = mpsc::channel();
+        let started = Instant::now();
+        events
+            .send(Event::Control(started, ControlMessage::Exit { code: 0 }))
+            .unwrap();
+        events.send(Event::Stop(StopReason::PowerOff)).unwrap();
+        let mut report = message_report();
+        wait_for_stop(&inbox, started, Duration::from_secs(5), &mut report);
+        assert_eq!(report.stop, StopReason::PowerOff);
+        assert_eq!(report.guest_exit, Some(0));
+        assert_eq!(report.messages.len(), 1);
+    }
+
+    #[test]
+    fn the_run_loop_tells_a_timeout_from_a_guest_that_would_not_power_off() {
+        let (events, inbox) = mpsc::channel::<Event>();
+        let mut report = message_report();
+        wait_for_stop(&inbox, Instant::now(), Duration::ZERO, &mut report);
+        assert_eq!(report.stop, StopReason::Timeout);
+        let mut report = message_report();
+        report.guest_exit = Some(0);
+        wait_for_stop(&inbox, Instant::now(), Duration::ZERO, &mut report);
+        assert_eq!(report.stop, StopReason::NoPowerOffAfterExit);
+        drop(events);
+        let mut report = message_report();
+        wait_for_stop(&inbox, Instant::now(), Duration::from_secs(5), &mut report);
+        assert!(matches!(report.stop, StopReason::VcpuFailure(_)));
     }
 }

@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use rstest::rstest;
+use serde::Deserialize;
+use zc_vmm::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, TapAddress};
 
 mod common;
+use common::Run;
 
 use zc_devices::dma_log::{read_log, BlkStatus, DescRole, Direction, Record, RequestDetail};
 use zc_protocol::options::DEFAULT_FILE;
@@ -40,32 +42,24 @@ fn guest_disk_roundtrip_is_in_the_dma_log() {
     let disk = dir.path().join("disk.img");
     std::fs::copy(images.join("guest/disk.img"), &disk).unwrap();
     let log_path = dir.path().join("dma.jsonl");
-    let report_path = dir.path().join("report.json");
-    let output = common::zc_vmm_run(&images, "guest/vmlinuz")
-        .arg("--disk")
-        .arg(&disk)
-        .arg("--dma-log")
-        .arg(&log_path)
-        .arg("--report-json")
-        .arg(&report_path)
-        .arg("--append")
-        .arg(guest_options(TestHook::DiskRoundtrip, false).to_cmdline())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("--- stdout\n{stdout}--- stderr\n{stderr}");
-    assert_eq!(output.status.code(), Some(0));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
-    let roundtrip = report["reports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["test"] == "disk-roundtrip")
-        .expect("a disk-roundtrip report");
-    assert_eq!(roundtrip["ok"], true, "{roundtrip}");
-    assert_eq!(roundtrip["bytes"], 8 << 20);
+    let mut spec = common::guest_spec(&images, "guest/vmlinuz", dir.path());
+    spec.disk = Some(DiskSpec {
+        path: disk,
+        read_only: false,
+    });
+    spec.outputs.dma_log = Some(log_path.clone());
+    spec.append = Some(guest_options(TestHook::DiskRoundtrip, false).to_cmdline());
+    let run = common::run_spec(&images, &spec, dir.path());
+    assert_eq!(run.code(), 0);
+    /// The guest's `disk-roundtrip` report.
+    #[derive(Debug, Deserialize)]
+    struct Roundtrip {
+        ok: bool,
+        bytes: u64,
+    }
+    let roundtrip: Roundtrip = run.summary().report("disk-roundtrip").unwrap();
+    assert!(roundtrip.ok, "{roundtrip:?}");
+    assert_eq!(roundtrip.bytes, 8 << 20);
 
     let records = read_log(&log_path).expect("a readable DMA log");
     let (mut written_to_guest, mut read_from_guest) = (0u64, 0u64);
@@ -94,35 +88,34 @@ fn guest_disk_roundtrip_is_in_the_dma_log() {
     assert!(flushes >= 1, "fsync must reach the device as FLUSH");
 }
 
-/// Boots the guest with the disk (read-only) and the network card, sending
-/// `payload.bin` to the peer, which expects `expect`.
-fn send_payload(sg: &str, expect: &Path, dir: &Path) -> (Output, PathBuf, serde_json::Value) {
+/// The default guest with the test disk read-only, sending `payload.bin` to a card
+/// in front of `backend` that expects `expect`.
+fn send_spec(images: &Path, dir: &Path, backend: NetBackendSpec, expect: &Path) -> RunSpec {
+    RunSpec {
+        disk: Some(DiskSpec {
+            path: images.join("guest/disk.img"),
+            read_only: true,
+        }),
+        nics: vec![NicSpec {
+            backend,
+            peer_expect: vec![expect.to_path_buf()],
+            ..NicSpec::peer()
+        }],
+        append: Some(guest_options(send_payload_step(), true).to_cmdline()),
+        ..common::guest_spec(images, "guest/vmlinuz", dir)
+    }
+}
+
+/// Boots the guest with the disk (read-only) and the network card (scatter-gather
+/// `sg`), sending `payload.bin` to the peer, which expects `expect`.
+fn send_payload(sg: bool, expect: &Path, dir: &Path) -> (Run, PathBuf) {
     let images = images();
     let log_path = dir.join("dma.jsonl");
-    let report_path = dir.join("report.json");
-    let output = common::zc_vmm_run(&images, "guest/vmlinuz")
-        .arg("--disk")
-        .arg(images.join("guest/disk.img"))
-        .arg("--disk-ro")
-        .args(["--net", "peer", "--net-sg", sg, "--peer-expect"])
-        .arg(expect)
-        .arg("--pcap")
-        .arg(dir.join("frames.pcap"))
-        .arg("--dma-log")
-        .arg(&log_path)
-        .arg("--report-json")
-        .arg(&report_path)
-        .arg("--append")
-        .arg(guest_options(send_payload_step(), true).to_cmdline())
-        .output()
-        .unwrap();
-    eprintln!(
-        "--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
-    (output, log_path, report)
+    let mut spec = send_spec(&images, dir, NetBackendSpec::Peer, expect);
+    spec.nics[0].sg = sg;
+    spec.nics[0].pcap = Some(dir.join("frames.pcap"));
+    spec.outputs.dma_log = Some(log_path.clone());
+    (common::run_spec(&images, &spec, dir), log_path)
 }
 
 /// The tap backend end to end: the guest's TCP stream leaves through a real tap
@@ -137,53 +130,42 @@ fn tap_backend_carries_a_transfer_to_the_host_tcp_stack() {
     let payload = images.join("guest/disk-files/payload.bin");
     let size = std::fs::metadata(&payload).unwrap().len();
     let dir = tempfile::tempdir().unwrap();
-    let report_path = dir.path().join("report.json");
-    let output = common::zc_vmm_run(&images, "guest/vmlinuz")
-        .arg("--disk")
-        .arg(images.join("guest/disk.img"))
-        .arg("--disk-ro")
-        .args([
-            "--net",
-            "tap",
-            "--tap",
-            "zctest%d",
-            "--tap-ip",
-            "10.0.2.2/24",
-        ])
-        .arg("--peer-expect")
-        .arg(&payload)
-        .arg("--report-json")
-        .arg(&report_path)
-        .arg("--append")
-        .arg(guest_options(send_payload_step(), true).to_cmdline())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("--- stderr\n{stderr}");
-    assert_eq!(output.status.code(), Some(0));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
-    let transfers = report["transfers"].as_array().unwrap();
+    let tap = NetBackendSpec::Tap {
+        name: "zctest%d".into(),
+        address: Some(TapAddress {
+            addr: std::net::Ipv4Addr::new(10, 0, 2, 2),
+            prefix: 24,
+        }),
+    };
+    let spec = send_spec(&images, dir.path(), tap, &payload);
+    let run = common::run_spec(&images, &spec, dir.path());
+    assert_eq!(run.code(), 0);
+    let transfers = &run.summary().run.transfers;
     assert_eq!(transfers.len(), 1, "{transfers:?}");
-    assert_eq!(transfers[0]["ok"], true);
-    assert_eq!(transfers[0]["bytes"], size);
+    assert!(transfers[0].ok());
+    assert_eq!(transfers[0].bytes, size);
 }
 
 #[rstest]
-#[case::scatter_gather_on("on")]
-#[case::scatter_gather_off("off")]
+#[case::scatter_gather_on(true)]
+#[case::scatter_gather_off(false)]
 #[ignore = "boots a real kernel: run with `make test`"]
-fn guest_sends_a_file_and_the_peer_checks_every_byte(#[case] sg: &str) {
+fn guest_sends_a_file_and_the_peer_checks_every_byte(#[case] sg: bool) {
     let images = images();
     let payload = images.join("guest/disk-files/payload.bin");
     let size = std::fs::metadata(&payload).unwrap().len();
     let dir = tempfile::tempdir().unwrap();
-    let (output, log_path, report) = send_payload(sg, &payload, dir.path());
-    assert_eq!(output.status.code(), Some(0));
-    let transfers = report["transfers"].as_array().unwrap();
+    let (run, log_path) = send_payload(sg, &payload, dir.path());
+    assert_eq!(run.code(), 0);
+    let summary = run.summary();
+    let transfers = &summary.run.transfers;
     assert_eq!(transfers.len(), 1, "{transfers:?}");
-    assert_eq!(transfers[0]["ok"], true);
-    assert_eq!(transfers[0]["bytes"], size);
+    assert!(transfers[0].ok());
+    assert_eq!(transfers[0].bytes, size);
+    // The card's own counters saw the frames and their scatter-gather setting.
+    let nic = &summary.run.nics[0];
+    assert_eq!(nic.sg, sg);
+    assert!(nic.stats.tx_bytes > size, "{nic:?}");
     assert!(dir.path().join("frames.pcap").metadata().unwrap().len() > size);
 
     // The card read every payload byte from guest memory (plus headers), and the
@@ -215,7 +197,7 @@ fn guest_sends_a_file_and_the_peer_checks_every_byte(#[case] sg: &str) {
         .map(|n| f64::from(*n))
         .sum::<f64>()
         / chains;
-    if sg == "on" {
+    if sg {
         assert!(
             mean > 1.2,
             "scatter-gather on, yet {mean:.2} data buffers per frame"
@@ -237,10 +219,10 @@ fn a_changed_byte_fails_the_run() {
     altered[1_000_000] ^= 0x55;
     let expect = dir.path().join("altered.bin");
     std::fs::write(&expect, &altered).unwrap();
-    let (output, _, report) = send_payload("on", &expect, dir.path());
-    assert_eq!(output.status.code(), Some(1));
-    assert_eq!(report["transfers"][0]["ok"], false);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (run, _) = send_payload(true, &expect, dir.path());
+    assert_eq!(run.code(), 1);
+    assert!(!run.summary().run.transfers[0].ok());
+    let stderr = run.stderr();
     let failed = stderr
         .lines()
         .find(|l| l.contains("FAILED"))

@@ -10,11 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use serde::Deserialize;
 use zc_vmm::emulated;
 use zc_vmm::host::{self, HostMode};
+use zc_vmm::report::RunSummary;
+use zc_vmm::spec::{DiskSpec, NicSpec, RunOutputs, RunSpec, DEFAULT_CMDLINE};
 
 /// Same command line for both VMMs: `zc-vmm`'s default.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+const CMDLINE: &str = DEFAULT_CMDLINE;
 
 #[derive(Parser)]
 #[command(name = "zc-bench", about = "Boot time: zc-vmm beside QEMU microvm")]
@@ -213,6 +216,31 @@ fn bench_devices(cli: &Cli, images: &Path) -> Result<serde_json::Value> {
     Ok(json.into())
 }
 
+/// One boot reading the whole disk and sending the payload; (disk, send) Mbit/s as
+/// the guest measured them.
+fn device_run(
+    zc_vmm: &Path,
+    images: &Path,
+    disk: &Path,
+    scratch: &Path,
+    log: bool,
+) -> Result<(f64, f64)> {
+    // Memory-backed when there is one: this measures the log, not the file system
+    // under it (in the emulated host the scratch dir is a 9p share).
+    let shm = Path::new("/dev/shm");
+    let log_dir = if shm.is_dir() { shm } else { scratch };
+    let spec = device_spec(images, disk, scratch, log.then_some(log_dir));
+    run_spec(zc_vmm, &spec, scratch, true)?;
+    let summary = RunSummary::load(&scratch.join("devices-report.json"))?;
+    /// What the guest's `disk-read` and `send` reports measured.
+    #[derive(Deserialize)]
+    struct Throughput {
+        mbps: f64,
+    }
+    let mbps = |test: &str| Ok::<_, anyhow::Error>(summary.report::<Throughput>(test)?.mbps);
+    Ok((mbps("disk-read")?, mbps("send")?))
+}
+
 /// The guest's steps for a device run: read the read-only disk, then send the
 /// payload.
 fn bench_guest_options() -> zc_protocol::Options {
@@ -226,54 +254,56 @@ fn bench_guest_options() -> zc_protocol::Options {
     }
 }
 
-/// One boot reading the whole disk and sending the payload; (disk, send) Mbit/s as
-/// the guest measured them.
-fn device_run(
-    zc_vmm: &Path,
-    images: &Path,
-    disk: &Path,
-    scratch: &Path,
-    log: bool,
-) -> Result<(f64, f64)> {
-    let report_path = scratch.join("devices-report.json");
-    let mut command = Command::new(zc_vmm);
-    command
-        .arg("run")
-        .arg("--kernel")
-        .arg(images.join("guest/vmlinuz"))
-        .arg("--initrd")
-        .arg(images.join("guest/initrd.img"))
-        .arg("--disk")
-        .arg(disk)
-        .arg("--disk-ro")
-        .args(["--net", "peer", "--peer-expect"])
-        .arg(images.join("guest/disk-files/payload.bin"))
-        .args(["--console", "/dev/null", "--report-json"])
-        .arg(&report_path)
-        .arg("--append")
-        .arg(bench_guest_options().to_cmdline())
-        .stderr(std::fs::File::create(scratch.join("zc-vmm.err"))?);
-    if log {
-        // Memory-backed when there is one: this measures the log, not the file
-        // system under it (in the emulated host the scratch dir is a 9p share).
-        let shm = Path::new("/dev/shm");
-        let dir = if shm.is_dir() { shm } else { scratch };
-        command.arg("--dma-log").arg(dir.join("zc-bench-dma.jsonl"));
+/// The device benchmark's boot: the read-only disk, one card in front of the peer
+/// expecting the payload, and the DMA log in `log_dir` if the run logs.
+fn device_spec(images: &Path, disk: &Path, scratch: &Path, log_dir: Option<&Path>) -> RunSpec {
+    RunSpec {
+        initrd: Some(images.join("guest/initrd.img")),
+        append: Some(bench_guest_options().to_cmdline()),
+        disk: Some(DiskSpec {
+            path: disk.to_path_buf(),
+            read_only: true,
+        }),
+        nics: vec![NicSpec {
+            peer_expect: vec![images.join("guest/disk-files/payload.bin")],
+            ..NicSpec::peer()
+        }],
+        outputs: RunOutputs {
+            console: Some("/dev/null".into()),
+            summary: Some(scratch.join("devices-report.json")),
+            dma_log: log_dir.map(|dir| dir.join("zc-bench-dma.jsonl")),
+        },
+        ..RunSpec::new(images.join("guest/vmlinuz"))
     }
-    let status = command.status().context("cannot start zc-vmm")?;
-    if !status.success() {
-        let stderr = std::fs::read_to_string(scratch.join("zc-vmm.err")).unwrap_or_default();
+}
+
+/// Runs `zc-vmm run --spec` on `spec` (written into `scratch`); with `keep_stderr`
+/// its stderr goes to a file shown if the run fails, otherwise nowhere.
+fn run_spec(zc_vmm: &Path, spec: &RunSpec, scratch: &Path, keep_stderr: bool) -> Result<()> {
+    let spec_file = scratch.join("spec.json");
+    spec.save(&spec_file)
+        .with_context(|| format!("cannot write {}", spec_file.display()))?;
+    let stderr_file = scratch.join("zc-vmm.err");
+    let stderr = if keep_stderr {
+        Stdio::from(std::fs::File::create(&stderr_file)?)
+    } else {
+        Stdio::null()
+    };
+    let status = Command::new(zc_vmm)
+        .arg("run")
+        .arg("--spec")
+        .arg(&spec_file)
+        .stderr(stderr)
+        .status()
+        .context("cannot start zc-vmm")?;
+    if !status.success() && keep_stderr {
+        let stderr = std::fs::read_to_string(&stderr_file).unwrap_or_default();
         bail!("zc-vmm device run failed ({status}):\n{stderr}");
     }
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
-    let mbps = |test: &str| {
-        report["reports"]
-            .as_array()
-            .and_then(|all| all.iter().find(|r| r["test"] == test))
-            .and_then(|r| r["mbps"].as_f64())
-            .with_context(|| format!("the guest reported no {test} figure"))
-    };
-    Ok((mbps("disk-read")?, mbps("send")?))
+    if !status.success() {
+        bail!("zc-vmm boot failed ({status}); run `zc-vmm run` by hand to see why");
+    }
+    Ok(())
 }
 
 fn bench_boot(
@@ -283,10 +313,8 @@ fn bench_boot(
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let kernel = images.join("guest/vmlinuz");
     let initrd = images.join("guest/initrd.img");
-    let release = std::fs::read_to_string(images.join("guest/kernel.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["release"].as_str().map(str::to_string))
+    let release = zc_vmm::report::KernelImage::beside(&kernel)
+        .map(|image| image.release)
         .unwrap_or_else(|| "unknown".into());
     let zc_vmm = std::env::current_exe()?.with_file_name("zc-vmm");
     let qemu = emulated::find_qemu()?;
@@ -331,34 +359,30 @@ fn bench_boot(
 }
 
 fn boot_zc_vmm(zc_vmm: &Path, kernel: &Path, initrd: &Path, scratch: &Path) -> Result<Sample> {
-    let report_path = scratch.join("zc-report.json");
+    let spec = boot_spec(kernel, initrd, scratch);
     let started = Instant::now();
-    let status = Command::new(zc_vmm)
-        .arg("run")
-        .arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .args([
-            "--cmdline",
-            CMDLINE,
-            "--console",
-            "/dev/null",
-            "--report-json",
-        ])
-        .arg(&report_path)
-        .stderr(Stdio::null())
-        .status()
-        .context("cannot start zc-vmm")?;
+    run_spec(zc_vmm, &spec, scratch, false)?;
     let wall = started.elapsed().as_secs_f64();
-    if !status.success() {
-        bail!("zc-vmm boot failed ({status}); run `zc-vmm run` by hand to see why");
-    }
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path)?)?;
-    let init_uptime = report["init_uptime_s"]
-        .as_f64()
+    let summary = RunSummary::load(&scratch.join("zc-report.json"))?;
+    let init_uptime = summary
+        .run
+        .init_uptime
         .context("zc-vmm report has no init uptime")?;
     Ok(Sample { init_uptime, wall })
+}
+
+/// The boot benchmark's boot: kernel, initrd and the command line QEMU gets too.
+fn boot_spec(kernel: &Path, initrd: &Path, scratch: &Path) -> RunSpec {
+    RunSpec {
+        initrd: Some(initrd.to_path_buf()),
+        cmdline: CMDLINE.into(),
+        outputs: RunOutputs {
+            console: Some("/dev/null".into()),
+            summary: Some(scratch.join("zc-report.json")),
+            dma_log: None,
+        },
+        ..RunSpec::new(kernel)
+    }
 }
 
 fn boot_qemu(qemu: &Path, kernel: &Path, initrd: &Path, scratch: &Path) -> Result<Sample> {
@@ -414,4 +438,59 @@ fn boot_qemu(qemu: &Path, kernel: &Path, initrd: &Path, scratch: &Path) -> Resul
         .and_then(|v| v.trim().parse().ok())
         .context("the guest under QEMU reported no uptime")?;
     Ok(Sample { init_uptime, wall })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_benchmark_boots_one_peer_nic_with_the_log_on_or_off() {
+        let images = Path::new("/i");
+        let scratch = Path::new("/s");
+        let off = device_spec(images, Path::new("/dev/shm/d.img"), scratch, None);
+        assert_eq!(off.kernel, images.join("guest/vmlinuz"));
+        assert_eq!(
+            off.disk,
+            Some(DiskSpec {
+                path: "/dev/shm/d.img".into(),
+                read_only: true
+            })
+        );
+        assert_eq!(
+            off.nics,
+            vec![NicSpec {
+                peer_expect: vec![images.join("guest/disk-files/payload.bin")],
+                ..NicSpec::peer()
+            }]
+        );
+        assert!(
+            off.nics[0].sg,
+            "the benchmark measures the scatter-gather card"
+        );
+        assert_eq!(off.outputs.dma_log, None);
+        assert!(!off.dirty_samples);
+        let on = device_spec(
+            images,
+            Path::new("/d.img"),
+            scratch,
+            Some(Path::new("/dev/shm")),
+        );
+        assert_eq!(
+            on.outputs.dma_log.as_deref(),
+            Some(Path::new("/dev/shm/zc-bench-dma.jsonl"))
+        );
+        assert_eq!(on.nics, off.nics);
+    }
+
+    #[test]
+    fn the_boot_benchmark_boots_no_devices_with_qemus_command_line() {
+        let spec = boot_spec(Path::new("/k"), Path::new("/i"), Path::new("/s"));
+        assert_eq!(spec.full_cmdline(), CMDLINE);
+        assert!(spec.disk.is_none() && spec.nics.is_empty());
+        assert_eq!(
+            spec.outputs.summary.as_deref(),
+            Some(Path::new("/s/zc-report.json"))
+        );
+    }
 }

@@ -1,12 +1,15 @@
-//! What the end-to-end tests share: the images `make images` built, and a
-//! `zc-vmm run` command already pointed at the default guest and, for emulated mode,
-//! at the emulated host's kernel and initrd.
+//! What the end-to-end tests share: the images `make images` built, a run spec of the
+//! default guest, and `zc-vmm` pointed, for emulated mode, at the emulated host's
+//! kernel and initrd.
 
 // Each test file compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use zc_vmm::report::RunSummary;
+use zc_vmm::spec::{RunOutputs, RunSpec};
 
 /// The directory `make images` wrote, from `ZC_IMAGES`; checks `wanted` is in it.
 pub fn images_with(wanted: &str) -> PathBuf {
@@ -21,21 +24,63 @@ pub fn images_with(wanted: &str) -> PathBuf {
     dir
 }
 
-/// `zc-vmm run --kernel <images>/<kernel> --initrd <images>/guest/initrd.img`, with
-/// the emulated host's images set in the environment.
-pub fn zc_vmm_run(images: &std::path::Path, kernel: &str) -> Command {
-    let mut command = zc_vmm(images);
-    command
+/// A run of `<images>/<kernel>` with the default guest's initrd, its summary written
+/// into `dir`; each test adds its devices and options.
+pub fn guest_spec(images: &Path, kernel: &str, dir: &Path) -> RunSpec {
+    RunSpec {
+        initrd: Some(images.join("guest/initrd.img")),
+        outputs: RunOutputs {
+            summary: Some(dir.join("report.json")),
+            ..RunOutputs::default()
+        },
+        ..RunSpec::new(images.join(kernel))
+    }
+}
+
+/// A finished `zc-vmm run --spec`: its output and the summary it wrote, if any.
+pub struct Run {
+    pub output: Output,
+    pub summary: Option<RunSummary>,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().unwrap_or(-1)
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    /// The summary, which a run that booted must have written.
+    pub fn summary(&self) -> &RunSummary {
+        self.summary.as_ref().expect("a run summary")
+    }
+}
+
+/// Writes `spec` into `dir` and runs `zc-vmm run --spec` on it, as `zc-vmm methods`
+/// does, with the emulated host's images set in the environment.
+pub fn run_spec(images: &Path, spec: &RunSpec, dir: &Path) -> Run {
+    let spec_file = dir.join("spec.json");
+    spec.save(&spec_file).expect("write the run spec");
+    let output = zc_vmm(images)
         .arg("run")
-        .arg("--kernel")
-        .arg(images.join(kernel))
-        .arg("--initrd")
-        .arg(images.join("guest/initrd.img"));
-    command
+        .arg("--spec")
+        .arg(&spec_file)
+        .output()
+        .expect("start zc-vmm");
+    let summary = spec.outputs.summary.as_deref().and_then(|path| {
+        path.exists()
+            .then(|| RunSummary::load(path).expect("a readable run summary"))
+    });
+    let run = Run { output, summary };
+    eprintln!("--- stdout\n{}--- stderr\n{}", run.stdout(), run.stderr());
+    run
 }
 
 /// `zc-vmm` with the emulated host's images set in the environment.
-pub fn zc_vmm(images: &std::path::Path) -> Command {
+pub fn zc_vmm(images: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_zc-vmm"));
     command
         .env("ZC_HOST_KERNEL", images.join("host/vmlinuz"))

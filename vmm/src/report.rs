@@ -1,0 +1,677 @@
+//! What a run found: [`RunReport`] (what [`crate::vm::run`] returns) and
+//! [`RunSummary`] (`run.json`: the report, plus where and on what it ran). Everything
+//! that reads `run.json` back (`zc-vmm methods`, `zc-bench`, the tests) reads a
+//! [`RunSummary`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use zc_devices::control::ControlMessage;
+use zc_devices::virtio::net::NetStats;
+
+use crate::boot::KernelFormat;
+use crate::host::HostMode;
+
+/// How long a guest that reported its exit status gets to power off cleanly.
+pub const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+/// The `schema` of the `run.json` this version writes.
+pub const RUN_SUMMARY_SCHEMA: &str = "zc-vmm-run/2";
+
+/// Why the run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (reboot, keyboard controller, `panic=-1`).
+    Reset,
+    /// KVM reported a shutdown exit: the guest triple-faulted, a fault the guest
+    /// kernel could not even report. Carries the vCPU's state at that moment.
+    TripleFault(String),
+    /// The run took longer than the timeout.
+    Timeout,
+    /// The guest reported its exit status but did not power off in time.
+    NoPowerOffAfterExit,
+    /// KVM could not run the vCPU (emulation failure, failed entry...).
+    VcpuFailure(String),
+}
+
+/// What the peer found for one TCP connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferResult {
+    /// What was expected (the file), or "an unexpected connection".
+    pub label: String,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Throughput from first to last byte, in Mbit/s.
+    pub mbps: Option<f64>,
+}
+
+impl TransferResult {
+    /// Whether every byte arrived and matched.
+    pub fn ok(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+/// Which backend a card had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetBackendKind {
+    /// The in-VMM TCP peer.
+    Peer,
+    /// A host tap device.
+    Tap,
+}
+
+/// One network card's counters at the end of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NicSummary {
+    /// What was behind it.
+    pub backend: NetBackendKind,
+    /// Whether it offered scatter-gather.
+    pub sg: bool,
+    /// What it carried.
+    #[serde(with = "NetStatsDef")]
+    pub stats: NetStats,
+}
+
+/// A control message and when it came, since the first vCPU entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimedMessage {
+    /// Host time since the start of the run.
+    #[serde(rename = "at_s", with = "seconds")]
+    pub at: Duration,
+    /// The message.
+    #[serde(with = "ControlMessageDef")]
+    pub message: ControlMessage,
+}
+
+/// What happened in a run, for the caller to print and turn into an exit status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Why it ended.
+    pub stop: StopReason,
+    /// The status the guest program reported with `exit`, if it did.
+    pub guest_exit: Option<i32>,
+    /// The guest kernel's release, from the guest's `hello`.
+    pub kernel_release: Option<String>,
+    /// Guest uptime when /init started, as the guest reported it (seconds).
+    #[serde(rename = "init_uptime_s")]
+    pub init_uptime: Option<f64>,
+    /// Host time from the first vCPU entry to the guest's `hello`.
+    #[serde(rename = "time_to_init_s", with = "seconds_opt")]
+    pub time_to_init: Option<Duration>,
+    /// Host time of the whole run.
+    #[serde(rename = "run_time_s", with = "seconds")]
+    pub run_time: Duration,
+    /// Every control message, in order.
+    pub messages: Vec<TimedMessage>,
+    /// The console's last lines.
+    pub console_tail: Vec<String>,
+    /// The kernel image's format.
+    pub kernel_format: KernelFormat,
+    /// What the TCP peer received, one entry per connection.
+    pub transfers: Vec<TransferResult>,
+    /// Expected transfers that never arrived.
+    pub missing_transfers: Vec<String>,
+    /// Each network card's counters, in attach order.
+    pub nics: Vec<NicSummary>,
+}
+
+impl RunReport {
+    /// A report of a run that has not ended yet: no messages, stopped by timeout
+    /// unless something else stops it.
+    pub fn new(kernel_format: KernelFormat) -> Self {
+        RunReport {
+            stop: StopReason::Timeout,
+            guest_exit: None,
+            kernel_release: None,
+            init_uptime: None,
+            time_to_init: None,
+            run_time: Duration::ZERO,
+            messages: Vec::new(),
+            console_tail: Vec::new(),
+            kernel_format,
+            transfers: Vec::new(),
+            missing_transfers: Vec::new(),
+            nics: Vec::new(),
+        }
+    }
+
+    /// The exit status the VMM should end with: the guest's own, when it reported one
+    /// and then shut down; 1 for anything else, and for any transfer that lost data.
+    pub fn exit_status(&self) -> i32 {
+        if self.transfer_failure().is_some() && matches!(self.guest_exit, Some(0)) {
+            return 1;
+        }
+        match (&self.stop, self.guest_exit) {
+            (StopReason::PowerOff | StopReason::Reset, Some(code)) => code,
+            (StopReason::NoPowerOffAfterExit, Some(code)) if code != 0 => code,
+            _ => 1,
+        }
+    }
+
+    /// Why the transfers the peer checked failed, if any did.
+    fn transfer_failure(&self) -> Option<String> {
+        if let Some(bad) = self.transfers.iter().find(|t| t.failure.is_some()) {
+            return Some(format!(
+                "the peer's check of {} failed: {}",
+                bad.label,
+                bad.failure.as_deref().unwrap_or("")
+            ));
+        }
+        self.missing_transfers
+            .first()
+            .map(|label| format!("the peer never received {label}"))
+    }
+
+    /// One line saying why a run failed, or `None` when it succeeded.
+    pub fn failure(&self) -> Option<String> {
+        let reason = match (&self.stop, self.guest_exit) {
+            (StopReason::PowerOff | StopReason::Reset, Some(0)) => {
+                return self.transfer_failure();
+            }
+            (StopReason::PowerOff | StopReason::Reset, Some(code)) => {
+                format!("the guest program reported failure (exit {code})")
+            }
+            (StopReason::PowerOff, None) => {
+                "the guest powered off without reporting an exit status".into()
+            }
+            (StopReason::Reset, None) => {
+                "the guest reset before reporting an exit status (kernel panic or reboot; see the console lines above)".into()
+            }
+            (StopReason::Timeout, _) => {
+                "the guest did not finish before the timeout (hung? raise --timeout if it is just slow)".into()
+            }
+            (StopReason::NoPowerOffAfterExit, code) => format!(
+                "the guest reported exit {} but did not power off within {} s",
+                code.unwrap_or(-1),
+                POWEROFF_GRACE.as_secs()
+            ),
+            (StopReason::TripleFault(state), _) => format!(
+                "the guest triple-faulted (KVM shutdown exit; a fault its kernel could not report): {state}"
+            ),
+            (StopReason::VcpuFailure(why), _) => format!("the vCPU stopped: {why}"),
+        };
+        Some(reason)
+    }
+}
+
+/// Which Debian kernel package the guest kernel came from, as `zc-image` recorded it
+/// in the `kernel.json` beside the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelImage {
+    /// Debian package, or `None` for a user's kernel.
+    pub package: Option<String>,
+    /// Debian package version, or `None` for a user's kernel.
+    pub deb_version: Option<String>,
+    /// Kernel release (`uname -r`).
+    pub release: String,
+}
+
+impl KernelImage {
+    /// What the `kernel.json` beside `kernel` says: a built role's
+    /// ([`zc_images::role::RoleKernel`]) or an unpacked Debian kernel's
+    /// ([`zc_images::kernel::KernelInfo`]); `None` for a kernel `zc-image` did not make.
+    pub fn beside(kernel: &Path) -> Option<KernelImage> {
+        let path = kernel.parent()?.join(zc_images::kernel::KERNEL_JSON);
+        let text = std::fs::read_to_string(path).ok()?;
+        if let Ok(role) = serde_json::from_str::<zc_images::role::RoleKernel>(&text) {
+            return Some(KernelImage {
+                package: role.package,
+                deb_version: role.deb_version,
+                release: role.release,
+            });
+        }
+        let info: zc_images::kernel::KernelInfo = serde_json::from_str(&text).ok()?;
+        Some(KernelImage {
+            package: info.package,
+            deb_version: info.deb_version,
+            release: info.release,
+        })
+    }
+}
+
+/// One `report` line of the guest, parsed. Each guest test has its own shape, told
+/// apart by its `"test"` field; a line that is not JSON is kept as a string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GuestReport(pub serde_json::Value);
+
+impl GuestReport {
+    /// Parses the JSON text of a `report` message, keeping it as text if it is not JSON.
+    pub fn parse(json: &str) -> Self {
+        GuestReport(
+            serde_json::from_str(json).unwrap_or_else(|_| serde_json::Value::String(json.into())),
+        )
+    }
+
+    /// The test it reports on (its `"test"` field).
+    pub fn test(&self) -> Option<&str> {
+        self.0.get("test")?.as_str()
+    }
+
+    /// The report as the type of its test.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.0)
+    }
+}
+
+/// Errors reading `run.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum SummaryError {
+    /// The file cannot be read.
+    #[error("cannot read the run summary {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not a run summary of this version.
+    #[error("{} is not a {RUN_SUMMARY_SCHEMA} run summary: {why}", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// No report of a test the reader needs.
+    #[error("the guest reported no {0} result")]
+    NoReport(String),
+    /// A report that does not have the shape of its test.
+    #[error("the guest's {test} report does not parse: {source}")]
+    BadReport {
+        /// The test.
+        test: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// `run.json`: the run's report, and where and on what it ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Always [`RUN_SUMMARY_SCHEMA`].
+    pub schema: String,
+    /// How the guest got its KVM.
+    pub mode: HostMode,
+    /// Whether this run was the inner one, inside the emulated host.
+    pub inside_emulated_host: bool,
+    /// The kernel image booted.
+    pub kernel: PathBuf,
+    /// Its Debian package, if `zc-image` made it.
+    pub kernel_image: Option<KernelImage>,
+    /// What `zc-vmm run` exited with.
+    pub exit_status: i32,
+    /// Why the run failed, one line; `None` when it succeeded.
+    pub failure: Option<String>,
+    /// The guest's `report` messages, parsed.
+    pub reports: Vec<GuestReport>,
+    /// The run itself.
+    #[serde(flatten)]
+    pub run: RunReport,
+}
+
+impl RunSummary {
+    /// The summary of `run`, which booted `kernel` in `mode`.
+    pub fn new(run: RunReport, kernel: &Path, mode: HostMode, inside_emulated_host: bool) -> Self {
+        let reports = run
+            .messages
+            .iter()
+            .filter_map(|m| match &m.message {
+                ControlMessage::Report { json } => Some(GuestReport::parse(json)),
+                _ => None,
+            })
+            .collect();
+        RunSummary {
+            schema: RUN_SUMMARY_SCHEMA.to_string(),
+            mode,
+            inside_emulated_host,
+            kernel: kernel.to_path_buf(),
+            kernel_image: KernelImage::beside(kernel),
+            exit_status: run.exit_status(),
+            failure: run.failure(),
+            reports,
+            run,
+        }
+    }
+
+    /// Writes the summary as pretty JSON.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, text + "\n")
+    }
+
+    /// Reads a summary [`RunSummary::save`] wrote.
+    pub fn load(path: &Path) -> Result<Self, SummaryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SummaryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let format = |why: String| SummaryError::Format {
+            path: path.to_path_buf(),
+            why,
+        };
+        let summary: RunSummary = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        if summary.schema != RUN_SUMMARY_SCHEMA {
+            return Err(format(format!("its schema is {:?}", summary.schema)));
+        }
+        Ok(summary)
+    }
+
+    /// The guest's reports of `test`, in order.
+    pub fn reports_of<'a>(&'a self, test: &'a str) -> impl Iterator<Item = &'a GuestReport> {
+        self.reports.iter().filter(move |r| r.test() == Some(test))
+    }
+
+    /// The first report of `test`, as its type.
+    pub fn report<T: DeserializeOwned>(&self, test: &str) -> Result<T, SummaryError> {
+        self.reports_of(test)
+            .next()
+            .ok_or_else(|| SummaryError::NoReport(test.to_string()))?
+            .decode()
+            .map_err(|source| SummaryError::BadReport {
+                test: test.to_string(),
+                source,
+            })
+    }
+}
+
+// `NetStats` and `ControlMessage` belong to zc-devices, which has no serde derives
+// for them; serde's remote derives mirror them here, and the compiler checks each
+// mirror field by field against the real type.
+
+/// `serde(remote)` mirror of [`NetStats`].
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "NetStats")]
+struct NetStatsDef {
+    tx_frames: u64,
+    tx_bytes: u64,
+    tx_dropped: u64,
+    tx_descriptors: u64,
+    csum_completed: u64,
+    rx_frames: u64,
+    rx_bytes: u64,
+    rx_dropped: u64,
+}
+
+/// `serde(remote)` mirror of [`ControlMessage`]: `{"kind":"hello","kernel_release":..}`.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ControlMessage", tag = "kind", rename_all = "snake_case")]
+enum ControlMessageDef {
+    Hello { kernel_release: String },
+    Uptime { seconds: f64 },
+    Mark { label: String },
+    Log { text: String },
+    Report { json: String },
+    Exit { code: i32 },
+    Malformed { line: String },
+}
+
+// Durations as seconds with a fraction, the unit every `*_s` field of run.json has
+// had. Written by hand: serde_with's `DurationSecondsWithFrac` does this, but two
+// fields do not justify a new dependency.
+mod seconds {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+mod seconds_opt {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        d.map(|d| d.as_secs_f64()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<f64>::deserialize(d)?
+            .map(|secs| Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(stop: StopReason, guest_exit: Option<i32>) -> RunReport {
+        RunReport {
+            stop,
+            guest_exit,
+            ..RunReport::new(KernelFormat::BzImage)
+        }
+    }
+
+    #[test]
+    fn exit_status_follows_the_guest_only_after_a_clean_stop() {
+        assert_eq!(report(StopReason::PowerOff, Some(0)).exit_status(), 0);
+        assert_eq!(report(StopReason::Reset, Some(0)).exit_status(), 0);
+        assert_eq!(report(StopReason::PowerOff, Some(3)).exit_status(), 3);
+        assert_eq!(report(StopReason::PowerOff, None).exit_status(), 1);
+        assert_eq!(report(StopReason::Reset, None).exit_status(), 1);
+        assert_eq!(report(StopReason::Timeout, Some(0)).exit_status(), 1);
+        assert_eq!(
+            report(StopReason::NoPowerOffAfterExit, Some(0)).exit_status(),
+            1
+        );
+        assert_eq!(
+            report(StopReason::NoPowerOffAfterExit, Some(5)).exit_status(),
+            5
+        );
+        assert_eq!(
+            report(StopReason::VcpuFailure("x".into()), Some(0)).exit_status(),
+            1
+        );
+    }
+
+    #[test]
+    fn failure_explains_every_unclean_end() {
+        assert_eq!(report(StopReason::PowerOff, Some(0)).failure(), None);
+        for (stop, exit, needle) in [
+            (StopReason::Reset, None, "panic"),
+            (StopReason::Timeout, None, "timeout"),
+            (StopReason::PowerOff, None, "without reporting"),
+            (StopReason::PowerOff, Some(2), "exit 2"),
+            (StopReason::VcpuFailure("boom".into()), None, "boom"),
+            (
+                StopReason::TripleFault("rip 0x1".into()),
+                None,
+                "triple-faulted",
+            ),
+        ] {
+            let why = report(stop, exit).failure().unwrap();
+            assert!(why.contains(needle), "{why:?} lacks {needle:?}");
+            assert!(!why.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn a_lost_byte_fails_a_clean_run() {
+        let mut run = report(StopReason::PowerOff, Some(0));
+        run.transfers.push(TransferResult {
+            label: "payload.bin".into(),
+            bytes: 10,
+            failure: Some("byte offset 3 differs".into()),
+            mbps: None,
+        });
+        assert_eq!(run.exit_status(), 1);
+        assert!(run.failure().unwrap().contains("byte offset 3"));
+    }
+
+    /// A summary with every kind of field filled.
+    fn full_summary() -> RunSummary {
+        let at = |ms| Duration::from_millis(ms);
+        let message = |ms, message| TimedMessage {
+            at: at(ms),
+            message,
+        };
+        let run = RunReport {
+            stop: StopReason::TripleFault("rip 0x1".into()),
+            guest_exit: Some(0),
+            kernel_release: Some("6.1.0-1-cloud-amd64".into()),
+            init_uptime: Some(0.75),
+            time_to_init: Some(at(1250)),
+            run_time: at(4500),
+            messages: vec![
+                message(
+                    1250,
+                    ControlMessage::Hello {
+                        kernel_release: "6.1.0-1-cloud-amd64".into(),
+                    },
+                ),
+                message(1300, ControlMessage::Uptime { seconds: 0.75 }),
+                message(
+                    2000,
+                    ControlMessage::Mark {
+                        label: "BEGIN send".into(),
+                    },
+                ),
+                message(
+                    2100,
+                    ControlMessage::Report {
+                        json: r#"{"test":"disk-read","mbps":812.5}"#.into(),
+                    },
+                ),
+                message(
+                    2200,
+                    ControlMessage::Report {
+                        json: "oops".into(),
+                    },
+                ),
+                message(2300, ControlMessage::Log { text: "hi".into() }),
+                message(2400, ControlMessage::Malformed { line: "??".into() }),
+                message(2500, ControlMessage::Exit { code: 0 }),
+            ],
+            console_tail: vec!["zc-init: done".into()],
+            kernel_format: KernelFormat::Elf,
+            transfers: vec![TransferResult {
+                label: "payload.bin".into(),
+                bytes: 1 << 24,
+                failure: None,
+                mbps: Some(900.5),
+            }],
+            missing_transfers: vec!["second.bin".into()],
+            nics: vec![NicSummary {
+                backend: NetBackendKind::Peer,
+                sg: false,
+                stats: NetStats {
+                    tx_frames: 1,
+                    tx_bytes: 2,
+                    tx_dropped: 3,
+                    tx_descriptors: 4,
+                    csum_completed: 5,
+                    rx_frames: 6,
+                    rx_bytes: 7,
+                    rx_dropped: 8,
+                },
+            }],
+        };
+        RunSummary::new(run, Path::new("/nowhere/vmlinuz"), HostMode::Emulated, true)
+    }
+
+    #[test]
+    fn a_summary_survives_a_json_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.json");
+        let summary = full_summary();
+        summary.save(&path).unwrap();
+        assert_eq!(RunSummary::load(&path).unwrap(), summary);
+    }
+
+    #[test]
+    fn a_summary_is_written_with_typed_values_not_debug_text() {
+        let json: serde_json::Value = serde_json::to_value(full_summary()).unwrap();
+        assert_eq!(json["schema"], RUN_SUMMARY_SCHEMA);
+        assert_eq!(json["mode"], "emulated");
+        assert_eq!(json["stop"]["TripleFault"], "rip 0x1");
+        assert_eq!(json["kernel_format"], "Elf");
+        assert_eq!(json["time_to_init_s"], 1.25);
+        assert_eq!(json["run_time_s"], 4.5);
+        assert_eq!(json["messages"][0]["at_s"], 1.25);
+        assert_eq!(json["messages"][0]["message"]["kind"], "hello");
+        assert_eq!(json["nics"][0]["stats"]["rx_dropped"], 8);
+        assert_eq!(json["nics"][0]["backend"], "peer");
+        assert_eq!(json["reports"][0]["mbps"], 812.5);
+        assert_eq!(json["reports"][1], "oops");
+        assert_eq!(json["exit_status"], 1);
+        assert_eq!(
+            serde_json::to_value(StopReason::PowerOff).unwrap(),
+            "PowerOff"
+        );
+    }
+
+    #[test]
+    fn reports_are_read_as_the_type_of_their_test() {
+        #[derive(Deserialize)]
+        struct Throughput {
+            mbps: f64,
+        }
+        let summary = full_summary();
+        assert_eq!(
+            summary.report::<Throughput>("disk-read").unwrap().mbps,
+            812.5
+        );
+        assert!(matches!(
+            summary.report::<Throughput>("send"),
+            Err(SummaryError::NoReport(_))
+        ));
+        assert_eq!(summary.reports_of("disk-read").count(), 1);
+    }
+
+    #[test]
+    fn another_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.json");
+        let mut summary = full_summary();
+        summary.schema = "zc-vmm-run/1".into();
+        summary.save(&path).unwrap();
+        let message = RunSummary::load(&path).unwrap_err().to_string();
+        assert!(message.contains("zc-vmm-run/1"), "{message}");
+    }
+
+    #[test]
+    fn the_kernel_image_comes_from_kernel_json_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        assert_eq!(KernelImage::beside(&kernel), None);
+        let role = zc_images::role::RoleKernel {
+            role: zc_images::role::Role::Guest,
+            package: Some("linux-image-6.1.0-1-cloud-amd64".into()),
+            deb_version: Some("6.1.192-2".into()),
+            release: "6.1.0-1-cloud-amd64".into(),
+            version: "Linux version 6.1".into(),
+            modules: vec![],
+            module_paths: vec![],
+            builtin: vec![],
+        };
+        std::fs::write(
+            dir.path().join("kernel.json"),
+            serde_json::to_string(&role).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            KernelImage::beside(&kernel),
+            Some(KernelImage {
+                package: role.package.clone(),
+                deb_version: role.deb_version.clone(),
+                release: role.release.clone(),
+            })
+        );
+    }
+}
