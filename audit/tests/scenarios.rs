@@ -12,7 +12,7 @@ use common::{source, Conn, Frame, Sim, L2_L4, NET_HDR, PAGE};
 use rstest::rstest;
 use serde_json::json;
 use zc_audit::{audit, parse_reports, report, AuditInput, Expectations, MethodAudit, Verdict};
-use zc_devices::dma_log::{read_log, Record};
+use zc_dma_log::{read_log, Record};
 
 /// The source file of every scenario: 8 pages.
 const SRC_LEN: u64 = 8 * PAGE;
@@ -715,7 +715,7 @@ fn dedupe_counts_each_byte_once_per_content() {
     let reported: u64 = records
         .iter()
         .filter_map(|r| match r {
-            zc_devices::dma_log::Record::Dirty(d) => Some(d),
+            zc_dma_log::Record::Dirty(d) => Some(d),
             _ => None,
         })
         .flat_map(|d| &d.runs)
@@ -821,7 +821,7 @@ fn report_and_marks_decide(
 fn a_span_without_end_fails() {
     let mut input = load("sendfile_sg_on", "sg-on");
     input.records.retain(
-        |r| !matches!(r, zc_devices::dma_log::Record::Marker(m) if m.label == "END sendfile"),
+        |r| !matches!(r, zc_dma_log::Record::Marker(m) if m.label == "END sendfile"),
     );
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(a.verdict, Verdict::Fail);
@@ -964,7 +964,7 @@ fn dirty_records_after_end_count_only_up_to_the_end_sample() {
     // Without the END sample the first dirty record after END is still taken...
     input
         .records
-        .retain(|r| !matches!(r, zc_devices::dma_log::Record::Dirty(d) if d.sample == u32::MAX));
+        .retain(|r| !matches!(r, zc_dma_log::Record::Dirty(d) if d.sample == u32::MAX));
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(a.cpu_copied_bytes, PAGE);
     // ...unless another marker comes first.

@@ -157,6 +157,7 @@ impl Batch {
     }
 
     /// Drops the room taken by the last [`Batch::reserve`], which started at `at`.
+    #[cfg(feature = "guest-memory")]
     pub(super) fn unreserve(&mut self, at: usize) {
         self.used = at;
     }
@@ -653,10 +654,11 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    #[cfg(feature = "guest-memory")]
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::table_hashes;
-    use crate::dma_log::{
+    use crate::{
         fingerprint, pieces_of, DescInfo, DescRole, DeviceKind, Direction, DmaLog, DmaLogReader,
         NetRequest, Record, RequestDetail,
     };
@@ -855,6 +857,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "guest-memory")]
     #[test]
     fn copies_are_taken_when_the_device_accesses_memory() {
         let mem: GuestMemoryMmap =

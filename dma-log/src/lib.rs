@@ -30,6 +30,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 mod json;
 mod page_table;
 mod writer;
+#[cfg(feature = "guest-memory")]
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Schema identifier written in the header line; readers refuse any other value.
@@ -81,6 +82,7 @@ pub fn pieces_of(gpa: u64, bytes: &[u8]) -> Vec<Piece> {
         .collect()
 }
 
+#[cfg(feature = "guest-memory")]
 /// Reads `[gpa, gpa + len)` from guest memory page piece by page piece and returns the
 /// fingerprint of each piece. Fails if any byte is outside guest memory.
 pub fn pieces_from_guest<M: GuestMemory + ?Sized>(
@@ -557,6 +559,7 @@ impl DmaLog {
         });
     }
 
+    #[cfg(feature = "guest-memory")]
     /// Records one descriptor access, fingerprinting the guest's bytes
     /// `[d.gpa, d.gpa + d.len)` as they are now (call it right after the device
     /// wrote them, or when it read them). Like [`pieces_from_guest`], a range not
@@ -829,6 +832,7 @@ pub fn read_log(path: &Path) -> Result<Vec<Record>, DmaLogError> {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+    #[cfg(feature = "guest-memory")]
     use vm_memory::GuestMemoryMmap;
 
     /// A `Write` that appends into a shared buffer, so tests can read what was written.
@@ -864,6 +868,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "guest-memory")]
     #[test]
     fn guest_pieces_hash_the_bytes() {
         let mem: GuestMemoryMmap =
