@@ -820,9 +820,9 @@ fn report_and_marks_decide(
 #[test]
 fn a_span_without_end_fails() {
     let mut input = load("sendfile_sg_on", "sg-on");
-    input.records.retain(
-        |r| !matches!(r, zc_dma_log::Record::Marker(m) if m.label == "END sendfile"),
-    );
+    input
+        .records
+        .retain(|r| !matches!(r, zc_dma_log::Record::Marker(m) if m.label == "END sendfile"));
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(a.verdict, Verdict::Fail);
     assert_eq!(

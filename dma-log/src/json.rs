@@ -2,10 +2,12 @@
 //! (`desc` and `request`): under the emulated host every instruction of the log is
 //! emulated, and serde_json's generic path costs several times more than appending
 //! known field names and digits. The output is byte for byte what serde_json writes
-//! for the same [`Record`](super::Record) (the tests compare them), so readers keep
+//! for the same [`Record`](crate::Record) (the tests compare them), so readers keep
 //! using serde.
 
-use super::{BlkStatus, DescRole, DeviceKind, Direction, NetRequest, RequestDetail, PAGE_SIZE};
+use crate::{
+    BlkStatus, DescInfo, DescRole, DeviceKind, Direction, NetRequest, RequestDetail, PAGE_SIZE,
+};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -14,7 +16,7 @@ pub(super) fn push_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
-/// Appends a fingerprint as serde writes [`Fingerprint`](super::Fingerprint): a JSON
+/// Appends a fingerprint as serde writes [`Fingerprint`](crate::Fingerprint): a JSON
 /// string of 16 lowercase hex digits.
 pub(super) fn push_hash(out: &mut Vec<u8>, h: u64) {
     let mut digits = [b'"'; 18];
@@ -103,7 +105,7 @@ fn device_prefix(
 pub(super) struct DescHead {
     pub seq: u64,
     pub t_ns: u64,
-    pub info: super::DescInfo,
+    pub info: DescInfo,
 }
 
 /// Appends a `desc` line up to and including `"pieces":[`; follow with
@@ -210,8 +212,8 @@ pub(super) fn request(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{BlkRequest, DescRecord, Fingerprint, Piece, Record, RequestRecord};
     use super::*;
+    use crate::{BlkRequest, DescRecord, Fingerprint, Piece, Record, RequestRecord};
 
     fn serde_line(r: &Record) -> String {
         serde_json::to_string(r).unwrap() + "\n"
@@ -278,7 +280,7 @@ mod tests {
                 DeviceKind::Net,
             ),
         ] {
-            let info = super::super::DescInfo {
+            let info = DescInfo {
                 device,
                 queue: n as u16,
                 head: u16::MAX,

@@ -18,9 +18,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::page_table::PageTable;
-use super::{
-    fingerprint, json, page_pieces, DescInfo, DeviceErrorRecord, DeviceKind, DirtyRecord,
+use crate::handle::COPY_LIMIT;
+use crate::page_table::PageTable;
+use crate::{
+    fingerprint, json, page_pieces, DescInfo, DetailFn, DeviceErrorRecord, DeviceKind, DirtyRecord,
     DmaLogError, MarkerRecord, PayloadRun, Piece, Record, RequestDetail, PAGE_SIZE,
 };
 
@@ -85,7 +86,7 @@ pub(super) enum Body {
         at: usize,
         len: usize,
         arg: u64,
-        detail: super::DetailFn,
+        detail: DetailFn,
     },
     Marker(String),
     DeviceError {
@@ -128,7 +129,7 @@ impl Batch {
             // Large enough that a batch rarely grows (growing copies and zero-fills
             // on the device thread); fresh zeroed pages from the allocator cost no
             // zero-filling either.
-            bytes: vec![0; WAKE_BYTES + super::COPY_LIMIT],
+            bytes: vec![0; WAKE_BYTES + COPY_LIMIT],
             used: 0,
             file_bytes: 0,
         }
@@ -296,7 +297,7 @@ impl Shared {
     }
 }
 
-/// The handle every [`DmaLog`](super::DmaLog) clone points to; dropping the last one
+/// The handle every [`DmaLog`](crate::DmaLog) clone points to; dropping the last one
 /// writes out what is queued and ends the writer thread.
 pub(super) struct Handle {
     pub(super) shared: Arc<Shared>,
@@ -343,7 +344,7 @@ pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
     let thread = std::thread::Builder::new()
         .name("zc-dma-log".into())
         .spawn(move || {
-            super::lower_this_threads_priority();
+            lower_this_threads_priority();
             let gone = Gone(&for_thread);
             run(
                 &for_thread,
@@ -360,6 +361,18 @@ pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
         shared,
         thread: Some(thread),
     })
+}
+
+/// Lets the calling thread (the log's writer, or its page-table pass) have only the
+/// CPU time that the vCPUs and device threads leave: the log must not slow the guest
+/// down where it can wait (producers still wait for it once it falls 8 MiB
+/// behind, so it cannot starve for long).
+pub(crate) fn lower_this_threads_priority() {
+    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who 0 is the
+    // calling thread. Failing leaves the priority as it was, which is harmless.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
 }
 
 /// Marks the writer gone however it ends, so that `flush` never waits forever.
