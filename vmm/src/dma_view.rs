@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 
-use zc_devices::dma_log::{DeviceKind, Direction, Record, RequestDetail};
+use zc_dma_log::{DeviceKind, Direction, Record, RequestDetail};
 
 /// Which records to keep.
 #[derive(Debug, Clone, Default)]
@@ -228,7 +228,7 @@ impl fmt::Display for Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zc_devices::dma_log::{
+    use zc_dma_log::{
         BlkRequest, BlkStatus, DescRecord, DescRole, DeviceErrorRecord, MarkerRecord, RequestRecord,
     };
 

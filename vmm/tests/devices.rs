@@ -10,7 +10,7 @@ use rstest::rstest;
 
 mod common;
 
-use zc_devices::dma_log::{read_log, BlkStatus, DescRole, Direction, Record, RequestDetail};
+use zc_dma_log::{read_log, BlkStatus, DescRole, Direction, Record, RequestDetail};
 
 fn images() -> PathBuf {
     common::images_with("guest/disk.img")
