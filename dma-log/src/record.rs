@@ -137,7 +137,8 @@ pub struct BlkRequest {
     pub status: BlkStatus,
 }
 
-/// Request detail of a virtio-net chain (a frame); the net device defines `summary`.
+/// Request detail of a virtio-net chain (a frame), as [`crate::frame::summarize`] and
+/// [`crate::frame::FrameSummary::into_request`] make it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetRequest {
     /// Free-form one-line frame summary (e.g. `tx tcp 10.0.2.15:40000>10.0.2.2:7000 len=1448`).
