@@ -45,11 +45,11 @@ impl DmaLog {
         // The copy is taken now, under the queue lock; the writer thread hashes it
         // later (the guest may reuse the buffer as soon as the device completes it).
         self.push(len, |batch| {
-            let (at, dst) = batch.reserve(len);
+            let (copied, dst) = batch.reserve(len);
             let pieces = match mem.read_slice(dst, GuestAddress(d.gpa)) {
-                Ok(()) => writer::Pieces::Copied { at, len },
+                Ok(()) => writer::Pieces::Copied(copied),
                 Err(_) => {
-                    batch.unreserve(at);
+                    batch.unreserve(copied);
                     writer::Pieces::Hashed(Vec::new())
                 }
             };

@@ -37,6 +37,25 @@ pub struct DescInfo {
     pub role: DescRole,
 }
 
+/// The chain a record belongs to: what every device record starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Chain {
+    pub(crate) device: DeviceKind,
+    pub(crate) queue: u16,
+    pub(crate) head: u16,
+}
+
+impl DescInfo {
+    /// The chain the descriptor belongs to.
+    pub(crate) fn chain(&self) -> Chain {
+        Chain {
+            device: self.device,
+            queue: self.queue,
+            head: self.head,
+        }
+    }
+}
+
 /// Works out a request's detail from the bytes given to [`DmaLog::request_from_bytes`]
 /// and its `arg`. A plain function, so that queuing one allocates nothing.
 pub type DetailFn = fn(&[u8], u64) -> RequestDetail;
@@ -154,9 +173,7 @@ impl DmaLog {
             return;
         }
         self.push(len, |batch| {
-            let (at, dst) = batch.reserve(len);
-            dst.copy_from_slice(bytes);
-            writer::Body::Desc(d, writer::Pieces::Copied { at, len })
+            writer::Body::Desc(d, writer::Pieces::Copied(batch.copy(bytes)))
         });
     }
 
@@ -199,11 +216,13 @@ impl DmaLog {
 
     /// Records a completed request (one per chain).
     pub fn request(&self, device: DeviceKind, queue: u16, head: u16, req: RequestDetail) {
-        self.push(0, |_| writer::Body::Request {
+        let chain = Chain {
             device,
             queue,
             head,
-            req,
+        };
+        self.push(0, |_| {
+            writer::Body::Request(chain, writer::Detail::Ready(req))
         });
     }
 
@@ -222,23 +241,18 @@ impl DmaLog {
         if !self.is_enabled() {
             return;
         }
-        let len = bytes.len();
-        if len > COPY_LIMIT {
+        if bytes.len() > COPY_LIMIT {
             self.request(device, queue, head, detail(bytes, arg));
             return;
         }
-        self.push(len, |batch| {
-            let (at, dst) = batch.reserve(len);
-            dst.copy_from_slice(bytes);
-            writer::Body::DeferredRequest {
-                device,
-                queue,
-                head,
-                at,
-                len,
-                arg,
-                detail,
-            }
+        let chain = Chain {
+            device,
+            queue,
+            head,
+        };
+        self.push(bytes.len(), |batch| {
+            let bytes = batch.copy(bytes);
+            writer::Body::Request(chain, writer::Detail::Deferred { bytes, arg, detail })
         });
     }
 

@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::handle::COPY_LIMIT;
+use crate::handle::{Chain, COPY_LIMIT};
 use crate::page_table::PageTable;
 use crate::{
     fingerprint, json, page_pieces, DescInfo, DetailFn, DeviceErrorRecord, DeviceKind, DirtyRecord,
@@ -35,7 +35,7 @@ const MAX_ENTRIES: usize = 1 << 16;
 /// ... or this many bytes to fingerprint, so that memory stays bounded and the writer
 /// does not fall far behind (the device then runs at the writer's pace: nothing is
 /// dropped).
-pub(super) const MAX_BYTES: usize = 8 << 20;
+pub(crate) const MAX_BYTES: usize = 8 << 20;
 /// How long the writer lets records accumulate after the first one arrives, so that
 /// one wake-up writes many records and producers rarely need to wake it.
 const LINGER: Duration = Duration::from_millis(2);
@@ -57,37 +57,47 @@ enum WriterState {
 }
 
 /// The fingerprints of a `desc` record, or what the writer computes them from.
-pub(super) enum Pieces {
+pub(crate) enum Pieces {
     /// Already computed by the device thread.
     Hashed(Vec<Piece>),
-    /// `len` bytes at `at` in the batch's `bytes`: a copy taken when the device
-    /// accessed them.
-    Copied { at: usize, len: usize },
+    /// A copy taken when the device accessed them.
+    Copied(Copied),
     /// The record's `len` bytes at `off` in stable file number `file` (see
     /// [`Shared::add_file`]), whose contents do not change.
     File { file: u32, off: u64 },
 }
 
-/// One queued record, minus `seq` and `t_ns`.
-pub(super) enum Body {
-    Desc(DescInfo, Pieces),
-    Request {
-        device: DeviceKind,
-        queue: u16,
-        head: u16,
-        req: RequestDetail,
-    },
-    /// A request whose detail the writer computes: `detail(bytes, arg)`, over the
-    /// `len` copied bytes at `at`.
-    DeferredRequest {
-        device: DeviceKind,
-        queue: u16,
-        head: u16,
-        at: usize,
-        len: usize,
+/// Bytes copied into a batch when the device accessed them: `len` of them at `at`
+/// in the batch's `bytes`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Copied {
+    at: usize,
+    len: usize,
+}
+
+impl Copied {
+    /// The copied bytes, in the `bytes` of the batch they were copied into.
+    fn of(self, bytes: &[u8]) -> &[u8] {
+        &bytes[self.at..self.at + self.len]
+    }
+}
+
+/// The detail of a `request` record, or what the writer works it out from.
+pub(crate) enum Detail {
+    /// Given by the device.
+    Ready(RequestDetail),
+    /// `detail(bytes, arg)`, on the writer thread.
+    Deferred {
+        bytes: Copied,
         arg: u64,
         detail: DetailFn,
     },
+}
+
+/// One queued record, minus `seq` and `t_ns`.
+pub(crate) enum Body {
+    Desc(DescInfo, Pieces),
+    Request(Chain, Detail),
     Marker(String),
     DeviceError {
         device: DeviceKind,
@@ -111,7 +121,7 @@ struct Entry {
 }
 
 /// Records waiting for the writer, and the guest bytes they fingerprint.
-pub(super) struct Batch {
+pub(crate) struct Batch {
     entries: Vec<Entry>,
     /// Copies of guest bytes, `used` bytes long. The vector keeps its largest length
     /// across batches so that reusing it never zero-fills again.
@@ -141,26 +151,33 @@ impl Batch {
     }
 
     /// Counts `len` bytes of a stable file that a record refers to.
-    pub(super) fn add_file_bytes(&mut self, len: usize) {
+    pub(crate) fn add_file_bytes(&mut self, len: usize) {
         self.file_bytes += len;
     }
 
-    /// Room for `len` more bytes of copies: returns where they start and the slice
-    /// to fill. [`Batch::unreserve`] gives the room back if filling fails.
-    pub(super) fn reserve(&mut self, len: usize) -> (usize, &mut [u8]) {
+    /// Room for `len` more bytes of copies: returns where they are and the slice to
+    /// fill. [`Batch::unreserve`] gives the room back if filling fails.
+    pub(crate) fn reserve(&mut self, len: usize) -> (Copied, &mut [u8]) {
         let at = self.used;
         let end = at + len;
         if self.bytes.len() < end {
             self.bytes.resize(end, 0);
         }
         self.used = end;
-        (at, &mut self.bytes[at..end])
+        (Copied { at, len }, &mut self.bytes[at..end])
     }
 
-    /// Drops the room taken by the last [`Batch::reserve`], which started at `at`.
+    /// A copy of `bytes` in the batch.
+    pub(crate) fn copy(&mut self, bytes: &[u8]) -> Copied {
+        let (copied, dst) = self.reserve(bytes.len());
+        dst.copy_from_slice(bytes);
+        copied
+    }
+
+    /// Gives back the room of the last [`Batch::reserve`].
     #[cfg(feature = "guest-memory")]
-    pub(super) fn unreserve(&mut self, at: usize) {
-        self.used = at;
+    pub(crate) fn unreserve(&mut self, last: Copied) {
+        self.used = last.at;
     }
 
     fn clear(&mut self) {
@@ -194,7 +211,7 @@ struct State {
 }
 
 /// What the log's handles and its writer thread share.
-pub(super) struct Shared {
+pub(crate) struct Shared {
     start: Instant,
     state: Mutex<State>,
     /// The writer waits here for records.
@@ -214,7 +231,7 @@ impl Shared {
 
     /// Registers a file whose contents do not change while the log lives; returns
     /// its number for [`Pieces::File`].
-    pub(super) fn add_file(&self, file: File) -> u32 {
+    pub(crate) fn add_file(&self, file: File) -> u32 {
         let file = Arc::new(file);
         let pages = PageTable::start(file.clone());
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -225,7 +242,7 @@ impl Shared {
     /// Queues one record: `make` builds it (given the pending batch to copy guest
     /// bytes into, at most `copy_len` of them) under the lock, right after its
     /// `seq` and `t_ns` are taken, so that they are those of the access it records.
-    pub(super) fn push(&self, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
+    pub(crate) fn push(&self, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
         let mut st = self.lock();
         loop {
             if st.stopped {
@@ -270,7 +287,7 @@ impl Shared {
 
     /// Waits until every record queued before the call is written and the output
     /// flushed; returns the first write error since the log started, if any.
-    pub(super) fn flush(&self) -> Result<(), DmaLogError> {
+    pub(crate) fn flush(&self) -> Result<(), DmaLogError> {
         let mut st = self.lock();
         st.flush_asked += 1;
         let ticket = st.flush_asked;
@@ -299,8 +316,8 @@ impl Shared {
 
 /// The handle every [`DmaLog`](crate::DmaLog) clone points to; dropping the last one
 /// writes out what is queued and ends the writer thread.
-pub(super) struct Handle {
-    pub(super) shared: Arc<Shared>,
+pub(crate) struct Handle {
+    pub(crate) shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -320,7 +337,7 @@ impl Drop for Handle {
 }
 
 /// Starts the writer thread over `out`; `head` (the header line) is written first.
-pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle, DmaLogError> {
+pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle, DmaLogError> {
     let shared = Arc::new(Shared {
         start: Instant::now(),
         state: Mutex::new(State {
@@ -427,8 +444,8 @@ impl Sink {
                             first = false;
                         }
                     }
-                    Pieces::Copied { at, len } => {
-                        push_pieces(out, &mut first, info.gpa, &bytes[at..at + len]);
+                    Pieces::Copied(copied) => {
+                        push_pieces(out, &mut first, info.gpa, copied.of(bytes));
                     }
                     Pieces::File { file, off } => {
                         self.file_pieces(
@@ -444,26 +461,16 @@ impl Sink {
                 json::end_desc(&mut self.buf, !first);
                 return Ok(());
             }
-            Body::Request {
-                device,
-                queue,
-                head,
-                req,
-            } => {
-                json::request(out, seq, t_ns, device, queue, head, &req);
-                return Ok(());
-            }
-            Body::DeferredRequest {
-                device,
-                queue,
-                head,
-                at,
-                len,
-                arg,
-                detail,
-            } => {
-                let req = detail(&bytes[at..at + len], arg);
-                json::request(out, seq, t_ns, device, queue, head, &req);
+            Body::Request(chain, detail) => {
+                let req = match detail {
+                    Detail::Ready(req) => req,
+                    Detail::Deferred {
+                        bytes: copied,
+                        arg,
+                        detail,
+                    } => detail(copied.of(bytes), arg),
+                };
+                json::request(out, seq, t_ns, chain, &req);
                 return Ok(());
             }
             // Rare records: serde's output is the reference, and its cost does not matter.
@@ -631,7 +638,7 @@ fn run(shared: &Shared, mut sink: Sink) {
 /// `first` says no piece of the line has been written yet.
 /// A stable file and the fingerprints of its pages, once known.
 #[derive(Clone)]
-pub(super) struct StableEntry {
+pub(crate) struct StableEntry {
     file: Arc<File>,
     pages: Arc<PageTable>,
 }
