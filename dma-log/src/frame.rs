@@ -163,115 +163,100 @@ pub fn summarize(frame: &[u8]) -> FrameSummary {
 
 #[cfg(test)]
 mod tests {
+    use rstest::rstest;
+
     use super::*;
 
-    const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-    const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
-    const PEER_IP: [u8; 4] = [10, 0, 2, 2];
+    /// 10.0.2.15 > 10.0.2.2, the guest's and the peer's addresses.
+    const GUEST_TO_PEER: [u8; 8] = [10, 0, 2, 15, 10, 0, 2, 2];
+    const MACS: [u8; 12] = [0x52, 0x54, 0, 0, 2, 2, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
-    fn payload(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i * 31 + 7) as u8).collect()
-    }
-
-    /// A TCP/IPv4 frame from 10.0.2.15:40000 to 10.0.2.2:7878, seq 1000, PSH|ACK.
-    /// Checksums are left 0: a summary reads none.
-    fn tcp_frame(payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0x52, 0x54, 0, 0, 2, 2];
-        f.extend_from_slice(&GUEST_MAC);
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
-        let total = (20 + 20 + payload.len()) as u16;
-        let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0];
-        ip[2..4].copy_from_slice(&total.to_be_bytes());
-        ip.extend_from_slice(&GUEST_IP);
-        ip.extend_from_slice(&PEER_IP);
-        f.extend_from_slice(&ip);
-        let mut tcp = vec![0u8; 20];
-        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-        tcp[2..4].copy_from_slice(&7878u16.to_be_bytes());
-        tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
-        tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
-        tcp[12] = 5 << 4;
-        tcp[13] = 0x18; // PSH | ACK
-        tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
-        f.extend_from_slice(&tcp);
-        f.extend_from_slice(payload);
+    /// A TCP/IPv4 frame between `addrs` (source, then destination) with `payload_len`
+    /// payload bytes. Checksums are left 0: a summary reads none.
+    fn tcp_frame(
+        addrs: [u8; 8],
+        ports: (u16, u16),
+        seq: u32,
+        flags: u8,
+        payload_len: usize,
+    ) -> Vec<u8> {
+        let [len_hi, len_lo] = ((20 + 20 + payload_len) as u16).to_be_bytes();
+        let mut f = MACS.to_vec();
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[0x45, 0, len_hi, len_lo, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+        f.extend_from_slice(&addrs);
+        f.extend_from_slice(&ports.0.to_be_bytes());
+        f.extend_from_slice(&ports.1.to_be_bytes());
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.extend_from_slice(&1u32.to_be_bytes()); // ack
+        f.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend((0..payload_len).map(|i| (i * 31 + 7) as u8));
         f
     }
 
-    /// An ARP request: who has 10.0.2.2, tell 10.0.2.15.
-    fn arp_request() -> Vec<u8> {
-        let mut f = vec![0xff; 6];
-        f.extend_from_slice(&GUEST_MAC);
-        f.extend_from_slice(&0x0806u16.to_be_bytes());
-        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-        f.extend_from_slice(&GUEST_MAC);
-        f.extend_from_slice(&GUEST_IP);
+    /// An ARP packet with operation `op` (1: who has 10.0.2.2, tell 10.0.2.15).
+    fn arp(op: u16) -> Vec<u8> {
+        let mut f = [[0xff; 6], [0x52, 0x54, 0, 0x12, 0x34, 0x56]].concat();
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4]);
+        f.extend_from_slice(&op.to_be_bytes());
+        f.extend_from_slice(&MACS[6..]);
+        f.extend_from_slice(&GUEST_TO_PEER[..4]);
         f.extend_from_slice(&[0; 6]);
-        f.extend_from_slice(&PEER_IP);
+        f.extend_from_slice(&GUEST_TO_PEER[4..]);
         f
     }
 
     #[test]
     fn summaries_survive_garbage() {
         assert_eq!(summarize(&[]).text, "runt len=0");
-        let mut f = tcp_frame(&payload(5));
-        f[14] = 0x4f; // IHL 60 > total
-        assert!(summarize(&f).tcp_seq.is_none());
-        let f = tcp_frame(&payload(5));
+        let f = tcp_frame(GUEST_TO_PEER, (40000, 7878), 1000, 0x18, 5);
+        let mut bad = f.clone();
+        bad[14] = 0x4f; // IHL 60 > total
+        assert!(summarize(&bad).tcp_seq.is_none());
         for n in 0..f.len() {
             let _ = summarize(&f[..n]);
         }
         let s = summarize(&f);
         assert_eq!((s.tcp_seq, s.tcp_len), (Some(1000), Some(5)));
         assert!(s.text.ends_with("flags=PA"), "{}", s.text);
-        let mut a = arp_request();
-        a[21] = 9;
-        assert_eq!(summarize(&a).text, "arp op=9");
+        assert_eq!(
+            summarize(&arp(1)).text,
+            "arp who-has 10.0.2.2 tell 10.0.2.15"
+        );
+        assert_eq!(summarize(&arp(9)).text, "arp op=9");
     }
 
     /// The TCP summary is built by hand for speed; it must say exactly what the
     /// `format!` it replaced said.
-    #[test]
-    fn tcp_summary_text_is_the_formatted_one() {
-        for (payload_len, addrs, ports, seq, flags) in [
-            (
-                5usize,
-                [10, 0, 2, 15, 10, 0, 2, 2],
-                (40000u16, 7878u16),
-                1000u32,
-                0x18u8,
-            ),
-            (
-                0,
-                [0, 0, 0, 0, 255, 255, 255, 255],
-                (0, 65535),
-                u32::MAX,
-                0x1f,
-            ),
-            (1448, [192, 168, 100, 9, 1, 22, 3, 44], (9, 80), 0, 0x00),
-        ] {
-            let mut f = tcp_frame(&payload(payload_len));
-            f[26..34].copy_from_slice(&addrs);
-            f[34..36].copy_from_slice(&ports.0.to_be_bytes());
-            f[36..38].copy_from_slice(&ports.1.to_be_bytes());
-            f[38..42].copy_from_slice(&seq.to_be_bytes());
-            f[47] = flags;
-            let s = summarize(&f);
-            let flag_text: String = [(2, 'S'), (1, 'F'), (4, 'R'), (8, 'P'), (0x10, 'A')]
-                .iter()
-                .filter(|(m, _)| flags & m != 0)
-                .map(|(_, c)| *c)
-                .collect();
-            let want = format!(
-                "tcp {}:{}>{}:{} seq={seq} len={} flags={flag_text}",
-                std::net::Ipv4Addr::new(addrs[0], addrs[1], addrs[2], addrs[3]),
-                ports.0,
-                std::net::Ipv4Addr::new(addrs[4], addrs[5], addrs[6], addrs[7]),
-                ports.1,
-                s.tcp_len.unwrap(),
-            );
-            assert_eq!(s.text, want);
-            assert_eq!(s.tcp_len, Some(payload_len as u32));
-        }
+    #[rstest]
+    #[case(5, GUEST_TO_PEER, (40000, 7878), 1000, 0x18)]
+    #[case(0, [0, 0, 0, 0, 255, 255, 255, 255], (0, 65535), u32::MAX, 0x1f)]
+    #[case(1448, [192, 168, 100, 9, 1, 22, 3, 44], (9, 80), 0, 0x00)]
+    fn tcp_summary_text_is_the_formatted_one(
+        #[case] payload_len: usize,
+        #[case] addrs: [u8; 8],
+        #[case] ports: (u16, u16),
+        #[case] seq: u32,
+        #[case] flags: u8,
+    ) {
+        let s = summarize(&tcp_frame(addrs, ports, seq, flags, payload_len));
+        let flag_text: String = [(2, 'S'), (1, 'F'), (4, 'R'), (8, 'P'), (0x10, 'A')]
+            .iter()
+            .filter(|(m, _)| flags & m != 0)
+            .map(|(_, c)| *c)
+            .collect();
+        let want = format!(
+            "tcp {}:{}>{}:{} seq={seq} len={} flags={flag_text}",
+            std::net::Ipv4Addr::new(addrs[0], addrs[1], addrs[2], addrs[3]),
+            ports.0,
+            std::net::Ipv4Addr::new(addrs[4], addrs[5], addrs[6], addrs[7]),
+            ports.1,
+            s.tcp_len.unwrap(),
+        );
+        assert_eq!(s.text, want);
+        assert_eq!(s.tcp_len, Some(payload_len as u32));
+        // Ethernet 14 + IPv4 20 + TCP 20 bytes of headers.
+        assert_eq!(s.tcp_payload_off, Some(54));
+        assert_eq!(s.tcp_ports, Some(ports));
     }
 }

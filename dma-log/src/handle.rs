@@ -303,31 +303,16 @@ impl DmaLog {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
+    use crate::test_util::Out;
     use crate::{
         read_log, BlkRequest, BlkStatus, DmaLogReader, Fingerprint, NetRequest, RequestRecord,
     };
 
-    /// A `Write` that appends into a shared buffer, so tests can read what was written.
-    #[derive(Clone, Default)]
-    pub(crate) struct SharedBuf(pub Arc<Mutex<Vec<u8>>>);
-
-    impl Write for SharedBuf {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn round_trip_all_record_kinds() {
-        let buf = SharedBuf::default();
-        let log = DmaLog::new(buf.clone()).unwrap();
+        let out = Out::default();
+        let log = out.log();
         log.marker("BEGIN x");
         log.descriptor(
             DescInfo {
@@ -374,7 +359,7 @@ mod tests {
         );
         log.device_error(DeviceKind::Blk, 0, None, "bad", true);
         log.flush().unwrap();
-        let bytes = buf.0.lock().unwrap().clone();
+        let bytes = out.bytes();
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.starts_with("{\"type\":\"header\",\"schema\":\"zc-dma-log/1\""));
         assert!(text.contains("\"hash\":\"fffffffffffffffe\""));

@@ -224,6 +224,24 @@ mod tests {
         }
     }
 
+    /// The record of `info` and `pieces`, for serde to write.
+    fn desc_record(seq: u64, t_ns: u64, info: DescInfo, pieces: Vec<Piece>) -> Record {
+        Record::Desc(DescRecord {
+            seq,
+            t_ns,
+            device: info.device,
+            queue: info.queue,
+            head: info.head,
+            desc: info.desc,
+            indirect: info.indirect,
+            gpa: info.gpa,
+            len: info.len,
+            dir: info.dir,
+            role: info.role,
+            pieces,
+        })
+    }
+
     #[test]
     fn desc_lines_match_serde() {
         let pieces = |n: u64| -> Vec<Piece> {
@@ -289,20 +307,7 @@ mod tests {
                 push_piece(&mut out, i == 0, p.gpa, p.len, p.hash.0);
             }
             end_desc(&mut out, n > 0);
-            let rec = Record::Desc(DescRecord {
-                seq: u64::MAX,
-                t_ns: n * 1_000_000_007,
-                device,
-                queue: n as u16,
-                head: u16::MAX,
-                desc: 7,
-                indirect,
-                gpa: u64::MAX - n,
-                len: u32::MAX,
-                dir,
-                role,
-                pieces: pieces(n),
-            });
+            let rec = desc_record(u64::MAX, n * 1_000_000_007, info, pieces(n));
             assert_eq!(String::from_utf8(out).unwrap(), serde_line(&rec));
         }
     }

@@ -40,6 +40,8 @@ mod json;
 mod page_table;
 mod reader;
 mod record;
+#[cfg(test)]
+mod test_util;
 mod writer;
 
 pub use error::DmaLogError;

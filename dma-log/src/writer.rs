@@ -670,56 +670,19 @@ fn push_pieces(out: &mut Vec<u8>, first: &mut bool, gpa: u64, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use std::io::{self, Write as _};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[cfg(feature = "guest-memory")]
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::table_hashes;
+    use crate::test_util::Out;
     use crate::{
-        fingerprint, pieces_of, DescInfo, DescRole, DeviceKind, Direction, DmaLog, DmaLogReader,
-        NetRequest, Record, RequestDetail,
+        fingerprint, pieces_of, DescInfo, DescRole, DeviceKind, Direction, DmaLog, NetRequest,
+        Record, RequestDetail, StableFile,
     };
-
-    /// An output that appends to a shared buffer, optionally slowly, and fails once
-    /// `fail_after` bytes have been written.
-    #[derive(Clone, Default)]
-    struct Out {
-        buf: Arc<Mutex<Vec<u8>>>,
-        slow: Option<Duration>,
-        fail_after: Option<usize>,
-        flushes: Arc<AtomicUsize>,
-    }
-
-    impl io::Write for Out {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            if let Some(d) = self.slow {
-                std::thread::sleep(d);
-            }
-            let mut buf = self.buf.lock().unwrap();
-            if self.fail_after.is_some_and(|n| buf.len() + b.len() > n) {
-                return Err(io::Error::other("disk full (test)"));
-            }
-            buf.extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            self.flushes.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    impl Out {
-        fn records(&self) -> Vec<Record> {
-            let bytes = self.buf.lock().unwrap().clone();
-            DmaLogReader::new(&bytes[..])
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap()
-        }
-    }
 
     fn info(gpa: u64, len: u32) -> DescInfo {
         DescInfo {
@@ -744,7 +707,7 @@ mod tests {
     #[test]
     fn concurrent_producers_get_one_seq_order() {
         let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
+        let log = out.log();
         let threads: Vec<_> = (0..4u32)
             .map(|t| {
                 let log = log.clone();
@@ -794,11 +757,8 @@ mod tests {
 
     #[test]
     fn flush_waits_for_everything_queued() {
-        let out = Out {
-            slow: Some(Duration::from_millis(30)),
-            ..Out::default()
-        };
-        let log = DmaLog::new(out.clone()).unwrap();
+        let out = Out::slow(Duration::from_millis(30));
+        let log = out.log();
         for i in 0..100 {
             log.marker(&format!("m{i}"));
         }
@@ -813,11 +773,8 @@ mod tests {
 
     #[test]
     fn dropping_the_last_handle_writes_what_is_queued() {
-        let out = Out {
-            slow: Some(Duration::from_millis(20)),
-            ..Out::default()
-        };
-        let log = DmaLog::new(out.clone()).unwrap();
+        let out = Out::slow(Duration::from_millis(20));
+        let log = out.log();
         let other = log.clone();
         for i in 0..50 {
             log.marker(&format!("m{i}"));
@@ -836,7 +793,7 @@ mod tests {
             fail_after: Some(2000),
             ..Out::default()
         };
-        let log = DmaLog::new(out.clone()).unwrap();
+        let log = out.log();
         let bytes = content(1000, 1);
         for i in 0..5000u64 {
             log.descriptor_bytes(info(i * 4096, 1000), &bytes);
@@ -856,11 +813,8 @@ mod tests {
 
     #[test]
     fn a_slow_output_holds_producers_back_without_losing_records() {
-        let out = Out {
-            slow: Some(Duration::from_millis(2)),
-            ..Out::default()
-        };
-        let log = DmaLog::new(out.clone()).unwrap();
+        let out = Out::slow(Duration::from_millis(2));
+        let log = out.log();
         let bytes = content(256 << 10, 7);
         // 40 × 256 KiB is several times what one batch may hold.
         for i in 0..40u64 {
@@ -885,7 +839,7 @@ mod tests {
         let before = content(0x3000, 3);
         mem.write_slice(&before, GuestAddress(0x1800)).unwrap();
         let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
+        let log = out.log();
         log.descriptor_from_guest(&mem, info(0x1800, 0x3000));
         // The guest reuses the buffer at once; the writer has not hashed it yet.
         mem.write_slice(&[0u8; 0x3000], GuestAddress(0x1800))
@@ -902,14 +856,41 @@ mod tests {
         assert_eq!(d.len, 0x2000);
     }
 
-    #[test]
-    fn stable_file_ranges_are_fingerprinted_from_the_file() {
-        let data = content(3 << 20, 9);
+    /// A log over an [`Out`] with a 3 MiB file of `content(_, salt)` registered as
+    /// stable.
+    struct Stable {
+        data: Vec<u8>,
+        file: std::fs::File,
+        out: Out,
+        log: DmaLog,
+        stable: StableFile,
+    }
+
+    fn stable_file_log(salt: u32) -> Stable {
+        let data = content(3 << 20, salt);
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&data).unwrap();
         let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
+        let log = out.log();
         let stable = log.stable_file(&file).unwrap();
+        Stable {
+            data,
+            file,
+            out,
+            log,
+            stable,
+        }
+    }
+
+    #[test]
+    fn stable_file_ranges_are_fingerprinted_from_the_file() {
+        let Stable {
+            data,
+            file,
+            out,
+            log,
+            stable,
+        } = stable_file_log(9);
         assert!(DmaLog::disabled().stable_file(&file).is_none());
         // Longer than the writer's read chunk and not page aligned in the guest: the
         // chunks must not split a piece.
@@ -930,12 +911,13 @@ mod tests {
 
     #[test]
     fn page_aligned_reads_take_the_file_page_table_and_match_hashing() {
-        let data = content(3 << 20, 4);
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&data).unwrap();
-        let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
-        let stable = log.stable_file(&file).unwrap();
+        let Stable {
+            data,
+            out,
+            log,
+            stable,
+            ..
+        } = stable_file_log(4);
         let shared = &log.inner.as_ref().unwrap().shared;
         let pages = shared.files.lock().unwrap()[stable.0 as usize]
             .pages
@@ -985,7 +967,7 @@ mod tests {
             })
         }
         let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
+        let log = out.log();
         let mut frame = b"frame one".to_vec();
         log.request_from_bytes(DeviceKind::Net, 0, 3, &frame, 2, detail);
         frame.copy_from_slice(b"overwrite");
