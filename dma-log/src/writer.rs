@@ -385,11 +385,9 @@ pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
 /// down where it can wait (producers still wait for it once it falls 8 MiB
 /// behind, so it cannot starve for long).
 pub(crate) fn lower_this_threads_priority() {
-    // SAFETY: setpriority takes no pointers; on Linux, PRIO_PROCESS with who 0 is the
-    // calling thread. Failing leaves the priority as it was, which is harmless.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
+    // On Linux, PRIO_PROCESS with who 0 (`None`) is the calling thread. Failing leaves
+    // the priority as it was, which is harmless.
+    let _ = rustix::process::setpriority_process(None, 19);
 }
 
 /// Marks the writer gone however it ends, so that `flush` never waits forever.
@@ -753,6 +751,35 @@ mod tests {
             assert_eq!(n, next[t], "each thread's records keep its order");
             next[t] += 1;
         }
+    }
+
+    #[test]
+    fn the_writer_thread_runs_at_nice_19() {
+        let out = Out::default();
+        let log = out.log();
+        log.marker("m");
+        // The writer lowers its priority before it writes anything.
+        log.flush().unwrap();
+        let mut writers = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+                continue; // the thread ended meanwhile
+            };
+            if name.trim_end() != "zc-dma-log" {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+                continue;
+            };
+            // Fields after the `(comm)` one start at field 3 (state); nice is field 19.
+            let after_comm = &stat[stat.rfind(')').unwrap() + 1..];
+            let nice = after_comm.split_whitespace().nth(19 - 3).unwrap();
+            assert_eq!(nice, "19", "{}", dir.display());
+            writers += 1;
+        }
+        assert!(writers >= 1, "no zc-dma-log thread found");
+        drop(log);
     }
 
     #[test]
