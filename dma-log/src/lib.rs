@@ -25,7 +25,7 @@
 //! multi-GB/s transfer, and because it is a stable, specified algorithm that the
 //! audit side (or Python's `xxhash` package) can recompute.
 //!
-//! Feature `guest-memory` (on by default) adds [`DmaLog::descriptor_from_guest`] and
+//! Feature `guest-memory` (on by default) adds `DmaLog::descriptor_from_guest` and
 //! `pieces_from_guest`, which read a `vm_memory::GuestMemory`; a reader of logs turns
 //! it off and builds no vm-memory.
 
