@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use zc_devices::dma_log::{
+use zc_dma_log::{
     fingerprint, DescRecord, DescRole, DeviceKind, Direction, DirtyRecord, Fingerprint, NetRequest,
     Piece, Record, RequestDetail, PAGE_SIZE,
 };

@@ -1,6 +1,6 @@
 //! `zc-audit`: per-method verdicts from the evidence the devices logged.
 //!
-//! Input: the DMA log (`zc_devices::dma_log`), the source file, the guest's method
+//! Input: the DMA log (`zc_dma_log`), the source file, the guest's method
 //! reports and the NIC variant of the run. Output: one [`MethodAudit`] per method,
 //! judged against `audit/expected.toml` ([`Expectations`]), and reports of those
 //! ([`report`]). Pure functions: no VM, no KVM, no I/O except the loaders.
@@ -64,7 +64,7 @@ pub mod report;
 use std::path::PathBuf;
 
 use serde::Serialize;
-use zc_devices::dma_log::Record;
+use zc_dma_log::Record;
 use zc_protocol::Marker;
 
 pub use expect::{Defaults, Expectation, Expectations};
@@ -102,7 +102,7 @@ pub enum AuditError {
 /// Everything one run (one NIC variant) gives the audit.
 #[derive(Debug, Clone, Default)]
 pub struct AuditInput {
-    /// The DMA log's records, header excluded (`zc_devices::dma_log::read_log`).
+    /// The DMA log's records, header excluded (`zc_dma_log::read_log`).
     pub records: Vec<Record>,
     /// The payload file's bytes, or the prefix each method sent.
     pub source: Vec<u8>,

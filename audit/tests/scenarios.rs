@@ -12,7 +12,7 @@ use common::{source, Conn, Frame, Sim, L2_L4, NET_HDR, PAGE};
 use rstest::rstest;
 use serde_json::json;
 use zc_audit::{audit, parse_reports, report, AuditInput, Expectations, MethodAudit, Verdict};
-use zc_devices::dma_log::{read_log, Record};
+use zc_dma_log::{read_log, Record};
 use zc_protocol::dirty::END_SAMPLE;
 use zc_protocol::{Marker, Method};
 
@@ -717,7 +717,7 @@ fn dedupe_counts_each_byte_once_per_content() {
     let reported: u64 = records
         .iter()
         .filter_map(|r| match r {
-            zc_devices::dma_log::Record::Dirty(d) => Some(d),
+            zc_dma_log::Record::Dirty(d) => Some(d),
             _ => None,
         })
         .flat_map(|d| &d.runs)
@@ -823,7 +823,7 @@ fn report_and_marks_decide(
 fn a_span_without_end_fails() {
     let mut input = load("sendfile_sg_on", "sg-on");
     input.records.retain(
-        |r| !matches!(r, zc_devices::dma_log::Record::Marker(m) if Marker::end(Method::Sendfile).matches(&m.label)),
+        |r| !matches!(r, zc_dma_log::Record::Marker(m) if Marker::end(Method::Sendfile).matches(&m.label)),
     );
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(a.verdict, Verdict::Fail);
@@ -966,7 +966,7 @@ fn dirty_records_after_end_count_only_up_to_the_end_sample() {
     // Without the END sample the first dirty record after END is still taken...
     input
         .records
-        .retain(|r| !matches!(r, zc_devices::dma_log::Record::Dirty(d) if d.sample == END_SAMPLE));
+        .retain(|r| !matches!(r, zc_dma_log::Record::Dirty(d) if d.sample == END_SAMPLE));
     let a = audit(&input, &expected_toml()).remove(0);
     assert_eq!(a.cpu_copied_bytes, PAGE);
     // ...unless another marker comes first.

@@ -521,7 +521,7 @@ mod tests {
                     let reply = arp(2, host_mac, GUEST_MAC, GUEST_IP, host_mac, spa);
                     tap.send(&reply, Instant::now());
                 }
-                seen.push(crate::virtio::net::summarize(&f).text);
+                seen.push(crate::dma_log::frame::summarize(&f).text);
             }
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use zc_devices::dma_log::{DmaLog, PayloadRun};
+use zc_dma_log::{DmaLog, PayloadRun};
 
 /// Guest page size (the dirty log's granule).
 const PAGE: usize = 4096;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 
-use zc_devices::dma_log::{DeviceKind, Direction, Record, RequestDetail};
+use zc_dma_log::{DeviceKind, Direction, Record, RequestDetail};
 use zc_protocol::Marker;
 
 /// Which records to keep.
@@ -232,7 +232,7 @@ impl fmt::Display for Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zc_devices::dma_log::{
+    use zc_dma_log::{
         BlkRequest, BlkStatus, DescRecord, DescRole, DeviceErrorRecord, MarkerRecord, RequestRecord,
     };
     use zc_protocol::marker::SEND_SPAN;

@@ -71,7 +71,7 @@ struct DmaLogArgs {
     log: PathBuf,
     /// Only this device: blk or net.
     #[arg(long, value_parser = parse_device)]
-    device: Option<zc_devices::dma_log::DeviceKind>,
+    device: Option<zc_dma_log::DeviceKind>,
     /// Only this queue.
     #[arg(long)]
     queue: Option<u16>,
@@ -83,10 +83,10 @@ struct DmaLogArgs {
     addr: Option<(u64, u64)>,
 }
 
-fn parse_device(text: &str) -> Result<zc_devices::dma_log::DeviceKind, String> {
+fn parse_device(text: &str) -> Result<zc_dma_log::DeviceKind, String> {
     match text {
-        "blk" => Ok(zc_devices::dma_log::DeviceKind::Blk),
-        "net" => Ok(zc_devices::dma_log::DeviceKind::Net),
+        "blk" => Ok(zc_dma_log::DeviceKind::Blk),
+        "net" => Ok(zc_dma_log::DeviceKind::Net),
         _ => Err(format!("{text:?} is not a device: use blk or net")),
     }
 }
@@ -305,14 +305,14 @@ fn one_line(err: &anyhow::Error) -> String {
 
 fn dma_log(action: DmaLogCmd) -> Result<()> {
     use std::io::Write as _;
-    use zc_devices::dma_log::Record;
+    use zc_dma_log::Record;
     use zc_vmm::dma_view::{self, Filter};
     let (args, totals, pattern) = match action {
         DmaLogCmd::Show(args) => (args, false, None),
         DmaLogCmd::Stats(args) => (args, true, None),
         DmaLogCmd::Grep { pattern, args } => (args, false, Some(pattern)),
     };
-    let records = zc_devices::dma_log::read_log(&args.log)
+    let records = zc_dma_log::read_log(&args.log)
         .with_context(|| format!("cannot read the DMA log {}", args.log.display()))?;
     if let Some(span) = &args.span {
         let begin = zc_protocol::Marker::begin(span.as_str());

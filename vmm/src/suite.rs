@@ -227,7 +227,7 @@ fn audit_variant(
     variant: &Variant,
     expectations: &Expectations,
 ) -> Result<Vec<MethodAudit>> {
-    let records = zc_devices::dma_log::read_log(&files.dma_log)
+    let records = zc_dma_log::read_log(&files.dma_log)
         .with_context(|| format!("cannot read the DMA log {}", files.dma_log.display()))?;
     let run = RunSummary::load(&files.run_json)?;
     let reports = run

@@ -12,7 +12,7 @@ use zc_vmm::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, TapAddress};
 mod common;
 use common::Run;
 
-use zc_devices::dma_log::{read_log, BlkStatus, DescRole, Direction, Record, RequestDetail};
+use zc_dma_log::{read_log, BlkStatus, DescRole, Direction, Record, RequestDetail};
 use zc_protocol::options::DEFAULT_FILE;
 use zc_protocol::{Options, TestHook};
 

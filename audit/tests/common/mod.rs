@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use zc_protocol::dirty::END_SAMPLE;
 use zc_protocol::Marker;
 
-use zc_devices::dma_log::{
+use zc_dma_log::{
     fingerprint, page_pieces, BlkRequest, BlkStatus, DescRecord, DescRole, DeviceKind, Direction,
     DirtyRecord, Fingerprint, HeaderRecord, MarkerRecord, NetRequest, PayloadRun, Piece, Record,
     RequestDetail, RequestRecord, SCHEMA,

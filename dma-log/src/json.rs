@@ -2,21 +2,24 @@
 //! (`desc` and `request`): under the emulated host every instruction of the log is
 //! emulated, and serde_json's generic path costs several times more than appending
 //! known field names and digits. The output is byte for byte what serde_json writes
-//! for the same [`Record`](super::Record) (the tests compare them), so readers keep
+//! for the same [`Record`](crate::Record) (the tests compare them), so readers keep
 //! using serde.
 
-use super::{BlkStatus, DescRole, DeviceKind, Direction, NetRequest, RequestDetail, PAGE_SIZE};
+use crate::handle::Chain;
+use crate::{
+    BlkStatus, DescInfo, DescRole, DeviceKind, Direction, NetRequest, RequestDetail, PAGE_SIZE,
+};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Appends `v` in decimal.
-pub(super) fn push_u64(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn push_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
-/// Appends a fingerprint as serde writes [`Fingerprint`](super::Fingerprint): a JSON
+/// Appends a fingerprint as serde writes [`Fingerprint`](crate::Fingerprint): a JSON
 /// string of 16 lowercase hex digits.
-pub(super) fn push_hash(out: &mut Vec<u8>, h: u64) {
+pub(crate) fn push_hash(out: &mut Vec<u8>, h: u64) {
     let mut digits = [b'"'; 18];
     for (i, d) in digits[1..17].iter_mut().enumerate() {
         *d = HEX[((h >> (60 - 4 * i)) & 0xf) as usize];
@@ -27,7 +30,7 @@ pub(super) fn push_hash(out: &mut Vec<u8>, h: u64) {
 /// Appends `s` as a JSON string, escaped exactly as serde_json does: `"` and `\`,
 /// the short escapes `\b \t \n \f \r`, other control characters as `\u00XX`;
 /// everything else (DEL and non-ASCII included) verbatim.
-pub(super) fn push_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn push_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -78,39 +81,31 @@ fn field_u64(out: &mut Vec<u8>, name: &[u8], v: u64) {
 }
 
 /// The fields every device record starts with, from `{` to `head`.
-fn device_prefix(
-    out: &mut Vec<u8>,
-    kind: &[u8],
-    seq: u64,
-    t_ns: u64,
-    device: DeviceKind,
-    queue: u16,
-    head: u16,
-) {
+fn device_prefix(out: &mut Vec<u8>, kind: &[u8], seq: u64, t_ns: u64, chain: Chain) {
     out.extend_from_slice(b"{\"type\":\"");
     out.extend_from_slice(kind);
     out.push(b'"');
     field_u64(out, b"seq", seq);
     field_u64(out, b"t_ns", t_ns);
     key(out, b',', b"device");
-    out.extend_from_slice(device_name(device));
-    field_u64(out, b"queue", u64::from(queue));
-    field_u64(out, b"head", u64::from(head));
+    out.extend_from_slice(device_name(chain.device));
+    field_u64(out, b"queue", u64::from(chain.queue));
+    field_u64(out, b"head", u64::from(chain.head));
 }
 
 /// What a `desc` line says besides its pieces.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct DescHead {
+pub(crate) struct DescHead {
     pub seq: u64,
     pub t_ns: u64,
-    pub info: super::DescInfo,
+    pub info: DescInfo,
 }
 
 /// Appends a `desc` line up to and including `"pieces":[`; follow with
 /// [`push_piece`] for each piece and [`end_desc`].
-pub(super) fn begin_desc(out: &mut Vec<u8>, d: &DescHead) {
+pub(crate) fn begin_desc(out: &mut Vec<u8>, d: &DescHead) {
     let i = &d.info;
-    device_prefix(out, b"desc", d.seq, d.t_ns, i.device, i.queue, i.head);
+    device_prefix(out, b"desc", d.seq, d.t_ns, i.chain());
     field_u64(out, b"desc", u64::from(i.desc));
     if i.indirect {
         out.extend_from_slice(b",\"indirect\":true");
@@ -130,7 +125,7 @@ pub(super) fn begin_desc(out: &mut Vec<u8>, d: &DescHead) {
 }
 
 /// Appends one element of `pieces` (`first`: no comma before it).
-pub(super) fn push_piece(out: &mut Vec<u8>, first: bool, gpa: u64, len: u32, hash: u64) {
+pub(crate) fn push_piece(out: &mut Vec<u8>, first: bool, gpa: u64, len: u32, hash: u64) {
     debug_assert!(u64::from(len) <= PAGE_SIZE);
     out.extend_from_slice(if first {
         &b"{\"gpa\":"[..]
@@ -144,7 +139,7 @@ pub(super) fn push_piece(out: &mut Vec<u8>, first: bool, gpa: u64, len: u32, has
 }
 
 /// Closes a `desc` line opened by [`begin_desc`]; `any` says whether a piece was written.
-pub(super) fn end_desc(out: &mut Vec<u8>, any: bool) {
+pub(crate) fn end_desc(out: &mut Vec<u8>, any: bool) {
     if any {
         out.push(b'}');
     }
@@ -179,16 +174,8 @@ fn net_detail(out: &mut Vec<u8>, n: &NetRequest) {
 }
 
 /// Appends a whole `request` line.
-pub(super) fn request(
-    out: &mut Vec<u8>,
-    seq: u64,
-    t_ns: u64,
-    device: DeviceKind,
-    queue: u16,
-    head: u16,
-    req: &RequestDetail,
-) {
-    device_prefix(out, b"request", seq, t_ns, device, queue, head);
+pub(crate) fn request(out: &mut Vec<u8>, seq: u64, t_ns: u64, chain: Chain, req: &RequestDetail) {
+    device_prefix(out, b"request", seq, t_ns, chain);
     out.extend_from_slice(b",\"req\":");
     match req {
         RequestDetail::Blk(b) => {
@@ -210,8 +197,8 @@ pub(super) fn request(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{BlkRequest, DescRecord, Fingerprint, Piece, Record, RequestRecord};
     use super::*;
+    use crate::{BlkRequest, DescRecord, Fingerprint, Piece, Record, RequestRecord};
 
     fn serde_line(r: &Record) -> String {
         serde_json::to_string(r).unwrap() + "\n"
@@ -235,6 +222,24 @@ mod tests {
                 serde_json::to_string(s).unwrap()
             );
         }
+    }
+
+    /// The record of `info` and `pieces`, for serde to write.
+    fn desc_record(seq: u64, t_ns: u64, info: DescInfo, pieces: Vec<Piece>) -> Record {
+        Record::Desc(DescRecord {
+            seq,
+            t_ns,
+            device: info.device,
+            queue: info.queue,
+            head: info.head,
+            desc: info.desc,
+            indirect: info.indirect,
+            gpa: info.gpa,
+            len: info.len,
+            dir: info.dir,
+            role: info.role,
+            pieces,
+        })
     }
 
     #[test]
@@ -278,7 +283,7 @@ mod tests {
                 DeviceKind::Net,
             ),
         ] {
-            let info = super::super::DescInfo {
+            let info = DescInfo {
                 device,
                 queue: n as u16,
                 head: u16::MAX,
@@ -302,20 +307,7 @@ mod tests {
                 push_piece(&mut out, i == 0, p.gpa, p.len, p.hash.0);
             }
             end_desc(&mut out, n > 0);
-            let rec = Record::Desc(DescRecord {
-                seq: u64::MAX,
-                t_ns: n * 1_000_000_007,
-                device,
-                queue: n as u16,
-                head: u16::MAX,
-                desc: 7,
-                indirect,
-                gpa: u64::MAX - n,
-                len: u32::MAX,
-                dir,
-                role,
-                pieces: pieces(n),
-            });
+            let rec = desc_record(u64::MAX, n * 1_000_000_007, info, pieces(n));
             assert_eq!(String::from_utf8(out).unwrap(), serde_line(&rec));
         }
     }
@@ -354,7 +346,12 @@ mod tests {
                 DeviceKind::Net
             };
             let mut out = Vec::new();
-            request(&mut out, i as u64, 42, device, 1, 9, &req);
+            let chain = Chain {
+                device,
+                queue: 1,
+                head: 9,
+            };
+            request(&mut out, i as u64, 42, chain, &req);
             let rec = Record::Request(RequestRecord {
                 seq: i as u64,
                 t_ns: 42,

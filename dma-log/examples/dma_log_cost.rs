@@ -1,7 +1,7 @@
 //! Micro-benchmark of what the DMA log costs a device thread: run it natively, under
 //! `valgrind --tool=callgrind` (deterministic instruction counts) or under
 //! `qemu-x86_64 -cpu max` (TCG, like the emulated KVM host) to see where the
-//! instructions go. `cargo run --release -p zc-devices --example dma_log_cost [ITERS]`.
+//! instructions go. `cargo run --release -p zc-dma-log --example dma_log_cost [ITERS]`.
 //!
 //! Each line is the wall time per operation on the calling thread; `+ flush` lines
 //! include waiting for everything queued to be written (the writer thread's share).
@@ -10,9 +10,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use zc_devices::dma_log::{
+use zc_dma_log::frame::summarize;
+use zc_dma_log::{
     fingerprint, pieces_from_guest, BlkRequest, BlkStatus, DescInfo, DescRole, DeviceKind,
-    Direction, DmaLog, NetRequest, RequestDetail,
+    Direction, DmaLog, RequestDetail,
 };
 
 const PAGE: usize = 4096;
@@ -89,15 +90,7 @@ fn net_frame(log: &DmaLog, frame: &[u8], head: u16) {
 
 /// As the net device does: the summary is worked out on the writer thread.
 fn tx_detail(frame: &[u8], _: u64) -> RequestDetail {
-    let s = zc_devices::virtio::net::summarize(frame);
-    RequestDetail::Net(NetRequest {
-        summary: format!("tx {}", s.text),
-        tcp_seq: s.tcp_seq,
-        tcp_len: s.tcp_len,
-        tcp_flags: s.tcp_flags,
-        tcp_payload_off: s.tcp_payload_off,
-        tcp_ports: s.tcp_ports,
-    })
+    RequestDetail::Net(summarize(frame).into_request("tx ", ""))
 }
 
 fn main() {
@@ -171,7 +164,7 @@ fn main() {
     let tx: Vec<u8> = [&[0u8; 12][..], &tcp].concat();
     time("summarize a TCP frame + summary string", n, || {
         for _ in 0..n {
-            let s = zc_devices::virtio::net::summarize(black_box(&tcp));
+            let s = summarize(black_box(&tcp));
             black_box(format!("tx {}", s.text));
         }
     });

@@ -6,7 +6,7 @@
 //! Hashing them again on each read is most of the writer's work (XXH3 of a page costs
 //! 6–10 µs under TCG, and at full disk speed that took most of the emulated host's
 //! second CPU from the guest). The image cannot change while the log is in use (the
-//! promise [`super::DmaLog::stable_file`] asks for), so one pass over it gives every
+//! promise [`crate::DmaLog::stable_file`] asks for), so one pass over it gives every
 //! page's fingerprint for the whole run; reads that arrive before the pass ends, and
 //! pieces that are not a whole, page-aligned page of the file, are hashed as before.
 
@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock, Weak};
 
-use super::{fingerprint, PAGE_SIZE};
+use crate::{fingerprint, PAGE_SIZE};
 
 /// Files larger than this are not indexed: the pass would take long and its table
 /// (8 bytes per page: 2 MiB per GiB) would grow with the image, for little gain on
@@ -43,7 +43,7 @@ impl PageTable {
         let spawned = std::thread::Builder::new()
             .name("zc-dma-pages".into())
             .spawn(move || {
-                super::lower_this_threads_priority();
+                crate::writer::lower_this_threads_priority();
                 if let Some(pages) = hash_pages(&file, len, &weak) {
                     if let Some(table) = weak.upgrade() {
                         let _ = table.pages.set(pages);

@@ -18,9 +18,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::page_table::PageTable;
-use super::{
-    fingerprint, json, page_pieces, DescInfo, DeviceErrorRecord, DeviceKind, DirtyRecord,
+use crate::handle::{Chain, COPY_LIMIT};
+use crate::page_table::PageTable;
+use crate::{
+    fingerprint, json, page_pieces, DescInfo, DetailFn, DeviceErrorRecord, DeviceKind, DirtyRecord,
     DmaLogError, MarkerRecord, PayloadRun, Piece, Record, RequestDetail, PAGE_SIZE,
 };
 
@@ -34,7 +35,7 @@ const MAX_ENTRIES: usize = 1 << 16;
 /// ... or this many bytes to fingerprint, so that memory stays bounded and the writer
 /// does not fall far behind (the device then runs at the writer's pace: nothing is
 /// dropped).
-pub(super) const MAX_BYTES: usize = 8 << 20;
+pub(crate) const MAX_BYTES: usize = 8 << 20;
 /// How long the writer lets records accumulate after the first one arrives, so that
 /// one wake-up writes many records and producers rarely need to wake it.
 const LINGER: Duration = Duration::from_millis(2);
@@ -56,37 +57,47 @@ enum WriterState {
 }
 
 /// The fingerprints of a `desc` record, or what the writer computes them from.
-pub(super) enum Pieces {
+pub(crate) enum Pieces {
     /// Already computed by the device thread.
     Hashed(Vec<Piece>),
-    /// `len` bytes at `at` in the batch's `bytes`: a copy taken when the device
-    /// accessed them.
-    Copied { at: usize, len: usize },
+    /// A copy taken when the device accessed them.
+    Copied(Copied),
     /// The record's `len` bytes at `off` in stable file number `file` (see
     /// [`Shared::add_file`]), whose contents do not change.
     File { file: u32, off: u64 },
 }
 
-/// One queued record, minus `seq` and `t_ns`.
-pub(super) enum Body {
-    Desc(DescInfo, Pieces),
-    Request {
-        device: DeviceKind,
-        queue: u16,
-        head: u16,
-        req: RequestDetail,
-    },
-    /// A request whose detail the writer computes: `detail(bytes, arg)`, over the
-    /// `len` copied bytes at `at`.
-    DeferredRequest {
-        device: DeviceKind,
-        queue: u16,
-        head: u16,
-        at: usize,
-        len: usize,
+/// Bytes copied into a batch when the device accessed them: `len` of them at `at`
+/// in the batch's `bytes`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Copied {
+    at: usize,
+    len: usize,
+}
+
+impl Copied {
+    /// The copied bytes, in the `bytes` of the batch they were copied into.
+    fn of(self, bytes: &[u8]) -> &[u8] {
+        &bytes[self.at..self.at + self.len]
+    }
+}
+
+/// The detail of a `request` record, or what the writer works it out from.
+pub(crate) enum Detail {
+    /// Given by the device.
+    Ready(RequestDetail),
+    /// `detail(bytes, arg)`, on the writer thread.
+    Deferred {
+        bytes: Copied,
         arg: u64,
-        detail: super::DetailFn,
+        detail: DetailFn,
     },
+}
+
+/// One queued record, minus `seq` and `t_ns`.
+pub(crate) enum Body {
+    Desc(DescInfo, Pieces),
+    Request(Chain, Detail),
     Marker(String),
     DeviceError {
         device: DeviceKind,
@@ -110,7 +121,7 @@ struct Entry {
 }
 
 /// Records waiting for the writer, and the guest bytes they fingerprint.
-pub(super) struct Batch {
+pub(crate) struct Batch {
     entries: Vec<Entry>,
     /// Copies of guest bytes, `used` bytes long. The vector keeps its largest length
     /// across batches so that reusing it never zero-fills again.
@@ -128,7 +139,7 @@ impl Batch {
             // Large enough that a batch rarely grows (growing copies and zero-fills
             // on the device thread); fresh zeroed pages from the allocator cost no
             // zero-filling either.
-            bytes: vec![0; WAKE_BYTES + super::COPY_LIMIT],
+            bytes: vec![0; WAKE_BYTES + COPY_LIMIT],
             used: 0,
             file_bytes: 0,
         }
@@ -140,25 +151,33 @@ impl Batch {
     }
 
     /// Counts `len` bytes of a stable file that a record refers to.
-    pub(super) fn add_file_bytes(&mut self, len: usize) {
+    pub(crate) fn add_file_bytes(&mut self, len: usize) {
         self.file_bytes += len;
     }
 
-    /// Room for `len` more bytes of copies: returns where they start and the slice
-    /// to fill. [`Batch::unreserve`] gives the room back if filling fails.
-    pub(super) fn reserve(&mut self, len: usize) -> (usize, &mut [u8]) {
+    /// Room for `len` more bytes of copies: returns where they are and the slice to
+    /// fill. [`Batch::unreserve`] gives the room back if filling fails.
+    pub(crate) fn reserve(&mut self, len: usize) -> (Copied, &mut [u8]) {
         let at = self.used;
         let end = at + len;
         if self.bytes.len() < end {
             self.bytes.resize(end, 0);
         }
         self.used = end;
-        (at, &mut self.bytes[at..end])
+        (Copied { at, len }, &mut self.bytes[at..end])
     }
 
-    /// Drops the room taken by the last [`Batch::reserve`], which started at `at`.
-    pub(super) fn unreserve(&mut self, at: usize) {
-        self.used = at;
+    /// A copy of `bytes` in the batch.
+    pub(crate) fn copy(&mut self, bytes: &[u8]) -> Copied {
+        let (copied, dst) = self.reserve(bytes.len());
+        dst.copy_from_slice(bytes);
+        copied
+    }
+
+    /// Gives back the room of the last [`Batch::reserve`].
+    #[cfg(feature = "guest-memory")]
+    pub(crate) fn unreserve(&mut self, last: Copied) {
+        self.used = last.at;
     }
 
     fn clear(&mut self) {
@@ -192,7 +211,7 @@ struct State {
 }
 
 /// What the log's handles and its writer thread share.
-pub(super) struct Shared {
+pub(crate) struct Shared {
     start: Instant,
     state: Mutex<State>,
     /// The writer waits here for records.
@@ -212,7 +231,7 @@ impl Shared {
 
     /// Registers a file whose contents do not change while the log lives; returns
     /// its number for [`Pieces::File`].
-    pub(super) fn add_file(&self, file: File) -> u32 {
+    pub(crate) fn add_file(&self, file: File) -> u32 {
         let file = Arc::new(file);
         let pages = PageTable::start(file.clone());
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -223,7 +242,7 @@ impl Shared {
     /// Queues one record: `make` builds it (given the pending batch to copy guest
     /// bytes into, at most `copy_len` of them) under the lock, right after its
     /// `seq` and `t_ns` are taken, so that they are those of the access it records.
-    pub(super) fn push(&self, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
+    pub(crate) fn push(&self, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
         let mut st = self.lock();
         loop {
             if st.stopped {
@@ -268,7 +287,7 @@ impl Shared {
 
     /// Waits until every record queued before the call is written and the output
     /// flushed; returns the first write error since the log started, if any.
-    pub(super) fn flush(&self) -> Result<(), DmaLogError> {
+    pub(crate) fn flush(&self) -> Result<(), DmaLogError> {
         let mut st = self.lock();
         st.flush_asked += 1;
         let ticket = st.flush_asked;
@@ -295,10 +314,10 @@ impl Shared {
     }
 }
 
-/// The handle every [`DmaLog`](super::DmaLog) clone points to; dropping the last one
+/// The handle every [`DmaLog`](crate::DmaLog) clone points to; dropping the last one
 /// writes out what is queued and ends the writer thread.
-pub(super) struct Handle {
-    pub(super) shared: Arc<Shared>,
+pub(crate) struct Handle {
+    pub(crate) shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -318,7 +337,7 @@ impl Drop for Handle {
 }
 
 /// Starts the writer thread over `out`; `head` (the header line) is written first.
-pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle, DmaLogError> {
+pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle, DmaLogError> {
     let shared = Arc::new(Shared {
         start: Instant::now(),
         state: Mutex::new(State {
@@ -342,7 +361,7 @@ pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
     let thread = std::thread::Builder::new()
         .name("zc-dma-log".into())
         .spawn(move || {
-            super::lower_this_threads_priority();
+            lower_this_threads_priority();
             let gone = Gone(&for_thread);
             run(
                 &for_thread,
@@ -359,6 +378,16 @@ pub(super) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
         shared,
         thread: Some(thread),
     })
+}
+
+/// Lets the calling thread (the log's writer, or its page-table pass) have only the
+/// CPU time that the vCPUs and device threads leave: the log must not slow the guest
+/// down where it can wait (producers still wait for it once it falls 8 MiB
+/// behind, so it cannot starve for long).
+pub(crate) fn lower_this_threads_priority() {
+    // On Linux, PRIO_PROCESS with who 0 (`None`) is the calling thread. Failing leaves
+    // the priority as it was, which is harmless.
+    let _ = rustix::process::setpriority_process(None, 19);
 }
 
 /// Marks the writer gone however it ends, so that `flush` never waits forever.
@@ -413,8 +442,8 @@ impl Sink {
                             first = false;
                         }
                     }
-                    Pieces::Copied { at, len } => {
-                        push_pieces(out, &mut first, info.gpa, &bytes[at..at + len]);
+                    Pieces::Copied(copied) => {
+                        push_pieces(out, &mut first, info.gpa, copied.of(bytes));
                     }
                     Pieces::File { file, off } => {
                         self.file_pieces(
@@ -430,26 +459,16 @@ impl Sink {
                 json::end_desc(&mut self.buf, !first);
                 return Ok(());
             }
-            Body::Request {
-                device,
-                queue,
-                head,
-                req,
-            } => {
-                json::request(out, seq, t_ns, device, queue, head, &req);
-                return Ok(());
-            }
-            Body::DeferredRequest {
-                device,
-                queue,
-                head,
-                at,
-                len,
-                arg,
-                detail,
-            } => {
-                let req = detail(&bytes[at..at + len], arg);
-                json::request(out, seq, t_ns, device, queue, head, &req);
+            Body::Request(chain, detail) => {
+                let req = match detail {
+                    Detail::Ready(req) => req,
+                    Detail::Deferred {
+                        bytes: copied,
+                        arg,
+                        detail,
+                    } => detail(copied.of(bytes), arg),
+                };
+                json::request(out, seq, t_ns, chain, &req);
                 return Ok(());
             }
             // Rare records: serde's output is the reference, and its cost does not matter.
@@ -613,11 +632,9 @@ fn run(shared: &Shared, mut sink: Sink) {
     }
 }
 
-/// Appends the pieces of the range at `gpa` holding `bytes`, fingerprinting them;
-/// `first` says no piece of the line has been written yet.
 /// A stable file and the fingerprints of its pages, once known.
 #[derive(Clone)]
-pub(super) struct StableEntry {
+pub(crate) struct StableEntry {
     file: Arc<File>,
     pages: Arc<PageTable>,
 }
@@ -636,6 +653,8 @@ fn table_hashes(pages: &PageTable, gpa: u64, off: u64, len: u64) -> Option<Vec<u
         .collect()
 }
 
+/// Appends the pieces of the range at `gpa` holding `bytes`, fingerprinting them;
+/// `first` says no piece of the line has been written yet.
 fn push_pieces(out: &mut Vec<u8>, first: &mut bool, gpa: u64, bytes: &[u8]) {
     let mut off = 0;
     for (piece_gpa, len) in page_pieces(gpa, bytes.len() as u64) {
@@ -647,356 +666,4 @@ fn push_pieces(out: &mut Vec<u8>, first: &mut bool, gpa: u64, bytes: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::{self, Write as _};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-    use super::table_hashes;
-    use crate::dma_log::{
-        fingerprint, pieces_of, DescInfo, DescRole, DeviceKind, Direction, DmaLog, DmaLogReader,
-        NetRequest, Record, RequestDetail,
-    };
-
-    /// An output that appends to a shared buffer, optionally slowly, and fails once
-    /// `fail_after` bytes have been written.
-    #[derive(Clone, Default)]
-    struct Out {
-        buf: Arc<Mutex<Vec<u8>>>,
-        slow: Option<Duration>,
-        fail_after: Option<usize>,
-        flushes: Arc<AtomicUsize>,
-    }
-
-    impl io::Write for Out {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            if let Some(d) = self.slow {
-                std::thread::sleep(d);
-            }
-            let mut buf = self.buf.lock().unwrap();
-            if self.fail_after.is_some_and(|n| buf.len() + b.len() > n) {
-                return Err(io::Error::other("disk full (test)"));
-            }
-            buf.extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            self.flushes.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    impl Out {
-        fn records(&self) -> Vec<Record> {
-            let bytes = self.buf.lock().unwrap().clone();
-            DmaLogReader::new(&bytes[..])
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap()
-        }
-    }
-
-    fn info(gpa: u64, len: u32) -> DescInfo {
-        DescInfo {
-            device: DeviceKind::Net,
-            queue: 1,
-            head: 0,
-            desc: 0,
-            indirect: false,
-            gpa,
-            len,
-            dir: Direction::DeviceReads,
-            role: DescRole::Data,
-        }
-    }
-
-    fn content(len: usize, salt: u32) -> Vec<u8> {
-        (0..len as u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13 ^ salt) as u8)
-            .collect()
-    }
-
-    #[test]
-    fn concurrent_producers_get_one_seq_order() {
-        let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
-        let threads: Vec<_> = (0..4u32)
-            .map(|t| {
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    let bytes = content(300, t);
-                    for i in 0..500u32 {
-                        if i % 2 == 0 {
-                            log.marker(&format!("t{t} {i}"));
-                        } else {
-                            let mut d = info(u64::from(t) << 32 | u64::from(i), 300);
-                            d.head = t as u16;
-                            d.desc = i as u16;
-                            log.descriptor_bytes(d, &bytes);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        log.flush().unwrap();
-        let recs = out.records();
-        assert_eq!(recs.len(), 2000);
-        let mut last_t = 0;
-        let mut next = [0u32; 4];
-        for (i, r) in recs.iter().enumerate() {
-            assert_eq!(r.seq(), Some(i as u64), "records are written in seq order");
-            let (t, n, t_ns) = match r {
-                Record::Marker(m) => {
-                    let (t, n) = m.label[1..].split_once(' ').unwrap();
-                    (t.parse::<usize>().unwrap(), n.parse().unwrap(), m.t_ns)
-                }
-                Record::Desc(d) => {
-                    let t = d.head as usize;
-                    assert_eq!(d.pieces, pieces_of(d.gpa, &content(300, t as u32)));
-                    (t, u32::from(d.desc), d.t_ns)
-                }
-                other => panic!("unexpected {other:?}"),
-            };
-            assert!(t_ns >= last_t, "t_ns is non-decreasing in seq order");
-            last_t = t_ns;
-            assert_eq!(n, next[t], "each thread's records keep its order");
-            next[t] += 1;
-        }
-    }
-
-    #[test]
-    fn flush_waits_for_everything_queued() {
-        let out = Out {
-            slow: Some(Duration::from_millis(30)),
-            ..Out::default()
-        };
-        let log = DmaLog::new(out.clone()).unwrap();
-        for i in 0..100 {
-            log.marker(&format!("m{i}"));
-        }
-        log.flush().unwrap();
-        assert_eq!(out.records().len(), 100);
-        assert!(out.flushes.load(Ordering::SeqCst) >= 1);
-        // Nothing queued: still a flush of the output.
-        let before = out.flushes.load(Ordering::SeqCst);
-        log.flush().unwrap();
-        assert!(out.flushes.load(Ordering::SeqCst) > before);
-    }
-
-    #[test]
-    fn dropping_the_last_handle_writes_what_is_queued() {
-        let out = Out {
-            slow: Some(Duration::from_millis(20)),
-            ..Out::default()
-        };
-        let log = DmaLog::new(out.clone()).unwrap();
-        let other = log.clone();
-        for i in 0..50 {
-            log.marker(&format!("m{i}"));
-        }
-        drop(log);
-        other.marker("last");
-        drop(other);
-        let recs = out.records();
-        assert_eq!(recs.len(), 51);
-        assert!(matches!(&recs[50], Record::Marker(m) if m.label == "last"));
-    }
-
-    #[test]
-    fn write_errors_stop_the_log_and_every_flush_reports_them() {
-        let out = Out {
-            fail_after: Some(2000),
-            ..Out::default()
-        };
-        let log = DmaLog::new(out.clone()).unwrap();
-        let bytes = content(1000, 1);
-        for i in 0..5000u64 {
-            log.descriptor_bytes(info(i * 4096, 1000), &bytes);
-        }
-        let err = log.flush().unwrap_err();
-        assert!(err.to_string().contains("disk full (test)"), "{err}");
-        let written = out.buf.lock().unwrap().len();
-        log.marker("after the error");
-        let again = log.flush().unwrap_err();
-        assert!(again.to_string().contains("disk full (test)"), "{again}");
-        assert_eq!(
-            out.buf.lock().unwrap().len(),
-            written,
-            "nothing after an error"
-        );
-    }
-
-    #[test]
-    fn a_slow_output_holds_producers_back_without_losing_records() {
-        let out = Out {
-            slow: Some(Duration::from_millis(2)),
-            ..Out::default()
-        };
-        let log = DmaLog::new(out.clone()).unwrap();
-        let bytes = content(256 << 10, 7);
-        // 40 × 256 KiB is several times what one batch may hold.
-        for i in 0..40u64 {
-            log.descriptor_bytes(info(i << 20, bytes.len() as u32), &bytes);
-        }
-        log.flush().unwrap();
-        let recs = out.records();
-        assert_eq!(recs.len(), 40);
-        for (i, r) in recs.iter().enumerate() {
-            let Record::Desc(d) = r else { panic!("{r:?}") };
-            assert_eq!(d.gpa, (i as u64) << 20);
-            assert_eq!(d.pieces.len(), 64);
-            assert_eq!(d.pieces[5].hash.0, fingerprint(&bytes[5 * 4096..6 * 4096]));
-        }
-    }
-
-    #[test]
-    fn copies_are_taken_when_the_device_accesses_memory() {
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let before = content(0x3000, 3);
-        mem.write_slice(&before, GuestAddress(0x1800)).unwrap();
-        let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
-        log.descriptor_from_guest(&mem, info(0x1800, 0x3000));
-        // The guest reuses the buffer at once; the writer has not hashed it yet.
-        mem.write_slice(&[0u8; 0x3000], GuestAddress(0x1800))
-            .unwrap();
-        // Not all of it in guest memory: no pieces, as before.
-        log.descriptor_from_guest(&mem, info(0xff000, 0x2000));
-        log.flush().unwrap();
-        let recs = out.records();
-        let Record::Desc(d) = &recs[0] else { panic!() };
-        assert_eq!(d.pieces, pieces_of(0x1800, &before));
-        assert_eq!(d.pieces.len(), 4);
-        let Record::Desc(d) = &recs[1] else { panic!() };
-        assert!(d.pieces.is_empty());
-        assert_eq!(d.len, 0x2000);
-    }
-
-    #[test]
-    fn stable_file_ranges_are_fingerprinted_from_the_file() {
-        let data = content(3 << 20, 9);
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&data).unwrap();
-        let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
-        let stable = log.stable_file(&file).unwrap();
-        assert!(DmaLog::disabled().stable_file(&file).is_none());
-        // Longer than the writer's read chunk and not page aligned in the guest: the
-        // chunks must not split a piece.
-        let (gpa, off, len) = (0x10_0123u64, 4096 + 77u64, (2 << 20) + 1000u32);
-        log.descriptor_from_file(info(gpa, len), stable, off);
-        log.descriptor_from_file(info(0x5000, 512), stable, 512);
-        log.flush().unwrap();
-        let recs = out.records();
-        let Record::Desc(d) = &recs[0] else { panic!() };
-        let want = &data[off as usize..off as usize + len as usize];
-        assert_eq!(d.pieces, pieces_of(gpa, want));
-        let Record::Desc(d) = &recs[1] else { panic!() };
-        assert_eq!(d.pieces, pieces_of(0x5000, &data[512..1024]));
-        // Reading past the end is a log error, not a wrong fingerprint.
-        log.descriptor_from_file(info(0, 4096), stable, data.len() as u64);
-        assert!(log.flush().is_err());
-    }
-
-    #[test]
-    fn page_aligned_reads_take_the_file_page_table_and_match_hashing() {
-        let data = content(3 << 20, 4);
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&data).unwrap();
-        let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
-        let stable = log.stable_file(&file).unwrap();
-        let shared = &log.inner.as_ref().unwrap().shared;
-        let pages = shared.files.lock().unwrap()[stable.0 as usize]
-            .pages
-            .clone();
-        let give_up = std::time::Instant::now() + Duration::from_secs(10);
-        while !pages.is_ready() {
-            assert!(std::time::Instant::now() < give_up, "no page table");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Aligned (from the table, across the writer's read chunks), aligned in the
-        // guest but not in the file, and a partial page: all must read as hashed.
-        let cases = [
-            (0x20_0000u64, 8192u64, (1 << 20) + 4096u32),
-            (0x20_0000, 8192 + 512, 8192),
-            (0x30_0000, 4096, 100),
-        ];
-        for (gpa, off, len) in cases {
-            log.descriptor_from_file(info(gpa, len), stable, off);
-        }
-        log.flush().unwrap();
-        let recs = out.records();
-        for (i, (gpa, off, len)) in cases.into_iter().enumerate() {
-            let Record::Desc(d) = &recs[i] else { panic!() };
-            let want = &data[off as usize..(off + u64::from(len)) as usize];
-            assert_eq!(d.pieces, pieces_of(gpa, want), "case {i}");
-        }
-        assert_eq!(
-            table_hashes(&pages, 0x20_0000, 8192, 8192),
-            Some(vec![
-                fingerprint(&data[8192..12288]),
-                fingerprint(&data[12288..16384])
-            ])
-        );
-        assert_eq!(table_hashes(&pages, 0x20_0000, 8192 + 512, 8192), None);
-    }
-
-    #[test]
-    fn deferred_request_details_see_the_bytes_as_they_were() {
-        fn detail(bytes: &[u8], arg: u64) -> RequestDetail {
-            RequestDetail::Net(NetRequest {
-                summary: format!("{} {arg}", String::from_utf8_lossy(bytes)),
-                tcp_seq: None,
-                tcp_len: None,
-                tcp_flags: None,
-                tcp_payload_off: None,
-                tcp_ports: None,
-            })
-        }
-        let out = Out::default();
-        let log = DmaLog::new(out.clone()).unwrap();
-        let mut frame = b"frame one".to_vec();
-        log.request_from_bytes(DeviceKind::Net, 0, 3, &frame, 2, detail);
-        frame.copy_from_slice(b"overwrite");
-        log.flush().unwrap();
-        let recs = out.records();
-        match &recs[0] {
-            Record::Request(r) => match &r.req {
-                RequestDetail::Net(n) => assert_eq!(n.summary, "frame one 2"),
-                other => panic!("{other:?}"),
-            },
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn flush_returns_when_the_writer_is_gone() {
-        // A writer that panics (here: an output whose write panics) must not leave
-        // `flush` waiting forever.
-        struct Panics(Arc<AtomicBool>);
-        impl io::Write for Panics {
-            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-                self.0.store(true, Ordering::SeqCst);
-                panic!("output panicked (test)");
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let hit = Arc::new(AtomicBool::new(false));
-        let log = DmaLog::new(Panics(hit.clone())).unwrap();
-        log.marker("x");
-        assert!(log.flush().is_err());
-        assert!(hit.load(Ordering::SeqCst));
-        log.marker("ignored");
-        assert!(log.flush().is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,47 @@
+//! What can go wrong writing or reading a log.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::SCHEMA;
+
+/// Errors of writing or reading a DMA log.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaLogError {
+    /// The log file could not be created.
+    #[error("cannot create DMA log {path}: {source} (check the directory exists and is writable)")]
+    Create {
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The log file could not be opened for reading.
+    #[error("cannot open DMA log {path}: {source}")]
+    Open {
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Writing or reading the underlying stream failed.
+    #[error("DMA log I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// A line is not a valid record of this schema.
+    #[error("DMA log line {line}: not a valid {SCHEMA} record: {source}")]
+    Parse {
+        /// 1-based line number.
+        line: u64,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// The first line is not a header record.
+    #[error("DMA log has no header line (expected {{\"type\":\"header\",\"schema\":\"{SCHEMA}\",...}} first); is this a DMA log?")]
+    MissingHeader,
+    /// The header names another schema version.
+    #[error("DMA log schema is {found:?}, this reader understands {SCHEMA:?}")]
+    Schema {
+        /// The schema string found.
+        found: String,
+    },
+}
