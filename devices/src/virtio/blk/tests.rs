@@ -1,18 +1,22 @@
 //! virtio-blk tests on `virtio-queue`'s `MockSplitQueue` and a tempfile disk.
 
 use super::*;
+use crate::dma_log::Direction;
 use crate::dma_log::{fingerprint, DmaLogReader, Record};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
 use crate::virtio::test_util::CountingLine;
 use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use std::io::Read;
+use std::io::Write;
 use std::sync::Mutex;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const W: u16 = VRING_DESC_F_WRITE as u16;
