@@ -1,8 +1,10 @@
 //! virtio-net tests on `virtio-queue`'s `MockSplitQueue`, with a fake backend and,
 //! end to end, the real [`NetPeer`].
 
+use super::tx::{csum_add, csum_fold};
 use super::*;
 use crate::dma_log::{fingerprint, DescRecord, DmaLogReader, Record, RequestRecord};
+use crate::dma_log::{DescRole, Direction, NetRequest, RequestDetail};
 use crate::net_peer::{NetPeerConfig, DEFAULT_MAC as PEER_MAC};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
@@ -11,10 +13,12 @@ use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket};
 use std::sync::Mutex;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_HOST_TSO4;
+use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const W: u16 = VRING_DESC_F_WRITE as u16;
