@@ -282,36 +282,7 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
-pub(crate) mod test_util {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    /// Counts triggers per kind.
-    #[derive(Default)]
-    pub struct CountingLine {
-        pub queue: AtomicUsize,
-        pub config: AtomicUsize,
-    }
-
-    impl InterruptLine for CountingLine {
-        fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-            match kind {
-                InterruptKind::Queue => self.queue.fetch_add(1, Ordering::SeqCst),
-                InterruptKind::Config => self.config.fetch_add(1, Ordering::SeqCst),
-            };
-            Ok(())
-        }
-    }
-
-    impl CountingLine {
-        pub fn queue_count(&self) -> usize {
-            self.queue.load(Ordering::SeqCst)
-        }
-        pub fn config_count(&self) -> usize {
-            self.config.load(Ordering::SeqCst)
-        }
-    }
-}
+pub(crate) mod test_util;
 
 #[cfg(test)]
 mod tests {
