@@ -653,12 +653,13 @@ fn stats_count_requests_bytes_and_errors() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
     h.mem.write_slice(&[7; 1024], GuestAddress(DATA)).unwrap();
-    let requests: [(u32, &[(u64, u32, u16)]); 6] = [
-        (VIRTIO_BLK_T_OUT, &[(DATA, 1024, 0)]),
+    let none: &[(u64, u32, u16)] = &[];
+    let requests = [
+        (VIRTIO_BLK_T_OUT, &[(DATA, 1024, 0)][..]),
         (VIRTIO_BLK_T_IN, &[(DATA + 0x1000, 512, W)]),
-        (VIRTIO_BLK_T_FLUSH, &[]),
+        (VIRTIO_BLK_T_FLUSH, none),
         (VIRTIO_BLK_T_GET_ID, &[(DATA + 0x2000, 20, W)]),
-        (99, &[]),
+        (99, none),
         // Beyond the disk's end: refused.
         (VIRTIO_BLK_T_IN, &[(DATA + 0x3000, 512, W)]),
     ];
