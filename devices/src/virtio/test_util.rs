@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::{reg, MmioTransport};
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-use super::{InterruptKind, InterruptLine, VirtioDevice};
+use super::{InterruptKind, InterruptLine, VirtioDevice, VirtioInterrupt};
 use crate::dma_log::{DmaLog, DmaLogReader, Record};
 
 /// `VRING_DESC_F_NEXT`.
@@ -50,6 +50,13 @@ impl CountingLine {
     pub fn config_count(&self) -> usize {
         self.config.load(Ordering::SeqCst)
     }
+}
+
+/// A device's interrupt over a line that counts.
+pub fn counting_interrupt() -> (Arc<CountingLine>, Arc<VirtioInterrupt>) {
+    let line = Arc::new(CountingLine::default());
+    let irq = Arc::new(VirtioInterrupt::new(line.clone()));
+    (line, irq)
 }
 
 /// Guest RAM of `size` bytes at GPA 0, leaked so that a `MockSplitQueue` borrowing

@@ -380,41 +380,29 @@ fn validate<'a>(
     limits: &Limits,
 ) -> Result<Request<'a>, RequestError> {
     let sector = header.sector();
-    let whole_sectors = |op, data: &GuestBuffers| {
-        let len = data.len();
-        if len.is_multiple_of(SECTOR_SIZE) {
-            Ok(len)
-        } else {
-            Err(RequestError::Unaligned { op, len })
-        }
-    };
-    let no_data = |op, dir, data: &GuestBuffers| match data.first_descriptor() {
-        Some(index) => Err(RequestError::WrongDirection { op, dir, index }),
-        None => Ok(()),
-    };
     match header.request_type() {
         RequestType::In => {
-            no_data("IN", "device-readable", &data_out)?;
-            let len = whole_sectors("IN", &data_in)?;
-            let offset = limits.range(sector, len)?;
-            limits.segments(&data_in)?;
-            Ok(Request::In {
-                offset,
-                data: data_in,
-            })
+            let (offset, data) = transfer(
+                "IN",
+                data_in,
+                ("device-readable", &data_out),
+                sector,
+                limits,
+            )?;
+            Ok(Request::In { offset, data })
         }
         RequestType::Out => {
             if limits.read_only {
                 return Err(RequestError::ReadOnly("OUT request"));
             }
-            no_data("OUT", "device-writable", &data_in)?;
-            let len = whole_sectors("OUT", &data_out)?;
-            let offset = limits.range(sector, len)?;
-            limits.segments(&data_out)?;
-            Ok(Request::Out {
-                offset,
-                data: data_out,
-            })
+            let (offset, data) = transfer(
+                "OUT",
+                data_out,
+                ("device-writable", &data_in),
+                sector,
+                limits,
+            )?;
+            Ok(Request::Out { offset, data })
         }
         RequestType::Flush => {
             if !data_out.is_empty() || !data_in.is_empty() {
@@ -434,6 +422,36 @@ fn validate<'a>(
         }
         RequestType::Unsupported(_) => Ok(Request::Unsupported),
     }
+}
+
+/// `Err` if `data` (buffers of direction `dir`) is not empty: request type `op`
+/// moves no data that way.
+fn no_data(op: &'static str, dir: &'static str, data: &GuestBuffers) -> Result<(), RequestError> {
+    match data.first_descriptor() {
+        Some(index) => Err(RequestError::WrongDirection { op, dir, index }),
+        None => Ok(()),
+    }
+}
+
+/// Validates an IN or OUT (`op`) moving `data` between guest memory and the disk
+/// at `sector`: nothing in the other direction (`wrong`: its name and buffers),
+/// whole sectors, inside the disk, within the segment limits. Returns the byte
+/// offset and `data`.
+fn transfer<'a>(
+    op: &'static str,
+    data: GuestBuffers<'a>,
+    wrong: (&'static str, &GuestBuffers),
+    sector: u64,
+    limits: &Limits,
+) -> Result<(u64, GuestBuffers<'a>), RequestError> {
+    no_data(op, wrong.0, wrong.1)?;
+    let len = data.len();
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        return Err(RequestError::Unaligned { op, len });
+    }
+    let offset = limits.range(sector, len)?;
+    limits.segments(&data)?;
+    Ok((offset, data))
 }
 
 fn discard_or_write_zeroes<'a>(

@@ -5,8 +5,8 @@ use crate::dma_log::{fingerprint, Direction, Record};
 use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::status::DEVICE_NEEDS_RESET;
 use crate::virtio::test_util::{
-    add_chain, leaked_memory, linked, mmio_activate, raw, read, read_reg, used, write_reg,
-    write_table, CountingLine, MockQueue, TestLog, IND, NEXT, W,
+    add_chain, counting_interrupt, leaked_memory, linked, mmio_activate, raw, read, read_reg, used,
+    write_reg, write_table, CountingLine, MockQueue, TestLog, IND, NEXT, W,
 };
 use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use rstest::rstest;
@@ -65,8 +65,7 @@ impl H {
         disk.write_all(&disk_content()).unwrap();
         disk.flush().unwrap();
         let dev = Block::open(disk.path(), opts, dma).unwrap();
-        let line = Arc::new(CountingLine::default());
-        let irq = Arc::new(VirtioInterrupt::new(line.clone()));
+        let (line, irq) = counting_interrupt();
         let mem = leaked_memory(MEM_SIZE);
         H {
             mem,
@@ -336,74 +335,45 @@ fn read_only_disk_refuses_writes() {
 fn discard_and_write_zeroes() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
-    let seg = |sector: u64, num: u32, flags: u32| {
-        let mut s = [0u8; 16];
-        s[0..8].copy_from_slice(&sector.to_le_bytes());
-        s[8..12].copy_from_slice(&num.to_le_bytes());
-        s[12..16].copy_from_slice(&flags.to_le_bytes());
-        s
-    };
-    h.mem
-        .write_slice(&seg(8, 8, 0), GuestAddress(DATA))
-        .unwrap();
-    h.header(HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 16, 0), (STATUS, 1, W)]);
-    h.mem
-        .write_slice(
-            &seg(32, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
-            GuestAddress(DATA + 0x100),
-        )
-        .unwrap();
-    h.header(HDR + 0x100, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-    add_chain(
-        &h.vq,
-        3,
-        &[
-            (HDR + 0x100, 16, 0),
-            (DATA + 0x100, 16, 0),
-            (STATUS + 1, 1, W),
-        ],
-    );
-    h.mem
-        .write_slice(&seg(64, 8, 0), GuestAddress(DATA + 0x200))
-        .unwrap();
-    h.header(HDR + 0x200, VIRTIO_BLK_T_DISCARD, 0);
-    add_chain(
-        &h.vq,
-        6,
-        &[
-            (HDR + 0x200, 16, 0),
-            (DATA + 0x200, 16, 0),
-            (STATUS + 2, 1, W),
-        ],
-    );
-    // Discard with the unmap flag: UNSUPP.
-    h.mem
-        .write_slice(
-            &seg(64, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
-            GuestAddress(DATA + 0x300),
-        )
-        .unwrap();
-    h.header(HDR + 0x300, VIRTIO_BLK_T_DISCARD, 0);
-    add_chain(
-        &h.vq,
-        9,
-        &[
-            (HDR + 0x300, 16, 0),
-            (DATA + 0x300, 16, 0),
-            (STATUS + 3, 1, W),
-        ],
-    );
+    let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+    // (type, segment sector, sectors, flags, status)
+    let requests = [
+        (VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 0, VIRTIO_BLK_S_OK),
+        (VIRTIO_BLK_T_WRITE_ZEROES, 32, 8, unmap, VIRTIO_BLK_S_OK),
+        (VIRTIO_BLK_T_DISCARD, 64, 8, 0, VIRTIO_BLK_S_OK),
+        // Discard with the unmap flag: UNSUPP.
+        (VIRTIO_BLK_T_DISCARD, 64, 8, unmap, VIRTIO_BLK_S_UNSUPP),
+    ];
+    for (i, &(code, sector, num, flags, _)) in requests.iter().enumerate() {
+        let at = 0x100 * i as u64;
+        let seg = dwz_segment(sector, num, flags);
+        h.mem.write_slice(&seg, GuestAddress(DATA + at)).unwrap();
+        h.header(HDR + at, code, 0);
+        let chain = [
+            (HDR + at, 16, 0),
+            (DATA + at, 16, 0),
+            (STATUS + i as u64, 1, W),
+        ];
+        add_chain(&h.vq, 3 * i as u16, &chain);
+    }
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS), 0);
-    assert_eq!(h.status(STATUS + 1), 0);
-    assert_eq!(h.status(STATUS + 2), 0);
-    assert_eq!(h.status(STATUS + 3), VIRTIO_BLK_S_UNSUPP as u8);
+    for (i, &(.., status)) in requests.iter().enumerate() {
+        assert_eq!(h.status(STATUS + i as u64), status as u8, "request {i}");
+    }
     let f = h.file_bytes();
     assert_eq!(f.len(), DISK_SIZE);
     assert!(f[4096..8192].iter().all(|&b| b == 0));
     assert!(f[16384..20480].iter().all(|&b| b == 0));
     assert_eq!(&f[..4096], &disk_content()[..4096]);
+}
+
+/// A `virtio_blk_discard_write_zeroes` segment.
+fn dwz_segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&num.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    s
 }
 
 #[test]
@@ -703,9 +673,7 @@ fn stats_count_requests_bytes_and_errors() {
 fn discard_and_write_zeroes_log_their_segment() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
-    let mut seg = [0u8; 16];
-    seg[0..8].copy_from_slice(&8u64.to_le_bytes());
-    seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+    let seg = dwz_segment(8, 8, 0);
     h.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
     h.header(HDR, VIRTIO_BLK_T_DISCARD, 0);
     // The segment split over two descriptors.

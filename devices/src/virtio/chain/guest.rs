@@ -332,22 +332,12 @@ impl<'a> GuestBuffers<'a> {
     /// how many bytes were read; on error nothing is logged.
     pub fn read(&self, buf: &mut [u8], roles: Roles) -> Result<usize, AccessError> {
         let mem = self.ctx.mem;
-        let mut at = 0usize;
-        for s in &self.segs {
-            if at == buf.len() {
-                break;
-            }
-            let n = (s.len as usize).min(buf.len() - at);
-            mem.read_slice(&mut buf[at..at + n], GuestAddress(s.addr))
-                .map_err(|source| AccessError {
-                    desc: s.index,
-                    source,
-                })?;
-            at += n;
-        }
+        let n = self.for_each_piece(buf.len(), |addr, at, n| {
+            mem.read_slice(&mut buf[at..at + n], GuestAddress(addr))
+        })?;
         self.ctx
-            .log_bytes(&self.segs, &buf[..at], roles, Direction::DeviceReads);
-        Ok(at)
+            .log_bytes(&self.segs, &buf[..n], roles, Direction::DeviceReads);
+        Ok(n)
     }
 
     /// Writes `bytes` (at most [`len`](Self::len) of them) from the start of the
@@ -355,21 +345,33 @@ impl<'a> GuestBuffers<'a> {
     /// bytes were written; on error nothing is logged.
     pub fn write(&self, bytes: &[u8], roles: Roles) -> Result<usize, AccessError> {
         let mem = self.ctx.mem;
+        let n = self.for_each_piece(bytes.len(), |addr, at, n| {
+            mem.write_slice(&bytes[at..at + n], GuestAddress(addr))
+        })?;
+        self.ctx
+            .log_bytes(&self.segs, &bytes[..n], roles, Direction::DeviceWrites);
+        Ok(n)
+    }
+
+    /// Calls `access(gpa, at, n)` for each piece of the first `limit` bytes (`at`:
+    /// the piece's offset in them). Returns how many bytes that covered.
+    fn for_each_piece(
+        &self,
+        limit: usize,
+        mut access: impl FnMut(u64, usize, usize) -> Result<(), GuestMemoryError>,
+    ) -> Result<usize, AccessError> {
         let mut at = 0usize;
         for s in &self.segs {
-            if at == bytes.len() {
+            if at == limit {
                 break;
             }
-            let n = (s.len as usize).min(bytes.len() - at);
-            mem.write_slice(&bytes[at..at + n], GuestAddress(s.addr))
-                .map_err(|source| AccessError {
-                    desc: s.index,
-                    source,
-                })?;
+            let n = (s.len as usize).min(limit - at);
+            access(s.addr, at, n).map_err(|source| AccessError {
+                desc: s.index,
+                source,
+            })?;
             at += n;
         }
-        self.ctx
-            .log_bytes(&self.segs, &bytes[..at], roles, Direction::DeviceWrites);
         Ok(at)
     }
 

@@ -10,8 +10,8 @@ use crate::net_peer::{NetPeerConfig, DEFAULT_MAC as PEER_MAC};
 use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::status::DEVICE_NEEDS_RESET;
 use crate::virtio::test_util::{
-    add_chain, leaked_memory, mmio_activate, raw, read_reg, used, write_reg, Capture, CountingLine,
-    MockQueue, TestLog, NEXT, W,
+    add_chain, counting_interrupt, leaked_memory, mmio_activate, raw, read_reg, used, write_reg,
+    Capture, CountingLine, MockQueue, TestLog, NEXT, W,
 };
 use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use rstest::rstest;
@@ -69,8 +69,7 @@ struct H<B: NetBackend> {
 fn harness<B: NetBackend>(backend: B, opts: NetOptions) -> H<B> {
     let log = TestLog::new();
     let dev = Net::new(backend, opts, log.dma.clone()).unwrap();
-    let line = Arc::new(CountingLine::default());
-    let irq = Arc::new(VirtioInterrupt::new(line.clone()));
+    let (line, irq) = counting_interrupt();
     let mem = leaked_memory(MEM_SIZE);
     H {
         mem,
