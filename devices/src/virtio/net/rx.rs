@@ -8,9 +8,12 @@ use virtio_bindings::virtio_net::VIRTIO_NET_HDR_F_DATA_VALID;
 use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::summary::rx_detail;
+use virtio_queue::Queue;
+
 use super::{fatal, Active, Host, NetBackend, MAX_FRAME_LEN, NET_HDR_LEN, RX_QUEUE};
-use crate::dma_log::DeviceKind;
+use crate::dma_log::{DeviceKind, DmaLog};
 use crate::virtio::chain::{GuestChain, Roles};
+use crate::virtio::GuestMem;
 
 /// What happened to the frame at the front of the pending queue.
 enum Delivery {
@@ -75,8 +78,6 @@ impl<B: NetBackend> Host<B> {
         let Some(frame) = self.pending.front() else {
             return Ok(Delivery::Dropped);
         };
-        let mem = &active.mem;
-        let needed = NET_HDR_LEN + frame.len();
         if frame.len() > MAX_FRAME_LEN {
             self.log.device_error(
                 DeviceKind::Net,
@@ -87,47 +88,88 @@ impl<B: NetBackend> Host<B> {
             );
             return Ok(Delivery::Dropped);
         }
-        let start = active.rx.next_avail();
-        let avail = active
-            .rx
+        let mut rx = RxQueue {
+            mem: &active.mem,
+            queue: &mut active.rx,
+            indirect: active.indirect,
+            mrg_rxbuf: active.mrg_rxbuf,
+        };
+        let chains = match rx.take_chains(&self.log, frame.len())? {
+            Ok(chains) => chains,
+            Err(delivery) => return Ok(delivery),
+        };
+        let mut hdr = [0u8; NET_HDR_LEN];
+        if active.guest_csum {
+            hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+        }
+        // num_buffers: 1 when MRG_RXBUF is off, as the spec requires.
+        let nbufs = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+        hdr[10..12].copy_from_slice(&nbufs.to_le_bytes());
+        rx.fill(&chains, &hdr, frame)?;
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += frame.len() as u64;
+        if let Some(first) = chains.first() {
+            first.log_request_from_bytes(frame, u64::from(nbufs), rx_detail);
+        }
+        Ok(Delivery::Done)
+    }
+}
+
+/// The receive queue while one frame is delivered.
+struct RxQueue<'a> {
+    mem: &'a GuestMem,
+    queue: &'a mut Queue,
+    indirect: bool,
+    mrg_rxbuf: bool,
+}
+
+impl<'a> RxQueue<'a> {
+    /// Takes chains from the available ring until they hold the header and a frame
+    /// of `frame_len` bytes (one chain without MRG_RXBUF). When there are not
+    /// enough, gives them back and says what became of the frame.
+    fn take_chains(
+        &mut self,
+        log: &'a DmaLog,
+        frame_len: usize,
+    ) -> Result<Result<Vec<GuestChain<'a>>, Delivery>, RxFault> {
+        let (mem, indirect, mrg_rxbuf) = (self.mem, self.indirect, self.mrg_rxbuf);
+        let queue = &mut *self.queue;
+        let needed = NET_HDR_LEN + frame_len;
+        let start = queue.next_avail();
+        let avail = queue
             .avail_idx(mem, Ordering::Acquire)
             .map_err(|e| (None, format!("available ring: {e}")))?;
         let mut chains: Vec<GuestChain> = Vec::new();
         let mut have = 0usize;
-        while have < needed {
-            let head = match active.rx.iter(mem) {
+        let outcome = loop {
+            if have >= needed {
+                break Ok(chains);
+            }
+            let head = match queue.iter(mem) {
                 Ok(mut it) => it.next().map(|c| c.head_index()),
                 Err(e) => return Err((None, format!("available ring: {e}"))),
             };
             let Some(head) = head else {
-                active.rx.set_next_avail(start);
+                queue.set_next_avail(start);
                 // Every buffer the queue can hold is posted and the frame still does
                 // not fit: waiting would block the queue forever.
-                if (avail.0.wrapping_sub(start)) >= active.rx.size() && !chains.is_empty() {
-                    self.log.device_error(
+                if (avail.0.wrapping_sub(start)) >= queue.size() && !chains.is_empty() {
+                    log.device_error(
                         DeviceKind::Net,
                         RX_QUEUE,
                         None,
                         &format!(
-                            "frame of {} bytes does not fit the whole receive queue ({have} bytes)",
-                            frame.len()
+                            "frame of {frame_len} bytes does not fit the whole receive queue ({have} bytes)"
                         ),
                         false,
                     );
-                    return Ok(Delivery::Dropped);
+                    break Err(Delivery::Dropped);
                 }
-                return Ok(Delivery::NoBuffers);
+                break Err(Delivery::NoBuffers);
             };
-            let chain = GuestChain::walk(
-                mem,
-                &self.log,
-                DeviceKind::Net,
-                RX_QUEUE,
-                &active.rx,
-                head,
-                active.indirect,
-            )
-            .map_err(|e| (Some(head), e.to_string()))?;
+            let chain =
+                GuestChain::walk(mem, log, DeviceKind::Net, RX_QUEUE, queue, head, indirect)
+                    .map_err(|e| (Some(head), e.to_string()))?;
             for d in chain.descriptors() {
                 if !d.writable {
                     return Err((
@@ -139,17 +181,17 @@ impl<B: NetBackend> Host<B> {
             }
             // Under 4 GiB: walk_chain refuses longer chains.
             let cap = chain.all().len() as usize;
-            if !active.mrg_rxbuf && cap < needed {
+            if !mrg_rxbuf && cap < needed {
                 // Without MRG_RXBUF a frame must fit one chain. Keep the buffer for
                 // the next (smaller) frame and drop this one.
-                active.rx.set_next_avail(start);
+                queue.set_next_avail(start);
                 chain.log_error(
                     &format!(
                         "receive buffer of {cap} bytes cannot hold a {needed}-byte frame without MRG_RXBUF"
                     ),
                     false,
                 );
-                return Ok(Delivery::Dropped);
+                break Err(Delivery::Dropped);
             }
             if cap < NET_HDR_LEN && chains.is_empty() {
                 return Err((
@@ -161,41 +203,31 @@ impl<B: NetBackend> Host<B> {
             }
             have += cap;
             chains.push(chain);
-        }
+        };
+        Ok(outcome)
+    }
 
-        let mut hdr = [0u8; NET_HDR_LEN];
-        if active.guest_csum {
-            hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
-        }
-        // num_buffers: 1 when MRG_RXBUF is off, as the spec requires.
-        let nbufs = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-        hdr[10..12].copy_from_slice(&nbufs.to_le_bytes());
-        let mut bytes = Vec::with_capacity(needed);
-        bytes.extend_from_slice(&hdr);
+    /// Writes `hdr` and `frame` across `chains` (the header only in the first) and
+    /// puts each chain in the used ring with the bytes it got.
+    fn fill(&mut self, chains: &[GuestChain], hdr: &[u8], frame: &[u8]) -> Result<(), RxFault> {
+        let mut bytes = Vec::with_capacity(hdr.len() + frame.len());
+        bytes.extend_from_slice(hdr);
         bytes.extend_from_slice(frame);
-
         let mut at = 0usize;
-        for chain in &chains {
+        for chain in chains {
             let head = chain.head();
-            // Header bytes only exist in the first chain.
-            let roles = Roles::header_then_data(NET_HDR_LEN.saturating_sub(at));
+            let roles = Roles::header_then_data(hdr.len().saturating_sub(at));
             let written = chain
                 .all()
                 .write(&bytes[at..], roles)
                 .map_err(|e| (Some(head), format!("writing {e}")))?;
             at += written;
             let written = u32::try_from(written).unwrap_or(u32::MAX);
-            active
-                .rx
-                .add_used(mem, head, written)
+            self.queue
+                .add_used(self.mem, head, written)
                 .map_err(|e| (Some(head), format!("used ring: {e}")))?;
         }
-        self.stats.rx_frames += 1;
-        self.stats.rx_bytes += frame.len() as u64;
-        if let Some(first) = chains.first() {
-            first.log_request_from_bytes(frame, u64::from(nbufs), rx_detail);
-        }
-        Ok(Delivery::Done)
+        Ok(())
     }
 }
 
