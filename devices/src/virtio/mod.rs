@@ -9,7 +9,10 @@
 //! - Interrupts go out through an [`InterruptLine`] (an irqfd `EventFd` in the VMM,
 //!   a counter in tests), wrapped by [`VirtioInterrupt`], which also holds the
 //!   `InterruptStatus` bits and the device's NEEDS_RESET flag.
-//! - [`chain::walk_chain`] follows descriptor chains with full validation.
+//! - [`chain::walk_chain`] follows descriptor chains with full validation, and
+//!   [`chain::GuestChain`] is the devices' only way to the buffers of a chain: each
+//!   of its reads, writes and file transfers logs the ranges it touched to the DMA
+//!   log.
 
 pub mod blk;
 pub mod chain;

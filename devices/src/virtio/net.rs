@@ -11,21 +11,23 @@
 //! fragment; without it the kernel linearises the frame (a CPU copy) first. No
 //! segmentation offload is offered (no TSO), so every frame is at most one MTU.
 //!
-//! # TX
-//! Each chain is walked with [`walk_chain`] and gathered (header, then the frame,
-//! across any number of descriptors: the guest's scatter-gather). Every descriptor
-//! range is logged (`device_reads`, role `header` for the 12 header bytes, `data`
+//! # TX (`tx`)
+//! Each chain is walked into a [`GuestChain`] and gathered through it (header, then
+//! the frame, across any number of descriptors: the guest's scatter-gather), which
+//! logs every descriptor range (`device_reads`, role `header` for the 12 header bytes, `data`
 //! for frame bytes) with per-page fingerprints of the bytes *as read*, before the
 //! device completes a partial checksum, so the audit can match them against what
 //! virtio-blk wrote at the same guest-physical addresses. A partial checksum
 //! (`VIRTIO_NET_HDR_F_NEEDS_CSUM`) is completed, the frame goes to the pcap and to
 //! the [`NetBackend`], and one `request` record summarises it (TCP seq/len when TCP).
 //!
-//! # RX
+//! # RX (`rx`)
 //! Frames from the backend wait in a bounded queue until the guest has posted receive
 //! buffers; with `MRG_RXBUF` one frame may fill several chains (`num_buffers`). With
 //! `GUEST_CSUM` the header says `VIRTIO_NET_HDR_F_DATA_VALID` (the peer's checksums
 //! are not re-checked by the guest). Every range written is logged (`device_writes`).
+//!
+//! Frame summaries for the log (`summary`) are made on the log's writer thread.
 //!
 //! # Bad input
 //! virtio-net has no status byte to report an error with, so a chain that breaks the
