@@ -6,7 +6,7 @@
 //! memory (`read_exact_volatile_from` / `write_all_volatile_to`): no bounce buffer.
 //!
 //! A chain is walked into a [`GuestChain`], parsed into a typed request
-//! ([`request::parse`]: status byte, header, buffers validated against the disk),
+//! (`request::parse`: status byte, header, buffers validated against the disk),
 //! then executed. Guest buffers are reached only through the chain's
 //! [`GuestBuffers`](super::chain::GuestBuffers), which logs every header, data and
 //! status range to the [`DmaLog`] with per-page fingerprints; the device adds one
@@ -40,7 +40,7 @@ use crate::dma_log::{
     BlkRequest, BlkStatus, DescRole, DeviceKind, DmaLog, RequestDetail, StableFile,
 };
 
-pub mod request;
+mod request;
 mod stats;
 
 use request::{Limits, Request, RequestError};
