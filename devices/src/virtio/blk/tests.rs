@@ -103,6 +103,17 @@ impl H {
         self.mem.write_slice(&h, GuestAddress(addr)).unwrap();
     }
 
+    /// Publishes request `n` (`code` at `sector`) from table entry `start`: its
+    /// header at `HDR + 0x100 * n`, then `data`, then its status byte at `STATUS + n`.
+    fn request(&self, start: u16, n: u64, code: u32, sector: u64, data: &[(u64, u32, u16)]) {
+        let hdr = HDR + 0x100 * n;
+        self.header(hdr, code, sector);
+        let mut chain = vec![(hdr, 16, 0)];
+        chain.extend_from_slice(data);
+        chain.push((STATUS + n, 1, W));
+        add_chain(&self.vq, start, &chain);
+    }
+
     fn status(&self, addr: u64) -> u8 {
         self.mem.read_obj(GuestAddress(addr)).unwrap()
     }
@@ -136,16 +147,15 @@ fn multi_segment_write_then_read_round_trip() {
     h.mem
         .write_slice(&payload[4608..], GuestAddress(DATA + 0x4000))
         .unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 4);
-    add_chain(
-        &h.vq,
+    h.request(
         0,
+        0,
+        VIRTIO_BLK_T_OUT,
+        4,
         &[
-            (HDR, 16, 0),
             (DATA, 512, 0),
             (DATA + 0x1800, 4096, 0),
             (DATA + 0x4000, 3584, 0),
-            (STATUS, 1, W),
         ],
     );
     h.dev.process_queue(0);
@@ -155,15 +165,14 @@ fn multi_segment_write_then_read_round_trip() {
     assert_eq!(&h.file_bytes()[..2048], &disk_content()[..2048]);
 
     // IN the same 8 KiB into 2 differently split buffers.
-    h.header(HDR + 0x100, VIRTIO_BLK_T_IN, 4);
-    add_chain(
-        &h.vq,
+    h.request(
         5,
+        1,
+        VIRTIO_BLK_T_IN,
+        4,
         &[
-            (HDR + 0x100, 16, 0),
             (DATA + 0x10_0000, 1024, W),
             (DATA + 0x10_2000 - 100, 7168, W),
-            (STATUS + 1, 1, W),
         ],
     );
     h.dev.process_queue(0);
@@ -238,21 +247,14 @@ fn flush_syncs_and_data_persists() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
     h.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
-    h.header(HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(&h.vq, 3, &[(HDR + 0x100, 16, 0), (STATUS + 1, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, 0)]);
+    h.request(3, 1, VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.dev.process_queue(0);
     assert_eq!((h.status(STATUS), h.status(STATUS + 1)), (0, 0));
     assert_eq!(h.dev.flush_count(), 1);
     assert_eq!(&h.file_bytes()[..512], &[0xab; 512]);
     // A FLUSH carrying data is malformed.
-    h.header(HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(
-        &h.vq,
-        5,
-        &[(HDR + 0x200, 16, 0), (DATA, 512, W), (STATUS + 2, 1, W)],
-    );
+    h.request(5, 2, VIRTIO_BLK_T_FLUSH, 0, &[(DATA, 512, W)]);
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS + 2), VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(h.dev.flush_count(), 1);
@@ -266,18 +268,8 @@ fn get_id_full_and_short_buffer() {
     });
     h.activate(BASE_FEATURES);
     h.mem.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_GET_ID, 0);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 20, W), (STATUS, 1, W)]);
-    h.header(HDR + 0x100, VIRTIO_BLK_T_GET_ID, 0);
-    add_chain(
-        &h.vq,
-        3,
-        &[
-            (HDR + 0x100, 16, 0),
-            (DATA + 0x100, 4, W),
-            (STATUS + 1, 1, W),
-        ],
-    );
+    h.request(0, 0, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, W)]);
+    h.request(3, 1, VIRTIO_BLK_T_GET_ID, 0, &[(DATA + 0x100, 4, W)]);
     h.dev.process_queue(0);
     let mut id = [0u8; 20];
     h.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
@@ -312,18 +304,8 @@ fn read_only_disk_refuses_writes() {
     assert_eq!(h.dev.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
     h.activate(BASE_FEATURES | (1 << VIRTIO_BLK_F_RO));
     h.mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
-    h.header(HDR + 0x100, VIRTIO_BLK_T_IN, 0);
-    add_chain(
-        &h.vq,
-        3,
-        &[
-            (HDR + 0x100, 16, 0),
-            (DATA + 0x1000, 512, W),
-            (STATUS + 1, 1, W),
-        ],
-    );
+    h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, 0)]);
+    h.request(3, 1, VIRTIO_BLK_T_IN, 0, &[(DATA + 0x1000, 512, W)]);
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(h.status(STATUS + 1), VIRTIO_BLK_S_OK as u8);
@@ -348,13 +330,7 @@ fn discard_and_write_zeroes() {
         let at = 0x100 * i as u64;
         let seg = dwz_segment(sector, num, flags);
         h.mem.write_slice(&seg, GuestAddress(DATA + at)).unwrap();
-        h.header(HDR + at, code, 0);
-        let chain = [
-            (HDR + at, 16, 0),
-            (DATA + at, 16, 0),
-            (STATUS + i as u64, 1, W),
-        ];
-        add_chain(&h.vq, 3 * i as u16, &chain);
+        h.request(3 * i as u16, i as u64, code, 0, &[(DATA + at, 16, 0)]);
     }
     h.dev.process_queue(0);
     for (i, &(.., status)) in requests.iter().enumerate() {
@@ -380,8 +356,7 @@ fn dwz_segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
 fn unknown_request_type_is_unsupp() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
-    h.header(HDR, 99, 0);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (STATUS, 1, W)]);
+    h.request(0, 0, 99, 0, &[]);
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_UNSUPP as u8);
     assert_eq!(used(h.mem, USED), vec![(0, 1)]);
@@ -411,15 +386,7 @@ fn config_space_layout_matches_virtio_blk_config() {
 
 /// Publishes FLUSH number `i`.
 fn submit(h: &H, i: u16) {
-    h.header(HDR + 0x100 * u64::from(i), VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(
-        &h.vq,
-        2 * i,
-        &[
-            (HDR + 0x100 * u64::from(i), 16, 0),
-            (STATUS + u64::from(i), 1, W),
-        ],
-    );
+    h.request(2 * i, i.into(), VIRTIO_BLK_T_FLUSH, 0, &[]);
 }
 
 #[test]
@@ -473,16 +440,12 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
     h.log.dma.marker("BEGIN read");
     // IN 3 sectors..: 6000 bytes would not be a sector multiple; use 2 buffers,
     // one crossing a page boundary.
-    h.header(HDR, VIRTIO_BLK_T_IN, 2);
-    add_chain(
-        &h.vq,
+    h.request(
         0,
-        &[
-            (HDR, 16, 0),
-            (DATA + 0x800, 4096, W),
-            (DATA + 0x5000, 8192, W),
-            (STATUS, 1, W),
-        ],
+        0,
+        VIRTIO_BLK_T_IN,
+        2,
+        &[(DATA + 0x800, 4096, W), (DATA + 0x5000, 8192, W)],
     );
     h.dev.process_queue(0);
     h.log.dma.marker("END read");
@@ -558,8 +521,7 @@ fn dma_log_of_write_fingerprints_what_the_device_read() {
     h.activate(BASE_FEATURES);
     let payload = vec![0x5au8; 1024];
     h.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 1024, 0), (STATUS, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 1024, 0)]);
     h.dev.process_queue(0);
     let d = h
         .log
@@ -578,8 +540,7 @@ fn dma_log_of_write_fingerprints_what_the_device_read() {
 fn disabled_log_still_transfers() {
     let mut h = H::with_log(BlockOptions::default(), DmaLog::disabled());
     h.activate(BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 1);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_IN, 1, &[(DATA, 512, W)]);
     h.dev.process_queue(0);
     assert_eq!(read(h.mem, DATA, 512), &disk_content()[512..1024]);
 }
@@ -599,8 +560,7 @@ fn transport(features: u64) -> (MmioTransport<Block>, Arc<CountingLine>, H) {
 fn through_the_mmio_transport() {
     let (mut t, line, h) = transport((1 << VIRTIO_BLK_F_FLUSH) | VIRTIO_F_VERSION_1);
     assert!(t.is_active());
-    h.header(HDR, VIRTIO_BLK_T_IN, 3);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_IN, 3, &[(DATA, 512, W)]);
     write_reg(&mut t, reg::QUEUE_NOTIFY, 0);
     assert_eq!(read(h.mem, DATA, 512), &disk_content()[1536..2048]);
     assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
@@ -636,11 +596,7 @@ fn stats_count_requests_bytes_and_errors() {
     // One at a time, each chain from table entry 0.
     for (i, (code, data)) in requests.iter().enumerate() {
         let sector = if i == 5 { (DISK_SIZE / 512) as u64 } else { 0 };
-        h.header(HDR, *code, sector);
-        let mut chain = vec![(HDR, 16, 0)];
-        chain.extend_from_slice(data);
-        chain.push((STATUS + i as u64, 1, W));
-        add_chain(&h.vq, 0, &chain);
+        h.request(0, i as u64, *code, sector, data);
         h.dev.process_queue(0);
     }
     // A chain with no header: malformed, IOERR.
@@ -846,16 +802,12 @@ fn segment_limits_bind_only_a_driver_that_accepted_them() {
         ..BlockOptions::default()
     });
     h.activate(BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(
-        &h.vq,
+    h.request(
         0,
-        &[
-            (HDR, 16, 0),
-            (DATA, 1024, W),
-            (DATA + 0x1000, 512, W),
-            (STATUS, 1, W),
-        ],
+        0,
+        VIRTIO_BLK_T_IN,
+        0,
+        &[(DATA, 1024, W), (DATA + 0x1000, 512, W)],
     );
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
@@ -878,8 +830,7 @@ fn assert_needs_reset(h: &mut H, what: &str) {
         errs[0].0
     );
     // A well-formed request afterwards is not processed until reset.
-    h.header(HDR + 0x800, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(&h.vq, 12, &[(HDR + 0x800, 16, 0), (STATUS + 8, 1, W)]);
+    h.request(12, 8, VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.dev.process_queue(0);
     assert!(used(h.mem, USED).is_empty());
     assert_eq!(h.file_bytes(), disk_content(), "nothing executed");
@@ -978,8 +929,7 @@ fn notify_before_activation_and_after_reset_is_ignored() {
     h.dev.process_queue(7);
     h.activate(BASE_FEATURES);
     h.dev.reset();
-    h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(&h.vq, 0, &[(HDR, 16, 0), (STATUS, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.dev.process_queue(0);
     assert!(used(h.mem, USED).is_empty());
 }
