@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::mmio::{reg, MmioTransport};
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use super::{InterruptKind, InterruptLine, VirtioDevice, VirtioInterrupt};
-use crate::dma_log::{DmaLog, DmaLogReader, Record};
+use crate::dma_log::{DescRecord, DescRole, DmaLog, DmaLogReader, Record};
 
 /// `VRING_DESC_F_NEXT`.
 pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -104,6 +104,24 @@ impl TestLog {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap()
+    }
+
+    /// The `desc` records so far.
+    pub fn descs(&self) -> Vec<DescRecord> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Desc(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The `desc` records of `data` so far.
+    pub fn data_descs(&self) -> Vec<DescRecord> {
+        let mut d = self.descs();
+        d.retain(|d| d.role == DescRole::Data);
+        d
     }
 
     /// The device errors so far: `(error, needs_reset)`.

@@ -232,12 +232,9 @@ fn indirect_chain_is_followed() {
     assert_eq!(got, &disk_content()[512..1024]);
     let descs: Vec<(u16, bool)> = h
         .log
-        .records()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Desc(d) if d.role == DescRole::Data => Some((d.desc, d.indirect)),
-            _ => None,
-        })
+        .data_descs()
+        .iter()
+        .map(|d| (d.desc, d.indirect))
         .collect();
     assert_eq!(descs, vec![(1, true), (2, true)]);
 }
@@ -455,13 +452,7 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
     let recs = h.log.records();
     let disk = disk_content();
     let file_off = 2 * 512;
-    let data: Vec<_> = recs
-        .iter()
-        .filter_map(|r| match r {
-            Record::Desc(d) if d.role == DescRole::Data => Some(d.clone()),
-            _ => None,
-        })
-        .collect();
+    let data = h.log.data_descs();
     assert_eq!(data.len(), 2);
     assert_eq!(
         (data[0].desc, data[0].gpa, data[0].len),
@@ -523,15 +514,7 @@ fn dma_log_of_write_fingerprints_what_the_device_read() {
     h.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
     h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 1024, 0)]);
     h.dev.process_queue(0);
-    let d = h
-        .log
-        .records()
-        .into_iter()
-        .find_map(|r| match r {
-            Record::Desc(d) if d.role == DescRole::Data => Some(d),
-            _ => None,
-        })
-        .unwrap();
+    let d = &h.log.data_descs()[0];
     assert_eq!(d.dir, Direction::DeviceReads);
     assert_eq!(d.pieces[0].hash.0, fingerprint(&h.file_bytes()[..1024]));
 }
@@ -645,15 +628,7 @@ fn discard_and_write_zeroes_log_their_segment() {
     );
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
-    let data: Vec<_> = h
-        .log
-        .records()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Desc(d) if d.role == DescRole::Data => Some(d),
-            _ => None,
-        })
-        .collect();
+    let data = h.log.data_descs();
     let got: Vec<_> = data.iter().map(|d| (d.desc, d.gpa, d.len, d.dir)).collect();
     let r = Direction::DeviceReads;
     assert_eq!(got, vec![(1, DATA, 10, r), (2, DATA + 10, 6, r)]);

@@ -104,13 +104,9 @@ impl<B: NetBackend> H<B> {
     }
 
     fn descs(&self, queue: u16) -> Vec<DescRecord> {
-        self.records()
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::Desc(d) if d.queue == queue => Some(d),
-                _ => None,
-            })
-            .collect()
+        let mut d = self.log.descs();
+        d.retain(|d| d.queue == queue);
+        d
     }
 
     fn requests(&self, queue: u16) -> Vec<NetRequest> {

@@ -28,13 +28,7 @@ fn with_chain<R>(
 }
 
 fn descs(log: &TestLog) -> Vec<DescRecord> {
-    log.records()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Desc(d) => Some(d),
-            _ => None,
-        })
-        .collect()
+    log.descs()
 }
 
 /// `(desc, gpa, len, role, dir)` of each record.
