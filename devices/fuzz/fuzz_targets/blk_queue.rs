@@ -26,15 +26,14 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
 use common::{
-    guest_memory, handshake, read_u16, reg, snapshot, write_reg, Input, NullLine, Op, QueueParams,
-    QueueState, MAX_OPS,
+    guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input, NullLine, Op,
+    QueueParams, QueueState, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_devices::dma_log::DmaLog;
 use zc_devices::virtio::blk::{Block, BlockOptions, SECTOR_SIZE};
 use zc_devices::virtio::mmio::MmioTransport;
-use zc_devices::virtio::VirtioDevice;
 
 /// The largest disk: 32 sectors and a partial one.
 const MAX_DISK: usize = 33 * SECTOR_SIZE as usize;
@@ -143,44 +142,5 @@ fn notify_round(
     q: Option<&mut QueueState>,
     index: u16,
 ) {
-    if t.interrupt().needs_reset() {
-        // The transport ignores notifies now; the device must also stay still if it
-        // is called anyway.
-        let before = snapshot(mem);
-        write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
-        t.device_mut().process_queue(index);
-        assert!(
-            snapshot(mem) == before,
-            "device in NEEDS_RESET wrote guest memory"
-        );
-        return;
-    }
-    let Some(q) = q.filter(|_| index == 0) else {
-        write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
-        return;
-    };
-    let a0 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
-    write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
-    if t.interrupt().needs_reset() {
-        return;
-    }
-    let a1 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
-    if a1 == q.shadow_used {
-        return;
-    }
-    let used = read_u16(mem, q.used + 2).expect("used ring was validated");
-    assert_eq!(
-        used, a1,
-        "healthy device left avail idx {a1} with used idx {used} (was {})",
-        q.shadow_used
-    );
-    if a0 == a1 {
-        let moved = a1.wrapping_sub(q.shadow_used);
-        assert!(
-            moved <= q.size,
-            "used idx moved by {moved} in one round on a queue of {}",
-            q.size
-        );
-    }
-    q.shadow_used = a1;
+    notify_and_check(t, mem, index, q.filter(|_| index == 0), "");
 }

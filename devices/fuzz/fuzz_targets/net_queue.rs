@@ -29,8 +29,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    guest_memory, handshake, read_u16, reg, snapshot, write_reg, Input, NullLine, Op, QueueParams,
-    QueueState, MAX_OPS,
+    guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input, NullLine, Op,
+    QueueParams, QueueState, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -38,7 +38,6 @@ use zc_devices::dma_log::DmaLog;
 use zc_devices::pcap::PcapWriter;
 use zc_devices::virtio::mmio::MmioTransport;
 use zc_devices::virtio::net::{Net, NetBackend, NetOptions, TX_QUEUE};
-use zc_devices::virtio::VirtioDevice;
 
 /// Discards transmitted frames, or hands each straight back to the guest.
 struct Backend {
@@ -179,51 +178,12 @@ impl Harness {
     /// Notifies queue `index`; with the discard backend, checks the TX used ring
     /// against the TX available ring.
     fn notify_round(&mut self, index: u16) {
-        let (t, mem) = (&mut self.t, &self.mem);
-        if t.interrupt().needs_reset() {
-            // The transport ignores notifies now; the device must also stay still if
-            // it is called anyway.
-            let before = snapshot(mem);
-            write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
-            t.device_mut().process_queue(index);
-            assert!(
-                snapshot(mem) == before,
-                "device in NEEDS_RESET wrote guest memory"
-            );
-            return;
-        }
+        let echo = self.echo;
         let tx = self
             .queues
             .as_mut()
             .map(|q| &mut q[usize::from(TX_QUEUE)])
-            .filter(|_| index == TX_QUEUE && !self.echo);
-        let Some(q) = tx else {
-            write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
-            return;
-        };
-        let a0 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
-        write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
-        if t.interrupt().needs_reset() {
-            return;
-        }
-        let a1 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
-        if a1 == q.shadow_used {
-            return;
-        }
-        let used = read_u16(mem, q.used + 2).expect("used ring was validated");
-        assert_eq!(
-            used, a1,
-            "healthy device left TX avail idx {a1} with used idx {used} (was {})",
-            q.shadow_used
-        );
-        if a0 == a1 {
-            let moved = a1.wrapping_sub(q.shadow_used);
-            assert!(
-                moved <= q.size,
-                "TX used idx moved by {moved} in one round on a queue of {}",
-                q.size
-            );
-        }
-        q.shadow_used = a1;
+            .filter(|_| index == TX_QUEUE && !echo);
+        notify_and_check(&mut self.t, &self.mem, index, tx, "TX ");
     }
 }

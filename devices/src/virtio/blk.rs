@@ -4,50 +4,55 @@
 //! flush's completion is on stable storage), GET_ID, DISCARD (punches a hole) and
 //! WRITE_ZEROES (zero-range or hole). Data moves straight between the file and guest
 //! memory (`read_exact_volatile_from` / `write_all_volatile_to`): no bounce buffer.
-//! Any descriptor layout is accepted (VERSION_1 implies ANY_LAYOUT): the header is the
-//! first 16 device-readable bytes, the status the last device-writable byte.
 //!
-//! Every header, data and status range the device touches is logged to the
-//! [`DmaLog`] with per-page fingerprints, plus one request record per chain. A
-//! malformed request that still has a writable status byte is answered with
-//! `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for an unknown type) and a device-error record;
-//! a chain that cannot be followed or has no status byte puts the device in
-//! DEVICE_NEEDS_RESET (config interrupt) and it stops processing until reset.
+//! A chain is walked into a [`GuestChain`], parsed into a typed request
+//! (`request::parse`: status byte, header, buffers validated against the disk),
+//! then executed. Guest buffers are reached only through the chain's
+//! [`GuestBuffers`](super::chain::GuestBuffers), which logs every header, data and
+//! status range to the [`DmaLog`] with per-page fingerprints; the device adds one
+//! request record per chain. A malformed request that still has a writable status
+//! byte is answered with `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for an unknown type) and a
+//! device-error record; a chain that cannot be followed or has no status byte puts
+//! the device in DEVICE_NEEDS_RESET (config interrupt) and it stops processing until
+//! reset. [`Block::stats`] counts what the device did.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
+use std::mem::offset_of;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustix::fs::FallocateFlags;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    virtio_blk_config, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::ByteValued;
 
-use super::chain::{walk_chain, ChainDesc};
+use super::chain::{GuestChain, Roles};
 use super::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::dma_log::{
-    BlkRequest, BlkStatus, DescInfo, DescRole, DeviceKind, Direction, DmaLog, RequestDetail,
-    StableFile,
+    BlkRequest, BlkStatus, DescRole, DeviceKind, DmaLog, RequestDetail, StableFile,
 };
+
+mod request;
+mod stats;
+
+use request::{Limits, Request, RequestError};
+pub use stats::BlkStats;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// `VIRTIO_ID_BLOCK`.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
-/// Size of the request header (`type`, `reserved`, `sector`).
-const HEADER_LEN: u64 = 16;
-/// Size of one discard / write-zeroes segment.
-const DWZ_SEG_LEN: u64 = 16;
-/// Size of the configuration space we expose (up to `unused1`).
-const CONFIG_LEN: usize = 60;
+/// Size of the configuration space we expose: up to `unused1`, the secure-erase and
+/// zoned fields are for features not offered.
+const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
 
 /// Options of a [`Block`] device.
 #[derive(Debug, Clone)]
@@ -98,61 +103,48 @@ pub enum BlockError {
     QueueSize(u16),
 }
 
-/// A contiguous guest range that is part of one descriptor.
-#[derive(Debug, Clone, Copy)]
-struct Seg {
-    index: u16,
-    indirect: bool,
-    addr: u64,
-    len: u64,
-}
+/// `virtio_blk_config` as vm-memory's [`ByteValued`] (the bindings' struct cannot
+/// implement vm-memory's trait in this crate, hence the wrapper).
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct BlkConfig(virtio_blk_config);
 
-impl From<&ChainDesc> for Seg {
-    fn from(d: &ChainDesc) -> Self {
-        Seg {
-            index: d.index,
-            indirect: d.indirect,
-            addr: d.addr,
-            len: u64::from(d.len),
-        }
+// SAFETY: `virtio_blk_config` is `repr(C, packed)` and made only of integers,
+// integer arrays and `repr(C)` structs of integers without padding: no pointers,
+// and every bit pattern is a valid value.
+unsafe impl ByteValued for BlkConfig {}
+
+impl BlkConfig {
+    fn new(capacity_bytes: u64, opts: &BlockOptions) -> Self {
+        // The spec's fields are little-endian.
+        let max_sectors = (u32::MAX / SECTOR_SIZE as u32).to_le();
+        BlkConfig(virtio_blk_config {
+            capacity: (capacity_bytes / SECTOR_SIZE).to_le(),
+            size_max: opts.size_max.to_le(),
+            seg_max: opts.seg_max.to_le(),
+            // Informational.
+            blk_size: (SECTOR_SIZE as u32).to_le(),
+            num_queues: 1u16.to_le(),
+            max_discard_sectors: max_sectors,
+            max_discard_seg: 1u32.to_le(),
+            // 4 KiB.
+            discard_sector_alignment: 8u32.to_le(),
+            max_write_zeroes_sectors: max_sectors,
+            max_write_zeroes_seg: 1u32.to_le(),
+            write_zeroes_may_unmap: 1,
+            ..virtio_blk_config::default()
+        })
     }
 }
 
-/// Splits `segs` after the first `n` bytes.
-fn split_at(segs: &[Seg], mut n: u64) -> (Vec<Seg>, Vec<Seg>) {
-    let mut front = Vec::new();
-    let mut back = Vec::new();
-    for s in segs {
-        if n == 0 {
-            back.push(*s);
-        } else if s.len <= n {
-            front.push(*s);
-            n -= s.len;
-        } else {
-            front.push(Seg { len: n, ..*s });
-            back.push(Seg {
-                addr: s.addr + n,
-                len: s.len - n,
-                ..*s
-            });
-            n = 0;
-        }
-    }
-    (front, back)
-}
-
-fn total(segs: &[Seg]) -> u64 {
-    segs.iter().map(|s| s.len).sum()
-}
-
-/// The result of executing a request whose status byte is usable.
+/// The result of a request whose status byte is usable.
 struct Outcome {
     status: BlkStatus,
     /// Bytes written to device-writable data buffers (excluding the status byte).
     written: u64,
     /// Payload bytes of the request.
     bytes: u64,
-    /// Protocol error, if any (logged as a device-error record).
+    /// Protocol or I/O error, if any (logged as a device-error record).
     error: Option<String>,
 }
 
@@ -165,29 +157,35 @@ impl Outcome {
             error: None,
         }
     }
-    fn ioerr(msg: impl Into<String>) -> Self {
+
+    fn failed(status: BlkStatus, error: Option<String>) -> Self {
         Outcome {
-            status: BlkStatus::Ioerr,
+            status,
             written: 0,
             bytes: 0,
-            error: Some(msg.into()),
+            error,
         }
+    }
+
+    fn status_byte(&self) -> u8 {
+        (match self.status {
+            BlkStatus::Ok => VIRTIO_BLK_S_OK,
+            BlkStatus::Ioerr => VIRTIO_BLK_S_IOERR,
+            BlkStatus::Unsupp => VIRTIO_BLK_S_UNSUPP,
+        }) as u8
     }
 }
 
 /// The host side of the disk.
 struct Disk {
     file: File,
-    capacity_bytes: u64,
-    read_only: bool,
+    limits: Limits,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
-    log: DmaLog,
     /// The image registered with the log when the disk is read-only: nothing changes
     /// it, so what IN requests put in guest memory is fingerprinted from the file on
     /// the log's writer thread rather than copied out of guest memory here.
     stable: Option<StableFile>,
-    flushes: u64,
-    acked_features: u64,
+    stats: BlkStats,
 }
 
 struct Active {
@@ -201,8 +199,9 @@ struct Active {
 /// A virtio-blk device model (one request queue).
 pub struct Block {
     disk: Disk,
+    log: DmaLog,
     features: u64,
-    config: [u8; CONFIG_LEN],
+    config: BlkConfig,
     queue_sizes: [u16; 1],
     active: Option<Active>,
 }
@@ -210,8 +209,8 @@ pub struct Block {
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
-            .field("capacity_bytes", &self.disk.capacity_bytes)
-            .field("read_only", &self.disk.read_only)
+            .field("capacity_bytes", &self.disk.limits.capacity_bytes)
+            .field("read_only", &self.disk.limits.read_only)
             .field("active", &self.active.is_some())
             .finish()
     }
@@ -253,42 +252,28 @@ impl Block {
         } else {
             features |= (1u64 << VIRTIO_BLK_F_DISCARD) | (1u64 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
-
-        let mut config = [0u8; CONFIG_LEN];
-        let put32 = |c: &mut [u8; CONFIG_LEN], off: usize, v: u32| {
-            c[off..off + 4].copy_from_slice(&v.to_le_bytes())
-        };
-        config[0..8].copy_from_slice(&(capacity_bytes / SECTOR_SIZE).to_le_bytes());
-        put32(&mut config, 8, opts.size_max);
-        put32(&mut config, 12, opts.seg_max);
-        put32(&mut config, 20, SECTOR_SIZE as u32); // blk_size (informational)
-        config[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
-        let max_sectors = u32::MAX / SECTOR_SIZE as u32;
-        put32(&mut config, 36, max_sectors); // max_discard_sectors
-        put32(&mut config, 40, 1); // max_discard_seg
-        put32(&mut config, 44, 8); // discard_sector_alignment: 4 KiB
-        put32(&mut config, 48, max_sectors); // max_write_zeroes_sectors
-        put32(&mut config, 52, 1); // max_write_zeroes_seg
-        config[56] = 1; // write_zeroes_may_unmap
-
         let stable = if opts.read_only {
             log.stable_file(&file)
         } else {
             None
         };
         Ok(Block {
+            config: BlkConfig::new(capacity_bytes, &opts),
             disk: Disk {
                 file,
-                capacity_bytes,
-                read_only: opts.read_only,
+                limits: Limits {
+                    capacity_bytes,
+                    read_only: opts.read_only,
+                    acked_features: 0,
+                    seg_max: opts.seg_max,
+                    size_max: opts.size_max,
+                },
                 id,
-                log,
                 stable,
-                flushes: 0,
-                acked_features: 0,
+                stats: BlkStats::default(),
             },
+            log,
             features,
-            config,
             queue_sizes: [opts.queue_size],
             active: None,
         })
@@ -296,15 +281,21 @@ impl Block {
 
     /// Disk capacity in bytes (whole sectors).
     pub fn capacity_bytes(&self) -> u64 {
-        self.disk.capacity_bytes
+        self.disk.limits.capacity_bytes
     }
 
     /// Number of FLUSH requests completed with a successful `fsync`.
     pub fn flush_count(&self) -> u64 {
-        self.disk.flushes
+        self.disk.stats.flushes
     }
 
-    fn fatal(active: &mut Active, log: &DmaLog, head: Option<u16>, what: &str) {
+    /// What the device has done so far (a snapshot).
+    pub fn stats(&self) -> BlkStats {
+        self.disk.stats
+    }
+
+    fn fatal(active: &mut Active, disk: &mut Disk, log: &DmaLog, head: Option<u16>, what: &str) {
+        disk.stats.chain_faults += 1;
         log.device_error(DeviceKind::Blk, 0, head, what, true);
         active.broken = true;
         active.interrupt.set_needs_reset();
@@ -325,7 +316,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config, offset, data);
+        super::read_config_bytes(&self.config.as_slice()[..CONFIG_LEN], offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -349,7 +340,7 @@ impl VirtioDevice for Block {
         if !queue.ready() {
             return Err(ActivateError::QueueNotReady { index: 0 });
         }
-        self.disk.acked_features = acked_features;
+        self.disk.limits.acked_features = acked_features;
         self.active = Some(Active {
             mem,
             queue,
@@ -367,452 +358,152 @@ impl VirtioDevice for Block {
         if index != 0 || active.broken {
             return;
         }
-        let log = self.disk.log.clone();
-        let disk = &mut self.disk;
+        let (disk, log) = (&mut self.disk, &self.log);
         let indirect = active.indirect;
         let served = super::drain_queue(&mut active.queue, &active.mem, |queue, head| {
-            disk.handle_chain(&active.mem, queue, indirect, head)
+            let chain =
+                GuestChain::walk(&active.mem, log, DeviceKind::Blk, 0, queue, head, indirect)
+                    .map_err(|e| e.to_string())?;
+            disk.handle_chain(&chain)
         })
         .and_then(|()| super::signal_used(&mut active.queue, &active.mem, &active.interrupt));
         if let Err(fault) = served {
-            Self::fatal(active, &log, fault.head, &fault.what);
+            Self::fatal(active, disk, log, fault.head, &fault.what);
         }
     }
 
     fn reset(&mut self) {
         self.active = None;
-        self.disk.acked_features = 0;
+        self.disk.limits.acked_features = 0;
     }
 }
 
 impl Disk {
-    /// Handles one chain. `Ok(used_len)` when the request was answered through its
+    /// Handles one walked chain. `Ok(used_len)` when the request was answered through its
     /// status byte; `Err(what)` when the device must go to NEEDS_RESET.
-    fn handle_chain(
-        &mut self,
-        mem: &GuestMem,
-        queue: &Queue,
-        indirect: bool,
-        head: u16,
-    ) -> Result<u32, String> {
-        let descs = walk_chain(
-            mem,
-            GuestAddress(queue.desc_table()),
-            queue.size(),
-            head,
-            indirect,
-        )
-        .map_err(|e| e.to_string())?;
-        let last = descs
-            .last()
-            .ok_or_else(|| "empty descriptor chain".to_string())?;
-        if !last.writable {
-            return Err(format!(
-                "missing status byte: last descriptor {} is device-readable",
-                last.index
-            ));
+    fn handle_chain(&mut self, chain: &GuestChain) -> Result<u32, String> {
+        let parsed = request::parse(chain, &self.limits).map_err(|e| e.to_string())?;
+        self.stats
+            .count_type(parsed.header.map(|h| h.request_type()));
+        let outcome = match parsed.request {
+            Ok(request) => self.execute(request),
+            Err(e) => self.refuse(&e),
+        };
+        parsed
+            .status
+            .write(&[outcome.status_byte()], Roles::all(DescRole::Status))
+            .map_err(|e| format!("cannot write status byte: {}", e.source))?;
+        self.stats.count_status(outcome.status);
+        if let Some(err) = &outcome.error {
+            chain.log_error(err, false);
         }
-        last.check(mem)
-            .map_err(|e| format!("missing status byte: {e}"))?;
-        let status_addr = last.addr + u64::from(last.len) - 1;
-
-        let (code, sector, outcome) = self.execute(mem, head, &descs);
-        let status = match outcome.status {
-            BlkStatus::Ok => VIRTIO_BLK_S_OK,
-            BlkStatus::Ioerr => VIRTIO_BLK_S_IOERR,
-            BlkStatus::Unsupp => VIRTIO_BLK_S_UNSUPP,
-        } as u8;
-        mem.write_obj(status, GuestAddress(status_addr))
-            .map_err(|e| format!("cannot write status byte: {e}"))?;
-        if self.log.is_enabled() {
-            self.log_range(
-                mem,
-                head,
-                Seg {
-                    addr: status_addr,
-                    len: 1,
-                    ..Seg::from(last)
-                },
-                Direction::DeviceWrites,
-                DescRole::Status,
-            );
-            if let Some(err) = &outcome.error {
-                self.log
-                    .device_error(DeviceKind::Blk, 0, Some(head), err, false);
-            }
-            self.log.request(
-                DeviceKind::Blk,
-                0,
-                head,
-                RequestDetail::Blk(BlkRequest {
-                    op: op_name(code).to_string(),
-                    code,
-                    sector,
-                    bytes: outcome.bytes,
-                    status: outcome.status,
-                }),
-            );
-        }
+        let (code, sector) = parsed
+            .header
+            .map_or((u32::MAX, 0), |h| (h.code(), h.sector()));
+        chain.log_request_with(|| {
+            RequestDetail::Blk(BlkRequest {
+                op: op_name(code).to_string(),
+                code,
+                sector,
+                bytes: outcome.bytes,
+                status: outcome.status,
+            })
+        });
         // `written` is bounded by the chain's total length, which walk_chain keeps
         // under 4 GiB.
         Ok(u32::try_from(outcome.written + 1).unwrap_or(u32::MAX))
     }
 
-    fn desc_info(head: u16, s: Seg, dir: Direction, role: DescRole) -> DescInfo {
-        DescInfo {
-            device: DeviceKind::Blk,
-            queue: 0,
-            head,
-            desc: s.index,
-            indirect: s.indirect,
-            gpa: s.addr,
-            // A data range is at most one descriptor long, so it fits a u32.
-            len: s.len as u32,
-            dir,
-            role,
-        }
+    fn refuse(&mut self, e: &RequestError) -> Outcome {
+        self.stats.invalid_requests += 1;
+        Outcome::failed(e.status(), Some(e.to_string()))
     }
 
-    fn log_range(&self, mem: &GuestMem, head: u16, s: Seg, dir: Direction, role: DescRole) {
-        self.log
-            .descriptor_from_guest(mem, Self::desc_info(head, s, dir, role));
+    fn io_error(&mut self, what: String) -> Outcome {
+        self.stats.io_errors += 1;
+        Outcome::failed(BlkStatus::Ioerr, Some(what))
     }
 
-    /// Validates and executes a request whose status byte is known to be writable.
-    /// Returns (type code, sector, outcome).
-    fn execute(&mut self, mem: &GuestMem, head: u16, descs: &[ChainDesc]) -> (u32, u64, Outcome) {
-        for d in descs {
-            if let Err(e) = d.check(mem) {
-                return (u32::MAX, 0, Outcome::ioerr(e.to_string()));
+    /// Executes a validated request.
+    fn execute(&mut self, request: Request) -> Outcome {
+        match request {
+            Request::In { offset, data } => {
+                let len = data.len();
+                match data.fill_from_file(&mut self.file, offset, self.stable) {
+                    Ok(()) => {
+                        self.stats.bytes_read += len;
+                        Outcome::ok(len, len)
+                    }
+                    Err((at, e)) => self.io_error(format!("reading disk at {at}: {e}")),
+                }
             }
-        }
-        if let Some(pos) = descs.iter().position(|d| d.writable) {
-            if let Some(bad) = descs[pos..].iter().find(|d| !d.writable) {
-                return (
-                    u32::MAX,
-                    0,
-                    Outcome::ioerr(format!(
-                        "device-readable descriptor {} after a device-writable one",
-                        bad.index
-                    )),
-                );
+            Request::Out { offset, data } => {
+                let len = data.len();
+                match data.write_to_file(&mut self.file, offset) {
+                    Ok(()) => {
+                        self.stats.bytes_written += len;
+                        Outcome::ok(len, 0)
+                    }
+                    Err((at, e)) => self.io_error(format!("writing disk at {at}: {e}")),
+                }
             }
-        }
-        let readable: Vec<Seg> = descs
-            .iter()
-            .filter(|d| !d.writable)
-            .map(Seg::from)
-            .collect();
-        let writable: Vec<Seg> = descs.iter().filter(|d| d.writable).map(Seg::from).collect();
-        let (data_in, _status) = split_at(&writable, total(&writable) - 1);
-        let readable_len = total(&readable);
-        if readable_len < HEADER_LEN {
-            return (
-                u32::MAX,
-                0,
-                Outcome::ioerr(format!(
-                    "request header too short: {readable_len} device-readable bytes, need {HEADER_LEN}"
-                )),
-            );
-        }
-        let (hdr_segs, data_out) = split_at(&readable, HEADER_LEN);
-        let mut hdr = [0u8; HEADER_LEN as usize];
-        let mut at = 0usize;
-        for s in &hdr_segs {
-            let n = s.len as usize;
-            if let Err(e) = mem.read_slice(&mut hdr[at..at + n], GuestAddress(s.addr)) {
-                return (u32::MAX, 0, Outcome::ioerr(format!("reading header: {e}")));
-            }
-            at += n;
-        }
-        if self.log.is_enabled() {
-            for s in &hdr_segs {
-                self.log_range(mem, head, *s, Direction::DeviceReads, DescRole::Header);
-            }
-        }
-        let code = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
-        let outcome = match code {
-            VIRTIO_BLK_T_IN => self.read_request(mem, head, sector, &data_out, &data_in),
-            VIRTIO_BLK_T_OUT => self.write_request(mem, head, sector, &data_out, &data_in),
-            VIRTIO_BLK_T_FLUSH => self.flush_request(&data_out, &data_in),
-            VIRTIO_BLK_T_GET_ID => self.get_id_request(mem, head, &data_out, &data_in),
-            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                self.dwz_request(mem, code, &data_out, &data_in)
-            }
-            _ => Outcome {
-                status: BlkStatus::Unsupp,
-                written: 0,
-                bytes: 0,
-                error: None,
+            Request::Flush => self.flush(),
+            Request::GetId { buf } => match buf.write(&self.id, Roles::all(DescRole::Data)) {
+                Ok(n) => Outcome::ok(n as u64, n as u64),
+                Err(e) => self.io_error(format!("writing id: {}", e.source)),
             },
-        };
-        (code, sector, outcome)
-    }
-
-    /// Checks `[sector * 512, + len)` is inside the disk; returns the byte offset.
-    fn check_range(&self, sector: u64, len: u64) -> Result<u64, String> {
-        let off = sector
-            .checked_mul(SECTOR_SIZE)
-            .filter(|off| {
-                off.checked_add(len)
-                    .is_some_and(|end| end <= self.capacity_bytes)
-            })
-            .ok_or_else(|| {
-                format!(
-                    "request for sector {sector} + {len} bytes is beyond the disk's end ({} bytes)",
-                    self.capacity_bytes
-                )
-            })?;
-        Ok(off)
-    }
-
-    fn data_len(segs: &[Seg], what: &str) -> Result<u64, String> {
-        let len = total(segs);
-        if !len.is_multiple_of(SECTOR_SIZE) {
-            return Err(format!("{what} data length {len} is not a multiple of 512"));
-        }
-        Ok(len)
-    }
-
-    fn read_request(
-        &mut self,
-        mem: &GuestMem,
-        head: u16,
-        sector: u64,
-        data_out: &[Seg],
-        data_in: &[Seg],
-    ) -> Outcome {
-        if let Some(s) = data_out.first() {
-            return Outcome::ioerr(format!(
-                "IN request has device-readable data in descriptor {}",
-                s.index
-            ));
-        }
-        let len = match Self::data_len(data_in, "IN") {
-            Ok(l) => l,
-            Err(e) => return Outcome::ioerr(e),
-        };
-        let mut off = match self.check_range(sector, len) {
-            Ok(o) => o,
-            Err(e) => return Outcome::ioerr(e),
-        };
-        for s in data_in {
-            let res = self
-                .file
-                .seek(SeekFrom::Start(off))
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    mem.read_exact_volatile_from(
-                        GuestAddress(s.addr),
-                        &mut self.file,
-                        s.len as usize,
-                    )
-                    .map_err(|e| e.to_string())
-                });
-            if let Err(e) = res {
-                return Outcome::ioerr(format!("reading disk at {off}: {e}"));
+            Request::Discard { offset, len } => {
+                self.deallocate(VIRTIO_BLK_T_DISCARD, offset, len, true)
             }
-            if let Some(file) = self.stable {
-                self.log.descriptor_from_file(
-                    Self::desc_info(head, *s, Direction::DeviceWrites, DescRole::Data),
-                    file,
-                    off,
-                );
-            } else if self.log.is_enabled() {
-                self.log_range(mem, head, *s, Direction::DeviceWrites, DescRole::Data);
+            Request::WriteZeroes { offset, len, unmap } => {
+                self.deallocate(VIRTIO_BLK_T_WRITE_ZEROES, offset, len, unmap)
             }
-            off += s.len;
+            Request::Unsupported => Outcome::failed(BlkStatus::Unsupp, None),
         }
-        Outcome::ok(len, len)
     }
 
-    fn write_request(
-        &mut self,
-        mem: &GuestMem,
-        head: u16,
-        sector: u64,
-        data_out: &[Seg],
-        data_in: &[Seg],
-    ) -> Outcome {
-        if self.read_only {
-            return Outcome::ioerr("OUT request on a read-only disk");
-        }
-        if let Some(s) = data_in.first() {
-            return Outcome::ioerr(format!(
-                "OUT request has device-writable data in descriptor {}",
-                s.index
-            ));
-        }
-        let len = match Self::data_len(data_out, "OUT") {
-            Ok(l) => l,
-            Err(e) => return Outcome::ioerr(e),
-        };
-        let mut off = match self.check_range(sector, len) {
-            Ok(o) => o,
-            Err(e) => return Outcome::ioerr(e),
-        };
-        for s in data_out {
-            if self.log.is_enabled() {
-                self.log_range(mem, head, *s, Direction::DeviceReads, DescRole::Data);
-            }
-            let res = self
-                .file
-                .seek(SeekFrom::Start(off))
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    mem.write_all_volatile_to(GuestAddress(s.addr), &mut self.file, s.len as usize)
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(e) = res {
-                return Outcome::ioerr(format!("writing disk at {off}: {e}"));
-            }
-            off += s.len;
-        }
-        Outcome::ok(len, 0)
-    }
-
-    fn flush_request(&mut self, data_out: &[Seg], data_in: &[Seg]) -> Outcome {
-        if !data_out.is_empty() || !data_in.is_empty() {
-            return Outcome::ioerr("FLUSH request carries data buffers");
-        }
-        if self.read_only {
+    fn flush(&mut self) -> Outcome {
+        if self.limits.read_only {
             return Outcome::ok(0, 0);
         }
         match self.file.flush().and_then(|()| self.file.sync_all()) {
             Ok(()) => {
-                self.flushes += 1;
+                self.stats.flushes += 1;
                 Outcome::ok(0, 0)
             }
-            Err(e) => Outcome::ioerr(format!("fsync failed: {e}")),
+            Err(e) => self.io_error(format!("fsync failed: {e}")),
         }
     }
 
-    fn get_id_request(
-        &mut self,
-        mem: &GuestMem,
-        head: u16,
-        data_out: &[Seg],
-        data_in: &[Seg],
-    ) -> Outcome {
-        if let Some(s) = data_out.first() {
-            return Outcome::ioerr(format!(
-                "GET_ID request has device-readable data in descriptor {}",
-                s.index
-            ));
-        }
-        if data_in.is_empty() {
-            return Outcome::ioerr("GET_ID request has no buffer for the id");
-        }
-        let (used, _) = split_at(data_in, self.id.len() as u64);
-        let mut at = 0usize;
-        for s in &used {
-            let n = s.len as usize;
-            if let Err(e) = mem.write_slice(&self.id[at..at + n], GuestAddress(s.addr)) {
-                return Outcome::ioerr(format!("writing id: {e}"));
-            }
-            if self.log.is_enabled() {
-                self.log_range(mem, head, *s, Direction::DeviceWrites, DescRole::Data);
-            }
-            at += n;
-        }
-        Outcome::ok(at as u64, at as u64)
-    }
-
-    fn dwz_request(
-        &mut self,
-        mem: &GuestMem,
-        code: u32,
-        data_out: &[Seg],
-        data_in: &[Seg],
-    ) -> Outcome {
-        let discard = code == VIRTIO_BLK_T_DISCARD;
-        let feature = if discard {
-            VIRTIO_BLK_F_DISCARD
-        } else {
-            VIRTIO_BLK_F_WRITE_ZEROES
-        };
-        if self.acked_features & (1u64 << feature) == 0 {
-            return Outcome {
-                status: BlkStatus::Unsupp,
-                written: 0,
-                bytes: 0,
-                error: Some(format!("{} without its feature", op_name(code))),
-            };
-        }
-        if self.read_only {
-            return Outcome::ioerr("DISCARD/WRITE_ZEROES on a read-only disk");
-        }
-        if !data_in.is_empty() {
-            return Outcome::ioerr("DISCARD/WRITE_ZEROES request has device-writable data");
-        }
-        if total(data_out) != DWZ_SEG_LEN {
-            return Outcome::ioerr(format!(
-                "DISCARD/WRITE_ZEROES needs exactly one 16-byte segment, got {} bytes",
-                total(data_out)
-            ));
-        }
-        let mut seg = [0u8; DWZ_SEG_LEN as usize];
-        let mut at = 0usize;
-        for s in data_out {
-            let n = s.len as usize;
-            if let Err(e) = mem.read_slice(&mut seg[at..at + n], GuestAddress(s.addr)) {
-                return Outcome::ioerr(format!("reading segment: {e}"));
-            }
-            at += n;
-        }
-        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-        let num = u64::from(u32::from_le_bytes(
-            seg[8..12].try_into().unwrap_or_default(),
-        ));
-        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-        let allowed = if discard {
-            0
-        } else {
-            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-        };
-        if flags & !allowed != 0 {
-            return Outcome {
-                status: BlkStatus::Unsupp,
-                written: 0,
-                bytes: 0,
-                error: Some(format!(
-                    "{} with unsupported flags {flags:#x}",
-                    op_name(code)
-                )),
-            };
-        }
-        let len = num * SECTOR_SIZE;
-        let off = match self.check_range(sector, len) {
-            Ok(o) => o,
-            Err(e) => return Outcome::ioerr(e),
-        };
+    /// DISCARD (`code`, always `unmap`) or WRITE_ZEROES of `len` bytes at `offset`.
+    fn deallocate(&mut self, code: u32, offset: u64, len: u64, unmap: bool) -> Outcome {
         if len == 0 {
             return Outcome::ok(0, 0);
         }
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        let res = if discard {
+        let res = if code == VIRTIO_BLK_T_DISCARD {
             // Discard is a hint: a file system without hole punching keeps the data.
-            match rustix::fs::fallocate(&self.file, punch, off, len) {
+            match rustix::fs::fallocate(&self.file, punch, offset, len) {
                 Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
                 other => other.map_err(std::io::Error::from),
             }
         } else {
-            let mode = if flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
+            let mode = if unmap {
                 punch
             } else {
                 FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
             };
-            match rustix::fs::fallocate(&self.file, mode, off, len) {
-                Err(rustix::io::Errno::OPNOTSUPP) => self.write_zeroes_slow(off, len),
+            match rustix::fs::fallocate(&self.file, mode, offset, len) {
+                Err(rustix::io::Errno::OPNOTSUPP) => self.write_zeroes_slow(offset, len),
                 other => other.map_err(std::io::Error::from),
             }
         };
         match res {
-            Ok(()) => Outcome::ok(len, 0),
-            Err(e) => Outcome::ioerr(format!("{} failed: {e}", op_name(code))),
+            Ok(()) => {
+                self.stats.bytes_deallocated += len;
+                Outcome::ok(len, 0)
+            }
+            Err(e) => self.io_error(format!("{} failed: {e}", op_name(code))),
         }
     }
 

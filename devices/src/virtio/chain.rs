@@ -11,12 +11,18 @@
 //!
 //! Buffer addresses are *not* checked here (a device still wants the list to find
 //! the status byte and answer with an error); see [`ChainDesc::check`].
+//!
+//! Devices reach the buffers themselves only through [`GuestChain`] and
+//! [`GuestBuffers`], which log every access to the DMA log.
 
 use std::mem::size_of;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+mod guest;
+pub use guest::{AccessError, FileAccessError, GuestBuffers, GuestChain, Roles};
 
 const DESC_SIZE: u64 = size_of::<Descriptor>() as u64;
 

@@ -9,7 +9,10 @@
 //! - Interrupts go out through an [`InterruptLine`] (an irqfd `EventFd` in the VMM,
 //!   a counter in tests), wrapped by [`VirtioInterrupt`], which also holds the
 //!   `InterruptStatus` bits and the device's NEEDS_RESET flag.
-//! - [`chain::walk_chain`] follows descriptor chains with full validation.
+//! - [`chain::walk_chain`] follows descriptor chains with full validation, and
+//!   [`chain::GuestChain`] is the devices' only way to the buffers of a chain: each
+//!   of its reads, writes and file transfers logs the ranges it touched to the DMA
+//!   log.
 
 pub mod blk;
 pub mod chain;
@@ -282,36 +285,7 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
-pub(crate) mod test_util {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    /// Counts triggers per kind.
-    #[derive(Default)]
-    pub struct CountingLine {
-        pub queue: AtomicUsize,
-        pub config: AtomicUsize,
-    }
-
-    impl InterruptLine for CountingLine {
-        fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-            match kind {
-                InterruptKind::Queue => self.queue.fetch_add(1, Ordering::SeqCst),
-                InterruptKind::Config => self.config.fetch_add(1, Ordering::SeqCst),
-            };
-            Ok(())
-        }
-    }
-
-    impl CountingLine {
-        pub fn queue_count(&self) -> usize {
-            self.queue.load(Ordering::SeqCst)
-        }
-        pub fn config_count(&self) -> usize {
-            self.config.load(Ordering::SeqCst)
-        }
-    }
-}
+pub(crate) mod test_util;
 
 #[cfg(test)]
 mod tests {

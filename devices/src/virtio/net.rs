@@ -11,21 +11,23 @@
 //! fragment; without it the kernel linearises the frame (a CPU copy) first. No
 //! segmentation offload is offered (no TSO), so every frame is at most one MTU.
 //!
-//! # TX
-//! Each chain is walked with [`walk_chain`] and gathered (header, then the frame,
-//! across any number of descriptors: the guest's scatter-gather). Every descriptor
-//! range is logged (`device_reads`, role `header` for the 12 header bytes, `data`
+//! # TX (`tx`)
+//! Each chain is walked into a [`GuestChain`] and gathered through it (header, then
+//! the frame, across any number of descriptors: the guest's scatter-gather), which
+//! logs every descriptor range (`device_reads`, role `header` for the 12 header bytes, `data`
 //! for frame bytes) with per-page fingerprints of the bytes *as read*, before the
 //! device completes a partial checksum, so the audit can match them against what
 //! virtio-blk wrote at the same guest-physical addresses. A partial checksum
 //! (`VIRTIO_NET_HDR_F_NEEDS_CSUM`) is completed, the frame goes to the pcap and to
 //! the [`NetBackend`], and one `request` record summarises it (TCP seq/len when TCP).
 //!
-//! # RX
+//! # RX (`rx`)
 //! Frames from the backend wait in a bounded queue until the guest has posted receive
 //! buffers; with `MRG_RXBUF` one frame may fill several chains (`num_buffers`). With
 //! `GUEST_CSUM` the header says `VIRTIO_NET_HDR_F_DATA_VALID` (the peer's checksums
 //! are not re-checked by the guest). Every range written is logged (`device_writes`).
+//!
+//! Frame summaries for the log (`summary`) are made on the log's writer thread.
 //!
 //! # Bad input
 //! virtio-net has no status byte to report an error with, so a chain that breaks the
@@ -38,26 +40,29 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::mem::offset_of;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use serde::Serialize;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_S_LINK_UP,
+    virtio_net_config, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::ByteValued;
 
-use super::chain::{walk_chain, ChainDesc};
+use super::chain::GuestChain;
 use super::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_INDIRECT_DESC};
-use crate::dma_log::frame::summarize;
-use crate::dma_log::{
-    DescInfo, DescRole, DeviceKind, Direction, DmaLog, NetRequest, RequestDetail,
-};
+use crate::dma_log::{DeviceKind, DmaLog};
 use crate::net_peer::NetPeer;
 use crate::pcap::{PcapError, PcapWriter};
+
+mod rx;
+mod summary;
+mod tx;
+
+pub use tx::complete_checksum;
 
 /// `VIRTIO_ID_NET`.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -72,8 +77,9 @@ pub const NET_HDR_LEN: usize = 12;
 /// the bound only keeps a broken driver from making the device allocate gigabytes.
 pub const MAX_FRAME_LEN: usize = 65535 + 18;
 /// Size of the configuration space we expose: `mac`, `status`,
-/// `max_virtqueue_pairs`, `mtu` (left 0: VIRTIO_NET_F_MTU is not offered).
-const CONFIG_LEN: usize = 12;
+/// `max_virtqueue_pairs`, `mtu` (left 0: VIRTIO_NET_F_MTU is not offered); the
+/// fields after them are for features not offered.
+const CONFIG_LEN: usize = offset_of!(virtio_net_config, speed);
 
 /// Feature bit helper.
 const fn bit(b: u32) -> u64 {
@@ -172,8 +178,8 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
     }
 }
 
-/// Counters of what the device carried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of what the device carried (serialisable for a run's summary).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct NetStats {
     /// Frames the guest transmitted that went to the backend.
     pub tx_frames: u64,
@@ -208,23 +214,25 @@ impl<W: Write + Send> Capture for PcapWriter<W> {
     }
 }
 
-/// A contiguous guest range, part of one descriptor.
-#[derive(Debug, Clone, Copy)]
-struct Seg {
-    index: u16,
-    indirect: bool,
-    addr: u64,
-    len: usize,
-}
+/// `virtio_net_config` as vm-memory's [`ByteValued`] (the bindings' struct cannot
+/// implement vm-memory's trait in this crate, hence the wrapper).
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct NetConfig(virtio_net_config);
 
-impl From<&ChainDesc> for Seg {
-    fn from(d: &ChainDesc) -> Self {
-        Seg {
-            index: d.index,
-            indirect: d.indirect,
-            addr: d.addr,
-            len: d.len as usize,
-        }
+// SAFETY: `virtio_net_config` is `repr(C, packed)` and made only of integers and
+// an integer array: no padding, no pointers, every bit pattern a valid value.
+unsafe impl ByteValued for NetConfig {}
+
+impl NetConfig {
+    fn new(mac: [u8; 6]) -> Self {
+        // The spec's fields are little-endian.
+        NetConfig(virtio_net_config {
+            mac,
+            status: (VIRTIO_NET_S_LINK_UP as u16).to_le(),
+            max_virtqueue_pairs: 1u16.to_le(),
+            ..virtio_net_config::default()
+        })
     }
 }
 
@@ -256,7 +264,7 @@ struct Active {
 pub struct Net<B: NetBackend = NetPeer> {
     host: Host<B>,
     features: u64,
-    config: [u8; CONFIG_LEN],
+    config: NetConfig,
     queue_sizes: [u16; 2],
     active: Option<Active>,
 }
@@ -270,16 +278,6 @@ impl<B: NetBackend> std::fmt::Debug for Net<B> {
             .field("stats", &self.host.stats)
             .finish_non_exhaustive()
     }
-}
-
-/// What happened to the frame at the front of the pending queue.
-enum Delivery {
-    /// Written to the guest.
-    Done,
-    /// Not enough receive buffers; try again when the guest posts more.
-    NoBuffers,
-    /// Can never be delivered (logged); discard it.
-    Dropped,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -296,10 +294,6 @@ impl<B: NetBackend> Net<B> {
         if opts.sg {
             features |= bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM);
         }
-        let mut config = [0u8; CONFIG_LEN];
-        config[0..6].copy_from_slice(&opts.mac);
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
         Ok(Net {
             host: Host {
                 backend,
@@ -312,7 +306,7 @@ impl<B: NetBackend> Net<B> {
                 stats: NetStats::default(),
             },
             features,
-            config,
+            config: NetConfig::new(opts.mac),
             queue_sizes: [opts.queue_size; 2],
             active: None,
         })
@@ -394,12 +388,23 @@ impl<B: NetBackend> Net<B> {
             return;
         };
         let host = &mut self.host;
+        // One handle for the batch, so that chains can log while the host changes.
+        let log = host.log.clone();
         let now = Instant::now();
         let indirect = active.indirect;
         let served = super::drain_queue(&mut active.tx, &active.mem, |tx, head| {
+            let chain = GuestChain::walk(
+                &active.mem,
+                &log,
+                DeviceKind::Net,
+                TX_QUEUE,
+                tx,
+                head,
+                indirect,
+            )
+            .map_err(|e| e.to_string())?;
             // TX buffers are only read: the used length is 0.
-            host.handle_tx_chain(&active.mem, tx, indirect, head, now)
-                .map(|()| 0)
+            host.handle_tx_chain(&chain, now).map(|()| 0)
         })
         .and_then(|()| super::signal_used(&mut active.tx, &active.mem, &active.interrupt));
         if let Err(fault) = served {
@@ -417,63 +422,7 @@ fn fatal(active: &mut Active, log: &DmaLog, queue: u16, head: Option<u16>, what:
     active.interrupt.set_needs_reset();
 }
 
-/// The request detail of a TX frame (on the log's writer thread: formatting the
-/// summary costs more than the rest of a frame's logging).
-fn tx_detail(frame: &[u8], _: u64) -> RequestDetail {
-    RequestDetail::Net(summarize(frame).into_request("tx ", ""))
-}
-
-/// The request detail of an RX frame delivered in `nbufs` buffers.
-fn rx_detail(frame: &[u8], nbufs: u64) -> RequestDetail {
-    RequestDetail::Net(summarize(frame).into_request("rx ", &format!(" buffers={nbufs}")))
-}
-
 impl<B: NetBackend> Host<B> {
-    /// Logs `bytes` (the contents of `segs`, concatenated): the first `hdr_len` bytes
-    /// with role `header`, the rest `data`; a descriptor spanning both gives two records.
-    fn log_segs(
-        &self,
-        queue: u16,
-        head: u16,
-        segs: &[Seg],
-        bytes: &[u8],
-        hdr_len: usize,
-        dir: Direction,
-    ) {
-        let mut at = 0usize;
-        for s in segs {
-            let end = (at + s.len).min(bytes.len());
-            let mut cut = at;
-            while cut < end {
-                let (role, upto) = if cut < hdr_len {
-                    (DescRole::Header, hdr_len.min(end))
-                } else {
-                    (DescRole::Data, end)
-                };
-                let gpa = s.addr + (cut - at) as u64;
-                // The device's own copy is hashed: it is exactly what was read or
-                // written, and costs no second pass over guest memory.
-                self.log.descriptor_bytes(
-                    DescInfo {
-                        device: DeviceKind::Net,
-                        queue,
-                        head,
-                        desc: s.index,
-                        indirect: s.indirect,
-                        gpa,
-                        // At most one descriptor's length, a u32.
-                        len: (upto - cut) as u32,
-                        dir,
-                        role,
-                    },
-                    &bytes[cut..upto],
-                );
-                cut = upto;
-            }
-            at = end;
-        }
-    }
-
     fn capture(&mut self, frame: &[u8]) {
         if let Some(p) = self.pcap.as_mut() {
             if let Err(e) = p.capture(frame) {
@@ -482,331 +431,6 @@ impl<B: NetBackend> Host<B> {
                 self.pcap_error = Some(e);
             }
         }
-    }
-
-    /// Handles one TX chain. `Ok(())` when the chain can be completed (the frame was
-    /// sent or dropped with a logged error); `Err(what)` for NEEDS_RESET.
-    fn handle_tx_chain(
-        &mut self,
-        mem: &GuestMem,
-        tx: &Queue,
-        indirect: bool,
-        head: u16,
-        now: Instant,
-    ) -> Result<(), String> {
-        let descs = walk_chain(
-            mem,
-            GuestAddress(tx.desc_table()),
-            tx.size(),
-            head,
-            indirect,
-        )
-        .map_err(|e| e.to_string())?;
-        for d in &descs {
-            if d.writable {
-                return Err(format!(
-                    "device-writable descriptor {} in a TX chain",
-                    d.index
-                ));
-            }
-            d.check(mem).map_err(|e| e.to_string())?;
-        }
-        let total: usize = descs.iter().map(|d| d.len as usize).sum();
-        if total < NET_HDR_LEN {
-            return Err(format!(
-                "TX header too short: {total} bytes, need {NET_HDR_LEN}"
-            ));
-        }
-        self.stats.tx_descriptors += descs.len() as u64;
-        let segs: Vec<Seg> = descs.iter().map(Seg::from).collect();
-        if total - NET_HDR_LEN > MAX_FRAME_LEN {
-            self.drop_tx(
-                head,
-                &format!(
-                    "TX frame of {} bytes exceeds {MAX_FRAME_LEN}",
-                    total - NET_HDR_LEN
-                ),
-            );
-            return Ok(());
-        }
-
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.clear();
-        buf.resize(total, 0);
-        let mut at = 0usize;
-        for s in &segs {
-            mem.read_slice(&mut buf[at..at + s.len], GuestAddress(s.addr))
-                .map_err(|e| format!("reading descriptor {}: {e}", s.index))?;
-            at += s.len;
-        }
-        if self.log.is_enabled() {
-            // Before the checksum is completed: the fingerprints are of guest memory.
-            self.log_segs(
-                TX_QUEUE,
-                head,
-                &segs,
-                &buf,
-                NET_HDR_LEN,
-                Direction::DeviceReads,
-            );
-        }
-        let hdr = NetHdr::parse(&buf[..NET_HDR_LEN]);
-        let frame = &mut buf[NET_HDR_LEN..];
-        let verdict = if frame.is_empty() {
-            Err("empty TX frame (header only)".to_string())
-        } else if u32::from(hdr.gso_type) != VIRTIO_NET_HDR_GSO_NONE {
-            Err(format!(
-                "TX gso_type {} but no segmentation offload was offered",
-                hdr.gso_type
-            ))
-        } else if u32::from(hdr.flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-            // Completed even if CSUM was not negotiated: harmless, and the frame is
-            // then still valid on the wire.
-            complete_checksum(frame, hdr.csum_start, hdr.csum_offset).map(|()| {
-                self.stats.csum_completed += 1;
-            })
-        } else {
-            Ok(())
-        };
-        match verdict {
-            Ok(()) => {
-                let frame = &buf[NET_HDR_LEN..];
-                self.stats.tx_frames += 1;
-                self.stats.tx_bytes += frame.len() as u64;
-                self.capture(frame);
-                self.backend.send(frame, now);
-                self.log
-                    .request_from_bytes(DeviceKind::Net, TX_QUEUE, head, frame, 0, tx_detail);
-            }
-            Err(what) => self.drop_tx(head, &what),
-        }
-        self.scratch = buf;
-        Ok(())
-    }
-
-    fn drop_tx(&mut self, head: u16, what: &str) {
-        self.stats.tx_dropped += 1;
-        if self.log.is_enabled() {
-            self.log
-                .device_error(DeviceKind::Net, TX_QUEUE, Some(head), what, false);
-            self.log.request(
-                DeviceKind::Net,
-                TX_QUEUE,
-                head,
-                RequestDetail::Net(NetRequest {
-                    summary: format!("tx dropped: {what}"),
-                    tcp_seq: None,
-                    tcp_len: None,
-                    tcp_flags: None,
-                    tcp_payload_off: None,
-                    tcp_ports: None,
-                }),
-            );
-        }
-    }
-
-    /// Delivers pending frames while the guest has receive buffers.
-    fn deliver_pending(&mut self, active: &mut Active) {
-        if active.broken {
-            return;
-        }
-        let mut delivered = false;
-        while !self.pending.is_empty() {
-            match self.deliver_front(active) {
-                Ok(Delivery::Done) => {
-                    delivered = true;
-                    if let Some(f) = self.pending.pop_front() {
-                        self.capture(&f);
-                    }
-                }
-                Ok(Delivery::Dropped) => {
-                    self.pending.pop_front();
-                    self.stats.rx_dropped += 1;
-                }
-                Ok(Delivery::NoBuffers) => {
-                    // Ask for a notification when the guest posts more buffers. With
-                    // EVENT_IDX the queue writes `avail_event = next_avail`; after a
-                    // partial (MRG_RXBUF) attempt next_avail was rolled back below
-                    // buffers the guest already posted, and the guest would never kick
-                    // for the next one. So publish the current avail index instead.
-                    let mem = &active.mem;
-                    let saved = active.rx.next_avail();
-                    let more = active.rx.avail_idx(mem, Ordering::Acquire).and_then(|idx| {
-                        active.rx.set_next_avail(idx.0);
-                        active.rx.enable_notification(mem)
-                    });
-                    active.rx.set_next_avail(saved);
-                    match more {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(e) => {
-                            fatal(active, &self.log, RX_QUEUE, None, &format!("rings: {e}"));
-                            return;
-                        }
-                    }
-                }
-                Err((head, what)) => {
-                    fatal(active, &self.log, RX_QUEUE, head, &what);
-                    return;
-                }
-            }
-        }
-        if delivered {
-            if let Err(fault) = super::signal_used(&mut active.rx, &active.mem, &active.interrupt) {
-                fatal(active, &self.log, RX_QUEUE, fault.head, &fault.what);
-            }
-        }
-    }
-
-    /// Tries to put the front pending frame into receive buffers. Chains taken from
-    /// the available ring are given back (next_avail rolled back) when they are not
-    /// enough, so nothing is completed half-filled.
-    fn deliver_front(&mut self, active: &mut Active) -> Result<Delivery, (Option<u16>, String)> {
-        let Some(frame) = self.pending.front() else {
-            return Ok(Delivery::Dropped);
-        };
-        let mem = &active.mem;
-        let needed = NET_HDR_LEN + frame.len();
-        if frame.len() > MAX_FRAME_LEN {
-            self.log.device_error(
-                DeviceKind::Net,
-                RX_QUEUE,
-                None,
-                &format!("frame for the guest of {} bytes is too large", frame.len()),
-                false,
-            );
-            return Ok(Delivery::Dropped);
-        }
-        let start = active.rx.next_avail();
-        let avail = active
-            .rx
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(|e| (None, format!("available ring: {e}")))?;
-        let mut chains: Vec<(u16, Vec<Seg>, usize)> = Vec::new();
-        let mut have = 0usize;
-        while have < needed {
-            let head = match active.rx.iter(mem) {
-                Ok(mut it) => it.next().map(|c| c.head_index()),
-                Err(e) => return Err((None, format!("available ring: {e}"))),
-            };
-            let Some(head) = head else {
-                active.rx.set_next_avail(start);
-                // Every buffer the queue can hold is posted and the frame still does
-                // not fit: waiting would block the queue forever.
-                if (avail.0.wrapping_sub(start)) >= active.rx.size() && !chains.is_empty() {
-                    self.log.device_error(
-                        DeviceKind::Net,
-                        RX_QUEUE,
-                        None,
-                        &format!(
-                            "frame of {} bytes does not fit the whole receive queue ({have} bytes)",
-                            frame.len()
-                        ),
-                        false,
-                    );
-                    return Ok(Delivery::Dropped);
-                }
-                return Ok(Delivery::NoBuffers);
-            };
-            let descs = walk_chain(
-                mem,
-                GuestAddress(active.rx.desc_table()),
-                active.rx.size(),
-                head,
-                active.indirect,
-            )
-            .map_err(|e| (Some(head), e.to_string()))?;
-            for d in &descs {
-                if !d.writable {
-                    return Err((
-                        Some(head),
-                        format!("device-readable descriptor {} in an RX chain", d.index),
-                    ));
-                }
-                d.check(mem).map_err(|e| (Some(head), e.to_string()))?;
-            }
-            let cap: usize = descs.iter().map(|d| d.len as usize).sum();
-            if !active.mrg_rxbuf && cap < needed {
-                // Without MRG_RXBUF a frame must fit one chain. Keep the buffer for
-                // the next (smaller) frame and drop this one.
-                active.rx.set_next_avail(start);
-                self.log.device_error(
-                    DeviceKind::Net,
-                    RX_QUEUE,
-                    Some(head),
-                    &format!(
-                        "receive buffer of {cap} bytes cannot hold a {needed}-byte frame without MRG_RXBUF"
-                    ),
-                    false,
-                );
-                return Ok(Delivery::Dropped);
-            }
-            if cap < NET_HDR_LEN && chains.is_empty() {
-                return Err((
-                    Some(head),
-                    format!(
-                        "receive buffer of {cap} bytes cannot hold the {NET_HDR_LEN}-byte header"
-                    ),
-                ));
-            }
-            have += cap;
-            chains.push((head, descs.iter().map(Seg::from).collect(), cap));
-        }
-
-        let mut hdr = [0u8; NET_HDR_LEN];
-        if active.guest_csum {
-            hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
-        }
-        // num_buffers: 1 when MRG_RXBUF is off, as the spec requires.
-        let nbufs = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-        hdr[10..12].copy_from_slice(&nbufs.to_le_bytes());
-        let mut bytes = Vec::with_capacity(needed);
-        bytes.extend_from_slice(&hdr);
-        bytes.extend_from_slice(frame);
-
-        let mut at = 0usize;
-        for (head, segs, _) in &chains {
-            let chain_start = at;
-            let mut used_segs = Vec::with_capacity(segs.len());
-            for s in segs {
-                if at == needed {
-                    break;
-                }
-                let n = s.len.min(needed - at);
-                mem.write_slice(&bytes[at..at + n], GuestAddress(s.addr))
-                    .map_err(|e| (Some(*head), format!("writing descriptor {}: {e}", s.index)))?;
-                used_segs.push(Seg { len: n, ..*s });
-                at += n;
-            }
-            if self.log.is_enabled() {
-                // Header bytes only exist in the first chain.
-                let hdr_here = NET_HDR_LEN.saturating_sub(chain_start);
-                self.log_segs(
-                    RX_QUEUE,
-                    *head,
-                    &used_segs,
-                    &bytes[chain_start..at],
-                    hdr_here,
-                    Direction::DeviceWrites,
-                );
-            }
-            let written = u32::try_from(at - chain_start).unwrap_or(u32::MAX);
-            active
-                .rx
-                .add_used(mem, *head, written)
-                .map_err(|e| (Some(*head), format!("used ring: {e}")))?;
-        }
-        self.stats.rx_frames += 1;
-        self.stats.rx_bytes += frame.len() as u64;
-        self.log.request_from_bytes(
-            DeviceKind::Net,
-            RX_QUEUE,
-            chains[0].0,
-            frame,
-            u64::from(nbufs),
-            rx_detail,
-        );
-        Ok(Delivery::Done)
     }
 }
 
@@ -824,7 +448,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config, offset, data);
+        super::read_config_bytes(&self.config.as_slice()[..CONFIG_LEN], offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -879,69 +503,6 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         // Frames addressed to the previous driver instance are stale.
         self.host.pending.clear();
     }
-}
-
-/// The fields of `virtio_net_hdr_v1` the device uses.
-#[derive(Debug, Clone, Copy)]
-struct NetHdr {
-    flags: u8,
-    gso_type: u8,
-    csum_start: u16,
-    csum_offset: u16,
-}
-
-impl NetHdr {
-    fn parse(b: &[u8]) -> Self {
-        let le16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        NetHdr {
-            flags: b[0],
-            gso_type: b[1],
-            csum_start: le16(6),
-            csum_offset: le16(8),
-        }
-    }
-}
-
-/// Folds the Internet checksum (RFC 1071) of `data` into `sum`.
-fn csum_add(mut sum: u64, data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u64::from(*last) << 8;
-    }
-    sum
-}
-
-fn csum_fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Completes a partial checksum (virtio 1.2, 5.1.6.2): the Internet checksum of
-/// `frame[csum_start..]` is stored at `csum_start + csum_offset`. The field holds the
-/// driver's pseudo-header sum on entry, which is how it gets folded in.
-pub fn complete_checksum(
-    frame: &mut [u8],
-    csum_start: u16,
-    csum_offset: u16,
-) -> Result<(), String> {
-    let start = usize::from(csum_start);
-    let field = start + usize::from(csum_offset);
-    if start >= frame.len() || field + 2 > frame.len() {
-        return Err(format!(
-            "TX NEEDS_CSUM with csum_start {csum_start} + csum_offset {csum_offset} outside the {}-byte frame",
-            frame.len()
-        ));
-    }
-    let sum = !csum_fold(csum_add(0, &frame[start..]));
-    // RFC 768/793 transmit 0 as all ones only for UDP; for TCP 0 is fine, and Linux
-    // devices store the folded value unchanged.
-    frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
-    Ok(())
 }
 
 #[cfg(test)]

@@ -263,3 +263,59 @@ impl Op {
         }
     }
 }
+
+/// Notifies queue `index` and checks what the device did with it.
+///
+/// - A device in DEVICE_NEEDS_RESET changes no guest memory, even when its
+///   `process_queue` is called directly (the transport ignores the notify).
+/// - For `checked` (the state of the notified queue, when the harness can tell what
+///   the device must do with it): a device still healthy afterwards leaves the used
+///   `idx` equal to the available `idx` (every published chain answered, none
+///   twice), and when the driver's `idx` did not change under the device, the used
+///   `idx` moved by at most the queue size. `name` names the queue in messages.
+pub fn notify_and_check<D: VirtioDevice>(
+    t: &mut MmioTransport<D>,
+    mem: &GuestMemoryMmap,
+    index: u16,
+    checked: Option<&mut QueueState>,
+    name: &str,
+) {
+    if t.interrupt().needs_reset() {
+        let before = snapshot(mem);
+        write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
+        t.device_mut().process_queue(index);
+        assert!(
+            snapshot(mem) == before,
+            "device in NEEDS_RESET wrote guest memory"
+        );
+        return;
+    }
+    let Some(q) = checked else {
+        write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
+        return;
+    };
+    let a0 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
+    write_reg(t, reg::QUEUE_NOTIFY, u32::from(index));
+    if t.interrupt().needs_reset() {
+        return;
+    }
+    let a1 = read_u16(mem, q.avail + 2).expect("avail ring was validated");
+    if a1 == q.shadow_used {
+        return;
+    }
+    let used = read_u16(mem, q.used + 2).expect("used ring was validated");
+    assert_eq!(
+        used, a1,
+        "healthy device left {name}avail idx {a1} with used idx {used} (was {})",
+        q.shadow_used
+    );
+    if a0 == a1 {
+        let moved = a1.wrapping_sub(q.shadow_used);
+        assert!(
+            moved <= q.size,
+            "{name}used idx moved by {moved} in one round on a queue of {}",
+            q.size
+        );
+    }
+    q.shadow_used = a1;
+}

@@ -1,23 +1,22 @@
 //! virtio-blk tests on `virtio-queue`'s `MockSplitQueue` and a tempfile disk.
 
 use super::*;
-use crate::dma_log::{fingerprint, DmaLogReader, Record};
-use crate::virtio::mmio::MmioTransport;
-use crate::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
-use crate::virtio::test_util::CountingLine;
+use crate::dma_log::{fingerprint, Direction, Record};
+use crate::virtio::mmio::{reg, MmioTransport};
+use crate::virtio::status::DEVICE_NEEDS_RESET;
+use crate::virtio::test_util::{
+    add_chain, counting_interrupt, leaked_memory, linked, mmio_activate, raw, read, read_reg, used,
+    write_reg, write_table, CountingLine, MockQueue, TestLog, IND, NEXT, W,
+};
 use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use std::io::Read;
-use std::sync::Mutex;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use rstest::rstest;
+use std::io::{Read, Write};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::QueueOwnedT;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_protocol::Marker;
 
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-const IND: u16 = VRING_DESC_F_INDIRECT as u16;
 const QSIZE: u16 = 16;
 const MEM_SIZE: u64 = 0x40_0000;
 const DISK_SIZE: usize = 64 * 1024;
@@ -26,19 +25,9 @@ const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1
     | (1 << VIRTIO_BLK_F_FLUSH)
     | (1 << VIRTIO_BLK_F_DISCARD)
     | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
-
-#[derive(Clone, Default)]
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+/// What Linux accepts: the above and the segment limits.
+const LIMIT_FEATURES: u64 =
+    BASE_FEATURES | (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_SIZE_MAX);
 
 /// Page-unique pseudo-random disk content.
 fn disk_content() -> Vec<u8> {
@@ -54,70 +43,49 @@ fn disk_content() -> Vec<u8> {
 }
 
 struct H {
-    /// Leaked so that a `MockSplitQueue` borrowing it does not borrow the harness.
     mem: &'static GuestMemoryMmap,
     dev: Block,
     line: Arc<CountingLine>,
     irq: Arc<VirtioInterrupt>,
-    log: SharedBuf,
+    log: TestLog,
     disk: tempfile::NamedTempFile,
-    dma: DmaLog,
+    vq: MockQueue,
 }
 
 impl H {
     fn new(opts: BlockOptions) -> Self {
+        let log = TestLog::new();
+        let mut h = Self::with_log(opts, log.dma.clone());
+        h.log = log;
+        h
+    }
+
+    /// The device logs to `dma` (`h.log` is then not the device's).
+    fn with_log(opts: BlockOptions, dma: DmaLog) -> Self {
         let mut disk = tempfile::NamedTempFile::new().unwrap();
         disk.write_all(&disk_content()).unwrap();
         disk.flush().unwrap();
-        let log = SharedBuf::default();
-        let dma = DmaLog::new(log.clone()).unwrap();
-        let dev = Block::open(disk.path(), opts, dma.clone()).unwrap();
-        let line = Arc::new(CountingLine::default());
-        let irq = Arc::new(VirtioInterrupt::new(line.clone()));
-        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-        ));
+        let dev = Block::open(disk.path(), opts, dma).unwrap();
+        let (line, irq) = counting_interrupt();
+        let mem = leaked_memory(MEM_SIZE);
         H {
             mem,
             dev,
             line,
             irq,
-            log,
+            log: TestLog::new(),
             disk,
-            dma,
+            vq: MockQueue::new(mem, QSIZE),
         }
     }
 
-    fn vq(&self) -> MockSplitQueue<'static, GuestMemoryMmap> {
-        MockSplitQueue::new(self.mem, QSIZE)
-    }
-
-    fn activate(&mut self, vq: &MockSplitQueue<GuestMemoryMmap>, features: u64) {
-        let mut q: Queue = vq.create_queue().unwrap();
+    fn activate(&mut self, features: u64) {
+        let mut q: Queue = self.vq.create_queue().unwrap();
         q.set_used_ring_address(Some(USED as u32), Some(0));
         q.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
         self.dev
             .activate(self.mem.clone(), vec![q], self.irq.clone(), features)
             .unwrap();
-    }
-
-    fn records(&self) -> Vec<Record> {
-        self.dma.flush().unwrap();
-        let bytes = self.log.0.lock().unwrap().clone();
-        DmaLogReader::new(&bytes[..])
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    }
-
-    fn errors(&self) -> Vec<(String, bool)> {
-        self.records()
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::DeviceError(e) => Some((e.error, e.needs_reset)),
-                _ => None,
-            })
-            .collect()
     }
 
     fn file_bytes(&self) -> Vec<u8> {
@@ -136,32 +104,20 @@ impl H {
         self.mem.write_slice(&h, GuestAddress(addr)).unwrap();
     }
 
+    /// Publishes request `n` (`code` at `sector`) from table entry `start`: its
+    /// header at `HDR + 0x100 * n`, then `data`, then its status byte at `STATUS + n`.
+    fn request(&self, start: u16, n: u64, code: u32, sector: u64, data: &[(u64, u32, u16)]) {
+        let hdr = HDR + 0x100 * n;
+        self.header(hdr, code, sector);
+        let mut chain = vec![(hdr, 16, 0)];
+        chain.extend_from_slice(data);
+        chain.push((STATUS + n, 1, W));
+        add_chain(&self.vq, start, &chain);
+    }
+
     fn status(&self, addr: u64) -> u8 {
         self.mem.read_obj(GuestAddress(addr)).unwrap()
     }
-}
-
-fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-}
-
-/// Publishes a chain `(addr, len, flags-without-NEXT)` at table index `start`, linked
-/// sequentially.
-fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u32, u16)]) {
-    let n = descs.len() as u16;
-    let raws: Vec<RawDescriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(a, l, f))| {
-            let i = i as u16;
-            if i + 1 < n {
-                raw(a, l, f | NEXT, start + i + 1)
-            } else {
-                raw(a, l, f, 0)
-            }
-        })
-        .collect();
-    vq.add_desc_chains(&raws, start).unwrap();
 }
 
 /// Where the tests put the used ring. `MockSplitQueue` places its used ring 20 bytes
@@ -169,29 +125,18 @@ fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u3
 /// overlap; every test moves the used ring here instead.
 const USED: u64 = 0x8000;
 
-/// The used ring's entries `(id, len)`, read from [`USED`].
-fn used(mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-    let n: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
-    (0..u64::from(n))
-        .map(|i| {
-            let id: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * i)).unwrap();
-            (id, len)
-        })
-        .collect()
-}
-
 const HDR: u64 = 0x1_0000;
 const STATUS: u64 = 0x1_1000;
 const DATA: u64 = 0x2_0000;
+/// Where tests put an indirect table.
+const TABLE: u64 = 0x3_0000;
 
 // ---------------------------------------------------------------- happy path
 
 #[test]
 fn multi_segment_write_then_read_round_trip() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     // OUT 3 segments (512 + 4096 crossing a page + 3584) at sector 4.
     let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
     h.mem
@@ -203,39 +148,37 @@ fn multi_segment_write_then_read_round_trip() {
     h.mem
         .write_slice(&payload[4608..], GuestAddress(DATA + 0x4000))
         .unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 4);
-    add_chain(
-        &vq,
+    h.request(
         0,
+        0,
+        VIRTIO_BLK_T_OUT,
+        4,
         &[
-            (HDR, 16, 0),
             (DATA, 512, 0),
             (DATA + 0x1800, 4096, 0),
             (DATA + 0x4000, 3584, 0),
-            (STATUS, 1, W),
         ],
     );
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
-    assert_eq!(used(h.mem), vec![(0, 1)]);
+    assert_eq!(used(h.mem, USED), vec![(0, 1)]);
     assert_eq!(&h.file_bytes()[2048..2048 + 8192], &payload[..]);
     assert_eq!(&h.file_bytes()[..2048], &disk_content()[..2048]);
 
     // IN the same 8 KiB into 2 differently split buffers.
-    h.header(HDR + 0x100, VIRTIO_BLK_T_IN, 4);
-    add_chain(
-        &vq,
+    h.request(
         5,
+        1,
+        VIRTIO_BLK_T_IN,
+        4,
         &[
-            (HDR + 0x100, 16, 0),
             (DATA + 0x10_0000, 1024, W),
             (DATA + 0x10_2000 - 100, 7168, W),
-            (STATUS + 1, 1, W),
         ],
     );
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS + 1), VIRTIO_BLK_S_OK as u8);
-    assert_eq!(used(h.mem)[1], (5, 8193));
+    assert_eq!(used(h.mem, USED)[1], (5, 8193));
     let mut back = vec![0u8; 8192];
     h.mem
         .read_slice(&mut back[..1024], GuestAddress(DATA + 0x10_0000))
@@ -245,30 +188,28 @@ fn multi_segment_write_then_read_round_trip() {
         .unwrap();
     assert_eq!(back, payload);
     assert_eq!(h.line.queue_count(), 2);
-    assert!(h.errors().is_empty());
+    assert!(h.log.errors().is_empty());
 }
 
 #[test]
 fn any_layout_header_data_and_status_in_one_descriptor_each_side() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     // Readable: header + nothing; writable: 512 data bytes + status in one buffer.
     h.header(HDR, VIRTIO_BLK_T_IN, 1);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 513, W)]);
+    add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 513, W)]);
     h.dev.process_queue(0);
     assert_eq!(h.status(DATA + 512), 0);
     let mut got = vec![0u8; 512];
     h.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert_eq!(got, &disk_content()[512..1024]);
-    assert_eq!(used(h.mem), vec![(0, 513)]);
+    assert_eq!(used(h.mem, USED), vec![(0, 513)]);
 }
 
 #[test]
 fn indirect_chain_is_followed() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     let table = 0x3_0000u64;
     let entries = [
         raw(HDR, 16, NEXT, 1),
@@ -282,7 +223,7 @@ fn indirect_chain_is_followed() {
             .unwrap();
     }
     h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    vq.add_desc_chains(&[raw(table, 64, IND, 0)], 0).unwrap();
+    h.vq.add_desc_chains(&[raw(table, 64, IND, 0)], 0).unwrap();
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), 0);
     let mut got = vec![0u8; 512];
@@ -291,12 +232,10 @@ fn indirect_chain_is_followed() {
         .unwrap();
     assert_eq!(got, &disk_content()[512..1024]);
     let descs: Vec<(u16, bool)> = h
-        .records()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Desc(d) if d.role == DescRole::Data => Some((d.desc, d.indirect)),
-            _ => None,
-        })
+        .log
+        .data_descs()
+        .iter()
+        .map(|d| (d.desc, d.indirect))
         .collect();
     assert_eq!(descs, vec![(1, true), (2, true)]);
 }
@@ -304,24 +243,16 @@ fn indirect_chain_is_followed() {
 #[test]
 fn flush_syncs_and_data_persists() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     h.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
-    h.header(HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(&vq, 3, &[(HDR + 0x100, 16, 0), (STATUS + 1, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, 0)]);
+    h.request(3, 1, VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.dev.process_queue(0);
     assert_eq!((h.status(STATUS), h.status(STATUS + 1)), (0, 0));
     assert_eq!(h.dev.flush_count(), 1);
     assert_eq!(&h.file_bytes()[..512], &[0xab; 512]);
     // A FLUSH carrying data is malformed.
-    h.header(HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(
-        &vq,
-        5,
-        &[(HDR + 0x200, 16, 0), (DATA, 512, W), (STATUS + 2, 1, W)],
-    );
+    h.request(5, 2, VIRTIO_BLK_T_FLUSH, 0, &[(DATA, 512, W)]);
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS + 2), VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(h.dev.flush_count(), 1);
@@ -333,21 +264,10 @@ fn get_id_full_and_short_buffer() {
         id: "serial-123".into(),
         ..Default::default()
     });
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     h.mem.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_GET_ID, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 20, W), (STATUS, 1, W)]);
-    h.header(HDR + 0x100, VIRTIO_BLK_T_GET_ID, 0);
-    add_chain(
-        &vq,
-        3,
-        &[
-            (HDR + 0x100, 16, 0),
-            (DATA + 0x100, 4, W),
-            (STATUS + 1, 1, W),
-        ],
-    );
+    h.request(0, 0, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, W)]);
+    h.request(3, 1, VIRTIO_BLK_T_GET_ID, 0, &[(DATA + 0x100, 4, W)]);
     h.dev.process_queue(0);
     let mut id = [0u8; 20];
     h.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
@@ -358,7 +278,7 @@ fn get_id_full_and_short_buffer() {
         .read_slice(&mut short, GuestAddress(DATA + 0x100))
         .unwrap();
     assert_eq!(&short, b"seri\0");
-    assert_eq!(used(h.mem), vec![(0, 21), (3, 5)]);
+    assert_eq!(used(h.mem, USED), vec![(0, 21), (3, 5)]);
     assert!(matches!(
         Block::open(
             h.disk.path(),
@@ -380,96 +300,40 @@ fn read_only_disk_refuses_writes() {
     });
     assert_ne!(h.dev.features() & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(h.dev.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES | (1 << VIRTIO_BLK_F_RO));
+    h.activate(BASE_FEATURES | (1 << VIRTIO_BLK_F_RO));
     h.mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
-    h.header(HDR + 0x100, VIRTIO_BLK_T_IN, 0);
-    add_chain(
-        &vq,
-        3,
-        &[
-            (HDR + 0x100, 16, 0),
-            (DATA + 0x1000, 512, W),
-            (STATUS + 1, 1, W),
-        ],
-    );
+    h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, 0)]);
+    h.request(3, 1, VIRTIO_BLK_T_IN, 0, &[(DATA + 0x1000, 512, W)]);
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_IOERR as u8);
     assert_eq!(h.status(STATUS + 1), VIRTIO_BLK_S_OK as u8);
     assert_eq!(h.file_bytes(), disk_content());
-    assert_eq!(h.errors().len(), 1);
+    assert_eq!(h.log.errors().len(), 1);
 }
 
 #[test]
 fn discard_and_write_zeroes() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    let seg = |sector: u64, num: u32, flags: u32| {
-        let mut s = [0u8; 16];
-        s[0..8].copy_from_slice(&sector.to_le_bytes());
-        s[8..12].copy_from_slice(&num.to_le_bytes());
-        s[12..16].copy_from_slice(&flags.to_le_bytes());
-        s
-    };
-    h.mem
-        .write_slice(&seg(8, 8, 0), GuestAddress(DATA))
-        .unwrap();
-    h.header(HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 16, 0), (STATUS, 1, W)]);
-    h.mem
-        .write_slice(
-            &seg(32, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
-            GuestAddress(DATA + 0x100),
-        )
-        .unwrap();
-    h.header(HDR + 0x100, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-    add_chain(
-        &vq,
-        3,
-        &[
-            (HDR + 0x100, 16, 0),
-            (DATA + 0x100, 16, 0),
-            (STATUS + 1, 1, W),
-        ],
-    );
-    h.mem
-        .write_slice(&seg(64, 8, 0), GuestAddress(DATA + 0x200))
-        .unwrap();
-    h.header(HDR + 0x200, VIRTIO_BLK_T_DISCARD, 0);
-    add_chain(
-        &vq,
-        6,
-        &[
-            (HDR + 0x200, 16, 0),
-            (DATA + 0x200, 16, 0),
-            (STATUS + 2, 1, W),
-        ],
-    );
-    // Discard with the unmap flag: UNSUPP.
-    h.mem
-        .write_slice(
-            &seg(64, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
-            GuestAddress(DATA + 0x300),
-        )
-        .unwrap();
-    h.header(HDR + 0x300, VIRTIO_BLK_T_DISCARD, 0);
-    add_chain(
-        &vq,
-        9,
-        &[
-            (HDR + 0x300, 16, 0),
-            (DATA + 0x300, 16, 0),
-            (STATUS + 3, 1, W),
-        ],
-    );
+    h.activate(BASE_FEATURES);
+    let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+    // (type, segment sector, sectors, flags, status)
+    let requests = [
+        (VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 0, VIRTIO_BLK_S_OK),
+        (VIRTIO_BLK_T_WRITE_ZEROES, 32, 8, unmap, VIRTIO_BLK_S_OK),
+        (VIRTIO_BLK_T_DISCARD, 64, 8, 0, VIRTIO_BLK_S_OK),
+        // Discard with the unmap flag: UNSUPP.
+        (VIRTIO_BLK_T_DISCARD, 64, 8, unmap, VIRTIO_BLK_S_UNSUPP),
+    ];
+    for (i, &(code, sector, num, flags, _)) in requests.iter().enumerate() {
+        let at = 0x100 * i as u64;
+        let seg = dwz_segment(sector, num, flags);
+        h.mem.write_slice(&seg, GuestAddress(DATA + at)).unwrap();
+        h.request(3 * i as u16, i as u64, code, 0, &[(DATA + at, 16, 0)]);
+    }
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS), 0);
-    assert_eq!(h.status(STATUS + 1), 0);
-    assert_eq!(h.status(STATUS + 2), 0);
-    assert_eq!(h.status(STATUS + 3), VIRTIO_BLK_S_UNSUPP as u8);
+    for (i, &(.., status)) in requests.iter().enumerate() {
+        assert_eq!(h.status(STATUS + i as u64), status as u8, "request {i}");
+    }
     let f = h.file_bytes();
     assert_eq!(f.len(), DISK_SIZE);
     assert!(f[4096..8192].iter().all(|&b| b == 0));
@@ -477,16 +341,23 @@ fn discard_and_write_zeroes() {
     assert_eq!(&f[..4096], &disk_content()[..4096]);
 }
 
+/// A `virtio_blk_discard_write_zeroes` segment.
+fn dwz_segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&num.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    s
+}
+
 #[test]
 fn unknown_request_type_is_unsupp() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, 99, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (STATUS, 1, W)]);
+    h.activate(BASE_FEATURES);
+    h.request(0, 0, 99, 0, &[]);
     h.dev.process_queue(0);
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_UNSUPP as u8);
-    assert_eq!(used(h.mem), vec![(0, 1)]);
+    assert_eq!(used(h.mem, USED), vec![(0, 1)]);
 }
 
 #[test]
@@ -511,60 +382,43 @@ fn config_space_layout_matches_virtio_blk_config() {
     assert_eq!(h.dev.device_type(), VIRTIO_ID_BLOCK);
 }
 
-fn submit(h: &H, vq: &MockSplitQueue<GuestMemoryMmap>, i: u16) {
-    h.header(HDR + 0x100 * u64::from(i), VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(
-        vq,
-        2 * i,
-        &[
-            (HDR + 0x100 * u64::from(i), 16, 0),
-            (STATUS + u64::from(i), 1, W),
-        ],
-    );
+/// Publishes FLUSH number `i`.
+fn submit(h: &H, i: u16) {
+    h.request(2 * i, i.into(), VIRTIO_BLK_T_FLUSH, 0, &[]);
 }
 
 #[test]
 fn event_idx_suppresses_interrupts() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES | VIRTIO_RING_F_EVENT_IDX);
-    let used_event = vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE);
+    h.activate(BASE_FEATURES | VIRTIO_RING_F_EVENT_IDX);
+    let used_event = h.vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE);
     let avail_event = USED + 4 + 8 * u64::from(QSIZE);
     let set_used_event = |v: u16| h.mem.write_obj(v, GuestAddress(used_event)).unwrap();
     // used_event = 0: interrupt when used idx moves past 0.
     set_used_event(0);
-    submit(&h, &vq, 0);
+    submit(&h, 0);
     h.dev.process_queue(0);
     assert_eq!(h.line.queue_count(), 1);
     // The device published avail_event = next_avail.
     assert_eq!(h.mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 1);
     // used_event still 0: the driver does not want to hear about entry 2.
-    submit(&h, &vq, 1);
+    submit(&h, 1);
     h.dev.process_queue(0);
     assert_eq!(h.line.queue_count(), 1);
     // used_event = 2: wants an interrupt once used idx passes 2.
     set_used_event(2);
-    submit(&h, &vq, 2);
+    submit(&h, 2);
     h.dev.process_queue(0);
     assert_eq!(h.line.queue_count(), 2);
-    assert_eq!(used(h.mem).len(), 3);
+    assert_eq!(used(h.mem, USED).len(), 3);
 }
 
 #[test]
 fn without_event_idx_every_batch_interrupts() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     for i in 0..3u16 {
-        h.header(HDR + 0x100 * u64::from(i), VIRTIO_BLK_T_FLUSH, 0);
-        add_chain(
-            &vq,
-            2 * i,
-            &[
-                (HDR + 0x100 * u64::from(i), 16, 0),
-                (STATUS + u64::from(i), 1, W),
-            ],
-        );
+        submit(&h, i);
         h.dev.process_queue(0);
     }
     assert_eq!(h.line.queue_count(), 3);
@@ -580,37 +434,26 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
         read_only,
         ..BlockOptions::default()
     });
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.dma.marker(&Marker::begin("read").label());
+    h.activate(BASE_FEATURES);
+    h.log.dma.marker(&Marker::begin("read").label());
     // IN 3 sectors..: 6000 bytes would not be a sector multiple; use 2 buffers,
     // one crossing a page boundary.
-    h.header(HDR, VIRTIO_BLK_T_IN, 2);
-    add_chain(
-        &vq,
+    h.request(
         0,
-        &[
-            (HDR, 16, 0),
-            (DATA + 0x800, 4096, W),
-            (DATA + 0x5000, 8192, W),
-            (STATUS, 1, W),
-        ],
+        0,
+        VIRTIO_BLK_T_IN,
+        2,
+        &[(DATA + 0x800, 4096, W), (DATA + 0x5000, 8192, W)],
     );
     h.dev.process_queue(0);
-    h.dma.marker(&Marker::end("read").label());
+    h.log.dma.marker(&Marker::end("read").label());
     h.mem
         .write_slice(&[0xa5; 0x8000], GuestAddress(DATA))
         .unwrap();
-    let recs = h.records();
+    let recs = h.log.records();
     let disk = disk_content();
     let file_off = 2 * 512;
-    let data: Vec<_> = recs
-        .iter()
-        .filter_map(|r| match r {
-            Record::Desc(d) if d.role == DescRole::Data => Some(d.clone()),
-            _ => None,
-        })
-        .collect();
+    let data = h.log.data_descs();
     assert_eq!(data.len(), 2);
     assert_eq!(
         (data[0].desc, data[0].gpa, data[0].len),
@@ -667,96 +510,153 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
 #[test]
 fn dma_log_of_write_fingerprints_what_the_device_read() {
     let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     let payload = vec![0x5au8; 1024];
     h.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 1024, 0), (STATUS, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 1024, 0)]);
     h.dev.process_queue(0);
-    let d = h
-        .records()
-        .into_iter()
-        .find_map(|r| match r {
-            Record::Desc(d) if d.role == DescRole::Data => Some(d),
-            _ => None,
-        })
-        .unwrap();
+    let d = &h.log.data_descs()[0];
     assert_eq!(d.dir, Direction::DeviceReads);
     assert_eq!(d.pieces[0].hash.0, fingerprint(&h.file_bytes()[..1024]));
 }
 
 #[test]
 fn disabled_log_still_transfers() {
-    let mut disk = tempfile::NamedTempFile::new().unwrap();
-    disk.write_all(&disk_content()).unwrap();
-    let mut dev = Block::open(disk.path(), BlockOptions::default(), DmaLog::disabled()).unwrap();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let vq = MockSplitQueue::new(&mem, QSIZE);
-    let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default())));
-    dev.activate(
-        mem.clone(),
-        vec![vq.create_queue().unwrap()],
-        irq,
-        BASE_FEATURES,
-    )
-    .unwrap();
-    let mut h = [0u8; 16];
-    h[8] = 1;
-    mem.write_slice(&h, GuestAddress(HDR)).unwrap();
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
-    dev.process_queue(0);
-    let mut got = vec![0u8; 512];
-    mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
-    assert_eq!(got, &disk_content()[512..1024]);
+    let mut h = H::with_log(BlockOptions::default(), DmaLog::disabled());
+    h.activate(BASE_FEATURES);
+    h.request(0, 0, VIRTIO_BLK_T_IN, 1, &[(DATA, 512, W)]);
+    h.dev.process_queue(0);
+    assert_eq!(read(h.mem, DATA, 512), &disk_content()[512..1024]);
+}
+
+/// A device behind the transport, driven through its registers.
+fn transport(features: u64) -> (MmioTransport<Block>, Arc<CountingLine>, H) {
+    let h = H::with_log(BlockOptions::default(), DmaLog::disabled());
+    let dev = Block::open(h.disk.path(), BlockOptions::default(), DmaLog::disabled()).unwrap();
+    let line = Arc::new(CountingLine::default());
+    let mut t = MmioTransport::new(dev, h.mem.clone(), line.clone());
+    let q = (h.vq.desc_table_addr().0, h.vq.avail_addr().0, USED);
+    mmio_activate(&mut t, features, QSIZE, &[q]);
+    (t, line, h)
 }
 
 #[test]
 fn through_the_mmio_transport() {
-    let mut disk = tempfile::NamedTempFile::new().unwrap();
-    disk.write_all(&disk_content()).unwrap();
-    let dev = Block::open(disk.path(), BlockOptions::default(), DmaLog::disabled()).unwrap();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let line = Arc::new(CountingLine::default());
-    let mut t = MmioTransport::new(dev, mem.clone(), line.clone());
-    let vq = MockSplitQueue::new(&mem, QSIZE);
-    let wr = |t: &mut MmioTransport<Block>, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    wr(&mut t, 0x70, ACKNOWLEDGE);
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
-    wr(&mut t, 0x24, 0);
-    wr(&mut t, 0x20, 1 << VIRTIO_BLK_F_FLUSH);
-    wr(&mut t, 0x24, 1);
-    wr(&mut t, 0x20, 1); // VERSION_1
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    wr(&mut t, 0x30, 0);
-    wr(&mut t, 0x38, u32::from(QSIZE));
-    wr(&mut t, 0x80, vq.desc_table_addr().0 as u32);
-    wr(&mut t, 0x90, vq.avail_addr().0 as u32);
-    wr(&mut t, 0xa0, USED as u32);
-    wr(&mut t, 0x44, 1);
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    let (mut t, line, h) = transport((1 << VIRTIO_BLK_F_FLUSH) | VIRTIO_F_VERSION_1);
     assert!(t.is_active());
-    let mut h = [0u8; 16];
-    h[8] = 3;
-    mem.write_slice(&h, GuestAddress(HDR)).unwrap();
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
-    wr(&mut t, 0x50, 0);
-    let mut got = vec![0u8; 512];
-    mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
-    assert_eq!(got, &disk_content()[1536..2048]);
-    let mut b = [0u8; 4];
-    t.read(0x60, &mut b);
-    assert_eq!(u32::from_le_bytes(b), 1);
+    h.request(0, 0, VIRTIO_BLK_T_IN, 3, &[(DATA, 512, W)]);
+    write_reg(&mut t, reg::QUEUE_NOTIFY, 0);
+    assert_eq!(read(h.mem, DATA, 512), &disk_content()[1536..2048]);
+    assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
     assert_eq!(line.queue_count(), 1);
     // Capacity through the config window.
     let mut cap = [0u8; 8];
     t.read(0x100, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), (DISK_SIZE / 512) as u64);
     // Reset and the device is inert until re-initialised.
-    wr(&mut t, 0x70, 0);
-    add_chain(&vq, 3, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
+    write_reg(&mut t, reg::STATUS, 0);
+    add_chain(&h.vq, 3, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
     t.notify_queue(0);
-    assert_eq!(used(&mem).len(), 1);
+    assert_eq!(used(h.mem, USED).len(), 1);
+}
+
+// ---------------------------------------------------------------- counters, log
+
+#[test]
+fn stats_count_requests_bytes_and_errors() {
+    let mut h = H::new(BlockOptions::default());
+    h.activate(BASE_FEATURES);
+    h.mem.write_slice(&[7; 1024], GuestAddress(DATA)).unwrap();
+    let none: &[(u64, u32, u16)] = &[];
+    let requests = [
+        (VIRTIO_BLK_T_OUT, &[(DATA, 1024, 0)][..]),
+        (VIRTIO_BLK_T_IN, &[(DATA + 0x1000, 512, W)]),
+        (VIRTIO_BLK_T_FLUSH, none),
+        (VIRTIO_BLK_T_GET_ID, &[(DATA + 0x2000, 20, W)]),
+        (99, none),
+        // Beyond the disk's end: refused.
+        (VIRTIO_BLK_T_IN, &[(DATA + 0x3000, 512, W)]),
+    ];
+    // One at a time, each chain from table entry 0.
+    for (i, (code, data)) in requests.iter().enumerate() {
+        let sector = if i == 5 { (DISK_SIZE / 512) as u64 } else { 0 };
+        h.request(0, i as u64, *code, sector, data);
+        h.dev.process_queue(0);
+    }
+    // A chain with no header: malformed, IOERR.
+    add_chain(&h.vq, 0, &[(STATUS + 6, 1, W)]);
+    h.dev.process_queue(0);
+    let s = h.dev.stats();
+    assert_eq!(
+        (
+            s.in_requests,
+            s.out_requests,
+            s.flush_requests,
+            s.get_id_requests
+        ),
+        (2, 1, 1, 1)
+    );
+    assert_eq!((s.unsupported_requests, s.malformed_requests), (1, 1));
+    assert_eq!((s.bytes_read, s.bytes_written, s.flushes), (512, 1024, 1));
+    assert_eq!((s.status_ok, s.status_ioerr, s.status_unsupp), (4, 2, 1));
+    assert_eq!((s.invalid_requests, s.io_errors, s.chain_faults), (2, 0, 0));
+    assert_eq!(h.dev.flush_count(), 1);
+    let json = serde_json::to_value(s).unwrap();
+    assert_eq!(json["bytes_written"], 1024);
+    // A chain the device cannot answer.
+    h.vq.add_desc_chains(&[raw(HDR, 16, NEXT, 0)], 0).unwrap();
+    h.dev.process_queue(0);
+    assert_eq!(h.dev.stats().chain_faults, 1);
+}
+
+#[test]
+fn discard_and_write_zeroes_log_their_segment() {
+    let mut h = H::new(BlockOptions::default());
+    h.activate(BASE_FEATURES);
+    let seg = dwz_segment(8, 8, 0);
+    h.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+    h.header(HDR, VIRTIO_BLK_T_DISCARD, 0);
+    // The segment split over two descriptors.
+    add_chain(
+        &h.vq,
+        0,
+        &[
+            (HDR, 16, 0),
+            (DATA, 10, 0),
+            (DATA + 10, 6, 0),
+            (STATUS, 1, W),
+        ],
+    );
+    h.dev.process_queue(0);
+    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
+    let data = h.log.data_descs();
+    let got: Vec<_> = data.iter().map(|d| (d.desc, d.gpa, d.len, d.dir)).collect();
+    let r = Direction::DeviceReads;
+    assert_eq!(got, vec![(1, DATA, 10, r), (2, DATA + 10, 6, r)]);
+    assert_eq!(data[0].pieces[0].hash.0, fingerprint(&seg[..10]));
+    assert_eq!(h.dev.stats().bytes_deallocated, 4096);
+}
+
+#[test]
+fn request_type_names_are_the_logs() {
+    use request::RequestType;
+    let names: Vec<_> = [0, 1, 4, 8, 11, 13, 2, u32::MAX]
+        .into_iter()
+        .map(|c| (RequestType::from(c), op_name(c)))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (RequestType::In, "in"),
+            (RequestType::Out, "out"),
+            (RequestType::Flush, "flush"),
+            (RequestType::GetId, "get_id"),
+            (RequestType::Discard, "discard"),
+            (RequestType::WriteZeroes, "write_zeroes"),
+            (RequestType::Unsupported(2), "unknown"),
+            (RequestType::Unsupported(u32::MAX), "malformed"),
+        ]
+    );
 }
 
 // ---------------------------------------------------------------- bad input
@@ -764,8 +664,8 @@ fn through_the_mmio_transport() {
 /// Asserts the request got `status` with a non-fatal device-error record.
 fn assert_answered(h: &H, status_addr: u64, status: u32, what: &str) {
     assert_eq!(h.status(status_addr), status as u8, "status for {what}");
-    assert_eq!(used(h.mem).len(), 1, "completed: {what}");
-    let errs = h.errors();
+    assert_eq!(used(h.mem, USED).len(), 1, "completed: {what}");
+    let errs = h.log.errors();
     assert_eq!(errs.len(), 1, "one error record for {what}: {errs:?}");
     assert!(!errs[0].1);
     assert!(
@@ -776,14 +676,128 @@ fn assert_answered(h: &H, status_addr: u64, status: u32, what: &str) {
     assert!(!h.irq.needs_reset());
 }
 
+/// A byte pattern the device must leave alone.
+const UNTOUCHED: u8 = 0x11;
+
+/// A request the device must refuse through its status byte, without executing
+/// it: the disk and every buffer but the status byte stay as they were.
+#[rstest]
+#[case::data_outside_guest_memory(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (MEM_SIZE - 256, 512, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "outside guest memory")]
+#[case::data_far_outside_guest_memory(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (0xdead_0000_0000, 512, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "outside guest memory")]
+#[case::address_plus_length_overflow(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (u64::MAX - 100, 512, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "overflows")]
+#[case::write_only_buffer_where_device_must_read(
+    VIRTIO_BLK_T_OUT, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "device-writable data")]
+#[case::write_only_header_is_header_too_short(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, W), (DATA, 512, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "header too short")]
+#[case::read_only_buffer_where_device_must_write(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "device-readable data")]
+#[case::readable_after_writable(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (DATA, 512, W), (DATA + 0x1000, 512, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "after a device-writable")]
+#[case::zero_length_buffer(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (DATA, 512, W), (DATA + 0x1000, 0, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "zero-length")]
+#[case::request_beyond_disk_end(
+    VIRTIO_BLK_T_IN, (DISK_SIZE / 512 - 1) as u64, &[(HDR, 16, 0), (DATA, 1024, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "beyond the disk's end")]
+#[case::sector_overflow(
+    VIRTIO_BLK_T_OUT, u64::MAX / 256, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "beyond the disk's end")]
+#[case::unaligned_data_length(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (DATA, 500, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "not a multiple of 512")]
+#[case::header_too_short(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 8, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "header too short")]
+#[case::flush_with_data(
+    VIRTIO_BLK_T_FLUSH, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "FLUSH request carries data")]
+#[case::get_id_without_buffer(
+    VIRTIO_BLK_T_GET_ID, 0, &[(HDR, 16, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "no buffer for the id")]
+#[case::get_id_with_readable_data(
+    VIRTIO_BLK_T_GET_ID, 0, &[(HDR, 16, 0), (DATA, 20, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "GET_ID request has device-readable data")]
+#[case::discard_without_segment(
+    VIRTIO_BLK_T_DISCARD, 0, &[(HDR, 16, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "exactly one 16-byte segment")]
+#[case::write_zeroes_with_writable_data(
+    VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(HDR, 16, 0), (DATA, 16, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "device-writable data")]
+#[case::more_segments_than_seg_max(
+    VIRTIO_BLK_T_IN, 0, &[(HDR, 16, 0), (DATA, 512, W), (DATA + 0x1000, 512, W), (DATA + 0x2000, 512, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "more than seg_max 2")]
+#[case::segment_over_size_max(
+    VIRTIO_BLK_T_OUT, 0, &[(HDR, 16, 0), (DATA, 1024, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "more than size_max 512")]
+fn bad_request_is_answered_and_not_executed(
+    #[case] code: u32,
+    #[case] sector: u64,
+    #[case] chain: &[(u64, u32, u16)],
+    #[case] status: u32,
+    #[case] what: &str,
+) {
+    let mut h = H::new(BlockOptions {
+        seg_max: 2,
+        size_max: 512,
+        ..BlockOptions::default()
+    });
+    h.activate(LIMIT_FEATURES);
+    h.mem
+        .write_slice(&[UNTOUCHED; 0x3000], GuestAddress(DATA))
+        .unwrap();
+    h.header(HDR, code, sector);
+    let header = read(h.mem, HDR, 16);
+    add_chain(&h.vq, 0, chain);
+    h.dev.process_queue(0);
+    assert_answered(&h, STATUS, status, what);
+    assert_eq!(h.file_bytes(), disk_content(), "disk unchanged");
+    assert_eq!(read(h.mem, HDR, 16), header, "header unchanged");
+    assert!(
+        read(h.mem, DATA, 0x3000).iter().all(|&b| b == UNTOUCHED),
+        "data buffers unchanged"
+    );
+    assert_eq!(h.dev.stats().invalid_requests, 1);
+}
+
+/// Linux accepts SEG_MAX and SIZE_MAX; a driver that did not is not held to them.
+#[test]
+fn segment_limits_bind_only_a_driver_that_accepted_them() {
+    let mut h = H::new(BlockOptions {
+        seg_max: 1,
+        size_max: 512,
+        ..BlockOptions::default()
+    });
+    h.activate(BASE_FEATURES);
+    h.request(
+        0,
+        0,
+        VIRTIO_BLK_T_IN,
+        0,
+        &[(DATA, 1024, W), (DATA + 0x1000, 512, W)],
+    );
+    h.dev.process_queue(0);
+    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(read(h.mem, DATA, 1024), &disk_content()[..1024]);
+}
+
 /// Asserts the device went to NEEDS_RESET without completing anything and ignores
 /// later notifications.
-fn assert_needs_reset(h: &mut H, vq: &MockSplitQueue<GuestMemoryMmap>, what: &str) {
+fn assert_needs_reset(h: &mut H, what: &str) {
     assert!(h.irq.needs_reset(), "needs reset for {what}");
     assert_eq!(h.line.config_count(), 1);
     assert_eq!(h.irq.status() & 2, 2);
-    assert!(used(h.mem).is_empty());
-    let errs = h.errors();
+    assert!(used(h.mem, USED).is_empty());
+    let errs = h.log.errors();
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].1);
     assert!(
@@ -792,111 +806,92 @@ fn assert_needs_reset(h: &mut H, vq: &MockSplitQueue<GuestMemoryMmap>, what: &st
         errs[0].0
     );
     // A well-formed request afterwards is not processed until reset.
-    h.header(HDR + 0x800, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(vq, 12, &[(HDR + 0x800, 16, 0), (STATUS + 8, 1, W)]);
+    h.request(12, 8, VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.dev.process_queue(0);
-    assert!(used(h.mem).is_empty());
+    assert!(used(h.mem, USED).is_empty());
+    assert_eq!(h.file_bytes(), disk_content(), "nothing executed");
     h.dev.reset();
 }
 
-fn bad_in() -> (H, u64) {
-    let h = H::new(BlockOptions::default());
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    (h, STATUS)
-}
-
-#[test]
-fn data_outside_guest_memory_is_ioerr() {
-    let (mut h, st) = bad_in();
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    add_chain(
-        &vq,
-        0,
-        &[(HDR, 16, 0), (MEM_SIZE - 256, 512, W), (st, 1, W)],
-    );
-    h.dev.process_queue(0);
-    assert_answered(&h, st, VIRTIO_BLK_S_IOERR, "outside guest memory");
-}
-
-#[test]
-fn data_far_outside_guest_memory_is_ioerr() {
-    let (mut h, st) = bad_in();
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    add_chain(
-        &vq,
-        0,
-        &[(HDR, 16, 0), (0xdead_0000_0000, 512, W), (st, 1, W)],
-    );
-    h.dev.process_queue(0);
-    assert_answered(&h, st, VIRTIO_BLK_S_IOERR, "outside guest memory");
-}
-
-#[test]
-fn address_plus_length_overflow_is_ioerr() {
-    let (mut h, st) = bad_in();
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    add_chain(
-        &vq,
-        0,
-        &[(HDR, 16, 0), (u64::MAX - 100, 512, W), (st, 1, W)],
-    );
-    h.dev.process_queue(0);
-    assert_answered(&h, st, VIRTIO_BLK_S_IOERR, "overflows");
-}
-
-#[test]
-fn loop_in_chain_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    vq.add_desc_chains(
-        &[
-            raw(HDR, 16, NEXT, 1),
-            raw(DATA, 512, W | NEXT, 2),
-            raw(DATA, 512, W | NEXT, 1),
-        ],
-        0,
-    )
-    .unwrap();
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "loops");
-}
-
-#[test]
-fn chain_longer_than_queue_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    // All 16 entries chained, the last pointing back to the first.
-    let descs: Vec<RawDescriptor> = (0..QSIZE)
+/// All 16 entries chained, the last pointing back to the first.
+fn chain_around_the_table() -> Vec<RawDescriptor> {
+    (0..QSIZE)
         .map(|i| {
-            let f = if i == 0 { NEXT } else { NEXT | W };
-            let addr = if i == 0 {
-                HDR
+            let (addr, len, f) = if i == 0 {
+                (HDR, 16, NEXT)
             } else {
-                DATA + 512 * u64::from(i)
+                (DATA + 512 * u64::from(i), 512, NEXT | W)
             };
-            raw(addr, if i == 0 { 16 } else { 512 }, f, (i + 1) % QSIZE)
+            raw(addr, len, f, (i + 1) % QSIZE)
         })
-        .collect();
-    vq.add_desc_chains(&descs, 0).unwrap();
+        .collect()
+}
+
+/// A chain the device cannot answer: `chain` published at index 0 (after
+/// `indirect` is written at [`TABLE`]) must put it in NEEDS_RESET.
+#[rstest]
+#[case::loop_in_chain(BASE_FEATURES, &[],
+    vec![raw(HDR, 16, NEXT, 1), raw(DATA, 512, W | NEXT, 2), raw(DATA, 512, W | NEXT, 1)],
+    "loops")]
+#[case::chain_longer_than_queue(BASE_FEATURES, &[], chain_around_the_table(),
+    "longer than its queue's table (16 entries)")]
+#[case::nested_indirect(BASE_FEATURES,
+    &[raw(HDR, 16, NEXT, 1), raw(TABLE + 0x100, 32, IND, 0)],
+    vec![raw(TABLE, 32, IND, 0)], "inside an indirect table")]
+#[case::indirect_without_feature(VIRTIO_F_VERSION_1, &[],
+    vec![raw(TABLE, 32, IND, 0)], "not negotiated")]
+#[case::indirect_table_outside_memory(BASE_FEATURES, &[],
+    vec![raw(u64::MAX - 15, 32, IND, 0)], "outside guest memory")]
+#[case::missing_status_byte(BASE_FEATURES, &[],
+    linked(0, &[(HDR, 16, 0), (DATA, 512, 0)]), "missing status byte")]
+#[case::zero_length_status(BASE_FEATURES, &[],
+    linked(0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 0, W)]), "missing status byte")]
+#[case::status_outside_memory(BASE_FEATURES, &[],
+    linked(0, &[(HDR, 16, 0), (DATA, 512, W), (MEM_SIZE, 1, W)]), "outside guest memory")]
+fn unanswerable_chain_needs_reset(
+    #[case] features: u64,
+    #[case] indirect: &[RawDescriptor],
+    #[case] chain: Vec<RawDescriptor>,
+    #[case] what: &str,
+) {
+    let mut h = H::new(BlockOptions::default());
+    h.activate(features);
+    h.mem.write_slice(&[1; 512], GuestAddress(DATA)).unwrap();
+    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
+    write_table(h.mem, TABLE, indirect);
+    h.vq.add_desc_chains(&chain, 0).unwrap();
     h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "longer than its queue's table (16 entries)");
+    assert_needs_reset(&mut h, what);
+}
+
+#[test]
+fn head_index_out_of_range_needs_reset() {
+    let mut h = H::new(BlockOptions::default());
+    h.activate(BASE_FEATURES);
+    // Avail ring entry naming descriptor 200 in a 16-entry table.
+    h.vq.avail().ring().ref_at(0).unwrap().store(200);
+    h.vq.avail().idx().store(1);
+    h.dev.process_queue(0);
+    assert_needs_reset(&mut h, "outside the queue's table");
+}
+
+#[test]
+fn avail_index_jump_needs_reset() {
+    let mut h = H::new(BlockOptions::default());
+    h.activate(BASE_FEATURES);
+    h.vq.avail().idx().store(QSIZE + 5);
+    h.dev.process_queue(0);
+    assert!(h.irq.needs_reset());
+    assert!(h.log.errors()[0].0.contains("available ring"));
 }
 
 #[test]
 fn virtio_queue_iterator_silently_truncates_a_loop() {
     // Why the device walks chains itself: the library's iterator just stops.
     let h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    vq.add_desc_chains(&[raw(HDR, 16, NEXT, 1), raw(DATA, 512, W | NEXT, 0)], 0)
+    h.vq.add_desc_chains(&[raw(HDR, 16, NEXT, 1), raw(DATA, 512, W | NEXT, 0)], 0)
         .unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
+    let mut q: Queue = h.vq.create_queue().unwrap();
     let chain = q.iter(h.mem).unwrap().next().unwrap();
     let descs: Vec<_> = chain.collect();
     assert_eq!(descs.len(), usize::from(QSIZE));
@@ -904,272 +899,24 @@ fn virtio_queue_iterator_silently_truncates_a_loop() {
 }
 
 #[test]
-fn nested_indirect_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    let table = 0x3_0000u64;
-    h.mem
-        .write_obj(raw(HDR, 16, NEXT, 1), GuestAddress(table))
-        .unwrap();
-    h.mem
-        .write_obj(raw(table + 0x100, 32, IND, 0), GuestAddress(table + 16))
-        .unwrap();
-    vq.add_desc_chains(&[raw(table, 32, IND, 0)], 0).unwrap();
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "inside an indirect table");
-}
-
-#[test]
-fn indirect_without_feature_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, VIRTIO_F_VERSION_1);
-    vq.add_desc_chains(&[raw(0x3_0000, 32, IND, 0)], 0).unwrap();
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "not negotiated");
-}
-
-#[test]
-fn write_only_buffer_where_device_must_read_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    // OUT whose data buffer is device-writable.
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "device-writable data");
-    assert_eq!(h.file_bytes(), disk_content());
-}
-
-#[test]
-fn write_only_header_is_header_too_short() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(&vq, 0, &[(HDR, 16, W), (DATA, 512, W), (STATUS, 1, W)]);
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "header too short");
-    // The device wrote nothing into the would-be buffers.
-    let mut hdr = [0u8; 16];
-    h.mem.read_slice(&mut hdr, GuestAddress(HDR)).unwrap();
-    assert_eq!(hdr[0], VIRTIO_BLK_T_IN as u8);
-}
-
-#[test]
-fn read_only_buffer_where_device_must_write_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.mem.write_slice(&[0x11; 512], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "device-readable data");
-    let mut got = [0u8; 512];
-    h.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
-    assert_eq!(got, [0x11; 512], "device must not write a read-only buffer");
-}
-
-#[test]
-fn readable_after_writable_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(
-        &vq,
-        0,
-        &[
-            (HDR, 16, 0),
-            (DATA, 512, W),
-            (DATA + 0x1000, 512, 0),
-            (STATUS, 1, W),
-        ],
-    );
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "after a device-writable");
-}
-
-#[test]
-fn zero_length_buffer_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(
-        &vq,
-        0,
-        &[
-            (HDR, 16, 0),
-            (DATA, 512, W),
-            (DATA + 0x1000, 0, W),
-            (STATUS, 1, W),
-        ],
-    );
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "zero-length");
-}
-
-#[test]
-fn request_beyond_disk_end_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    // Last sector is 127; a 2-sector read from 127 crosses the end.
-    h.header(HDR, VIRTIO_BLK_T_IN, (DISK_SIZE / 512 - 1) as u64);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 1024, W), (STATUS, 1, W)]);
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "beyond the disk's end");
-}
-
-#[test]
-fn sector_overflow_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.mem.write_slice(&[1; 512], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, u64::MAX / 256);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "beyond the disk's end");
-    assert_eq!(h.file_bytes(), disk_content());
-}
-
-#[test]
-fn unaligned_data_length_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 500, W), (STATUS, 1, W)]);
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "not a multiple of 512");
-}
-
-#[test]
-fn missing_status_byte_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.mem.write_slice(&[1; 512], GuestAddress(DATA)).unwrap();
-    h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, 0)]);
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "missing status byte");
-    assert_eq!(h.file_bytes(), disk_content(), "nothing executed");
-}
-
-#[test]
-fn zero_length_status_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 0, W)]);
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "missing status byte");
-}
-
-#[test]
-fn status_outside_memory_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (DATA, 512, W), (MEM_SIZE, 1, W)]);
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "outside guest memory");
-}
-
-#[test]
-fn header_too_short_is_ioerr() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    add_chain(&vq, 0, &[(HDR, 8, 0), (STATUS, 1, W)]);
-    h.dev.process_queue(0);
-    assert_answered(&h, STATUS, VIRTIO_BLK_S_IOERR, "header too short");
-}
-
-#[test]
-fn head_index_out_of_range_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    // Avail ring entry naming descriptor 200 in a 16-entry table.
-    vq.avail().ring().ref_at(0).unwrap().store(200);
-    vq.avail().idx().store(1);
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "outside the queue's table");
-}
-
-#[test]
-fn avail_index_jump_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    vq.avail().idx().store(QSIZE + 5);
-    h.dev.process_queue(0);
-    assert!(h.irq.needs_reset());
-    assert!(h.errors()[0].0.contains("available ring"));
-}
-
-#[test]
-fn indirect_table_outside_memory_needs_reset() {
-    let mut h = H::new(BlockOptions::default());
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
-    vq.add_desc_chains(&[raw(u64::MAX - 15, 32, IND, 0)], 0)
-        .unwrap();
-    h.dev.process_queue(0);
-    assert_needs_reset(&mut h, &vq, "outside guest memory");
-}
-
-#[test]
 fn notify_before_activation_and_after_reset_is_ignored() {
     let mut h = H::new(BlockOptions::default());
     h.dev.process_queue(0);
     h.dev.process_queue(7);
-    let vq = h.vq();
-    h.activate(&vq, BASE_FEATURES);
+    h.activate(BASE_FEATURES);
     h.dev.reset();
-    h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
-    add_chain(&vq, 0, &[(HDR, 16, 0), (STATUS, 1, W)]);
+    h.request(0, 0, VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.dev.process_queue(0);
-    assert!(used(h.mem).is_empty());
+    assert!(used(h.mem, USED).is_empty());
 }
 
 #[test]
 fn device_needs_reset_through_transport_status() {
-    let mut disk = tempfile::NamedTempFile::new().unwrap();
-    disk.write_all(&disk_content()).unwrap();
-    let dev = Block::open(disk.path(), BlockOptions::default(), DmaLog::disabled()).unwrap();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let line = Arc::new(CountingLine::default());
-    let mut t = MmioTransport::new(dev, mem.clone(), line.clone());
-    let vq = MockSplitQueue::new(&mem, QSIZE);
-    let wr = |t: &mut MmioTransport<Block>, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
-    wr(&mut t, 0x24, 1);
-    wr(&mut t, 0x20, 1);
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    wr(&mut t, 0x80, vq.desc_table_addr().0 as u32);
-    wr(&mut t, 0x90, vq.avail_addr().0 as u32);
-    wr(&mut t, 0xa0, USED as u32);
-    wr(&mut t, 0x44, 1);
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-    vq.add_desc_chains(&[raw(HDR, 16, NEXT, 0)], 0).unwrap();
-    wr(&mut t, 0x50, 0);
-    let mut b = [0u8; 4];
-    t.read(0x70, &mut b);
-    assert_ne!(u32::from_le_bytes(b) & DEVICE_NEEDS_RESET, 0);
-    t.read(0x60, &mut b);
-    assert_eq!(u32::from_le_bytes(b), 2);
-    wr(&mut t, 0x70, 0);
-    t.read(0x70, &mut b);
-    assert_eq!(u32::from_le_bytes(b), 0);
+    let (mut t, _line, h) = transport(VIRTIO_F_VERSION_1);
+    h.vq.add_desc_chains(&[raw(HDR, 16, NEXT, 0)], 0).unwrap();
+    write_reg(&mut t, reg::QUEUE_NOTIFY, 0);
+    assert_ne!(read_reg(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
+    assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 2);
+    write_reg(&mut t, reg::STATUS, 0);
+    assert_eq!(read_reg(&mut t, reg::STATUS), 0);
 }

@@ -1,23 +1,26 @@
 //! virtio-net tests on `virtio-queue`'s `MockSplitQueue`, with a fake backend and,
 //! end to end, the real [`NetPeer`].
 
+use super::tx::{csum_add, csum_fold};
 use super::*;
-use crate::dma_log::{fingerprint, DescRecord, DmaLogReader, Record, RequestRecord};
+use crate::dma_log::{
+    fingerprint, DescRecord, DescRole, Direction, NetRequest, Record, RequestDetail, RequestRecord,
+};
 use crate::net_peer::{NetPeerConfig, DEFAULT_MAC as PEER_MAC};
-use crate::virtio::mmio::MmioTransport;
-use crate::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
-use crate::virtio::test_util::CountingLine;
+use crate::virtio::mmio::{reg, MmioTransport};
+use crate::virtio::status::DEVICE_NEEDS_RESET;
+use crate::virtio::test_util::{
+    add_chain, counting_interrupt, leaked_memory, mmio_activate, raw, read_reg, used, write_reg,
+    Capture, CountingLine, MockQueue, TestLog, NEXT, W,
+};
 use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use rstest::rstest;
 use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket};
-use std::sync::Mutex;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_HOST_TSO4;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::GuestMemoryMmap;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const W: u16 = VRING_DESC_F_WRITE as u16;
 const QSIZE: u16 = 16;
 const MEM_SIZE: u64 = 0x40_0000;
 /// The mock places its used ring overlapping the available ring; move them here.
@@ -29,19 +32,6 @@ const SG: u64 = bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM);
 const BASE: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC;
 const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
 const GUEST_MAC: [u8; 6] = DEFAULT_GUEST_MAC;
-
-#[derive(Clone, Default)]
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Records what the device sends; hands out whatever the test queued.
 #[derive(Default)]
@@ -71,30 +61,24 @@ struct H<B: NetBackend> {
     dev: Net<B>,
     line: Arc<CountingLine>,
     irq: Arc<VirtioInterrupt>,
-    log: SharedBuf,
-    dma: DmaLog,
-    rxq: MockSplitQueue<'static, GuestMemoryMmap>,
-    txq: MockSplitQueue<'static, GuestMemoryMmap>,
+    log: TestLog,
+    rxq: MockQueue,
+    txq: MockQueue,
 }
 
 fn harness<B: NetBackend>(backend: B, opts: NetOptions) -> H<B> {
-    let log = SharedBuf::default();
-    let dma = DmaLog::new(log.clone()).unwrap();
-    let dev = Net::new(backend, opts, dma.clone()).unwrap();
-    let line = Arc::new(CountingLine::default());
-    let irq = Arc::new(VirtioInterrupt::new(line.clone()));
-    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-    ));
+    let log = TestLog::new();
+    let dev = Net::new(backend, opts, log.dma.clone()).unwrap();
+    let (line, irq) = counting_interrupt();
+    let mem = leaked_memory(MEM_SIZE);
     H {
         mem,
         dev,
         line,
         irq,
         log,
-        dma,
-        rxq: MockSplitQueue::create(mem, GuestAddress(0), QSIZE),
-        txq: MockSplitQueue::create(mem, GuestAddress(0x1000), QSIZE),
+        rxq: MockQueue::create(mem, GuestAddress(0), QSIZE),
+        txq: MockQueue::create(mem, GuestAddress(0x1000), QSIZE),
     }
 }
 
@@ -116,22 +100,13 @@ impl<B: NetBackend> H<B> {
     }
 
     fn records(&self) -> Vec<Record> {
-        self.dma.flush().unwrap();
-        let bytes = self.log.0.lock().unwrap().clone();
-        DmaLogReader::new(&bytes[..])
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+        self.log.records()
     }
 
     fn descs(&self, queue: u16) -> Vec<DescRecord> {
-        self.records()
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::Desc(d) if d.queue == queue => Some(d),
-                _ => None,
-            })
-            .collect()
+        let mut d = self.log.descs();
+        d.retain(|d| d.queue == queue);
+        d
     }
 
     fn requests(&self, queue: u16) -> Vec<NetRequest> {
@@ -149,13 +124,7 @@ impl<B: NetBackend> H<B> {
     }
 
     fn errors(&self) -> Vec<(String, bool)> {
-        self.records()
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::DeviceError(e) => Some((e.error, e.needs_reset)),
-                _ => None,
-            })
-            .collect()
+        self.log.errors()
     }
 
     fn write(&self, addr: u64, bytes: &[u8]) {
@@ -163,9 +132,7 @@ impl<B: NetBackend> H<B> {
     }
 
     fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-        v
+        crate::virtio::test_util::read(self.mem, addr, len)
     }
 
     /// Posts `n` single-descriptor receive chains of `len` bytes at table index
@@ -198,39 +165,6 @@ impl<B: NetBackend> H<B> {
             .unwrap();
         assert_eq!(rec.queue, queue);
     }
-}
-
-fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-}
-
-/// Publishes one chain `(addr, len, flags-without-NEXT)` at table index `start`.
-fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u32, u16)]) {
-    let n = descs.len() as u16;
-    let raws: Vec<RawDescriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(a, l, f))| {
-            let i = i as u16;
-            if i + 1 < n {
-                raw(a, l, f | NEXT, start + i + 1)
-            } else {
-                raw(a, l, f, 0)
-            }
-        })
-        .collect();
-    vq.add_desc_chains(&raws, start).unwrap();
-}
-
-fn used(mem: &GuestMemoryMmap, ring: u64) -> Vec<(u32, u32)> {
-    let n: u16 = mem.read_obj(GuestAddress(ring + 2)).unwrap();
-    (0..u64::from(n))
-        .map(|i| {
-            let id: u32 = mem.read_obj(GuestAddress(ring + 4 + 8 * i)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(ring + 8 + 8 * i)).unwrap();
-            (id, len)
-        })
-        .collect()
 }
 
 fn net_hdr(flags: u8, gso: u8, csum_start: u16, csum_offset: u16) -> [u8; 12] {
@@ -803,7 +737,7 @@ fn arp_request() -> Vec<u8> {
 fn arp_request_is_answered_by_the_peer_through_the_queues() {
     let peer = NetPeer::new(NetPeerConfig::default(), Instant::now()).unwrap();
     let mut h = harness(peer, NetOptions::default());
-    let cap = SharedBuf::default();
+    let cap = Capture::default();
     h.dev.set_pcap(PcapWriter::new(cap.clone()).unwrap());
     h.activate(BASE | SG | MRG);
     h.post_rx(0, 4, 1526);
@@ -832,7 +766,7 @@ fn arp_request_is_answered_by_the_peer_through_the_queues() {
         .summary
         .starts_with("rx arp 10.0.2.2 is-at 52:54:00:00:02:02"));
     h.dev.flush_pcap().unwrap();
-    let bytes = cap.0.lock().unwrap().clone();
+    let bytes = cap.bytes();
     // Global header, then the request and the reply.
     let first_len = u32::from_le_bytes(bytes[24 + 8..24 + 12].try_into().unwrap()) as usize;
     assert_eq!(first_len, arp_request().len());
@@ -847,29 +781,16 @@ fn arp_request_is_answered_by_the_peer_through_the_queues() {
 #[test]
 fn through_the_mmio_transport() {
     let dev = Net::new(Fake::default(), NetOptions::default(), DmaLog::disabled()).unwrap();
-    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
-    ));
+    let mem = leaked_memory(MEM_SIZE);
     let line = Arc::new(CountingLine::default());
     let mut t = MmioTransport::new(dev, mem.clone(), line.clone());
-    let rxq = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
-    let txq = MockSplitQueue::create(mem, GuestAddress(0x1000), QSIZE);
-    let wr = |t: &mut MmioTransport<Net<Fake>>, off: u64, v: u32| t.write(off, &v.to_le_bytes());
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
-    wr(&mut t, 0x24, 0);
-    wr(&mut t, 0x20, (SG | MRG) as u32);
-    wr(&mut t, 0x24, 1);
-    wr(&mut t, 0x20, 1);
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    for (i, q, u) in [(0u32, &rxq, USED_RX), (1, &txq, USED_TX)] {
-        wr(&mut t, 0x30, i);
-        wr(&mut t, 0x38, u32::from(QSIZE));
-        wr(&mut t, 0x80, q.desc_table_addr().0 as u32);
-        wr(&mut t, 0x90, q.avail_addr().0 as u32);
-        wr(&mut t, 0xa0, u as u32);
-        wr(&mut t, 0x44, 1);
-    }
-    wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    let rxq = MockQueue::create(mem, GuestAddress(0), QSIZE);
+    let txq = MockQueue::create(mem, GuestAddress(0x1000), QSIZE);
+    let queues = [
+        (rxq.desc_table_addr().0, rxq.avail_addr().0, USED_RX),
+        (txq.desc_table_addr().0, txq.avail_addr().0, USED_TX),
+    ];
+    mmio_activate(&mut t, SG | MRG | VIRTIO_F_VERSION_1, QSIZE, &queues);
     assert!(t.is_active());
     let mut buf = net_hdr(0, 0, 0, 0).to_vec();
     buf.extend_from_slice(&arp_request());
@@ -883,15 +804,21 @@ fn through_the_mmio_transport() {
     assert_eq!(mac, GUEST_MAC);
     // A writable TX buffer: NEEDS_RESET visible in Status.
     add_chain(&txq, 1, &[(DATA, 64, W)]);
-    t.notify_queue(1);
-    let mut b = [0u8; 4];
-    t.read(0x70, &mut b);
-    assert_ne!(u32::from_le_bytes(b) & DEVICE_NEEDS_RESET, 0);
+    write_reg(&mut t, reg::QUEUE_NOTIFY, 1);
+    assert_ne!(read_reg(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
 }
 
 // ---------------------------------------------------------------- bad input
 
-fn tx_bad(descs: &[(u64, u32, u16)], what: &str) {
+/// A TX chain that breaks the protocol: NEEDS_RESET, nothing sent, nothing more
+/// processed until reset.
+#[rstest]
+#[case::device_writable_buffer(&[(DATA, 12, 0), (DATA + 0x100, 60, W)], "device-writable")]
+#[case::header_shorter_than_12_bytes(&[(DATA, 10, 0)], "header too short")]
+#[case::zero_length_descriptor(&[(DATA, 12, 0), (DATA + 0x100, 0, 0)], "zero-length")]
+#[case::buffer_outside_memory(&[(DATA, 12, 0), (MEM_SIZE - 8, 64, 0)], "outside guest memory")]
+#[case::buffer_address_overflows(&[(DATA, 12, 0), (u64::MAX - 8, 64, 0)], "overflows")]
+fn tx_bad_chain_needs_reset(#[case] descs: &[(u64, u32, u16)], #[case] what: &str) {
     let mut h = fake(NetOptions::default());
     h.activate(BASE | SG | MRG);
     h.write(DATA, &net_hdr(0, 0, 0, 0));
@@ -907,30 +834,6 @@ fn tx_bad(descs: &[(u64, u32, u16)], what: &str) {
     add_chain(&h.txq, 8, &[(DATA + 0x3000, buf.len() as u32, 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert!(h.dev.backend().sent.is_empty());
-}
-
-#[test]
-fn tx_device_writable_buffer_needs_reset() {
-    tx_bad(&[(DATA, 12, 0), (DATA + 0x100, 60, W)], "device-writable");
-}
-
-#[test]
-fn tx_header_shorter_than_12_bytes_needs_reset() {
-    tx_bad(&[(DATA, 10, 0)], "header too short");
-}
-
-#[test]
-fn tx_zero_length_descriptor_needs_reset() {
-    tx_bad(&[(DATA, 12, 0), (DATA + 0x100, 0, 0)], "zero-length");
-}
-
-#[test]
-fn tx_buffer_outside_memory_needs_reset() {
-    tx_bad(
-        &[(DATA, 12, 0), (MEM_SIZE - 8, 64, 0)],
-        "outside guest memory",
-    );
-    tx_bad(&[(DATA, 12, 0), (u64::MAX - 8, 64, 0)], "overflows");
 }
 
 #[test]

@@ -1,0 +1,253 @@
+//! What the virtio device tests share: guest memory, descriptor chains on
+//! `virtio-queue`'s `MockSplitQueue`, the used ring, a DMA log kept in memory, an
+//! interrupt line that counts, and the driver's side of the MMIO handshake.
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::mmio::{reg, MmioTransport};
+use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+use super::{InterruptKind, InterruptLine, VirtioDevice, VirtioInterrupt};
+use crate::dma_log::{DescRecord, DescRole, DmaLog, DmaLogReader, Record};
+
+/// `VRING_DESC_F_NEXT`.
+pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+/// `VRING_DESC_F_WRITE`.
+pub const W: u16 = VRING_DESC_F_WRITE as u16;
+/// `VRING_DESC_F_INDIRECT`.
+pub const IND: u16 = VRING_DESC_F_INDIRECT as u16;
+
+/// A mock queue over leaked guest memory.
+pub type MockQueue = MockSplitQueue<'static, GuestMemoryMmap>;
+
+/// Counts triggers per kind.
+#[derive(Default)]
+pub struct CountingLine {
+    pub queue: AtomicUsize,
+    pub config: AtomicUsize,
+}
+
+impl InterruptLine for CountingLine {
+    fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
+        match kind {
+            InterruptKind::Queue => self.queue.fetch_add(1, Ordering::SeqCst),
+            InterruptKind::Config => self.config.fetch_add(1, Ordering::SeqCst),
+        };
+        Ok(())
+    }
+}
+
+impl CountingLine {
+    pub fn queue_count(&self) -> usize {
+        self.queue.load(Ordering::SeqCst)
+    }
+    pub fn config_count(&self) -> usize {
+        self.config.load(Ordering::SeqCst)
+    }
+}
+
+/// A device's interrupt over a line that counts.
+pub fn counting_interrupt() -> (Arc<CountingLine>, Arc<VirtioInterrupt>) {
+    let line = Arc::new(CountingLine::default());
+    let irq = Arc::new(VirtioInterrupt::new(line.clone()));
+    (line, irq)
+}
+
+/// Guest RAM of `size` bytes at GPA 0, leaked so that a `MockSplitQueue` borrowing
+/// it does not borrow the test's harness.
+pub fn leaked_memory(size: u64) -> &'static GuestMemoryMmap {
+    Box::leak(Box::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap(),
+    ))
+}
+
+/// A DMA log written to memory, read back as records.
+#[derive(Clone)]
+pub struct TestLog {
+    pub dma: DmaLog,
+    out: SharedBuf,
+}
+
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TestLog {
+    pub fn new() -> Self {
+        let out = SharedBuf::default();
+        TestLog {
+            dma: DmaLog::new(out.clone()).unwrap(),
+            out,
+        }
+    }
+
+    /// Every record so far (the header line excluded).
+    pub fn records(&self) -> Vec<Record> {
+        self.dma.flush().unwrap();
+        let bytes = self.out.0.lock().unwrap().clone();
+        DmaLogReader::new(&bytes[..])
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// The `desc` records so far.
+    pub fn descs(&self) -> Vec<DescRecord> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Desc(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The `desc` records of `data` so far.
+    pub fn data_descs(&self) -> Vec<DescRecord> {
+        let mut d = self.descs();
+        d.retain(|d| d.role == DescRole::Data);
+        d
+    }
+
+    /// The device errors so far: `(error, needs_reset)`.
+    pub fn errors(&self) -> Vec<(String, bool)> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::DeviceError(e) => Some((e.error, e.needs_reset)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A pcap (or any) byte sink the test reads back.
+#[derive(Clone, Default)]
+pub struct Capture(SharedBuf);
+
+impl io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0 .0.lock().unwrap().clone()
+    }
+}
+
+pub fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+}
+
+/// The descriptors `(addr, len, flags-without-NEXT)`, linked sequentially from
+/// table index `start`.
+pub fn linked(start: u16, descs: &[(u64, u32, u16)]) -> Vec<RawDescriptor> {
+    let n = descs.len() as u16;
+    descs
+        .iter()
+        .enumerate()
+        .map(|(i, &(a, l, f))| {
+            let i = i as u16;
+            if i + 1 < n {
+                raw(a, l, f | NEXT, start + i + 1)
+            } else {
+                raw(a, l, f, 0)
+            }
+        })
+        .collect()
+}
+
+/// Publishes one chain `(addr, len, flags-without-NEXT)` at table index `start`.
+pub fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u32, u16)]) {
+    vq.add_desc_chains(&linked(start, descs), start).unwrap();
+}
+
+/// Writes `entries` as an indirect descriptor table at `addr`.
+pub fn write_table(mem: &GuestMemoryMmap, addr: u64, entries: &[RawDescriptor]) {
+    for (i, e) in entries.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(addr + 16 * i as u64))
+            .unwrap();
+    }
+}
+
+/// The entries `(id, len)` of the used ring at `ring`.
+pub fn used(mem: &GuestMemoryMmap, ring: u64) -> Vec<(u32, u32)> {
+    let n: u16 = mem.read_obj(GuestAddress(ring + 2)).unwrap();
+    (0..u64::from(n))
+        .map(|i| {
+            let id: u32 = mem.read_obj(GuestAddress(ring + 4 + 8 * i)).unwrap();
+            let len: u32 = mem.read_obj(GuestAddress(ring + 8 + 8 * i)).unwrap();
+            (id, len)
+        })
+        .collect()
+}
+
+/// `len` bytes of guest memory at `addr`.
+pub fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+    v
+}
+
+/// Writes a transport register.
+pub fn write_reg<D: VirtioDevice>(t: &mut MmioTransport<D>, offset: u64, v: u32) {
+    t.write(offset, &v.to_le_bytes());
+}
+
+/// Reads a transport register.
+pub fn read_reg<D: VirtioDevice>(t: &mut MmioTransport<D>, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// The driver's initialisation through the transport: accepts `features` (both
+/// halves), sets up each queue `(desc table, avail ring, used ring)` at its full
+/// size `qsize`, and sets DRIVER_OK.
+pub fn mmio_activate<D: VirtioDevice>(
+    t: &mut MmioTransport<D>,
+    features: u64,
+    qsize: u16,
+    queues: &[(u64, u64, u64)],
+) {
+    write_reg(t, reg::STATUS, ACKNOWLEDGE);
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+    for sel in 0..2u32 {
+        write_reg(t, reg::DRIVER_FEATURES_SEL, sel);
+        write_reg(t, reg::DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+    }
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    for (i, &(desc, avail, used)) in queues.iter().enumerate() {
+        write_reg(t, reg::QUEUE_SEL, i as u32);
+        write_reg(t, reg::QUEUE_NUM, u32::from(qsize));
+        write_reg(t, reg::QUEUE_DESC_LOW, desc as u32);
+        write_reg(t, reg::QUEUE_DRIVER_LOW, avail as u32);
+        write_reg(t, reg::QUEUE_DEVICE_LOW, used as u32);
+        write_reg(t, reg::QUEUE_READY, 1);
+    }
+    write_reg(
+        t,
+        reg::STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
+}
