@@ -12,8 +12,14 @@ use std::fmt::Write as _;
 /// so a runaway guest cannot make the VMM buffer without bound.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// One message from the guest.
+/// One message from the guest. As JSON (the `serde` feature, e.g. in a run
+/// summary): `{"kind":"hello","kernel_release":"6.1.0"}`.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(tag = "kind", rename_all = "snake_case")
+)]
 pub enum ControlMessage {
     /// `hello <kernel release>`: the guest program started; names the running kernel.
     Hello {

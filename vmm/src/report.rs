@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use zc_devices::control::ControlMessage;
+use zc_devices::virtio::blk::BlkStats;
 use zc_devices::virtio::net::NetStats;
 
 use crate::boot::KernelFormat;
@@ -76,7 +77,6 @@ pub struct NicSummary {
     /// Whether it offered scatter-gather.
     pub sg: bool,
     /// What it carried.
-    #[serde(with = "NetStatsDef")]
     pub stats: NetStats,
 }
 
@@ -87,7 +87,6 @@ pub struct TimedMessage {
     #[serde(rename = "at_s", with = "seconds")]
     pub at: Duration,
     /// The message.
-    #[serde(with = "ControlMessageDef")]
     pub message: ControlMessage,
 }
 
@@ -121,6 +120,17 @@ pub struct RunReport {
     pub missing_transfers: Vec<String>,
     /// Each network card's counters, in attach order.
     pub nics: Vec<NicSummary>,
+    /// Each disk's counters, in attach order.
+    pub disks: Vec<DiskSummary>,
+}
+
+/// A disk's counters at the end of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskSummary {
+    /// Whether the guest got it read-only.
+    pub read_only: bool,
+    /// What it did.
+    pub stats: BlkStats,
 }
 
 impl RunReport {
@@ -140,6 +150,7 @@ impl RunReport {
             transfers: Vec::new(),
             missing_transfers: Vec::new(),
             nics: Vec::new(),
+            disks: Vec::new(),
         }
     }
 
@@ -383,37 +394,6 @@ impl RunSummary {
     }
 }
 
-// `NetStats` and `ControlMessage` belong to zc-devices, which has no serde derives
-// for them; serde's remote derives mirror them here, and the compiler checks each
-// mirror field by field against the real type.
-
-/// `serde(remote)` mirror of [`NetStats`].
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "NetStats")]
-struct NetStatsDef {
-    tx_frames: u64,
-    tx_bytes: u64,
-    tx_dropped: u64,
-    tx_descriptors: u64,
-    csum_completed: u64,
-    rx_frames: u64,
-    rx_bytes: u64,
-    rx_dropped: u64,
-}
-
-/// `serde(remote)` mirror of [`ControlMessage`]: `{"kind":"hello","kernel_release":..}`.
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "ControlMessage", tag = "kind", rename_all = "snake_case")]
-enum ControlMessageDef {
-    Hello { kernel_release: String },
-    Uptime { seconds: f64 },
-    Mark { label: String },
-    Log { text: String },
-    Report { json: String },
-    Exit { code: i32 },
-    Malformed { line: String },
-}
-
 // Durations as seconds with a fraction, the unit every `*_s` field of run.json has
 // had. Written by hand: serde_with's `DurationSecondsWithFrac` does this, but two
 // fields do not justify a new dependency.
@@ -539,7 +519,7 @@ mod tests {
                 message(
                     2000,
                     ControlMessage::Mark {
-                        label: "BEGIN send".into(),
+                        label: zc_protocol::Marker::begin(zc_protocol::marker::SEND_SPAN).label(),
                     },
                 ),
                 message(
@@ -579,6 +559,14 @@ mod tests {
                     rx_frames: 6,
                     rx_bytes: 7,
                     rx_dropped: 8,
+                },
+            }],
+            disks: vec![DiskSummary {
+                read_only: true,
+                stats: BlkStats {
+                    in_requests: 9,
+                    bytes_read: 10,
+                    ..BlkStats::default()
                 },
             }],
         };

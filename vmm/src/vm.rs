@@ -37,7 +37,8 @@ use crate::layout;
 use crate::mmio::MmioBus;
 use crate::pio::{LegacyIo, PioAction};
 use crate::report::{
-    NetBackendKind, NicSummary, RunReport, StopReason, TimedMessage, TransferResult, POWEROFF_GRACE,
+    DiskSummary, NetBackendKind, NicSummary, RunReport, StopReason, TimedMessage, TransferResult,
+    POWEROFF_GRACE,
 };
 use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress};
 use crate::virtio::{self, DeviceHandle, SlotAllocator};
@@ -134,6 +135,8 @@ pub struct VmBuilder<'a> {
     mmio: MmioBus,
     slots: SlotAllocator,
     nics: Vec<AttachedNic>,
+    /// Each disk, and whether it is read-only, for its counters at the end.
+    disks: Vec<(bool, DeviceHandle<Block>)>,
 }
 
 impl<'a> VmBuilder<'a> {
@@ -168,6 +171,7 @@ impl<'a> VmBuilder<'a> {
             mmio: MmioBus::default(),
             slots: SlotAllocator::default(),
             nics: Vec::new(),
+            disks: Vec::new(),
         })
     }
 
@@ -179,7 +183,8 @@ impl<'a> VmBuilder<'a> {
         };
         let block =
             Block::open(&disk.path, options, self.dma_log.clone()).map_err(VmError::Disk)?;
-        self.plug(block)?;
+        let device = self.plug(block)?;
+        self.disks.push((disk.read_only, device));
         Ok(())
     }
 
@@ -268,6 +273,7 @@ impl<'a> VmBuilder<'a> {
             timeout: Duration::from_secs(spec.timeout_s),
             kernel_format: loaded.format,
             nics: self.nics,
+            disks: self.disks,
             _vm: self.vm,
             _mem: self.mem,
             _kvm: self.kvm,
@@ -283,6 +289,7 @@ pub struct Vm {
     timeout: Duration,
     kernel_format: KernelFormat,
     nics: Vec<AttachedNic>,
+    disks: Vec<(bool, DeviceHandle<Block>)>,
     // Held for the whole run: guest memory is registered with this VM (see
     // `register_memory`), and the VM with this KVM handle.
     _vm: Arc<VmFd>,
@@ -304,6 +311,14 @@ impl Vm {
         for nic in &self.nics {
             nic.collect(&mut report);
         }
+        report.disks = self
+            .disks
+            .iter()
+            .map(|(read_only, device)| DiskSummary {
+                read_only: *read_only,
+                stats: device.with(|d| d.stats()),
+            })
+            .collect();
         Ok(report)
     }
 }

@@ -44,7 +44,7 @@ use std::mem::offset_of;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::{
     virtio_net_config, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
@@ -179,7 +179,7 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
 }
 
 /// Counters of what the device carried (serialisable for a run's summary).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetStats {
     /// Frames the guest transmitted that went to the backend.
     pub tx_frames: u64,

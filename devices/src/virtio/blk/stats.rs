@@ -1,14 +1,14 @@
 //! Per-device counters of virtio-blk (after Firecracker's block metrics), read with
 //! [`Block::stats`](super::Block::stats) and serialisable for a run's summary.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::request::RequestType;
 use crate::dma_log::BlkStatus;
 
 /// What a [`Block`](super::Block) device did since it was created (resets of the
 /// device do not clear them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlkStats {
     /// IN requests (whatever their outcome).
     pub in_requests: u64,
