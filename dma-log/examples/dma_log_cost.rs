@@ -16,9 +16,15 @@ use zc_dma_log::{
     Direction, DmaLog, RequestDetail,
 };
 
-const PAGE: usize = 4096;
+const PAGE_LEN: u32 = 4096;
+const PAGE: usize = PAGE_LEN as usize;
 /// One O_DIRECT 1 MiB read: 256 page-sized data descriptors.
 const REQ_PAGES: usize = 256;
+
+/// A loop counter as a queue index: the low 16 bits, as a ring wraps.
+fn ring_index(n: usize) -> u16 {
+    u16::try_from(n & 0xffff).expect("masked to 16 bits")
+}
 
 fn time(label: &str, ops: usize, f: impl FnOnce()) {
     let t = Instant::now();
@@ -41,10 +47,10 @@ fn blk_request(log: &DmaLog, mem: &GuestMemoryMmap, head: u16) {
                 device: DeviceKind::Blk,
                 queue: 0,
                 head,
-                desc: (head + 1 + i as u16) % 1024,
+                desc: (head + 1 + ring_index(i)) % 1024,
                 indirect: true,
                 gpa,
-                len: PAGE as u32,
+                len: PAGE_LEN,
                 dir: Direction::DeviceWrites,
                 role: DescRole::Data,
             },
@@ -78,7 +84,7 @@ fn net_frame(log: &DmaLog, frame: &[u8], head: u16) {
                 desc: head,
                 indirect: false,
                 gpa: gpa + at as u64,
-                len: len as u32,
+                len: u32::try_from(len).expect("a frame is shorter than 4 GiB"),
                 dir: Direction::DeviceReads,
                 role,
             },
@@ -106,7 +112,7 @@ fn main() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect();
     mem.write_slice(&content, GuestAddress(0)).unwrap();
@@ -178,7 +184,7 @@ fn main() {
     let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
     for r in 0..iters {
         let c = Instant::now();
-        blk_request(&log, &mem, r as u16);
+        blk_request(&log, &mem, ring_index(r));
         calls += c.elapsed();
         log.flush().unwrap();
     }
@@ -197,11 +203,11 @@ fn main() {
             let d = DescInfo {
                 device: DeviceKind::Blk,
                 queue: 0,
-                head: r as u16,
-                desc: i as u16,
+                head: ring_index(r),
+                desc: ring_index(i),
                 indirect: true,
                 gpa: 0x10_0000 + (i * PAGE) as u64,
-                len: PAGE as u32,
+                len: PAGE_LEN,
                 dir: Direction::DeviceWrites,
                 role: DescRole::Data,
             };
@@ -225,11 +231,11 @@ fn main() {
                 DescInfo {
                     device: DeviceKind::Blk,
                     queue: 0,
-                    head: r as u16,
-                    desc: i as u16,
+                    head: ring_index(r),
+                    desc: ring_index(i),
                     indirect: true,
                     gpa: (i * PAGE) as u64,
-                    len: PAGE as u32,
+                    len: PAGE_LEN,
                     dir: Direction::DeviceWrites,
                     role: DescRole::Data,
                 },
@@ -246,7 +252,7 @@ fn main() {
     for r in 0..iters {
         let c = Instant::now();
         for f in 0..REQ_PAGES {
-            net_frame(&log, &tx, (r * REQ_PAGES + f) as u16);
+            net_frame(&log, &tx, ring_index(r * REQ_PAGES + f));
         }
         calls += c.elapsed();
         log.flush().unwrap();
