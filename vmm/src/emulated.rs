@@ -131,7 +131,12 @@ pub struct EmulatedHost {
 pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
     let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
     let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "rounded first; a float-to-int `as` saturates, and kHz rates are far from u64::MAX"
+    )]
+    let khz = (mhz * 1000.0).round() as u64;
+    (mhz > 0.0).then_some(khz)
 }
 
 /// A command to run inside.

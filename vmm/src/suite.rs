@@ -164,7 +164,8 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
             payload.len()
         );
     }
-    let source = payload[..size as usize].to_vec();
+    let source =
+        payload[..usize::try_from(size).expect("checked: at most the payload length")].to_vec();
 
     let mut audits: Vec<MethodAudit> = Vec::new();
     let mut run_failures = Vec::new();
