@@ -172,8 +172,7 @@ impl Sim {
     /// Logs a completed blk IN request of `bytes` from `sector`.
     fn blk_request(&mut self, head: u16, sector: u64, bytes: u64) {
         self.request(
-            DeviceKind::Blk,
-            0,
+            BLK,
             head,
             RequestDetail::Blk(BlkRequest {
                 op: "in".into(),
@@ -183,6 +182,28 @@ impl Sim {
                 status: BlkStatus::Ok,
             }),
         );
+    }
+
+    /// Logs the request record of a TCP frame on `queue` as the net device summarises
+    /// it, with its TCP sequence number and payload length.
+    fn tcp_request(
+        &mut self,
+        queue: (DeviceKind, u16),
+        head: u16,
+        summary: String,
+        (seq, len): (u32, u32),
+        flags: &str,
+        ports: (u16, u16),
+    ) {
+        let req = NetRequest {
+            summary,
+            tcp_seq: Some(seq),
+            tcp_len: Some(len),
+            tcp_flags: Some(flags.to_string()),
+            tcp_payload_off: Some(L2_L4),
+            tcp_ports: Some(ports),
+        };
+        self.request(queue, head, RequestDetail::Net(req));
     }
 
     fn mark_dirty(&mut self, gpa: u64, len: u64) {
@@ -281,7 +302,7 @@ impl Sim {
         self.blk_request(head, 0, len);
     }
 
-    fn request(&mut self, device: DeviceKind, queue: u16, head: u16, req: RequestDetail) {
+    fn request(&mut self, (device, queue): (DeviceKind, u16), head: u16, req: RequestDetail) {
         let seq = self.next_seq();
         self.recs.push(Record::Request(RequestRecord {
             seq,
@@ -332,21 +353,9 @@ impl Sim {
             }
         }
         let (sp, dp) = conn.ports;
-        self.request(
-            DeviceKind::Net,
-            1,
-            head,
-            RequestDetail::Net(NetRequest {
-                summary: format!(
-                    "tx tcp 10.0.2.15:{sp}>10.0.2.2:{dp} seq={seq} len={tcp_len} flags={flags}"
-                ),
-                tcp_seq: Some(seq),
-                tcp_len: Some(tcp_len),
-                tcp_flags: Some(flags.to_string()),
-                tcp_payload_off: Some(L2_L4),
-                tcp_ports: Some(conn.ports),
-            }),
-        );
+        let summary =
+            format!("tx tcp 10.0.2.15:{sp}>10.0.2.2:{dp} seq={seq} len={tcp_len} flags={flags}");
+        self.tcp_request(NET_TX, head, summary, (seq, tcp_len), flags, conn.ports);
     }
 
     /// The guest's SYN for `conn`, from a header buffer at `gpa`.
@@ -378,21 +387,9 @@ impl Sim {
             self.log_desc(NET_RX, head, head, buf, Direction::DeviceWrites, role);
         }
         let (sp, dp) = conn.ports;
-        self.request(
-            DeviceKind::Net,
-            0,
-            head,
-            RequestDetail::Net(NetRequest {
-                summary: format!(
-                    "rx tcp 10.0.2.2:{dp}>10.0.2.15:{sp} seq=1 len=0 flags=A buffers=1"
-                ),
-                tcp_seq: Some(1),
-                tcp_len: Some(u32::try_from(len.saturating_sub(u64::from(L2_L4))).unwrap()),
-                tcp_flags: Some("A".into()),
-                tcp_payload_off: Some(L2_L4),
-                tcp_ports: Some((dp, sp)),
-            }),
-        );
+        let summary = format!("rx tcp 10.0.2.2:{dp}>10.0.2.15:{sp} seq=1 len=0 flags=A buffers=1");
+        let tcp_len = u32::try_from(len.saturating_sub(u64::from(L2_L4))).unwrap();
+        self.tcp_request(NET_RX, head, summary, (1, tcp_len), "A", (dp, sp));
     }
 
     // ---- the guest's marks and the VMM ----
