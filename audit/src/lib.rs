@@ -54,8 +54,6 @@
 //! **Ratios.** `cpu_copies` = CPU-copied bytes / bytes sent; `dma_copies` =
 //! round(disk / bytes) + round(NIC payload / bytes); mode switches = 2 x system calls.
 
-#![warn(missing_docs)]
-
 mod analyze;
 mod expect;
 mod guest;

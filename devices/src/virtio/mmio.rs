@@ -34,7 +34,7 @@ pub const CONFIG_OFFSET: u64 = 0x100;
 
 /// Register offsets of the virtio-mmio transport, named as in the virtio 1.2 spec
 /// (section 4.2.2); public for drivers written in tests and fuzz targets.
-#[allow(missing_docs)]
+#[allow(missing_docs, reason = "each is named as in the spec")]
 pub mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
