@@ -4,7 +4,7 @@
 CARGO        ?= cargo
 HOST_TARGET  := x86_64-unknown-linux-gnu
 RELEASE_DIR  := target/release
-GUEST_BIN    := target/$(HOST_TARGET)/release/zc-init
+GUEST_BIN    := target/$(HOST_TARGET)/release/zc-guest
 ZC_VMM       := $(RELEASE_DIR)/zc-vmm
 ZC_IMAGE     := $(RELEASE_DIR)/zc-image
 IMAGES_OUT   := images/out

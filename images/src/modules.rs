@@ -537,8 +537,9 @@ mod tests {
         assert!(data.len() < 128 * 1024);
         let mut out = vec![0x28, 0xB5, 0x2F, 0xFD];
         out.push(0xA0); // single segment, 4-byte frame content size, no checksum
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        let block = 1u32 | ((data.len() as u32) << 3); // last block, raw
+        let len = u32::try_from(data.len()).unwrap();
+        out.extend_from_slice(&len.to_le_bytes());
+        let block = 1u32 | (len << 3); // last block, raw
         out.extend_from_slice(&block.to_le_bytes()[..3]);
         out.extend_from_slice(data);
         out
