@@ -250,8 +250,8 @@ fn kernel_arg(path: &Path) -> Result<KernelArg> {
         }
         Err(image_err) => {
             // Not an image: perhaps a config file itself.
-            let config = KernelConfig::read(path).map_err(|_| image_err)?;
-            drop(config);
+            // Report the image error: a config file is the rarer argument.
+            KernelConfig::read(path).map_err(|_| anyhow::anyhow!("{image_err}"))?;
             arg.config = Some(path.to_path_buf());
         }
     }
