@@ -295,16 +295,13 @@ pub fn kernel_message_about(log: &str, name: &str) -> Option<String> {
         l.trim().to_string()
     };
     let dashed = name.replace('_', "-");
-    log.lines()
-        .map(strip)
-        .filter(|l| {
-            [name, dashed.as_str()].iter().any(|n| {
-                l.starts_with(&format!("{n}: "))
-                    || l.contains(&format!("module {n}"))
-                    || l.contains(&format!("module: {n}"))
-            })
+    log.lines().rev().map(strip).find(|l| {
+        [name, dashed.as_str()].iter().any(|n| {
+            l.starts_with(&format!("{n}: "))
+                || l.contains(&format!("module {n}"))
+                || l.contains(&format!("module: {n}"))
         })
-        .last()
+    })
 }
 
 /// Why `finit_module` may have failed, for the usual errnos (the kernel log has the

@@ -395,6 +395,9 @@ pub struct ModuleIndex {
     aliases: RefCell<Option<Vec<(String, String)>>>,
 }
 
+/// A module's hard dependencies, soft `pre:` and soft `post:` dependencies.
+type Deps = (Vec<String>, Vec<String>, Vec<String>);
+
 #[derive(Debug, Default)]
 struct Depmod {
     deps: BTreeMap<String, Vec<String>>,
@@ -707,7 +710,7 @@ impl ModuleIndex {
     }
 
     /// Hard dependencies, soft pre and soft post dependencies of a module file.
-    fn deps_of(&self, name: &str) -> Result<(Vec<String>, Vec<String>, Vec<String>), ModuleError> {
+    fn deps_of(&self, name: &str) -> Result<Deps, ModuleError> {
         match &self.depmod {
             Some(d) => {
                 let (pre, post) = d.softdeps.get(name).cloned().unwrap_or_default();
