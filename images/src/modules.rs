@@ -1003,10 +1003,23 @@ pub(crate) mod testutil {
     /// A fake module: an ELF with a `.modinfo` holding `name=`, `depends=` and, if
     /// given, `softdep=`, plus some unrelated keys as real modules have.
     pub(crate) fn module_elf(name: &str, depends: &[&str], softdep: Option<&str>) -> Vec<u8> {
+        module_elf_with_aliases(name, depends, softdep, &[])
+    }
+
+    /// [`module_elf`] with `alias=` entries too.
+    pub(crate) fn module_elf_with_aliases(
+        name: &str,
+        depends: &[&str],
+        softdep: Option<&str>,
+        aliases: &[&str],
+    ) -> Vec<u8> {
         let mut mi = Vec::new();
         mi.extend_from_slice(b"license=GPL\0");
         if let Some(s) = softdep {
             mi.extend_from_slice(format!("softdep={s}\0").as_bytes());
+        }
+        for a in aliases {
+            mi.extend_from_slice(format!("alias={a}\0").as_bytes());
         }
         mi.extend_from_slice(b"alias=fake:*\0\0\0");
         mi.extend_from_slice(format!("depends={}\0", depends.join(",")).as_bytes());
@@ -1018,6 +1031,24 @@ pub(crate) mod testutil {
             (".modinfo", &mi),
             (".gnu.linkonce.this_module", &[0u8; 64]),
         ])
+    }
+
+    /// Writes `<dir>/kernel/<sub>/<file>.ko` for a module with aliases.
+    pub(crate) fn write_module_with_aliases(
+        dir: &Path,
+        sub: &str,
+        file: &str,
+        depends: &[&str],
+        softdep: Option<&str>,
+        aliases: &[&str],
+    ) {
+        let d = dir.join("kernel").join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join(format!("{file}.ko")),
+            module_elf_with_aliases(file, depends, softdep, aliases),
+        )
+        .unwrap();
     }
 
     /// Writes `<dir>/kernel/<sub>/<file>.ko` for a module.
@@ -1390,6 +1421,288 @@ mod tests {
         assert_eq!(
             b.into_iter().collect::<Vec<_>>(),
             ["crc32c_intel", "virtio"]
+        );
+    }
+
+    /// ext4 as Debian's 6.12 rt kernel ships it: a module with a soft dependency on
+    /// `crypto-crc32c`, an alias of two modules.
+    fn ext4_tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_module(d, "fs/jbd2", "jbd2", &[], Some("pre: crypto-crc32c"));
+        write_module(d, "fs", "mbcache", &[], None);
+        write_module(d, "lib", "crc16", &[], None);
+        write_module(
+            d,
+            "fs/ext4",
+            "ext4",
+            &["jbd2", "crc16", "mbcache"],
+            Some("pre: crypto-crc32c"),
+        );
+        let crc = ["crypto-crc32c", "crc32c"];
+        write_module_with_aliases(d, "crypto", "crc32c_generic", &[], None, &crc);
+        write_module_with_aliases(d, "arch/x86/crypto", "crc32c-intel", &[], None, &crc);
+        std::fs::write(
+            d.join("modules.builtin"),
+            "kernel/drivers/virtio/virtio.ko\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    fn required_of<'a>(r: &'a Resolution, name: &str) -> &'a Module {
+        r.modules
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} not in {:?}", r.names()))
+    }
+
+    #[test]
+    fn soft_dependencies_through_aliases_from_modinfo() {
+        let dir = ext4_tree();
+        let index = ModuleIndex::scan(dir.path()).unwrap();
+        assert_eq!(index.source(), DepSource::Modinfo);
+        let r = index.resolve_names(&["ext4"]).unwrap();
+        // ext4's soft `pre:` dependencies come before its hard ones, as with modprobe:
+        // both providers first; jbd2's own softdep then finds them placed.
+        assert_eq!(
+            r.names(),
+            [
+                "crc32c_generic",
+                "crc32c_intel",
+                "jbd2",
+                "crc16",
+                "mbcache",
+                "ext4"
+            ]
+        );
+        for (name, required) in [
+            ("crc32c_generic", false),
+            ("crc32c_intel", false),
+            ("jbd2", true),
+            ("ext4", true),
+        ] {
+            assert_eq!(required_of(&r, name).required, required, "{name}");
+        }
+        assert_eq!(
+            required_of(&r, "crc32c_generic").reason,
+            Reason::SoftPreOf("ext4".into())
+        );
+        assert_eq!(
+            required_of(&r, "jbd2").reason,
+            Reason::DependencyOf("ext4".into())
+        );
+        assert!(r.absent.is_empty() && r.builtin.is_empty(), "{r:?}");
+        // Asking for the alias itself: both providers, each optional.
+        let r = index.resolve_names(&["crc32c"]).unwrap();
+        assert_eq!(r.names(), ["crc32c_generic", "crc32c_intel"]);
+        assert!(r.modules.iter().all(|m| !m.required));
+        assert_eq!(
+            index.lookup("crc32c").unwrap(),
+            Lookup::Alias {
+                files: vec!["crc32c_generic".into(), "crc32c_intel".into()],
+                builtin: None
+            }
+        );
+    }
+
+    #[test]
+    fn the_alias_cache_is_used_and_renewed_when_modules_change() {
+        let dir = ext4_tree();
+        let cache = dir.path().join("cache/aliases.json");
+        let index = ModuleIndex::scan(dir.path())
+            .unwrap()
+            .with_alias_cache(cache.clone());
+        let first = index.resolve_names(&["ext4"]).unwrap();
+        assert!(cache.is_file());
+        // A cache whose fingerprint matches is believed: make it say something else.
+        let text = std::fs::read_to_string(&cache).unwrap();
+        std::fs::write(&cache, text.replace("\"crc32c_intel\"", "\"crc16\"")).unwrap();
+        let index = ModuleIndex::scan(dir.path())
+            .unwrap()
+            .with_alias_cache(cache.clone());
+        let r = index.resolve_names(&["crc32c"]).unwrap();
+        assert_eq!(r.names(), ["crc32c_generic", "crc16"]);
+        // Once a module file changes, the fingerprint differs and aliases are read again.
+        std::fs::remove_file(dir.path().join("kernel/arch/x86/crypto/crc32c-intel.ko")).unwrap();
+        let index = ModuleIndex::scan(dir.path())
+            .unwrap()
+            .with_alias_cache(cache);
+        let r = index.resolve_names(&["ext4"]).unwrap();
+        assert_eq!(
+            r.names(),
+            ["crc32c_generic", "jbd2", "crc16", "mbcache", "ext4"]
+        );
+        // One provider left: as needed as the alias, but a softdep stays optional.
+        assert!(!required_of(&r, "crc32c_generic").required);
+        assert_ne!(first, r);
+    }
+
+    #[test]
+    fn builtin_aliases_satisfy_soft_dependencies() {
+        let dir = ext4_tree();
+        let d = dir.path();
+        std::fs::remove_file(d.join("kernel/crypto/crc32c_generic.ko")).unwrap();
+        std::fs::remove_file(d.join("kernel/arch/x86/crypto/crc32c-intel.ko")).unwrap();
+        std::fs::write(
+            d.join("modules.builtin"),
+            "kernel/crypto/crc32c_generic.ko\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("modules.builtin.modinfo"),
+            b"crc32c_generic.license=GPL\0crc32c_generic.alias=crypto-crc32c\0crc32c_generic.alias=crc32c\0",
+        )
+        .unwrap();
+        let index = ModuleIndex::scan(d).unwrap();
+        let r = index.resolve_names(&["ext4"]).unwrap();
+        assert_eq!(r.names(), ["jbd2", "crc16", "mbcache", "ext4"]);
+        assert_eq!(r.builtin, ["crypto_crc32c (crc32c_generic)"]);
+        assert!(r.absent.is_empty());
+    }
+
+    #[test]
+    fn absent_soft_dependencies_are_listed_not_errors() {
+        let dir = ext4_tree();
+        let d = dir.path();
+        std::fs::remove_file(d.join("kernel/crypto/crc32c_generic.ko")).unwrap();
+        std::fs::remove_file(d.join("kernel/arch/x86/crypto/crc32c-intel.ko")).unwrap();
+        let index = ModuleIndex::scan(d).unwrap();
+        let r = index.resolve_names(&["ext4"]).unwrap();
+        assert_eq!(r.names(), ["jbd2", "crc16", "mbcache", "ext4"]);
+        assert_eq!(r.absent, ["ext4: crypto_crc32c", "jbd2: crypto_crc32c"]);
+        // An optional want that is nowhere is listed too; a required one is an error.
+        let r = index
+            .resolve(&[Want::optional("virtio_pci"), Want::required("mbcache")])
+            .unwrap();
+        assert_eq!(r.names(), ["mbcache"]);
+        assert_eq!(r.absent, ["(wanted): virtio_pci"]);
+        assert!(index.resolve(&[Want::required("virtio_pci")]).is_err());
+    }
+
+    #[test]
+    fn post_soft_dependencies_follow_the_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_module(d, "x", "a", &["b"], Some("pre: p post: q"));
+        write_module(d, "x", "b", &[], None);
+        write_module(d, "x", "p", &[], None);
+        write_module(d, "x", "q", &["b"], None);
+        let index = ModuleIndex::scan(d).unwrap();
+        let r = index.resolve_names(&["a"]).unwrap();
+        assert_eq!(r.names(), ["p", "b", "a", "q"]);
+        assert_eq!(required_of(&r, "q").reason, Reason::SoftPostOf("a".into()));
+    }
+
+    #[test]
+    fn an_optional_module_needed_later_becomes_required_with_its_dependencies() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_module(d, "x", "a", &[], Some("pre: s"));
+        write_module(d, "x", "s", &["t"], None);
+        write_module(d, "x", "t", &[], None);
+        write_module(d, "x", "b", &["s"], None);
+        let index = ModuleIndex::scan(d).unwrap();
+        let r = index.resolve_names(&["a"]).unwrap();
+        assert!(!required_of(&r, "s").required && !required_of(&r, "t").required);
+        let r = index.resolve_names(&["a", "b"]).unwrap();
+        assert_eq!(r.names(), ["t", "s", "a", "b"]);
+        assert!(r.modules.iter().all(|m| m.required), "{r:?}");
+    }
+
+    /// depmod's files, when there, are what counts: here they say something other
+    /// than the modules' `.modinfo`, so the test tells which was read.
+    #[test]
+    fn depmod_files_win_over_modinfo() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_module(d, "fs/ext4", "ext4", &[], None);
+        write_module(d, "fs/jbd2", "jbd2", &[], None);
+        write_module(d, "lib", "crc16", &[], None);
+        write_module(d, "crypto", "crc32c_generic", &[], None);
+        write_module(d, "lib", "after", &[], None);
+        std::fs::write(
+            d.join("modules.dep"),
+            "kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/lib/crc16.ko\n\
+             kernel/fs/jbd2/jbd2.ko:\nkernel/lib/crc16.ko:\nkernel/crypto/crc32c_generic.ko:\nkernel/lib/after.ko:\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("modules.softdep"),
+            "# Soft dependencies extracted from modules themselves.\nsoftdep ext4 pre: crc32c post: after\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("modules.alias"),
+            "# Aliases extracted from modules themselves.\nalias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci\n",
+        )
+        .unwrap();
+        let index = ModuleIndex::scan(d).unwrap();
+        assert_eq!(index.source(), DepSource::Depmod);
+        let r = index.resolve_names(&["ext4"]).unwrap();
+        assert_eq!(
+            r.names(),
+            ["crc32c_generic", "jbd2", "crc16", "ext4", "after"]
+        );
+        // A single provider behind an alias, reached as a softdep: optional.
+        assert!(!required_of(&r, "crc32c_generic").required);
+        assert!(required_of(&r, "crc16").required);
+        // Wildcard aliases match as fnmatch does.
+        assert!(alias_matches(
+            "pci:v00001af4d*sv*sd*bc*sc*i*",
+            "pci:v00001af4d00001041sv00001af4sd00001100bc02sc00i00"
+        ));
+    }
+
+    #[test]
+    fn a_bad_modules_dep_line_names_the_file_and_line() {
+        let err = parse_modules_dep("kernel/a.ko:\nno colon here\n", Path::new("/m/modules.dep"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/m/modules.dep line 2: no `:`"), "{err}");
+    }
+
+    #[rstest]
+    #[case("crc32c", "crc32c", true)]
+    #[case("crc32c", "crc32", false)]
+    #[case("fs_*", "fs_ext4", true)]
+    #[case("a?c", "abc", true)]
+    #[case("a?c", "ac", false)]
+    #[case("x[0-9]y", "x5y", true)]
+    #[case("x[!0-9]y", "x5y", false)]
+    #[case("x[!0-9]y", "xay", true)]
+    #[case("*", "", true)]
+    fn alias_patterns(#[case] pattern: &str, #[case] name: &str, #[case] hit: bool) {
+        assert_eq!(alias_matches(pattern, name), hit);
+    }
+
+    #[test]
+    fn depmod_text_parsers() {
+        let soft = parse_modules_softdep(
+            "softdep ext4 pre: crc32c\nsoftdep a-b pre: x post: y z\nalias q r\n",
+        );
+        assert_eq!(soft["ext4"], (vec!["crc32c".to_string()], vec![]));
+        assert_eq!(
+            soft["a_b"],
+            (
+                vec!["x".to_string()],
+                vec!["y".to_string(), "z".to_string()]
+            )
+        );
+        let aliases = parse_modules_alias(
+            "alias fs-ext4 ext4\nsoftdep x pre: y\nalias crc32c crc32c-intel\n",
+        );
+        assert_eq!(
+            aliases,
+            [
+                ("fs_ext4".to_string(), "ext4".to_string()),
+                ("crc32c".into(), "crc32c_intel".into())
+            ]
+        );
+        let b = parse_builtin_modinfo(b"virtio.license=GPL\0ext4.alias=fs-ext4\0\0junk\0");
+        assert_eq!(
+            b.into_iter().collect::<Vec<_>>(),
+            [("fs_ext4".to_string(), "ext4".to_string())]
         );
     }
 }
