@@ -385,6 +385,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ..GuestNeeds::default()
                 },
                 config,
+                alias_cache: role::user_cache_dir().map(|d| d.join("module-aliases")),
                 cache,
                 out,
             };

@@ -608,11 +608,12 @@ impl ModuleIndex {
         })
     }
 
-    /// Keeps the aliases read from every module's `.modinfo` in `path` (a JSON file,
-    /// rewritten when the module files change), so only the first resolution that
-    /// needs them pays for reading them. Unused when the directory has depmod's files.
-    pub fn with_alias_cache(mut self, path: PathBuf) -> Self {
-        self.alias_cache = Some(path);
+    /// Keeps the aliases read from every module's `.modinfo` in directory `dir`, one
+    /// JSON file per set of module files (named by a digest of their paths, sizes and
+    /// modification times), so only the first resolution that needs them pays for
+    /// reading them. Unused when the modules directory has depmod's files.
+    pub fn with_alias_cache(mut self, dir: PathBuf) -> Self {
+        self.alias_cache = Some(dir);
         self
     }
 
@@ -755,7 +756,12 @@ impl ModuleIndex {
 
     fn load_or_scan_aliases(&self) -> Result<Vec<(String, String)>, ModuleError> {
         let fingerprint = self.alias_cache.as_ref().map(|_| self.fingerprint());
-        if let (Some(path), Some(fp)) = (&self.alias_cache, &fingerprint) {
+        let path = self
+            .alias_cache
+            .as_ref()
+            .zip(fingerprint.as_ref())
+            .map(|(dir, fp)| dir.join(format!("{fp}.json")));
+        if let (Some(path), Some(fp)) = (&path, &fingerprint) {
             let cached = std::fs::read_to_string(path)
                 .ok()
                 .and_then(|t| serde_json::from_str::<AliasCache>(&t).ok());
@@ -764,7 +770,7 @@ impl ModuleIndex {
             }
         }
         let aliases = self.scan_aliases()?;
-        if let (Some(path), Some(fingerprint)) = (&self.alias_cache, fingerprint) {
+        if let (Some(path), Some(fingerprint)) = (&path, fingerprint) {
             let cache = AliasCache {
                 fingerprint,
                 aliases,
@@ -1509,15 +1515,19 @@ mod tests {
     #[test]
     fn the_alias_cache_is_used_and_renewed_when_modules_change() {
         let dir = ext4_tree();
-        let cache = dir.path().join("cache/aliases.json");
+        let cache = dir.path().join("cache");
         let index = ModuleIndex::scan(dir.path())
             .unwrap()
             .with_alias_cache(cache.clone());
         let first = index.resolve_names(&["ext4"]).unwrap();
-        assert!(cache.is_file());
+        let files: Vec<PathBuf> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
         // A cache whose fingerprint matches is believed: make it say something else.
-        let text = std::fs::read_to_string(&cache).unwrap();
-        std::fs::write(&cache, text.replace("\"crc32c_intel\"", "\"crc16\"")).unwrap();
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        std::fs::write(&files[0], text.replace("\"crc32c_intel\"", "\"crc16\"")).unwrap();
         let index = ModuleIndex::scan(dir.path())
             .unwrap()
             .with_alias_cache(cache.clone());

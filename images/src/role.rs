@@ -167,6 +167,8 @@ pub struct BuildRequest {
     pub guest: GuestNeeds,
     /// The kernel's config, when it is not where [`kconfig::find_config`] looks.
     pub config: Option<PathBuf>,
+    /// Where module aliases read from `.modinfo` are kept between builds.
+    pub alias_cache: Option<PathBuf>,
     /// Debian kernel cache directory.
     pub cache: PathBuf,
     /// Output directory; the role's files go to `<out>/<role>/`.
@@ -285,6 +287,7 @@ pub fn build(req: &BuildRequest, progress: &mut dyn FnMut(&str)) -> Result<Built
     let opts = BuildOptions {
         guest: req.guest.clone(),
         config: req.config.clone(),
+        alias_cache: req.alias_cache.clone(),
     };
     build_with_kernel(
         req.role, &req.init, &kernel, &extra, &opts, &req.out, progress,
@@ -298,6 +301,18 @@ pub struct BuildOptions {
     pub guest: GuestNeeds,
     /// The kernel's config, when it is not where [`kconfig::find_config`] looks.
     pub config: Option<PathBuf>,
+    /// Where module aliases read from `.modinfo` are kept between builds (see
+    /// [`ModuleIndex::with_alias_cache`]); `None`: read them every time.
+    pub alias_cache: Option<PathBuf>,
+}
+
+/// The user's cache directory for zc: `$XDG_CACHE_HOME/zc`, else `$HOME/.cache/zc`.
+pub fn user_cache_dir() -> Option<PathBuf> {
+    let xdg = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty());
+    match xdg {
+        Some(x) => Some(PathBuf::from(x).join("zc")),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/zc")),
+    }
 }
 
 /// The kernel's config (see [`kconfig::find_config`]) and, for the guest role, the
@@ -563,7 +578,10 @@ pub fn build_with_kernel(
         .as_deref()
         .map(ModuleIndex::scan)
         .transpose()?
-        .map(|i| i.with_alias_cache(out.join(format!(".module-aliases-{}.json", role.name()))));
+        .map(|i| match &opts.alias_cache {
+            Some(dir) => i.with_alias_cache(dir.clone()),
+            None => i,
+        });
     let mut warnings = Vec::new();
     // The preflight comes first: a guest that cannot run stops here, before anything
     // is written.
@@ -1088,5 +1106,239 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b.info.modules.last().map(String::as_str), Some("extra_one"));
+    }
+
+    fn config_path(f: &Fixture) -> PathBuf {
+        f.kernel
+            .vmlinuz
+            .with_file_name(format!("config-{}", f.kernel.release))
+    }
+
+    fn edit_config(f: &Fixture, from: &str, to: &str) {
+        let p = config_path(f);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{from}");
+        std::fs::write(&p, text.replace(from, to)).unwrap();
+    }
+
+    #[test]
+    fn preflight_stops_the_build_before_anything_is_written() {
+        let f = fixture(false);
+        edit_config(
+            &f,
+            "CONFIG_VIRTIO_NET=m\n",
+            "# CONFIG_VIRTIO_NET is not set\n",
+        );
+        let out = f.root.join("out");
+        let err = build_with_kernel(
+            Role::Guest,
+            &f.init,
+            &f.kernel,
+            &[],
+            &BuildOptions::default(),
+            &out,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        match &err {
+            RoleError::Preflight(p) => {
+                assert_eq!(
+                    p.lines(),
+                    ["CONFIG_VIRTIO_NET is not set: the guest has no NIC"]
+                )
+            }
+            other => panic!("expected a preflight error, got {other}"),
+        }
+        assert!(!out.exists(), "nothing may be written");
+        // The host role has no preflight.
+        assert!(!matches!(
+            build_with_kernel(
+                Role::Host,
+                &f.init,
+                &f.kernel,
+                &[],
+                &BuildOptions::default(),
+                &out,
+                &mut |_| {}
+            ),
+            Err(RoleError::Preflight(_))
+        ));
+    }
+
+    #[test]
+    fn skipped_methods_go_into_kernel_json() {
+        let f = fixture(false);
+        edit_config(&f, "CONFIG_IO_URING=y\n", "# CONFIG_IO_URING is not set\n");
+        let b = build(&f, &mut vec![]);
+        assert_eq!(b.info.skipped_methods.len(), 1);
+        assert_eq!(
+            b.info.skipped_methods[0].method,
+            zc_protocol::Method::UringSendZc
+        );
+        let outer: RoleKernel =
+            serde_json::from_str(&std::fs::read_to_string(&b.kernel_json).unwrap()).unwrap();
+        assert_eq!(outer.skipped_methods, b.info.skipped_methods);
+        let text = std::fs::read_to_string(&b.kernel_json).unwrap();
+        assert!(text.contains("\"method\": \"uring_send_zc\""), "{text}");
+    }
+
+    #[test]
+    fn the_transport_is_a_parameter_of_the_plan() {
+        let f = fixture(false);
+        let mods = f.kernel.modules_dir.clone().unwrap();
+        let index = ModuleIndex::scan(&mods).unwrap();
+        let pci = GuestNeeds {
+            transport: TransportChoice::Only(kconfig::Transport::Pci),
+            ..GuestNeeds::default()
+        };
+        let err = plan_modules(Role::Guest, Some(&index), &pci, &[]).unwrap_err();
+        assert!(err.to_string().contains("none of virtio_pci"), "{err}");
+        write_module(
+            &mods,
+            "drivers/virtio",
+            "virtio_pci",
+            &["virtio", "virtio_ring"],
+            None,
+        );
+        let index = ModuleIndex::scan(&mods).unwrap();
+        let plan = plan_modules(Role::Guest, Some(&index), &pci, &[]).unwrap();
+        let names: Vec<&str> = plan.modules.iter().map(|m| m.name.as_str()).collect();
+        assert!(
+            names.contains(&"virtio_pci") && !names.contains(&"virtio_mmio"),
+            "{names:?}"
+        );
+        let any = plan_modules(Role::Guest, Some(&index), &GuestNeeds::default(), &[]).unwrap();
+        let names: Vec<&str> = any.modules.iter().map(|m| m.name.as_str()).collect();
+        assert!(
+            names.contains(&"virtio_pci") && names.contains(&"virtio_mmio"),
+            "{names:?}"
+        );
+        // Neither transport at all.
+        std::fs::remove_file(mods.join("kernel/drivers/virtio/virtio_pci.ko")).unwrap();
+        std::fs::remove_file(mods.join("kernel/drivers/virtio/virtio_mmio.ko")).unwrap();
+        let index = ModuleIndex::scan(&mods).unwrap();
+        let err = plan_modules(Role::Guest, Some(&index), &GuestNeeds::default(), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("none of virtio_mmio, virtio_pci"),
+            "{err}"
+        );
+    }
+
+    /// Replaces virtio_net.ko with a compressed copy.
+    fn compress_virtio_net(f: &Fixture, c: Compression) -> Vec<u8> {
+        let dir = f
+            .kernel
+            .modules_dir
+            .as_ref()
+            .unwrap()
+            .join("kernel/drivers/net");
+        let raw = std::fs::read(dir.join("virtio_net.ko")).unwrap();
+        let packed = match c {
+            Compression::Xz => {
+                let mut out = Vec::new();
+                lzma_rs::xz_compress(&mut raw.as_slice(), &mut out).unwrap();
+                out
+            }
+            Compression::Gzip => {
+                use std::io::Write;
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(&raw).unwrap();
+                e.finish().unwrap()
+            }
+            Compression::Zstd => {
+                // One raw block: ruzstd has no encoder.
+                let mut out = vec![0x28, 0xB5, 0x2F, 0xFD, 0xA0];
+                out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+                out.extend_from_slice(&(1u32 | ((raw.len() as u32) << 3)).to_le_bytes()[..3]);
+                out.extend_from_slice(&raw);
+                out
+            }
+            Compression::None => unreachable!(),
+        };
+        std::fs::remove_file(dir.join("virtio_net.ko")).unwrap();
+        std::fs::write(dir.join(format!("virtio_net{}", c.suffix())), &packed).unwrap();
+        raw
+    }
+
+    #[rstest::rstest]
+    #[case::xz(Compression::Xz, "XZ")]
+    #[case::zstd(Compression::Zstd, "ZSTD")]
+    #[case::gzip(Compression::Gzip, "GZIP")]
+    fn compressed_modules_are_kept_only_when_the_kernel_decompresses_them(
+        #[case] c: Compression,
+        #[case] option: &str,
+    ) {
+        let f = fixture(false);
+        let raw = compress_virtio_net(&f, c);
+        let find = |b: &Built| {
+            let entries = read_archive_file(&b.initrd).unwrap();
+            let i = b
+                .info
+                .modules
+                .iter()
+                .position(|m| m == "virtio_net")
+                .unwrap();
+            let p = b.info.module_paths[i].clone();
+            let e = entries
+                .into_iter()
+                .find(|e| format!("/{}", e.name) == p)
+                .unwrap();
+            (p, e.data)
+        };
+        // The fixture's config has no MODULE_DECOMPRESS: zc decompresses.
+        let b = build(&f, &mut vec![]);
+        let (path, data) = find(&b);
+        assert!(path.ends_with("-virtio_net.ko"), "{path}");
+        assert_eq!(data, raw);
+        // With the kernel's own decompressor for that format: kept as shipped.
+        let p = config_path(&f);
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str(&format!(
+            "CONFIG_MODULE_DECOMPRESS=y\nCONFIG_MODULE_COMPRESS_{option}=y\n"
+        ));
+        std::fs::write(&p, text).unwrap();
+        let b = build(&f, &mut vec![]);
+        assert!(b.rebuilt);
+        let (path, data) = find(&b);
+        assert!(
+            path.ends_with(&format!("-virtio_net{}", c.suffix())),
+            "{path}"
+        );
+        let shipped = f
+            .kernel
+            .modules_dir
+            .as_ref()
+            .unwrap()
+            .join(format!("kernel/drivers/net/virtio_net{}", c.suffix()));
+        assert_eq!(data, std::fs::read(shipped).unwrap());
+    }
+
+    #[test]
+    fn optional_modules_are_marked_in_the_list() {
+        let f = fixture(false);
+        let mods = f.kernel.modules_dir.clone().unwrap();
+        std::fs::write(mods.join("modules.builtin"), "").unwrap();
+        write_module(&mods, "fs/ext4", "ext4", &[], Some("pre: crc32c"));
+        crate::modules::testutil::write_module_with_aliases(
+            &mods,
+            "crypto",
+            "crc32c_generic",
+            &[],
+            None,
+            &["crc32c"],
+        );
+        let b = build(&f, &mut vec![]);
+        assert_eq!(b.info.optional_modules, ["crc32c_generic"]);
+        let entries = read_archive_file(&b.initrd).unwrap();
+        let list = entries.iter().find(|e| e.name == "etc/zc/modules").unwrap();
+        let list = String::from_utf8(list.data.clone()).unwrap();
+        let lines: Vec<&str> = list.lines().collect();
+        let n = b.info.modules.len();
+        assert_eq!(lines.len(), n);
+        assert_eq!(
+            lines[n - 2],
+            format!("/lib/modules/{:02}-crc32c_generic.ko optional", n - 1)
+        );
+        assert_eq!(lines[n - 1], format!("/lib/modules/{n:02}-ext4.ko"));
     }
 }
