@@ -117,11 +117,15 @@ pub struct Summary {
 impl Summary {
     /// One line for humans: `3 modules loaded in 0.05 s` (+ how many were present).
     pub fn describe(&self) -> String {
-        let present = self.modules.iter().filter(|m| !m.newly_loaded).count();
+        let present = self
+            .modules
+            .iter()
+            .filter(|m| !m.newly_loaded && m.failed.is_none())
+            .count();
+        let loaded = self.modules.iter().filter(|m| m.failed.is_none()).count();
         let mut text = format!(
-            "{} module{} loaded in {:.2} s",
-            self.modules.len(),
-            if self.modules.len() == 1 { "" } else { "s" },
+            "{loaded} module{} loaded in {:.2} s",
+            if loaded == 1 { "" } else { "s" },
             self.elapsed.as_secs_f64()
         );
         if present > 0 {
@@ -448,5 +452,23 @@ mod tests {
             "01-virtio.ko 0.003 s, 02-kvm.ko.xz [tdp_mmu=0] 0.000 s (present)"
         );
         assert_eq!(Summary::default().describe(), "0 modules loaded in 0.00 s");
+        let failed = Summary {
+            modules: vec![Loaded {
+                path: "/lib/modules/07-crc32c_intel.ko.xz".into(),
+                newly_loaded: false,
+                params: String::new(),
+                elapsed: Duration::ZERO,
+                failed: Some("No such device".into()),
+            }],
+            elapsed: Duration::from_millis(10),
+        };
+        assert_eq!(
+            failed.describe(),
+            "0 modules loaded in 0.01 s, optional crc32c_intel not loaded: No such device"
+        );
+        assert_eq!(
+            failed.details(),
+            "07-crc32c_intel.ko.xz 0.000 s (failed, optional)"
+        );
     }
 }

@@ -701,12 +701,6 @@ pub fn fragment() -> String {
     };
     // Menus and dependencies tinyconfig leaves off, without which merge_config.sh
     // drops the options below them.
-    line("X86_64", "arch/x86/Kconfig", "64BIT on x86");
-    line(
-        "BINFMT_SCRIPT",
-        "fs/Kconfig.binfmt",
-        "not needed by zc-init; keeps `#!` scripts working in a debug initramfs",
-    );
     line(
         "VIRTIO_MENU",
         "drivers/virtio/Kconfig",
