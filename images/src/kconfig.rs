@@ -451,7 +451,7 @@ pub const REQUIREMENTS: &[Requirement] = &[
         "drivers/pci/Kconfig", "the virtio-pci transport (issue 8)"),
     req("PCI_MSI", Scope::Transport(Transport::Pci), None,
         "virtio-pci cannot use MSI-X, the only interrupts zc's PCI devices raise",
-        "drivers/pci/msi/Kconfig", "the virtio-pci transport (issue 8)"),
+        "drivers/pci/Kconfig", "the virtio-pci transport (issue 8)"),
     req("IO_URING", Scope::Methods(&[Method::UringSendZc]), None,
         "io_uring_setup() fails with ENOSYS",
         "init/Kconfig", "guest-tests/src/methods/uring_send_zc.rs"),
