@@ -556,7 +556,6 @@ struct Stamp {
 /// Assembles `<out>/<role>/` from an already available kernel. Rebuilds only when
 /// the init binary (path, size, mtime), the kernel or the module list changed, or an
 /// output is missing.
-#[allow(clippy::too_many_lines)]
 pub fn build_with_kernel(
     role: Role,
     init: &Path,
