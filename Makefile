@@ -24,7 +24,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps build guest images run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean
+.PHONY: all deps build guest images run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment
 
 all: build
 
@@ -94,6 +94,22 @@ test: images
 	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
 	else echo "make: tap backend tests not run: they need root and /dev/net/tun"; fi
 	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods -- --ignored --test-threads=1
+
+## check-config: the preflight of a kernel's config, before any boot: one line per
+## missing option and what breaks, and the methods it will SKIP.
+## KERNEL=bzImage|vmlinux|source tree|unpacked package [MODULES=lib/modules/<release>];
+## without KERNEL: every Debian kernel in images/cache.
+check-config: build
+	@if [ -n "$(KERNEL)" ]; then \
+	  $(ZC_IMAGE) check-config $(KERNEL) $(if $(MODULES),--modules-dir $(MODULES)); \
+	else status=0; for k in images/cache/*/; do \
+	  [ -f $$k/kernel.json ] || continue; $(ZC_IMAGE) check-config $$k || status=$$?; \
+	done; exit $$status; fi
+
+## config-fragment: the Kconfig fragment a zc guest kernel needs, for the kernel's
+## scripts/kconfig/merge_config.sh.
+config-fragment: build
+	@$(ZC_IMAGE) config-fragment
 
 ## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
 bench: images

@@ -647,6 +647,8 @@ mod tests {
             modules: vec![],
             module_paths: vec![],
             builtin: vec![],
+            optional_modules: vec![],
+            skipped_methods: vec![],
         };
         std::fs::write(
             dir.path().join("kernel.json"),
