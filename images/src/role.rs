@@ -1,7 +1,7 @@
 //! Roles: everything one kind of VM boots, assembled into `<out>/<role>/`.
 //!
 //! - `guest`: the VM under test (booted by `zc-vmm`). Debian's cloud kernel by default;
-//!   modules for `virtio_mmio virtio_blk virtio_net` and their dependencies.
+//!   modules for `virtio_mmio virtio_pci virtio_blk virtio_net` and their dependencies.
 //! - `host`: the emulated KVM host (run under QEMU TCG). Debian's generic kernel;
 //!   modules for `kvm_amd virtio_mmio 9pnet_virtio 9p` and their dependencies (on 6.1
 //!   `kvm_amd`'s `depends=` is `kvm,ccp`, so `ccp` comes in without being named).
@@ -66,7 +66,8 @@ impl Role {
     /// The modules the role needs; their dependencies are resolved from `.modinfo`.
     pub fn module_roots(self) -> &'static [&'static str] {
         match self {
-            Role::Guest => &["virtio_mmio", "virtio_blk", "virtio_net"],
+            // Both virtio transports: `zc-vmm --transport mmio|pci`.
+            Role::Guest => &["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net"],
             // `tun`: for `zc-vmm run --net tap` inside the emulated host.
             Role::Host => &["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p", "tun"],
         }
@@ -530,6 +531,14 @@ mod tests {
             &["virtio", "virtio_ring"],
             None,
         );
+        write_module(&mods, "drivers/virtio", "virtio_pci_modern_dev", &[], None);
+        write_module(
+            &mods,
+            "drivers/virtio",
+            "virtio_pci",
+            &["virtio_ring", "virtio_pci_modern_dev", "virtio"],
+            None,
+        );
         write_module(&mods, "net/core", "failover", &[], None);
         write_module(&mods, "drivers/net", "net_failover", &["failover"], None);
         write_module(
@@ -610,6 +619,8 @@ mod tests {
                 "virtio_ring",
                 "virtio",
                 "virtio_mmio",
+                "virtio_pci_modern_dev",
+                "virtio_pci",
                 "virtio_blk",
                 "failover",
                 "net_failover",
@@ -635,9 +646,9 @@ mod tests {
 
         let list = String::from_utf8(get("etc/zc/modules").data.clone()).unwrap();
         let paths: Vec<&str> = list.lines().collect();
-        assert_eq!(paths.len(), 7);
+        assert_eq!(paths.len(), 9);
         assert_eq!(paths[0], "/lib/modules/01-virtio_ring.ko");
-        assert_eq!(paths[6], "/lib/modules/07-virtio_net.ko");
+        assert_eq!(paths[8], "/lib/modules/09-virtio_net.ko");
         for (p, name) in paths.iter().zip(&b.info.modules) {
             let e = get(&p[1..]);
             assert_eq!(e.mode, S_IFREG | 0o644);
@@ -664,7 +675,7 @@ mod tests {
             .iter()
             .filter(|e| e.name.starts_with("lib/modules/"))
             .count();
-        assert_eq!(module_count, 7);
+        assert_eq!(module_count, 9);
     }
 
     #[test]
