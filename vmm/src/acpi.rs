@@ -6,8 +6,8 @@
 //!
 //! * **FADT**: `HW_REDUCED_ACPI`, a reset register and the sleep control/status
 //!   registers, all byte-wide on the I/O ports at [`ACPI_PM_PORT`]; the IA-PC boot
-//!   flags say there is no VGA, no CMOS RTC, no 8042, and that MSI and PCIe ASPM must
-//!   stay off (there is no PCI at all).
+//!   flags say there is no VGA, no CMOS RTC, no 8042, that PCIe ASPM must stay off,
+//!   and, unless the PCI transport is on, that there is no MSI (nor any PCI at all).
 //! * **MADT**: the local APIC at [`layout::LAPIC_ADDR`], one enabled Local APIC entry per
 //!   vCPU (APIC ID = vCPU index, as `cpu` programs CPUID), and KVM's in-kernel IO-APIC
 //!   at [`layout::IOAPIC_ADDR`] with GSI base 0. No interrupt source overrides: KVM's

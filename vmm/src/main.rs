@@ -409,7 +409,8 @@ fn run_direct(spec: &RunSpec, mode: HostMode) -> Result<i32> {
     let (transport, why) = spec.transport();
     eprintln!("zc-vmm: virtio transport {transport} ({why})");
     let report = vm::run(spec)?;
-    let summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
+    let mut summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
+    summary.transport = Some(transport);
     if let Some(image) = &summary.kernel_image {
         eprintln!(
             "zc-vmm: kernel image from {} {}",
