@@ -16,9 +16,12 @@ const METHODS: &str = "sendfile,mmap_zerocopy";
 /// Enough chunks for the audit's ratios, little enough for two boots per transport.
 const SIZE: &str = "4194304";
 
-/// The (method, variant, verdict) rows of one `zc-vmm methods --transport` run, and
-/// the transport each variant's run summary says it booted with.
-fn verdicts(transport: &str) -> (Vec<(String, String, String)>, Vec<Option<Transport>>) {
+/// One row of the verdict table: method, NIC variant, verdict.
+type Row = (String, String, String);
+
+/// The rows of one `zc-vmm methods --transport` run, sorted, and the transport each
+/// variant's run summary says it booted with.
+fn verdicts(transport: &str) -> (Vec<Row>, Vec<Option<Transport>>) {
     let images = common::images_with("guest/disk.img");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -51,7 +54,7 @@ fn verdicts(transport: &str) -> (Vec<(String, String, String)>, Vec<Option<Trans
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("verdicts.json")).unwrap())
             .unwrap();
-    let mut rows: Vec<(String, String, String)> = json["methods"]
+    let mut rows: Vec<Row> = json["methods"]
         .as_array()
         .expect("verdicts.json has methods")
         .iter()
@@ -83,7 +86,7 @@ fn pci_gives_the_same_verdicts_as_mmio() {
         vec![Some(Transport::Pci); 2],
         "the PCI run booted on PCI"
     );
-    let expected: Vec<(String, String, String)> = {
+    let expected: Vec<Row> = {
         let mut rows = vec![];
         for method in ["mmap_zerocopy", "sendfile"] {
             for variant in ["sg-off", "sg-on"] {
