@@ -3,8 +3,10 @@
 //!
 //! - [`console`]: the guest's serial console (COM1) output, with its last lines kept;
 //! - [`control`]: the guest control channel on COM2 (`docs/control-channel.md`);
-//! - [`virtio`]: the virtio-mmio transport, descriptor-chain walking, virtio-blk and
-//!   virtio-net;
+//! - [`virtio`]: the virtio-mmio and virtio-pci transports, descriptor-chain walking,
+//!   virtio-blk and virtio-net;
+//! - [`pci`]: the PCI bus the virtio-pci transport sits on: configuration space,
+//!   MSI-X, the type-1 configuration ports and BAR decoding;
 //! - [`net_peer`]: the `peer` net backend, a TCP endpoint inside the VMM that checks
 //!   every byte the guest sends;
 //! - [`net_tap`]: the `tap` net backend, frames to a host tap device;
@@ -19,4 +21,5 @@ pub use zc_dma_log as dma_log;
 pub mod net_peer;
 pub mod net_tap;
 pub mod pcap;
+pub mod pci;
 pub mod virtio;

@@ -789,6 +789,14 @@ mod tests {
             &["virtio", "virtio_ring"],
             None,
         );
+        write_module(&mods, "drivers/virtio", "virtio_pci_modern_dev", &[], None);
+        write_module(
+            &mods,
+            "drivers/virtio",
+            "virtio_pci",
+            &["virtio_ring", "virtio_pci_modern_dev", "virtio"],
+            None,
+        );
         write_module(&mods, "net/core", "failover", &[], None);
         write_module(&mods, "drivers/net", "net_failover", &["failover"], None);
         write_module(
@@ -880,6 +888,8 @@ mod tests {
                 "virtio_ring",
                 "virtio",
                 "virtio_mmio",
+                "virtio_pci_modern_dev",
+                "virtio_pci",
                 "virtio_blk",
                 "failover",
                 "net_failover",
@@ -905,9 +915,9 @@ mod tests {
 
         let list = String::from_utf8(get("etc/zc/modules").data.clone()).unwrap();
         let paths: Vec<&str> = list.lines().collect();
-        assert_eq!(paths.len(), 7);
+        assert_eq!(paths.len(), 9);
         assert_eq!(paths[0], "/lib/modules/01-virtio_ring.ko");
-        assert_eq!(paths[6], "/lib/modules/07-virtio_net.ko");
+        assert_eq!(paths[8], "/lib/modules/09-virtio_net.ko");
         for (p, name) in paths.iter().zip(&b.info.modules) {
             let e = get(&p[1..]);
             assert_eq!(e.mode, S_IFREG | 0o644);
@@ -934,7 +944,7 @@ mod tests {
             .iter()
             .filter(|e| e.name.starts_with("lib/modules/"))
             .count();
-        assert_eq!(module_count, 7);
+        assert_eq!(module_count, 9);
     }
 
     #[test]
@@ -1185,6 +1195,8 @@ mod tests {
     fn the_transport_is_a_parameter_of_the_plan() {
         let f = fixture(false);
         let mods = f.kernel.modules_dir.clone().unwrap();
+        // The fixture has both transports; first a kernel with virtio-mmio only.
+        std::fs::remove_file(mods.join("kernel/drivers/virtio/virtio_pci.ko")).unwrap();
         let index = ModuleIndex::scan(&mods).unwrap();
         let pci = GuestNeeds {
             transport: TransportChoice::Only(kconfig::Transport::Pci),

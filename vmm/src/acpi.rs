@@ -6,8 +6,8 @@
 //!
 //! * **FADT**: `HW_REDUCED_ACPI`, a reset register and the sleep control/status
 //!   registers, all byte-wide on the I/O ports at [`ACPI_PM_PORT`]; the IA-PC boot
-//!   flags say there is no VGA, no CMOS RTC, no 8042, and that MSI and PCIe ASPM must
-//!   stay off (there is no PCI at all).
+//!   flags say there is no VGA, no CMOS RTC, no 8042, that PCIe ASPM must stay off,
+//!   and, unless the PCI transport is on, that there is no MSI (nor any PCI at all).
 //! * **MADT**: the local APIC at [`layout::LAPIC_ADDR`], one enabled Local APIC entry per
 //!   vCPU (APIC ID = vCPU index, as `cpu` programs CPUID), and KVM's in-kernel IO-APIC
 //!   at [`layout::IOAPIC_ADDR`] with GSI base 0. No interrupt source overrides: KVM's
@@ -15,7 +15,11 @@
 //!   override" tells the guest, and a hardware-reduced Linux never starts the PIT, so
 //!   the PC's usual IRQ0 -> GSI2 override would describe wiring that does not exist.
 //! * **DSDT**: a `\_SB_` scope with the two legacy UARTs (`PNP0501`) and one `LNRO0005`
-//!   device per virtio-mmio slot, plus `\_S5_` so that Linux can power off.
+//!   device per virtio-mmio slot, plus `\_S5_` so that Linux can power off. With the
+//!   PCI transport, also a PCI host bridge `PCI0` (`PNP0A03`: conventional PCI, so no
+//!   `_OSC` is expected) whose `_CRS` gives bus 0, the configuration ports
+//!   0xcf8-0xcff and the PCI memory window; the FADT then no longer says "no MSI".
+//!   No MCFG: configuration goes through the ports only (`zc_devices::pci::bus`).
 //!
 //! Why the UARTs are in the DSDT even though Linux finds 0x3f8/0x2f8 by legacy probing:
 //! in hardware-reduced mode Linux replaces the 8259 with `null_legacy_pic`, so it sets
@@ -107,6 +111,16 @@ pub struct MmioDeviceInfo {
     pub irq: u32,
 }
 
+/// A PCI host bridge: bus 0, configuration through ports 0xcf8-0xcff, and the
+/// memory window its devices' BARs live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHostInfo {
+    /// First byte of the memory window.
+    pub mmio_base: u64,
+    /// Size of the window; it must end at or below 4 GiB.
+    pub mmio_size: u64,
+}
+
 /// What the tables describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiConfig {
@@ -114,6 +128,8 @@ pub struct AcpiConfig {
     pub vcpus: u8,
     /// The virtio-mmio slots, in the order the guest should number them.
     pub mmio_devices: Vec<MmioDeviceInfo>,
+    /// The PCI host bridge, when the devices are on PCI.
+    pub pci: Option<PciHostInfo>,
 }
 
 /// A power-state change the guest asked for through the ACPI registers.
@@ -161,6 +177,14 @@ pub enum AcpiError {
         irq: u32,
         /// What is wrong with it.
         reason: &'static str,
+    },
+    /// The PCI window cannot be described.
+    #[error("PCI memory window {base:#x}+{size:#x} must be non-empty and end at or below 4 GiB")]
+    BadPciWindow {
+        /// Its base.
+        base: u64,
+        /// Its size.
+        size: u64,
     },
     /// Guest memory does not back the RSDP or the tables.
     #[error("cannot write ACPI tables to guest memory: {0}")]
@@ -228,8 +252,17 @@ pub fn write_acpi_tables<M: GuestMemory>(
         return Err(AcpiError::NoVcpus);
     }
     check_mmio_devices(&config.mmio_devices)?;
+    if let Some(pci) = config.pci {
+        let end = pci.mmio_base.checked_add(pci.mmio_size);
+        if pci.mmio_size == 0 || end.is_none_or(|end| end > 1 << 32) {
+            return Err(AcpiError::BadPciWindow {
+                base: pci.mmio_base,
+                size: pci.mmio_size,
+            });
+        }
+    }
 
-    let dsdt = build_dsdt(&config.mmio_devices);
+    let dsdt = build_dsdt(&config.mmio_devices, config.pci);
     let madt = build_madt(config.vcpus);
 
     // Lay the tables out: DSDT, FADT, MADT, XSDT. In u128, nothing can overflow.
@@ -253,7 +286,7 @@ pub fn write_acpi_tables<M: GuestMemory>(
         });
     }
 
-    let fadt = build_fadt(dsdt_addr);
+    let fadt = build_fadt(dsdt_addr, config.pci.is_some());
     let mut xsdt = XSDT::new(OEM_ID, *b"ZCVMXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
@@ -318,9 +351,10 @@ fn edge_interrupt(gsi: u32) -> aml::Interrupt {
     aml::Interrupt::new(true, true, false, false, gsi)
 }
 
-/// The DSDT: `\_SB_` with the UARTs and the virtio-mmio devices, and `\_S5_`.
-/// The devices must have passed [`check_mmio_devices`].
-fn build_dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
+/// The DSDT: `\_SB_` with the UARTs, the virtio-mmio devices and the PCI host
+/// bridge if there is one, and `\_S5_`. The devices must have passed
+/// [`check_mmio_devices`], the PCI window the check in [`write_acpi_tables`].
+fn build_dsdt(devices: &[MmioDeviceInfo], pci: Option<PciHostInfo>) -> Vec<u8> {
     let mut scope_body = Vec::new();
     for uart in &LEGACY_UARTS {
         let hid = aml::EISAName::new("PNP0501");
@@ -344,6 +378,9 @@ fn build_dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
         let name = format!("V{index:03}");
         aml::Device::new(Path::new(&name), vec![&hid, &uid, &crs]).to_aml_bytes(&mut scope_body);
     }
+    if let Some(pci) = pci {
+        scope_body.extend_from_slice(&pci_host_bridge(pci));
+    }
 
     let mut body = aml::Scope::raw("\\_SB_".into(), scope_body);
     // SLP_TYPa, SLP_TYPb (unused by the extended sleep registers), two reserved.
@@ -362,6 +399,42 @@ fn build_dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
     dsdt.as_slice().to_vec()
 }
 
+/// `PCI0`: the host bridge of bus 0. Linux binds `PNP0A03` with its ACPI PCI root
+/// driver and takes the root bus's resources from `_CRS`: the bus range, the
+/// configuration ports (which it keeps for itself) and the memory window BARs may use.
+/// No I/O window: no function has an I/O BAR. No `_PRT`: the functions have no INTx
+/// pin and interrupt through MSI-X only.
+fn pci_host_bridge(pci: PciHostInfo) -> Vec<u8> {
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let ports = aml::IO::new(
+        zc_devices::pci::bus::CONFIG_ADDRESS_PORT,
+        zc_devices::pci::bus::CONFIG_ADDRESS_PORT,
+        1,
+        8,
+    );
+    // The window check in write_acpi_tables keeps it non-empty and below 4 GiB.
+    let [min, max] = [pci.mmio_base, pci.mmio_base + pci.mmio_size - 1]
+        .map(|v| u32::try_from(v).expect("checked"));
+    let window = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        min,
+        max,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &ports, &window]);
+    let hid = aml::EISAName::new("PNP0A03");
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    aml_bytes(&aml::Device::new(
+        "PCI0".into(),
+        vec![&hid, &uid, &seg, &bbn, &crs],
+    ))
+}
+
 /// A byte-wide system-I/O register.
 fn io_register(port: u16) -> GAS {
     GAS::new(
@@ -374,7 +447,9 @@ fn io_register(port: u16) -> GAS {
 }
 
 /// The FADT (ACPI 6.5 layout): hardware-reduced, power registers on [`ACPI_PM_PORT`].
-fn build_fadt(dsdt_addr: u64) -> Vec<u8> {
+/// With `pci` the "MSI not present" boot flag is left clear: Linux would otherwise
+/// turn MSI off for every device, and virtio-pci here has MSI-X only.
+fn build_fadt(dsdt_addr: u64, pci: bool) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"ZCVMFACP", OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -383,11 +458,9 @@ fn build_fadt(dsdt_addr: u64) -> Vec<u8> {
         // button devices whose fixed events a hardware-reduced platform cannot have.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    fadt.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT
-        | IAPC_MSI_NOT_PRESENT
-        | IAPC_PCIE_ASPM_CONTROLS
-        | IAPC_CMOS_RTC_NOT_PRESENT)
-        .into();
+    let msi = if pci { 0 } else { IAPC_MSI_NOT_PRESENT };
+    fadt.iapc_boot_arch =
+        (IAPC_VGA_NOT_PRESENT | msi | IAPC_PCIE_ASPM_CONTROLS | IAPC_CMOS_RTC_NOT_PRESENT).into();
     fadt.reset_reg = io_register(RESET_PORT);
     fadt.reset_value = RESET_VALUE;
     fadt.sleep_control_reg = io_register(SLEEP_CONTROL_PORT);
@@ -437,6 +510,7 @@ mod tests {
                     irq: 5 + u32::try_from(i).unwrap(),
                 })
                 .collect(),
+            pci: None,
         }
     }
 
@@ -769,6 +843,7 @@ mod tests {
         let config = AcpiConfig {
             vcpus: 1,
             mmio_devices: devices.clone(),
+            pci: None,
         };
         write(&mem, &config).unwrap();
         let Tables { dsdt, .. } = parse(&mem);
@@ -820,6 +895,64 @@ mod tests {
             assert!(contains(body, &edge_irq_descriptor(gsi)), "{name} IRQ");
         }
         assert_eq!(found.len(), devices.len() + 2);
+    }
+
+    #[test]
+    fn with_pci_the_dsdt_has_a_host_bridge_and_msi_is_allowed() {
+        let mem = memory();
+        let mut config = config(1, 0);
+        config.pci = Some(PciHostInfo {
+            mmio_base: 0xe000_0000,
+            mmio_size: 0x1000_0000,
+        });
+        write(&mem, &config).unwrap();
+        let Tables { fadt, dsdt, .. } = parse(&mem);
+        assert_eq!(u16_at(&fadt, 109) & IAPC_MSI_NOT_PRESENT, 0, "MSI allowed");
+        let (found, _) = walk_dsdt(&dsdt);
+        let (_, body) = found.iter().find(|(n, _)| n == "PCI0").expect("PCI0");
+        // _HID EISAID("PNP0A03") = 0x030ad041.
+        assert!(contains(
+            body,
+            &[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]
+        ));
+        for name in [b"_UID", b"_SEG", b"_BBN"] {
+            let mut zero = vec![0x08];
+            zero.extend_from_slice(name);
+            zero.push(0x00);
+            assert!(contains(body, &zero), "{}", String::from_utf8_lossy(name));
+        }
+        // WordBusNumber(0..0): descriptor 0x88, length 13, type 2 (bus), min/max fixed.
+        assert!(contains(
+            body,
+            &[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+        ));
+        // IO(Decode16, 0xcf8, 0xcf8, 1, 8).
+        assert!(contains(
+            body,
+            &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]
+        ));
+        // DWordMemory, read-write, not cacheable, 0xe0000000..0xefffffff.
+        let mut window = vec![0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0];
+        window.extend_from_slice(&0xe000_0000u32.to_le_bytes());
+        window.extend_from_slice(&0xefff_ffffu32.to_le_bytes());
+        window.extend_from_slice(&0u32.to_le_bytes());
+        window.extend_from_slice(&0x1000_0000u32.to_le_bytes());
+        assert!(contains(body, &window), "memory window");
+        // Without PCI the flag stays and there is no PCI0.
+        let mem = memory();
+        write(&mem, &super::tests::config(1, 0)).unwrap();
+        let Tables { fadt, dsdt, .. } = parse(&mem);
+        assert_ne!(u16_at(&fadt, 109) & IAPC_MSI_NOT_PRESENT, 0);
+        assert!(walk_dsdt(&dsdt).0.iter().all(|(n, _)| n != "PCI0"));
+        // A window above 4 GiB cannot be described.
+        config.pci = Some(PciHostInfo {
+            mmio_base: 0xf000_0000,
+            mmio_size: 0x2000_0000,
+        });
+        assert!(matches!(
+            write(&memory(), &config),
+            Err(AcpiError::BadPciWindow { .. })
+        ));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! 0x0000_8ff0  boot stack top           0x000e_0000  RSDP, then ACPI tables to 1 MiB
 //! 0x0010_0000  kernel (bzImage protected-mode part or ELF vmlinux)
 //!   ...        RAM ... initrd at the top of low RAM
-//! 0xc000_0000  32-bit device window (virtio-mmio at 0xd000_0000, IOAPIC, LAPIC) to 4 GiB
+//! 0xc000_0000  32-bit device window (virtio-mmio at 0xd000_0000, PCI BARs at
+//!              0xe000_0000, IOAPIC, LAPIC) to 4 GiB
 //! 0x1_0000_0000  RAM above 4 GiB, when the guest has more than 3 GiB
 //! ```
 
@@ -52,6 +53,11 @@ pub const MMIO32_START: u64 = 0xc000_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device slot.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Start of the PCI memory window: the host bridge's `_CRS` window, where the
+/// virtio-pci BARs are placed and where the guest may move them.
+pub const PCI_MMIO_START: u64 = 0xe000_0000;
+/// Size of the PCI memory window (256 MiB, below the IO-APIC).
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
 /// IO-APIC base (the in-kernel irqchip's default).
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC base.
@@ -70,6 +76,9 @@ pub const MIN_MEM_BYTES: u64 = 64 << 20;
 const _: () = assert!(BOOT_STACK_TOP < PML4_ADDR && BOOT_STACK_TOP > BOOT_PARAMS_ADDR + 0x1000);
 const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
 const _: () = assert!(IOAPIC_ADDR > VIRTIO_MMIO_BASE && LAPIC_ADDR < KVM_TSS_ADDR);
+// The PCI window lies above the virtio-mmio slots' 19 pages and below the IO-APIC.
+const _: () = assert!(PCI_MMIO_START >= VIRTIO_MMIO_BASE + 24 * VIRTIO_MMIO_SIZE);
+const _: () = assert!(PCI_MMIO_START + PCI_MMIO_SIZE <= IOAPIC_ADDR);
 
 /// What an e820 entry describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,11 +1,13 @@
 //! `zc-vmm`: a tiny KVM virtual machine monitor that boots a stock Linux kernel
 //! straight into 64-bit mode (no firmware), with a serial console, a guest control
-//! channel and ACPI tables that describe its virtio-mmio devices.
+//! channel and ACPI tables that describe its virtio devices (virtio-mmio, or virtio-pci
+//! behind a PCI host bridge).
 //!
 //! One concept per module: [`spec`] (what a run boots: the run spec), [`report`]
 //! (what it found: the run report and `run.json`), [`layout`] (memory map), [`boot`]
 //! (kernel/initrd/zero page), [`cpu`] (vCPU state), [`acpi`] (tables), [`pio`]
-//! (legacy port devices), [`mmio`] (the MMIO bus), [`virtio`] (virtio slots and
+//! (legacy port devices), [`mmio`] (the MMIO bus), [`pci`] (the PCI bus, MSI-X
+//! routes and notify ioeventfds of virtio-pci), [`virtio`] (virtio slots and
 //! attaching devices), [`vm`] (the VM builder and run loop), [`dirty`] (dirty-page
 //! samples), [`dma_view`] (reading DMA logs), [`host`] (which KVM to use),
 //! [`emulated`] (running inside an emulated KVM host) and [`emulated_run`] (a run
@@ -21,6 +23,7 @@ pub mod emulated_run;
 pub mod host;
 pub mod layout;
 pub mod mmio;
+pub mod pci;
 pub mod pio;
 pub mod report;
 pub mod spec;

@@ -11,7 +11,7 @@ use zc_vmm::host::{self, HostMode};
 use zc_vmm::report::{RunReport, RunSummary};
 use zc_vmm::spec::{
     parse_mem, parse_tap_address, DiskSpec, NetBackendSpec, NicSpec, RunOutputs, RunSpec,
-    TapAddress, DEFAULT_CMDLINE, DEFAULT_TIMEOUT_S,
+    TapAddress, TransportChoice, DEFAULT_CMDLINE, DEFAULT_TIMEOUT_S,
 };
 use zc_vmm::vm;
 
@@ -198,6 +198,12 @@ struct RunFlags {
     /// Give up after this many seconds (of the guest's own run).
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_S)]
     timeout: u64,
+    /// The virtio transport of the disk and the card: `mmio` (described in ACPI),
+    /// `pci` (modern virtio-pci behind a PCI host bridge, MSI-X; the default command
+    /// line's `pci=off` is then left out), or `auto` (mmio for now; later what the
+    /// kernel's config has).
+    #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+    transport: TransportChoice,
 }
 
 impl RunFlags {
@@ -239,6 +245,7 @@ impl RunFlags {
             }),
             nics: nic.into_iter().collect(),
             dirty_samples: self.dirty_samples,
+            transport: self.transport,
             outputs: RunOutputs {
                 console: self.console,
                 summary: self.report_json,
@@ -399,8 +406,11 @@ fn run(args: RunArgs) -> Result<i32> {
 }
 
 fn run_direct(spec: &RunSpec, mode: HostMode) -> Result<i32> {
+    let (transport, why) = spec.transport();
+    eprintln!("zc-vmm: virtio transport {transport} ({why})");
     let report = vm::run(spec)?;
-    let summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
+    let mut summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
+    summary.transport = Some(transport);
     if let Some(image) = &summary.kernel_image {
         eprintln!(
             "zc-vmm: kernel image from {} {}",
@@ -518,6 +528,8 @@ mod tests {
             "/o/console.txt",
             "--report-json",
             "/o/run.json",
+            "--transport",
+            "pci",
         ])
         .unwrap();
         let expected = RunSpec {
@@ -538,6 +550,7 @@ mod tests {
                 peer_expect_bytes: Some(100),
             }],
             dirty_samples: true,
+            transport: TransportChoice::Pci,
             outputs: RunOutputs {
                 console: Some("/o/console.txt".into()),
                 summary: Some("/o/run.json".into()),

@@ -318,6 +318,10 @@ pub struct RunSummary {
     pub kernel: PathBuf,
     /// Its Debian package, if `zc-image` made it.
     pub kernel_image: Option<KernelImage>,
+    /// The virtio transport the devices sat behind (absent in summaries from before
+    /// there was a choice, which were all virtio-mmio).
+    #[serde(default)]
+    pub transport: Option<crate::spec::Transport>,
     /// What `zc-vmm run` exited with.
     pub exit_status: i32,
     /// Why the run failed, one line; `None` when it succeeded.
@@ -346,6 +350,7 @@ impl RunSummary {
             inside_emulated_host,
             kernel: kernel.to_path_buf(),
             kernel_image: KernelImage::beside(kernel),
+            transport: None,
             exit_status: run.exit_status(),
             failure: run.failure(),
             reports,

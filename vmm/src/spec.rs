@@ -16,7 +16,8 @@ use crate::boot::{self, BootError, KernelFormat};
 use crate::layout;
 
 /// Default kernel command line: serial console, reboot through the keyboard
-/// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan.
+/// controller, reboot at once on panic (so a panic ends the run), no PCI bus to scan
+/// (the PCI transport drops `pci=off`: see [`RunSpec::full_cmdline`]).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 /// Default guest memory: 512 MiB.
 pub const DEFAULT_MEM_BYTES: u64 = 512 << 20;
@@ -62,9 +63,62 @@ pub struct RunSpec {
     /// first NIC's first expected file; needs `outputs.dma_log`.
     #[serde(default)]
     pub dirty_samples: bool,
+    /// The virtio transport the devices sit behind (`auto`: [`choose_transport`]).
+    #[serde(default)]
+    pub transport: TransportChoice,
     /// Where the outputs go.
     #[serde(default)]
     pub outputs: RunOutputs,
+}
+
+/// The virtio transport asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportChoice {
+    /// Whichever the kernel has ([`choose_transport`]).
+    #[default]
+    Auto,
+    /// virtio-mmio devices described in ACPI.
+    Mmio,
+    /// Modern virtio-pci functions on a PCI host bridge, MSI-X interrupts.
+    Pci,
+}
+
+/// The virtio transport a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// virtio-mmio.
+    Mmio,
+    /// virtio-pci.
+    Pci,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Mmio => "mmio",
+            Transport::Pci => "pci",
+        })
+    }
+}
+
+/// The one place the transport is decided: what was asked for, or for `auto` what
+/// `kernel` can drive, with the reason in words. Today `auto` is virtio-mmio, which
+/// every kernel zc has booted (Debian's) drives. The kernel-config preflight is to
+/// fill in the rule here: `VIRTIO_MMIO` (with ACPI) set means mmio; otherwise
+/// `VIRTIO_PCI` set (and `PCI_MSI`) means pci. Both the outer run and the one inside
+/// the emulated host call it on the same spec and kernel, so they agree.
+pub fn choose_transport(requested: TransportChoice, kernel: &Path) -> (Transport, &'static str) {
+    let _ = kernel;
+    match requested {
+        TransportChoice::Mmio => (Transport::Mmio, "asked for"),
+        TransportChoice::Pci => (Transport::Pci, "asked for"),
+        TransportChoice::Auto => (
+            Transport::Mmio,
+            "auto: virtio-mmio until the kernel config decides",
+        ),
+    }
 }
 
 /// Where a run's outputs go; `None` leaves an output out.
@@ -225,15 +279,33 @@ impl RunSpec {
             disk: None,
             nics: Vec::new(),
             dirty_samples: false,
+            transport: TransportChoice::Auto,
             outputs: RunOutputs::default(),
         }
     }
 
-    /// The kernel command line the guest gets: `cmdline`, then `append`.
+    /// The transport this run uses and why ([`choose_transport`]).
+    pub fn transport(&self) -> (Transport, &'static str) {
+        choose_transport(self.transport, &self.kernel)
+    }
+
+    /// The kernel command line the guest gets: `cmdline`, then `append`. With the PCI
+    /// transport the word `pci=off` (in the default command line, as the MMIO
+    /// transport has no PCI bus to scan) is left out, or the guest would not look
+    /// for its devices.
     pub fn full_cmdline(&self) -> String {
+        let base = match self.transport().0 {
+            Transport::Mmio => self.cmdline.clone(),
+            Transport::Pci => self
+                .cmdline
+                .split_whitespace()
+                .filter(|word| *word != "pci=off")
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
         match &self.append {
-            Some(extra) => format!("{} {extra}", self.cmdline),
-            None => self.cmdline.clone(),
+            Some(extra) => format!("{base} {extra}"),
+            None => base,
         }
     }
 
@@ -442,6 +514,7 @@ mod tests {
                 },
             ],
             dirty_samples: true,
+            transport: TransportChoice::Pci,
             outputs: RunOutputs {
                 console: Some(dir.join("console.txt")),
                 summary: Some(dir.join("run.json")),
@@ -476,6 +549,27 @@ mod tests {
             }
         );
         assert_eq!(spec.full_cmdline(), DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn the_transport_is_chosen_in_one_place_and_owns_the_pci_off_word() {
+        let mut spec = RunSpec {
+            append: Some("zc.test=x".into()),
+            ..RunSpec::new("/k/vmlinuz")
+        };
+        assert_eq!(spec.transport, TransportChoice::Auto);
+        assert_eq!(spec.transport().0, Transport::Mmio);
+        assert_eq!(spec.full_cmdline(), format!("{DEFAULT_CMDLINE} zc.test=x"));
+        spec.transport = TransportChoice::Pci;
+        assert_eq!(spec.transport().0, Transport::Pci);
+        assert_eq!(
+            spec.full_cmdline(),
+            "console=ttyS0 reboot=k panic=-1 quiet zc.test=x"
+        );
+        spec.transport = TransportChoice::Mmio;
+        assert_eq!(spec.transport().0, Transport::Mmio);
+        let json: RunSpec = serde_json::from_str(r#"{"kernel":"/k","transport":"pci"}"#).unwrap();
+        assert_eq!(json.transport, TransportChoice::Pci);
     }
 
     #[test]

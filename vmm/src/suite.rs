@@ -18,7 +18,7 @@ use zc_protocol::options::{Options, Suite, TestHook};
 use zc_protocol::report::{MethodReport, METHOD_TEST};
 use zc_protocol::Method;
 use zc_vmm::report::RunSummary;
-use zc_vmm::spec::{parse_mem, DiskSpec, NicSpec, RunOutputs, RunSpec};
+use zc_vmm::spec::{parse_mem, DiskSpec, NicSpec, RunOutputs, RunSpec, TransportChoice};
 
 /// Default locations, as `make images` leaves them.
 const DEFAULT_KERNEL: &str = "images/out/guest/vmlinuz";
@@ -69,6 +69,11 @@ pub struct MethodsArgs {
     /// Give up on a variant's guest after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// The virtio transport: `mmio`, `pci` (modern virtio-pci, MSI-X), or `auto`
+    /// (mmio for now; later what the kernel's config has). Verdicts must not depend
+    /// on it.
+    #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+    transport: TransportChoice,
 }
 
 /// One boot: the NIC's feature set and the methods run under it.
@@ -340,6 +345,7 @@ fn variant_spec(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<RunS
             ..NicSpec::peer()
         }],
         dirty_samples: true,
+        transport: args.transport,
         outputs: RunOutputs {
             console: Some(out("console.txt")),
             summary: Some(out("run.json")),
@@ -467,7 +473,7 @@ mod tests {
         #[case] name: &'static str,
         #[case] sg: bool,
     ) {
-        let args = methods_args(&["--chunk", "8192", "--timeout", "300"]);
+        let args = methods_args(&["--chunk", "8192", "--timeout", "300", "--transport", "pci"]);
         let variant = Variant {
             name,
             sg,
@@ -506,6 +512,7 @@ mod tests {
                 ..NicSpec::peer()
             }],
             dirty_samples: true,
+            transport: TransportChoice::Pci,
             outputs: RunOutputs {
                 console: Some(out("console.txt")),
                 summary: Some(out("run.json")),

@@ -1,8 +1,15 @@
-//! Plugging a virtio device into the VM: a slot from the [`SlotAllocator`] (its
-//! virtio-mmio window, its GSI and its place in the DSDT), the window on the MMIO
-//! bus, an irqfd for its interrupt, and one ioeventfd per queue so that a queue
-//! notification wakes a device thread instead of stopping the vCPU. The VMM reaches
-//! the device afterwards through a [`DeviceHandle`].
+//! Plugging a virtio device into the VM, behind either transport.
+//!
+//! - virtio-mmio ([`attach`]): a slot from the [`SlotAllocator`] (its window, its GSI
+//!   and its place in the DSDT), the window on the MMIO bus, an irqfd for its
+//!   interrupt, and one ioeventfd per queue.
+//! - virtio-pci ([`attach_pci`]): a device number on the PCI bus, BAR0 and one GSI per
+//!   MSI-X vector from the [`crate::pci::PciAllocator`], and one ioeventfd per queue
+//!   on its notify address ([`crate::pci`]).
+//!
+//! Either way a queue notification wakes a device thread instead of stopping the
+//! vCPU, and the VMM reaches the device afterwards through a [`DeviceHandle`],
+//! whatever the transport.
 
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -11,11 +18,13 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use zc_devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
-use zc_devices::virtio::VirtioDevice;
+use zc_devices::virtio::pci::PciTransport;
+use zc_devices::virtio::{VirtioDevice, VirtioTransport};
 
 use crate::acpi::MmioDeviceInfo;
 use crate::layout;
 use crate::mmio::{MmioBus, MmioDevice};
+use crate::pci::{KvmMsiDelivery, PciError, PciState, PciVirtioFunction};
 
 /// GSI of virtio slot 0; slot `n` uses `FIRST_GSI + n`. Below it: the PIT, the
 /// keyboard controller and the two UARTs.
@@ -23,8 +32,8 @@ pub const FIRST_GSI: u32 = 5;
 /// How many slots the IO-APIC's 24 pins leave us.
 pub const MAX_SLOTS: u32 = 24 - FIRST_GSI;
 
-/// A device's transport, shared by the MMIO bus, its queue threads and the VMM.
-pub type SharedTransport<D> = Arc<Mutex<MmioTransport<D>>>;
+/// A device's transport, shared by the bus, its queue threads and the VMM.
+pub type SharedTransport<D> = Arc<Mutex<dyn VirtioTransport<D>>>;
 
 /// Errors attaching a device.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +62,9 @@ pub enum AttachError {
     /// The slot's window is taken (a layout bug).
     #[error(transparent)]
     Bus(#[from] crate::mmio::MmioBusError),
+    /// The PCI bus, window or GSIs could not take the device.
+    #[error(transparent)]
+    Pci(#[from] PciError),
 }
 
 impl<D: VirtioDevice + 'static> MmioDevice for MmioTransport<D> {
@@ -151,29 +163,90 @@ pub fn attach<D: VirtioDevice + 'static>(
     )));
     bus.insert(base, info.size, transport.clone())?;
 
+    let mut notify = Vec::new();
     for queue in 0..queues {
-        let notify = EventFd::new(0).map_err(host)?;
+        let fd = EventFd::new(0).map_err(host)?;
         vm.register_ioevent(
-            &notify,
+            &fd,
             &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
             u32::from(queue),
         )
         .map_err(kvm("KVM_IOEVENTFD"))?;
+        notify.push(fd);
+    }
+    let shared: SharedTransport<D> = transport;
+    spawn_queue_threads(&format!("virtio{slot}"), notify, &shared).map_err(host)?;
+    Ok(DeviceHandle(shared))
+}
+
+/// One thread per queue, each waiting on its notify eventfd and handing the wake-up
+/// to the transport. The threads live as long as the process: the VM is torn down
+/// by exiting.
+fn spawn_queue_threads<D: VirtioDevice + 'static>(
+    name: &str,
+    notify: Vec<EventFd>,
+    transport: &SharedTransport<D>,
+) -> std::io::Result<()> {
+    for (queue, fd) in (0u32..).zip(notify) {
         let transport = transport.clone();
-        // The thread lives as long as the process: the VM is torn down by exiting.
         thread::Builder::new()
-            .name(format!("virtio{slot}-q{queue}"))
+            .name(format!("{name}-q{queue}"))
             .spawn(move || {
-                while notify.read().is_ok() {
+                while fd.read().is_ok() {
                     transport
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .notify_queue(u32::from(queue));
+                        .notify_queue(queue);
                 }
-            })
-            .map_err(host)?;
+            })?;
     }
-    Ok(DeviceHandle(transport))
+    Ok(())
+}
+
+/// Attaches `device` behind virtio-pci: the next device number on `pci`'s bus, BAR0
+/// in the PCI window, one GSI and irqfd per MSI-X vector (the configuration change
+/// and each queue), and one ioeventfd (and thread) per queue on its notify address.
+pub fn attach_pci<D: VirtioDevice + 'static>(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    pci: &mut PciState,
+    device: D,
+) -> Result<DeviceHandle<D>, AttachError> {
+    let number = pci
+        .bus
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .next_device()
+        .ok_or(PciError::Bus(zc_devices::pci::bus::PciBusError::Full))?;
+    let slot = u32::from(number);
+    let host = |source| AttachError::Host { slot, source };
+    let queues = device.queue_max_sizes().len();
+    let vectors = u16::try_from(queues + 1).unwrap_or(u16::MAX);
+    let bar0 = pci.allocator.bar0()?;
+    let gsis = pci.allocator.gsis(vectors)?;
+    let delivery = KvmMsiDelivery::new(vm, pci.router.clone(), gsis)?;
+    let transport = Arc::new(Mutex::new(PciTransport::new(
+        device,
+        mem.clone(),
+        bar0,
+        Arc::new(delivery),
+    )));
+    let mut threads_side = Vec::with_capacity(queues);
+    let mut bus_side = Vec::with_capacity(queues);
+    for _ in 0..queues {
+        let fd = EventFd::new(0).map_err(host)?;
+        bus_side.push(fd.try_clone().map_err(host)?);
+        threads_side.push(fd);
+    }
+    let function = PciVirtioFunction::new(transport.clone(), vm.clone(), bus_side);
+    pci.bus
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(Box::new(function))
+        .map_err(PciError::Bus)?;
+    let shared: SharedTransport<D> = transport;
+    spawn_queue_threads(&format!("virtio-pci{slot}"), threads_side, &shared).map_err(host)?;
+    Ok(DeviceHandle(shared))
 }
 
 #[cfg(test)]

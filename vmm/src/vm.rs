@@ -24,6 +24,7 @@ use zc_devices::net_peer::{
 };
 use zc_devices::net_tap::TapBackend;
 use zc_devices::pcap::PcapWriter;
+use zc_devices::pci::bus::PciBus;
 use zc_devices::virtio::blk::{Block, BlockOptions};
 use zc_devices::virtio::net::{Net, NetBackend, NetOptions};
 use zc_devices::virtio::VirtioDevice;
@@ -35,12 +36,13 @@ use crate::cpu;
 use crate::dirty::{self, DirtySampler, PayloadIndex};
 use crate::layout;
 use crate::mmio::MmioBus;
+use crate::pci::{PciMmioWindow, PciState};
 use crate::pio::{LegacyIo, PioAction};
 use crate::report::{
     DiskSummary, NetBackendKind, NicSummary, RunReport, StopReason, TimedMessage, TransferResult,
     POWEROFF_GRACE,
 };
-use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress};
+use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress, Transport};
 use crate::virtio::{self, DeviceHandle, SlotAllocator};
 
 /// Errors building or starting the VM (what goes wrong while it runs is a
@@ -133,7 +135,10 @@ pub struct VmBuilder<'a> {
     /// What dirty-page samples look for, when the run samples.
     payload: Option<Vec<u8>>,
     mmio: MmioBus,
+    /// virtio-mmio slots (with the MMIO transport).
     slots: SlotAllocator,
+    /// The PCI bus and its placement (with the PCI transport).
+    pci: Option<PciState>,
     nics: Vec<AttachedNic>,
     /// Each disk, and whether it is read-only, for its counters at the end.
     disks: Vec<(bool, DeviceHandle<Block>)>,
@@ -161,15 +166,34 @@ impl<'a> VmBuilder<'a> {
             Some(path) => DmaLog::create(path).map_err(VmError::DmaLog)?,
             None => DmaLog::disabled(),
         };
+        let vm = Arc::new(vm);
+        let mut mmio = MmioBus::default();
+        let pci = match spec.transport().0 {
+            Transport::Mmio => None,
+            Transport::Pci => {
+                let pci = PciState::new(vm.clone());
+                let window = PciMmioWindow {
+                    bus: pci.bus.clone(),
+                };
+                mmio.insert(
+                    layout::PCI_MMIO_START,
+                    layout::PCI_MMIO_SIZE,
+                    Arc::new(Mutex::new(window)),
+                )
+                .map_err(virtio::AttachError::Bus)?;
+                Some(pci)
+            }
+        };
         Ok(VmBuilder {
             spec,
             kvm,
-            vm: Arc::new(vm),
+            vm,
             mem,
             dma_log,
             payload,
-            mmio: MmioBus::default(),
+            mmio,
             slots: SlotAllocator::default(),
+            pci,
             nics: Vec::new(),
             disks: Vec::new(),
         })
@@ -212,17 +236,24 @@ impl<'a> VmBuilder<'a> {
         Ok(())
     }
 
-    /// Puts `device` behind a transport in the next free slot: its registers, its
-    /// interrupt and queue notifications, and the ACPI node [`VmBuilder::build`] writes.
+    /// Puts `device` behind the run's transport in the next free slot: its
+    /// registers, its interrupts and queue notifications, and what
+    /// [`VmBuilder::build`] tells the guest about it (a DSDT node for virtio-mmio; the
+    /// PCI bus describes itself).
     fn plug<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<DeviceHandle<D>, VmError> {
-        let slot = self.slots.allocate()?;
-        Ok(virtio::attach(
-            &self.vm,
-            &self.mem,
-            &mut self.mmio,
-            slot,
-            device,
-        )?)
+        match &mut self.pci {
+            Some(pci) => Ok(virtio::attach_pci(&self.vm, &self.mem, pci, device)?),
+            None => {
+                let slot = self.slots.allocate()?;
+                Ok(virtio::attach(
+                    &self.vm,
+                    &self.mem,
+                    &mut self.mmio,
+                    slot,
+                    device,
+                )?)
+            }
+        }
     }
 
     /// Loads the kernel, writes the ACPI tables that describe the attached devices,
@@ -247,6 +278,10 @@ impl<'a> VmBuilder<'a> {
             &AcpiConfig {
                 vcpus: spec.vcpus,
                 mmio_devices: self.slots.acpi_devices(),
+                pci: self.pci.as_ref().map(|_| acpi::PciHostInfo {
+                    mmio_base: layout::PCI_MMIO_START,
+                    mmio_size: layout::PCI_MMIO_SIZE,
+                }),
             },
         )?;
         let (legacy, messages, tail) = legacy_devices(&self.vm, spec.outputs.console.as_deref())?;
@@ -265,6 +300,7 @@ impl<'a> VmBuilder<'a> {
             devices: Devices {
                 legacy: Mutex::new(legacy),
                 mmio: self.mmio,
+                pci: self.pci.map(|pci| pci.bus),
                 messages,
                 dma_log: self.dma_log,
                 sampler,
@@ -567,6 +603,8 @@ fn collect_transfers(nic: &DeviceHandle<Net<NetPeer>>, report: &mut RunReport) {
 struct Devices {
     legacy: Mutex<LegacyIo>,
     mmio: MmioBus,
+    /// The PCI bus, for its configuration ports (with the PCI transport).
+    pci: Option<Arc<Mutex<PciBus>>>,
     messages: ControlMessages,
     dma_log: DmaLog,
     /// Present when the run samples dirty pages (DMA log on, a file to look for).
@@ -774,8 +812,23 @@ fn vcpu_loop(
     while !stopping.load(Ordering::SeqCst) {
         let exit = vcpu.run();
         let lock = || devices.legacy.lock().unwrap_or_else(|e| e.into_inner());
+        let pci = |port| {
+            devices
+                .pci
+                .as_ref()
+                .filter(|_| PciBus::handles_port(port))
+                .map(|bus| bus.lock().unwrap_or_else(|e| e.into_inner()))
+        };
         match exit {
-            Ok(VcpuExit::IoIn(port, data)) => lock().read(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => match pci(port) {
+                Some(mut bus) => bus.pio_read(port, data),
+                None => lock().read(port, data),
+            },
+            Ok(VcpuExit::IoOut(port, data)) if pci(port).is_some() => {
+                if let Some(mut bus) = pci(port) {
+                    bus.pio_write(port, data);
+                }
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 // Bound first: a guard in the match scrutinee would keep the port
                 // devices locked through a dirty-page sample.

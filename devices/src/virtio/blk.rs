@@ -368,7 +368,7 @@ impl VirtioDevice for Block {
                     .map_err(|e| e.to_string())?;
             disk.handle_chain(&chain)
         })
-        .and_then(|()| super::signal_used(&mut active.queue, &active.mem, &active.interrupt));
+        .and_then(|()| super::signal_used(0, &mut active.queue, &active.mem, &active.interrupt));
         if let Err(fault) = served {
             Self::fatal(active, disk, log, fault.head, &fault.what);
         }

@@ -669,7 +669,7 @@ pub(crate) mod tests {
         );
         assert!(t.is_active());
         t.interrupt()
-            .signal(crate::virtio::InterruptKind::Queue)
+            .signal(crate::virtio::InterruptKind::Queue(0))
             .unwrap();
         wr(&mut t, reg::STATUS, 0);
         assert!(!t.is_active());

@@ -1,4 +1,6 @@
-//! Virtio devices over the virtio-mmio transport (version 2, "modern").
+//! Virtio devices over the virtio-mmio transport (version 2, "modern") or the modern
+//! virtio-pci transport ([`pci::PciTransport`], which reuses the MMIO transport's
+//! state machine behind the PCI register layout).
 //!
 //! - [`mmio::MmioTransport`] implements the register file; the VMM forwards MMIO
 //!   exits of a device slot to [`mmio::MmioTransport::read`] / [`mmio::MmioTransport::write`]
@@ -18,6 +20,7 @@ pub mod blk;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -57,8 +60,9 @@ pub mod status {
 /// Which interrupt a device raises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InterruptKind {
-    /// A used ring was updated (`VIRTIO_MMIO_INT_VRING`).
-    Queue,
+    /// The used ring of this queue was updated (`VIRTIO_MMIO_INT_VRING`). The index
+    /// picks the MSI-X vector on virtio-pci; virtio-mmio has one line for all.
+    Queue(u16),
     /// The configuration changed or the device needs a reset (`VIRTIO_MMIO_INT_CONFIG`).
     Config,
 }
@@ -67,7 +71,7 @@ impl InterruptKind {
     /// The `InterruptStatus` bit of this kind.
     pub fn status_bit(self) -> u32 {
         match self {
-            InterruptKind::Queue => virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING,
+            InterruptKind::Queue(_) => virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING,
             InterruptKind::Config => virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG,
         }
     }
@@ -76,8 +80,9 @@ impl InterruptKind {
 /// The wire a device's interrupt goes out on. The VMM implements it with an irqfd
 /// [`EventFd`] (implementation provided); tests with a counter.
 pub trait InterruptLine: Send + Sync {
-    /// Raises the interrupt. `kind` is informational: virtio-mmio has one line per
-    /// device and the guest reads `InterruptStatus` to tell them apart.
+    /// Raises the interrupt. virtio-mmio has one line per device and the guest reads
+    /// `InterruptStatus` to tell the kinds apart; virtio-pci picks the MSI-X vector
+    /// the driver gave the kind (the configuration, or that queue).
     fn trigger(&self, kind: InterruptKind) -> io::Result<()>;
 }
 
@@ -147,6 +152,33 @@ impl VirtioInterrupt {
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What the VMM needs of a device's transport once it is attached, whichever
+/// transport it is: the device model, and queue notifications (ioeventfd wake-ups).
+pub trait VirtioTransport<D: VirtioDevice>: Send {
+    /// The device model, mutably.
+    fn device_mut(&mut self) -> &mut D;
+    /// The driver notified queue `index`.
+    fn notify_queue(&mut self, index: u32);
+}
+
+impl<D: VirtioDevice> VirtioTransport<D> for mmio::MmioTransport<D> {
+    fn device_mut(&mut self) -> &mut D {
+        mmio::MmioTransport::device_mut(self)
+    }
+    fn notify_queue(&mut self, index: u32) {
+        mmio::MmioTransport::notify_queue(self, index)
+    }
+}
+
+impl<D: VirtioDevice> VirtioTransport<D> for pci::PciTransport<D> {
+    fn device_mut(&mut self) -> &mut D {
+        pci::PciTransport::device_mut(self)
+    }
+    fn notify_queue(&mut self, index: u32) {
+        pci::PciTransport::notify_queue(self, index)
     }
 }
 
@@ -252,9 +284,10 @@ pub(crate) fn drain_queue(
     }
 }
 
-/// Interrupts the driver if the used ring says it wants to hear about what was just
-/// added (EVENT_IDX `used_event`, or always without it).
+/// Interrupts the driver if the used ring of queue `index` says it wants to hear
+/// about what was just added (EVENT_IDX `used_event`, or always without it).
 pub(crate) fn signal_used(
+    index: u16,
     queue: &mut Queue,
     mem: &GuestMem,
     interrupt: &VirtioInterrupt,
@@ -263,7 +296,7 @@ pub(crate) fn signal_used(
     match queue.needs_notification(mem) {
         Ok(true) => {
             // A failing irqfd cannot be reported to the guest; the VMM sees it itself.
-            let _ = interrupt.signal(InterruptKind::Queue);
+            let _ = interrupt.signal(InterruptKind::Queue(index));
             Ok(())
         }
         Ok(false) => Ok(()),
@@ -301,7 +334,7 @@ mod tests {
     fn interrupt_status_and_ack() {
         let line = Arc::new(test_util::CountingLine::default());
         let irq = VirtioInterrupt::new(line.clone());
-        irq.signal(InterruptKind::Queue).unwrap();
+        irq.signal(InterruptKind::Queue(0)).unwrap();
         assert_eq!(irq.status(), 1);
         irq.set_needs_reset();
         assert_eq!(irq.status(), 3);
@@ -317,7 +350,7 @@ mod tests {
     #[test]
     fn eventfd_line_counts() {
         let fd = EventFd::new(0).unwrap();
-        fd.trigger(InterruptKind::Queue).unwrap();
+        fd.trigger(InterruptKind::Queue(1)).unwrap();
         fd.trigger(InterruptKind::Config).unwrap();
         assert_eq!(fd.read().unwrap(), 2);
     }

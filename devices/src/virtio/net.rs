@@ -408,7 +408,9 @@ impl<B: NetBackend> Net<B> {
             // TX buffers are only read: the used length is 0.
             host.handle_tx_chain(&chain, now).map(|()| 0)
         })
-        .and_then(|()| super::signal_used(&mut active.tx, &active.mem, &active.interrupt));
+        .and_then(|()| {
+            super::signal_used(TX_QUEUE, &mut active.tx, &active.mem, &active.interrupt)
+        });
         if let Err(fault) = served {
             fatal(active, &host.log, TX_QUEUE, fault.head, &fault.what);
             return;

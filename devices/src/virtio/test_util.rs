@@ -44,7 +44,7 @@ pub struct CountingLine {
 impl InterruptLine for CountingLine {
     fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
         match kind {
-            InterruptKind::Queue => self.queue.fetch_add(1, Ordering::SeqCst),
+            InterruptKind::Queue(_) => self.queue.fetch_add(1, Ordering::SeqCst),
             InterruptKind::Config => self.config.fetch_add(1, Ordering::SeqCst),
         };
         Ok(())

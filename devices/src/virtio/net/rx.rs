@@ -64,7 +64,7 @@ impl<B: NetBackend> Host<B> {
         }
         if delivered {
             if let Err(fault) =
-                super::super::signal_used(&mut active.rx, &active.mem, &active.interrupt)
+                super::super::signal_used(RX_QUEUE, &mut active.rx, &active.mem, &active.interrupt)
             {
                 fatal(active, &self.log, RX_QUEUE, fault.head, &fault.what);
             }

@@ -1,0 +1,103 @@
+//! The transport must never change a verdict: `zc-vmm methods` runs sendfile and
+//! mmap_zerocopy, with the NIC's scatter-gather on and off, once with the devices
+//! behind virtio-mmio and once behind virtio-pci (MSI-X, ioeventfds on the notify
+//! area), on the default guest kernel, and both must give the same verdict table,
+//! every row PASS against `audit/expected.toml`. Run by `make test` (it needs the
+//! images, hence `#[ignore]`).
+
+mod common;
+
+use std::path::Path;
+
+use zc_vmm::report::RunSummary;
+use zc_vmm::spec::Transport;
+
+const METHODS: &str = "sendfile,mmap_zerocopy";
+/// Enough chunks for the audit's ratios, little enough for two boots per transport.
+const SIZE: &str = "4194304";
+
+/// One row of the verdict table: method, NIC variant, verdict.
+type Row = (String, String, String);
+
+/// The rows of one `zc-vmm methods --transport` run, sorted, and the transport each
+/// variant's run summary says it booted with.
+fn verdicts(transport: &str) -> (Vec<Row>, Vec<Option<Transport>>) {
+    let images = common::images_with("guest/disk.img");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let output = common::zc_vmm(&images)
+        .arg("methods")
+        .arg("--kernel")
+        .arg(images.join("guest/vmlinuz"))
+        .arg("--initrd")
+        .arg(images.join("guest/initrd.img"))
+        .arg("--disk")
+        .arg(images.join("guest/disk.img"))
+        .arg("--payload")
+        .arg(images.join("guest/disk-files/payload.bin"))
+        .arg("--expected")
+        .arg(workspace.join("audit/expected.toml"))
+        .arg("--out")
+        .arg(out.path())
+        .args(["--transport", transport])
+        .args(["--methods", METHODS, "--sg-off-methods", METHODS])
+        .args(["--size", SIZE])
+        .output()
+        .expect("zc-vmm runs");
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "zc-vmm methods --transport {transport} failed ({}): a verdict differs from audit/expected.toml or a run failed",
+        output.status
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("verdicts.json")).unwrap())
+            .unwrap();
+    let mut rows: Vec<Row> = json["methods"]
+        .as_array()
+        .expect("verdicts.json has methods")
+        .iter()
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (field("method"), field("variant"), field("verdict"))
+        })
+        .collect();
+    rows.sort();
+    let transports = ["sg-on", "sg-off"]
+        .iter()
+        .map(|variant| {
+            RunSummary::load(&out.path().join(format!("{variant}.run.json")))
+                .expect("each variant wrote its run.json")
+                .transport
+        })
+        .collect();
+    (rows, transports)
+}
+
+#[test]
+#[ignore = "boots a real kernel four times: run with `make test`"]
+fn pci_gives_the_same_verdicts_as_mmio() {
+    let (mmio, mmio_used) = verdicts("mmio");
+    let (pci, pci_used) = verdicts("pci");
+    assert_eq!(mmio_used, vec![Some(Transport::Mmio); 2]);
+    assert_eq!(
+        pci_used,
+        vec![Some(Transport::Pci); 2],
+        "the PCI run booted on PCI"
+    );
+    let expected: Vec<Row> = {
+        let mut rows = vec![];
+        for method in ["mmap_zerocopy", "sendfile"] {
+            for variant in ["sg-off", "sg-on"] {
+                rows.push((method.to_string(), variant.to_string(), "PASS".to_string()));
+            }
+        }
+        rows
+    };
+    assert_eq!(mmio, expected, "virtio-mmio rows");
+    assert_eq!(
+        pci, mmio,
+        "virtio-pci must give the verdicts virtio-mmio gives"
+    );
+}
