@@ -93,7 +93,7 @@ test: images
 	@if [ "$$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then \
 	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
 	else echo "make: tap backend tests not run: they need root and /dev/net/tun"; fi
-	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods -- --ignored --test-threads=1
+	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods --test transports -- --ignored --test-threads=1
 
 ## check-config: the preflight of a kernel's config, before any boot: one line per
 ## missing option and what breaks, and the methods it will SKIP.
