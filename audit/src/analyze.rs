@@ -250,8 +250,7 @@ impl<'r, 's> LogIndex<'r, 's> {
                 if pp.stream_off + n > self.source.len() {
                     ev.nic_beyond_source += n;
                 }
-                if pp.fingerprinted && pp.whole && self.zero_copy(d_idx, &pp.piece, pp.stream_off)
-                {
+                if pp.fingerprinted && pp.whole && self.zero_copy(d_idx, &pp.piece, pp.stream_off) {
                     ev.nic_zero_copy_bytes += n;
                 } else if pp.fingerprinted {
                     ev.nic_copied_ranges.push((d_idx, pp.gpa, n, pp.stream_off));

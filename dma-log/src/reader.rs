@@ -92,12 +92,7 @@ impl<R: BufRead> DmaLogReader<R> {
         match reader.read_line()? {
             LineEnd::Complete => {}
             LineEnd::Eof => return Err(DmaLogError::MissingHeader),
-            LineEnd::Cut => {
-                return Err(DmaLogError::Truncated {
-                    line: 1,
-                    offset: 0,
-                })
-            }
+            LineEnd::Cut => return Err(DmaLogError::Truncated { line: 1, offset: 0 }),
         }
         let value: serde_json::Value = serde_json::from_slice(trim(&reader.buf))
             .map_err(|source| DmaLogError::Parse { line: 1, source })?;
@@ -221,7 +216,8 @@ mod tests {
     use super::*;
     use std::io::Write as _;
 
-    const HEADER: &[u8] = b"{\"type\":\"header\",\"schema\":\"zc-dma-log/1\",\"start_unix_ns\":0}\n";
+    const HEADER: &[u8] =
+        b"{\"type\":\"header\",\"schema\":\"zc-dma-log/1\",\"start_unix_ns\":0}\n";
 
     fn marker(seq: u64) -> Vec<u8> {
         format!("{{\"type\":\"marker\",\"seq\":{seq},\"t_ns\":{seq},\"label\":\"m{seq}\"}}\n")

@@ -319,7 +319,8 @@ fn first_pass<R: BufRead>(
                         last_write: None,
                         cpu: None,
                         origin: Origin::Unexplained,
-                        whole: (pp.whole && pp.fingerprinted).then(|| (pp.piece.clone(), pp.stream_off)),
+                        whole: (pp.whole && pp.fingerprinted)
+                            .then(|| (pp.piece.clone(), pp.stream_off)),
                     });
                 }
             }
@@ -791,7 +792,10 @@ mod tests {
         assert_eq!(first.origin, Origin::ZeroCopy);
         let text = t.to_string();
         assert!(text.contains("file 5000..5100"), "{text}");
-        assert!(text.contains("request in sector 0 (page at sector 8)"), "{text}");
+        assert!(
+            text.contains("request in sector 0 (page at sector 8)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -56,9 +56,11 @@ const DMA_LOG_NO_MATCH: i32 = 1;
 const DMA_LOG_CUT: i32 = 3;
 
 #[derive(Subcommand)]
-#[command(after_help = "Logs may be zstd-compressed (.jsonl.zst); they are read as they come, \
+#[command(
+    after_help = "Logs may be zstd-compressed (.jsonl.zst); they are read as they come, \
 in constant memory. Exit status: 0 done; 1 grep matched nothing; 2 bad input or an unreadable \
-log; 3 the log is cut short (the output covers its complete records; stderr says where).")]
+log; 3 the log is cut short (the output covers its complete records; stderr says where)."
+)]
 enum DmaLogCmd {
     /// One line per record.
     Show(DmaLogArgs),
@@ -142,7 +144,11 @@ fn parse_size(text: &str) -> Result<u64, String> {
         'K' => 10,
         'M' => 20,
         'G' => 30,
-        _ => return Err(format!("{text:?}: use a number, 0x hex, or a K, M or G suffix")),
+        _ => {
+            return Err(format!(
+                "{text:?}: use a number, 0x hex, or a K, M or G suffix"
+            ))
+        }
     };
     let value = match digits.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16),
@@ -503,8 +509,12 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         file_off: args.file_off,
         len: args.len,
     };
-    let found = trace(|| zc_dma_log::DmaLogReader::open(&log), &query, pages.as_ref())
-        .with_context(|| format!("cannot trace {} in {}", args.method, log.display()))?;
+    let found = trace(
+        || zc_dma_log::DmaLogReader::open(&log),
+        &query,
+        pages.as_ref(),
+    )
+    .with_context(|| format!("cannot trace {} in {}", args.method, log.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&found)?);
     } else {
