@@ -624,12 +624,16 @@ impl fmt::Display for Trace {
                 Some(w) => {
                     let _ = write!(
                         from,
-                        "    <- page last written by {} {:?} (piece {:#x}+{}) seq {} at {:.3} ms",
+                        "    <- page last written by {} {} (piece {:#x}+{}) seq {} at {:.3} ms",
                         match w.device {
                             DeviceKind::Blk => "blk",
                             DeviceKind::Net => "net",
                         },
-                        w.role,
+                        match w.role {
+                            DescRole::Header => "header",
+                            DescRole::Data => "data",
+                            DescRole::Status => "status",
+                        },
                         w.piece_gpa,
                         w.piece_len,
                         w.desc_seq,
