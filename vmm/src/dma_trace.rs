@@ -386,7 +386,7 @@ fn second_pass<R: BufRead>(
     let mut write_of: Vec<Option<usize>> = vec![None; trace.pieces.len()];
     let mut writes: Vec<PageWrite> = Vec::new();
     let mut last_write: HashMap<u64, usize> = HashMap::new();
-    let mut chains: HashMap<u16, BlkChain> = HashMap::new();
+    let mut chains: HashMap<(u16, u16), BlkChain> = HashMap::new();
     let mut sampled: HashMap<u64, Sample> = HashMap::new();
     let mut awaiting_sample: Vec<usize> = Vec::new();
     let mut cut = None;
@@ -404,7 +404,7 @@ fn second_pass<R: BufRead>(
             Record::Desc(d) if d.dir == Direction::DeviceWrites => {
                 let blk_data = d.device == DeviceKind::Blk && d.role == DescRole::Data;
                 let chain_off = if blk_data {
-                    chains.entry(d.head).or_default().data_bytes
+                    chains.entry((d.queue, d.head)).or_default().data_bytes
                 } else {
                     0
                 };
@@ -416,7 +416,7 @@ fn second_pass<R: BufRead>(
                     last_write.insert(page, writes.len());
                     if blk_data {
                         chains
-                            .entry(d.head)
+                            .entry((d.queue, d.head))
                             .or_default()
                             .writes
                             .push((writes.len(), chain_off + (p.gpa - d.gpa)));
@@ -433,11 +433,13 @@ fn second_pass<R: BufRead>(
                     });
                 }
                 if blk_data {
-                    chains.entry(d.head).or_default().data_bytes += u64::from(d.len);
+                    chains.entry((d.queue, d.head)).or_default().data_bytes += u64::from(d.len);
                 }
             }
             Record::Request(r) if r.device == DeviceKind::Blk => {
-                let (Some(chain), RequestDetail::Blk(b)) = (chains.remove(&r.head), &r.req) else {
+                let (Some(chain), RequestDetail::Blk(b)) =
+                    (chains.remove(&(r.queue, r.head)), &r.req)
+                else {
                     continue;
                 };
                 for (w, data_off) in chain.writes {
