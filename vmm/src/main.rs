@@ -493,6 +493,7 @@ fn trace_log_path(args: &DmaTraceArgs) -> Result<PathBuf> {
 }
 
 fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
+    use std::io::Write as _;
     use zc_vmm::dma_trace::{trace, TraceQuery};
     if args.len == 0 {
         bail!("--len 0 traces nothing: give the number of bytes, e.g. --len 64K");
@@ -515,10 +516,19 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         pages.as_ref(),
     )
     .with_context(|| format!("cannot trace {} in {}", args.method, log.display()))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&found)?);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &found)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
     } else {
-        println!("{found}");
+        writeln!(out, "{found}")
+    }
+    .and_then(|()| out.flush());
+    match written {
+        // `zc-vmm dma-log trace ... | head` is normal use, not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
     }
     Ok(if found.cut.is_some() { DMA_LOG_CUT } else { 0 })
 }
