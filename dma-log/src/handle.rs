@@ -140,13 +140,7 @@ impl DmaLog {
         };
         let file = File::create(path).map_err(create_error)?;
         if crate::is_zstd_path(path) {
-            // The frame's end is written when the writer thread drops its output at
-            // shutdown; each `flush` ends a block, so a log cut before that still
-            // reads back up to its last flush.
-            let encoder = zstd::stream::write::Encoder::new(file, ZSTD_LEVEL)
-                .map_err(create_error)?
-                .auto_finish();
-            return Self::new(encoder);
+            return Self::new(crate::zst::ZstdFrames::new(file, ZSTD_LEVEL));
         }
         Self::new(file)
     }
@@ -444,19 +438,19 @@ mod tests {
                 &[u8::try_from(i % 251).unwrap(); 64],
             );
         }
-        // Flushed but not finished: what a reader sees while the run goes on.
+        // A flush leaves a whole zstd file, even if the process then exits without
+        // dropping the log (the VMM does).
         log.flush().unwrap();
-        let while_running = std::fs::read(&path).unwrap();
-        assert_eq!(while_running[..4], crate::ZSTD_MAGIC);
-        let items: Vec<_> = DmaLogReader::detect(std::io::Cursor::new(while_running))
-            .unwrap()
-            .collect();
-        assert_eq!(items.iter().filter(|r| r.is_ok()).count(), 4000);
-        // Dropping the last handle ends the frame: then the log is whole.
+        let flushed = std::fs::read(&path).unwrap();
+        assert_eq!(flushed[..4], crate::ZSTD_MAGIC);
+        assert_eq!(read_log(&path).unwrap().len(), 4000);
+        // Records after it go to a new frame.
+        log.marker("after the flush");
         drop(log);
         let recs = read_log(&path).unwrap();
-        assert_eq!(recs.len(), 4000);
+        assert_eq!(recs.len(), 4001);
         assert!(matches!(&recs[3998], Record::Marker(m) if m.label == "mark 1999"));
+        assert!(matches!(&recs[4000], Record::Marker(m) if m.label == "after the flush"));
         let plain_len: usize = recs
             .iter()
             .map(|r| serde_json::to_vec(r).unwrap().len() + 1)

@@ -42,6 +42,7 @@ mod record;
 #[cfg(test)]
 mod test_util;
 mod writer;
+mod zst;
 
 pub use error::DmaLogError;
 #[cfg(feature = "guest-memory")]
