@@ -6,57 +6,15 @@
 use std::collections::HashMap;
 
 use zc_dma_log::{
-    fingerprint, DescRecord, DescRole, DeviceKind, Direction, DirtyRecord, Fingerprint, NetRequest,
-    Piece, Record, RequestDetail, PAGE_BYTES, PAGE_SIZE,
+    DescRecord, DescRole, DeviceKind, Direction, DirtyRecord, NetRequest, Piece, Record,
+    RequestDetail, PAGE_SIZE,
 };
 use zc_protocol::Marker;
 
+use crate::stream::{Connection, SourcePages as Source};
+
 /// virtio-net's transmit queue.
 const TX_QUEUE: u16 = 1;
-
-/// The source file as the audit matches it: a fingerprint per 4 KiB page.
-pub(crate) struct Source<'a> {
-    bytes: &'a [u8],
-    /// fingerprint of file page i; the last, partial page is hashed zero-padded to
-    /// 4 KiB, because that is what a page-cache page past EOF holds.
-    page_fp: Vec<u64>,
-    /// The same fingerprints, to give a blk page its content in one lookup.
-    known: std::collections::HashSet<u64>,
-}
-
-impl<'a> Source<'a> {
-    pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        let page_fp: Vec<u64> = bytes
-            .chunks(PAGE_BYTES)
-            .map(|c| {
-                if c.len() == PAGE_BYTES {
-                    fingerprint(c)
-                } else {
-                    let mut page = [0u8; PAGE_BYTES];
-                    page[..c.len()].copy_from_slice(c);
-                    fingerprint(&page)
-                }
-            })
-            .collect();
-        let known = page_fp.iter().copied().collect();
-        Source {
-            bytes,
-            page_fp,
-            known,
-        }
-    }
-
-    fn page_fp_at(&self, file_off: u64) -> Option<u64> {
-        let index = usize::try_from(file_off / PAGE_SIZE).ok()?;
-        self.page_fp.get(index).copied()
-    }
-
-    fn range_fp(&self, off: u64, len: u64) -> Option<u64> {
-        let start = usize::try_from(off).ok()?;
-        let end = start.checked_add(usize::try_from(len).ok()?)?;
-        self.bytes.get(start..end).map(fingerprint)
-    }
-}
 
 /// What a device last wrote into a guest page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +39,11 @@ impl PageHistory {
                 continue;
             }
             for p in &d.pieces {
-                let content = if d.device == DeviceKind::Blk
-                    && d.role == DescRole::Data
-                    && u64::from(p.len) == PAGE_SIZE
-                    && source.known.contains(&p.hash.0)
-                {
-                    PageContent::File(p.hash.0)
-                } else {
-                    PageContent::Other
+                let content = match source.file_page_written(p) {
+                    Some(fp) if d.device == DeviceKind::Blk && d.role == DescRole::Data => {
+                        PageContent::File(fp)
+                    }
+                    _ => PageContent::Other,
                 };
                 map.entry(p.gpa / PAGE_SIZE)
                     .or_default()
@@ -282,76 +237,23 @@ impl<'r, 's> LogIndex<'r, 's> {
             .collect();
         // The guest is the client: its connection starts with a bare SYN, and the
         // first one in the span is the method's (the peer address is not assumed).
-        let syn = in_span.iter().find(|f| {
-            f.net
-                .tcp_flags
-                .as_deref()
-                .is_some_and(|fl| fl.contains('S') && !fl.contains('A'))
-                && f.net.tcp_ports.is_some()
-                && f.net.tcp_seq.is_some()
-        });
-        let Some(syn) = syn else {
+        let Some(mut conn) = in_span.iter().find_map(|f| Connection::from_syn(f.net)) else {
             ev.no_syn = true;
             return;
         };
-        let (Some(ports), Some(isn)) = (syn.net.tcp_ports, syn.net.tcp_seq) else {
-            return;
-        };
-        ev.peer_port = Some(ports.1);
-        let mut unwrap = Unwrap::default();
+        ev.peer_port = Some(conn.ports.1);
         for f in in_span {
-            if f.net.tcp_ports != Some(ports) {
-                continue;
-            }
-            let (Some(seq), Some(tcp_len), Some(po)) =
-                (f.net.tcp_seq, f.net.tcp_len, f.net.tcp_payload_off)
-            else {
-                continue;
-            };
-            if tcp_len == 0 {
-                continue;
-            }
-            let (po, pe) = (u64::from(po), u64::from(po) + u64::from(tcp_len));
-            let first = unwrap.next(seq.wrapping_sub(isn).wrapping_sub(1));
-            let mut frame_off = 0u64;
-            for &(d_idx, d) in &f.data {
-                // A descriptor whose bytes could not be read has no pieces: its
-                // payload cannot be shown zero-copy, but it still moves the offsets.
-                let unknown;
-                let pieces: &[Piece] = if d.pieces.is_empty() {
-                    unknown = [Piece {
-                        gpa: d.gpa,
-                        len: d.len,
-                        hash: Fingerprint(0),
-                    }];
-                    if d.len == 0 {
-                        &[]
-                    } else {
-                        &unknown
-                    }
-                } else {
-                    &d.pieces
-                };
-                let whole = !d.pieces.is_empty();
-                for p in pieces {
-                    let (fs, fe) = (frame_off, frame_off + u64::from(p.len));
-                    frame_off = fe;
-                    let (os, oe) = (fs.max(po), fe.min(pe));
-                    if os >= oe {
-                        continue;
-                    }
-                    let n = oe - os;
-                    ev.nic_payload_bytes += n;
-                    let stream = first + (os - po);
-                    if stream + n > self.source.bytes.len() as u64 {
-                        ev.nic_beyond_source += n;
-                    }
-                    if whole && fs >= po && fe <= pe && self.zero_copy(d_idx, p, stream) {
-                        ev.nic_zero_copy_bytes += n;
-                    } else if whole {
-                        let gpa = p.gpa + (os - fs);
-                        ev.nic_copied_ranges.push((d_idx, gpa, n, stream));
-                    }
+            for pp in conn.payload(f.net, f.data.iter().map(|&(_, d)| d)) {
+                let d_idx = f.data[pp.data_index].0;
+                let n = pp.len;
+                ev.nic_payload_bytes += n;
+                if pp.stream_off + n > self.source.len() {
+                    ev.nic_beyond_source += n;
+                }
+                if pp.fingerprinted && pp.whole && self.zero_copy(d_idx, &pp.piece, pp.stream_off) {
+                    ev.nic_zero_copy_bytes += n;
+                } else if pp.fingerprinted {
+                    ev.nic_copied_ranges.push((d_idx, pp.gpa, n, pp.stream_off));
                 }
             }
         }
@@ -360,16 +262,11 @@ impl<'r, 's> LogIndex<'r, 's> {
     /// Whether the NIC read `p` (entirely payload, at stream offset `stream`) from
     /// where virtio-blk put that file page, with the content still intact.
     fn zero_copy(&self, desc_idx: usize, p: &Piece, stream: u64) -> bool {
-        if p.gpa % PAGE_SIZE != stream % PAGE_SIZE {
-            return false;
-        }
-        if self.source.range_fp(stream, u64::from(p.len)) != Some(p.hash.0) {
-            return false;
-        }
-        let Some(want) = self.source.page_fp_at(stream) else {
-            return false;
+        let last_write = match self.history.last_before(p.gpa / PAGE_SIZE, desc_idx) {
+            Some(PageContent::File(fp)) => Some(fp),
+            _ => None,
         };
-        self.history.last_before(p.gpa / PAGE_SIZE, desc_idx) == Some(PageContent::File(want))
+        self.source.zero_copy(p, stream, last_write)
     }
 
     /// CPU copies: the payload in pages the CPU dirtied, at each sample; plus the
@@ -498,28 +395,6 @@ pub(crate) struct Evidence {
     /// Payload the NIC read from anywhere but a disk-filled page: (record index of the
     /// descriptor, gpa, len, file offset), in log order.
     nic_copied_ranges: Vec<(usize, u64, u64, u64)>,
-}
-
-/// Turns 32-bit stream offsets into 64-bit ones, taking each as the candidate
-/// nearest to the previous one (TCP's own rule), so a transfer past 4 GiB or a
-/// retransmission behind a wrap still maps to the right file offset.
-#[derive(Default)]
-struct Unwrap {
-    last: u64,
-}
-
-impl Unwrap {
-    fn next(&mut self, off32: u32) -> u64 {
-        const WRAP: u64 = 1 << 32;
-        let mut v = (self.last & !(WRAP - 1)) | u64::from(off32);
-        if v + WRAP / 2 < self.last {
-            v += WRAP;
-        } else if v > self.last + WRAP / 2 && v >= WRAP {
-            v -= WRAP;
-        }
-        self.last = v;
-        v
-    }
 }
 
 /// Which payload bytes were already counted, per guest page: for each page, the
@@ -677,7 +552,7 @@ mod tests {
 
     #[test]
     fn unwrap_follows_wraps_both_ways() {
-        let mut u = Unwrap::default();
+        let mut u = crate::stream::Unwrap::default();
         assert_eq!(u.next(10), 10);
         assert_eq!(u.next(u32::MAX - 5), u64::from(u32::MAX - 5));
         assert_eq!(u.next(3), (1 << 32) + 3);

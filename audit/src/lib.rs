@@ -58,6 +58,7 @@ mod analyze;
 mod expect;
 mod guest;
 pub mod report;
+pub mod stream;
 
 use std::path::PathBuf;
 

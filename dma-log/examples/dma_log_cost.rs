@@ -1,7 +1,9 @@
 //! Micro-benchmark of what the DMA log costs a device thread: run it natively, under
 //! `valgrind --tool=callgrind` (deterministic instruction counts) or under
 //! `qemu-x86_64 -cpu max` (TCG, like the emulated KVM host) to see where the
-//! instructions go. `cargo run --release -p zc-dma-log --example dma_log_cost [ITERS]`.
+//! instructions go. `cargo run --release -p zc-dma-log --example dma_log_cost [ITERS]
+//! [LOG]`: with LOG the records go to that file (zstd-compressed if it ends in `.zst`,
+//! to compare the writer's pace) instead of being formatted and thrown away.
 //!
 //! Each line is the wall time per operation on the calling thread; `+ flush` lines
 //! include waiting for everything queued to be written (the writer thread's share).
@@ -180,7 +182,10 @@ fn main() {
     // The device-thread share: each request is timed alone, then the writer is
     // waited for (untimed), as in a guest whose requests come slower than the writer
     // writes them. The `+ flush` figure is the total, i.e. the writer's pace.
-    let log = DmaLog::new(std::io::sink()).unwrap();
+    let log = match std::env::args().nth(2) {
+        Some(path) => DmaLog::create(std::path::Path::new(&path)).unwrap(),
+        None => DmaLog::new(std::io::sink()).unwrap(),
+    };
     blk_request(&log, &mem, 0);
     log.flush().unwrap();
     time_logged("blk 1 MiB request, per page", &log, iters, |r| {

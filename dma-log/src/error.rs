@@ -35,6 +35,15 @@ pub enum DmaLogError {
         /// The JSON error.
         source: serde_json::Error,
     },
+    /// The log stops inside a line (or inside a zstd frame): the writer never
+    /// finished it. Every line before `line` is complete.
+    #[error("DMA log is cut short at line {line} (byte {offset} of its text): the records before it are complete, the rest is missing")]
+    Truncated {
+        /// 1-based number of the incomplete line.
+        line: u64,
+        /// Byte offset (in the log's text, after decompression) where that line starts.
+        offset: u64,
+    },
     /// The first line is not a header record.
     #[error("DMA log has no header line (expected {{\"type\":\"header\",\"schema\":\"{SCHEMA}\",...}} first); is this a DMA log?")]
     MissingHeader,

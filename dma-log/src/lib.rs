@@ -42,12 +42,13 @@ mod record;
 #[cfg(test)]
 mod test_util;
 mod writer;
+mod zst;
 
 pub use error::DmaLogError;
 #[cfg(feature = "guest-memory")]
 pub use guest::pieces_from_guest;
 pub use handle::{DescInfo, DetailFn, DmaLog, StableFile};
-pub use reader::{read_log, DmaLogReader};
+pub use reader::{is_zstd_path, read_log, AnyInput, DmaLogReader, ZSTD_MAGIC};
 pub use record::{
     BlkRequest, BlkStatus, DescRecord, DescRole, DeviceErrorRecord, DeviceKind, Direction,
     DirtyRecord, Fingerprint, HeaderRecord, MarkerRecord, NetRequest, PayloadRun, Piece, Record,

@@ -1,6 +1,6 @@
 //! Reading a DMA log back for people: filtering (device, queue, marker span, address
-//! range), one line per record, and totals per device and direction. Backs
-//! `zc-vmm dma-log show|stats|grep`.
+//! range), one line per record, and totals per device and direction, one record at
+//! a time. Backs `zc-vmm dma-log show|stats|grep`; `trace` is [`crate::dma_trace`].
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -55,29 +55,50 @@ impl Filter {
     }
 }
 
-/// The records `filter` keeps, in log order.
-pub fn select<'a>(records: &'a [Record], filter: &Filter) -> Vec<&'a Record> {
-    let mut inside = filter.span.is_none();
-    let mut kept = Vec::new();
-    for record in records {
-        if let (Some(span), Record::Marker(m)) = (&filter.span, record) {
+/// Keeps the records a [`Filter`] wants, one at a time in log order, so a log of any
+/// size is read in constant memory.
+#[derive(Debug, Clone)]
+pub struct Selector {
+    filter: Filter,
+    inside: bool,
+    /// Whether the span's `BEGIN` marker was met.
+    pub span_seen: bool,
+}
+
+impl Selector {
+    /// A selector for `filter`, before the log's first record.
+    pub fn new(filter: Filter) -> Self {
+        Selector {
+            inside: filter.span.is_none(),
+            filter,
+            span_seen: false,
+        }
+    }
+
+    /// Whether `record`, the log's next one, is kept.
+    pub fn keeps(&mut self, record: &Record) -> bool {
+        if let (Some(span), Record::Marker(m)) = (&self.filter.span, record) {
             match Marker::parse(&m.label) {
                 Some(Marker::Begin(s)) if s.as_str() == span.as_str() => {
-                    inside = true;
-                    continue;
+                    self.inside = true;
+                    self.span_seen = true;
+                    return false;
                 }
                 Some(Marker::End(s)) if s.as_str() == span.as_str() => {
-                    inside = false;
-                    continue;
+                    self.inside = false;
+                    return false;
                 }
                 _ => {}
             }
         }
-        if inside && filter.keeps(record) {
-            kept.push(record);
-        }
+        self.inside && self.filter.keeps(record)
     }
-    kept
+}
+
+/// The records `filter` keeps, in log order.
+pub fn select<'a>(records: &'a [Record], filter: &Filter) -> Vec<&'a Record> {
+    let mut selector = Selector::new(filter.clone());
+    records.iter().filter(|r| selector.keeps(r)).collect()
 }
 
 fn device_name(device: DeviceKind) -> &'static str {
@@ -177,9 +198,17 @@ pub struct Stats {
 pub fn stats(records: &[&Record]) -> Stats {
     let mut stats = Stats::default();
     for record in records {
+        stats.add(record);
+    }
+    stats
+}
+
+impl Stats {
+    /// Counts one more record.
+    pub fn add(&mut self, record: &Record) {
         match record {
             Record::Desc(d) => {
-                let entry = stats
+                let entry = self
                     .transfers
                     .entry((device_name(d.device), direction_name(d.dir).trim_end()))
                     .or_default();
@@ -188,24 +217,21 @@ pub fn stats(records: &[&Record]) -> Stats {
             }
             Record::Request(r) => {
                 let kind = match &r.req {
-                    RequestDetail::Blk(b) => b.op.clone(),
-                    RequestDetail::Net(_) => "frame".to_string(),
+                    RequestDetail::Blk(b) => b.op.as_str(),
+                    RequestDetail::Net(_) => "frame",
                 };
-                *stats
-                    .requests
-                    .entry((device_name(r.device), kind))
-                    .or_default() += 1;
+                let key = (device_name(r.device), kind.to_string());
+                *self.requests.entry(key).or_default() += 1;
             }
-            Record::DeviceError(_) => stats.errors += 1,
-            Record::Marker(_) => stats.markers += 1,
+            Record::DeviceError(_) => self.errors += 1,
+            Record::Marker(_) => self.markers += 1,
             Record::Dirty(d) => {
-                stats.dirty_samples += 1;
-                stats.dirty_payload_bytes += d.runs.iter().map(|r| u64::from(r.len)).sum::<u64>();
+                self.dirty_samples += 1;
+                self.dirty_payload_bytes += d.runs.iter().map(|r| u64::from(r.len)).sum::<u64>();
             }
             Record::Header(_) => {}
         }
     }
-    stats
 }
 
 impl fmt::Display for Stats {

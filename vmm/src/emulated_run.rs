@@ -93,7 +93,12 @@ impl InnerRun {
         };
         to_exchange(&mut inner.outputs.console, "console.txt".into());
         to_exchange(&mut inner.outputs.summary, "report.json".into());
-        to_exchange(&mut inner.outputs.dma_log, "dma-log.jsonl".into());
+        // The inner run compresses the log when its name ends in .zst: keep that.
+        let dma_log_name = match &inner.outputs.dma_log {
+            Some(p) if zc_dma_log::is_zstd_path(p) => "dma-log.jsonl.zst",
+            _ => "dma-log.jsonl",
+        };
+        to_exchange(&mut inner.outputs.dma_log, dma_log_name.into());
         for (i, nic) in inner.nics.iter_mut().enumerate() {
             let name = match i {
                 0 => "frames.pcap".to_string(),
@@ -277,6 +282,14 @@ mod tests {
                 (x.join("frames.pcap"), wanted("a.pcap")),
                 (x.join("frames-1.pcap"), wanted("b.pcap")),
             ]
+        );
+        // A compressed log stays compressed inside.
+        let mut zst = spec.clone();
+        zst.outputs.dma_log = Some(wanted("dma.jsonl.zst"));
+        let zst_plan = InnerRun::plan(&zst, x).unwrap();
+        assert_eq!(
+            zst_plan.spec.outputs.dma_log,
+            Some(x.join("dma-log.jsonl.zst"))
         );
         assert_eq!(
             plan.disk,

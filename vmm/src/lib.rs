@@ -17,6 +17,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod dirty;
+pub mod dma_trace;
 pub mod dma_view;
 pub mod emulated;
 pub mod emulated_run;

@@ -50,24 +50,40 @@ enum Cmd {
     },
 }
 
+/// `zc-vmm dma-log` exit statuses beyond 0 (done) and 2 (bad input, unreadable log).
+const DMA_LOG_NO_MATCH: i32 = 1;
+/// The log was cut short: the output covers its complete records.
+const DMA_LOG_CUT: i32 = 3;
+
 #[derive(Subcommand)]
+#[command(
+    after_help = "Logs may be zstd-compressed (.jsonl.zst); they are read as they come, \
+in constant memory. Exit status: 0 done; 1 grep matched nothing; 2 bad input or an unreadable \
+log; 3 the log is cut short (the output covers its complete records; stderr says where)."
+)]
 enum DmaLogCmd {
     /// One line per record.
     Show(DmaLogArgs),
     /// Descriptors and bytes per device and direction, requests per kind.
     Stats(DmaLogArgs),
-    /// Records whose JSON text contains PATTERN (e.g. a fingerprint).
+    /// Records whose JSON text contains PATTERN (e.g. a fingerprint); exits 1 if none.
     Grep {
         /// Text to look for.
         pattern: String,
+        /// Print the matching records' JSON lines instead of one summary line each.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         args: DmaLogArgs,
     },
+    /// Which guest pages the NIC read for file bytes OFF..OFF+LEN during a method,
+    /// and the disk request or CPU write that put them there.
+    Trace(DmaTraceArgs),
 }
 
 #[derive(Args)]
 struct DmaLogArgs {
-    /// The log file.
+    /// The log file (plain or zstd-compressed).
     log: PathBuf,
     /// Only this device: blk or net.
     #[arg(long, value_parser = parse_device)]
@@ -83,12 +99,65 @@ struct DmaLogArgs {
     addr: Option<(u64, u64)>,
 }
 
+#[derive(Args)]
+struct DmaTraceArgs {
+    /// The log file, or a `zc-vmm methods` output directory (then --variant picks
+    /// its `<variant>.dma-log.jsonl[.zst]`).
+    log: PathBuf,
+    /// The method (its BEGIN/END markers), e.g. sendfile.
+    #[arg(long)]
+    method: String,
+    /// First file offset (decimal, 0x hex, or with a K/M/G suffix: 1M).
+    #[arg(long, value_parser = parse_size)]
+    file_off: u64,
+    /// Bytes to trace (same forms).
+    #[arg(long, value_parser = parse_size)]
+    len: u64,
+    /// With a run directory: the NIC variant whose log to read.
+    #[arg(long, default_value = "sg-on")]
+    variant: String,
+    /// The file the method sent (e.g. images/out/guest/disk-files/payload.bin): checks
+    /// each piece's content as the audit does (zero-copy), not only where it came from.
+    #[arg(long)]
+    source: Option<PathBuf>,
+    /// Print the trace as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn parse_device(text: &str) -> Result<zc_dma_log::DeviceKind, String> {
     match text {
         "blk" => Ok(zc_dma_log::DeviceKind::Blk),
         "net" => Ok(zc_dma_log::DeviceKind::Net),
         _ => Err(format!("{text:?} is not a device: use blk or net")),
     }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() && !t.starts_with("0x") => (&t[..i], c),
+        _ => (t, ' '),
+    };
+    let shift = match unit.to_ascii_uppercase() {
+        ' ' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: use a number, 0x hex, or a K, M or G suffix"
+            ))
+        }
+    };
+    let value = match digits.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => digits.parse(),
+    }
+    .map_err(|_| format!("{text:?} is not a number"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -283,7 +352,7 @@ fn main() -> ExitCode {
         Cmd::Methods(args) => suite::run(*args),
         Cmd::Compare(args) => suite::compare(args),
         Cmd::Probe => probe().map(|_| 0),
-        Cmd::DmaLog { action } => dma_log(action).map(|_| 0),
+        Cmd::DmaLog { action } => dma_log(action),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -310,50 +379,165 @@ fn one_line(err: &anyhow::Error) -> String {
     line
 }
 
-fn dma_log(action: DmaLogCmd) -> Result<()> {
+fn dma_log(action: DmaLogCmd) -> Result<i32> {
     use std::io::Write as _;
-    use zc_dma_log::Record;
-    use zc_vmm::dma_view::{self, Filter};
-    let (args, totals, pattern) = match action {
+    use zc_dma_log::{DmaLogError, DmaLogReader};
+    use zc_vmm::dma_view::{self, Filter, Selector, Stats};
+    let (args, totals, grep) = match action {
         DmaLogCmd::Show(args) => (args, false, None),
         DmaLogCmd::Stats(args) => (args, true, None),
-        DmaLogCmd::Grep { pattern, args } => (args, false, Some(pattern)),
+        DmaLogCmd::Grep {
+            pattern,
+            json,
+            args,
+        } => (args, false, Some((pattern, json))),
+        DmaLogCmd::Trace(args) => return dma_trace(args),
     };
-    let records = zc_dma_log::read_log(&args.log)
-        .with_context(|| format!("cannot read the DMA log {}", args.log.display()))?;
-    if let Some(span) = &args.span {
-        let begin = zc_protocol::Marker::begin(span.as_str());
-        if !records
-            .iter()
-            .any(|r| matches!(r, Record::Marker(m) if begin.matches(&m.label)))
-        {
-            bail!("the log has no marker `{begin}`: see `zc-vmm dma-log grep mark`");
-        }
-    }
-    let filter = Filter {
+    let cannot_read = || format!("cannot read the DMA log {}", args.log.display());
+    let mut reader = DmaLogReader::open(&args.log).with_context(cannot_read)?;
+    let mut selector = Selector::new(Filter {
         device: args.device,
         queue: args.queue,
         span: args.span.clone(),
         addr: args.addr,
-    };
-    let mut selected = dma_view::select(&records, &filter);
-    if let Some(pattern) = &pattern {
-        selected
-            .retain(|r| serde_json::to_string(r).is_ok_and(|json| json.contains(pattern.as_str())));
-    }
-    let mut out = std::io::stdout().lock();
-    let written = if totals {
-        writeln!(out, "{}", dma_view::stats(&selected))
-    } else {
-        selected
-            .into_iter()
-            .try_for_each(|record| writeln!(out, "{}", dma_view::line(record)))
-    };
+    });
+    let mut stats = Stats::default();
+    let mut matched = 0u64;
+    let mut cut = None;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = (|| -> Result<()> {
+        while let Some(record) = reader.next() {
+            let record = match record {
+                Ok(r) => r,
+                Err(DmaLogError::Truncated { line, offset }) => {
+                    cut = Some((line, offset));
+                    break;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(cannot_read())),
+            };
+            if !selector.keeps(&record) {
+                continue;
+            }
+            if let Some((pattern, json)) = &grep {
+                // The line as written is the record's JSON text.
+                if !reader
+                    .last_line()
+                    .windows(pattern.len().max(1))
+                    .any(|w| w == pattern.as_bytes())
+                {
+                    continue;
+                }
+                matched += 1;
+                if *json {
+                    out.write_all(reader.last_line())?;
+                    out.write_all(b"\n")?;
+                    continue;
+                }
+            }
+            if totals {
+                stats.add(&record);
+            } else {
+                writeln!(out, "{}", dma_view::line(&record))?;
+            }
+        }
+        if totals {
+            writeln!(out, "{stats}")?;
+        }
+        out.flush()?;
+        Ok(())
+    })();
     match written {
         // `zc-vmm dma-log show LOG | head` is normal use, not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            return Ok(0)
+        }
+        other => other?,
     }
+    if let Some(span) = &args.span {
+        if !selector.span_seen && cut.is_none() {
+            bail!(
+                "the log has no marker `{}`: see `zc-vmm dma-log grep mark`",
+                zc_protocol::Marker::begin(span.as_str())
+            );
+        }
+    }
+    if let Some((line, offset)) = cut {
+        eprintln!(
+            "zc-vmm: the DMA log {} is cut short at line {line} (byte {offset} of its text): \
+             the output covers the records before it",
+            args.log.display()
+        );
+        return Ok(DMA_LOG_CUT);
+    }
+    Ok(if grep.is_some() && matched == 0 {
+        DMA_LOG_NO_MATCH
+    } else {
+        0
+    })
+}
+
+/// The log a `trace` reads: the file given, or a run directory's log of the variant.
+fn trace_log_path(args: &DmaTraceArgs) -> Result<PathBuf> {
+    if !args.log.is_dir() {
+        return Ok(args.log.clone());
+    }
+    let plain = args.log.join(format!("{}.dma-log.jsonl", args.variant));
+    let packed = plain.with_extension("jsonl.zst");
+    [plain.clone(), packed.clone()]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{} has neither {} nor {}: pass the log file, or --variant",
+                args.log.display(),
+                plain.display(),
+                packed.display()
+            )
+        })
+}
+
+fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
+    use std::io::Write as _;
+    use zc_vmm::dma_trace::{trace, TraceQuery};
+    if args.len == 0 {
+        bail!("--len 0 traces nothing: give the number of bytes, e.g. --len 64K");
+    }
+    let log = trace_log_path(&args)?;
+    let source = args
+        .source
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read --source {}", p.display())))
+        .transpose()?;
+    let pages = source.as_deref().map(zc_audit::stream::SourcePages::new);
+    let query = TraceQuery {
+        method: args.method.clone(),
+        file_off: args.file_off,
+        len: args.len,
+    };
+    let found = trace(
+        || zc_dma_log::DmaLogReader::open(&log),
+        &query,
+        pages.as_ref(),
+    )
+    .with_context(|| format!("cannot trace {} in {}", args.method, log.display()))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &found)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        writeln!(out, "{found}")
+    }
+    .and_then(|()| out.flush());
+    match written {
+        // `zc-vmm dma-log trace ... | head` is normal use, not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
+    Ok(if found.cut.is_some() { DMA_LOG_CUT } else { 0 })
 }
 
 fn probe() -> Result<()> {
