@@ -713,7 +713,8 @@ mod tests {
 
     /// `docs/schemas/zc-vmm-run-3.schema.json`, compiled.
     fn run_schema() -> jsonschema::Validator {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas/zc-vmm-run-3.schema.json");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas/zc-vmm-run-3.schema.json");
         let schema: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         jsonschema::options()

@@ -16,8 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use zc_audit::report::KcidbIds;
 use zc_audit::{
-    AuditInput, Expectations, MethodAudit, Negotiated, OutputFile, RunContext, VariantRun,
-    Verdicts,
+    AuditInput, Expectations, MethodAudit, Negotiated, OutputFile, RunContext, VariantRun, Verdicts,
 };
 use zc_protocol::control::ControlMessage;
 use zc_protocol::options::{Options, Suite, TestHook};
@@ -200,7 +199,9 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     let (mode, why) = host::choose_here()?;
     if mode == HostMode::Emulated {
         if let Err(e) = zc_vmm::emulated::find_qemu() {
-            println!("KTAP version 1\n1..0 # SKIP no usable KVM ({why}) and no way to emulate one: {e}");
+            println!(
+                "KTAP version 1\n1..0 # SKIP no usable KVM ({why}) and no way to emulate one: {e}"
+            );
             return Ok(EXIT_SKIP);
         }
     }
@@ -270,12 +271,7 @@ impl Boot {
 }
 
 /// Audits every boot and gathers the context: the verdict set every report renders.
-fn judge(
-    boots: &[Boot],
-    source: &[u8],
-    expectations: &Expectations,
-    c: Context0<'_>,
-) -> Verdicts {
+fn judge(boots: &[Boot], source: &[u8], expectations: &Expectations, c: Context0<'_>) -> Verdicts {
     let image = KernelImage::beside(c.kernel);
     let mut context = RunContext {
         zc_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -531,7 +527,12 @@ impl Progress {
 /// Boots one variant through a `zc-vmm run --spec` child, its stderr relayed line by
 /// line (the run's own progress: mode, kernel, peer transfers, methods as the guest
 /// logs them).
-fn boot_variant(out: &Path, variant: &Variant, spec: &RunSpec, progress: &Progress) -> Result<Boot> {
+fn boot_variant(
+    out: &Path,
+    variant: &Variant,
+    spec: &RunSpec,
+    progress: &Progress,
+) -> Result<Boot> {
     let spec_file = out.join(format!("{}.spec.json", variant.name));
     // Beside the outputs: what was booted, and `zc-vmm run --spec` boots it again.
     spec.save(&spec_file)

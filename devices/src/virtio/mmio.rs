@@ -581,7 +581,11 @@ pub(crate) mod tests {
         assert_eq!(t.negotiated_features(), None);
         let refused = negotiate(&mut t, 1 << 3);
         assert_eq!(refused & FEATURES_OK, 0);
-        assert_eq!(t.negotiated_features(), None, "a refused subset is not negotiated");
+        assert_eq!(
+            t.negotiated_features(),
+            None,
+            "a refused subset is not negotiated"
+        );
         negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
         wr(&mut t, reg::STATUS, 0);
         assert_eq!(t.acked_features(), 0);

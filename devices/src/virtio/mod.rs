@@ -338,7 +338,9 @@ mod tests {
 /// bit first; a bit without a name here is `bit N`. For reports: `run.json` and the
 /// audit's say what was offered and what the driver acked by name.
 pub fn feature_names(device_type: u32, bits: u64) -> Vec<String> {
-    use virtio_bindings::{virtio_blk as b, virtio_config as c, virtio_ids, virtio_net as n, virtio_ring as r};
+    use virtio_bindings::{
+        virtio_blk as b, virtio_config as c, virtio_ids, virtio_net as n, virtio_ring as r,
+    };
     let common: &[(u32, &str)] = &[
         (r::VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
         (r::VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
