@@ -722,6 +722,10 @@ fn the_junit_validator_catches_what_the_schema_forbids() {
 #[test]
 fn html_names_the_run_explains_itself_and_highlights_failures() {
     let h = report::html(&failing());
+    // To look at the page (e.g. in a headless browser): ZC_HTML_OUT=page.html.
+    if let Some(path) = std::env::var_os("ZC_HTML_OUT") {
+        std::fs::write(path, &h).unwrap();
+    }
     assert!(h.starts_with("<!DOCTYPE html>"));
     for external in ["<script", "src=", "http:", "https:", "url("] {
         assert!(!h.contains(external), "{external}");

@@ -16,10 +16,10 @@ dl.ctx{display:grid;grid-template-columns:max-content 1fr;gap:.1em 1em;margin:.6
 dl.ctx dt{font-weight:bold}dl.ctx dd{margin:0;overflow-wrap:anywhere}
 .note{background:#fff6d6;border-left:4px solid #e0b000;padding:.4em .8em;margin:.6em 0}
 .bootfail{background:#fde7e9;border-left:4px solid #b00020;padding:.4em .8em;margin:.6em 0}
-table{border-collapse:collapse;width:100%;table-layout:auto}
-th,td{padding:.25em .45em;border-bottom:1px solid #ddd;text-align:right;vertical-align:top}
-th{background:#f4f4f4;font-weight:600}td.l,th.l{text-align:left}
-td.why{text-align:left;overflow-wrap:anywhere;min-width:16em}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{padding:.2em .35em;border-bottom:1px solid #ddd;text-align:right;vertical-align:top}
+th{background:#f4f4f4;font-weight:600}td.l,th.l{text-align:left;white-space:nowrap}
+td.lv{text-align:left;min-width:4.5em}td.why{text-align:left;overflow-wrap:anywhere;word-break:break-word;width:24%}
 tr.FAILROW td{background:#fde7e9}
 .PASS{color:#11691b;font-weight:bold}.FAIL{color:#b00020;font-weight:bold}.SKIP{color:#777;font-weight:bold}
 ul{margin:.2em 0;padding-left:1.2em}li{text-align:left}
@@ -137,8 +137,8 @@ const COLUMNS: &[(&str, &str)] = &[
     ("method", "the transfer method (see the list of methods below)"),
     ("variant", "the NIC variant: sg-on offers checksum offload, so Linux gives the card scatter-gather; sg-off does not, so Linux linearises every frame. When the driver refused what was offered, the variant says so."),
     ("verdict", "PASS: every count matches audit/expected.toml; FAIL: a count differs, evidence is missing or the boot failed (reasons in the last column); SKIP: the guest kernel cannot run the method"),
-    ("syscalls/chunk", "system calls the guest issued per chunk in its send loop (the guest's own count)"),
-    ("switches/chunk", "user/kernel mode switches per chunk: twice the system calls"),
+    ("syscalls / chunk", "system calls the guest issued per chunk in its send loop (the guest's own count)"),
+    ("switches / chunk", "user/kernel mode switches per chunk: twice the system calls"),
     ("DMA copies", "disk bytes DMA'd during the method / bytes sent, plus NIC payload bytes / bytes sent, each rounded"),
     ("CPU copies", "payload bytes the guest CPU wrote (KVM's dirty-page log, plus NIC reads of CPU-written pages), per byte sent"),
     ("zero-copy %", "share of the NIC's payload read from the very page virtio-blk filled, content unchanged"),
@@ -327,7 +327,7 @@ pub fn html(v: &Verdicts) -> String {
         };
         let _ = writeln!(
             s,
-            "<tr{row_class}><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l {verdict}\">{verdict}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"why\">{}{}</td></tr>",
+            "<tr{row_class}><td class=\"l\">{}</td><td class=\"lv\">{}</td><td class=\"l {verdict}\">{verdict}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"why\">{}{}</td></tr>",
             esc(&a.method),
             esc(&v.variant_label(&a.variant)),
             num(a.syscalls_per_chunk, 2),
@@ -373,7 +373,7 @@ fn files_section(s: &mut String, v: &Verdicts) {
     s.push_str("<h2>Logs and captures</h2>\n<table class=\"files\"><tr><th class=\"l\">boot</th><th class=\"l\">file</th><th class=\"l\">bytes</th><th class=\"l\">sha256</th></tr>\n");
     for (run, f) in files {
         let link = match f.bytes {
-            Some(_) => format!("<a href=\"{}\">{}</a>", esc(&f.path), esc(&f.path)),
+            Some(_) => format!("<a href=\"{0}\">{0}</a>", esc(&f.path)),
             None => format!("{} (not written)", esc(&f.path)),
         };
         let _ = writeln!(
