@@ -1,4 +1,4 @@
-//! JSON for machines: `verdicts.json`, documented in `docs/verdicts.md` and
+//! JSON for machines: `verdicts.json`, documented in `docs/reports.md` and
 //! described by `docs/schemas/zc-audit-2.schema.json`.
 
 use serde::Serialize;
