@@ -68,6 +68,48 @@ fn a_kernel_that_is_not_one_stops_methods_before_any_boot() {
 }
 
 #[test]
+fn a_host_with_no_kvm_and_no_qemu_is_a_kselftest_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough of a bzImage for the format check: the setup header's magic at 0x202.
+    let mut kernel = vec![0u8; 0x400];
+    kernel[0x202..0x206].copy_from_slice(b"HdrS");
+    let kernel_path = dir.path().join("bzImage");
+    std::fs::write(&kernel_path, kernel).unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, vec![1u8; 8192]).unwrap();
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
+        .args(["methods", "--kernel"])
+        .arg(&kernel_path)
+        .args([
+            "--initrd",
+            file.to_str().unwrap(),
+            "--disk",
+            file.to_str().unwrap(),
+        ])
+        .args([
+            "--payload",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .arg("--expected")
+        .arg(workspace().join("audit/expected.toml"))
+        .env("ZC_HOST", "emulated")
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.starts_with("KTAP version 1\n1..0 # SKIP "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("qemu-system-x86_64 not found"), "{stdout}");
+    assert!(!out.exists(), "nothing booted, nothing written");
+}
+
+#[test]
 fn a_directory_as_the_kernel_is_called_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     for cmd in ["run", "methods"] {
