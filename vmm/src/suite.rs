@@ -556,9 +556,17 @@ fn boot_variant(
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start zc-vmm run for a variant")?;
+    // The child's last error line, for a boot that leaves no run report to say why.
+    let mut last_error: Option<String> = None;
     if let Some(stderr) = child.stderr.take() {
         for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
             progress.line(&line);
+            if let Some(e) = line
+                .strip_prefix("zc-vmm: error: ")
+                .or_else(|| line.strip_prefix("zc-vmm: FAILED "))
+            {
+                last_error = Some(e.to_string());
+            }
             let method = variant
                 .methods
                 .iter()
@@ -571,7 +579,10 @@ fn boot_variant(
     let status = child.wait().context("zc-vmm run for a variant")?;
     let exit_failure = match status.code() {
         Some(0) => None,
-        Some(code) => Some(format!("zc-vmm run exited {code} without a run report")),
+        Some(code) => Some(match &last_error {
+            Some(e) => format!("zc-vmm run exited {code}: {e}"),
+            None => format!("zc-vmm run exited {code} without a run report"),
+        }),
         None => Some("zc-vmm run was killed".to_string()),
     };
     progress.status(format!(
