@@ -89,6 +89,10 @@ pub struct Negotiated {
     /// Acked features, by name; `None` when the driver never completed negotiation
     /// (no `FEATURES_OK`).
     pub acked: Option<Vec<String>>,
+    /// Acked features the device saw the driver never use (e.g. `CSUM` acked but no
+    /// frame asked for a checksum: Linux's `virtio_net.csum=0` acks the bit and still
+    /// leaves checksum offload, and so scatter-gather, off).
+    pub unused: Vec<String>,
 }
 
 /// The virtio-net feature that gives Linux scatter-gather: without checksum offload
@@ -120,6 +124,9 @@ impl Negotiated {
             Some(acked) if !acked.iter().any(|f| f == NET_CSUM) => {
                 Some(format!("offered; driver refused {NET_CSUM}"))
             }
+            Some(_) if self.unused.iter().any(|f| f == NET_CSUM) => Some(format!(
+                "offered; driver acked {NET_CSUM} but never used it"
+            )),
             Some(_) => None,
         }
     }

@@ -87,6 +87,7 @@ fn variant(name: &str, methods: &[&str], failure: Option<&str>) -> VariantRun {
         nic_features: Some(Negotiated {
             offered: vec!["CSUM".into(), "MAC".into(), "VERSION_1".into()],
             acked: Some(vec!["CSUM".into(), "MAC".into(), "VERSION_1".into()]),
+            unused: Vec::new(),
         }),
         failure: failure.map(String::from),
         files: vec![
@@ -762,6 +763,7 @@ fn the_table_says_why_a_boot_failed_and_what_the_driver_refused() {
     v.context.variants[0].nic_features = Some(Negotiated {
         offered: vec!["CSUM".into(), "VERSION_1".into()],
         acked: Some(vec!["VERSION_1".into()]),
+        unused: Vec::new(),
     });
     let t = report::table(&v);
     assert!(
@@ -780,4 +782,15 @@ fn the_table_says_why_a_boot_failed_and_what_the_driver_refused() {
         "{k}"
     );
     assert!(report::html(&v).contains("sg-on (offered; driver refused CSUM)"));
+    // Acked but never used (`virtio_net.csum=0`): also not an sg-on row.
+    v.context.variants[0].nic_features = Some(Negotiated {
+        offered: vec!["CSUM".into(), "VERSION_1".into()],
+        acked: Some(vec!["CSUM".into(), "VERSION_1".into()]),
+        unused: vec!["CSUM".into()],
+    });
+    let t = report::table(&v);
+    assert!(
+        t.contains("sg-on (offered; driver acked CSUM but never used it)"),
+        "{t}"
+    );
 }

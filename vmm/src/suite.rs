@@ -402,6 +402,19 @@ fn audit_boot(
         .map(|n| Negotiated {
             offered: n.features.offered.clone(),
             acked: n.features.acked.clone(),
+            // A driver that acked checksum offload asks for it on every TCP frame it
+            // sends; none did: it kept the offload (and scatter-gather) off.
+            unused: if n.stats.tx_frames > 0
+                && n.stats.csum_completed == 0
+                && n.features
+                    .acked
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|f| f == zc_audit::NET_CSUM))
+            {
+                vec![zc_audit::NET_CSUM.to_string()]
+            } else {
+                Vec::new()
+            },
         });
     let variant = VariantRun {
         name: boot.name.clone(),
@@ -553,6 +566,8 @@ fn boot_variant(
         .arg("run")
         .arg("--spec")
         .arg(&spec_file)
+        // The emulated host's console is not the verdicts: stdout stays KTAP only.
+        .stdout(std::io::stderr())
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start zc-vmm run for a variant")?;
