@@ -25,7 +25,7 @@ tr.FAILROW td{background:#fde7e9}
 ul{margin:.2em 0;padding-left:1.2em}li{text-align:left}
 svg{max-width:100%;height:auto}svg text{font:12px system-ui,sans-serif}
 .summary span{margin-right:1.2em}
-.legend dt{font-weight:bold;float:left;clear:left;width:11em}.legend dd{margin:0 0 .3em 11.5em}
+.legend{overflow:hidden}h3{clear:both}.legend dt{font-weight:bold;float:left;clear:left;width:11em}.legend dd{margin:0 0 .3em 11.5em}
 .files td{text-align:left}
 ";
 
