@@ -399,23 +399,7 @@ fn audit_boot(
     let nic_features = summary
         .as_ref()
         .and_then(|s| s.run.nics.first())
-        .map(|n| Negotiated {
-            offered: n.features.offered.clone(),
-            acked: n.features.acked.clone(),
-            // A driver that acked checksum offload asks for it on every TCP frame it
-            // sends; none did: it kept the offload (and scatter-gather) off.
-            unused: if n.stats.tx_frames > 0
-                && n.stats.csum_completed == 0
-                && n.features
-                    .acked
-                    .as_ref()
-                    .is_some_and(|a| a.iter().any(|f| f == zc_audit::NET_CSUM))
-            {
-                vec![zc_audit::NET_CSUM.to_string()]
-            } else {
-                Vec::new()
-            },
-        });
+        .map(negotiated);
     let variant = VariantRun {
         name: boot.name.clone(),
         methods: boot.methods.clone(),
@@ -424,6 +408,27 @@ fn audit_boot(
         files,
     };
     (audits, BootRun { variant, summary })
+}
+
+/// What a card offered, what its driver acked, and which acked feature it never used.
+fn negotiated(nic: &zc_vmm::report::NicSummary) -> Negotiated {
+    let acked_csum = nic
+        .features
+        .acked
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|f| f == zc_audit::NET_CSUM));
+    Negotiated {
+        offered: nic.features.offered.clone(),
+        acked: nic.features.acked.clone(),
+        // A driver that uses checksum offload asks for it on every TCP frame it
+        // sends; none did: it kept the offload (and scatter-gather) off although it
+        // acked the bit (Linux's `virtio_net.csum=0` does that).
+        unused: if acked_csum && nic.stats.tx_frames > 0 && nic.stats.csum_completed == 0 {
+            vec![zc_audit::NET_CSUM.to_string()]
+        } else {
+            Vec::new()
+        },
+    }
 }
 
 /// Why a boot failed, in one line, with the guest's own error when it sent one;
@@ -910,6 +915,30 @@ mod tests {
     fn methods_args(extra: &[&str]) -> MethodsArgs {
         let argv = ["zc-vmm-methods", "--out", "/o", "--mem", "1G"];
         Wrapper::parse_from(argv.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn a_card_whose_driver_acked_csum_but_never_used_it_is_flagged() {
+        use zc_vmm::report::{DeviceFeatures, NetBackendKind, NicSummary};
+        let nic = |csum_completed| NicSummary {
+            backend: NetBackendKind::Peer,
+            sg: true,
+            features: DeviceFeatures::new(1, 0x1_0000_0021, Some(0x1_0000_0021)),
+            stats: zc_devices::virtio::net::NetStats {
+                tx_frames: 100,
+                csum_completed,
+                ..Default::default()
+            },
+        };
+        let used = negotiated(&nic(98));
+        assert!(used.unused.is_empty());
+        assert_eq!(used.refusal(), None);
+        let unused = negotiated(&nic(0));
+        assert_eq!(unused.unused, ["CSUM"]);
+        assert_eq!(
+            unused.refusal().as_deref(),
+            Some("offered; driver acked CSUM but never used it")
+        );
     }
 
     #[rstest::rstest]
