@@ -113,14 +113,17 @@ impl Negotiated {
         }
     }
 
-    /// When the driver refused checksum offload although it was offered (so the card
-    /// ran without scatter-gather), or never negotiated: the phrase that says so.
+    /// When the driver refused checksum offload although it was offered, or acked it
+    /// and never used it (so the card ran without scatter-gather): the phrase that
+    /// says so.
     pub fn refusal(&self) -> Option<String> {
         if !self.offered.iter().any(|f| f == NET_CSUM) {
             return None;
         }
         match &self.acked {
-            None => Some("offered; driver never acked features".to_string()),
+            // Never driven (the boot failed before the driver probed): nothing ran
+            // on the card, so no row claims a variant it did not have.
+            None => None,
             Some(acked) if !acked.iter().any(|f| f == NET_CSUM) => {
                 Some(format!("offered; driver refused {NET_CSUM}"))
             }

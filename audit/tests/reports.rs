@@ -236,6 +236,13 @@ fn ktap_of_a_failed_boot_fails_the_variant_and_each_method() {
         "{k}"
     );
     assert!(lines.contains(&"not ok 1 sg-on"), "{k}");
+    // A method that never ran has reasons, not a line of zero measurements.
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("  # mmap_zerocopy: cpu_copies")),
+        "{k}"
+    );
     assert_eq!(
         *lines.last().unwrap(),
         "# Totals: pass:2 fail:3 xfail:0 xpass:0 skip:1 error:0"
@@ -540,4 +547,11 @@ fn the_table_says_why_a_boot_failed_and_what_the_driver_refused() {
         t.contains("sg-on (offered; driver acked CSUM but never used it)"),
         "{t}"
     );
+    // A card no driver ever negotiated with ran nothing: no claim either way.
+    v.context.variants[0].nic_features = Some(Negotiated {
+        offered: vec!["CSUM".into(), "VERSION_1".into()],
+        acked: None,
+        unused: Vec::new(),
+    });
+    assert_eq!(v.variant_label("sg-on"), "sg-on");
 }

@@ -123,7 +123,8 @@ pub(super) fn measurements(a: &MethodAudit) -> String {
 /// A method's diagnostic lines and result line, one level in.
 fn method_result(out: &mut String, n: usize, a: &MethodAudit) {
     let name = &a.method;
-    if a.verdict != Verdict::Skip {
+    // A method that never ran (no span in the log) has no measurements, only reasons.
+    if a.verdict != Verdict::Skip && a.span_seq.is_some() {
         let _ = writeln!(out, "{INDENT}# {name}: {}", measurements(a));
     }
     for f in &a.findings {
