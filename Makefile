@@ -24,7 +24,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps build guest images run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment
+.PHONY: all deps build guest images run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment kunit
 
 all: build
 
@@ -87,8 +87,8 @@ matrix: deps build guest
 	$(ZC_VMM) compare $$dirs; exit $$status
 
 ## test: unit tests, KVM tests and the end-to-end boots of the real kernel.
-test: images
-	$(CARGO) test --workspace --release
+test: images kunit
+	ZC_KUNIT_DIR=$(KUNIT_DIR) $(CARGO) test --workspace --release
 	ZC_REQUIRE_KERNEL_CACHE=1 $(CARGO) test --release -p zc-images --test real_kernels --test real_vmlinux -- --ignored
 	@if [ "$$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then \
 	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
@@ -110,6 +110,23 @@ check-config: build
 ## scripts/kconfig/merge_config.sh.
 config-fragment: build
 	@$(ZC_IMAGE) config-fragment
+
+## kunit: the kernel's KTAP parser (tools/testing/kunit/kunit.py) and ktap.rst, from
+# Debian's linux-source package, extracted (only those) into a cache outside the
+# clone; `make test` checks the verdicts' KTAP with it.
+KUNIT_SOURCE  := linux-source-6.1
+KUNIT_DIR     ?= $(HOME)/.cache/zc/kunit-6.1
+kunit:
+	@test -f $(KUNIT_DIR)/tools/testing/kunit/kunit.py || { \
+	  tarball=$$(ls /usr/src/$(KUNIT_SOURCE).tar.xz 2>/dev/null); \
+	  if [ -z "$$tarball" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(KUNIT_SOURCE) >/dev/null || exit 1; \
+	    else echo "make: run: sudo apt-get install $(KUNIT_SOURCE)"; exit 1; fi; \
+	    tarball=/usr/src/$(KUNIT_SOURCE).tar.xz; \
+	  fi; \
+	  mkdir -p $(KUNIT_DIR) && tar -xJf $$tarball -C $(KUNIT_DIR) --strip-components=1 --wildcards \
+	    '$(KUNIT_SOURCE)/Documentation/dev-tools/ktap.rst' '$(KUNIT_SOURCE)/tools/testing/kunit/*'; }
 
 ## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
 bench: images

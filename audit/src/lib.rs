@@ -55,6 +55,7 @@
 //! round(disk / bytes) + round(NIC payload / bytes); mode switches = 2 x system calls.
 
 mod analyze;
+mod context;
 mod expect;
 mod guest;
 pub mod report;
@@ -66,6 +67,7 @@ use serde::Serialize;
 use zc_dma_log::Record;
 use zc_protocol::Marker;
 
+pub use context::{Negotiated, OutputFile, RunContext, VariantRun, Verdicts, NET_CSUM};
 pub use expect::{Defaults, Expectation, Expectations};
 pub use guest::{parse_reports, MethodReport, ZeroCopyCounts};
 
@@ -241,6 +243,16 @@ pub fn audit_wanted(
         }
     }
     audits
+}
+
+/// Puts a boot's failure (`why`: kernel did not boot, guest exited N with its own
+/// error line, timeout...) first among the reasons of every method of that boot that
+/// FAILs, so that a method the guest never got to says why, not only that its report
+/// is missing.
+pub fn blame_run_failure(audits: &mut [MethodAudit], why: &str) {
+    for a in audits.iter_mut().filter(|a| a.verdict == Verdict::Fail) {
+        a.reasons.insert(0, why.to_string());
+    }
 }
 
 fn ratio(n: u64, d: u64) -> f64 {

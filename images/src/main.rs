@@ -496,11 +496,16 @@ fn list(file: &Path) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Usage errors exit 2, as clap's own and as zc-vmm's do; failures along the way 1.
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("zc-image: error: {e:#}");
-            ExitCode::FAILURE
+            let usage = e.chain().any(|c| {
+                c.downcast_ref::<role::RoleError>()
+                    .is_some_and(role::RoleError::is_usage)
+            });
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

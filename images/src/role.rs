@@ -229,6 +229,9 @@ pub enum RoleError {
     /// The init binary is missing.
     #[error("init program {0} does not exist; build it with `make guest` (or pass --init PATH)")]
     InitMissing(PathBuf),
+    /// `--init` is a dynamically linked program: the initramfs has no loader for it.
+    #[error("init program {0} is dynamically linked (it has an ELF interpreter) and the initramfs has no loader or libraries, so the kernel could not run it; build it with -C target-feature=+crt-static (`make guest`)")]
+    InitNotStatic(PathBuf),
     /// Output directory trouble.
     #[error("{what} {path}: {source}; check --out is a writable directory")]
     Io {
@@ -342,10 +345,31 @@ pub fn preflight_kernel(
 }
 
 fn check_init(init: &Path) -> Result<(), RoleError> {
-    if init.is_file() {
-        Ok(())
-    } else {
-        Err(RoleError::InitMissing(init.to_path_buf()))
+    if !init.is_file() {
+        return Err(RoleError::InitMissing(init.to_path_buf()));
+    }
+    // An initrd whose /init cannot run boots to a kernel panic: refuse to write it.
+    let data = std::fs::read(init).map_err(|_| RoleError::InitMissing(init.to_path_buf()))?;
+    if elf::has_interp(&data) == Ok(true) {
+        return Err(RoleError::InitNotStatic(init.to_path_buf()));
+    }
+    Ok(())
+}
+
+impl RoleError {
+    /// Whether the error is the user's input (a wrong path or program), which the
+    /// binary reports with exit status 2, rather than a failure along the way.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            RoleError::InitMissing(_)
+                | RoleError::InitNotStatic(_)
+                | RoleError::Kernel(
+                    KernelError::Read { .. }
+                        | KernelError::NotAKernel { .. }
+                        | KernelError::ModulesDir { .. }
+                )
+        )
     }
 }
 
@@ -1083,15 +1107,23 @@ mod tests {
     }
 
     #[test]
-    fn dynamic_init_gets_a_warning() {
+    fn a_dynamic_init_is_refused() {
         let f = fixture(false);
         std::fs::write(&f.init, crate::elf::testutil::elf_with_phdr(3)).unwrap();
-        let b = build(&f, &mut vec![]);
-        assert!(
-            b.warnings.iter().any(|w| w.contains("crt-static")),
-            "{:?}",
-            b.warnings
-        );
+        let e = build_with_kernel(
+            Role::Guest,
+            &f.init,
+            &f.kernel,
+            &[],
+            &BuildOptions::default(),
+            &f.root.join("o"),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, RoleError::InitNotStatic(_)), "{e}");
+        assert!(e.is_usage());
+        assert!(e.to_string().contains("crt-static"), "{e}");
+        assert!(!f.root.join("o").join("guest").join("initrd.img").exists());
     }
 
     #[test]

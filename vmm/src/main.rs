@@ -39,7 +39,11 @@ enum Cmd {
     /// Run every transfer method (both NIC variants), audit the DMA logs against the
     /// expected table and print the verdicts; exits 1 if any verdict differs.
     Methods(Box<suite::MethodsArgs>),
-    /// Print the verdicts of several `methods` runs (e.g. one per kernel) side by side.
+    /// Judge a saved `methods` run again (its DMA logs and reports) against an expected
+    /// table, without booting; exits 1 if any verdict differs.
+    Audit(suite::AuditArgs),
+    /// Print the verdicts of several `methods` runs (e.g. one per kernel) side by side;
+    /// exits 1 when a run has a FAIL, a failed boot or lacks a row another has.
     Compare(suite::CompareArgs),
     /// Print what the host probe finds and which mode a run would use.
     Probe,
@@ -350,6 +354,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run(*args),
 
         Cmd::Methods(args) => suite::run(*args),
+        Cmd::Audit(args) => suite::audit(args),
         Cmd::Compare(args) => suite::compare(args),
         Cmd::Probe => probe().map(|_| 0),
         Cmd::DmaLog { action } => dma_log(action),

@@ -19,7 +19,7 @@ use crate::host::HostMode;
 pub const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 
 /// The `schema` of the `run.json` this version writes.
-pub const RUN_SUMMARY_SCHEMA: &str = "zc-vmm-run/2";
+pub const RUN_SUMMARY_SCHEMA: &str = "zc-vmm-run/3";
 
 /// Why the run ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,13 +69,37 @@ pub enum NetBackendKind {
     Tap,
 }
 
+/// A virtio device's feature bits by name: what it offered and what its driver acked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFeatures {
+    /// Offered, by name (`zc_devices::virtio::feature_names`).
+    pub offered: Vec<String>,
+    /// Acked in the driver's last accepted negotiation; `None` when the driver never
+    /// completed one (the device was never used).
+    pub acked: Option<Vec<String>>,
+}
+
+impl DeviceFeatures {
+    /// The names of `offered` and of `acked` for a device of type `device_type`.
+    pub fn new(device_type: u32, offered: u64, acked: Option<u64>) -> Self {
+        use zc_devices::virtio::feature_names;
+        DeviceFeatures {
+            offered: feature_names(device_type, offered),
+            acked: acked.map(|bits| feature_names(device_type, bits)),
+        }
+    }
+}
+
 /// One network card's counters at the end of the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NicSummary {
     /// What was behind it.
     pub backend: NetBackendKind,
-    /// Whether it offered scatter-gather.
+    /// Whether it offered scatter-gather (checksum offload).
     pub sg: bool,
+    /// What it offered and what the driver acked: with `sg` on, a driver that did
+    /// not ack `CSUM` ran the card without scatter-gather all the same.
+    pub features: DeviceFeatures,
     /// What it carried.
     pub stats: NetStats,
 }
@@ -129,6 +153,8 @@ pub struct RunReport {
 pub struct DiskSummary {
     /// Whether the guest got it read-only.
     pub read_only: bool,
+    /// What it offered and what the driver acked.
+    pub features: DeviceFeatures,
     /// What it did.
     pub stats: BlkStats,
 }
@@ -310,6 +336,16 @@ pub enum SummaryError {
 pub struct RunSummary {
     /// Always [`RUN_SUMMARY_SCHEMA`].
     pub schema: String,
+    /// The `zc-vmm` version that ran it.
+    pub zc_version: String,
+    /// When the summary was made (the end of the run), RFC 3339 in UTC.
+    pub date: String,
+    /// The CPU model of the machine the guest ran on (`/proc/cpuinfo`; inside the
+    /// emulated host, QEMU's emulated CPU).
+    pub cpu_model: Option<String>,
+    /// The files the run wrote (DMA log, pcap, console), with their SHA-256; filled
+    /// by [`RunSummary::with_files`].
+    pub files: Vec<RunFile>,
     /// How the guest got its KVM.
     pub mode: HostMode,
     /// Whether this run was the inner one, inside the emulated host.
@@ -346,6 +382,10 @@ impl RunSummary {
             .collect();
         RunSummary {
             schema: RUN_SUMMARY_SCHEMA.to_string(),
+            zc_version: env!("CARGO_PKG_VERSION").to_string(),
+            date: rfc3339_utc(std::time::SystemTime::now()),
+            cpu_model: cpu_model(),
+            files: Vec::new(),
             mode,
             inside_emulated_host,
             kernel: kernel.to_path_buf(),
@@ -356,6 +396,15 @@ impl RunSummary {
             reports,
             run,
         }
+    }
+
+    /// The summary with `files` (kind, path) listed, each hashed if it exists.
+    pub fn with_files<'a>(mut self, files: impl IntoIterator<Item = (&'a str, &'a Path)>) -> Self {
+        self.files = files
+            .into_iter()
+            .map(|(kind, path)| RunFile::of(kind, path))
+            .collect();
+        self
     }
 
     /// Writes the summary as pretty JSON.
@@ -397,6 +446,92 @@ impl RunSummary {
                 source,
             })
     }
+}
+
+/// A file a run wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFile {
+    /// What it is: `dma-log`, `pcap`, `console`.
+    pub kind: String,
+    /// Where it was written.
+    pub path: PathBuf,
+    /// Its size; `None` when it does not exist.
+    pub bytes: Option<u64>,
+    /// Lowercase hex SHA-256 of its content; `None` when it does not exist.
+    pub sha256: Option<String>,
+}
+
+impl RunFile {
+    /// `path` as it is now: size and SHA-256, or `None`s when it cannot be read.
+    pub fn of(kind: &str, path: &Path) -> Self {
+        let hashed = sha256_file(path).ok();
+        RunFile {
+            kind: kind.to_string(),
+            path: path.to_path_buf(),
+            bytes: hashed.as_ref().map(|(bytes, _)| *bytes),
+            sha256: hashed.map(|(_, hex)| hex),
+        }
+    }
+}
+
+/// The size and lowercase hex SHA-256 of a file, read in constant memory.
+pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((total, hex))
+}
+
+/// The host CPU's model name (`model name` in `/proc/cpuinfo`).
+pub fn cpu_model() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    text.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// `time` as RFC 3339 in UTC, to the second (`2026-12-01T09:35:16Z`).
+///
+/// By hand (the days-to-civil-date conversion of Howard Hinnant's `chrono`-compatible
+/// algorithms) rather than with a date crate: this one formatting is all zc needs.
+pub fn rfc3339_utc(time: std::time::SystemTime) -> String {
+    let secs = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 // Durations as seconds with a fraction, the unit every `*_s` field of run.json has
@@ -554,7 +689,8 @@ mod tests {
             missing_transfers: vec!["second.bin".into()],
             nics: vec![NicSummary {
                 backend: NetBackendKind::Peer,
-                sg: false,
+                sg: true,
+                features: DeviceFeatures::new(1, 0x1_0000_0021, Some(0x1_0000_0020)),
                 stats: NetStats {
                     tx_frames: 1,
                     tx_bytes: 2,
@@ -568,6 +704,7 @@ mod tests {
             }],
             disks: vec![DiskSummary {
                 read_only: true,
+                features: DeviceFeatures::new(2, 0x1_0000_0020, None),
                 stats: BlkStats {
                     in_requests: 9,
                     bytes_read: 10,
@@ -576,6 +713,83 @@ mod tests {
             }],
         };
         RunSummary::new(run, Path::new("/nowhere/vmlinuz"), HostMode::Emulated, true)
+            .with_files([("dma-log", Path::new("/nowhere/dma.jsonl"))])
+    }
+
+    /// `docs/schemas/zc-vmm-run-3.schema.json`, compiled.
+    fn run_schema() -> jsonschema::Validator {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas/zc-vmm-run-3.schema.json");
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .unwrap()
+    }
+
+    fn schema_errors(doc: &serde_json::Value) -> Vec<String> {
+        run_schema()
+            .iter_errors(doc)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect()
+    }
+
+    #[test]
+    fn run_json_matches_its_documented_schema() {
+        let mut summary = full_summary();
+        let doc = serde_json::to_value(&summary).unwrap();
+        assert_eq!(schema_errors(&doc), Vec::<String>::new());
+        // Every stop reason, and a run that failed.
+        for stop in [
+            StopReason::PowerOff,
+            StopReason::Reset,
+            StopReason::Timeout,
+            StopReason::NoPowerOffAfterExit,
+            StopReason::TripleFault("rip 0x1".into()),
+            StopReason::VcpuFailure("boom".into()),
+        ] {
+            summary.run.stop = stop;
+            summary.failure = summary.run.failure();
+            let doc = serde_json::to_value(&summary).unwrap();
+            assert_eq!(schema_errors(&doc), Vec::<String>::new(), "{doc}");
+        }
+        // The schema has teeth: an unknown field, a wrong type, a Debug string.
+        let mut bad = serde_json::to_value(&summary).unwrap();
+        bad["nics"][0]["colour"] = "red".into();
+        assert!(!schema_errors(&bad).is_empty());
+        let mut bad = serde_json::to_value(&summary).unwrap();
+        bad["messages"][0]["message"] = "Hello { kernel_release: \"6.1\" }".into();
+        assert!(!schema_errors(&bad).is_empty());
+    }
+
+    #[test]
+    fn dates_are_rfc3339_utc() {
+        use std::time::{Duration, UNIX_EPOCH};
+        assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        // 2000-02-29 (a leap day of a century leap year) 12:34:56.
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH + Duration::from_secs(951_827_696)),
+            "2000-02-29T12:34:56Z"
+        );
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH + Duration::from_secs(1_796_117_716)),
+            "2026-12-01T09:35:16Z"
+        );
+    }
+
+    #[test]
+    fn files_are_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "abc").unwrap();
+        let f = RunFile::of("pcap", &path);
+        assert_eq!(f.bytes, Some(3));
+        assert_eq!(
+            f.sha256.as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        assert_eq!(RunFile::of("pcap", &dir.path().join("none")).sha256, None);
     }
 
     #[test]

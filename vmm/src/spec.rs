@@ -224,6 +224,18 @@ pub enum SpecError {
         /// What to do.
         hint: &'static str,
     },
+    /// A path where the run needs a file holds something else (a directory...).
+    #[error("{what} {} is {kind}, not a file: {hint}", path.display())]
+    NotAFile {
+        /// What the file is.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// What is there instead, e.g. `a directory`.
+        kind: &'static str,
+        /// What to do.
+        hint: &'static str,
+    },
     /// The kernel cannot be booted.
     #[error(transparent)]
     Kernel(BootError),
@@ -417,15 +429,24 @@ impl NicSpec {
 }
 
 fn require_file(what: &'static str, path: &Path, hint: &'static str) -> Result<(), SpecError> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(SpecError::Missing {
-            what,
-            path: path.to_path_buf(),
-            hint,
-        })
-    }
+    let kind = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => return Ok(()),
+        Ok(m) if m.is_dir() => "a directory",
+        Ok(_) => "not a regular file",
+        Err(_) => {
+            return Err(SpecError::Missing {
+                what,
+                path: path.to_path_buf(),
+                hint,
+            })
+        }
+    };
+    Err(SpecError::NotAFile {
+        what,
+        path: path.to_path_buf(),
+        kind,
+        hint,
+    })
 }
 
 /// Parses `512M`, `2G`, `65536K` or a bare MiB count into bytes.
@@ -444,6 +465,14 @@ pub fn parse_mem(text: &str) -> Result<u64, String> {
         .checked_mul(1 << shift)
         .filter(|bytes| *bytes <= MAX_MEM_BYTES)
         .ok_or_else(|| format!("{text} is too large: at most 64G"))
+        .and_then(|bytes| {
+            // Refused here, while parsing, so that no host (emulated or not) starts.
+            if bytes < layout::MIN_MEM_BYTES {
+                Err(format!("{text} is too small: at least 64M"))
+            } else {
+                Ok(bytes)
+            }
+        })
 }
 
 /// Parses `10.0.2.2/24`.
@@ -642,6 +671,18 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_where_a_file_is_needed_is_said_to_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = RunSpec::new(dir.path()).validate().unwrap_err().to_string();
+        assert!(message.contains("is a directory, not a file"), "{message}");
+        let message = RunSpec::new(dir.path().join("none"))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("does not exist"), "{message}");
+    }
+
+    #[test]
     fn sizes_and_addresses_parse() {
         assert_eq!(parse_mem("512M"), Ok(512 << 20));
         assert_eq!(parse_mem("2G"), Ok(2 << 30));
@@ -650,6 +691,8 @@ mod tests {
         assert!(parse_mem("lots").unwrap_err().contains("512M"));
         assert!(parse_mem("100G").unwrap_err().contains("too large"));
         assert!(parse_mem("").is_err());
+        assert!(parse_mem("0").unwrap_err().contains("too small"));
+        assert!(parse_mem("63M").unwrap_err().contains("at least 64M"));
         assert_eq!(
             parse_tap_address("10.0.2.2/24"),
             Ok(TapAddress {

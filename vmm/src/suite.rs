@@ -7,17 +7,23 @@
 //! and run by a plain `zc-vmm run --spec` child process, so it goes through the same
 //! host probe, emulated-host relaunch and checks as any run.
 
+use std::io::{BufRead as _, BufReader, IsTerminal as _};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use zc_audit::{AuditInput, Expectations, MethodAudit, Verdict};
+use zc_audit::report::KcidbIds;
+use zc_audit::{
+    AuditInput, Expectations, MethodAudit, Negotiated, OutputFile, RunContext, VariantRun, Verdicts,
+};
+use zc_protocol::control::ControlMessage;
 use zc_protocol::options::{Options, Suite, TestHook};
 use zc_protocol::report::{MethodReport, METHOD_TEST};
 use zc_protocol::Method;
-use zc_vmm::report::RunSummary;
+use zc_vmm::host::{self, HostMode};
+use zc_vmm::report::{KernelImage, RunSummary};
 use zc_vmm::spec::{parse_mem, DiskSpec, NicSpec, RunOutputs, RunSpec, TransportChoice};
 
 /// Default locations, as `make images` leaves them.
@@ -83,9 +89,29 @@ struct Variant {
     methods: Vec<String>,
 }
 
-/// Runs the suite; returns the exit status (0 when every verdict is PASS or SKIP).
+/// The exit status of a run whose host cannot run KVM guests at all (kselftest's
+/// `KSFT_SKIP`).
+pub const EXIT_SKIP: i32 = 4;
+
+/// Checks that `path` is a regular file, saying what is there instead.
+fn require_file(what: &str, path: &Path, hint: &str) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_dir() => bail!(
+            "{what} {} is a directory, not a file: {hint}",
+            path.display()
+        ),
+        Ok(_) => bail!("{what} {} is not a regular file: {hint}", path.display()),
+        Err(_) => bail!("{what} {} does not exist: {hint}", path.display()),
+    }
+}
+
+/// Runs the suite; returns the exit status, kselftest's: 0 when every verdict is
+/// PASS or SKIP, 1 when one FAILs or a boot failed, 4 when this host can run no KVM
+/// guest at all. The verdicts' KTAP goes to stdout; the table and progress to stderr.
 pub fn run(args: MethodsArgs) -> Result<i32> {
     let started = Instant::now();
+    let date = zc_vmm::report::rfc3339_utc(std::time::SystemTime::now());
     for (what, path, hint) in [
         (
             "kernel",
@@ -109,9 +135,7 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
             "pass --expected PATH (audit/expected.toml in the source tree)",
         ),
     ] {
-        if !path.is_file() {
-            bail!("{what} {} does not exist: {hint}", path.display());
-        }
+        require_file(what, path, hint)?;
     }
     if args.chunk == 0 || !args.chunk.is_multiple_of(4096) {
         bail!(
@@ -157,106 +181,448 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     .filter(|(_, _, methods)| !methods.is_empty())
     .map(|(name, sg, methods)| Variant { name, sg, methods })
     .collect();
+    let payload_len = std::fs::metadata(&args.payload)
+        .with_context(|| format!("cannot read the payload {}", args.payload.display()))?
+        .len();
+    let size = args.size.unwrap_or(payload_len);
+    if size == 0 || size > payload_len {
+        bail!(
+            "--size {size}: the payload {} has {payload_len} bytes; give 1 to {payload_len}",
+            args.payload.display(),
+        );
+    }
+    // Every boot's spec is checked before the first boots: a kernel that is not a
+    // kernel image stops here, with one line and exit 2.
+    let specs = variants
+        .iter()
+        .map(|v| {
+            let spec = variant_spec(&args, v, size)?;
+            spec.validate()?;
+            Ok(spec)
+        })
+        .collect::<Result<Vec<RunSpec>>>()?;
+    let (mode, why) = host::choose_here()?;
+    if mode == HostMode::Emulated {
+        if let Err(e) = zc_vmm::emulated::find_qemu() {
+            println!(
+                "KTAP version 1\n1..0 # SKIP no usable KVM ({why}) and no way to emulate one: {e}"
+            );
+            return Ok(EXIT_SKIP);
+        }
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create the output directory {}", args.out.display()))?;
-    let payload = std::fs::read(&args.payload)
-        .with_context(|| format!("cannot read the payload {}", args.payload.display()))?;
-    let size = args.size.unwrap_or(payload.len() as u64);
-    if size == 0 || size > payload.len() as u64 {
-        bail!(
-            "--size {size}: the payload {} has {} bytes",
-            args.payload.display(),
-            payload.len()
-        );
-    }
-    let source =
-        payload[..usize::try_from(size).expect("checked: at most the payload length")].to_vec();
 
-    let mut audits: Vec<MethodAudit> = Vec::new();
-    let mut run_failures = Vec::new();
-    for variant in &variants {
-        let files = boot_variant(&args, variant, size)?;
-        match audit_variant(&files, &source, variant, &expectations) {
-            Ok(mut found) => audits.append(&mut found),
-            Err(e) => run_failures.push(format!("{}: {e:#}", variant.name)),
-        }
-        if let Some(why) = files.failure {
-            run_failures.push(format!("{}: {why}", variant.name));
-        }
+    let progress = Progress::new();
+    let mut boots = Vec::new();
+    for (variant, spec) in variants.iter().zip(&specs) {
+        boots.push(boot_variant(&args.out, variant, spec, &progress)?);
     }
-
-    let elapsed = started.elapsed().as_secs_f64();
-    let ktap = zc_audit::report::ktap(&audits);
-    write(&args.out.join("verdicts.ktap"), &ktap)?;
-    write(
-        &args.out.join("verdicts.json"),
-        &zc_audit::report::json(&audits),
-    )?;
-    write(
-        &args.out.join("report.html"),
-        &zc_audit::report::html(&audits),
-    )?;
-    println!("{}", zc_audit::report::table(&audits));
-    println!(
-        "zc-vmm: {} method runs in {elapsed:.1} s; logs and reports in {} (verdicts.ktap, verdicts.json, report.html)",
-        audits.len(),
+    progress.finish();
+    let source = read_prefix(&args.payload, size)?;
+    let verdicts = judge(
+        &boots,
+        &source,
+        &expectations,
+        Context0 {
+            date,
+            kernel: &args.kernel,
+            mode,
+            size,
+            chunk: args.chunk,
+        },
+    );
+    let status = write_reports(&args.out, &verdicts)?;
+    eprintln!(
+        "zc-vmm: {} method runs in {:.1} s; logs and reports in {} (verdicts.ktap, verdicts.json, report.html, junit.xml, kcidb.json)",
+        verdicts.methods.len(),
+        started.elapsed().as_secs_f64(),
         args.out.display()
     );
-    for failure in &run_failures {
-        println!("zc-vmm: run problem: {failure}");
-    }
-    let failed = audits.iter().filter(|a| a.verdict == Verdict::Fail).count();
-    if failed > 0 || !run_failures.is_empty() {
-        println!(
-            "zc-vmm: FAIL: {failed} verdict(s) differ from {}{}",
-            args.expected.display(),
-            if run_failures.is_empty() {
-                ""
-            } else {
-                ", and a run failed"
-            }
-        );
-        return Ok(1);
-    }
-    println!(
-        "zc-vmm: PASS: every verdict matches {}",
-        args.expected.display()
-    );
-    Ok(0)
+    say_verdict(&verdicts, &args.expected, status);
+    Ok(status)
 }
 
-/// Audits one variant's run: its DMA log and the guest's method reports. Every
-/// method the variant was to run gets a row, also one the guest never reported.
-fn audit_variant(
-    files: &VariantFiles,
+/// The first `size` bytes of the payload: what each method sent.
+fn read_prefix(payload: &Path, size: u64) -> Result<Vec<u8>> {
+    let mut source = std::fs::read(payload)
+        .with_context(|| format!("cannot read the payload {}", payload.display()))?;
+    source.truncate(usize::try_from(size).context("--size does not fit in memory")?);
+    Ok(source)
+}
+
+/// What the whole run shares, for the verdicts' context.
+struct Context0<'a> {
+    date: String,
+    kernel: &'a Path,
+    mode: HostMode,
+    size: u64,
+    chunk: u64,
+}
+
+/// One variant's boot as the audit needs it.
+struct Boot {
+    name: String,
+    methods: Vec<String>,
+    dir: PathBuf,
+    /// Why the `zc-vmm run` child failed when it left no run summary to say so.
+    exit_failure: Option<String>,
+}
+
+impl Boot {
+    fn file(&self, suffix: &str) -> PathBuf {
+        self.dir.join(format!("{}.{suffix}", self.name))
+    }
+}
+
+/// Audits every boot and gathers the context: the verdict set every report renders.
+fn judge(boots: &[Boot], source: &[u8], expectations: &Expectations, c: Context0<'_>) -> Verdicts {
+    let image = KernelImage::beside(c.kernel);
+    let mut context = RunContext {
+        zc_version: env!("CARGO_PKG_VERSION").to_string(),
+        date: c.date,
+        kernel_release: image.as_ref().map(|i| i.release.clone()),
+        kernel_source: Some(match &image {
+            Some(KernelImage {
+                package: Some(p),
+                deb_version: Some(v),
+                ..
+            }) => format!("Debian {p} {v}"),
+            _ => format!("image {}", c.kernel.display()),
+        }),
+        host_mode: Some(c.mode.to_string()),
+        transport: None,
+        cpu_model: zc_vmm::report::cpu_model(),
+        size: c.size,
+        chunk: c.chunk,
+        variants: Vec::new(),
+    };
+    let mut methods = Vec::new();
+    for boot in boots {
+        let (mut audits, run) = audit_boot(boot, source, expectations);
+        if let Some(summary) = &run.summary {
+            if let Some(release) = &summary.run.kernel_release {
+                context.kernel_release = Some(release.clone());
+            }
+            if summary.inside_emulated_host {
+                context.host_mode = Some(HostMode::Emulated.to_string());
+            }
+            if let Some(transport) = summary.transport {
+                context.transport = Some(transport.to_string());
+            }
+        }
+        if let Some(why) = &run.variant.failure {
+            zc_audit::blame_run_failure(&mut audits, why);
+        }
+        if let Some(refusal) = run
+            .variant
+            .nic_features
+            .as_ref()
+            .and_then(Negotiated::refusal)
+        {
+            for a in &mut audits {
+                a.findings.push(format!(
+                    "the NIC {refusal}: Linux ran it without scatter-gather, so this is not an {} row",
+                    boot.name
+                ));
+            }
+        }
+        methods.append(&mut audits);
+        context.variants.push(run.variant);
+    }
+    Verdicts { context, methods }
+}
+
+/// What auditing one boot found besides the audits.
+struct BootRun {
+    variant: VariantRun,
+    summary: Option<RunSummary>,
+}
+
+/// Audits one boot: its DMA log and the guest's method reports. Every method the
+/// boot was to run gets a row, also when the kernel never booted.
+fn audit_boot(
+    boot: &Boot,
     source: &[u8],
-    variant: &Variant,
     expectations: &Expectations,
-) -> Result<Vec<MethodAudit>> {
-    let records = zc_dma_log::read_log(&files.dma_log)
-        .with_context(|| format!("cannot read the DMA log {}", files.dma_log.display()))?;
-    let run = RunSummary::load(&files.run_json)?;
-    let reports = run
-        .reports_of(METHOD_TEST)
-        .map(|r| r.decode::<MethodReport>())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| {
-            format!(
-                "{}: a method report is not of the report's shape",
-                files.run_json.display()
-            )
-        })?;
+) -> (Vec<MethodAudit>, BootRun) {
+    let mut problems: Vec<String> = Vec::new();
+    let summary = match RunSummary::load(&boot.file("run.json")) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if boot.exit_failure.is_none() {
+                problems.push(format!("{e}"));
+            }
+            None
+        }
+    };
+    let reports = match &summary {
+        Some(s) => s
+            .reports_of(METHOD_TEST)
+            .filter_map(|r| match r.decode::<MethodReport>() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    problems.push(format!("a method report is not of the report's shape: {e}"));
+                    None
+                }
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let log = boot.file("dma-log.jsonl");
+    let records = if log.exists() {
+        zc_dma_log::read_log(&log).unwrap_or_else(|e| {
+            problems.push(format!("cannot read the DMA log {}: {e}", log.display()));
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
     let input = AuditInput {
         records,
         source: source.to_vec(),
         reports,
-        variant: variant.name.to_string(),
+        variant: boot.name.clone(),
     };
-    Ok(zc_audit::audit_wanted(
-        &input,
-        expectations,
-        &variant.methods,
-    ))
+    let audits = zc_audit::audit_wanted(&input, expectations, &boot.methods);
+    let failure = boot_failure(boot, summary.as_ref(), &problems);
+    let files = [
+        ("dma-log", "dma-log.jsonl"),
+        ("pcap", "pcap"),
+        ("console", "console.txt"),
+        ("run", "run.json"),
+    ]
+    .into_iter()
+    .map(|(kind, suffix)| {
+        let path = boot.file(suffix);
+        let hashed = zc_vmm::report::sha256_file(&path).ok();
+        OutputFile {
+            kind: kind.to_string(),
+            path: format!("{}.{suffix}", boot.name),
+            bytes: hashed.as_ref().map(|(b, _)| *b),
+            sha256: hashed.map(|(_, h)| h),
+        }
+    })
+    .collect();
+    let nic_features = summary
+        .as_ref()
+        .and_then(|s| s.run.nics.first())
+        .map(negotiated);
+    let variant = VariantRun {
+        name: boot.name.clone(),
+        methods: boot.methods.clone(),
+        nic_features,
+        failure,
+        files,
+    };
+    (audits, BootRun { variant, summary })
+}
+
+/// What a card offered, what its driver acked, and which acked feature it never used.
+fn negotiated(nic: &zc_vmm::report::NicSummary) -> Negotiated {
+    let acked_csum = nic
+        .features
+        .acked
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|f| f == zc_audit::NET_CSUM));
+    Negotiated {
+        offered: nic.features.offered.clone(),
+        acked: nic.features.acked.clone(),
+        // A driver that uses checksum offload asks for it on every TCP frame it
+        // sends; none did: it kept the offload (and scatter-gather) off although it
+        // acked the bit (Linux's `virtio_net.csum=0` does that).
+        unused: if acked_csum && nic.stats.tx_frames > 0 && nic.stats.csum_completed == 0 {
+            vec![zc_audit::NET_CSUM.to_string()]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Why a boot failed, in one line, with the guest's own error when it sent one;
+/// `None` when it ran to the end.
+fn boot_failure(boot: &Boot, summary: Option<&RunSummary>, problems: &[String]) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    match summary {
+        Some(s) => {
+            if let Some(why) = &s.failure {
+                if s.run.kernel_release.is_none() {
+                    parts.push(format!("the kernel did not reach /init: {why}"));
+                } else {
+                    parts.push(why.clone());
+                }
+            }
+            // The guest's own error line ("error: loading module ...: Exec format error").
+            let guest_error = s.run.messages.iter().rev().find_map(|m| match &m.message {
+                ControlMessage::Log { text } => text.strip_prefix("error: ").map(String::from),
+                _ => None,
+            });
+            if let (Some(e), false) = (guest_error, parts.is_empty()) {
+                parts.push(e);
+            }
+        }
+        None => parts.extend(boot.exit_failure.clone()),
+    }
+    parts.extend(problems.iter().cloned());
+    (!parts.is_empty()).then(|| parts.join(": "))
+}
+
+/// Writes every report into `out`, prints the KTAP on stdout and the table on
+/// stderr; returns the exit status (0 pass, 1 fail).
+fn write_reports(out: &Path, v: &Verdicts) -> Result<i32> {
+    let ktap = zc_audit::report::ktap(v);
+    write(&out.join("verdicts.ktap"), &ktap)?;
+    write(&out.join("verdicts.json"), &zc_audit::report::json(v))?;
+    write(&out.join("report.html"), &zc_audit::report::html(v))?;
+    write(&out.join("junit.xml"), &zc_audit::report::junit(v))?;
+    write(
+        &out.join("kcidb.json"),
+        &zc_audit::report::kcidb(v, &KcidbIds::standalone(v)),
+    )?;
+    eprint!("{}", zc_audit::report::table(v));
+    print!("{ktap}");
+    Ok(if v.passed() { 0 } else { 1 })
+}
+
+fn say_verdict(v: &Verdicts, expected: &Path, status: i32) {
+    let (_, fail, _) = v.totals();
+    let boots_failed = v
+        .context
+        .variants
+        .iter()
+        .filter(|r| r.failure.is_some())
+        .count();
+    if status == 0 {
+        eprintln!("zc-vmm: PASS: every verdict matches {}", expected.display());
+    } else {
+        eprintln!(
+            "zc-vmm: FAIL: {fail} verdict(s) differ from {}{}",
+            expected.display(),
+            if boots_failed > 0 {
+                format!(", {boots_failed} boot(s) failed")
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+/// Progress of the boots: a spinner with the variant, its methods and the elapsed
+/// time on a terminal, plain lines otherwise (a CI log).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .expect("a valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress { bar }
+    }
+
+    /// A line of the child's output: above the spinner, or plain.
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    /// What is happening now.
+    fn status(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.set_message(text),
+            None => eprintln!("zc-vmm: {text}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Boots one variant through a `zc-vmm run --spec` child, its stderr relayed line by
+/// line (the run's own progress: mode, kernel, peer transfers, methods as the guest
+/// logs them).
+fn boot_variant(
+    out: &Path,
+    variant: &Variant,
+    spec: &RunSpec,
+    progress: &Progress,
+) -> Result<Boot> {
+    let spec_file = out.join(format!("{}.spec.json", variant.name));
+    // Beside the outputs: what was booted, and `zc-vmm run --spec` boots it again.
+    spec.save(&spec_file)
+        .with_context(|| format!("cannot write {}", spec_file.display()))?;
+    for stale in ["run.json", "dma-log.jsonl", "pcap", "console.txt"] {
+        let _ = std::fs::remove_file(out.join(format!("{}.{stale}", variant.name)));
+    }
+    let exe = std::env::current_exe().context("cannot find the zc-vmm executable")?;
+    let what = format!(
+        "variant {} (NIC scatter-gather {}): {}",
+        variant.name,
+        if variant.sg { "on" } else { "off" },
+        variant.methods.join(", ")
+    );
+    progress.status(format!("{what}: booting"));
+    let started = Instant::now();
+    let mut child = Command::new(exe)
+        .arg("run")
+        .arg("--spec")
+        .arg(&spec_file)
+        // The emulated host's console is not the verdicts: stdout stays KTAP only.
+        .stdout(std::io::stderr())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start zc-vmm run for a variant")?;
+    // The child's last error line, for a boot that leaves no run report to say why.
+    let mut last_error: Option<String> = None;
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            progress.line(&line);
+            if let Some(e) = line
+                .strip_prefix("zc-vmm: error: ")
+                .or_else(|| line.strip_prefix("zc-vmm: FAILED "))
+            {
+                last_error = Some(e.to_string());
+            }
+            let method = variant
+                .methods
+                .iter()
+                .find(|m| line.contains(&format!("BEGIN {m}")) || line.contains(&format!(" {m} ")));
+            if let Some(m) = method {
+                progress.status(format!("{what}: {m}"));
+            }
+        }
+    }
+    let status = child.wait().context("zc-vmm run for a variant")?;
+    let exit_failure = match status.code() {
+        Some(0) => None,
+        Some(code) => Some(match &last_error {
+            Some(e) => format!("zc-vmm run exited {code}: {e}"),
+            None => format!("zc-vmm run exited {code} without a run report"),
+        }),
+        None => Some("zc-vmm run was killed".to_string()),
+    };
+    progress.status(format!(
+        "{what}: ended after {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(Boot {
+        name: variant.name.to_string(),
+        methods: variant.methods.clone(),
+        dir: out.to_path_buf(),
+        exit_failure,
+    })
 }
 
 /// The guest's options for one variant's boot: the method suite, from the
@@ -278,49 +644,6 @@ fn guest_options(variant: &Variant, size: u64, chunk: u64) -> Result<Options> {
         },
         ..Options::default()
     })
-}
-
-/// What one variant's boot left behind.
-struct VariantFiles {
-    dma_log: PathBuf,
-    run_json: PathBuf,
-    failure: Option<String>,
-}
-
-fn boot_variant(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<VariantFiles> {
-    let out = |suffix: &str| args.out.join(format!("{}.{suffix}", variant.name));
-    let spec = variant_spec(args, variant, size)?;
-    let files = VariantFiles {
-        dma_log: out("dma-log.jsonl"),
-        run_json: out("run.json"),
-        failure: None,
-    };
-    // Beside the outputs: what was booted, and `zc-vmm run --spec` boots it again.
-    let spec_file = out("spec.json");
-    spec.save(&spec_file)
-        .with_context(|| format!("cannot write {}", spec_file.display()))?;
-    let exe = std::env::current_exe().context("cannot find the zc-vmm executable")?;
-    eprintln!(
-        "zc-vmm: variant {} (NIC scatter-gather {}): {}",
-        variant.name,
-        if variant.sg { "on" } else { "off" },
-        variant.methods.join(", ")
-    );
-    let status = Command::new(exe)
-        .arg("run")
-        .arg("--spec")
-        .arg(&spec_file)
-        .status()
-        .context("cannot start zc-vmm run for a variant")?;
-    let failure = match status.code() {
-        Some(0) => None,
-        Some(code) => Some(format!(
-            "zc-vmm run exited {code} (console: {})",
-            out("console.txt").display()
-        )),
-        None => Some("zc-vmm run was killed".to_string()),
-    };
-    Ok(VariantFiles { failure, ..files })
 }
 
 /// One variant's boot: the read-only test disk, one card in front of the peer with
@@ -359,6 +682,120 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Options of `zc-vmm audit`.
+#[derive(Args, Clone)]
+pub struct AuditArgs {
+    /// A directory `zc-vmm methods --out` wrote (its `*.spec.json`, DMA logs and run
+    /// reports).
+    dir: PathBuf,
+    /// The expected table to judge against.
+    #[arg(long, default_value = DEFAULT_EXPECTED)]
+    expected: PathBuf,
+}
+
+/// Judges a saved `methods` run again, without booting: the boots' specs say which
+/// methods ran, on which payload prefix; their DMA logs and run reports are audited
+/// against `--expected` and every report in the directory is written anew. Returns
+/// the exit status as `methods` does.
+pub fn audit(args: AuditArgs) -> Result<i32> {
+    let started = Instant::now();
+    if !args.dir.is_dir() {
+        bail!(
+            "{} is not a directory: pass the --out directory of a `zc-vmm methods` run",
+            args.dir.display()
+        );
+    }
+    require_file(
+        "expected table",
+        &args.expected,
+        "pass --expected PATH (audit/expected.toml in the source tree)",
+    )?;
+    let expectations = Expectations::load(&args.expected)
+        .with_context(|| format!("cannot load the expected table {}", args.expected.display()))?;
+    let mut boots = Vec::new();
+    let mut first: Option<(RunSpec, Suite)> = None;
+    for name in ["sg-on", "sg-off"] {
+        let spec_file = args.dir.join(format!("{name}.spec.json"));
+        if !spec_file.exists() {
+            continue;
+        }
+        let spec = RunSpec::load(&spec_file)?;
+        let options = Options::parse(spec.append.as_deref().unwrap_or_default())
+            .with_context(|| format!("{}: the guest options", spec_file.display()))?;
+        let run_json = args.dir.join(format!("{name}.run.json"));
+        boots.push(Boot {
+            name: name.to_string(),
+            methods: options
+                .suite
+                .methods
+                .iter()
+                .map(|m| m.name().to_string())
+                .collect(),
+            dir: args.dir.clone(),
+            exit_failure: (!run_json.exists())
+                .then(|| "the boot left no run report (it did not finish)".to_string()),
+        });
+        if first.is_none() {
+            first = Some((spec, options.suite));
+        }
+    }
+    let Some((spec, suite)) = first else {
+        bail!(
+            "{} has no sg-on.spec.json or sg-off.spec.json: pass the --out directory of a `zc-vmm methods` run",
+            args.dir.display()
+        );
+    };
+    let nic = spec
+        .nics
+        .first()
+        .context("the saved spec has no network card: not a `zc-vmm methods` run")?;
+    let payload = nic
+        .peer_expect
+        .first()
+        .context("the saved spec names no payload: not a `zc-vmm methods` run")?;
+    require_file(
+        "payload file",
+        payload,
+        "the saved run's payload must still be there (run from the directory `zc-vmm methods` ran in)",
+    )?;
+    let size = match nic.peer_expect_bytes {
+        Some(size) => size,
+        None => std::fs::metadata(payload)?.len(),
+    };
+    let source = read_prefix(payload, size)?;
+    let summary = RunSummary::load(&boots[0].file("run.json")).ok();
+    let mode = match &summary {
+        Some(s) if s.inside_emulated_host => HostMode::Emulated,
+        Some(s) => s.mode,
+        None => HostMode::Direct,
+    };
+    let date = summary.as_ref().map_or_else(
+        || zc_vmm::report::rfc3339_utc(std::time::SystemTime::now()),
+        |s| s.date.clone(),
+    );
+    let verdicts = judge(
+        &boots,
+        &source,
+        &expectations,
+        Context0 {
+            date,
+            kernel: &spec.kernel,
+            mode,
+            size,
+            chunk: suite.chunk as u64,
+        },
+    );
+    let status = write_reports(&args.dir, &verdicts)?;
+    eprintln!(
+        "zc-vmm: re-audited {} method runs in {:.1} s; reports in {}",
+        verdicts.methods.len(),
+        started.elapsed().as_secs_f64(),
+        args.dir.display()
+    );
+    say_verdict(&verdicts, &args.expected, status);
+    Ok(status)
+}
+
 /// Options of `zc-vmm compare`.
 #[derive(Args, Clone)]
 pub struct CompareArgs {
@@ -368,9 +805,11 @@ pub struct CompareArgs {
 }
 
 /// Prints the verdicts of several `methods` runs side by side, one column group per
-/// run, headed by the guest kernel's release.
+/// run, headed by the guest kernel's release; returns 1 when any cell FAILs or is
+/// missing (a method one run has and another lacks) or a boot failed, else 0.
 pub fn compare(args: CompareArgs) -> Result<i32> {
     let mut runs = Vec::new();
+    let mut failed_boots = Vec::new();
     for dir in &args.dirs {
         let path = dir.join("verdicts.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
@@ -382,10 +821,24 @@ pub fn compare(args: CompareArgs) -> Result<i32> {
         })?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        let release = RunSummary::load(&dir.join("sg-on.run.json"))
-            .ok()
-            .and_then(|summary| summary.run.kernel_release)
+        let release = json["context"]["kernel_release"]
+            .as_str()
+            .map(String::from)
+            .or_else(|| {
+                RunSummary::load(&dir.join("sg-on.run.json"))
+                    .ok()
+                    .and_then(|summary| summary.run.kernel_release)
+            })
             .unwrap_or_else(|| dir.display().to_string());
+        for v in json["context"]["variants"].as_array().into_iter().flatten() {
+            if let Some(why) = v["failure"].as_str() {
+                failed_boots.push(format!(
+                    "{}: boot {} failed: {why}",
+                    dir.display(),
+                    v["name"].as_str().unwrap_or("?")
+                ));
+            }
+        }
         runs.push((
             release,
             json["methods"].as_array().cloned().unwrap_or_default(),
@@ -435,11 +888,18 @@ pub fn compare(args: CompareArgs) -> Result<i32> {
                         m["verdict"].as_str().unwrap_or("?")
                     )
                 }
-                None => "not run".to_string(),
+                None => {
+                    worst = 1;
+                    "not run".to_string()
+                }
             };
             line.push_str(&format!(" | {cell:<cell_width$}"));
         }
         println!("{line}");
+    }
+    for f in &failed_boots {
+        println!("{f}");
+        worst = 1;
     }
     Ok(worst)
 }
@@ -464,6 +924,30 @@ mod tests {
     fn methods_args(extra: &[&str]) -> MethodsArgs {
         let argv = ["zc-vmm-methods", "--out", "/o", "--mem", "1G"];
         Wrapper::parse_from(argv.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn a_card_whose_driver_acked_csum_but_never_used_it_is_flagged() {
+        use zc_vmm::report::{DeviceFeatures, NetBackendKind, NicSummary};
+        let nic = |csum_completed| NicSummary {
+            backend: NetBackendKind::Peer,
+            sg: true,
+            features: DeviceFeatures::new(1, 0x1_0000_0021, Some(0x1_0000_0021)),
+            stats: zc_devices::virtio::net::NetStats {
+                tx_frames: 100,
+                csum_completed,
+                ..Default::default()
+            },
+        };
+        let used = negotiated(&nic(98));
+        assert!(used.unused.is_empty());
+        assert_eq!(used.refusal(), None);
+        let unused = negotiated(&nic(0));
+        assert_eq!(unused.unused, ["CSUM"]);
+        assert_eq!(
+            unused.refusal().as_deref(),
+            Some("offered; driver acked CSUM but never used it")
+        );
     }
 
     #[rstest::rstest]

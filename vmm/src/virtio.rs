@@ -127,6 +127,16 @@ impl<D: VirtioDevice> Clone for DeviceHandle<D> {
 }
 
 impl<D: VirtioDevice> DeviceHandle<D> {
+    /// What the device offered and what its driver acked, by name.
+    pub fn features(&self) -> crate::report::DeviceFeatures {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        crate::report::DeviceFeatures::new(
+            t.device().device_type(),
+            t.device_features(),
+            t.negotiated_features(),
+        )
+    }
+
     /// Runs `f` on the device, holding the transport's lock (a vCPU touching the
     /// device's registers meanwhile waits).
     pub fn with<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {

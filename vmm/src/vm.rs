@@ -352,6 +352,7 @@ impl Vm {
             .iter()
             .map(|(read_only, device)| DiskSummary {
                 read_only: *read_only,
+                features: device.features(),
                 stats: device.with(|d| d.stats()),
             })
             .collect();
@@ -377,20 +378,35 @@ enum AttachedNic {
 impl AttachedNic {
     /// Adds what the card's peer received and the card's counters to `report`.
     fn collect(&self, report: &mut RunReport) {
-        let (backend, sg, stats) = match self {
+        let (backend, sg, features, stats) = match self {
             AttachedNic::Peer { sg, device } => {
                 collect_transfers(device, report);
-                (NetBackendKind::Peer, *sg, device.with(|d| d.stats()))
+                (
+                    NetBackendKind::Peer,
+                    *sg,
+                    device.features(),
+                    device.with(|d| d.stats()),
+                )
             }
             AttachedNic::Tap { sg, device, check } => {
                 flush_pcap(device);
                 if let Some(check) = check {
                     collect_socket_transfers(check, report);
                 }
-                (NetBackendKind::Tap, *sg, device.with(|d| d.stats()))
+                (
+                    NetBackendKind::Tap,
+                    *sg,
+                    device.features(),
+                    device.with(|d| d.stats()),
+                )
             }
         };
-        report.nics.push(NicSummary { backend, sg, stats });
+        report.nics.push(NicSummary {
+            backend,
+            sg,
+            features,
+            stats,
+        });
     }
 }
 

@@ -13,10 +13,14 @@
 
 mod common;
 
-use std::path::Path;
+#[path = "../../audit/tests/support/xsd.rs"]
+mod xsd;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn methods_out(json: &serde_json::Value) -> Vec<serde_json::Value> {
-    assert_eq!(json["schema"], "zc-audit/1", "unexpected verdicts.json");
+    assert_eq!(json["schema"], "zc-audit/2", "unexpected verdicts.json");
     json["methods"].as_array().cloned().unwrap_or_default()
 }
 
@@ -127,5 +131,81 @@ fn every_method_matches_the_expected_table() {
     }
     let ktap = std::fs::read_to_string(out.path().join("verdicts.ktap")).unwrap();
     assert!(ktap.starts_with("KTAP version 1\n"), "{ktap}");
-    assert!(!ktap.contains("\nnot ok "), "{ktap}");
+    assert!(!ktap.contains("not ok "), "{ktap}");
+    assert_eq!(stdout, ktap, "stdout is the verdicts' KTAP");
+    every_format_is_valid(workspace, out.path(), &rows);
+}
+
+/// Each of the five formats of a passing run, checked by its consumer's rules.
+fn every_format_is_valid(workspace: &Path, out: &Path, rows: &[serde_json::Value]) {
+    let json = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let validate = |schema: PathBuf, doc: PathBuf| {
+        let validator = jsonschema::options()
+            .should_validate_formats(true)
+            .build(&json(schema.clone()))
+            .unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&json(doc.clone()))
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{} against {}: {errors:?}",
+            doc.display(),
+            schema.display()
+        );
+    };
+    validate(
+        workspace.join("docs/schemas/zc-audit-2.schema.json"),
+        out.join("verdicts.json"),
+    );
+    for variant in ["sg-on", "sg-off"] {
+        validate(
+            workspace.join("docs/schemas/zc-vmm-run-3.schema.json"),
+            out.join(format!("{variant}.run.json")),
+        );
+    }
+    validate(
+        workspace.join("audit/tests/data/kcidb.v05_00.schema.json"),
+        out.join("kcidb.json"),
+    );
+    let xsd = xsd::Schema::parse(
+        &std::fs::read_to_string(workspace.join("audit/tests/data/junit-10.xsd")).unwrap(),
+    );
+    let junit = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+    assert_eq!(xsd.validate(&junit), Vec::<String>::new(), "{junit}");
+    assert!(
+        junit.contains(&format!("tests=\"{}\" failures=\"0\"", rows.len())),
+        "{junit}"
+    );
+
+    // The kernel's own KTAP parser counts every row.
+    let Some(kunit) = std::env::var_os("ZC_KUNIT_DIR")
+        .map(|d| PathBuf::from(d).join("tools/testing/kunit/kunit.py"))
+        .filter(|p| p.is_file())
+    else {
+        println!("SKIPPED: the kunit.py check: ZC_KUNIT_DIR is unset (make test sets it)");
+        return;
+    };
+    let parsed = Command::new("python3")
+        .arg(kunit)
+        .arg("parse")
+        .arg(out.join("verdicts.ktap"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&parsed.stdout);
+    let skipped = rows.iter().filter(|r| r["verdict"] == "SKIP").count();
+    let passed = rows.len() - skipped;
+    let summary = if skipped > 0 {
+        format!(
+            "Ran {} tests: passed: {passed}, skipped: {skipped}",
+            rows.len()
+        )
+    } else {
+        format!("Ran {} tests: passed: {passed}", rows.len())
+    };
+    assert!(text.contains(&summary), "kunit.py parse: {text}");
 }

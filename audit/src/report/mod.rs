@@ -1,14 +1,18 @@
-//! Reports of a set of [`MethodAudit`](crate::MethodAudit)s: a terminal table, a KTAP
-//! document, JSON and a self-contained HTML page. Each takes the audits of every
-//! variant at once (e.g. the `sg-on` and `sg-off` runs concatenated).
+//! Reports of a [`Verdicts`](crate::Verdicts) set (the audits of every variant and
+//! the run's context): a terminal table, a KTAP document, JSON, a self-contained HTML
+//! page, JUnit XML and KCIDB v5 JSON.
 
 mod html;
 mod json;
+mod junit;
+mod kcidb;
 mod ktap;
 mod table;
 
 pub use html::html;
-pub use json::json;
+pub use json::{json, VERDICTS_SCHEMA};
+pub use junit::junit;
+pub use kcidb::{kcidb, KcidbIds};
 pub use ktap::ktap;
 pub use table::table;
 

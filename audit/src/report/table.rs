@@ -1,12 +1,15 @@
 //! The terminal table.
 
 use super::{num, one_line};
-use crate::MethodAudit;
+use crate::Verdicts;
 
 /// A fixed-width text table, one row per audit: method, variant, system calls and
 /// mode switches per chunk, DMA and CPU copies, zero-copy share, throughput, and the
-/// verdict with its first reason; then one line per finding.
-pub fn table(audits: &[MethodAudit]) -> String {
+/// verdict with its first reason; then one line per finding and per failed boot.
+/// The variant column says what the driver negotiated when it differs from what the
+/// variant offered (`sg-on (offered; driver refused CSUM)`).
+pub fn table(v: &Verdicts) -> String {
+    let audits = &v.methods;
     let header = [
         "method",
         "variant",
@@ -27,7 +30,7 @@ pub fn table(audits: &[MethodAudit]) -> String {
             };
             [
                 a.method.clone(),
-                a.variant.clone(),
+                v.variant_label(&a.variant),
                 num(a.syscalls_per_chunk, 2),
                 num(a.mode_switches_per_chunk, 2),
                 a.dma_copies.to_string(),
@@ -72,6 +75,11 @@ pub fn table(audits: &[MethodAudit]) -> String {
                 a.variant,
                 one_line(f)
             ));
+        }
+    }
+    for run in &v.context.variants {
+        if let Some(why) = &run.failure {
+            out.push_str(&format!("boot failed: {}: {}\n", run.name, one_line(why)));
         }
     }
     out

@@ -75,6 +75,7 @@ pub struct MmioTransport<D: VirtioDevice> {
     device_features_sel: u32,
     driver_features_sel: u32,
     acked_features: u64,
+    negotiated_features: Option<u64>,
     status: u32,
     config_generation: u32,
     active: bool,
@@ -112,6 +113,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             device_features_sel: 0,
             driver_features_sel: 0,
             acked_features: 0,
+            negotiated_features: None,
             status: 0,
             config_generation: 0,
             active: false,
@@ -144,6 +146,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Features the driver accepted.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
+    }
+
+    /// The features of the driver's last accepted negotiation (the subset it wrote
+    /// before `FEATURES_OK` was accepted), kept across resets so that a run's report
+    /// can say what the device ran with after the guest shut it down; `None` when no
+    /// driver ever completed negotiation.
+    pub fn negotiated_features(&self) -> Option<u64> {
+        self.negotiated_features
     }
 
     /// The `Status` register as the driver reads it.
@@ -304,9 +314,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let added = v & !self.status;
         let mut new = v;
-        if added & FEATURES_OK != 0 && !self.features_acceptable() {
-            // Leaving FEATURES_OK clear tells the driver the subset is unsupported.
-            new &= !FEATURES_OK;
+        if added & FEATURES_OK != 0 {
+            if self.features_acceptable() {
+                self.negotiated_features = Some(self.acked_features);
+            } else {
+                // Leaving FEATURES_OK clear tells the driver the subset is unsupported.
+                new &= !FEATURES_OK;
+            }
         }
         if added & DRIVER_OK != 0 {
             if new & FEATURES_OK == 0 || new & ACKNOWLEDGE == 0 || new & DRIVER == 0 {
@@ -558,6 +572,26 @@ pub(crate) mod tests {
         assert_eq!(
             t.acked_features(),
             VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        );
+    }
+
+    #[test]
+    fn the_negotiated_subset_is_kept_across_a_reset() {
+        let (mut t, _) = transport();
+        assert_eq!(t.negotiated_features(), None);
+        let refused = negotiate(&mut t, 1 << 3);
+        assert_eq!(refused & FEATURES_OK, 0);
+        assert_eq!(
+            t.negotiated_features(),
+            None,
+            "a refused subset is not negotiated"
+        );
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        wr(&mut t, reg::STATUS, 0);
+        assert_eq!(t.acked_features(), 0);
+        assert_eq!(
+            t.negotiated_features(),
+            Some(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX)
         );
     }
 

@@ -158,27 +158,54 @@ impl VirtioInterrupt {
 /// What the VMM needs of a device's transport once it is attached, whichever
 /// transport it is: the device model, and queue notifications (ioeventfd wake-ups).
 pub trait VirtioTransport<D: VirtioDevice>: Send {
+    /// The device model.
+    fn device(&self) -> &D;
     /// The device model, mutably.
     fn device_mut(&mut self) -> &mut D;
     /// The driver notified queue `index`.
     fn notify_queue(&mut self, index: u32);
+    /// Features offered to the driver: the device's plus the transport's.
+    fn device_features(&self) -> u64;
+    /// The features of the driver's last accepted negotiation, `None` if no driver
+    /// ever completed one.
+    fn negotiated_features(&self) -> Option<u64>;
 }
 
 impl<D: VirtioDevice> VirtioTransport<D> for mmio::MmioTransport<D> {
+    fn device(&self) -> &D {
+        mmio::MmioTransport::device(self)
+    }
     fn device_mut(&mut self) -> &mut D {
         mmio::MmioTransport::device_mut(self)
     }
     fn notify_queue(&mut self, index: u32) {
         mmio::MmioTransport::notify_queue(self, index)
     }
+    fn device_features(&self) -> u64 {
+        mmio::MmioTransport::device_features(self)
+    }
+    fn negotiated_features(&self) -> Option<u64> {
+        mmio::MmioTransport::negotiated_features(self)
+    }
 }
 
+// PCI's common configuration is the MMIO register file in another layout
+// (`PciTransport` wraps an `MmioTransport`), so feature negotiation is the same.
 impl<D: VirtioDevice> VirtioTransport<D> for pci::PciTransport<D> {
+    fn device(&self) -> &D {
+        pci::PciTransport::device(self)
+    }
     fn device_mut(&mut self) -> &mut D {
         pci::PciTransport::device_mut(self)
     }
     fn notify_queue(&mut self, index: u32) {
         pci::PciTransport::notify_queue(self, index)
+    }
+    fn device_features(&self) -> u64 {
+        self.virtio().device_features()
+    }
+    fn negotiated_features(&self) -> Option<u64> {
+        self.virtio().negotiated_features()
     }
 }
 
@@ -363,5 +390,86 @@ mod tests {
         assert_eq!(d, [3, 4, 0, 0]);
         read_config_bytes(&cfg, u64::MAX, &mut d);
         assert_eq!(d, [0; 4]);
+    }
+}
+
+/// The names of the feature bits in `bits` for a device of type `device_type`
+/// (virtio 1.2, 5.1.3 and 5.2.3 for net and block; 6 for the reserved bits), lowest
+/// bit first; a bit without a name here is `bit N`. For reports: `run.json` and the
+/// audit's say what was offered and what the driver acked by name.
+pub fn feature_names(device_type: u32, bits: u64) -> Vec<String> {
+    use virtio_bindings::{
+        virtio_blk as b, virtio_config as c, virtio_ids, virtio_net as n, virtio_ring as r,
+    };
+    let common: &[(u32, &str)] = &[
+        (r::VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
+        (r::VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
+        (c::VIRTIO_F_VERSION_1, "VERSION_1"),
+        (c::VIRTIO_F_ACCESS_PLATFORM, "ACCESS_PLATFORM"),
+        (c::VIRTIO_F_RING_PACKED, "RING_PACKED"),
+        (c::VIRTIO_F_ORDER_PLATFORM, "ORDER_PLATFORM"),
+    ];
+    let net: &[(u32, &str)] = &[
+        (n::VIRTIO_NET_F_CSUM, "CSUM"),
+        (n::VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM"),
+        (n::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, "CTRL_GUEST_OFFLOADS"),
+        (n::VIRTIO_NET_F_MTU, "MTU"),
+        (n::VIRTIO_NET_F_MAC, "MAC"),
+        (n::VIRTIO_NET_F_GUEST_TSO4, "GUEST_TSO4"),
+        (n::VIRTIO_NET_F_GUEST_TSO6, "GUEST_TSO6"),
+        (n::VIRTIO_NET_F_GUEST_UFO, "GUEST_UFO"),
+        (n::VIRTIO_NET_F_HOST_TSO4, "HOST_TSO4"),
+        (n::VIRTIO_NET_F_HOST_TSO6, "HOST_TSO6"),
+        (n::VIRTIO_NET_F_HOST_UFO, "HOST_UFO"),
+        (n::VIRTIO_NET_F_MRG_RXBUF, "MRG_RXBUF"),
+        (n::VIRTIO_NET_F_STATUS, "STATUS"),
+        (n::VIRTIO_NET_F_CTRL_VQ, "CTRL_VQ"),
+        (n::VIRTIO_NET_F_MQ, "MQ"),
+    ];
+    let blk: &[(u32, &str)] = &[
+        (b::VIRTIO_BLK_F_SIZE_MAX, "SIZE_MAX"),
+        (b::VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+        (b::VIRTIO_BLK_F_GEOMETRY, "GEOMETRY"),
+        (b::VIRTIO_BLK_F_RO, "RO"),
+        (b::VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+        (b::VIRTIO_BLK_F_FLUSH, "FLUSH"),
+        (b::VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+        (b::VIRTIO_BLK_F_CONFIG_WCE, "CONFIG_WCE"),
+        (b::VIRTIO_BLK_F_MQ, "MQ"),
+        (b::VIRTIO_BLK_F_DISCARD, "DISCARD"),
+        (b::VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+    ];
+    let specific = match device_type {
+        virtio_ids::VIRTIO_ID_NET => net,
+        virtio_ids::VIRTIO_ID_BLOCK => blk,
+        _ => &[],
+    };
+    (0..64u32)
+        .filter(|bit| bits & (1u64 << bit) != 0)
+        .map(|bit| {
+            common
+                .iter()
+                .chain(specific)
+                .find(|(b, _)| *b == bit)
+                .map_or_else(|| format!("bit {bit}"), |(_, name)| (*name).to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod feature_name_tests {
+    use super::*;
+
+    #[test]
+    fn feature_bits_are_named_per_device_type() {
+        let bits = 1 | (1 << 5) | VIRTIO_F_VERSION_1 | (1 << 60);
+        assert_eq!(
+            feature_names(virtio_bindings::virtio_ids::VIRTIO_ID_NET, bits),
+            ["CSUM", "MAC", "VERSION_1", "bit 60"]
+        );
+        assert_eq!(
+            feature_names(virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK, 1 << 5),
+            ["RO"]
+        );
     }
 }

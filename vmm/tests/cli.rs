@@ -1,0 +1,319 @@
+//! `zc-vmm` as a user runs it, without booting anything: bad input stops before any
+//! boot with one line and exit 2; `zc-vmm audit` re-judges a saved run (built here
+//! from the audit's recorded logs) and writes every report; `compare` fails on a
+//! FAIL, a failed boot or a missing row.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use zc_devices::control::ControlMessage;
+use zc_protocol::options::{Options, Suite, TestHook};
+use zc_protocol::Method;
+use zc_vmm::boot::KernelFormat;
+use zc_vmm::host::HostMode;
+use zc_vmm::report::{RunReport, RunSummary, StopReason, TimedMessage};
+use zc_vmm::spec::{DiskSpec, NicSpec, RunSpec};
+
+fn zc_vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
+        .args(args)
+        .output()
+        .expect("zc-vmm runs")
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn audit_data(name: &str) -> PathBuf {
+    workspace().join("audit/tests/data").join(name)
+}
+
+fn stderr_lines(o: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_kernel_that_is_not_one_stops_methods_before_any_boot() {
+    let out = tempfile::tempdir().unwrap();
+    let passwd = "/etc/passwd";
+    let o = zc_vmm(&[
+        "methods",
+        "--kernel",
+        passwd,
+        "--initrd",
+        passwd,
+        "--disk",
+        passwd,
+        "--payload",
+        passwd,
+        "--expected",
+        workspace().join("audit/expected.toml").to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let lines = stderr_lines(&o);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("/etc/passwd is neither a bzImage nor an ELF vmlinux"),
+        "{lines:?}"
+    );
+    // Nothing booted: no spec, console or log was written.
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_host_with_no_kvm_and_no_qemu_is_a_kselftest_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough of a bzImage for the format check: the setup header's magic at 0x202.
+    let mut kernel = vec![0u8; 0x400];
+    kernel[0x202..0x206].copy_from_slice(b"HdrS");
+    let kernel_path = dir.path().join("bzImage");
+    std::fs::write(&kernel_path, kernel).unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, vec![1u8; 8192]).unwrap();
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
+        .args(["methods", "--kernel"])
+        .arg(&kernel_path)
+        .args([
+            "--initrd",
+            file.to_str().unwrap(),
+            "--disk",
+            file.to_str().unwrap(),
+        ])
+        .args([
+            "--payload",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .arg("--expected")
+        .arg(workspace().join("audit/expected.toml"))
+        .env("ZC_HOST", "emulated")
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.starts_with("KTAP version 1\n1..0 # SKIP "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("qemu-system-x86_64 not found"), "{stdout}");
+    assert!(!out.exists(), "nothing booted, nothing written");
+}
+
+#[test]
+fn a_directory_as_the_kernel_is_called_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["run", "methods"] {
+        let o = zc_vmm(&[cmd, "--kernel", dir.path().to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {o:?}");
+        let lines = stderr_lines(&o);
+        assert_eq!(lines.len(), 1, "{cmd}: {lines:?}");
+        assert!(lines[0].contains("is a directory"), "{cmd}: {lines:?}");
+    }
+}
+
+#[test]
+fn zero_memory_is_refused_while_parsing() {
+    let o = zc_vmm(&["run", "--kernel", "/etc/passwd", "--mem", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("0 is too small: at least 64M"));
+}
+
+/// A saved `methods` run with one boot per `(variant, scenario)`: the spec the boot
+/// would have had, its DMA log and its run report, from the audit's recorded
+/// scenarios (32 KiB of `source.bin` in 16 KiB chunks). A scenario of `None` is a
+/// boot that left only its spec (it never finished).
+fn saved_run(dir: &Path, boots: &[(&str, &[&str], Option<&str>)]) {
+    for (variant, methods, scenario) in boots {
+        let options = Options {
+            tests: vec![TestHook::Methods],
+            disk_read_only: true,
+            suite: Suite {
+                methods: methods
+                    .iter()
+                    .map(|m| m.parse::<Method>().unwrap())
+                    .collect(),
+                size: Some(32768),
+                chunk: 16384,
+                ..Suite::default()
+            },
+            ..Options::default()
+        };
+        let spec = RunSpec {
+            append: Some(options.to_cmdline()),
+            disk: Some(DiskSpec {
+                path: "/nowhere/disk.img".into(),
+                read_only: true,
+            }),
+            nics: vec![NicSpec {
+                sg: *variant == "sg-on",
+                peer_expect: vec![audit_data("source.bin"); methods.len()],
+                peer_expect_bytes: Some(32768),
+                ..NicSpec::peer()
+            }],
+            ..RunSpec::new("/nowhere/vmlinuz")
+        };
+        spec.save(&dir.join(format!("{variant}.spec.json")))
+            .unwrap();
+        let Some(scenario) = scenario else { continue };
+        std::fs::copy(
+            audit_data(&format!("{scenario}.dma.jsonl")),
+            dir.join(format!("{variant}.dma-log.jsonl")),
+        )
+        .unwrap();
+        let mut run = RunReport::new(KernelFormat::BzImage);
+        run.stop = StopReason::PowerOff;
+        run.guest_exit = Some(0);
+        run.kernel_release = Some("6.1.0-57-cloud-amd64".into());
+        let reports =
+            std::fs::read_to_string(audit_data(&format!("{scenario}.reports.jsonl"))).unwrap();
+        run.messages = reports
+            .lines()
+            .map(|json| TimedMessage {
+                at: Duration::from_secs(1),
+                message: ControlMessage::Report { json: json.into() },
+            })
+            .collect();
+        RunSummary::new(run, Path::new("/nowhere/vmlinuz"), HostMode::Direct, true)
+            .save(&dir.join(format!("{variant}.run.json")))
+            .unwrap();
+    }
+}
+
+fn verdicts(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("verdicts.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn audit_rejudges_a_saved_run_against_an_edited_table() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_run(
+        dir.path(),
+        &[
+            ("sg-on", &["sendfile"], Some("sendfile_sg_on")),
+            ("sg-off", &["sendfile"], Some("sendfile_sg_off")),
+        ],
+    );
+    let expected = workspace().join("audit/expected.toml");
+    let d = dir.path().to_str().unwrap();
+    let o = zc_vmm(&["audit", d, "--expected", expected.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.starts_with("KTAP version 1\n"), "{stdout}");
+    assert!(
+        stdout.ends_with("# Totals: pass:2 fail:0 xfail:0 xpass:0 skip:0 error:0\n"),
+        "{stdout}"
+    );
+    for f in [
+        "verdicts.ktap",
+        "verdicts.json",
+        "report.html",
+        "junit.xml",
+        "kcidb.json",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+    let v = verdicts(dir.path());
+    assert_eq!(v["schema"], "zc-audit/2");
+    assert_eq!(v["context"]["kernel_release"], "6.1.0-57-cloud-amd64");
+    assert_eq!(v["context"]["host_mode"], "emulated");
+    assert_eq!(v["context"]["size"], 32768);
+    assert_eq!(v["context"]["chunk"], 16384);
+    let log = &v["context"]["variants"][0]["files"][0];
+    assert_eq!(log["kind"], "dma-log");
+    assert_eq!(log["sha256"].as_str().unwrap().len(), 64);
+
+    // The user edits the table: sendfile with scatter-gather should now copy once.
+    let table = std::fs::read_to_string(&expected).unwrap();
+    let start = table.find("[sendfile.sg-on]").unwrap();
+    let end = start + table[start..].find("\n[").unwrap();
+    let edited = format!(
+        "{}[sendfile.sg-on]\nsyscalls_per_chunk = 1\ndma_copies = 2\ncpu_copies = 1.0\n{}",
+        &table[..start],
+        &table[end + 1..]
+    );
+    let edited_path = dir.path().join("edited.toml");
+    std::fs::write(&edited_path, edited).unwrap();
+    let o = zc_vmm(&["audit", d, "--expected", edited_path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let v = verdicts(dir.path());
+    assert_eq!(v["methods"][0]["verdict"], "FAIL");
+    assert_eq!(v["methods"][1]["verdict"], "PASS");
+}
+
+#[test]
+fn a_boot_that_never_finished_gives_every_method_a_fail_row_and_compare_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_run(
+        dir.path(),
+        &[
+            ("sg-on", &["sendfile"], Some("sendfile_sg_on")),
+            ("sg-off", &["sendfile", "mmap_zerocopy"], None),
+        ],
+    );
+    let d = dir.path().to_str().unwrap();
+    let expected = workspace().join("audit/expected.toml");
+    let o = zc_vmm(&["audit", d, "--expected", expected.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let ktap = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        ktap.contains("not ok 2 sg-off # the boot left no run report (it did not finish)"),
+        "{ktap}"
+    );
+    assert!(
+        ktap.contains("  not ok 2 mmap_zerocopy # the boot left no run report"),
+        "{ktap}"
+    );
+    let v = verdicts(dir.path());
+    let methods = v["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 3);
+    assert_eq!(v["totals"]["fail"], 2);
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.contains("Boot sg-off failed:"));
+    let junit = std::fs::read_to_string(dir.path().join("junit.xml")).unwrap();
+    assert!(junit.contains("<failure type=\"verdict\" message=\"the boot left no run report"));
+
+    let o = zc_vmm(&["compare", d]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+}
+
+#[test]
+fn compare_fails_on_a_row_one_run_lacks() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    saved_run(
+        a.path(),
+        &[("sg-on", &["sendfile"], Some("sendfile_sg_on"))],
+    );
+    saved_run(
+        b.path(),
+        &[("sg-off", &["sendfile"], Some("sendfile_sg_off"))],
+    );
+    let expected = workspace().join("audit/expected.toml");
+    for d in [&a, &b] {
+        let o = zc_vmm(&[
+            "audit",
+            d.path().to_str().unwrap(),
+            "--expected",
+            expected.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+    }
+    let only_a = zc_vmm(&["compare", a.path().to_str().unwrap()]);
+    assert_eq!(only_a.status.code(), Some(0), "{only_a:?}");
+    let both = zc_vmm(&[
+        "compare",
+        a.path().to_str().unwrap(),
+        b.path().to_str().unwrap(),
+    ]);
+    assert_eq!(both.status.code(), Some(1), "{both:?}");
+    assert!(String::from_utf8_lossy(&both.stdout).contains("not run"));
+}
