@@ -11,6 +11,8 @@ use zc_images::initramfs;
 use zc_images::role::{self, BuildRequest, KernelSource, Role};
 use zc_images::vmlinux;
 
+mod kernel_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "zc-image",
@@ -64,6 +66,10 @@ enum Cmd {
         #[arg(long, default_value = "images/cache")]
         cache: PathBuf,
     },
+    /// Build a kernel from source (default: Debian's linux-source-6.1, `make tinyconfig`
+    /// plus zc's fragment, virtio-pci without virtio-mmio; cached by source, fragments,
+    /// patches and compiler), or build and stage your own tree (--tree).
+    BuildKernel(kernel_cmd::BuildKernelArgs),
     /// Build the test disk: an ext4 image of files with random, page-unique content,
     /// `<FILE>.json` (manifest) and `disk-files/` (the files' bytes, for verifying
     /// transfers) beside it; skipped when up to date.
@@ -217,6 +223,7 @@ fn run(cli: Cli) -> Result<()> {
                     .join(", ")
             );
         }
+        Cmd::BuildKernel(args) => kernel_cmd::run(args)?,
         Cmd::ListInitramfs { file } => list(&file)?,
         Cmd::Vmlinux { kernel, out } => {
             let x = vmlinux::extract_file(&kernel, &out)?;
