@@ -323,10 +323,64 @@ fn dpkg_version(package: &str) -> Option<String> {
     (out.status.success() && !v.is_empty()).then_some(v)
 }
 
+/// What a file's SHA-256 was when it had this size and modification time: hashing a
+/// 140 MB tarball on every cached run would cost most of that run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct HashMemo {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: u128,
+    sha256: String,
+}
+
+fn file_stamp(path: &Path) -> Option<(u64, u128)> {
+    let meta = std::fs::metadata(path).ok()?;
+    let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    Some((meta.len(), mtime.as_nanos()))
+}
+
+/// SHA-256 of `path`, remembered in `memo` (a JSON list) by path, size and
+/// modification time; a changed file is hashed again.
+pub fn sha256_file_memo(path: &Path, memo: Option<&Path>) -> Result<String, KbuildError> {
+    let Some(memo) = memo else {
+        return sha256_file(path);
+    };
+    let mut known: Vec<HashMemo> = std::fs::read_to_string(memo)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let stamp = file_stamp(path);
+    if let Some((size, mtime_ns)) = stamp {
+        if let Some(m) = known
+            .iter()
+            .find(|m| m.path == path && m.size == size && m.mtime_ns == mtime_ns)
+        {
+            return Ok(m.sha256.clone());
+        }
+    }
+    let sha256 = sha256_file(path)?;
+    if let Some((size, mtime_ns)) = stamp {
+        known.retain(|m| m.path != path);
+        known.push(HashMemo {
+            path: path.to_path_buf(),
+            size,
+            mtime_ns,
+            sha256: sha256.clone(),
+        });
+        // Best effort: without the memo the next run hashes again, nothing worse.
+        let _ = std::fs::write(
+            memo,
+            serde_json::to_string_pretty(&known).unwrap_or_default(),
+        );
+    }
+    Ok(sha256)
+}
+
 /// Finds (installing the Debian package if needed and possible) and hashes the
-/// source.
+/// source; `memo` remembers the hash (see [`sha256_file_memo`]).
 pub fn resolve_source(
     spec: &SourceSpec,
+    memo: Option<&Path>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<SourceInfo, KbuildError> {
     let (tarball, package) = match spec {
@@ -371,8 +425,7 @@ pub fn resolve_source(
             (tarball, Some(package.clone()))
         }
     };
-    progress(&format!("kernel source: hashing {}", tarball.display()));
-    let sha256 = sha256_file(&tarball)?;
+    let sha256 = sha256_file_memo(&tarball, memo)?;
     let package_version = package.as_deref().and_then(dpkg_version);
     Ok(SourceInfo {
         tarball,
@@ -771,7 +824,10 @@ pub fn plan(
     }
     check_build_tools(!patches.is_empty())?;
     let toolchain = Toolchain::detect()?;
-    let source = resolve_source(&req.source, progress)?;
+    std::fs::create_dir_all(&req.cache)
+        .map_err(io_err("cannot create the kernel cache", &req.cache))?;
+    let memo = req.cache.join("source-sha256.json");
+    let source = resolve_source(&req.source, Some(&memo), progress)?;
     let localversion = req
         .localversion
         .clone()
@@ -829,7 +885,9 @@ pub fn build_planned(
         ));
         lock.lock().map_err(io_err("cannot lock", &lock_path))?;
     }
-    let outcome = match KernelBuild::load(&dir) {
+    let digest = plan.key().digest();
+    let cached = KernelBuild::load(&dir).filter(|b| b.key.as_deref() == Some(digest.as_str()));
+    let outcome = match cached {
         Some(build) => Outcome {
             dir: dir.clone(),
             cached: true,
@@ -1286,6 +1344,13 @@ pub fn use_tree(
 ) -> Result<Outcome, KbuildError> {
     let start = Instant::now();
     let paths = resolve_tree(&req.tree)?;
+    if !req.configure && !req.extra_fragments.is_empty() {
+        return Err(KbuildError::BadInput {
+            what: "--fragment",
+            path: req.extra_fragments[0].clone(),
+            why: "is only merged when zc configures the tree; add --configure (which replaces its .config)".into(),
+        });
+    }
     let mut fragments = Vec::new();
     if req.configure {
         fragments.push(FragmentFile::zc_guest());

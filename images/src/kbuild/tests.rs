@@ -300,7 +300,7 @@ fn request(cache: &Path, tarball: &Path, patches: Vec<PathBuf>) -> SourceBuildRe
 fn fake_plan(req: &SourceBuildRequest, fragment: &str) -> SourcePlan {
     let patches = resolve_patches(&req.patches).unwrap();
     SourcePlan {
-        source: resolve_source(&req.source, &mut |_| {}).unwrap(),
+        source: resolve_source(&req.source, None, &mut |_| {}).unwrap(),
         fragments: vec![FragmentFile::new("test.config", fragment)],
         localversion: req
             .localversion
@@ -558,6 +558,20 @@ fn a_tree_is_used_as_it_is_with_no_build() {
     assert!(!out.join("modules").exists());
     assert_eq!(KernelInfo::load(&out).unwrap().release, "6.13.0-rc1-dirty");
 
+    // Fragments without --configure would be ignored: refused instead.
+    let e = use_tree(
+        &TreeRequest {
+            extra_fragments: vec![dir.path().join("kasan.config")],
+            ..req.clone()
+        },
+        &mut Recorder::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.is_user_error() && e.to_string().contains("--configure"),
+        "{e}"
+    );
+
     // A 32-bit config is refused before anything is staged.
     std::fs::write(tree.join(".config"), "# CONFIG_64BIT is not set\n").unwrap();
     let e = use_tree(&req, &mut Recorder::default()).unwrap_err();
@@ -604,6 +618,32 @@ fn kernel_json_round_trips_with_relative_paths() {
     assert_eq!(back, build);
     std::fs::remove_file(d.join("bzImage")).unwrap();
     assert!(KernelBuild::load(d).is_none(), "no image, no build");
+}
+
+#[test]
+fn source_hashes_are_remembered_until_the_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("linux.tar.xz");
+    let memo = dir.path().join("memo.json");
+    std::fs::write(&file, "one").unwrap();
+    assert_eq!(
+        sha256_file_memo(&file, Some(&memo)).unwrap(),
+        sha256_text("one")
+    );
+    assert!(memo.is_file());
+    // The memo answers while size and mtime are unchanged (doctor it to prove it).
+    let text = std::fs::read_to_string(&memo)
+        .unwrap()
+        .replace(&sha256_text("one"), "remembered");
+    std::fs::write(&memo, text).unwrap();
+    assert_eq!(sha256_file_memo(&file, Some(&memo)).unwrap(), "remembered");
+    // A changed file (size) is hashed again.
+    std::fs::write(&file, "three").unwrap();
+    assert_eq!(
+        sha256_file_memo(&file, Some(&memo)).unwrap(),
+        sha256_text("three")
+    );
+    assert_eq!(sha256_file_memo(&file, None).unwrap(), sha256_text("three"));
 }
 
 #[test]
