@@ -22,7 +22,7 @@ KERNEL_TREE  ?=
 KERNEL_TREE_BUILD ?= yes
 KERNEL_TREE_OUT := $(IMAGES_OUT)/kernel-tree
 # make kernel: a kernel built from source (Debian's linux-source-6.1 unless
-# KERNEL_SOURCE=linux.tar.xz), tinyconfig + images/kconfig/zc-guest.config, after
+# KERNEL_SOURCE=linux.tar.xz), tinyconfig + images/kconfig/zc-{guest,trim}.config, after
 # KERNEL_PATCHES (files or directories of *.patch, applied in order); cached in
 # ~/.cache/zc/kernels, staged in $(KERNEL_OUT); boot it with KERNEL=$(KERNEL_OUT)/vmlinuz.
 KERNEL_SOURCE  ?=

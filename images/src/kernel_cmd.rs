@@ -191,7 +191,7 @@ fn describe(o: &Outcome) -> Vec<String> {
     if !b.fragments.is_empty() {
         let names: Vec<&str> = b.fragments.iter().map(|f| f.name.as_str()).collect();
         lines.push(format!(
-            "  config:  {} + {}",
+            "  made of: {} + {}",
             b.base_config.as_deref().unwrap_or("its own"),
             names.join(" + ")
         ));

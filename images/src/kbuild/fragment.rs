@@ -18,6 +18,15 @@ pub const ZC_GUEST_FRAGMENT: &str = include_str!("../../kconfig/zc-guest.config"
 /// The name [`ZC_GUEST_FRAGMENT`] goes by in messages and build descriptions.
 pub const ZC_GUEST_FRAGMENT_NAME: &str = "zc-guest.config";
 
+/// Options a tinyconfig build turns off after [`ZC_GUEST_FRAGMENT`]: big subsystems
+/// that become visible, and default to y, once the guest's options are on (IPv6,
+/// input and VT, ACPI devices zc-vmm does not have...). Build time, not a
+/// requirement: `images/kconfig/zc-trim.config`.
+pub const ZC_TRIM_FRAGMENT: &str = include_str!("../../kconfig/zc-trim.config");
+
+/// The name [`ZC_TRIM_FRAGMENT`] goes by.
+pub const ZC_TRIM_FRAGMENT_NAME: &str = "zc-trim.config";
+
 /// The value of one option, as a `.config` spells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Setting {
@@ -285,6 +294,24 @@ mod tests {
         let before = names.len();
         names.dedup();
         assert_eq!(before, names.len());
+    }
+
+    #[test]
+    fn the_trim_fragment_only_turns_off_what_the_guest_does_not_ask_for() {
+        let guest = parse_fragment(ZC_GUEST_FRAGMENT, ZC_GUEST_FRAGMENT_NAME).unwrap();
+        let trim = parse_fragment(ZC_TRIM_FRAGMENT, ZC_TRIM_FRAGMENT_NAME).unwrap();
+        assert!(trim.iter().any(|o| o.name == "CONFIG_IPV6"));
+        for o in &trim {
+            assert_eq!(
+                o.setting,
+                Setting::Unset,
+                "{o}: the trim fragment never turns on"
+            );
+            assert!(
+                guest.iter().all(|g| g.name != o.name),
+                "{o} is also in the guest's fragment"
+            );
+        }
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! - [`build_source`]: a kernel source tarball (default: Debian's `linux-source-6.1`
 //!   package, `/usr/src/linux-source-6.1.tar.xz`) is unpacked into a fresh directory,
 //!   patched (`patch -p1`, in the order given), configured with `make tinyconfig`
-//!   plus zc's Kconfig fragment ([`fragment::ZC_GUEST_FRAGMENT`], merged with the
-//!   tree's own `scripts/kconfig/merge_config.sh -m` and `make olddefconfig`, every
-//!   option checked afterwards) and built (`make bzImage`, and `modules` if the
+//!   plus zc's Kconfig fragments ([`fragment::ZC_GUEST_FRAGMENT`], what the guest
+//!   needs, then [`fragment::ZC_TRIM_FRAGMENT`], what the build leaves out, then the
+//!   user's `--fragment`s; merged with the tree's own
+//!   `scripts/kconfig/merge_config.sh -m` and `make olddefconfig`, every option
+//!   checked afterwards) and built (`make bzImage`, and `modules` if the
 //!   config has any). The result is cached, keyed by its inputs ([`BuildKey`]).
 //! - [`use_tree`]: a user's own kernel tree, built with its own `.config` (or used as
 //!   it is), its image, config and modules staged into an output directory.
@@ -507,6 +509,16 @@ impl FragmentFile {
         )
     }
 
+    /// What zc turns off in a tinyconfig build, for build time.
+    pub fn zc_trim() -> Self {
+        Self::new(fragment::ZC_TRIM_FRAGMENT_NAME, fragment::ZC_TRIM_FRAGMENT)
+    }
+
+    /// The fragments zc merges onto tinyconfig, in order: the guest's, then the trim.
+    pub fn zc_defaults() -> Vec<Self> {
+        vec![Self::zc_guest(), Self::zc_trim()]
+    }
+
     /// A fragment from its text.
     pub fn new(name: &str, text: &str) -> Self {
         Self {
@@ -818,7 +830,7 @@ pub fn plan(
     progress: &mut dyn FnMut(&str),
 ) -> Result<SourcePlan, KbuildError> {
     let patches = resolve_patches(&req.patches)?;
-    let mut fragments = vec![FragmentFile::zc_guest()];
+    let mut fragments = FragmentFile::zc_defaults();
     for path in &req.extra_fragments {
         fragments.push(FragmentFile::read(path)?);
     }
@@ -1353,7 +1365,7 @@ pub fn use_tree(
     }
     let mut fragments = Vec::new();
     if req.configure {
-        fragments.push(FragmentFile::zc_guest());
+        fragments = FragmentFile::zc_defaults();
         for path in &req.extra_fragments {
             fragments.push(FragmentFile::read(path)?);
         }
