@@ -4,7 +4,7 @@
 CARGO        ?= cargo
 HOST_TARGET  := x86_64-unknown-linux-gnu
 RELEASE_DIR  := target/release
-GUEST_BIN    := target/$(HOST_TARGET)/release/zc-init
+GUEST_BIN    := target/$(HOST_TARGET)/release/zc-guest
 ZC_VMM       := $(RELEASE_DIR)/zc-vmm
 ZC_IMAGE     := $(RELEASE_DIR)/zc-image
 IMAGES_OUT   := images/out
@@ -46,7 +46,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean
+.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment
 
 all: build
 
@@ -130,6 +130,24 @@ test: images
 	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
 	else echo "make: tap backend tests not run: they need root and /dev/net/tun"; fi
 	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods -- --ignored --test-threads=1
+
+## check-config: the preflight of a kernel's config, before any boot: one line per
+## missing option and what breaks, and the methods it will SKIP.
+## KERNEL=bzImage|vmlinux|source tree|unpacked package [MODULES=lib/modules/<release>];
+## without KERNEL: every Debian kernel in images/cache.
+check-config: build $(KERNEL_PREP)
+	@if [ -n "$(KERNEL_TREE)" ]; then \
+	  $(ZC_IMAGE) check-config $(KERNEL) $$(test -d $(KERNEL_TREE_OUT)/modules && echo --modules-dir $(KERNEL_TREE_OUT)/modules); \
+	elif [ -n "$(KERNEL)" ]; then \
+	  $(ZC_IMAGE) check-config $(KERNEL) $(if $(MODULES),--modules-dir $(MODULES)); \
+	else status=0; for k in images/cache/*/; do \
+	  [ -f $$k/kernel.json ] || continue; $(ZC_IMAGE) check-config $$k || status=$$?; \
+	done; exit $$status; fi
+
+## config-fragment: the Kconfig fragment a zc guest kernel needs, for the kernel's
+## scripts/kconfig/merge_config.sh.
+config-fragment: build
+	@$(ZC_IMAGE) config-fragment
 
 ## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
 bench: images

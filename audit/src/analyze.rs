@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use zc_dma_log::{
     fingerprint, DescRecord, DescRole, DeviceKind, Direction, DirtyRecord, Fingerprint, NetRequest,
-    Piece, Record, RequestDetail, PAGE_SIZE,
+    Piece, Record, RequestDetail, PAGE_BYTES, PAGE_SIZE,
 };
 use zc_protocol::Marker;
 
@@ -27,12 +27,12 @@ pub(crate) struct Source<'a> {
 impl<'a> Source<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
         let page_fp: Vec<u64> = bytes
-            .chunks(PAGE_SIZE as usize)
+            .chunks(PAGE_BYTES)
             .map(|c| {
-                if c.len() == PAGE_SIZE as usize {
+                if c.len() == PAGE_BYTES {
                     fingerprint(c)
                 } else {
-                    let mut page = [0u8; PAGE_SIZE as usize];
+                    let mut page = [0u8; PAGE_BYTES];
                     page[..c.len()].copy_from_slice(c);
                     fingerprint(&page)
                 }
@@ -47,7 +47,8 @@ impl<'a> Source<'a> {
     }
 
     fn page_fp_at(&self, file_off: u64) -> Option<u64> {
-        self.page_fp.get((file_off / PAGE_SIZE) as usize).copied()
+        let index = usize::try_from(file_off / PAGE_SIZE).ok()?;
+        self.page_fp.get(index).copied()
     }
 
     fn range_fp(&self, off: u64, len: u64) -> Option<u64> {

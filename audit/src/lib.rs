@@ -54,8 +54,6 @@
 //! **Ratios.** `cpu_copies` = CPU-copied bytes / bytes sent; `dma_copies` =
 //! round(disk / bytes) + round(NIC payload / bytes); mode switches = 2 x system calls.
 
-#![warn(missing_docs)]
-
 mod analyze;
 mod expect;
 mod guest;
@@ -391,6 +389,10 @@ fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
     a.cpu_copied_seen_by_nic = ev.cpu_copied_seen_by_nic;
     a.dirty_samples = ev.dirty_samples;
     a.cpu_copies = ratio(ev.cpu_copied_bytes, a.bytes);
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "rounded first; a float-to-int `as` saturates, and a copy count is a small number"
+    )]
     let rounded = |n: u64| ratio(n, a.bytes).round() as u32;
     a.dma_copies = rounded(ev.disk_dma_bytes) + rounded(ev.nic_payload_bytes);
 

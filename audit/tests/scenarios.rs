@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{source, Conn, Frame, Sim, L2_L4, NET_HDR, PAGE};
+use common::{source, Conn, Frame, Sim, L2_L4, NET_HDR, PAGE, PAGE_BYTES};
 use rstest::rstest;
 use serde_json::json;
 use zc_audit::{audit, parse_reports, report, AuditInput, Expectations, MethodAudit, Verdict};
@@ -17,7 +17,8 @@ use zc_protocol::dirty::END_SAMPLE;
 use zc_protocol::{Marker, Method};
 
 /// The source file of every scenario: 8 pages.
-const SRC_LEN: u64 = 8 * PAGE;
+const SRC_LEN: u64 = SRC_BYTES as u64;
+const SRC_BYTES: usize = 8 * PAGE_BYTES;
 /// Chunk size of the scenarios (2 chunks).
 const CHUNK: u64 = 4 * PAGE;
 const MSS: u64 = 1448;
@@ -135,7 +136,7 @@ fn sg_frame(
             head,
             segs: &segs,
             seq: CONN.seq(off),
-            tcp_len: len as u32,
+            tcp_len: u32::try_from(len).unwrap(),
             flags: "A",
             rx_between,
         },
@@ -159,7 +160,7 @@ fn linear_frame(s: &mut Sim, h: &mut Heads, off: u64, len: u64, slot: u64, resen
             head,
             segs: &[(buf, HDRS + len)],
             seq: CONN.seq(off),
-            tcp_len: len as u32,
+            tcp_len: u32::try_from(len).unwrap(),
             flags: "A",
             rx_between: None,
         },
@@ -197,6 +198,36 @@ fn report(method: &str, loop_calls: &[(&str, u64)], setup: &[(&str, u64)]) -> se
 
 const SOCKET_SETUP: &[(&str, u64)] = &[("socket", 1), ("connect", 1), ("recv", 1)];
 
+/// The report of a `sendfile` or `sendfile_warm` run: one call per chunk.
+fn sendfile_report(method: &str) -> serde_json::Value {
+    report(method, &[("sendfile", 2)], SOCKET_SETUP)
+}
+
+/// A fresh simulator over the scenario source, and its descriptor counters.
+fn sim() -> (Sim, Heads) {
+    (Sim::new(source(SRC_BYTES)), Heads::default())
+}
+
+/// What every chunked scenario does around its chunks: BEGIN, the connection, then
+/// for chunk `c` (file bytes `[lo, hi)`, `chunk` bytes each) `body(s, h, c, lo, hi)`
+/// and the chunk's dirty-page sample, then the peer's byte count and END.
+fn run_chunks(
+    s: &mut Sim,
+    h: &mut Heads,
+    method: &str,
+    chunk: u64,
+    mut body: impl FnMut(&mut Sim, &mut Heads, u64, u64, u64),
+) {
+    s.begin(method);
+    connect(s, h);
+    for c in 0..SRC_LEN / chunk {
+        body(s, h, c, c * chunk, (c + 1) * chunk);
+        s.sample(u32::try_from(c).unwrap());
+    }
+    peer_count(s, h);
+    s.end(method);
+}
+
 /// A scenario: its log, the guest's reports and the variant it ran in.
 struct Scenario {
     sim: Sim,
@@ -204,99 +235,72 @@ struct Scenario {
     variant: &'static str,
 }
 
+impl Scenario {
+    fn new(sim: Sim, report: serde_json::Value, variant: &'static str) -> Self {
+        Scenario {
+            sim,
+            reports: vec![report],
+            variant,
+        }
+    }
+}
+
 /// sendfile with scatter-gather: the NIC reads the payload from the page-cache pages
 /// virtio-blk filled; one RX frame interleaves with a TX chain.
 fn sendfile_sg_on() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
+    let (mut s, mut h) = sim();
     // Metadata read before BEGIN: not the transfer.
     s.blk_read_other(h.blk(), META_OTHER, PAGE);
-    s.begin("sendfile");
-    connect(&mut s, &mut h);
-    for c in 0..SRC_LEN / CHUNK {
-        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
-        fill_page_cache(&mut s, &mut h, lo, hi);
+    run_chunks(&mut s, &mut h, "sendfile", CHUNK, |s, h, _, lo, hi| {
+        fill_page_cache(s, h, lo, hi);
         for (i, (off, len)) in segments(lo, hi).into_iter().enumerate() {
-            sg_frame(&mut s, &mut h, off, len, pc_gpa, i == 3);
+            sg_frame(s, h, off, len, pc_gpa, i == 3);
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("sendfile");
-    Scenario {
-        sim: s,
-        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
-        variant: "sg-on",
-    }
+    });
+    Scenario::new(s, sendfile_report("sendfile"), "sg-on")
 }
 
 /// sendfile without scatter-gather: the CPU copies each frame into a linear socket
 /// buffer (16 slots, reused in the second chunk); one frame is sent twice.
 fn sendfile_sg_off() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
-    s.begin("sendfile");
-    connect(&mut s, &mut h);
+    let (mut s, mut h) = sim();
     let mut slot = 0;
-    for c in 0..SRC_LEN / CHUNK {
-        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
-        fill_page_cache(&mut s, &mut h, lo, hi);
+    run_chunks(&mut s, &mut h, "sendfile", CHUNK, |s, h, c, lo, hi| {
+        fill_page_cache(s, h, lo, hi);
         for (i, (off, len)) in segments(lo, hi).into_iter().enumerate() {
-            linear_frame(&mut s, &mut h, off, len, slot, false);
+            linear_frame(s, h, off, len, slot, false);
             if c == 1 && i == 0 {
                 // A retransmission: the NIC reads the same buffer again.
-                linear_frame(&mut s, &mut h, off, len, slot, true);
+                linear_frame(s, h, off, len, slot, true);
             }
             slot += 1;
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("sendfile");
-    Scenario {
-        sim: s,
-        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
-        variant: "sg-off",
-    }
+    });
+    Scenario::new(s, sendfile_report("sendfile"), "sg-off")
 }
 
 /// sendfile without scatter-gather where the driver reuses its two linear buffers
 /// frame after frame: by the per-chunk sample only the last two frames' copies are
 /// still in memory. The NIC's reads of the others are the evidence of those copies.
 fn linear_reuse() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
-    s.begin("sendfile");
-    connect(&mut s, &mut h);
+    let (mut s, mut h) = sim();
     let mut slot = 0;
-    for c in 0..SRC_LEN / CHUNK {
-        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
-        fill_page_cache(&mut s, &mut h, lo, hi);
+    run_chunks(&mut s, &mut h, "sendfile", CHUNK, |s, h, _, lo, hi| {
+        fill_page_cache(s, h, lo, hi);
         for (off, len) in segments(lo, hi) {
-            linear_frame(&mut s, &mut h, off, len, slot % 2, false);
+            linear_frame(s, h, off, len, slot % 2, false);
             slot += 1;
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("sendfile");
-    Scenario {
-        sim: s,
-        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
-        variant: "sg-off",
-    }
+    });
+    Scenario::new(s, sendfile_report("sendfile"), "sg-off")
 }
 
 /// read + write: page cache -> user buffer (page-aligned, reused per chunk) -> socket
 /// buffer fragments, which the NIC reads.
 fn read_write() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
-    s.begin("read_write");
-    connect(&mut s, &mut h);
-    for c in 0..SRC_LEN / CHUNK {
-        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
-        fill_page_cache(&mut s, &mut h, lo, hi);
+    let (mut s, mut h) = sim();
+    run_chunks(&mut s, &mut h, "read_write", CHUNK, |s, h, _, lo, hi| {
+        fill_page_cache(s, h, lo, hi);
         for (o, l) in by_page(lo, CHUNK) {
             s.cpu_copy(USER_BUF + (o - lo), pc_gpa(o), l);
         }
@@ -306,47 +310,26 @@ fn read_write() -> Scenario {
             s.cpu_copy(FRAGS + o, USER_BUF + (o - lo), l);
         }
         for (off, len) in segments(lo, hi) {
-            sg_frame(&mut s, &mut h, off, len, |o| FRAGS + o, false);
+            sg_frame(s, h, off, len, |o| FRAGS + o, false);
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("read_write");
-    Scenario {
-        sim: s,
-        reports: vec![report(
-            "read_write",
-            &[("read", 2), ("write", 2)],
-            SOCKET_SETUP,
-        )],
-        variant: "sg-on",
-    }
+    });
+    let calls = [("read", 2), ("write", 2)];
+    Scenario::new(s, report("read_write", &calls, SOCKET_SETUP), "sg-on")
 }
 
 /// sendfile on a warm cache: the page cache was filled (and read once) before BEGIN.
 fn sendfile_warm() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
+    let (mut s, mut h) = sim();
     fill_page_cache(&mut s, &mut h, 0, SRC_LEN);
     for (o, l) in by_page(0, SRC_LEN) {
         s.cpu_copy(USER_BUF + o % CHUNK, pc_gpa(o), l);
     }
-    s.begin("sendfile_warm");
-    connect(&mut s, &mut h);
-    for c in 0..SRC_LEN / CHUNK {
-        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+    run_chunks(&mut s, &mut h, "sendfile_warm", CHUNK, |s, h, _, lo, hi| {
         for (off, len) in segments(lo, hi) {
-            sg_frame(&mut s, &mut h, off, len, pc_gpa, false);
+            sg_frame(s, h, off, len, pc_gpa, false);
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("sendfile_warm");
-    Scenario {
-        sim: s,
-        reports: vec![report("sendfile_warm", &[("sendfile", 2)], SOCKET_SETUP)],
-        variant: "sg-on",
-    }
+    });
+    Scenario::new(s, sendfile_report("sendfile_warm"), "sg-on")
 }
 
 /// Where garbled bytes land in [`content_mismatch`]: in file page 2, inside the frame
@@ -356,28 +339,17 @@ const GARBLED_AT: u64 = 2 * PAGE + 1000;
 /// sendfile with scatter-gather, but 100 bytes of one page-cache page change after
 /// the disk filled it: the NIC reads the right page, the wrong content.
 fn content_mismatch() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
-    s.begin("sendfile");
-    connect(&mut s, &mut h);
-    for c in 0..SRC_LEN / CHUNK {
-        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
-        fill_page_cache(&mut s, &mut h, lo, hi);
+    let (mut s, mut h) = sim();
+    run_chunks(&mut s, &mut h, "sendfile", CHUNK, |s, h, c, lo, hi| {
+        fill_page_cache(s, h, lo, hi);
         if c == 0 {
             s.cpu_write(pc_gpa(GARBLED_AT), &[0xa5; 100]);
         }
         for (off, len) in segments(lo, hi) {
-            sg_frame(&mut s, &mut h, off, len, pc_gpa, false);
+            sg_frame(s, h, off, len, pc_gpa, false);
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("sendfile");
-    Scenario {
-        sim: s,
-        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
-        variant: "sg-on",
-    }
+    });
+    Scenario::new(s, sendfile_report("sendfile"), "sg-on")
 }
 
 /// mmap + write, 4 KiB chunks, into a ring of 3 socket-buffer pages. Each chunk also
@@ -385,42 +357,30 @@ fn content_mismatch() -> Scenario {
 /// content still there), and the ring wraps (a page then holds new content).
 fn dedupe() -> Scenario {
     const RING: u64 = 3;
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
-    s.begin("mmap_write");
-    connect(&mut s, &mut h);
-    let chunks = SRC_LEN / PAGE;
-    for c in 0..chunks {
-        let (lo, hi) = (c * PAGE, (c + 1) * PAGE);
-        fill_page_cache(&mut s, &mut h, lo, hi);
+    let (mut s, mut h) = sim();
+    run_chunks(&mut s, &mut h, "mmap_write", PAGE, |s, h, c, lo, hi| {
+        fill_page_cache(s, h, lo, hi);
         let ring = |k: u64| FRAGS + (k % RING) * PAGE;
         s.cpu_copy(ring(c), pc_gpa(lo), PAGE);
         s.cpu_touch(ring(c + RING - 1));
         for (off, len) in segments(lo, hi) {
-            sg_frame(&mut s, &mut h, off, len, |o| ring(c) + o % PAGE, false);
+            sg_frame(s, h, off, len, |o| ring(c) + o % PAGE, false);
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("mmap_write");
+    });
+    let chunks = SRC_LEN / PAGE;
     let mut r = report("mmap_write", &[("write", chunks)], SOCKET_SETUP);
     r["chunk"] = json!(PAGE);
     r["chunks"] = json!(chunks);
     r["syscalls"]["mmap"] = json!(1);
     r["setup_syscalls"] = json!(4);
-    Scenario {
-        sim: s,
-        reports: vec![r],
-        variant: "sg-on",
-    }
+    Scenario::new(s, r, "sg-on")
 }
 
 /// sendfile with scatter-gather, where readahead for the second chunk is in flight at
 /// the first sample: the pages are zeroed (CPU-dirty) and already hold the disk's
 /// data, but virtio-blk logs that write only after the sample.
 fn init_on_alloc() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
+    let (mut s, mut h) = sim();
     s.begin("sendfile");
     connect(&mut s, &mut h);
     fill_page_cache(&mut s, &mut h, 0, CHUNK);
@@ -443,32 +403,21 @@ fn init_on_alloc() -> Scenario {
     s.sample(1);
     peer_count(&mut s, &mut h);
     s.end("sendfile");
-    Scenario {
-        sim: s,
-        reports: vec![report("sendfile", &[("sendfile", 2)], SOCKET_SETUP)],
-        variant: "sg-on",
-    }
+    Scenario::new(s, sendfile_report("sendfile"), "sg-on")
 }
 
 /// mmap + MSG_ZEROCOPY on a NIC without scatter-gather: the kernel reports every
 /// send zero-copy, the device reads every byte from a linear copy.
 fn kernel_claim() -> Scenario {
-    let mut s = Sim::new(source(SRC_LEN as usize));
-    let mut h = Heads::default();
-    s.begin("mmap_zerocopy");
-    connect(&mut s, &mut h);
+    let (mut s, mut h) = sim();
     let mut slot = 0;
-    for c in 0..SRC_LEN / CHUNK {
-        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
-        fill_page_cache(&mut s, &mut h, lo, hi);
+    run_chunks(&mut s, &mut h, "mmap_zerocopy", CHUNK, |s, h, _, lo, hi| {
+        fill_page_cache(s, h, lo, hi);
         for (off, len) in segments(lo, hi) {
-            linear_frame(&mut s, &mut h, off, len, slot, false);
+            linear_frame(s, h, off, len, slot, false);
             slot += 1;
         }
-        s.sample(c as u32);
-    }
-    peer_count(&mut s, &mut h);
-    s.end("mmap_zerocopy");
+    });
     let mut r = report(
         "mmap_zerocopy",
         &[("sendmsg", 2)],
@@ -481,11 +430,7 @@ fn kernel_claim() -> Scenario {
         ],
     );
     r["zerocopy"] = json!({"sends": 2, "completions": 2, "copied": 0});
-    Scenario {
-        sim: s,
-        reports: vec![r],
-        variant: "sg-off",
-    }
+    Scenario::new(s, r, "sg-off")
 }
 
 /// Every recorded scenario, by file name stem.
@@ -520,7 +465,7 @@ fn reports_text(s: &Scenario) -> String {
 /// and the shared `source.bin`.
 fn expected_files() -> Vec<(PathBuf, Vec<u8>)> {
     let dir = data_dir();
-    let mut out = vec![(dir.join("source.bin"), source(SRC_LEN as usize))];
+    let mut out = vec![(dir.join("source.bin"), source(SRC_BYTES))];
     for (name, s) in scenarios() {
         out.push((
             dir.join(format!("{name}.dma.jsonl")),
@@ -572,6 +517,21 @@ fn run(name: &str, variant: &str) -> MethodAudit {
     let mut a = audit(&load(name, variant), &expected_toml());
     assert_eq!(a.len(), 1, "{a:#?}");
     a.remove(0)
+}
+
+/// The audit of the first method in `input`, against the real expectations.
+fn audit_first(input: &AuditInput) -> MethodAudit {
+    audit(input, &expected_toml()).remove(0)
+}
+
+/// The simulator's log and source as an sg-on run without guest reports.
+fn sim_input(s: &Sim) -> AuditInput {
+    AuditInput {
+        records: s.records().to_vec(),
+        source: s.src.clone(),
+        reports: Vec::new(),
+        variant: "sg-on".into(),
+    }
 }
 
 /// The variant scenario `name` was recorded in (without re-making the scenarios).
@@ -626,7 +586,7 @@ fn copies_only_the_nic_saw_need_the_dirty_log() {
             d.dirtied.clear();
         }
     }
-    let a = zc_audit::audit(&input, &expected_toml()).remove(0);
+    let a = audit_first(&input);
     assert_eq!(a.cpu_copied_seen_by_nic, 0);
     assert!(a.cpu_copies < 0.5, "{a:#?}");
     assert_eq!(a.verdict, Verdict::Fail);
@@ -752,7 +712,7 @@ fn kernel_claiming_copies_on_a_zero_copy_run_is_a_finding_too() {
         completions: 2,
         copied: Some(2),
     });
-    let a = audit(&input, &expected_toml()).remove(0);
+    let a = audit_first(&input);
     assert_eq!(
         a.findings,
         vec!["kernel flagged 2 of 2 zero-copy sends as copied, but the NIC read 0.0% of the payload from copies"]
@@ -825,7 +785,7 @@ fn a_span_without_end_fails() {
     input.records.retain(
         |r| !matches!(r, zc_dma_log::Record::Marker(m) if Marker::end(Method::Sendfile).matches(&m.label)),
     );
-    let a = audit(&input, &expected_toml()).remove(0);
+    let a = audit_first(&input);
     assert_eq!(a.verdict, Verdict::Fail);
     assert_eq!(
         a.reasons,
@@ -838,7 +798,7 @@ fn a_span_without_end_fails() {
 /// One file page's worth of bytes in one frame, `len` bytes from stream offset 0,
 /// read by the NIC from `gpa`, after `prepare` set guest memory up.
 fn one_frame(prepare: impl FnOnce(&mut Sim), gpa: u64, len: u64) -> MethodAudit {
-    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut s = Sim::new(source(SRC_BYTES));
     let mut h = Heads::default();
     s.begin("sendfile");
     connect(&mut s, &mut h);
@@ -846,13 +806,7 @@ fn one_frame(prepare: impl FnOnce(&mut Sim), gpa: u64, len: u64) -> MethodAudit 
     sg_frame(&mut s, &mut h, 0, len, |o| gpa + o, false);
     s.sample(0);
     s.end("sendfile");
-    let input = AuditInput {
-        records: s.records().to_vec(),
-        source: s.src.clone(),
-        reports: Vec::new(),
-        variant: "sg-on".into(),
-    };
-    audit(&input, &expected_toml()).remove(0)
+    audit_first(&sim_input(&s))
 }
 
 const X: u64 = 0x0800_0000;
@@ -879,7 +833,7 @@ fn zero_copy_needs_the_same_page_offset() {
         .iter()
         .chain(&half)
         .cycle()
-        .take(SRC_LEN as usize)
+        .take(SRC_BYTES)
         .copied()
         .collect();
     let frame = |stream_off: u64| {
@@ -898,13 +852,7 @@ fn zero_copy_needs_the_same_page_offset() {
             false,
         );
         s.end("sendfile");
-        let input = AuditInput {
-            records: s.records().to_vec(),
-            source: s.src.clone(),
-            reports: Vec::new(),
-            variant: "sg-on".into(),
-        };
-        audit(&input, &expected_toml()).remove(0)
+        audit_first(&sim_input(&s))
     };
     assert_eq!(frame(0).nic_zero_copy_bytes, 2048);
     let shifted = frame(2048);
@@ -931,46 +879,35 @@ fn zero_copy_needs_the_same_page_offset() {
 // Counted, then re-dirtied with the same content still there: once.
 #[case::redirtied_unchanged(|s: &mut Sim| { s.blk_dma(&[(X + PAGE, 0, PAGE)]); s.cpu_copy(X, X + PAGE, PAGE); s.sample(0); s.cpu_touch(X); s.sample(1); }, PAGE)]
 fn cpu_dma_destination_rule(#[case] prepare: impl FnOnce(&mut Sim), #[case] copied: u64) {
-    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut s = Sim::new(source(SRC_BYTES));
     s.begin("sendfile");
     prepare(&mut s);
     s.end("sendfile");
-    let input = AuditInput {
-        records: s.records().to_vec(),
-        source: s.src.clone(),
-        reports: Vec::new(),
-        variant: "sg-on".into(),
-    };
-    let a = audit(&input, &expected_toml()).remove(0);
+    let a = audit_first(&sim_input(&s));
     assert_eq!(a.cpu_copied_bytes, copied, "{a:#?}");
 }
 
 #[test]
 fn dirty_records_after_end_count_only_up_to_the_end_sample() {
-    let mut s = Sim::new(source(SRC_LEN as usize));
+    let mut s = Sim::new(source(SRC_BYTES));
     s.begin("sendfile");
     s.end("sendfile");
     // Dirty after the END sample (another step's): not this method's.
     s.blk_dma(&[(X, 0, PAGE)]);
     s.cpu_copy(X + PAGE, X, PAGE);
     s.sample(7);
-    let mut input = AuditInput {
-        records: s.records().to_vec(),
-        source: s.src.clone(),
-        reports: Vec::new(),
-        variant: "sg-on".into(),
-    };
-    let a = audit(&input, &expected_toml()).remove(0);
+    let mut input = sim_input(&s);
+    let a = audit_first(&input);
     assert_eq!(a.dirty_samples, 1);
     assert_eq!(a.cpu_copied_bytes, 0);
     // Without the END sample the first dirty record after END is still taken...
     input
         .records
         .retain(|r| !matches!(r, zc_dma_log::Record::Dirty(d) if d.sample == END_SAMPLE));
-    let a = audit(&input, &expected_toml()).remove(0);
+    let a = audit_first(&input);
     assert_eq!(a.cpu_copied_bytes, PAGE);
     // ...unless another marker comes first.
-    let mut s2 = Sim::new(source(SRC_LEN as usize));
+    let mut s2 = Sim::new(source(SRC_BYTES));
     s2.begin("sendfile");
     s2.marker(&Marker::end(Method::Sendfile).label());
     s2.marker(&Marker::begin("other").label());
@@ -978,7 +915,7 @@ fn dirty_records_after_end_count_only_up_to_the_end_sample() {
     s2.cpu_copy(X + PAGE, X, PAGE);
     s2.sample(0);
     input.records = s2.records().to_vec();
-    let a = audit(&input, &expected_toml()).remove(0);
+    let a = audit_first(&input);
     assert_eq!((a.dirty_samples, a.cpu_copied_bytes), (0, 0));
 }
 

@@ -155,8 +155,8 @@ impl TapBackend {
         // and a raw pointer), for which all-zero bytes are a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         ifr.ifr_name = ifr_name;
-        // The flags are 16 bits in the ABI; both fit.
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        ifr.ifr_ifru.ifru_flags = libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI)
+            .expect("the flags are 16 bits in the ABI");
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `ifr` is a live,
         // properly sized and aligned `ifreq` that outlives the call, and `file` is an
         // open fd of /dev/net/tun. No other memory is touched.
@@ -220,7 +220,7 @@ impl TapBackend {
             let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
             ifr.ifr_name = ifr_name;
             let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET is 2"),
                 sin_port: 0,
                 sin_addr: libc::in_addr {
                     s_addr: u32::from(a).to_be(),
@@ -254,7 +254,8 @@ impl TapBackend {
         ioctl(libc::SIOCGIFFLAGS, &mut ifr).map_err(|e| err("read the flags", e))?;
         // SAFETY: SIOCGIFFLAGS just filled the union's flags member.
         let flags = unsafe { ifr.ifr_ifru.ifru_flags };
-        ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        let up = libc::c_short::try_from(libc::IFF_UP).expect("IFF_UP is 1");
+        ifr.ifr_ifru.ifru_flags = flags | up;
         ioctl(libc::SIOCSIFFLAGS, &mut ifr).map_err(|e| err("bring the interface up", e))?;
         Ok(())
     }
@@ -444,7 +445,7 @@ mod tests {
         while sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
         }
-        !(sum as u16)
+        !u16::try_from(sum).expect("folded to 16 bits")
     }
 
     fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {

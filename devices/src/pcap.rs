@@ -109,7 +109,8 @@ impl<W: Write> PcapWriter<W> {
         let orig_len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
         let incl_len = orig_len.min(self.snaplen);
         let mut record = [0u8; RECORD_HEADER_LEN];
-        record[0..4].copy_from_slice(&(since_epoch.as_secs() as u32).to_le_bytes());
+        let secs = u32::try_from(since_epoch.as_secs() & u64::from(u32::MAX)).expect("masked");
+        record[0..4].copy_from_slice(&secs.to_le_bytes());
         record[4..8].copy_from_slice(&since_epoch.subsec_nanos().to_le_bytes());
         record[8..12].copy_from_slice(&incl_len.to_le_bytes());
         record[12..16].copy_from_slice(&orig_len.to_le_bytes());
@@ -173,9 +174,10 @@ mod tests {
                 at + RECORD_HEADER_LEN <= bytes.len(),
                 "truncated record header"
             );
-            let incl = u32_at(bytes, at + 8) as usize;
+            let incl_len = u32_at(bytes, at + 8);
             let orig_len = u32_at(bytes, at + 12);
-            assert!(incl as u32 <= snaplen && incl as u32 <= orig_len);
+            assert!(incl_len <= snaplen && incl_len <= orig_len);
+            let incl = incl_len as usize;
             let start = at + RECORD_HEADER_LEN;
             assert!(start + incl <= bytes.len(), "truncated record data");
             records.push(Record {
@@ -196,7 +198,7 @@ mod tests {
         let frames: Vec<Vec<u8>> = (0..5u8)
             .map(|i| {
                 (0..60 + usize::from(i) * 300)
-                    .map(|b| b as u8 ^ i)
+                    .map(|b| b.to_le_bytes()[0] ^ i)
                     .collect()
             })
             .collect();
@@ -213,7 +215,7 @@ mod tests {
         assert_eq!(snaplen, DEFAULT_SNAPLEN);
         assert_eq!(records.len(), frames.len());
         for (i, (r, f)) in records.iter().zip(&frames).enumerate() {
-            assert_eq!(r.secs, 1_700_000_000 + i as u32);
+            assert_eq!(r.secs, 1_700_000_000 + u32::try_from(i).unwrap());
             assert_eq!(r.nanos, 123_456_789);
             assert_eq!(r.orig_len as usize, f.len());
             assert_eq!(&r.data, f);

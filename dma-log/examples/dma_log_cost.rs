@@ -16,15 +16,20 @@ use zc_dma_log::{
     Direction, DmaLog, RequestDetail,
 };
 
-const PAGE: usize = 4096;
+const PAGE_LEN: u32 = 4096;
+const PAGE: usize = PAGE_LEN as usize;
 /// One O_DIRECT 1 MiB read: 256 page-sized data descriptors.
 const REQ_PAGES: usize = 256;
+
+/// A loop counter as a queue index: the low 16 bits, as a ring wraps.
+fn ring_index(n: usize) -> u16 {
+    u16::try_from(n & 0xffff).expect("masked to 16 bits")
+}
 
 fn time(label: &str, ops: usize, f: impl FnOnce()) {
     let t = Instant::now();
     f();
-    let ns = t.elapsed().as_nanos() as f64 / ops as f64;
-    println!("{label:<44} {ns:>10.0} ns/op");
+    report(label, t.elapsed(), ops);
 }
 
 fn report(label: &str, d: std::time::Duration, ops: usize) {
@@ -32,23 +37,26 @@ fn report(label: &str, d: std::time::Duration, ops: usize) {
     println!("{label:<44} {ns:>10.0} ns/op");
 }
 
+/// A page-sized data descriptor of a blk read request, from an indirect table.
+fn blk_data(head: u16, desc: u16, gpa: u64) -> DescInfo {
+    DescInfo {
+        device: DeviceKind::Blk,
+        queue: 0,
+        head,
+        desc,
+        indirect: true,
+        gpa,
+        len: PAGE_LEN,
+        dir: Direction::DeviceWrites,
+        role: DescRole::Data,
+    }
+}
+
 fn blk_request(log: &DmaLog, mem: &GuestMemoryMmap, head: u16) {
     for i in 0..REQ_PAGES {
         let gpa = 0x10_0000 + (i * PAGE) as u64;
-        log.descriptor_from_guest(
-            mem,
-            DescInfo {
-                device: DeviceKind::Blk,
-                queue: 0,
-                head,
-                desc: (head + 1 + i as u16) % 1024,
-                indirect: true,
-                gpa,
-                len: PAGE as u32,
-                dir: Direction::DeviceWrites,
-                role: DescRole::Data,
-            },
-        );
+        let desc = (head + 1 + ring_index(i)) % 1024;
+        log.descriptor_from_guest(mem, blk_data(head, desc, gpa));
     }
     log.request(
         DeviceKind::Blk,
@@ -78,7 +86,7 @@ fn net_frame(log: &DmaLog, frame: &[u8], head: u16) {
                 desc: head,
                 indirect: false,
                 gpa: gpa + at as u64,
-                len: len as u32,
+                len: u32::try_from(len).expect("a frame is shorter than 4 GiB"),
                 dir: Direction::DeviceReads,
                 role,
             },
@@ -106,7 +114,7 @@ fn main() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect();
     mem.write_slice(&content, GuestAddress(0)).unwrap();
@@ -175,82 +183,46 @@ fn main() {
     let log = DmaLog::new(std::io::sink()).unwrap();
     blk_request(&log, &mem, 0);
     log.flush().unwrap();
-    let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
-    for r in 0..iters {
-        let c = Instant::now();
-        blk_request(&log, &mem, r as u16);
-        calls += c.elapsed();
-        log.flush().unwrap();
-    }
-    report("blk 1 MiB request, per page (calls)", calls, pages);
-    report("blk 1 MiB request, per page (+ flush)", t.elapsed(), pages);
+    time_logged("blk 1 MiB request, per page", &log, iters, |r| {
+        blk_request(&log, &mem, ring_index(r));
+    });
 
     // A read-only disk: the writer reads the image again instead of the device
     // copying guest memory.
     let mut image = tempfile::tempfile().unwrap();
     std::io::Write::write_all(&mut image, &content[..REQ_PAGES * PAGE]).unwrap();
     let stable = log.stable_file(&image).unwrap();
-    let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
-    for r in 0..iters {
-        let c = Instant::now();
+    time_logged("blk page from a read-only image", &log, iters, |r| {
         for i in 0..REQ_PAGES {
-            let d = DescInfo {
-                device: DeviceKind::Blk,
-                queue: 0,
-                head: r as u16,
-                desc: i as u16,
-                indirect: true,
-                gpa: 0x10_0000 + (i * PAGE) as u64,
-                len: PAGE as u32,
-                dir: Direction::DeviceWrites,
-                role: DescRole::Data,
-            };
+            let d = blk_data(ring_index(r), ring_index(i), 0x10_0000 + (i * PAGE) as u64);
             log.descriptor_from_file(d, stable, (i * PAGE) as u64);
         }
-        calls += c.elapsed();
-        log.flush().unwrap();
-    }
-    report("blk page from a read-only image (calls)", calls, pages);
-    report(
-        "blk page from a read-only image (+ flush)",
-        t.elapsed(),
-        pages,
-    );
-
-    let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
-    for r in 0..iters {
-        let c = Instant::now();
+    });
+    time_logged("desc record, no pieces", &log, iters, |r| {
         for i in 0..REQ_PAGES {
-            log.descriptor(
-                DescInfo {
-                    device: DeviceKind::Blk,
-                    queue: 0,
-                    head: r as u16,
-                    desc: i as u16,
-                    indirect: true,
-                    gpa: (i * PAGE) as u64,
-                    len: PAGE as u32,
-                    dir: Direction::DeviceWrites,
-                    role: DescRole::Data,
-                },
-                Vec::new(),
-            );
+            let d = blk_data(ring_index(r), ring_index(i), (i * PAGE) as u64);
+            log.descriptor(d, Vec::new());
         }
-        calls += c.elapsed();
-        log.flush().unwrap();
-    }
-    report("desc record, no pieces (calls)", calls, pages);
-    report("desc record, no pieces (+ flush)", t.elapsed(), pages);
+    });
+    time_logged("net TX frame 1514 B", &log, iters, |r| {
+        for f in 0..REQ_PAGES {
+            net_frame(&log, &tx, ring_index(r * REQ_PAGES + f));
+        }
+    });
+}
 
+/// The device-thread share of `iters` rounds of `round` (each [`REQ_PAGES`] records):
+/// each round is timed alone, then the writer is waited for (untimed). Prints that
+/// share and the total with the waits, per page.
+fn time_logged(label: &str, log: &DmaLog, iters: usize, mut round: impl FnMut(usize)) {
+    let pages = iters * REQ_PAGES;
     let (mut calls, t) = (std::time::Duration::ZERO, Instant::now());
     for r in 0..iters {
         let c = Instant::now();
-        for f in 0..REQ_PAGES {
-            net_frame(&log, &tx, (r * REQ_PAGES + f) as u16);
-        }
+        round(r);
         calls += c.elapsed();
         log.flush().unwrap();
     }
-    report("net TX frame 1514 B (calls)", calls, pages);
-    report("net TX frame 1514 B (+ flush)", t.elapsed(), pages);
+    report(&format!("{label} (calls)"), calls, pages);
+    report(&format!("{label} (+ flush)"), t.elapsed(), pages);
 }

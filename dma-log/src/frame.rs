@@ -107,7 +107,8 @@ pub fn summarize(frame: &[u8]) -> FrameSummary {
                 6 if l4.len() >= 20 => {
                     let doff = usize::from(l4[12] >> 4) * 4;
                     let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
-                    let len = l4.len().saturating_sub(doff.max(20)) as u32;
+                    let len = u32::try_from(l4.len().saturating_sub(doff.max(20)))
+                        .expect("within the IPv4 total length, a u16");
                     let f = l4[13];
                     let flags: String = [
                         (0x02, 'S'),
@@ -142,7 +143,10 @@ pub fn summarize(frame: &[u8]) -> FrameSummary {
                         text,
                         tcp_seq: Some(seq),
                         tcp_len: Some(len),
-                        tcp_payload_off: Some((ETH_HLEN + ihl + doff.max(20)) as u32),
+                        tcp_payload_off: Some(
+                            u32::try_from(ETH_HLEN + ihl + doff.max(20))
+                                .expect("headers of at most 14 + 60 + 60 bytes"),
+                        ),
                         tcp_ports: Some((be16(l4, 0), be16(l4, 2))),
                         tcp_flags: Some(flags),
                     }
@@ -180,7 +184,7 @@ mod tests {
         flags: u8,
         payload_len: usize,
     ) -> Vec<u8> {
-        let [len_hi, len_lo] = ((20 + 20 + payload_len) as u16).to_be_bytes();
+        let [len_hi, len_lo] = u16::try_from(20 + 20 + payload_len).unwrap().to_be_bytes();
         let mut f = MACS.to_vec();
         f.extend_from_slice(&[0x08, 0x00]);
         f.extend_from_slice(&[0x45, 0, len_hi, len_lo, 0, 1, 0x40, 0, 64, 6, 0, 0]);
@@ -190,7 +194,7 @@ mod tests {
         f.extend_from_slice(&seq.to_be_bytes());
         f.extend_from_slice(&1u32.to_be_bytes()); // ack
         f.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
-        f.extend((0..payload_len).map(|i| (i * 31 + 7) as u8));
+        f.extend((0..payload_len).map(|i| (i * 31 + 7).to_le_bytes()[0]));
         f
     }
 
@@ -254,7 +258,7 @@ mod tests {
             s.tcp_len.unwrap(),
         );
         assert_eq!(s.text, want);
-        assert_eq!(s.tcp_len, Some(payload_len as u32));
+        assert_eq!(s.tcp_len, Some(u32::try_from(payload_len).unwrap()));
         // Ethernet 14 + IPv4 20 + TCP 20 bytes of headers.
         assert_eq!(s.tcp_payload_off, Some(54));
         assert_eq!(s.tcp_ports, Some(ports));

@@ -4,7 +4,9 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::handle::COPY_LIMIT;
-use crate::{fingerprint, page_pieces, writer, DescInfo, DmaLog, Fingerprint, Piece, PAGE_SIZE};
+use crate::{
+    fingerprint, page_pieces, writer, DescInfo, DmaLog, Fingerprint, Piece, PAGE_BYTES, PAGE_SIZE,
+};
 
 /// Reads `[gpa, gpa + len)` from guest memory page piece by page piece and returns the
 /// fingerprint of each piece. Fails if any byte is outside guest memory.
@@ -13,8 +15,10 @@ pub fn pieces_from_guest<M: GuestMemory + ?Sized>(
     gpa: u64,
     len: u64,
 ) -> Result<Vec<Piece>, vm_memory::GuestMemoryError> {
-    let mut buf = [0u8; PAGE_SIZE as usize];
-    let mut out = Vec::with_capacity(len.div_ceil(PAGE_SIZE) as usize + 1);
+    let mut buf = [0u8; PAGE_BYTES];
+    // Only a capacity hint: a length beyond the address space fails on the first read.
+    let pages = usize::try_from(len.div_ceil(PAGE_SIZE)).unwrap_or(0);
+    let mut out = Vec::with_capacity(pages + 1);
     for (piece_gpa, piece_len) in page_pieces(gpa, len) {
         let bytes = &mut buf[..piece_len as usize];
         mem.read_slice(bytes, GuestAddress(piece_gpa))?;

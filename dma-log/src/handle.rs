@@ -112,7 +112,7 @@ impl DmaLog {
     pub fn new<W: Write + Send + 'static>(out: W) -> Result<Self, DmaLogError> {
         let start_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             .unwrap_or(0);
         let header = Record::Header(HeaderRecord {
             schema: SCHEMA.to_string(),
@@ -263,7 +263,7 @@ impl DmaLog {
 
     /// Records a dirty-page sample and the payload found in the dirtied pages.
     pub fn dirty(&self, sample: u32, dirtied: Vec<u64>, runs: Vec<PayloadRun>) {
-        let dirty_pages = dirtied.len() as u32;
+        let dirty_pages = u32::try_from(dirtied.len()).unwrap_or(u32::MAX);
         self.push(0, |_| writer::Body::Dirty {
             dirtied,
             sample,

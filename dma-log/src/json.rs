@@ -248,7 +248,7 @@ mod tests {
             (0..n)
                 .map(|i| Piece {
                     gpa: 0xfff + i * 4096,
-                    len: 1 + i as u32,
+                    len: 1 + u32::try_from(i).unwrap(),
                     hash: Fingerprint(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 60)),
                 })
                 .collect()
@@ -285,7 +285,7 @@ mod tests {
         ] {
             let info = DescInfo {
                 device,
-                queue: n as u16,
+                queue: u16::try_from(n).unwrap(),
                 head: u16::MAX,
                 desc: 7,
                 indirect,

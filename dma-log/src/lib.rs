@@ -16,7 +16,8 @@
 //!   record, and [`DmaLog::flush`] is what waits for the file to be complete.
 //! - Reading: [`DmaLogReader`] and [`read_log`] check the header and parse the
 //!   records.
-//! - Net requests carry a one-line summary of their frame: [`frame::summarize`].
+//! - [`frame`]: the one-line summary each net request carries of its frame
+//!   ([`frame::summarize`]).
 //!
 //! Fingerprints are 64-bit XXH3 hashes ([`fingerprint`]) of the bytes of each 4 KiB
 //! guest-page piece of a buffer ([`page_pieces`]). XXH3 was chosen over FNV-1a
@@ -28,8 +29,6 @@
 //! Feature `guest-memory` (on by default) adds `DmaLog::descriptor_from_guest` and
 //! `pieces_from_guest`, which read a `vm_memory::GuestMemory`; a reader of logs turns
 //! it off and builds no vm-memory.
-
-#![deny(missing_docs)]
 
 mod error;
 pub mod frame;
@@ -59,7 +58,10 @@ pub use record::{
 pub const SCHEMA: &str = "zc-dma-log/1";
 
 /// Size of a guest page as the log splits buffers (pieces never cross a multiple of it).
-pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SIZE: u64 = PAGE_BYTES as u64;
+
+/// [`PAGE_SIZE`] as a buffer length.
+pub const PAGE_BYTES: usize = 4096;
 
 /// The 64-bit fingerprint of `bytes` used throughout the log (XXH3-64, seed 0).
 pub fn fingerprint(bytes: &[u8]) -> u64 {
@@ -81,8 +83,8 @@ pub fn page_pieces(gpa: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
             .saturating_add(1)
             .saturating_mul(PAGE_SIZE);
         let piece_end = page_end.min(end);
-        // The piece is at most one page long, so it fits a u32.
-        let piece = (cur, (piece_end - cur) as u32);
+        let piece_len = u32::try_from(piece_end - cur).expect("a piece is at most one page");
+        let piece = (cur, piece_len);
         cur = piece_end;
         Some(piece)
     })

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock, Weak};
 
-use crate::{fingerprint, PAGE_SIZE};
+use crate::{fingerprint, PAGE_BYTES, PAGE_SIZE};
 
 /// Files larger than this are not indexed: the pass would take long and its table
 /// (8 bytes per page: 2 MiB per GiB) would grow with the image, for little gain on
@@ -78,16 +78,16 @@ impl PageTable {
 /// `None` if a read failed or the table was dropped meanwhile.
 fn hash_pages(file: &File, len: u64, table: &Weak<PageTable>) -> Option<Vec<u64>> {
     let whole = len - len % PAGE_SIZE;
-    let mut pages = Vec::with_capacity((whole / PAGE_SIZE) as usize);
+    let mut pages = Vec::with_capacity(usize::try_from(whole / PAGE_SIZE).ok()?);
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0u64;
     while off < whole {
         if table.strong_count() == 0 {
             return None;
         }
-        let n = (whole - off).min(CHUNK as u64) as usize;
+        let n = usize::try_from(whole - off).map_or(CHUNK, |left| left.min(CHUNK));
         file.read_exact_at(&mut buf[..n], off).ok()?;
-        pages.extend(buf[..n].chunks(PAGE_SIZE as usize).map(fingerprint));
+        pages.extend(buf[..n].chunks(PAGE_BYTES).map(fingerprint));
         off += n as u64;
     }
     Some(pages)
@@ -111,13 +111,13 @@ mod tests {
     #[test]
     fn whole_pages_get_the_fingerprint_of_their_bytes() {
         let mut f = tempfile::tempfile().unwrap();
-        let bytes: Vec<u8> = (0..(3 * CHUNK + 2 * PAGE_SIZE as usize + 100))
-            .map(|i| (i * 7 + i / 4096) as u8)
+        let bytes: Vec<u8> = (0..(3 * CHUNK + 2 * PAGE_BYTES + 100))
+            .map(|i| (i * 7 + i / 4096).to_le_bytes()[0])
             .collect();
         f.write_all(&bytes).unwrap();
         let table = PageTable::start(Arc::new(f));
         wait_ready(&table);
-        let page = PAGE_SIZE as usize;
+        let page = PAGE_BYTES;
         for index in [0usize, 1, 255, 256, 3 * 256 + 1] {
             let start = index * page;
             assert_eq!(

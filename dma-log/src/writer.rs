@@ -236,7 +236,7 @@ impl Shared {
         let pages = PageTable::start(file.clone());
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         files.push(StableEntry { file, pages });
-        (files.len() - 1) as u32
+        u32::try_from(files.len() - 1).expect("a log registers a handful of stable files")
     }
 
     /// Queues one record: `make` builds it (given the pending batch to copy guest
@@ -265,7 +265,7 @@ impl Shared {
         }
         let seq = st.seq;
         st.seq += 1;
-        let t_ns = self.start.elapsed().as_nanos() as u64;
+        let t_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let weight_before = st.pending.weight();
         let body = make(&mut st.pending);
         let p = &mut st.pending;
@@ -547,7 +547,8 @@ impl Sink {
                 done += n;
                 continue;
             }
-            self.scratch.resize(n as usize, 0);
+            self.scratch
+                .resize(usize::try_from(n).expect("at most FILE_CHUNK"), 0);
             entry.file.read_exact_at(&mut self.scratch, off + done).map_err(|e| {
                 io::Error::new(
                     e.kind(),

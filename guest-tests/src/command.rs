@@ -124,7 +124,7 @@ fn exec_child(
     stderr: Option<&CString>,
 ) -> ! {
     let fail = |what: String, code: i32| -> ! {
-        eprintln!("zc-init(host): {what}: {}", io::Error::last_os_error());
+        eprintln!("zc-guest(host): {what}: {}", io::Error::last_os_error());
         // SAFETY: _exit ends this forked child without running the parent's atexit
         // handlers or flushing its copied buffers twice.
         unsafe { libc::_exit(code) }

@@ -55,7 +55,7 @@ fn open_control() -> Option<Channel> {
     match UartTx::open(COM2) {
         Ok(tx) => Some(Control::new(tx)),
         Err(err) => {
-            println!("zc-init: error: {err}; no control channel");
+            println!("zc-guest: error: {err}; no control channel");
             None
         }
     }
@@ -78,7 +78,7 @@ fn run_steps(boot: &Boot, control: &mut Option<Channel>) -> Result<i32> {
     }
     send(control, |c| c.log(&text))?;
     println!(
-        "zc-init: kernel {}, /init reached at {:.2} s uptime, {}",
+        "zc-guest: kernel {}, /init reached at {:.2} s uptime, {}",
         boot.kernel_release,
         boot.uptime,
         summary.describe()
@@ -191,7 +191,7 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
             }
         };
         println!(
-            "zc-init: {} {}",
+            "zc-guest: {} {}",
             if outcome.ok { "ok" } else { "FAILED" },
             outcome.report
         );
@@ -261,20 +261,20 @@ fn hang(control: &mut Option<Channel>) -> Result<()> {
 
 /// Prints an error and logs it on the control channel; returns the exit status.
 fn report_failure(control: &mut Option<Channel>, err: &Error) -> i32 {
-    println!("zc-init: error: {err}");
+    println!("zc-guest: error: {err}");
     let _ = send(control, |c| c.log(&format!("error: {err}")));
     INIT_FAILED
 }
 
 fn finish(control: &mut Option<Channel>, code: i32) -> ! {
-    println!("zc-init: exit {code}, powering off");
+    println!("zc-guest: exit {code}, powering off");
     let _ = send(control, |c| c.exit(code));
     power::power_off()
 }
 
 /// A line for both the console and the control log.
 fn say(control: &mut Option<Channel>, text: &str) -> Result<()> {
-    println!("zc-init: {text}");
+    println!("zc-guest: {text}");
     send(control, |c| c.log(text))
 }
 

@@ -45,11 +45,11 @@ pub fn run(boot: &Boot) -> ! {
 /// Reports a failure (on the console, and in `<share>/cmd/error` when the output
 /// share is mounted) and powers off.
 pub fn fail(share: Option<&str>, err: &Error) -> ! {
-    println!("zc-init(host): error: {err}");
+    println!("zc-guest(host): error: {err}");
     if let Some(share) = share {
         let path = format!("{share}/cmd/error");
         if let Err(e) = write_synced(&path, format!("{err}\n").as_bytes()) {
-            println!("zc-init(host): also failed to record the error: {e}");
+            println!("zc-guest(host): also failed to record the error: {e}");
         }
     }
     finish(share)
@@ -57,11 +57,11 @@ pub fn fail(share: Option<&str>, err: &Error) -> ! {
 
 fn run_steps(boot: &Boot, share: &str, share_mounted: &mut bool) -> Result<()> {
     for option in &boot.options.unknown {
-        println!("zc-init(host): warning: ignoring unknown option {option}");
+        println!("zc-guest(host): warning: ignoring unknown option {option}");
     }
     let summary = modules::load_listed()?;
     println!(
-        "zc-init(host): kernel {}, /init reached at {:.2} s uptime, {}",
+        "zc-guest(host): kernel {}, /init reached at {:.2} s uptime, {}",
         boot.kernel_release,
         boot.uptime,
         summary.describe()
@@ -69,7 +69,7 @@ fn run_steps(boot: &Boot, share: &str, share_mounted: &mut bool) -> Result<()> {
     if let Some(why) = kvm_missing_reason() {
         // Not fatal: the command may not need KVM, and if it does it will say so
         // itself, with a status the runner sees.
-        println!("zc-init(host): warning: /dev/kvm is missing: {why}");
+        println!("zc-guest(host): warning: /dev/kvm is missing: {why}");
     }
 
     let mounts_started = Instant::now();
@@ -77,7 +77,7 @@ fn run_steps(boot: &Boot, share: &str, share_mounted: &mut bool) -> Result<()> {
     let cmd_dir = format!("{share}/cmd");
     let command = read_command(&cmd_dir)?;
     println!(
-        "zc-init(host): host root mounted in {:.2} s; running {} (cwd {})",
+        "zc-guest(host): host root mounted in {:.2} s; running {} (cwd {})",
         mounts_started.elapsed().as_secs_f64(),
         command.display(),
         command.cwd.to_string_lossy()
@@ -100,18 +100,18 @@ fn run_steps(boot: &Boot, share: &str, share_mounted: &mut bool) -> Result<()> {
     let took = started.elapsed().as_secs_f64();
     let code = status.code();
     if let CommandStatus::Signaled(_) = status {
-        println!("zc-init(host): command {status}");
+        println!("zc-guest(host): command {status}");
     }
     let status_path = format!("{cmd_dir}/status");
     write_synced(&status_path, code.to_string().as_bytes())?;
     if let Err(err) = File::open(&cmd_dir).and_then(|dir| dir.sync_all()) {
         // The file itself is synced; a directory fsync failing on 9p is not worth
         // losing the result over.
-        println!("zc-init(host): warning: fsync {cmd_dir}: {err}");
+        println!("zc-guest(host): warning: fsync {cmd_dir}: {err}");
     }
     let uptime = sys::uptime().map_or_else(|_| "?".to_string(), |u| format!("{u:.2}"));
     println!(
-        "zc-init(host): command exited with {code} after {took:.2} s (host uptime {uptime} s)"
+        "zc-guest(host): command exited with {code} after {took:.2} s (host uptime {uptime} s)"
     );
     Ok(())
 }
@@ -224,7 +224,7 @@ fn finish(share: Option<&str>) -> ! {
     if let Some(share) = share {
         if let Err(err) = mounts::umount(share) {
             // Data is already synced; a busy share (a leftover process) is not fatal.
-            println!("zc-init(host): warning: {err}");
+            println!("zc-guest(host): warning: {err}");
         }
     }
     power::power_off()

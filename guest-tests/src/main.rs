@@ -1,4 +1,4 @@
-//! `zc-init`: the static program that runs as `/init` (PID 1).
+//! `zc-guest`: the static program that runs as `/init` (PID 1).
 //!
 //! In a zc guest (`zc.role=guest`, the default) it loads the listed modules, runs
 //! the `zc.test=` steps (test disk, TCP sends) and reports over the COM2 control

@@ -1,7 +1,11 @@
 //! Loading the kernel modules listed in `/etc/zc/modules` with `finit_module`.
 //!
 //! The initramfs has no `modprobe` and no `modules.dep`: the image builder resolves
-//! dependencies and writes the list in load order, one path per line. As modprobe
+//! dependencies and writes the list in load order, one path per line; a line ending in
+//! ` optional` names a module the guest may go on without (a soft dependency, such as
+//! `crc32c_intel`, which refuses to load on a CPU without SSE4.2): its failure is
+//! reported, not fatal. A module that fails to load is one line naming it, the errno
+//! and the kernel's own message about it (read from the kernel log). As modprobe
 //! does, a `module.param=value` word on the kernel command line (e.g.
 //! `kvm_amd.npt=0`) is passed to that module when it loads; the kernel itself only
 //! applies such words to built-in code.
@@ -21,13 +25,32 @@ pub const MODULE_LIST: &str = "/etc/zc/modules";
 /// (needs `CONFIG_MODULE_DECOMPRESS`; Debian 6.12 kernels ship `.ko.xz`).
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
-/// Parses the module list: one path per line; blank lines and `#` comments are
-/// skipped, surrounding whitespace (including a `\r`) is trimmed.
-pub fn parse_module_list(text: &str) -> Vec<PathBuf> {
+/// One entry of the module list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The module file.
+    pub path: PathBuf,
+    /// Whether the guest goes on when it fails to load.
+    pub optional: bool,
+}
+
+/// Parses the module list: one path per line, optionally followed by ` optional`;
+/// blank lines and `#` comments are skipped, surrounding whitespace (including a
+/// `\r`) is trimmed.
+pub fn parse_module_list(text: &str) -> Vec<Listed> {
     text.lines()
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(PathBuf::from)
+        .map(|line| match line.strip_suffix(" optional") {
+            Some(path) => Listed {
+                path: PathBuf::from(path.trim_end()),
+                optional: true,
+            },
+            None => Listed {
+                path: PathBuf::from(line),
+                optional: false,
+            },
+        })
         .collect()
 }
 
@@ -78,6 +101,8 @@ pub struct Loaded {
     pub params: String,
     /// Time `finit_module` took.
     pub elapsed: Duration,
+    /// For an optional module that did not load: why (errno and the kernel's message).
+    pub failed: Option<String>,
 }
 
 /// What [`load_listed`] did.
@@ -92,15 +117,27 @@ pub struct Summary {
 impl Summary {
     /// One line for humans: `3 modules loaded in 0.05 s` (+ how many were present).
     pub fn describe(&self) -> String {
-        let present = self.modules.iter().filter(|m| !m.newly_loaded).count();
+        let present = self
+            .modules
+            .iter()
+            .filter(|m| !m.newly_loaded && m.failed.is_none())
+            .count();
+        let loaded = self.modules.iter().filter(|m| m.failed.is_none()).count();
         let mut text = format!(
-            "{} module{} loaded in {:.2} s",
-            self.modules.len(),
-            if self.modules.len() == 1 { "" } else { "s" },
+            "{loaded} module{} loaded in {:.2} s",
+            if loaded == 1 { "" } else { "s" },
             self.elapsed.as_secs_f64()
         );
         if present > 0 {
             text.push_str(&format!(" ({present} already present)"));
+        }
+        for m in &self.modules {
+            if let Some(why) = &m.failed {
+                text.push_str(&format!(
+                    ", optional {} not loaded: {why}",
+                    module_name(&m.path)
+                ));
+            }
         }
         for m in self.modules.iter().filter(|m| !m.params.is_empty()) {
             text.push_str(&format!(", {} with {}", module_name(&m.path), m.params));
@@ -114,7 +151,11 @@ impl Summary {
             .iter()
             .map(|m| {
                 let name = m.path.file_name().unwrap_or(m.path.as_os_str());
-                let note = if m.newly_loaded { "" } else { " (present)" };
+                let note = match (&m.failed, m.newly_loaded) {
+                    (Some(_), _) => " (failed, optional)",
+                    (None, true) => "",
+                    (None, false) => " (present)",
+                };
                 let params = if m.params.is_empty() {
                     String::new()
                 } else {
@@ -143,7 +184,19 @@ pub fn load_listed() -> Result<Summary> {
     let start = Instant::now();
     let modules = parse_module_list(&text)
         .into_iter()
-        .map(|path| load_one(&path, &cmdline_params(&cmdline, &module_name(&path))))
+        .map(|listed| {
+            let params = cmdline_params(&cmdline, &module_name(&listed.path));
+            match load_one(&listed.path, &params) {
+                Err(e) if listed.optional => Ok(Loaded {
+                    path: listed.path,
+                    newly_loaded: false,
+                    params,
+                    elapsed: Duration::ZERO,
+                    failed: Some(e.to_string()),
+                }),
+                other => other,
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Summary {
         modules,
@@ -179,6 +232,7 @@ fn load_one(path: &Path, params: &str) -> Result<Loaded> {
             newly_loaded: true,
             params: params.to_string(),
             elapsed,
+            failed: None,
         });
     }
     let err = io::Error::last_os_error();
@@ -188,13 +242,70 @@ fn load_one(path: &Path, params: &str) -> Result<Loaded> {
             newly_loaded: false,
             params: params.to_string(),
             elapsed,
+            failed: None,
         }),
-        errno => Err(Error::new(format!(
-            "loading module {}: {err}{}",
-            path.display(),
-            hint(errno, flags)
-        ))),
+        errno => {
+            let name = module_name(path);
+            let kernel = kernel_log()
+                .and_then(|log| kernel_message_about(&log, &name))
+                .map(|m| format!("; kernel: \"{m}\""))
+                .unwrap_or_default();
+            Err(Error::new(format!(
+                "loading module {name} ({}): {err}{}{kernel}",
+                path.display(),
+                hint(errno, flags)
+            )))
+        }
     }
+}
+
+/// The kernel log (`syslog(SYSLOG_ACTION_READ_ALL)`: no /dev/kmsg needed), or `None`.
+fn kernel_log() -> Option<String> {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER takes no buffer and only returns the log's size.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    let size = usize::try_from(size).ok().filter(|&s| s > 0)?.min(1 << 20);
+    let mut buf = vec![0u8; size];
+    // SAFETY: the buffer is valid for writes of `size` bytes, which is what we pass.
+    let n = unsafe {
+        libc::klogctl(
+            SYSLOG_ACTION_READ_ALL,
+            buf.as_mut_ptr().cast(),
+            libc::c_int::try_from(size).ok()?,
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    buf.truncate(n);
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The kernel's last message about module `name` (e.g. `<3>[    1.2] ext4: Unknown
+/// symbol jbd2_journal_start (err -2)` gives `ext4: Unknown symbol ...`): lines that
+/// start with `<name>: ` (after the level and timestamp) or mention `module <name>`.
+pub fn kernel_message_about(log: &str, name: &str) -> Option<String> {
+    let strip = |line: &str| -> String {
+        let mut l = line.trim();
+        if l.starts_with('<') {
+            if let Some(i) = l.find('>') {
+                l = &l[i + 1..];
+            }
+        }
+        if l.starts_with('[') {
+            if let Some(i) = l.find(']') {
+                l = &l[i + 1..];
+            }
+        }
+        l.trim().to_string()
+    };
+    let dashed = name.replace('_', "-");
+    log.lines().rev().map(strip).find(|l| {
+        [name, dashed.as_str()].iter().any(|n| {
+            l.starts_with(&format!("{n}: "))
+                || l.contains(&format!("module {n}"))
+                || l.contains(&format!("module: {n}"))
+        })
+    })
 }
 
 /// Why `finit_module` may have failed, for the usual errnos (the kernel log has the
@@ -224,14 +335,57 @@ mod tests {
     #[test]
     fn list_skips_blanks_and_comments() {
         let text = "# order matters\n/lib/modules/01-virtio.ko\n\n  /lib/modules/02-virtio_ring.ko.xz \r\n#x\n/lib/modules/03-9p.ko.zst";
+        let paths: Vec<PathBuf> = parse_module_list(text)
+            .into_iter()
+            .map(|l| l.path)
+            .collect();
         assert_eq!(
-            parse_module_list(text),
+            paths,
             vec![
                 PathBuf::from("/lib/modules/01-virtio.ko"),
                 PathBuf::from("/lib/modules/02-virtio_ring.ko.xz"),
                 PathBuf::from("/lib/modules/03-9p.ko.zst"),
             ]
         );
+        assert!(parse_module_list(text).iter().all(|l| !l.optional));
+    }
+
+    #[test]
+    fn optional_lines() {
+        let list = parse_module_list(
+            "/lib/modules/06-crc32c_intel.ko.xz optional\r\n/lib/modules/07-ext4.ko\n",
+        );
+        assert_eq!(
+            list,
+            [
+                Listed {
+                    path: "/lib/modules/06-crc32c_intel.ko.xz".into(),
+                    optional: true
+                },
+                Listed {
+                    path: "/lib/modules/07-ext4.ko".into(),
+                    optional: false
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_messages_about_a_module() {
+        let log = "<6>[    0.5] virtio_blk virtio1: [vda] 131072 512-byte logical blocks\n\
+                   <4>[    1.2] ext4: Unknown symbol jbd2_journal_start (err -2)\n\
+                   <4>[    1.3] ext4: Unknown symbol jbd2_journal_stop (err -2)\n\
+                   <3>[    1.4] crc32c-intel: no SSE4.2\n\
+                   <3>[    1.5] Invalid ELF header magic: != \\x7fELF\n";
+        assert_eq!(
+            kernel_message_about(log, "ext4").as_deref(),
+            Some("ext4: Unknown symbol jbd2_journal_stop (err -2)")
+        );
+        assert_eq!(
+            kernel_message_about(log, "crc32c_intel").as_deref(),
+            Some("crc32c-intel: no SSE4.2")
+        );
+        assert_eq!(kernel_message_about(log, "virtio_net"), None);
     }
 
     #[test]
@@ -277,12 +431,14 @@ mod tests {
                     newly_loaded: true,
                     params: String::new(),
                     elapsed: Duration::from_millis(3),
+                    failed: None,
                 },
                 Loaded {
                     path: "/lib/modules/02-kvm.ko.xz".into(),
                     newly_loaded: false,
                     params: "tdp_mmu=0".into(),
                     elapsed: Duration::ZERO,
+                    failed: None,
                 },
             ],
             elapsed: Duration::from_millis(50),
@@ -296,5 +452,23 @@ mod tests {
             "01-virtio.ko 0.003 s, 02-kvm.ko.xz [tdp_mmu=0] 0.000 s (present)"
         );
         assert_eq!(Summary::default().describe(), "0 modules loaded in 0.00 s");
+        let failed = Summary {
+            modules: vec![Loaded {
+                path: "/lib/modules/07-crc32c_intel.ko.xz".into(),
+                newly_loaded: false,
+                params: String::new(),
+                elapsed: Duration::ZERO,
+                failed: Some("No such device".into()),
+            }],
+            elapsed: Duration::from_millis(10),
+        };
+        assert_eq!(
+            failed.describe(),
+            "0 modules loaded in 0.01 s, optional crc32c_intel not loaded: No such device"
+        );
+        assert_eq!(
+            failed.details(),
+            "07-crc32c_intel.ko.xz 0.000 s (failed, optional)"
+        );
     }
 }

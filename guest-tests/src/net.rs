@@ -85,7 +85,7 @@ fn ifr_name_str(req: &libc::ifreq) -> String {
 pub fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     // SAFETY: sockaddr is plain old data; all-zero is valid.
     let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
-    sa.sa_family = libc::AF_INET as libc::sa_family_t;
+    sa.sa_family = libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET is 2");
     for (dst, src) in sa.sa_data[2..6].iter_mut().zip(addr.octets()) {
         *dst = src as c_char;
     }
@@ -98,7 +98,8 @@ fn set_up(sock: &IoctlSocket, ifname: &str) -> Result<()> {
     sock.ioctl(libc::SIOCGIFFLAGS, &mut req, "SIOCGIFFLAGS")?;
     // SAFETY: SIOCGIFFLAGS filled the union's flags member.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    let up = libc::c_short::try_from(libc::IFF_UP).expect("IFF_UP is 1");
+    req.ifr_ifru.ifru_flags = flags | up;
     sock.ioctl(libc::SIOCSIFFLAGS, &mut req, "SIOCSIFFLAGS IFF_UP")
 }
 
@@ -169,7 +170,7 @@ mod tests {
         // SAFETY: sockaddr and sockaddr_in are both 16 bytes of POD; this reads the
         // same bytes the kernel will.
         let sin: libc::sockaddr_in = unsafe { std::mem::transmute(sa) };
-        assert_eq!(sin.sin_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(i32::from(sin.sin_family), libc::AF_INET);
         assert_eq!(sin.sin_port, 0);
         assert_eq!(
             u32::from_be(sin.sin_addr.s_addr),

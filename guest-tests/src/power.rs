@@ -22,7 +22,7 @@ pub const PANIC_EXIT: i32 = 101;
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let message = format!("panic: {info}");
-        eprintln!("zc-init: {message}");
+        eprintln!("zc-guest: {message}");
         if let Some(report) = PANIC_REPORTER.get() {
             report(&message);
         }
@@ -47,13 +47,13 @@ pub fn power_off() -> ! {
     // SAFETY: reboot takes a command constant; it only returns on failure.
     unsafe { libc::reboot(libc::RB_POWER_OFF) };
     eprintln!(
-        "zc-init: power off failed: {}; trying a reset",
+        "zc-guest: power off failed: {}; trying a reset",
         io::Error::last_os_error()
     );
     // SAFETY: as above.
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     eprintln!(
-        "zc-init: reset failed too: {}; idling forever",
+        "zc-guest: reset failed too: {}; idling forever",
         io::Error::last_os_error()
     );
     loop {

@@ -19,7 +19,9 @@ use zc_protocol::{ack, Marker};
 
 /// Size of the `disk-roundtrip` file: large enough to span many blk requests and
 /// to not fit any single merged request.
-pub const ROUNDTRIP_BYTES: u64 = 8 << 20;
+pub const ROUNDTRIP_BYTES: u64 = ROUNDTRIP_LEN as u64;
+/// [`ROUNDTRIP_BYTES`] as a buffer length.
+const ROUNDTRIP_LEN: usize = 8 << 20;
 /// The `disk-roundtrip` file, removed again afterwards (so repeated runs on the
 /// same image leave its used space unchanged).
 pub const ROUNDTRIP_FILE: &str = "/mnt/roundtrip.bin";
@@ -108,7 +110,8 @@ pub fn disk_roundtrip() -> Result<Roundtrip> {
         .context(|| format!("creating {path} (is the disk mounted read-only, zc.disk=ro?)"))?;
     let mut offset = 0u64;
     while offset < ROUNDTRIP_BYTES {
-        let n = (ROUNDTRIP_BYTES - offset).min(buf.len() as u64) as usize;
+        let n =
+            usize::try_from(ROUNDTRIP_BYTES - offset).map_or(buf.len(), |left| left.min(buf.len()));
         pattern::fill(offset, &mut buf[..n]);
         file.write_all(&buf[..n])
             .context(|| format!("writing {path} at {offset}"))?;
@@ -120,7 +123,7 @@ pub fn disk_roundtrip() -> Result<Roundtrip> {
     disk::drop_caches()?;
 
     // Read everything first and compare afterwards, so read_s is I/O time only.
-    let mut data = vec![0u8; ROUNDTRIP_BYTES as usize];
+    let mut data = vec![0u8; ROUNDTRIP_LEN];
     let start = Instant::now();
     let mut file = File::open(path).context(|| format!("opening {path}"))?;
     let got = read_full(&mut file, &mut data).context(|| format!("reading {path}"))?;
@@ -447,14 +450,14 @@ mod tests {
         let size = 300_000u64;
         let peer = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
-            let mut got = vec![0u8; size as usize];
+            let mut got = vec![0u8; usize::try_from(size).unwrap()];
             conn.read_exact(&mut got).unwrap();
             conn.write_all(&size.to_le_bytes()).unwrap();
             got
         });
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.bin");
-        let mut data = vec![0u8; size as usize];
+        let mut data = vec![0u8; usize::try_from(size).unwrap()];
         pattern::fill(0, &mut data);
         std::fs::write(&path, &data).unwrap();
         let mut f = File::open(&path).unwrap();

@@ -359,7 +359,7 @@ pub fn write_content(file_seed: u64, size: u64, out: &mut impl Write) -> io::Res
     let mut index = 0u64;
     while left > 0 {
         fill_page(file_seed, index, &mut page);
-        let n = left.min(PAGE as u64) as usize;
+        let n = usize::try_from(left).map_or(PAGE, |left| left.min(PAGE));
         out.write_all(&page[..n])?;
         hash.update(&page[..n]);
         left -= n as u64;
@@ -491,7 +491,7 @@ pub fn build(req: &DiskRequest, progress: &mut dyn FnMut(&str)) -> Result<Built,
         image: image_name,
         size: req.size,
         fs: "ext4".to_string(),
-        block_size: PAGE as u32,
+        block_size: u32::try_from(PAGE).expect("a page is 4096 bytes"),
         journal: false,
         seed: hex_u64(req.seed),
         files_dir: FILES_DIR.to_string(),

@@ -167,7 +167,7 @@ pub(crate) mod testutil {
             let off = out.len();
             out.extend_from_slice(body);
             let mut sh = [0u8; 64];
-            sh[0..4].copy_from_slice(&(name_off as u32).to_le_bytes());
+            sh[0..4].copy_from_slice(&u32::try_from(name_off).unwrap().to_le_bytes());
             sh[4..8].copy_from_slice(&ty.to_le_bytes());
             sh[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());
             sh[0x20..0x28].copy_from_slice(&(body.len() as u64).to_le_bytes());
@@ -200,8 +200,9 @@ pub(crate) mod testutil {
         out[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
         out[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
         out[0x3A..0x3C].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
-        out[0x3C..0x3E].copy_from_slice(&(headers.len() as u16).to_le_bytes());
-        out[0x3E..0x40].copy_from_slice(&((headers.len() - 1) as u16).to_le_bytes());
+        let count = u16::try_from(headers.len()).unwrap();
+        out[0x3C..0x3E].copy_from_slice(&count.to_le_bytes());
+        out[0x3E..0x40].copy_from_slice(&(count - 1).to_le_bytes());
         out
     }
 
@@ -254,7 +255,7 @@ mod tests {
         }
         // A section whose offset points past the end.
         let mut bad = elf.clone();
-        let shoff = u64_at(&bad, 0x28) as usize;
+        let shoff = usize::try_from(u64_at(&bad, 0x28)).unwrap();
         let sh1 = shoff + 64;
         bad[sh1 + 0x18..sh1 + 0x20].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(section(&bad, ".modinfo").is_err());

@@ -214,6 +214,8 @@ impl<W: Write> CpioWriter<W> {
         let ino = self.next_ino;
         self.next_ino = self.next_ino.wrapping_add(1);
         let namesize = name.len() + 1;
+        let namesize_field =
+            u32::try_from(namesize).map_err(|_| InitramfsError::BadName(name.to_string()))?;
         let fields = [
             ino,
             mode,
@@ -226,7 +228,7 @@ impl<W: Write> CpioWriter<W> {
             0, // devminor
             rdev.0,
             rdev.1,
-            namesize as u32,
+            namesize_field,
             0, // check
         ];
         let mut hdr = Vec::with_capacity(HEADER_LEN + namesize + 3);
@@ -529,7 +531,7 @@ mod tests {
     fn padding_at_every_length(#[case] len: usize) {
         for name_len in 1..=5 {
             let name = "n".repeat(name_len);
-            let data: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + 1).to_le_bytes()[0]).collect();
             let mut w = CpioWriter::new(Vec::new());
             w.add_file(&name, 0o644, &data).unwrap();
             w.add_file("after", 0o600, b"z").unwrap();

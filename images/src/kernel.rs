@@ -294,7 +294,7 @@ pub(crate) mod testutil {
         img[0x202..0x206].copy_from_slice(b"HdrS");
         img[0x206..0x208].copy_from_slice(&0x020Fu16.to_le_bytes());
         let at = 0x300usize;
-        img[0x20E..0x210].copy_from_slice(&((at - 0x200) as u16).to_le_bytes());
+        img[0x20E..0x210].copy_from_slice(&u16::try_from(at - 0x200).unwrap().to_le_bytes());
         img[at..at + version.len()].copy_from_slice(version.as_bytes());
         img
     }

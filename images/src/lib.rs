@@ -4,6 +4,8 @@
 //!   a Debian kernel package;
 //! - [`kernel`]: what is known about one kernel (Debian's or the user's own bzImage or
 //!   vmlinux), including its version read from the image;
+//! - [`kconfig`]: the kernel's config (`.config`, `config-<release>`, IKCONFIG) and the
+//!   preflight: what a guest needs from it, the methods a kernel skips, the fragment;
 //! - [`modules`]: `.modinfo` of `.ko[.xz|.zst|.gz]` files, the module index of a
 //!   `lib/modules/<release>` directory, and load-order resolution;
 //! - [`initramfs`]: a newc cpio writer (gzip'd) and a reader;
@@ -14,13 +16,13 @@
 //! - [`kbuild`]: kernels built from source (tinyconfig + zc's Kconfig fragment,
 //!   patches, cached by their inputs) and users' kernel trees.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod debian;
 pub mod disk;
 pub mod elf;
 pub mod initramfs;
 pub mod kbuild;
+pub mod kconfig;
 pub mod kernel;
 pub mod modules;
 pub mod role;

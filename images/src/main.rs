@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use zc_images::debian::{self, Flavour};
 use zc_images::disk::{self, DiskRequest, FileSpec};
 use zc_images::initramfs;
-use zc_images::role::{self, BuildRequest, KernelSource, Role};
+use zc_images::kconfig::{self, KernelConfig, Transport, TransportChoice};
+use zc_images::kernel;
+use zc_images::modules::ModuleIndex;
+use zc_images::role::{self, BuildRequest, GuestNeeds, KernelSource, Role, RoleError};
 use zc_images::vmlinux;
 
 mod kernel_cmd;
@@ -44,9 +47,18 @@ enum Cmd {
         /// Modules of --kernel: `lib/modules/<release>`, or an `INSTALL_MOD_PATH`.
         #[arg(long, value_name = "DIR", requires = "kernel")]
         modules_dir: Option<PathBuf>,
-        /// Another module to load (with its dependencies); repeatable.
+        /// Another module to load (with its dependencies); repeatable. The guest's
+        /// transport, disk, NIC and filesystem modules come in without naming them.
         #[arg(long = "module", value_name = "NAME")]
         modules: Vec<String>,
+        /// The virtio transport(s) the guest's modules are for: any (every one the
+        /// kernel has, at least one), mmio or pci.
+        #[arg(long, value_enum, default_value = "any")]
+        transport: TransportArg,
+        /// The kernel's config, when it is not beside the image (.config of the tree,
+        /// config-<release>) or inside it (IKCONFIG).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Where Debian kernels are downloaded and unpacked.
         #[arg(long, default_value = "images/cache")]
         cache: PathBuf,
@@ -88,6 +100,31 @@ enum Cmd {
         #[arg(long, value_parser = parse_seed, default_value_t = disk::DEFAULT_SEED)]
         seed: u64,
     },
+    /// Check a kernel's config before any boot: one line per missing option and what
+    /// breaks, and the methods it will SKIP. Exit 0: the guest can run; 1: it
+    /// cannot; 2: bad input (no kernel, no config found).
+    CheckConfig {
+        /// A bzImage or vmlinux, a kernel source tree (with .config), an unpacked
+        /// kernel package (boot/vmlinuz-*, lib/modules/*), or a config file.
+        kernel: PathBuf,
+        /// The kernel's config, when it is not where zc looks (see `build --config`).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The kernel's modules (`lib/modules/<release>`): a driver built as a module
+        /// (=m) is fine only if its module is there.
+        #[arg(long, value_name = "DIR")]
+        modules_dir: Option<PathBuf>,
+        /// The transport the guest will use: any, mmio or pci.
+        #[arg(long, value_enum, default_value = "any")]
+        transport: TransportArg,
+        /// Print the result as JSON (fatal lines, skipped methods, warnings).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the Kconfig fragment a zc guest kernel needs (virtio-pci, virtio-blk,
+    /// virtio-net, ext4, the 8250 console, ACPI, PCI/MSI, io_uring, ...), to merge
+    /// with the kernel's scripts/kconfig/merge_config.sh.
+    ConfigFragment,
     /// List the entries of an initramfs (gzip'd or plain newc cpio).
     ListInitramfs {
         /// The archive, e.g. images/out/guest/initrd.img.
@@ -108,6 +145,23 @@ enum Cmd {
 enum RoleArg {
     Guest,
     Host,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TransportArg {
+    Any,
+    Mmio,
+    Pci,
+}
+
+impl From<TransportArg> for TransportChoice {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Any => TransportChoice::Any,
+            TransportArg::Mmio => TransportChoice::Only(Transport::Mmio),
+            TransportArg::Pci => TransportChoice::Only(Transport::Pci),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -136,7 +190,174 @@ fn step(line: &str) {
     println!("zc-image: {line}");
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// What `check-config KERNEL` points at.
+struct KernelArg {
+    image: Option<PathBuf>,
+    config: Option<PathBuf>,
+    modules_dir: Option<PathBuf>,
+    release: Option<String>,
+}
+
+/// Works out the image, config and modules of a `check-config` argument (see its help).
+fn kernel_arg(path: &Path) -> Result<KernelArg> {
+    let mut arg = KernelArg {
+        image: None,
+        config: None,
+        modules_dir: None,
+        release: None,
+    };
+    if path.is_dir() {
+        let first = |dir: &Path, prefix: &str| -> Option<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .ok()?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(prefix))
+                })
+                .collect();
+            v.sort();
+            v.pop()
+        };
+        // A kernel source tree, or an unpacked package (boot/ and lib/modules/).
+        for image in [path.join("arch/x86/boot/bzImage"), path.join("vmlinux")] {
+            if arg.image.is_none() && image.is_file() {
+                arg.image = Some(image);
+            }
+        }
+        if path.join(".config").is_file() {
+            arg.config = Some(path.join(".config"));
+        }
+        if arg.image.is_none() {
+            arg.image = first(&path.join("boot"), "vmlinuz-");
+        }
+        if let Some(image) = &arg.image {
+            let release = kernel::release_of(&kernel::image_version(image)?).to_string();
+            let modules = path.join("lib/modules").join(&release);
+            if modules.is_dir() {
+                arg.modules_dir = Some(modules);
+            }
+            arg.release = Some(release);
+        }
+        if arg.image.is_none() && arg.config.is_none() {
+            anyhow::bail!(
+                "{} holds no kernel: expected arch/x86/boot/bzImage or vmlinux (a source tree), \
+                 or boot/vmlinuz-* (an unpacked package)",
+                path.display()
+            );
+        }
+        return Ok(arg);
+    }
+    match kernel::image_version(path) {
+        Ok(version) => {
+            arg.release = Some(kernel::release_of(&version).to_string());
+            arg.image = Some(path.to_path_buf());
+        }
+        Err(image_err) => {
+            // Not an image: perhaps a config file itself.
+            // Report the image error: a config file is the rarer argument.
+            KernelConfig::read(path).map_err(|_| anyhow::anyhow!("{image_err}"))?;
+            arg.config = Some(path.to_path_buf());
+        }
+    }
+    Ok(arg)
+}
+
+/// The release a config file names in its header (`# Linux/x86 6.12.0 Kernel
+/// Configuration`).
+fn release_in_config(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().take(5).find_map(|l| {
+        let rest = l.strip_prefix("# Linux/")?;
+        let (_, rest) = rest.split_once(' ')?;
+        rest.strip_suffix(" Kernel Configuration")
+            .map(str::to_string)
+    })
+}
+
+fn check_config(
+    kernel_path: &Path,
+    config: Option<PathBuf>,
+    modules_dir: Option<PathBuf>,
+    transport: TransportChoice,
+    json: bool,
+) -> Result<ExitCode> {
+    let bad = |e: anyhow::Error| -> Result<ExitCode> {
+        eprintln!("zc-image: error: {e:#}");
+        Ok(ExitCode::from(2))
+    };
+    let arg = match kernel_arg(kernel_path) {
+        Ok(a) => a,
+        Err(e) => return bad(e),
+    };
+    let modules_dir = modules_dir.or(arg.modules_dir);
+    let index = match modules_dir.as_deref().map(ModuleIndex::scan).transpose() {
+        Ok(i) => i,
+        Err(e) => return bad(e.into()),
+    };
+    let explicit = config.or(arg.config);
+    let release = arg
+        .release
+        .clone()
+        .or_else(|| explicit.as_deref().and_then(release_in_config))
+        .unwrap_or_default();
+    let found = match &arg.image {
+        Some(image) => kconfig::find_config(explicit.as_deref(), image, &release, index.as_ref()),
+        None => explicit.as_deref().map(KernelConfig::read).transpose(),
+    };
+    let config = match found {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return bad(anyhow::anyhow!(
+                "no config found for {}: no .config or config-{release} beside it and no IKCONFIG inside; pass --config FILE",
+                kernel_path.display()
+            ))
+        }
+        Err(e) => return bad(e.into()),
+    };
+    let p = match kconfig::preflight(&config, &release, transport, index.as_ref()) {
+        Ok(p) => p,
+        Err(e) => return bad(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        println!(
+            "zc-image: kernel {}, config from {}{}",
+            if release.is_empty() {
+                "(release unknown)"
+            } else {
+                &release
+            },
+            p.config,
+            match &modules_dir {
+                Some(d) => format!(", modules in {}", d.display()),
+                None => ", no modules directory".into(),
+            }
+        );
+        for line in p.lines() {
+            println!("{line}");
+        }
+        if p.ok() {
+            let t: Vec<String> = p.transports.iter().map(ToString::to_string).collect();
+            println!(
+                "OK: the guest can run (transport: {}; {} method(s) skipped)",
+                t.join(" or "),
+                p.skips.len()
+            );
+        } else {
+            println!("FAIL: the guest cannot run on this kernel; `zc-image config-fragment` lists every option zc needs");
+        }
+    }
+    Ok(if p.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Build {
             role,
@@ -145,6 +366,8 @@ fn run(cli: Cli) -> Result<()> {
             kernel,
             modules_dir,
             modules,
+            transport,
+            config,
             cache,
             out,
         } => {
@@ -163,10 +386,29 @@ fn run(cli: Cli) -> Result<()> {
                 init,
                 kernel,
                 extra_modules: modules,
+                guest: GuestNeeds {
+                    transport: transport.into(),
+                    ..GuestNeeds::default()
+                },
+                config,
+                alias_cache: role::user_cache_dir().map(|d| d.join("module-aliases")),
                 cache,
                 out,
             };
-            let built = role::build(&req, &mut |l: &str| step(l))?;
+            let built = match role::build(&req, &mut |l: &str| step(l)) {
+                Err(RoleError::Preflight(p)) => {
+                    for line in p.lines() {
+                        eprintln!("zc-image: {line}");
+                    }
+                    eprintln!(
+                        "zc-image: error: the guest cannot run on kernel {} (config: {}); nothing was written. \
+                         Enable the options above (`zc-image config-fragment` lists them all)",
+                        p.release, p.config
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+                other => other?,
+            };
             for w in &built.warnings {
                 eprintln!("zc-image: warning: {w}");
             }
@@ -224,6 +466,14 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::BuildKernel(args) => kernel_cmd::run(args)?,
+        Cmd::CheckConfig {
+            kernel,
+            config,
+            modules_dir,
+            transport,
+            json,
+        } => return check_config(&kernel, config, modules_dir, transport.into(), json),
+        Cmd::ConfigFragment => print!("{}", kconfig::fragment()),
         Cmd::ListInitramfs { file } => list(&file)?,
         Cmd::Vmlinux { kernel, out } => {
             let x = vmlinux::extract_file(&kernel, &out)?;
@@ -238,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn list(file: &Path) -> Result<()> {
@@ -254,7 +504,7 @@ fn list(file: &Path) -> Result<()> {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("zc-image: error: {e:#}");
             ExitCode::FAILURE

@@ -1,7 +1,11 @@
 //! Roles: everything one kind of VM boots, assembled into `<out>/<role>/`.
 //!
 //! - `guest`: the VM under test (booted by `zc-vmm`). Debian's cloud kernel by default;
-//!   modules for `virtio_mmio virtio_blk virtio_net` and their dependencies.
+//!   modules for what the guest needs ([`GuestNeeds`]): the virtio transport
+//!   (`virtio_mmio`, `virtio_pci`), `virtio_blk`, `virtio_net` and the test disk's
+//!   filesystem (`ext4`), with everything they need (hard and soft dependencies,
+//!   aliases; see [`crate::modules`]). Before anything is written the kernel's config
+//!   goes through the preflight ([`crate::kconfig::preflight`]).
 //! - `host`: the emulated KVM host (run under QEMU TCG). Debian's generic kernel;
 //!   modules for `kvm_amd virtio_mmio 9pnet_virtio 9p` and their dependencies (on 6.1
 //!   `kvm_amd`'s `depends=` is `kvm,ccp`, so `ccp` comes in without being named).
@@ -16,8 +20,10 @@
 //! The initramfs holds `/init` (the static guest program, 0755), the directories
 //! `/dev /proc /sys /tmp /host /etc/zc /lib/modules /root`, `/dev/console` (c 5 1:
 //! without it the kernel gives /init no stdout), `/lib/modules/<NN>-<name>.ko[.xz|.zst]`
-//! (the kernel's own compression, for `finit_module(MODULE_INIT_COMPRESSED_FILE)`),
-//! `/etc/zc/modules` (those paths in load order, one per line) and
+//! (the kernel's own compression when its config says it decompresses that itself,
+//! for `finit_module(MODULE_INIT_COMPRESSED_FILE)`; else decompressed here),
+//! `/etc/zc/modules` (those paths in load order, one per line; a line ending in
+//! ` optional` names a module the guest may go on without, such as `crc32c_intel`) and
 //! `/etc/zc/kernel.json` (the same [`RoleKernel`] as `<out>/<role>/kernel.json`).
 
 use std::fmt;
@@ -30,11 +36,39 @@ use thiserror::Error;
 use crate::debian::{self, DebianError, Flavour};
 use crate::elf;
 use crate::initramfs::{self, InitramfsError};
+use crate::kconfig::{self, ConfigError, KernelConfig, MethodSkip, Preflight, TransportChoice};
 use crate::kernel::{self, KernelError, KernelInfo};
-use crate::modules::{Module, ModuleError, ModuleIndex};
+use crate::modules::{self, Compression, DepSource, Module, ModuleError, ModuleIndex, Want};
 
 /// Bumped whenever the output layout changes, so old outputs are rebuilt.
-const STAMP_FORMAT: u32 = 1;
+const STAMP_FORMAT: u32 = 2;
+
+/// What the guest needs from its kernel, beyond what every guest needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNeeds {
+    /// The virtio transport(s) the guest's devices may sit on.
+    pub transport: TransportChoice,
+    /// The test disk's filesystem (`zc-image disk` makes ext4).
+    pub filesystem: String,
+}
+
+impl Default for GuestNeeds {
+    fn default() -> Self {
+        Self {
+            transport: TransportChoice::Any,
+            filesystem: "ext4".into(),
+        }
+    }
+}
+
+/// One thing a role needs from the kernel's modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    /// This module (or alias), built in or as a file.
+    Module(String),
+    /// At least one of these; every one the kernel has goes in.
+    AnyOf(Vec<String>),
+}
 
 /// Which VM the output is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,12 +97,34 @@ impl Role {
         }
     }
 
-    /// The modules the role needs; their dependencies are resolved from `.modinfo`.
-    pub fn module_roots(self) -> &'static [&'static str] {
+    /// What the role needs from the kernel's modules (`guest` applies to the guest
+    /// role only); their dependencies are resolved by [`ModuleIndex::resolve`].
+    pub fn needs(self, guest: &GuestNeeds) -> Vec<Need> {
+        let m = |n: &str| Need::Module(n.to_string());
         match self {
-            Role::Guest => &["virtio_mmio", "virtio_blk", "virtio_net"],
-            // `tun`: for `zc-vmm run --net tap` inside the emulated host.
-            Role::Host => &["kvm_amd", "virtio_mmio", "9pnet_virtio", "9p", "tun"],
+            Role::Guest => {
+                let transports = guest
+                    .transport
+                    .transports()
+                    .iter()
+                    .map(|t| t.module().to_string())
+                    .collect();
+                vec![
+                    Need::AnyOf(transports),
+                    m("virtio_blk"),
+                    m("virtio_net"),
+                    m(&guest.filesystem),
+                ]
+            }
+            // QEMU's microvm gives the host virtio-mmio devices; `tun`: for
+            // `zc-vmm run --net tap` inside the emulated host.
+            Role::Host => vec![
+                m("kvm_amd"),
+                m("virtio_mmio"),
+                m("9pnet_virtio"),
+                m("9p"),
+                m("tun"),
+            ],
         }
     }
 }
@@ -105,8 +161,14 @@ pub struct BuildRequest {
     pub init: PathBuf,
     /// The kernel.
     pub kernel: KernelSource,
-    /// Extra module roots beyond [`Role::module_roots`].
+    /// Extra module roots beyond [`Role::needs`].
     pub extra_modules: Vec<String>,
+    /// What the guest needs (transport, filesystem).
+    pub guest: GuestNeeds,
+    /// The kernel's config, when it is not where [`kconfig::find_config`] looks.
+    pub config: Option<PathBuf>,
+    /// Where module aliases read from `.modinfo` are kept between builds.
+    pub alias_cache: Option<PathBuf>,
     /// Debian kernel cache directory.
     pub cache: PathBuf,
     /// Output directory; the role's files go to `<out>/<role>/`.
@@ -134,6 +196,12 @@ pub struct RoleKernel {
     /// Role modules that needed no file because they are built in (or, for a user
     /// kernel without a modules directory, are assumed to be).
     pub builtin: Vec<String>,
+    /// The modules of [`RoleKernel::modules`] the guest may go on without.
+    #[serde(default)]
+    pub optional_modules: Vec<String>,
+    /// Methods the guest will skip on this kernel (from the preflight).
+    #[serde(default)]
+    pub skipped_methods: Vec<MethodSkip>,
 }
 
 /// What a build produced.
@@ -181,6 +249,22 @@ pub enum RoleError {
     /// Module resolution failed.
     #[error(transparent)]
     Modules(#[from] ModuleError),
+    /// None of the modules of a need is in the kernel.
+    #[error("the kernel has none of {} (neither built in nor in {dir}): {why}", .names.join(", "))]
+    NoneOf {
+        /// The candidates.
+        names: Vec<String>,
+        /// The modules directory.
+        dir: PathBuf,
+        /// What it is needed for.
+        why: &'static str,
+    },
+    /// The kernel's config cannot be read.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The preflight found that the guest cannot run on this kernel.
+    #[error("the guest cannot run on kernel {}:\n{}", .0.release, .0.lines().join("\n"))]
+    Preflight(Box<Preflight>),
     /// Writing the initramfs failed.
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
@@ -200,7 +284,61 @@ pub fn build(req: &BuildRequest, progress: &mut dyn FnMut(&str)) -> Result<Built
         }
     };
     let extra: Vec<&str> = req.extra_modules.iter().map(String::as_str).collect();
-    build_with_kernel(req.role, &req.init, &kernel, &extra, &req.out, progress)
+    let opts = BuildOptions {
+        guest: req.guest.clone(),
+        config: req.config.clone(),
+        alias_cache: req.alias_cache.clone(),
+    };
+    build_with_kernel(
+        req.role, &req.init, &kernel, &extra, &opts, &req.out, progress,
+    )
+}
+
+/// How to build, beyond the kernel and the init program.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// What the guest needs (transport, filesystem).
+    pub guest: GuestNeeds,
+    /// The kernel's config, when it is not where [`kconfig::find_config`] looks.
+    pub config: Option<PathBuf>,
+    /// Where module aliases read from `.modinfo` are kept between builds (see
+    /// [`ModuleIndex::with_alias_cache`]); `None`: read them every time.
+    pub alias_cache: Option<PathBuf>,
+}
+
+/// The user's cache directory for zc: `$XDG_CACHE_HOME/zc`, else `$HOME/.cache/zc`.
+pub fn user_cache_dir() -> Option<PathBuf> {
+    let xdg = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty());
+    match xdg {
+        Some(x) => Some(PathBuf::from(x).join("zc")),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/zc")),
+    }
+}
+
+/// The kernel's config (see [`kconfig::find_config`]) and, for the guest role, the
+/// preflight over it. `None`s when no config is found.
+pub fn preflight_kernel(
+    role: Role,
+    kernel: &KernelInfo,
+    opts: &BuildOptions,
+    index: Option<&ModuleIndex>,
+) -> Result<(Option<KernelConfig>, Option<Preflight>), RoleError> {
+    let config = kconfig::find_config(
+        opts.config.as_deref(),
+        &kernel.vmlinuz,
+        &kernel.release,
+        index,
+    )?;
+    let preflight = match (&config, role) {
+        (Some(c), Role::Guest) => Some(kconfig::preflight(
+            c,
+            &kernel.release,
+            opts.guest.transport,
+            index,
+        )?),
+        _ => None,
+    };
+    Ok((config, preflight))
 }
 
 fn check_init(init: &Path) -> Result<(), RoleError> {
@@ -228,44 +366,89 @@ fn init_warnings(init: &Path, data: &[u8]) -> Vec<String> {
     }
 }
 
-/// The modules to load for `role` (plus `extra` roots) on `kernel`, in load order,
-/// and the roots that are built in.
-pub fn plan_modules(
-    role: Role,
-    kernel: &KernelInfo,
-    extra: &[&str],
-) -> Result<(Vec<Module>, Vec<String>), RoleError> {
-    let roots: Vec<&str> = role
-        .module_roots()
-        .iter()
-        .copied()
-        .chain(extra.iter().copied())
-        .collect();
-    let Some(dir) = &kernel.modules_dir else {
-        // A user's kernel without modules: everything must be built in.
-        return Ok((
-            vec![],
-            roots.iter().map(|r| crate::modules::normalise(r)).collect(),
-        ));
-    };
-    let index = ModuleIndex::scan(dir)?;
-    let order = index.resolve(&roots)?;
-    let builtin = roots
-        .iter()
-        .filter(|r| index.is_builtin(r))
-        .map(|r| crate::modules::normalise(r))
-        .collect();
-    Ok((order, builtin))
+/// The module set of a role on one kernel.
+#[derive(Debug, Clone, Default)]
+pub struct ModulePlan {
+    /// The modules to load, in load order.
+    pub modules: Vec<Module>,
+    /// What the role needs that is built in (or assumed to be: no modules directory).
+    pub builtin: Vec<String>,
+    /// Soft dependencies found nowhere (`module: name`).
+    pub absent: Vec<String>,
+    /// Where dependencies were read from; `None` without a modules directory.
+    pub source: Option<DepSource>,
 }
 
-/// Path of a module inside the initramfs: `/lib/modules/<NN>-<name><suffix>`, NN from 01.
-pub fn module_path_in_initramfs(index: usize, module: &Module) -> String {
-    format!(
-        "/lib/modules/{:02}-{}{}",
-        index + 1,
-        module.name,
-        module.compression.suffix()
-    )
+/// The modules to load for `role` (plus `extra` roots) on `kernel`, in load order.
+/// `index` is the kernel's module index (`None`: the kernel has no modules
+/// directory, so everything is assumed built in).
+pub fn plan_modules(
+    role: Role,
+    index: Option<&ModuleIndex>,
+    guest: &GuestNeeds,
+    extra: &[&str],
+) -> Result<ModulePlan, RoleError> {
+    let mut needs = role.needs(guest);
+    needs.extend(extra.iter().map(|e| Need::Module(e.to_string())));
+    let Some(index) = index else {
+        let builtin = needs
+            .iter()
+            .map(|n| match n {
+                Need::Module(m) => modules::normalise(m),
+                Need::AnyOf(list) => list.join(" or "),
+            })
+            .collect();
+        return Ok(ModulePlan {
+            builtin,
+            ..ModulePlan::default()
+        });
+    };
+    let mut wants = Vec::new();
+    for need in &needs {
+        match need {
+            Need::Module(m) => wants.push(Want::required(m)),
+            Need::AnyOf(list) => {
+                let mut any = false;
+                for m in list {
+                    if index.provides(m)? {
+                        wants.push(Want::required(m));
+                        any = true;
+                    }
+                }
+                if !any {
+                    return Err(RoleError::NoneOf {
+                        names: list.clone(),
+                        dir: index.dir().to_path_buf(),
+                        why: "the guest needs a virtio transport to find its disk and NIC",
+                    });
+                }
+            }
+        }
+    }
+    let r = index.resolve(&wants)?;
+    Ok(ModulePlan {
+        modules: r.modules,
+        builtin: r.builtin,
+        absent: r.absent,
+        source: Some(index.source()),
+    })
+}
+
+/// How a module is stored in the initramfs: as the kernel ships it when the kernel
+/// decompresses that itself, else uncompressed (decompressed here). Without a config
+/// zc cannot tell, so it decompresses.
+pub fn stored_compression(module: &Module, config: Option<&KernelConfig>) -> Compression {
+    if config.is_some_and(|c| c.decompresses(module.compression)) {
+        module.compression
+    } else {
+        Compression::None
+    }
+}
+
+/// Path of a module inside the initramfs: `/lib/modules/<NN>-<name><suffix>`, NN from
+/// 01, the suffix that of how it is stored.
+pub fn module_path_in_initramfs(index: usize, name: &str, stored: Compression) -> String {
+    format!("/lib/modules/{:02}-{}{}", index + 1, name, stored.suffix())
 }
 
 /// Directories every initramfs has, with their permission bits.
@@ -289,6 +472,11 @@ pub fn write_initramfs(
     modules: &[Module],
     info: &RoleKernel,
 ) -> Result<(), RoleError> {
+    assert_eq!(
+        info.module_paths.len(),
+        modules.len(),
+        "one path per module"
+    );
     let tmp = initramfs::temp_path(path);
     let mut w = initramfs::create_gz(&tmp)?;
     for (dir, mode) in DIRS {
@@ -297,10 +485,16 @@ pub fn write_initramfs(
     w.add_char_dev("/dev/console", 0o600, 5, 1)?;
     w.add_file_from_path("/init", 0o755, init)?;
     let mut list = String::new();
-    for (i, m) in modules.iter().enumerate() {
-        let p = module_path_in_initramfs(i, m);
-        w.add_file_from_path(&p, 0o644, &m.path)?;
-        list.push_str(&p);
+    for (m, p) in modules.iter().zip(&info.module_paths) {
+        if p.ends_with(m.compression.suffix()) {
+            w.add_file_from_path(p, 0o644, &m.path)?;
+        } else {
+            w.add_file(p, 0o644, &modules::read_uncompressed(&m.path)?)?;
+        }
+        list.push_str(p);
+        if !m.required {
+            list.push_str(" optional");
+        }
         list.push('\n');
     }
     w.add_file("/etc/zc/modules", 0o644, list.as_bytes())?;
@@ -353,6 +547,9 @@ struct Stamp {
     release: String,
     vmlinuz: FileId,
     modules: Vec<(String, FileId)>,
+    module_paths: Vec<String>,
+    optional_modules: Vec<String>,
+    skipped_methods: Vec<MethodSkip>,
     builtin: Vec<String>,
 }
 
@@ -364,6 +561,7 @@ pub fn build_with_kernel(
     init: &Path,
     kernel: &KernelInfo,
     extra_modules: &[&str],
+    opts: &BuildOptions,
     out: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Built, RoleError> {
@@ -374,8 +572,58 @@ pub fn build_with_kernel(
     let kernel_json = dir.join("kernel.json");
     let stamp_path = dir.join(".stamp.json");
 
-    let (modules, builtin) = plan_modules(role, kernel, extra_modules)?;
+    let index = kernel
+        .modules_dir
+        .as_deref()
+        .map(ModuleIndex::scan)
+        .transpose()?
+        .map(|i| match &opts.alias_cache {
+            Some(dir) => i.with_alias_cache(dir.clone()),
+            None => i,
+        });
     let mut warnings = Vec::new();
+    // The preflight comes first: a guest that cannot run stops here, before anything
+    // is written.
+    let (config, preflight) = preflight_kernel(role, kernel, opts, index.as_ref())?;
+    match (&config, &preflight) {
+        (_, Some(p)) if !p.ok() => return Err(RoleError::Preflight(Box::new(p.clone()))),
+        (_, Some(p)) => {
+            progress(&format!("{role}: preflight of {}: the guest can run", p.config));
+            for line in p.lines() {
+                progress(&format!("{role}: preflight: {line}"));
+            }
+        }
+        (Some(c), None) => progress(&format!("{role}: kernel config: {}", c.source)),
+        (None, _) => warnings.push(format!(
+            "no config found for kernel {} (no .config or config-{} beside the image, no IKCONFIG in it): \
+             preflight skipped, modules go in decompressed; pass --config FILE",
+            kernel.release, kernel.release
+        )),
+    }
+    let skipped_methods = preflight.map(|p| p.skips).unwrap_or_default();
+
+    let plan = plan_modules(role, index.as_ref(), &opts.guest, extra_modules)?;
+    if let Some(source) = plan.source {
+        progress(&format!("{role}: module dependencies from {source}"));
+    }
+    for m in &plan.modules {
+        if m.reason != modules::Reason::Wanted || !m.required {
+            progress(&format!(
+                "{role}:   {} ({}{})",
+                m.name,
+                m.reason,
+                if m.required { "" } else { ", optional" }
+            ));
+        }
+    }
+    if !plan.absent.is_empty() {
+        progress(&format!(
+            "{role}: soft dependencies this kernel does not have: {}",
+            plan.absent.join(", ")
+        ));
+    }
+    let modules = plan.modules;
+    let builtin = plan.builtin;
     if kernel.modules_dir.is_none() {
         warnings.push(format!(
             "kernel {} has no modules directory (--modules-dir): assuming {} are built in",
@@ -408,9 +656,17 @@ pub fn build_with_kernel(
         module_paths: modules
             .iter()
             .enumerate()
-            .map(|(i, m)| module_path_in_initramfs(i, m))
+            .map(|(i, m)| {
+                module_path_in_initramfs(i, &m.name, stored_compression(m, config.as_ref()))
+            })
             .collect(),
         builtin: builtin.clone(),
+        optional_modules: modules
+            .iter()
+            .filter(|m| !m.required)
+            .map(|m| m.name.clone())
+            .collect(),
+        skipped_methods,
     };
     let stamp = Stamp {
         format: STAMP_FORMAT,
@@ -425,6 +681,9 @@ pub fn build_with_kernel(
             .iter()
             .map(|m| Ok((m.name.clone(), FileId::of(&m.path)?)))
             .collect::<Result<_, RoleError>>()?,
+        module_paths: info.module_paths.clone(),
+        optional_modules: info.optional_modules.clone(),
+        skipped_methods: info.skipped_methods.clone(),
         builtin,
     };
     let init_data = std::fs::read(init).map_err(|source| RoleError::Io {
@@ -542,7 +801,7 @@ mod tests {
         if blk_builtin {
             std::fs::write(
                 mods.join("modules.builtin"),
-                "kernel/drivers/block/virtio_blk.ko\n",
+                "kernel/drivers/block/virtio_blk.ko\nkernel/fs/ext4/ext4.ko\n",
             )
             .unwrap();
         } else {
@@ -556,6 +815,16 @@ mod tests {
             std::fs::write(mods.join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
         }
         std::fs::create_dir_all(root.join("k/boot")).unwrap();
+        // A config with everything the guest needs, drivers as modules, as Debian's.
+        let mut config: String = crate::kconfig::REQUIREMENTS
+            .iter()
+            .map(|r| match r.module {
+                Some(_) => format!("CONFIG_{}=m\n", r.option),
+                None => format!("CONFIG_{}=y\n", r.option),
+            })
+            .collect();
+        config = config.replace("CONFIG_EXT4_FS=m", "CONFIG_EXT4_FS=y");
+        std::fs::write(root.join("k/boot").join(format!("config-{rel}")), config).unwrap();
         let vmlinuz = root.join("k/boot").join(format!("vmlinuz-{rel}"));
         std::fs::write(
             &vmlinuz,
@@ -586,6 +855,7 @@ mod tests {
             &f.init,
             &f.kernel,
             &[],
+            &BuildOptions::default(),
             &f.root.join("out"),
             &mut |l: &str| lines.push(l.to_string()),
         )
@@ -672,7 +942,7 @@ mod tests {
         let f = fixture(true);
         let b = build(&f, &mut vec![]);
         assert!(!b.info.modules.contains(&"virtio_blk".to_string()));
-        assert_eq!(b.info.builtin, ["virtio_blk"]);
+        assert_eq!(b.info.builtin, ["virtio_blk", "ext4"]);
     }
 
     #[test]
@@ -724,6 +994,7 @@ mod tests {
             &f.init,
             &other,
             &[],
+            &BuildOptions::default(),
             &f.root.join("out"),
             &mut |_| {},
         )
@@ -747,6 +1018,7 @@ mod tests {
             &f.init,
             &f.kernel,
             &[],
+            &BuildOptions::default(),
             &f.root.join("o"),
             &mut |_| {},
         )
@@ -758,6 +1030,7 @@ mod tests {
             &f.root.join("nope"),
             &f.kernel,
             &[],
+            &BuildOptions::default(),
             &f.root.join("o"),
             &mut |_| {},
         )
@@ -772,8 +1045,16 @@ mod tests {
         k.package = None;
         k.deb_version = None;
         k.modules_dir = None;
-        let b = build_with_kernel(Role::Host, &f.init, &k, &[], &f.root.join("o"), &mut |_| {})
-            .unwrap();
+        let b = build_with_kernel(
+            Role::Host,
+            &f.init,
+            &k,
+            &[],
+            &BuildOptions::default(),
+            &f.root.join("o"),
+            &mut |_| {},
+        )
+        .unwrap();
         assert!(b.info.modules.is_empty());
         assert_eq!(
             b.info.builtin,
@@ -818,10 +1099,246 @@ mod tests {
             &f.init,
             &f.kernel,
             &["extra-one"],
+            &BuildOptions::default(),
             &f.root.join("o"),
             &mut |_| {},
         )
         .unwrap();
         assert_eq!(b.info.modules.last().map(String::as_str), Some("extra_one"));
+    }
+
+    fn config_path(f: &Fixture) -> PathBuf {
+        f.kernel
+            .vmlinuz
+            .with_file_name(format!("config-{}", f.kernel.release))
+    }
+
+    fn edit_config(f: &Fixture, from: &str, to: &str) {
+        let p = config_path(f);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{from}");
+        std::fs::write(&p, text.replace(from, to)).unwrap();
+    }
+
+    #[test]
+    fn preflight_stops_the_build_before_anything_is_written() {
+        let f = fixture(false);
+        edit_config(
+            &f,
+            "CONFIG_VIRTIO_NET=m\n",
+            "# CONFIG_VIRTIO_NET is not set\n",
+        );
+        let out = f.root.join("out");
+        let err = build_with_kernel(
+            Role::Guest,
+            &f.init,
+            &f.kernel,
+            &[],
+            &BuildOptions::default(),
+            &out,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        match &err {
+            RoleError::Preflight(p) => {
+                assert_eq!(
+                    p.lines(),
+                    ["CONFIG_VIRTIO_NET is not set: the guest has no NIC"]
+                )
+            }
+            other => panic!("expected a preflight error, got {other}"),
+        }
+        assert!(!out.exists(), "nothing may be written");
+        // The host role has no preflight.
+        assert!(!matches!(
+            build_with_kernel(
+                Role::Host,
+                &f.init,
+                &f.kernel,
+                &[],
+                &BuildOptions::default(),
+                &out,
+                &mut |_| {}
+            ),
+            Err(RoleError::Preflight(_))
+        ));
+    }
+
+    #[test]
+    fn skipped_methods_go_into_kernel_json() {
+        let f = fixture(false);
+        edit_config(&f, "CONFIG_IO_URING=y\n", "# CONFIG_IO_URING is not set\n");
+        let b = build(&f, &mut vec![]);
+        assert_eq!(b.info.skipped_methods.len(), 1);
+        assert_eq!(
+            b.info.skipped_methods[0].method,
+            zc_protocol::Method::UringSendZc
+        );
+        let outer: RoleKernel =
+            serde_json::from_str(&std::fs::read_to_string(&b.kernel_json).unwrap()).unwrap();
+        assert_eq!(outer.skipped_methods, b.info.skipped_methods);
+        let text = std::fs::read_to_string(&b.kernel_json).unwrap();
+        assert!(text.contains("\"method\": \"uring_send_zc\""), "{text}");
+    }
+
+    #[test]
+    fn the_transport_is_a_parameter_of_the_plan() {
+        let f = fixture(false);
+        let mods = f.kernel.modules_dir.clone().unwrap();
+        let index = ModuleIndex::scan(&mods).unwrap();
+        let pci = GuestNeeds {
+            transport: TransportChoice::Only(kconfig::Transport::Pci),
+            ..GuestNeeds::default()
+        };
+        let err = plan_modules(Role::Guest, Some(&index), &pci, &[]).unwrap_err();
+        assert!(err.to_string().contains("none of virtio_pci"), "{err}");
+        write_module(
+            &mods,
+            "drivers/virtio",
+            "virtio_pci",
+            &["virtio", "virtio_ring"],
+            None,
+        );
+        let index = ModuleIndex::scan(&mods).unwrap();
+        let plan = plan_modules(Role::Guest, Some(&index), &pci, &[]).unwrap();
+        let names: Vec<&str> = plan.modules.iter().map(|m| m.name.as_str()).collect();
+        assert!(
+            names.contains(&"virtio_pci") && !names.contains(&"virtio_mmio"),
+            "{names:?}"
+        );
+        let any = plan_modules(Role::Guest, Some(&index), &GuestNeeds::default(), &[]).unwrap();
+        let names: Vec<&str> = any.modules.iter().map(|m| m.name.as_str()).collect();
+        assert!(
+            names.contains(&"virtio_pci") && names.contains(&"virtio_mmio"),
+            "{names:?}"
+        );
+        // Neither transport at all.
+        std::fs::remove_file(mods.join("kernel/drivers/virtio/virtio_pci.ko")).unwrap();
+        std::fs::remove_file(mods.join("kernel/drivers/virtio/virtio_mmio.ko")).unwrap();
+        let index = ModuleIndex::scan(&mods).unwrap();
+        let err = plan_modules(Role::Guest, Some(&index), &GuestNeeds::default(), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("none of virtio_mmio, virtio_pci"),
+            "{err}"
+        );
+    }
+
+    /// Replaces virtio_net.ko with a compressed copy.
+    fn compress_virtio_net(f: &Fixture, c: Compression) -> Vec<u8> {
+        let dir = f
+            .kernel
+            .modules_dir
+            .as_ref()
+            .unwrap()
+            .join("kernel/drivers/net");
+        let raw = std::fs::read(dir.join("virtio_net.ko")).unwrap();
+        let packed = match c {
+            Compression::Xz => {
+                let mut out = Vec::new();
+                lzma_rs::xz_compress(&mut raw.as_slice(), &mut out).unwrap();
+                out
+            }
+            Compression::Gzip => {
+                use std::io::Write;
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(&raw).unwrap();
+                e.finish().unwrap()
+            }
+            Compression::Zstd => {
+                // One raw block: ruzstd has no encoder.
+                let mut out = vec![0x28, 0xB5, 0x2F, 0xFD, 0xA0];
+                let len = u32::try_from(raw.len()).expect("a test module is small");
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&(1u32 | (len << 3)).to_le_bytes()[..3]);
+                out.extend_from_slice(&raw);
+                out
+            }
+            Compression::None => unreachable!(),
+        };
+        std::fs::remove_file(dir.join("virtio_net.ko")).unwrap();
+        std::fs::write(dir.join(format!("virtio_net{}", c.suffix())), &packed).unwrap();
+        raw
+    }
+
+    #[rstest::rstest]
+    #[case::xz(Compression::Xz, "XZ")]
+    #[case::zstd(Compression::Zstd, "ZSTD")]
+    #[case::gzip(Compression::Gzip, "GZIP")]
+    fn compressed_modules_are_kept_only_when_the_kernel_decompresses_them(
+        #[case] c: Compression,
+        #[case] option: &str,
+    ) {
+        let f = fixture(false);
+        let raw = compress_virtio_net(&f, c);
+        let find = |b: &Built| {
+            let entries = read_archive_file(&b.initrd).unwrap();
+            let i = b
+                .info
+                .modules
+                .iter()
+                .position(|m| m == "virtio_net")
+                .unwrap();
+            let p = b.info.module_paths[i].clone();
+            let e = entries
+                .into_iter()
+                .find(|e| format!("/{}", e.name) == p)
+                .unwrap();
+            (p, e.data)
+        };
+        // The fixture's config has no MODULE_DECOMPRESS: zc decompresses.
+        let b = build(&f, &mut vec![]);
+        let (path, data) = find(&b);
+        assert!(path.ends_with("-virtio_net.ko"), "{path}");
+        assert_eq!(data, raw);
+        // With the kernel's own decompressor for that format: kept as shipped.
+        let p = config_path(&f);
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str(&format!(
+            "CONFIG_MODULE_DECOMPRESS=y\nCONFIG_MODULE_COMPRESS_{option}=y\n"
+        ));
+        std::fs::write(&p, text).unwrap();
+        let b = build(&f, &mut vec![]);
+        assert!(b.rebuilt);
+        let (path, data) = find(&b);
+        assert!(
+            path.ends_with(&format!("-virtio_net{}", c.suffix())),
+            "{path}"
+        );
+        let shipped = f
+            .kernel
+            .modules_dir
+            .as_ref()
+            .unwrap()
+            .join(format!("kernel/drivers/net/virtio_net{}", c.suffix()));
+        assert_eq!(data, std::fs::read(shipped).unwrap());
+    }
+
+    #[test]
+    fn optional_modules_are_marked_in_the_list() {
+        let f = fixture(false);
+        let mods = f.kernel.modules_dir.clone().unwrap();
+        std::fs::write(mods.join("modules.builtin"), "").unwrap();
+        write_module(&mods, "fs/ext4", "ext4", &[], Some("pre: crc32c"));
+        crate::modules::testutil::write_module_with_aliases(
+            &mods,
+            "crypto",
+            "crc32c_generic",
+            &[],
+            None,
+            &["crc32c"],
+        );
+        let b = build(&f, &mut vec![]);
+        assert_eq!(b.info.optional_modules, ["crc32c_generic"]);
+        let entries = read_archive_file(&b.initrd).unwrap();
+        let list = entries.iter().find(|e| e.name == "etc/zc/modules").unwrap();
+        let list = String::from_utf8(list.data.clone()).unwrap();
+        let lines: Vec<&str> = list.lines().collect();
+        let n = b.info.modules.len();
+        assert_eq!(lines.len(), n);
+        assert_eq!(
+            lines[n - 2],
+            format!("/lib/modules/{:02}-crc32c_generic.ko optional", n - 1)
+        );
+        assert_eq!(lines[n - 1], format!("/lib/modules/{n:02}-ext4.ko"));
     }
 }

@@ -203,6 +203,11 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
 }
 
+/// `n` modulo 2^32: what a 32-bit size trailer and the BCJ filter's positions hold.
+fn low32(n: usize) -> u32 {
+    u32::try_from(n & 0xffff_ffff).expect("masked to 32 bits")
+}
+
 /// Finds the compressed kernel in a bzImage through the setup header (boot protocol
 /// 2.08 or later) and tells its format. Fails with [`VmlinuxError::UnknownFormat`] for
 /// unknown magic; a known but unsupported format is returned (see
@@ -313,7 +318,7 @@ impl Payload<'_> {
         if trailer && data.len() >= 4 {
             let expected = u32_at(data, data.len() - 4);
             // Compare modulo 2^32, as the trailer is.
-            if out.len() as u32 != expected {
+            if low32(out.len()) != expected {
                 return Err(VmlinuxError::SizeMismatch {
                     format,
                     got: out.len(),
@@ -595,7 +600,7 @@ fn bcj_x86_decode(buf: &mut [u8], start: u32) {
         prev_pos = i;
         if ms_byte(buf[i + 4]) {
             let mut src = u32_at(buf, i + 1);
-            let here = start.wrapping_add(i as u32).wrapping_add(5);
+            let here = start.wrapping_add(low32(i)).wrapping_add(5);
             let mut dest;
             loop {
                 dest = src.wrapping_sub(here);
@@ -603,7 +608,7 @@ fn bcj_x86_decode(buf: &mut [u8], start: u32) {
                     break;
                 }
                 let j = BIT_NUM[prev_mask as usize] * 8;
-                if !ms_byte((dest >> (24 - j)) as u8) {
+                if !ms_byte((dest >> (24 - j)).to_le_bytes()[0]) {
                     break;
                 }
                 src = dest ^ ((1u32 << (32 - j)) - 1);
@@ -661,15 +666,15 @@ mod tests {
         let pm_start = 4 * 512;
         let offset = 0x100;
         img.resize(pm_start + offset, 0xCC);
-        img[0x248..0x24C].copy_from_slice(&(offset as u32).to_le_bytes());
-        img[0x24C..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        img[0x248..0x24C].copy_from_slice(&u32::try_from(offset).unwrap().to_le_bytes());
+        img[0x24C..0x250].copy_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
         img.extend_from_slice(payload);
         img.extend_from_slice(&[0xCC; 100]); // what follows the payload in a real image
         img
     }
 
     fn with_size(mut stream: Vec<u8>, size: usize) -> Vec<u8> {
-        stream.extend_from_slice(&(size as u32).to_le_bytes());
+        stream.extend_from_slice(&u32::try_from(size).unwrap().to_le_bytes());
         stream
     }
 
@@ -684,7 +689,7 @@ mod tests {
         let mut out = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
         for c in data.chunks(chunk) {
             let block = lz4_flex::block::compress(c);
-            out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            out.extend_from_slice(&u32::try_from(block.len()).unwrap().to_le_bytes());
             out.extend_from_slice(&block);
         }
         out
@@ -699,7 +704,7 @@ mod tests {
         let chunks: Vec<&[u8]> = data.chunks(1000).collect();
         for (i, c) in chunks.iter().enumerate() {
             let last = u32::from(i + 1 == chunks.len());
-            let header = last | ((c.len() as u32) << 3); // raw block
+            let header = last | (u32::try_from(c.len()).unwrap() << 3); // raw block
             out.extend_from_slice(&header.to_le_bytes()[..3]);
             out.extend_from_slice(c);
         }
@@ -833,7 +838,7 @@ mod tests {
                     x ^= x << 13;
                     x ^= x >> 17;
                     x ^= x << 5;
-                    [0xE8, 0xE9, 0x00, 0xFF, x as u8][(x % 5) as usize]
+                    [0xE8, 0xE9, 0x00, 0xFF, x.to_le_bytes()[0]][usize::try_from(x % 5).unwrap()]
                 })
                 .collect();
             bcj_x86_decode(&mut buf, x);
@@ -907,7 +912,7 @@ mod tests {
             set(0x248, u32::MAX),
             set(0x24C, u32::MAX),
             set(0x24C, len + 101), // one byte past the end of the file
-            set(0x248, img.len() as u32),
+            set(0x248, u32::try_from(img.len()).unwrap()),
         ] {
             let e = extract_vmlinux(&bad).unwrap_err();
             assert!(
@@ -1036,7 +1041,7 @@ mod tests {
         assert_eq!(x.vmlinux_len, elf.len());
         assert_eq!(
             x.bzimage_len,
-            std::fs::metadata(&src).unwrap().len() as usize
+            usize::try_from(std::fs::metadata(&src).unwrap().len()).unwrap()
         );
         assert!(!dir.path().join("vmlinux.tmp").exists());
 

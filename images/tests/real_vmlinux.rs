@@ -75,7 +75,7 @@ fn check(info: &KernelInfo) {
     // Loadable at physical addresses from CONFIG_PHYSICAL_START (16 MiB on Debian), with
     // the entry point (startup_64's physical address) inside the first, executable one.
     let entry = u64_at(&elf, 0x18);
-    let phoff = u64_at(&elf, 0x20) as usize;
+    let phoff = usize::try_from(u64_at(&elf, 0x20)).unwrap();
     let phentsize = usize::from(u16_at(&elf, 0x36));
     let phnum = usize::from(u16_at(&elf, 0x38));
     let loads: Vec<(u64, u64, u64, u32)> = (0..phnum)

@@ -259,14 +259,25 @@ mod tests {
             self.next() % n
         }
 
+        /// An index into a slice of `len` items.
+        fn index(&mut self, len: usize) -> usize {
+            usize::try_from(self.below(len as u64)).expect("below len")
+        }
+
+        /// The low 32 bits of the next value, as an `i32`.
+        fn low_i32(&mut self) -> i32 {
+            let [a, b, c, d, ..] = self.next().to_le_bytes();
+            i32::from_le_bytes([a, b, c, d])
+        }
+
         /// Text of up to 40 characters, biased towards what can break a line
         /// format: spaces, control characters, `\r`, DEL and non-ASCII.
         fn text(&mut self) -> String {
             const SPECIAL: &[char] = &[' ', '\n', '\r', '\t', '\0', '\x1b', '\x7f', 'é', '€', '{'];
             (0..self.below(41))
                 .map(|_| match self.below(4) {
-                    0 => SPECIAL[self.below(SPECIAL.len() as u64) as usize],
-                    _ => char::from(b' ' + self.below(95) as u8),
+                    0 => SPECIAL[self.index(SPECIAL.len())],
+                    _ => char::from(b' ' + u8::try_from(self.below(95)).expect("below 95")),
                 })
                 .collect()
         }
@@ -284,7 +295,7 @@ mod tests {
                 3 => ControlMessage::Log { text: self.text() },
                 4 => ControlMessage::Report { json: self.text() },
                 _ => ControlMessage::Exit {
-                    code: self.next() as i32,
+                    code: self.low_i32(),
                 },
             }
         }
@@ -348,7 +359,7 @@ mod tests {
         let mut gen = Gen(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
             const VERBS: &[&str] = &["hello", "mark", "log", "report", "bogus", ""];
-            let verb = VERBS[gen.below(VERBS.len() as u64) as usize];
+            let verb = VERBS[gen.index(VERBS.len())];
             let text = gen.text().replace(|c: char| c.is_ascii_control(), " ");
             let line = format!("{verb} {text}");
             let message = ControlMessage::parse(&line);

@@ -14,8 +14,6 @@
 //! The crate has no runtime dependency, so the static guest program links it;
 //! serde derives are behind the `serde` feature, which the VMM and the audit enable.
 
-#![deny(missing_docs)]
-
 pub mod ack;
 pub mod addr;
 pub mod control;

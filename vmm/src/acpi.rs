@@ -237,7 +237,8 @@ pub fn write_acpi_tables<M: GuestMemory>(
     let mut place = |len: u64| {
         let at = cursor.next_multiple_of(u128::from(TABLE_ALIGN));
         cursor = at + u128::from(len);
-        at as u64
+        // Saturates: a table past u64::MAX is past `end` and fails below.
+        u64::try_from(at).unwrap_or(u64::MAX)
     };
     let dsdt_addr = place(dsdt.len() as u64);
     let fadt_addr = place(FADT::len() as u64);
@@ -333,11 +334,12 @@ fn build_dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
     }
     for (index, device) in devices.iter().enumerate() {
         // check_mmio_devices keeps base + size within 4 GiB and the count below 24.
-        let window = aml::Memory32Fixed::new(true, device.base as u32, device.size as u32);
+        let [base, size] = [device.base, device.size].map(|v| u32::try_from(v).expect("checked"));
+        let window = aml::Memory32Fixed::new(true, base, size);
         let irq = edge_interrupt(device.irq);
         let crs = aml::ResourceTemplate::new(vec![&window, &irq]);
         let hid = aml::Name::new("_HID".into(), &"LNRO0005");
-        let uid = aml::Name::new("_UID".into(), &(index as u32));
+        let uid = aml::Name::new("_UID".into(), &u32::try_from(index).expect("checked"));
         let crs = aml::Name::new("_CRS".into(), &crs);
         let name = format!("V{index:03}");
         aml::Device::new(Path::new(&name), vec![&hid, &uid, &crs]).to_aml_bytes(&mut scope_body);
@@ -350,7 +352,7 @@ fn build_dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
-        HEADER_LEN as u32,
+        u32::try_from(HEADER_LEN).expect("36 bytes"),
         DSDT_REVISION,
         OEM_ID,
         *b"ZCVMDSDT",
@@ -402,12 +404,13 @@ fn build_madt(vcpus: u8) -> Vec<u8> {
         OEM_ID,
         *b"ZCVMAPIC",
         OEM_REVISION,
-        LocalInterruptController::Address(layout::LAPIC_ADDR as u32),
+        LocalInterruptController::Address(u32::try_from(layout::LAPIC_ADDR).expect("checked")),
     );
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
-    madt.add_structure(IoApic::new(0, layout::IOAPIC_ADDR as u32, 0));
+    let ioapic_addr = u32::try_from(layout::IOAPIC_ADDR).expect("checked above");
+    madt.add_structure(IoApic::new(0, ioapic_addr, 0));
     aml_bytes(&madt)
 }
 
@@ -431,7 +434,7 @@ mod tests {
                 .map(|i| MmioDeviceInfo {
                     base: 0xd000_0000 + 0x1000 * i as u64,
                     size: 0x1000,
-                    irq: 5 + i as u32,
+                    irq: 5 + u32::try_from(i).unwrap(),
                 })
                 .collect(),
         }
@@ -472,10 +475,11 @@ mod tests {
     /// Reads the table at `addr` over its declared length, checking that it lies in
     /// the table window, has signature `signature` and sums to zero.
     fn table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
-        let header = read(mem, addr, HEADER_LEN as usize);
+        let header_len = usize::try_from(HEADER_LEN).unwrap();
+        let header = read(mem, addr, header_len);
         assert_eq!(&header[..4], signature, "table at {addr:#x}");
         let len = u32_at(&header, 4) as usize;
-        assert!(len >= HEADER_LEN as usize);
+        assert!(len >= header_len);
         assert!(
             addr >= START && addr + len as u64 <= END,
             "table outside the window"
@@ -785,8 +789,8 @@ mod tests {
                 "_HID string of {index}"
             );
             let mut window = vec![0x86, 0x09, 0x00, 0x01];
-            window.extend_from_slice(&(device.base as u32).to_le_bytes());
-            window.extend_from_slice(&(device.size as u32).to_le_bytes());
+            window.extend_from_slice(&u32::try_from(device.base).unwrap().to_le_bytes());
+            window.extend_from_slice(&u32::try_from(device.size).unwrap().to_le_bytes());
             assert!(contains(body, &window), "Memory32Fixed of device {index}");
             assert!(
                 contains(body, &edge_irq_descriptor(device.irq)),
@@ -796,7 +800,7 @@ mod tests {
             let uid = match index {
                 0 => vec![0x08, b'_', b'U', b'I', b'D', 0x00],
                 1 => vec![0x08, b'_', b'U', b'I', b'D', 0x01],
-                n => vec![0x08, b'_', b'U', b'I', b'D', 0x0a, n as u8],
+                n => vec![0x08, b'_', b'U', b'I', b'D', 0x0a, u8::try_from(n).unwrap()],
             };
             assert!(contains(body, &uid), "_UID of device {index}");
         }
@@ -851,7 +855,7 @@ mod tests {
             );
             assert!(matches!(err, Err(AcpiError::NoRoom { .. })), "{err:?}");
         }
-        assert!(read(&mem, RSDP, (END - RSDP) as usize)
+        assert!(read(&mem, RSDP, usize::try_from(END - RSDP).unwrap())
             .iter()
             .all(|&b| b == 0));
     }
@@ -873,7 +877,7 @@ mod tests {
             match result {
                 Ok(()) => {
                     parse(&mem);
-                    let beyond = read(&mem, end, (END - end) as usize);
+                    let beyond = read(&mem, end, usize::try_from(END - end).unwrap());
                     assert!(beyond.iter().all(|&b| b == 0), "wrote past the window");
                     break end - START;
                 }

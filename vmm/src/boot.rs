@@ -236,8 +236,8 @@ fn write_cmdline(
             what: "command line",
             source,
         })?;
-    params.hdr.cmd_line_ptr = layout::CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = cmdline.len() as u32;
+    params.hdr.cmd_line_ptr = u32::try_from(layout::CMDLINE_ADDR).expect("below 4 GiB");
+    params.hdr.cmdline_size = u32::try_from(cmdline.len()).expect("checked: under CMDLINE_MAX");
     Ok(())
 }
 
@@ -266,19 +266,27 @@ fn load_initrd(
         max => u64::from(max),
     };
     let limit = layout::low_ram_end(mem_bytes).min(addr_max + 1);
-    let start =
-        initrd_placement(size, kernel_end, limit).ok_or_else(|| BootError::InitrdTooLarge {
-            path: path.to_path_buf(),
-            size,
-            limit,
-        })?;
-    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
+    let too_large = || BootError::InitrdTooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit,
+    };
+    let start = initrd_placement(size, kernel_end, limit).ok_or_else(too_large)?;
+    // Placed below `limit`, at most 4 GiB (the setup header's fields are 32 bits).
+    let (Ok(image), Ok(size32), Ok(len)) = (
+        u32::try_from(start),
+        u32::try_from(size),
+        usize::try_from(size),
+    ) else {
+        return Err(too_large());
+    };
+    mem.read_exact_volatile_from(GuestAddress(start), &mut file, len)
         .map_err(|source| BootError::GuestMemory {
             what: "initrd",
             source,
         })?;
-    params.hdr.ramdisk_image = start as u32;
-    params.hdr.ramdisk_size = size as u32;
+    params.hdr.ramdisk_image = image;
+    params.hdr.ramdisk_size = size32;
     Ok(())
 }
 
@@ -288,7 +296,8 @@ fn set_e820(params: &mut boot_params, map: &[E820Entry]) {
         slot.size = entry.size;
         slot.r#type = entry.kind as u32;
     }
-    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+    params.e820_entries = u8::try_from(map.len().min(params.e820_table.len()))
+        .expect("the zero page holds 128 entries");
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The `kvm_segment` KVM wants for a GDT descriptor loaded with `selector`.
 pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
     let bit = |n: u32| ((entry >> n) & 1) as u8;
-    let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+    let raw_limit = u32::try_from((entry & 0xffff) | ((entry >> 32) & 0xf_0000)).expect("20 bits");
     let granular = bit(55) == 1;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
@@ -173,7 +173,7 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<(), CpuError>
 
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     sregs.gdt.base = layout::GDT_ADDR;
-    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.gdt.limit = u16::try_from(gdt.len() * 8 - 1).expect("a GDT of a few entries");
     sregs.idt.base = layout::IDT_ADDR;
     sregs.idt.limit = 7;
     let code = segment_from_gdt(gdt[1], CODE_SELECTOR);

@@ -59,7 +59,7 @@ impl Hasher for MixHasher {
 /// bytes was copied from.
 pub struct PayloadIndex {
     source: Arc<Vec<u8>>,
-    windows: HashMap<u64, u64, BuildHasherDefault<MixHasher>>,
+    windows: HashMap<u64, usize, BuildHasherDefault<MixHasher>>,
 }
 
 impl PayloadIndex {
@@ -76,7 +76,7 @@ impl PayloadIndex {
             for f in base..(base + WINDOW).min(source.len() + 1 - WINDOW) {
                 let word = load(&source, f);
                 if word != 0 {
-                    windows.entry(word).or_insert(f as u64);
+                    windows.entry(word).or_insert(f);
                 }
             }
             base += PERIOD;
@@ -107,7 +107,6 @@ impl PayloadIndex {
                 pos += WINDOW;
                 continue;
             };
-            let file_at = file_at as usize;
             // Grow the match both ways; never back into an earlier run.
             let back = page[covered..pos]
                 .iter()
@@ -125,7 +124,7 @@ impl PayloadIndex {
             if len >= MIN_RUN {
                 runs.push(PayloadRun {
                     gpa: page_gpa + start as u64,
-                    len: len as u32,
+                    len: u32::try_from(len).expect("within one page"),
                     file_off: (file_at - back) as u64,
                 });
                 covered = start + len;
@@ -197,7 +196,10 @@ impl DirtySampler {
     /// Reads and clears `slot`'s dirty bitmap; `None` (reported) if KVM refuses.
     fn take_dirty_log(&self, slot: &LoggedSlot) -> Option<Vec<u64>> {
         self.vm
-            .get_dirty_log(slot.slot, slot.len as usize)
+            .get_dirty_log(
+                slot.slot,
+                usize::try_from(slot.len).expect("a region this process maps"),
+            )
             .map_err(|e| eprintln!("zc-vmm: KVM_GET_DIRTY_LOG failed: {e}"))
             .ok()
     }
@@ -237,7 +239,7 @@ pub fn slots_of(mem: &GuestMemoryMmap) -> Vec<LoggedSlot> {
     mem.iter()
         .enumerate()
         .map(|(slot, region)| LoggedSlot {
-            slot: slot as u32,
+            slot: u32::try_from(slot).expect("a handful of regions"),
             start: region.start_addr().0,
             len: region.len(),
         })
@@ -260,7 +262,7 @@ mod tests {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                (state >> 24) as u8
+                (state >> 24).to_le_bytes()[0]
             })
             .collect();
         Arc::new(bytes)
@@ -302,7 +304,7 @@ mod tests {
                     runs,
                     vec![PayloadRun {
                         gpa: 0x10_0000 + at as u64,
-                        len: len as u32,
+                        len: u32::try_from(len).unwrap(),
                         file_off: file_off as u64
                     }],
                     "shift {shift} file_off {file_off}"

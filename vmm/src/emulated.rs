@@ -4,7 +4,7 @@
 //! exchange directory) is shared read-write for the command to run, its status, and
 //! any output files.
 //!
-//! The emulated host's `/init` (`zc-init` in its `host` role) reads
+//! The emulated host's `/init` (`zc-guest` in its `host` role) reads
 //! `<exchange>/cmd/{argv,env,cwd}` (NUL-separated), runs the command chrooted into the
 //! host's root, and writes its status to `<exchange>/cmd/status`.
 
@@ -116,7 +116,7 @@ pub struct EmulatedHost {
     pub qemu: PathBuf,
     /// The host's kernel (Debian generic flavour: it has kvm-amd and 9p).
     pub kernel: PathBuf,
-    /// The host's initrd (`zc-init` in the host role plus the kvm and 9p modules).
+    /// The host's initrd (`zc-guest` in the host role plus the kvm and 9p modules).
     pub initrd: PathBuf,
     /// Memory in MiB.
     pub mem_mib: u32,
@@ -131,7 +131,12 @@ pub struct EmulatedHost {
 pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
     let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
     let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "rounded first; a float-to-int `as` saturates, and kHz rates are far from u64::MAX"
+    )]
+    let khz = (mhz * 1000.0).round() as u64;
+    (mhz > 0.0).then_some(khz)
 }
 
 /// A command to run inside.
@@ -182,7 +187,7 @@ pub fn qemu_args(host: &EmulatedHost, exchange: &Path) -> Vec<OsString> {
     // than use the nested paging that QEMU's TCG emulates. With nested paging, KVM's
     // dirty-page log (write-protecting pages, `--dirty-samples`) made the stock guest
     // triple-fault mid-transfer in 3 of 8 method-suite boots, and never without
-    // the dirty log (0 of 8); with shadow paging 0 of 14, and no slower. (zc-init
+    // the dirty log (0 of 8); with shadow paging 0 of 14, and no slower. (zc-guest
     // passes `module.param=` words to the modules it loads, as modprobe does.)
     let host_role = zc_protocol::Options {
         role: zc_protocol::Role::Host,
@@ -252,7 +257,7 @@ fn host_console(exchange: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// NUL-terminated list, the format `zc-init` reads.
+/// NUL-terminated list, the format `zc-guest` reads.
 pub fn nul_list<I, S>(items: I) -> Vec<u8>
 where
     I: IntoIterator<Item = S>,
@@ -266,7 +271,7 @@ where
     out
 }
 
-/// Parses the status `zc-init` wrote: an exit code, or 128 + signal.
+/// Parses the status `zc-guest` wrote: an exit code, or 128 + signal.
 pub fn parse_status(text: &str) -> Option<i32> {
     text.trim().parse().ok()
 }
@@ -332,7 +337,7 @@ pub fn run(
                 let _ = child.wait();
                 break Err(EmulatedError::Timeout(timeout.as_secs()));
             }
-            // The command's stderr file appears when zc-init starts it; a host that
+            // The command's stderr file appears when zc-guest starts it; a host that
             // has not got that far by now is stuck in its own boot.
             Ok(None) if !stderr.exists() && started.elapsed() > HOST_START_LIMIT => {
                 let _ = child.kill();
@@ -549,7 +554,7 @@ mod tests {
     fn a_soft_lockup_line_is_caught_even_when_split_across_reads() {
         let mut watch = LockupWatch::default();
         assert_eq!(
-            watch.feed(b"[   1.0] zc-init(host): kernel 6.1\n[  40.4] watchdog: BUG: soft lo"),
+            watch.feed(b"[   1.0] zc-guest(host): kernel 6.1\n[  40.4] watchdog: BUG: soft lo"),
             None
         );
         assert_eq!(

@@ -99,7 +99,7 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     if mem_bytes > MMIO32_START {
         regions.push((
             GuestAddress(HIGH_RAM_START),
-            (mem_bytes - MMIO32_START) as usize,
+            usize::try_from(mem_bytes - MMIO32_START).expect("guest RAM fits the address space"),
         ));
     }
     regions

@@ -90,9 +90,9 @@ impl LegacyIo {
     /// Handles a port read; unknown ports read as all ones, like an empty ISA bus.
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         let value = match port {
-            p if in_uart(p, COM1_BASE) => self.console.read((p - COM1_BASE) as u8),
-            p if in_uart(p, COM2_BASE) => self.control.read((p - COM2_BASE) as u8),
-            I8042_DATA | I8042_COMMAND => self.i8042.read((port - I8042_DATA) as u8),
+            p if in_uart(p, COM1_BASE) => self.console.read(offset_in(p, COM1_BASE)),
+            p if in_uart(p, COM2_BASE) => self.control.read(offset_in(p, COM2_BASE)),
+            I8042_DATA | I8042_COMMAND => self.i8042.read(offset_in(port, I8042_DATA)),
             _ => 0xff,
         };
         data.fill(value);
@@ -119,15 +119,15 @@ impl LegacyIo {
             p if in_uart(p, COM1_BASE) => {
                 // A failed interrupt injection only delays the guest's driver; it
                 // polls the line status too, so the console keeps working.
-                let _ = self.console.write((p - COM1_BASE) as u8, value);
+                let _ = self.console.write(offset_in(p, COM1_BASE), value);
                 PioAction::Continue
             }
             p if in_uart(p, COM2_BASE) => {
-                let _ = self.control.write((p - COM2_BASE) as u8, value);
+                let _ = self.control.write(offset_in(p, COM2_BASE), value);
                 PioAction::ControlData
             }
             I8042_DATA | I8042_COMMAND => {
-                let _ = self.i8042.write((port - I8042_DATA) as u8, value);
+                let _ = self.i8042.write(offset_in(port, I8042_DATA), value);
                 // The controller signals CPU reset through its eventfd.
                 if self.i8042.reset_evt().0.read().is_ok() {
                     PioAction::Reset
@@ -142,6 +142,11 @@ impl LegacyIo {
 
 fn in_uart(port: u16, base: u16) -> bool {
     (base..base + UART_PORTS).contains(&port)
+}
+
+/// The register offset of `port` in a device whose few ports start at `base`.
+fn offset_in(port: u16, base: u16) -> u8 {
+    u8::try_from(port - base).expect("a port of the device's small range")
 }
 
 #[cfg(test)]

@@ -538,7 +538,7 @@ mod tests {
                 message(2400, ControlMessage::Malformed { line: "??".into() }),
                 message(2500, ControlMessage::Exit { code: 0 }),
             ],
-            console_tail: vec!["zc-init: done".into()],
+            console_tail: vec!["zc-guest: done".into()],
             kernel_format: KernelFormat::Elf,
             transfers: vec![TransferResult {
                 label: "payload.bin".into(),
@@ -647,6 +647,8 @@ mod tests {
             modules: vec![],
             module_paths: vec![],
             builtin: vec![],
+            optional_modules: vec![],
+            skipped_methods: vec![],
         };
         std::fs::write(
             dir.path().join("kernel.json"),

@@ -33,7 +33,7 @@ pub struct MethodsArgs {
     /// Guest kernel (bzImage or vmlinux).
     #[arg(long, default_value = DEFAULT_KERNEL)]
     kernel: PathBuf,
-    /// Guest initrd (zc-init and the kernel's modules; `make images`).
+    /// Guest initrd (zc-guest and the kernel's modules; `make images`).
     #[arg(long, default_value = DEFAULT_INITRD)]
     initrd: PathBuf,
     /// The test disk (ext4 holding the payload file); the guest gets it read-only.
@@ -164,7 +164,8 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
             payload.len()
         );
     }
-    let source = payload[..size as usize].to_vec();
+    let source =
+        payload[..usize::try_from(size).expect("checked: at most the payload length")].to_vec();
 
     let mut audits: Vec<MethodAudit> = Vec::new();
     let mut run_failures = Vec::new();

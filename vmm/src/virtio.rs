@@ -143,7 +143,7 @@ pub fn attach<D: VirtioDevice + 'static>(
     let irq = EventFd::new(0).map_err(host)?;
     vm.register_irqfd(&irq, info.irq)
         .map_err(kvm("KVM_IRQFD"))?;
-    let queues = device.queue_max_sizes().len() as u16;
+    let queues = u16::try_from(device.queue_max_sizes().len()).expect("a device has a few queues");
     let transport = Arc::new(Mutex::new(MmioTransport::new(
         device,
         mem.clone(),

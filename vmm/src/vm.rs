@@ -360,7 +360,7 @@ impl AttachedNic {
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+    vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDR).expect("below 4 GiB"))
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
@@ -590,7 +590,7 @@ fn read_payload(path: &Path, limit: Option<u64>) -> Result<Vec<u8>, VmError> {
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot).expect("a handful of regions"),
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,

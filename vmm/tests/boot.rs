@@ -1,5 +1,5 @@
 //! End-to-end: boot the real Debian kernel that `make images` fetched, with the real
-//! `zc-init`, through the `zc-vmm` binary exactly as a user runs it (in whichever
+//! `zc-guest`, through the `zc-vmm` binary exactly as a user runs it (in whichever
 //! host mode the probe picks: emulated on the CI machines).
 //!
 //! These tests need the images, so plain `cargo test` lists them as ignored; `make
@@ -74,8 +74,8 @@ fn stock_kernel_reaches_init_and_exits_cleanly(#[case] kernel: &str, #[case] for
     assert!(uptime > 0.0 && uptime < 30.0, "uptime {uptime}");
     // The guest's own console line, through COM1.
     assert!(
-        run.stdout().contains("zc-init"),
-        "no zc-init line on the console"
+        run.stdout().contains("zc-guest"),
+        "no zc-guest line on the console"
     );
     assert!(run.stderr().contains("reached /init"));
 }

@@ -17,13 +17,21 @@ use zc_dma_log::{
 };
 
 /// Guest page size.
-pub const PAGE: u64 = 4096;
+pub const PAGE: u64 = PAGE_BYTES as u64;
+/// [`PAGE`] as a buffer length.
+pub const PAGE_BYTES: usize = 4096;
 /// virtio_net_hdr_v1.
-pub const NET_HDR: u64 = 12;
+pub const NET_HDR: u64 = NET_HDR_BYTES as u64;
+const NET_HDR_BYTES: usize = 12;
 /// Ethernet + IPv4 + TCP headers without options.
 pub const L2_L4: u32 = 54;
 /// Shortest run the VMM's scan reports.
 const MIN_RUN: usize = zc_protocol::dirty::MIN_PAYLOAD_RUN;
+
+/// The queues the simulated devices log on: (device, queue index).
+const BLK: (DeviceKind, u16) = (DeviceKind::Blk, 0);
+const NET_RX: (DeviceKind, u16) = (DeviceKind::Net, 0);
+const NET_TX: (DeviceKind, u16) = (DeviceKind::Net, 1);
 
 /// A deterministic pseudo-random source file (xorshift64), so runs of it never
 /// repeat and every page has its own fingerprint.
@@ -34,7 +42,7 @@ pub fn source(len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x >> 32) as u8
+            (x >> 32).to_le_bytes()[0]
         })
         .collect()
 }
@@ -49,7 +57,9 @@ pub struct Conn {
 impl Conn {
     /// The TCP sequence number of stream offset `off`.
     pub fn seq(&self, off: u64) -> u32 {
-        self.isn.wrapping_add(1).wrapping_add(off as u32)
+        // Sequence numbers count modulo 2^32.
+        let off = u32::try_from(off % (1 << 32)).expect("below 2^32");
+        self.isn.wrapping_add(1).wrapping_add(off)
     }
 }
 
@@ -102,12 +112,10 @@ impl Sim {
     fn set(&mut self, gpa: u64, byte: u8, tag: Option<u64>) {
         let page = gpa / PAGE;
         let off = (gpa % PAGE) as usize;
-        self.mem
-            .entry(page)
-            .or_insert_with(|| vec![0; PAGE as usize])[off] = byte;
+        self.mem.entry(page).or_insert_with(|| vec![0; PAGE_BYTES])[off] = byte;
         self.tag
             .entry(page)
-            .or_insert_with(|| vec![None; PAGE as usize])[off] = tag;
+            .or_insert_with(|| vec![None; PAGE_BYTES])[off] = tag;
     }
 
     fn get(&self, gpa: u64) -> (u8, Option<u64>) {
@@ -133,6 +141,71 @@ impl Sim {
             .collect()
     }
 
+    /// Logs one descriptor of `queue` as the device models do: with the pieces
+    /// guest memory holds at `gpa` now.
+    fn log_desc(
+        &mut self,
+        (device, queue): (DeviceKind, u16),
+        head: u16,
+        desc: u16,
+        (gpa, len): (u64, u64),
+        dir: Direction,
+        role: DescRole,
+    ) {
+        let seq = self.next_seq();
+        self.recs.push(Record::Desc(DescRecord {
+            seq,
+            t_ns: Self::t_ns(seq),
+            device,
+            queue,
+            head,
+            desc,
+            indirect: false,
+            gpa,
+            len: u32::try_from(len).expect("a descriptor's length is a u32"),
+            dir,
+            role,
+            pieces: self.pieces(gpa, len),
+        }));
+    }
+
+    /// Logs a completed blk IN request of `bytes` from `sector`.
+    fn blk_request(&mut self, head: u16, sector: u64, bytes: u64) {
+        self.request(
+            BLK,
+            head,
+            RequestDetail::Blk(BlkRequest {
+                op: "in".into(),
+                code: 0,
+                sector,
+                bytes,
+                status: BlkStatus::Ok,
+            }),
+        );
+    }
+
+    /// Logs the request record of a TCP frame on `queue` as the net device summarises
+    /// it, with its TCP sequence number and payload length.
+    fn tcp_request(
+        &mut self,
+        queue: (DeviceKind, u16),
+        head: u16,
+        summary: String,
+        (seq, len): (u32, u32),
+        flags: &str,
+        ports: (u16, u16),
+    ) {
+        let req = NetRequest {
+            summary,
+            tcp_seq: Some(seq),
+            tcp_len: Some(len),
+            tcp_flags: Some(flags.to_string()),
+            tcp_payload_off: Some(L2_L4),
+            tcp_ports: Some(ports),
+        };
+        self.request(queue, head, RequestDetail::Net(req));
+    }
+
     fn mark_dirty(&mut self, gpa: u64, len: u64) {
         for (g, _) in page_pieces(gpa, len) {
             self.dirty.insert(g / PAGE);
@@ -151,7 +224,7 @@ impl Sim {
 
     /// init_on_alloc: the CPU zeroes a freshly allocated page.
     pub fn cpu_zero_page(&mut self, page_gpa: u64) {
-        self.cpu_write(page_gpa, &[0; PAGE as usize]);
+        self.cpu_write(page_gpa, &[0; PAGE_BYTES]);
     }
 
     /// The CPU copies `len` bytes inside guest memory.
@@ -177,7 +250,7 @@ impl Sim {
         for &(gpa, file_off, len) in segs {
             for i in 0..len {
                 let f = file_off + i;
-                self.set(gpa + i, self.src[f as usize], Some(f));
+                self.set(gpa + i, self.src[usize::try_from(f).unwrap()], Some(f));
             }
         }
     }
@@ -186,69 +259,24 @@ impl Sim {
     /// header, data records with the pieces as they are in memory now, status byte,
     /// request.
     pub fn blk_log(&mut self, head: u16, segs: &[(u64, u64, u64)], meta_gpa: u64) {
-        let seq = self.next_seq();
-        self.recs.push(Record::Desc(DescRecord {
-            seq,
-            t_ns: Self::t_ns(seq),
-            device: DeviceKind::Blk,
-            queue: 0,
-            head,
-            desc: head,
-            indirect: false,
-            gpa: meta_gpa,
-            len: 16,
-            dir: Direction::DeviceReads,
-            role: DescRole::Header,
-            pieces: self.pieces(meta_gpa, 16),
-        }));
-        let mut total = 0;
-        for (i, &(gpa, _, len)) in segs.iter().enumerate() {
-            let seq = self.next_seq();
-            self.recs.push(Record::Desc(DescRecord {
-                seq,
-                t_ns: Self::t_ns(seq),
-                device: DeviceKind::Blk,
-                queue: 0,
-                head,
-                desc: head + 1 + i as u16,
-                indirect: false,
-                gpa,
-                len: len as u32,
-                dir: Direction::DeviceWrites,
-                role: DescRole::Data,
-                pieces: self.pieces(gpa, len),
-            }));
-            total += len;
+        let (reads, writes) = (Direction::DeviceReads, Direction::DeviceWrites);
+        self.log_desc(BLK, head, head, (meta_gpa, 16), reads, DescRole::Header);
+        let mut desc = head;
+        for &(gpa, _, len) in segs {
+            desc += 1;
+            self.log_desc(BLK, head, desc, (gpa, len), writes, DescRole::Data);
         }
         self.set(meta_gpa + 16, 0, None);
-        let seq = self.next_seq();
-        self.recs.push(Record::Desc(DescRecord {
-            seq,
-            t_ns: Self::t_ns(seq),
-            device: DeviceKind::Blk,
-            queue: 0,
+        self.log_desc(
+            BLK,
             head,
-            desc: head + 1 + segs.len() as u16,
-            indirect: false,
-            gpa: meta_gpa + 16,
-            len: 1,
-            dir: Direction::DeviceWrites,
-            role: DescRole::Status,
-            pieces: self.pieces(meta_gpa + 16, 1),
-        }));
-        let sector = segs.first().map_or(0, |s| s.1 / 512);
-        self.request(
-            DeviceKind::Blk,
-            0,
-            head,
-            RequestDetail::Blk(BlkRequest {
-                op: "in".into(),
-                code: 0,
-                sector,
-                bytes: total,
-                status: BlkStatus::Ok,
-            }),
+            desc + 1,
+            (meta_gpa + 16, 1),
+            writes,
+            DescRole::Status,
         );
+        let sector = segs.first().map_or(0, |s| s.1 / 512);
+        self.blk_request(head, sector, segs.iter().map(|s| s.2).sum());
     }
 
     /// A blk IN request: DMA, then its log records.
@@ -262,36 +290,19 @@ impl Sim {
         for i in 0..len {
             self.set(gpa + i, (i % 7) as u8 + 1, None);
         }
-        let seq = self.next_seq();
-        self.recs.push(Record::Desc(DescRecord {
-            seq,
-            t_ns: Self::t_ns(seq),
-            device: DeviceKind::Blk,
-            queue: 0,
+        let data = (gpa, len);
+        self.log_desc(
+            BLK,
             head,
-            desc: head + 1,
-            indirect: false,
-            gpa,
-            len: len as u32,
-            dir: Direction::DeviceWrites,
-            role: DescRole::Data,
-            pieces: self.pieces(gpa, len),
-        }));
-        self.request(
-            DeviceKind::Blk,
-            0,
-            head,
-            RequestDetail::Blk(BlkRequest {
-                op: "in".into(),
-                code: 0,
-                sector: 0,
-                bytes: len,
-                status: BlkStatus::Ok,
-            }),
+            head + 1,
+            data,
+            Direction::DeviceWrites,
+            DescRole::Data,
         );
+        self.blk_request(head, 0, len);
     }
 
-    fn request(&mut self, device: DeviceKind, queue: u16, head: u16, req: RequestDetail) {
+    fn request(&mut self, (device, queue): (DeviceKind, u16), head: u16, req: RequestDetail) {
         let seq = self.next_seq();
         self.recs.push(Record::Request(RequestRecord {
             seq,
@@ -306,8 +317,8 @@ impl Sim {
     /// The guest writes a virtio-net header and Ethernet/IPv4/TCP headers at `gpa`
     /// (66 bytes, no payload): what the NIC reads first of every TX frame.
     pub fn write_frame_headers(&mut self, gpa: u64, seq: u32) {
-        let mut h = vec![0xeeu8; (NET_HDR + u64::from(L2_L4)) as usize];
-        h[NET_HDR as usize + 38..NET_HDR as usize + 42].copy_from_slice(&seq.to_be_bytes());
+        let mut h = vec![0xeeu8; NET_HDR_BYTES + L2_L4 as usize];
+        h[NET_HDR_BYTES + 38..NET_HDR_BYTES + 42].copy_from_slice(&seq.to_be_bytes());
         self.cpu_write(gpa, &h);
     }
 
@@ -323,66 +334,28 @@ impl Sim {
             flags,
             rx_between,
         } = f;
-        for (i, &(gpa, len)) in segs.iter().enumerate() {
-            let (data_gpa, data_len) = if i == 0 {
-                let s = self.next_seq();
-                self.recs.push(Record::Desc(DescRecord {
-                    seq: s,
-                    t_ns: Self::t_ns(s),
-                    device: DeviceKind::Net,
-                    queue: 1,
-                    head,
-                    desc: head,
-                    indirect: false,
-                    gpa,
-                    len: NET_HDR as u32,
-                    dir: Direction::DeviceReads,
-                    role: DescRole::Header,
-                    pieces: self.pieces(gpa, NET_HDR),
-                }));
+        let reads = Direction::DeviceReads;
+        for (desc, &(gpa, len)) in (head..).zip(segs) {
+            let (data_gpa, data_len) = if desc == head {
+                self.log_desc(NET_TX, head, desc, (gpa, NET_HDR), reads, DescRole::Header);
                 (gpa + NET_HDR, len - NET_HDR)
             } else {
                 (gpa, len)
             };
             if data_len > 0 {
-                let s = self.next_seq();
-                self.recs.push(Record::Desc(DescRecord {
-                    seq: s,
-                    t_ns: Self::t_ns(s),
-                    device: DeviceKind::Net,
-                    queue: 1,
-                    head,
-                    desc: head + i as u16,
-                    indirect: false,
-                    gpa: data_gpa,
-                    len: data_len as u32,
-                    dir: Direction::DeviceReads,
-                    role: DescRole::Data,
-                    pieces: self.pieces(data_gpa, data_len),
-                }));
+                let data = (data_gpa, data_len);
+                self.log_desc(NET_TX, head, desc, data, reads, DescRole::Data);
             }
-            if i == 0 {
+            if desc == head {
                 if let Some((rx_head, rx_gpa)) = rx_between {
                     self.rx(rx_head, rx_gpa, 66, conn);
                 }
             }
         }
         let (sp, dp) = conn.ports;
-        self.request(
-            DeviceKind::Net,
-            1,
-            head,
-            RequestDetail::Net(NetRequest {
-                summary: format!(
-                    "tx tcp 10.0.2.15:{sp}>10.0.2.2:{dp} seq={seq} len={tcp_len} flags={flags}"
-                ),
-                tcp_seq: Some(seq),
-                tcp_len: Some(tcp_len),
-                tcp_flags: Some(flags.to_string()),
-                tcp_payload_off: Some(L2_L4),
-                tcp_ports: Some(conn.ports),
-            }),
-        );
+        let summary =
+            format!("tx tcp 10.0.2.15:{sp}>10.0.2.2:{dp} seq={seq} len={tcp_len} flags={flags}");
+        self.tcp_request(NET_TX, head, summary, (seq, tcp_len), flags, conn.ports);
     }
 
     /// The guest's SYN for `conn`, from a header buffer at `gpa`.
@@ -407,42 +380,16 @@ impl Sim {
         for i in 0..NET_HDR + len {
             self.set(gpa + i, 0x5a, None);
         }
-        for (role, g, l) in [
-            (DescRole::Header, gpa, NET_HDR),
-            (DescRole::Data, gpa + NET_HDR, len),
+        for (role, buf) in [
+            (DescRole::Header, (gpa, NET_HDR)),
+            (DescRole::Data, (gpa + NET_HDR, len)),
         ] {
-            let s = self.next_seq();
-            self.recs.push(Record::Desc(DescRecord {
-                seq: s,
-                t_ns: Self::t_ns(s),
-                device: DeviceKind::Net,
-                queue: 0,
-                head,
-                desc: head,
-                indirect: false,
-                gpa: g,
-                len: l as u32,
-                dir: Direction::DeviceWrites,
-                role,
-                pieces: self.pieces(g, l),
-            }));
+            self.log_desc(NET_RX, head, head, buf, Direction::DeviceWrites, role);
         }
         let (sp, dp) = conn.ports;
-        self.request(
-            DeviceKind::Net,
-            0,
-            head,
-            RequestDetail::Net(NetRequest {
-                summary: format!(
-                    "rx tcp 10.0.2.2:{dp}>10.0.2.15:{sp} seq=1 len=0 flags=A buffers=1"
-                ),
-                tcp_seq: Some(1),
-                tcp_len: Some(len.saturating_sub(u64::from(L2_L4)) as u32),
-                tcp_flags: Some("A".into()),
-                tcp_payload_off: Some(L2_L4),
-                tcp_ports: Some((dp, sp)),
-            }),
-        );
+        let summary = format!("rx tcp 10.0.2.2:{dp}>10.0.2.15:{sp} seq=1 len=0 flags=A buffers=1");
+        let tcp_len = u32::try_from(len.saturating_sub(u64::from(L2_L4))).unwrap();
+        self.tcp_request(NET_RX, head, summary, (1, tcp_len), "A", (dp, sp));
     }
 
     // ---- the guest's marks and the VMM ----
@@ -486,10 +433,10 @@ impl Sim {
                 while i + n < PAGE && self.get(gpa + n).1 == Some(f + n) {
                     n += 1;
                 }
-                if n as usize >= MIN_RUN {
+                if n >= MIN_RUN as u64 {
                     runs.push(PayloadRun {
                         gpa,
-                        len: n as u32,
+                        len: u32::try_from(n).expect("within one page"),
                         file_off: f,
                     });
                 }
@@ -501,7 +448,7 @@ impl Sim {
             seq,
             t_ns: Self::t_ns(seq),
             sample,
-            dirty_pages: pages.len() as u32,
+            dirty_pages: u32::try_from(pages.len()).unwrap(),
             dirtied: pages,
             runs,
         }));

@@ -172,7 +172,9 @@ mod tests {
     use crate::net_peer::Failure;
 
     fn source(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
-        let bytes: Vec<u8> = (0..len).map(|i| (i * 31 + i / 977) as u8).collect();
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i * 31 + i / 977).to_le_bytes()[0])
+            .collect();
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&bytes).unwrap();
         (f, bytes)

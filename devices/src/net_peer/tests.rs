@@ -42,7 +42,7 @@ fn source_file(data: &[u8]) -> tempfile::NamedTempFile {
 }
 
 fn smol(t: Duration) -> smoltcp::time::Instant {
-    smoltcp::time::Instant::from_micros(t.as_micros() as i64)
+    smoltcp::time::Instant::from_micros(i64::try_from(t.as_micros()).unwrap())
 }
 
 /// The guest's side of the link: queues of owned frames.

@@ -284,8 +284,8 @@ impl StreamVerifier {
         };
         // Bytes past the expected size are not compared: they make the stream long.
         let room = size.saturating_sub(self.bytes);
-        if (data.len() as u64) > room {
-            data = &data[..room as usize];
+        if let Ok(room) = usize::try_from(room) {
+            data = &data[..data.len().min(room)];
         }
         let mut offset = self.bytes;
         while !data.is_empty() {

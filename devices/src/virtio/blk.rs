@@ -117,13 +117,14 @@ unsafe impl ByteValued for BlkConfig {}
 impl BlkConfig {
     fn new(capacity_bytes: u64, opts: &BlockOptions) -> Self {
         // The spec's fields are little-endian.
-        let max_sectors = (u32::MAX / SECTOR_SIZE as u32).to_le();
+        let sector = u32::try_from(SECTOR_SIZE).expect("512 bytes");
+        let max_sectors = (u32::MAX / sector).to_le();
         BlkConfig(virtio_blk_config {
             capacity: (capacity_bytes / SECTOR_SIZE).to_le(),
             size_max: opts.size_max.to_le(),
             seg_max: opts.seg_max.to_le(),
             // Informational.
-            blk_size: (SECTOR_SIZE as u32).to_le(),
+            blk_size: sector.to_le(),
             num_queues: 1u16.to_le(),
             max_discard_sectors: max_sectors,
             max_discard_seg: 1u32.to_le(),
@@ -168,11 +169,12 @@ impl Outcome {
     }
 
     fn status_byte(&self) -> u8 {
-        (match self.status {
+        let code = match self.status {
             BlkStatus::Ok => VIRTIO_BLK_S_OK,
             BlkStatus::Ioerr => VIRTIO_BLK_S_IOERR,
             BlkStatus::Unsupp => VIRTIO_BLK_S_UNSUPP,
-        }) as u8
+        };
+        u8::try_from(code).expect("virtio-blk status codes are 0 to 2")
     }
 }
 
@@ -511,7 +513,7 @@ impl Disk {
         let zeros = vec![0u8; 64 * 1024];
         let end = off + len;
         while off < end {
-            let n = (end - off).min(zeros.len() as u64) as usize;
+            let n = usize::try_from(end - off).map_or(zeros.len(), |left| left.min(zeros.len()));
             self.file.write_all_at(&zeros[..n], off)?;
             off += n as u64;
         }

@@ -237,8 +237,7 @@ pub fn walk_chain<M: GuestMemory + ?Sized>(
                 return Err(ChainError::IndirectTableOutsideMemory { index, addr, len });
             }
             table = d.addr();
-            // Checked above: entries <= u16::MAX.
-            table_size = entries as u16;
+            table_size = u16::try_from(entries).expect("checked above: entries <= u16::MAX");
             ttl = table_size;
             indirect = true;
             index = 0;
@@ -269,9 +268,7 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestMemoryMmap;
 
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-    const IND: u16 = VRING_DESC_F_INDIRECT as u16;
+    use crate::virtio::test_util::{IND, NEXT, W as WRITE};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()

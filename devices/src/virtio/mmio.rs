@@ -17,7 +17,7 @@ use vm_memory::GuestAddress;
 
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{
-    GuestMem, InterruptLine, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    low32, GuestMem, InterruptLine, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -34,7 +34,7 @@ pub const CONFIG_OFFSET: u64 = 0x100;
 
 /// Register offsets of the virtio-mmio transport, named as in the virtio 1.2 spec
 /// (section 4.2.2); public for drivers written in tests and fuzz targets.
-#[allow(missing_docs)]
+#[allow(missing_docs, reason = "each is named as in the spec")]
 pub mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
@@ -193,18 +193,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::DEVICE_ID => self.device.device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
+                0 => low32(self.device_features()),
                 1 => (self.device_features() >> 32) as u32,
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_NUM => q.map_or(0, |q| u32::from(q.size())),
             reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
-            reg::QUEUE_DESC_LOW => q.map_or(0, |q| q.desc_table() as u32),
+            reg::QUEUE_DESC_LOW => q.map_or(0, |q| low32(q.desc_table())),
             reg::QUEUE_DESC_HIGH => q.map_or(0, |q| (q.desc_table() >> 32) as u32),
-            reg::QUEUE_DRIVER_LOW => q.map_or(0, |q| q.avail_ring() as u32),
+            reg::QUEUE_DRIVER_LOW => q.map_or(0, |q| low32(q.avail_ring())),
             reg::QUEUE_DRIVER_HIGH => q.map_or(0, |q| (q.avail_ring() >> 32) as u32),
-            reg::QUEUE_DEVICE_LOW => q.map_or(0, |q| q.used_ring() as u32),
+            reg::QUEUE_DEVICE_LOW => q.map_or(0, |q| low32(q.used_ring())),
             reg::QUEUE_DEVICE_HIGH => q.map_or(0, |q| (q.used_ring() >> 32) as u32),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status(),
@@ -412,7 +412,9 @@ pub(crate) mod tests {
             crate::virtio::read_config_bytes(&self.config, offset, data)
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
-            let o = offset as usize;
+            let Ok(o) = usize::try_from(offset) else {
+                return;
+            };
             if o + data.len() <= self.config.len() {
                 self.config[o..o + data.len()].copy_from_slice(data);
             }
@@ -474,7 +476,7 @@ pub(crate) mod tests {
         wr(t, reg::STATUS, ACKNOWLEDGE);
         wr(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
         wr(t, reg::DRIVER_FEATURES_SEL, 0);
-        wr(t, reg::DRIVER_FEATURES, features as u32);
+        wr(t, reg::DRIVER_FEATURES, low32(features));
         wr(t, reg::DRIVER_FEATURES_SEL, 1);
         wr(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
         wr(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
@@ -484,11 +486,11 @@ pub(crate) mod tests {
     fn setup_queue(t: &mut MmioTransport<FakeDevice>, sel: u32, size: u32, base: u64) {
         wr(t, reg::QUEUE_SEL, sel);
         wr(t, reg::QUEUE_NUM, size);
-        wr(t, reg::QUEUE_DESC_LOW, base as u32);
+        wr(t, reg::QUEUE_DESC_LOW, low32(base));
         wr(t, reg::QUEUE_DESC_HIGH, 0);
-        wr(t, reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+        wr(t, reg::QUEUE_DRIVER_LOW, low32(base + 0x1000));
         wr(t, reg::QUEUE_DRIVER_HIGH, 0);
-        wr(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+        wr(t, reg::QUEUE_DEVICE_LOW, low32(base + 0x2000));
         wr(t, reg::QUEUE_DEVICE_HIGH, 0);
         wr(t, reg::QUEUE_READY, 1);
     }

@@ -284,6 +284,12 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&config[start..start + n]);
 }
 
+/// The low half of a 64-bit value a transport shows as two 32-bit registers (the
+/// high half is `v >> 32`).
+pub(crate) fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).expect("masked to 32 bits")
+}
+
 #[cfg(test)]
 pub(crate) mod test_util;
 

@@ -229,7 +229,9 @@ impl NetConfig {
         // The spec's fields are little-endian.
         NetConfig(virtio_net_config {
             mac,
-            status: (VIRTIO_NET_S_LINK_UP as u16).to_le(),
+            status: u16::try_from(VIRTIO_NET_S_LINK_UP)
+                .expect("a 16-bit status flag")
+                .to_le(),
             max_virtqueue_pairs: 1u16.to_le(),
             ..virtio_net_config::default()
         })

@@ -13,15 +13,23 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::{reg, MmioTransport};
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-use super::{InterruptKind, InterruptLine, VirtioDevice, VirtioInterrupt};
+use super::{low32, InterruptKind, InterruptLine, VirtioDevice, VirtioInterrupt};
 use crate::dma_log::{DescRecord, DescRole, DmaLog, DmaLogReader, Record};
 
 /// `VRING_DESC_F_NEXT`.
+#[allow(clippy::cast_possible_truncation, reason = "the flag is 1")]
 pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 /// `VRING_DESC_F_WRITE`.
+#[allow(clippy::cast_possible_truncation, reason = "the flag is 2")]
 pub const W: u16 = VRING_DESC_F_WRITE as u16;
 /// `VRING_DESC_F_INDIRECT`.
+#[allow(clippy::cast_possible_truncation, reason = "the flag is 4")]
 pub const IND: u16 = VRING_DESC_F_INDIRECT as u16;
+
+/// The length of a test buffer as a descriptor length.
+pub fn len32(bytes: &[u8]) -> u32 {
+    u32::try_from(bytes.len()).expect("a test buffer under 4 GiB")
+}
 
 /// A mock queue over leaked guest memory.
 pub type MockQueue = MockSplitQueue<'static, GuestMemoryMmap>;
@@ -63,7 +71,7 @@ pub fn counting_interrupt() -> (Arc<CountingLine>, Arc<VirtioInterrupt>) {
 /// it does not borrow the test's harness.
 pub fn leaked_memory(size: u64) -> &'static GuestMemoryMmap {
     Box::leak(Box::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap(),
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(size).unwrap())]).unwrap(),
     ))
 }
 
@@ -162,12 +170,12 @@ pub fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
 /// The descriptors `(addr, len, flags-without-NEXT)`, linked sequentially from
 /// table index `start`.
 pub fn linked(start: u16, descs: &[(u64, u32, u16)]) -> Vec<RawDescriptor> {
-    let n = descs.len() as u16;
+    let n = u16::try_from(descs.len()).unwrap();
     descs
         .iter()
         .enumerate()
         .map(|(i, &(a, l, f))| {
-            let i = i as u16;
+            let i = u16::try_from(i).unwrap();
             if i + 1 < n {
                 raw(a, l, f | NEXT, start + i + 1)
             } else {
@@ -234,15 +242,15 @@ pub fn mmio_activate<D: VirtioDevice>(
     write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
     for sel in 0..2u32 {
         write_reg(t, reg::DRIVER_FEATURES_SEL, sel);
-        write_reg(t, reg::DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+        write_reg(t, reg::DRIVER_FEATURES, low32(features >> (32 * sel)));
     }
     write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     for (i, &(desc, avail, used)) in queues.iter().enumerate() {
-        write_reg(t, reg::QUEUE_SEL, i as u32);
+        write_reg(t, reg::QUEUE_SEL, u32::try_from(i).unwrap());
         write_reg(t, reg::QUEUE_NUM, u32::from(qsize));
-        write_reg(t, reg::QUEUE_DESC_LOW, desc as u32);
-        write_reg(t, reg::QUEUE_DRIVER_LOW, avail as u32);
-        write_reg(t, reg::QUEUE_DEVICE_LOW, used as u32);
+        write_reg(t, reg::QUEUE_DESC_LOW, low32(desc));
+        write_reg(t, reg::QUEUE_DRIVER_LOW, low32(avail));
+        write_reg(t, reg::QUEUE_DEVICE_LOW, low32(used));
         write_reg(t, reg::QUEUE_READY, 1);
     }
     write_reg(

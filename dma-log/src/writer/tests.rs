@@ -30,8 +30,8 @@ fn info(gpa: u64, len: u32) -> DescInfo {
 }
 
 fn content(len: usize, salt: u32) -> Vec<u8> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13 ^ salt) as u8)
+    (0..u32::try_from(len).unwrap())
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13 ^ salt).to_le_bytes()[0])
         .collect()
 }
 
@@ -49,8 +49,8 @@ fn concurrent_producers_get_one_seq_order() {
                         log.marker(&format!("t{t} {i}"));
                     } else {
                         let mut d = info(u64::from(t) << 32 | u64::from(i), 300);
-                        d.head = t as u16;
-                        d.desc = i as u16;
+                        d.head = u16::try_from(t).unwrap();
+                        d.desc = u16::try_from(i).unwrap();
                         log.descriptor_bytes(d, &bytes);
                     }
                 }
@@ -74,7 +74,7 @@ fn concurrent_producers_get_one_seq_order() {
             }
             Record::Desc(d) => {
                 let t = d.head as usize;
-                assert_eq!(d.pieces, pieces_of(d.gpa, &content(300, t as u32)));
+                assert_eq!(d.pieces, pieces_of(d.gpa, &content(300, u32::from(d.head))));
                 (t, u32::from(d.desc), d.t_ns)
             }
             other => panic!("unexpected {other:?}"),
@@ -178,7 +178,7 @@ fn a_slow_output_holds_producers_back_without_losing_records() {
     let bytes = content(256 << 10, 7);
     // 40 × 256 KiB is several times what one batch may hold.
     for i in 0..40u64 {
-        log.descriptor_bytes(info(i << 20, bytes.len() as u32), &bytes);
+        log.descriptor_bytes(info(i << 20, u32::try_from(bytes.len()).unwrap()), &bytes);
     }
     log.flush().unwrap();
     let recs = out.records();
@@ -260,7 +260,8 @@ fn stable_file_ranges_are_fingerprinted_from_the_file() {
     log.flush().unwrap();
     let recs = out.records();
     let Record::Desc(d) = &recs[0] else { panic!() };
-    let want = &data[off as usize..off as usize + len as usize];
+    let off = usize::try_from(off).unwrap();
+    let want = &data[off..off + len as usize];
     assert_eq!(d.pieces, pieces_of(gpa, want));
     let Record::Desc(d) = &recs[1] else { panic!() };
     assert_eq!(d.pieces, pieces_of(0x5000, &data[512..1024]));
@@ -301,7 +302,8 @@ fn page_aligned_reads_take_the_file_page_table_and_match_hashing() {
     let recs = out.records();
     for (i, (gpa, off, len)) in cases.into_iter().enumerate() {
         let Record::Desc(d) = &recs[i] else { panic!() };
-        let want = &data[off as usize..(off + u64::from(len)) as usize];
+        let off = usize::try_from(off).unwrap();
+        let want = &data[off..off + len as usize];
         assert_eq!(d.pieces, pieces_of(gpa, want), "case {i}");
     }
     assert_eq!(

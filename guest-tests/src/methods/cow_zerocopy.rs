@@ -18,11 +18,12 @@ use crate::error::{Context, Result};
 /// MSG_ZEROCOPY, waits for the ACK and every completion; the mapping is kept until
 /// after `END`.
 pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
+    let len = t.map_len()?;
     let map = t
         .sys
         .mmap_file(
             t.file.as_raw_fd(),
-            t.size as usize,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE,
         )

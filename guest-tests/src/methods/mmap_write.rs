@@ -11,7 +11,7 @@ use crate::error::Result;
 /// kept until after `END`.
 pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
     let map = t.map_shared()?;
-    t.for_each_chunk(|t, c| write_all(&mut t.sys, t.sock, map.slice(c.offset as usize, c.len)))?;
+    t.for_each_chunk(|t, c| write_all(&mut t.sys, t.sock, map.slice(c.map_offset(), c.len)))?;
     t.wait_ack()?;
     Ok(Done {
         keep: vec![Box::new(map)],

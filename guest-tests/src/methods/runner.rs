@@ -70,6 +70,14 @@ pub struct Chunk {
     pub len: usize,
 }
 
+impl Chunk {
+    /// [`offset`](Self::offset) as an index into a mapping of the file, which holds
+    /// the whole transfer.
+    pub fn map_offset(&self) -> usize {
+        usize::try_from(self.offset).expect("inside a mapping of the file")
+    }
+}
+
 /// Page-aligned bytes for O_DIRECT reads, or a plain user buffer.
 #[derive(Debug)]
 pub struct AlignedBuf {
@@ -153,12 +161,14 @@ impl<'a> Transfer<'a> {
         self.sys.set_loop(true);
         for index in 0..chunks {
             let offset = index * self.chunk as u64;
-            let len = (self.size - offset).min(self.chunk as u64) as usize;
+            let len =
+                usize::try_from(self.size - offset).map_or(self.chunk, |left| left.min(self.chunk));
             if let Err(err) = body(self, Chunk { index, offset, len }) {
                 self.sys.set_loop(false);
                 return Err(err);
             }
-            self.hooks.sample(index as u32);
+            self.hooks
+                .sample(u32::try_from(index).expect("checked above"));
         }
         self.sys.set_loop(false);
         Ok(())
@@ -168,9 +178,16 @@ impl<'a> Transfer<'a> {
     /// themselves.
     pub fn map_shared(&mut self) -> Result<Mapping> {
         let fd = self.file.as_raw_fd();
+        let len = self.map_len()?;
         self.sys
-            .mmap_file(fd, self.size as usize, libc::PROT_READ, libc::MAP_SHARED)
+            .mmap_file(fd, len, libc::PROT_READ, libc::MAP_SHARED)
             .context(|| format!("mmap of {} bytes (MAP_SHARED, PROT_READ)", self.size))
+    }
+
+    /// [`size`](Self::size) as the length of a mapping of the file.
+    pub fn map_len(&self) -> Result<usize> {
+        usize::try_from(self.size)
+            .map_err(|_| Error::new(format!("{} bytes: too large to map", self.size)))
     }
 
     /// Waits for the peer's 8-byte little-endian byte count and checks it is

@@ -18,7 +18,7 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
         let end = c.offset + c.len as u64;
         // A short sendfile (SO_SNDTIMEO, a signal) continues where it stopped.
         while (off as u64) < end {
-            let left = (end - off as u64) as usize;
+            let left = usize::try_from(end - off as u64).expect("at most one chunk");
             match t.sys.sendfile(t.sock, fd, &mut off, left) {
                 Ok(0) => {
                     return Err(Error::new(format!(

@@ -16,8 +16,10 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
     let (pipe_r, pipe_w) = t.sys.pipe().context(|| "pipe2".to_string())?;
     let (r, w) = (pipe_r.as_raw_fd(), pipe_w.as_raw_fd());
     let chunk = t.chunk;
+    let pipe_size = libc::c_int::try_from(chunk)
+        .map_err(|_| Error::new(format!("chunk {chunk}: larger than a pipe can be")))?;
     t.sys
-        .fcntl_int(w, libc::F_SETPIPE_SZ, chunk as libc::c_int)
+        .fcntl_int(w, libc::F_SETPIPE_SZ, pipe_size)
         .context(|| format!("fcntl(F_SETPIPE_SZ, {chunk}) (above /proc/sys/fs/pipe-max-size?)"))?;
     let mut off: i64 = 0;
     t.for_each_chunk(|t, c| {

@@ -108,6 +108,11 @@ impl Call {
     }
 }
 
+/// The size of `T` as a socket call's length argument.
+fn socklen_of<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).expect("a small C struct")
+}
+
 /// Counts a method's system calls by name, split into the per-chunk loop and the
 /// rest ("setup": connecting, mapping, the ACK, final completion drains).
 #[derive(Debug, Default, Clone)]
@@ -275,8 +280,9 @@ impl Syscalls {
         let fd = self.raw(Call::Socket, || unsafe {
             libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) as isize
         })?;
+        let fd = RawFd::try_from(fd).expect("socket() returns a c_int");
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     /// `setsockopt(fd, level, name, &value, sizeof value)` for a plain-data value.
@@ -287,7 +293,7 @@ impl Syscalls {
         name: libc::c_int,
         value: &T,
     ) -> io::Result<()> {
-        let len = std::mem::size_of::<T>() as libc::socklen_t;
+        let len = socklen_of::<T>();
         let ptr: *const T = value;
         // SAFETY: `ptr` points to a live `T` of `len` bytes that the kernel only reads.
         self.raw(Call::Setsockopt, || unsafe {
@@ -324,7 +330,7 @@ impl Syscalls {
     /// `getsockopt(fd, SOL_SOCKET, SO_ERROR)`: the socket's pending error, 0 if none.
     pub fn socket_error(&mut self, fd: RawFd) -> io::Result<libc::c_int> {
         let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let mut len = socklen_of::<libc::c_int>();
         let (pv, pl): (*mut libc::c_int, *mut libc::socklen_t) = (&mut value, &mut len);
         // SAFETY: `pv` and `pl` point to live, exclusively borrowed locals of the
         // sizes given.
@@ -337,7 +343,7 @@ impl Syscalls {
     /// `connect(fd, addr)`.
     pub fn connect(&mut self, fd: RawFd, addr: SocketAddrV4) -> io::Result<()> {
         let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET is 2"),
             sin_port: addr.port().to_be(),
             sin_addr: libc::in_addr {
                 s_addr: u32::from(*addr.ip()).to_be(),
@@ -345,7 +351,7 @@ impl Syscalls {
             sin_zero: [0; 8],
         };
         let ptr: *const libc::sockaddr_in = &sin;
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let len = socklen_of::<libc::sockaddr_in>();
         // SAFETY: `ptr` points to a live sockaddr_in of `len` bytes, only read.
         self.raw(Call::Connect, || unsafe {
             libc::connect(fd, ptr.cast(), len) as isize
@@ -412,7 +418,7 @@ impl Syscalls {
             revents: 0,
         };
         let ptr: *mut libc::pollfd = &mut pfd;
-        let ms = timeout.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: `ptr` points to one live, exclusively borrowed pollfd.
         let ready = self.raw(Call::Poll, || unsafe { libc::poll(ptr, 1, ms) as isize })?;
         Ok(if ready == 0 { 0 } else { pfd.revents })

@@ -187,7 +187,7 @@ fn check_common(
 
     // BEGIN, one sample per chunk in order, END: nothing else between.
     let mut want = vec![Event::Mark(Marker::begin(method).label())];
-    want.extend((0..chunks as u32).map(Event::Sample));
+    want.extend((0..u32::try_from(chunks).unwrap()).map(Event::Sample));
     want.push(Event::Mark(Marker::end(method).label()));
     assert_eq!(span(&recorder.events, method), want, "{method}");
 
@@ -398,7 +398,12 @@ fn prefix_with_small_chunks() {
         size: Some(size),
         chunk: 8192,
     };
-    let (recorder, passed, received) = run(&suite, dir.path(), &data[..size as usize], 0);
+    let (recorder, passed, received) = run(
+        &suite,
+        dir.path(),
+        &data[..usize::try_from(size).unwrap()],
+        0,
+    );
     assert!(passed);
     let mut received = received.iter();
     for report in recorder.reports() {

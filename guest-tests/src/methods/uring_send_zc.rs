@@ -177,7 +177,8 @@ impl Ring {
     /// Waits for the notifications of every send.
     fn wait_notifications(&mut self, sys: &mut Syscalls) -> Result<()> {
         while self.completions.outstanding() > 0 {
-            let want = self.completions.outstanding().min(u64::from(CQ_ENTRIES)) as usize;
+            let want = usize::try_from(self.completions.outstanding().min(u64::from(CQ_ENTRIES)))
+                .expect("at most CQ_ENTRIES");
             self.enter(sys, want)?;
             self.reap()?;
         }
@@ -285,7 +286,7 @@ fn setup_ring(sys: &mut Syscalls) -> Result<IoUring> {
         .setup_cqsize(CQ_ENTRIES)
         .setup_single_issuer()
         .setup_defer_taskrun()
-        .build(BATCH as u32);
+        .build(u32::try_from(BATCH).expect("16"));
     sys.count_library(Call::IoUringSetup, 1);
     let ring = match deferred {
         Ok(ring) => ring,
@@ -293,7 +294,7 @@ fn setup_ring(sys: &mut Syscalls) -> Result<IoUring> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             let plain = IoUring::builder()
                 .setup_cqsize(CQ_ENTRIES)
-                .build(BATCH as u32);
+                .build(u32::try_from(BATCH).expect("16"));
             sys.count_library(Call::IoUringSetup, 1);
             plain.context(|| "io_uring_setup".to_string())?
         }
@@ -332,7 +333,7 @@ pub fn transfer(t: &mut Transfer<'_>, report_usage: bool) -> Result<Done> {
     let chunks = t.chunks();
     t.for_each_chunk(|t, c| {
         let batch_end = u.queued + 1 == BATCH || c.index + 1 == chunks;
-        u.push(t.sock, map.slice(c.offset as usize, c.len), !batch_end)?;
+        u.push(t.sock, map.slice(c.map_offset(), c.len), !batch_end)?;
         if batch_end {
             u.submit_batch(&mut t.sys)?;
         }

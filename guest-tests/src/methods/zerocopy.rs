@@ -62,7 +62,9 @@ impl Completions {
     /// Reserves room for `sends` ids up front, so that the accounting does not
     /// allocate inside the counted loop.
     pub fn reserve(&mut self, sends: u64) {
-        self.done.reserve((sends as usize).div_ceil(64));
+        // Only a hint: a count beyond the address space fails at the first sends.
+        self.done
+            .reserve(usize::try_from(sends.div_ceil(64)).unwrap_or(0));
     }
 
     /// Registers the next send; returns its id.
@@ -70,7 +72,7 @@ impl Completions {
         let id = u32::try_from(self.issued)
             .map_err(|_| Error::new("more than 2^32 zero-copy sends on one socket"))?;
         self.issued += 1;
-        if self.done.len() * 64 < self.issued as usize {
+        if (self.done.len() as u64) * 64 < self.issued {
             self.done.push(0);
         }
         Ok(id)
@@ -82,7 +84,7 @@ impl Completions {
     /// is an error: the accounting would otherwise be silently wrong.
     pub fn complete(&mut self, lo: u32, hi: u32, copied: bool) -> Result<u64> {
         let count = u64::from(hi.wrapping_sub(lo)) + 1;
-        let ids = || (0..count).map(|k| u64::from(lo.wrapping_add(k as u32)));
+        let ids = || (0..=hi.wrapping_sub(lo)).map(|k| u64::from(lo.wrapping_add(k)));
         let slot = |id: u64| ((id / 64) as usize, 1u64 << (id % 64));
         // Check the whole range before marking any of it, so that a bad range
         // leaves the accounting as it was.
@@ -216,8 +218,8 @@ pub fn send_mapping(
 ) -> Result<Done> {
     let mut zc = MsgZerocopy::new(t.sock, t.chunks());
     t.for_each_chunk(|t, c| {
-        before_send(&mut map, c.offset as usize);
-        zc.send_all(&mut t.sys, map.slice(c.offset as usize, c.len))?;
+        before_send(&mut map, c.map_offset());
+        zc.send_all(&mut t.sys, map.slice(c.map_offset(), c.len))?;
         if (c.index + 1) % DRAIN_EVERY == 0 {
             zc.drain(&mut t.sys)?;
         }

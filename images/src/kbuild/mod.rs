@@ -23,7 +23,7 @@
 //!     bzImage         arch/x86/boot/bzImage
 //!     vmlinux         the ELF kernel with symbols (for debugging)
 //!     System.map
-//!     config          the final .config
+//!     config-<release>  the final .config (named as beside a packaged kernel)
 //!     fragments/      the fragments merged, in order
 //!     patches/        the patches applied, in order (NN-<name>)
 //!     modules/        INSTALL_MOD_PATH, only when the config has modules
@@ -37,7 +37,7 @@
 //!
 //! Output contract: `kernel.json` is a [`KernelBuild`]: the fields of
 //! [`KernelInfo`] (so `KernelInfo::load` reads it like a Debian kernel's) plus how
-//! it was built. `--out DIR` copies `vmlinuz` (the image), `config`, `modules/` and
+//! it was built. `--out DIR` copies `vmlinuz` (the image), `config-<release>`, `modules/` and
 //! `kernel.json` to `DIR`, the same layout for source builds and trees.
 
 pub mod fragment;
@@ -1005,7 +1005,8 @@ fn build_fresh(
     copy(&tree.join("arch/x86/boot/bzImage"), &bzimage)?;
     copy(&tree.join("vmlinux"), &dir.join("vmlinux"))?;
     copy(&tree.join("System.map"), &dir.join("System.map"))?;
-    copy(&tree.join(".config"), &dir.join("config"))?;
+    let config_copy = dir.join(config_name(&release));
+    copy(&tree.join(".config"), &config_copy)?;
     let version = kernel::image_version(&bzimage)?;
     if kernel::release_of(&version) != release {
         return Err(KbuildError::Json {
@@ -1037,7 +1038,7 @@ fn build_fresh(
             vmlinuz: bzimage,
             modules_dir,
         },
-        config: Some(dir.join("config")),
+        config: Some(config_copy),
         source: BuildSource::Tarball(source),
         base_config: Some(BASE_CONFIG.into()),
         fragments: plan.fragments.clone(),
@@ -1160,6 +1161,12 @@ fn configure(
     Ok(())
 }
 
+/// `config-<release>`: the name a packaged kernel's config has beside its image,
+/// where the preflight (`kconfig::find_config`) looks for it.
+pub fn config_name(release: &str) -> String {
+    format!("config-{release}")
+}
+
 fn has_built_modules(tree: &Path) -> bool {
     std::fs::read_to_string(tree.join("modules.order"))
         .is_ok_and(|t| t.lines().any(|l| !l.trim().is_empty()))
@@ -1208,8 +1215,9 @@ fn stage_copy(outcome: &Outcome, out: &Path) -> Result<Outcome, KbuildError> {
     staged.kernel.vmlinuz = tmp.join("vmlinuz");
     copy(&b.kernel.vmlinuz, &staged.kernel.vmlinuz)?;
     if let Some(config) = &b.config {
-        staged.config = Some(tmp.join("config"));
-        copy(config, &tmp.join("config"))?;
+        let copy_to = tmp.join(config_name(&b.kernel.release));
+        copy(config, &copy_to)?;
+        staged.config = Some(copy_to);
     }
     if let Some(m) = &b.kernel.modules_dir {
         // m = <root>/lib/modules/<release>; copy the whole INSTALL_MOD_PATH.
@@ -1446,8 +1454,9 @@ pub fn use_tree(
     let vmlinuz = tmp.join("vmlinuz");
     copy(&image, &vmlinuz)?;
     let staged_config = if paths.config.is_file() {
-        copy(&paths.config, &tmp.join("config"))?;
-        Some(tmp.join("config"))
+        let copy_to = tmp.join(config_name(&release));
+        copy(&paths.config, &copy_to)?;
+        Some(copy_to)
     } else {
         None
     };

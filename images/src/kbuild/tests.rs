@@ -365,7 +365,7 @@ fn a_source_build_is_cached_by_its_inputs_and_staged() {
         "bzImage",
         "vmlinux",
         "System.map",
-        "config",
+        "config-6.1.192-zc",
         "key.json",
         "kernel.json",
         "build.log",
@@ -430,7 +430,15 @@ fn a_source_build_is_cached_by_its_inputs_and_staged() {
         std::fs::read(out.join("vmlinuz")).unwrap(),
         std::fs::read(first.dir.join("bzImage")).unwrap()
     );
-    assert!(out.join("config").is_file());
+    assert!(out.join("config-6.1.192-zc").is_file());
+    // The preflight finds the staged config where it looks beside an image.
+    let found = crate::kconfig::find_config(None, &out.join("vmlinuz"), "6.1.192-zc", None)
+        .unwrap()
+        .expect("a config");
+    assert_eq!(
+        found.source.to_string(),
+        out.join("config-6.1.192-zc").display().to_string()
+    );
     assert_eq!(KernelInfo::load(&out).unwrap().release, "6.1.192-zc");
 }
 
@@ -547,7 +555,7 @@ fn a_tree_is_used_as_it_is_with_no_build() {
     assert_eq!(got.build.kernel.release, "6.13.0-rc1-dirty");
     assert_eq!(got.build.kernel.vmlinuz, out.join("vmlinuz"));
     assert_eq!(got.build.kernel.modules_dir, None);
-    assert_eq!(got.build.config, Some(out.join("config")));
+    assert_eq!(got.build.config, Some(out.join("config-6.13.0-rc1-dirty")));
     assert!(
         matches!(&got.build.source, BuildSource::Tree { path, .. } if *path == tree.canonicalize().unwrap())
     );

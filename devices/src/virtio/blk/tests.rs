@@ -8,7 +8,7 @@ use crate::virtio::test_util::{
     add_chain, counting_interrupt, leaked_memory, linked, mmio_activate, raw, read, read_reg, used,
     write_reg, write_table, CountingLine, MockQueue, TestLog, IND, NEXT, W,
 };
-use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::virtio::{low32, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use rstest::rstest;
 use std::io::{Read, Write};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
@@ -37,7 +37,7 @@ fn disk_content() -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect()
 }
@@ -81,7 +81,7 @@ impl H {
 
     fn activate(&mut self, features: u64) {
         let mut q: Queue = self.vq.create_queue().unwrap();
-        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_used_ring_address(Some(low32(USED)), Some(0));
         q.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
         self.dev
             .activate(self.mem.clone(), vec![q], self.irq.clone(), features)
@@ -138,7 +138,7 @@ fn multi_segment_write_then_read_round_trip() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
     // OUT 3 segments (512 + 4096 crossing a page + 3584) at sector 4.
-    let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3).to_le_bytes()[0]).collect();
     h.mem
         .write_slice(&payload[..512], GuestAddress(DATA))
         .unwrap();
@@ -160,7 +160,7 @@ fn multi_segment_write_then_read_round_trip() {
         ],
     );
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_OK);
     assert_eq!(used(h.mem, USED), vec![(0, 1)]);
     assert_eq!(&h.file_bytes()[2048..2048 + 8192], &payload[..]);
     assert_eq!(&h.file_bytes()[..2048], &disk_content()[..2048]);
@@ -177,7 +177,7 @@ fn multi_segment_write_then_read_round_trip() {
         ],
     );
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS + 1), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(u32::from(h.status(STATUS + 1)), VIRTIO_BLK_S_OK);
     assert_eq!(used(h.mem, USED)[1], (5, 8193));
     let mut back = vec![0u8; 8192];
     h.mem
@@ -254,7 +254,7 @@ fn flush_syncs_and_data_persists() {
     // A FLUSH carrying data is malformed.
     h.request(5, 2, VIRTIO_BLK_T_FLUSH, 0, &[(DATA, 512, W)]);
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS + 2), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(u32::from(h.status(STATUS + 2)), VIRTIO_BLK_S_IOERR);
     assert_eq!(h.dev.flush_count(), 1);
 }
 
@@ -305,8 +305,8 @@ fn read_only_disk_refuses_writes() {
     h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, 0)]);
     h.request(3, 1, VIRTIO_BLK_T_IN, 0, &[(DATA + 0x1000, 512, W)]);
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_IOERR as u8);
-    assert_eq!(h.status(STATUS + 1), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_IOERR);
+    assert_eq!(u32::from(h.status(STATUS + 1)), VIRTIO_BLK_S_OK);
     assert_eq!(h.file_bytes(), disk_content());
     assert_eq!(h.log.errors().len(), 1);
 }
@@ -328,11 +328,16 @@ fn discard_and_write_zeroes() {
         let at = 0x100 * i as u64;
         let seg = dwz_segment(sector, num, flags);
         h.mem.write_slice(&seg, GuestAddress(DATA + at)).unwrap();
-        h.request(3 * i as u16, i as u64, code, 0, &[(DATA + at, 16, 0)]);
+        let i16 = u16::try_from(i).unwrap();
+        h.request(3 * i16, i as u64, code, 0, &[(DATA + at, 16, 0)]);
     }
     h.dev.process_queue(0);
     for (i, &(.., status)) in requests.iter().enumerate() {
-        assert_eq!(h.status(STATUS + i as u64), status as u8, "request {i}");
+        assert_eq!(
+            u32::from(h.status(STATUS + i as u64)),
+            status,
+            "request {i}"
+        );
     }
     let f = h.file_bytes();
     assert_eq!(f.len(), DISK_SIZE);
@@ -356,7 +361,7 @@ fn unknown_request_type_is_unsupp() {
     h.activate(BASE_FEATURES);
     h.request(0, 0, 99, 0, &[]);
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_UNSUPP as u8);
+    assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_UNSUPP);
     assert_eq!(used(h.mem, USED), vec![(0, 1)]);
 }
 
@@ -628,7 +633,7 @@ fn discard_and_write_zeroes_log_their_segment() {
         ],
     );
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_OK);
     let data = h.log.data_descs();
     let got: Vec<_> = data.iter().map(|d| (d.desc, d.gpa, d.len, d.dir)).collect();
     let r = Direction::DeviceReads;
@@ -663,7 +668,11 @@ fn request_type_names_are_the_logs() {
 
 /// Asserts the request got `status` with a non-fatal device-error record.
 fn assert_answered(h: &H, status_addr: u64, status: u32, what: &str) {
-    assert_eq!(h.status(status_addr), status as u8, "status for {what}");
+    assert_eq!(
+        u32::from(h.status(status_addr)),
+        status,
+        "status for {what}"
+    );
     assert_eq!(used(h.mem, USED).len(), 1, "completed: {what}");
     let errs = h.log.errors();
     assert_eq!(errs.len(), 1, "one error record for {what}: {errs:?}");
@@ -786,7 +795,7 @@ fn segment_limits_bind_only_a_driver_that_accepted_them() {
         &[(DATA, 1024, W), (DATA + 0x1000, 512, W)],
     );
     h.dev.process_queue(0);
-    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_OK);
     assert_eq!(read(h.mem, DATA, 1024), &disk_content()[..1024]);
 }
 

@@ -32,7 +32,7 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn info(&self, s: &Seg, gpa: u64, len: u64, dir: Direction, role: DescRole) -> DescInfo {
+    fn info(&self, s: &Seg, gpa: u64, len: u32, dir: Direction, role: DescRole) -> DescInfo {
         DescInfo {
             device: self.device,
             queue: self.queue,
@@ -40,8 +40,7 @@ impl Context<'_> {
             desc: s.index,
             indirect: s.indirect,
             gpa,
-            // A piece of one descriptor, whose length is a u32.
-            len: len as u32,
+            len,
             dir,
             role,
         }
@@ -62,7 +61,8 @@ impl Context<'_> {
                 let gpa = s.addr + (cut - at) as u64;
                 // The device's own copy is hashed: it is exactly what was read or
                 // written, and costs no second pass over guest memory.
-                let info = self.info(s, gpa, (upto - cut) as u64, dir, role);
+                let len = u32::try_from(upto - cut).expect("within one descriptor");
+                let info = self.info(s, gpa, len, dir, role);
                 self.log.descriptor_bytes(info, &bytes[cut..upto]);
                 cut = upto;
             }
@@ -249,7 +249,8 @@ struct Seg {
     index: u16,
     indirect: bool,
     addr: u64,
-    len: u64,
+    /// A descriptor's length, or part of it.
+    len: u32,
 }
 
 impl From<&ChainDesc> for Seg {
@@ -258,7 +259,7 @@ impl From<&ChainDesc> for Seg {
             index: d.index,
             indirect: d.indirect,
             addr: d.addr,
-            len: u64::from(d.len),
+            len: d.len,
         }
     }
 }
@@ -274,7 +275,7 @@ pub struct GuestBuffers<'a> {
 impl<'a> GuestBuffers<'a> {
     /// Bytes.
     pub fn len(&self) -> u64 {
-        self.segs.iter().map(|s| s.len).sum()
+        self.segs.iter().map(|s| u64::from(s.len)).sum()
     }
 
     /// No bytes at all.
@@ -297,7 +298,7 @@ impl<'a> GuestBuffers<'a> {
         self.segs
             .iter()
             .max_by_key(|s| s.len)
-            .map(|s| (s.index, s.len))
+            .map(|s| (s.index, u64::from(s.len)))
     }
 
     /// The first `n` bytes and the rest (a descriptor straddling the cut is split).
@@ -307,14 +308,15 @@ impl<'a> GuestBuffers<'a> {
         for s in self.segs {
             if n == 0 {
                 back.push(s);
-            } else if s.len <= n {
+            } else if u64::from(s.len) <= n {
                 front.push(s);
-                n -= s.len;
+                n -= u64::from(s.len);
             } else {
-                front.push(Seg { len: n, ..s });
+                let cut = u32::try_from(n).expect("shorter than this descriptor");
+                front.push(Seg { len: cut, ..s });
                 back.push(Seg {
                     addr: s.addr + n,
-                    len: s.len - n,
+                    len: s.len - cut,
                     ..s
                 });
                 n = 0;
@@ -399,7 +401,7 @@ impl<'a> GuestBuffers<'a> {
                 Some(stable) => c.log.descriptor_from_file(info, stable, offset),
                 None => c.log.descriptor_from_guest(c.mem, info),
             }
-            offset += s.len;
+            offset += u64::from(s.len);
         }
         Ok(())
     }
@@ -421,7 +423,7 @@ impl<'a> GuestBuffers<'a> {
             c.mem
                 .write_all_volatile_to(GuestAddress(s.addr), file, s.len as usize)
                 .map_err(|e| (offset, FileAccessError::Transfer(e)))?;
-            offset += s.len;
+            offset += u64::from(s.len);
         }
         Ok(())
     }

@@ -100,7 +100,7 @@ impl<B: NetBackend> Host<B> {
         };
         let mut hdr = [0u8; NET_HDR_LEN];
         if active.guest_csum {
-            hdr[0] = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+            hdr[0] = u8::try_from(VIRTIO_NET_HDR_F_DATA_VALID).expect("an 8-bit flag");
         }
         // num_buffers: 1 when MRG_RXBUF is off, as the spec requires.
         let nbufs = u16::try_from(chains.len()).unwrap_or(u16::MAX);
@@ -179,8 +179,8 @@ impl<'a> RxQueue<'a> {
                 }
                 chain.check(d).map_err(|e| (Some(head), e.to_string()))?;
             }
-            // Under 4 GiB: walk_chain refuses longer chains.
-            let cap = chain.all().len() as usize;
+            let cap = usize::try_from(chain.all().len())
+                .expect("walk_chain refuses chains of 4 GiB or more");
             if !mrg_rxbuf && cap < needed {
                 // Without MRG_RXBUF a frame must fit one chain. Keep the buffer for
                 // the next (smaller) frame and drop this one.

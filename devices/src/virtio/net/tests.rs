@@ -10,10 +10,10 @@ use crate::net_peer::{NetPeerConfig, DEFAULT_MAC as PEER_MAC};
 use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::status::DEVICE_NEEDS_RESET;
 use crate::virtio::test_util::{
-    add_chain, counting_interrupt, leaked_memory, mmio_activate, raw, read_reg, used, write_reg,
-    Capture, CountingLine, MockQueue, TestLog, NEXT, W,
+    add_chain, counting_interrupt, leaked_memory, len32, mmio_activate, raw, read_reg, used,
+    write_reg, Capture, CountingLine, MockQueue, TestLog, NEXT, W,
 };
-use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::virtio::{low32, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use rstest::rstest;
 use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket};
 use virtio_bindings::virtio_net::{
@@ -90,8 +90,8 @@ impl<B: NetBackend> H<B> {
     fn activate(&mut self, features: u64) {
         let mut rx: Queue = self.rxq.create_queue().unwrap();
         let mut tx: Queue = self.txq.create_queue().unwrap();
-        rx.set_used_ring_address(Some(USED_RX as u32), Some(0));
-        tx.set_used_ring_address(Some(USED_TX as u32), Some(0));
+        rx.set_used_ring_address(Some(low32(USED_RX)), Some(0));
+        tx.set_used_ring_address(Some(low32(USED_TX)), Some(0));
         rx.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
         tx.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
         self.dev
@@ -167,9 +167,9 @@ impl<B: NetBackend> H<B> {
     }
 }
 
-fn net_hdr(flags: u8, gso: u8, csum_start: u16, csum_offset: u16) -> [u8; 12] {
+fn net_hdr(flags: u32, gso: u8, csum_start: u16, csum_offset: u16) -> [u8; 12] {
     let mut h = [0u8; 12];
-    h[0] = flags;
+    h[0] = u8::try_from(flags).unwrap();
     h[1] = gso;
     h[6..8].copy_from_slice(&csum_start.to_le_bytes());
     h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
@@ -186,7 +186,7 @@ fn tcp_frame(payload: &[u8], tcp_csum: u16) -> Vec<u8> {
     f.extend_from_slice(&PEER_MAC);
     f.extend_from_slice(&GUEST_MAC);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let total = (20 + 20 + payload.len()) as u16;
+    let total = u16::try_from(20 + 20 + payload.len()).unwrap();
     let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0];
     ip[2..4].copy_from_slice(&total.to_be_bytes());
     ip.extend_from_slice(&GUEST_IP);
@@ -215,12 +215,12 @@ fn pseudo_sum(tcp_len: usize) -> u16 {
     p.extend_from_slice(&GUEST_IP);
     p.extend_from_slice(&PEER_IP);
     p.extend_from_slice(&[0, 6]);
-    p.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+    p.extend_from_slice(&u16::try_from(tcp_len).unwrap().to_be_bytes());
     csum_fold(csum_add(0, &p))
 }
 
 fn payload(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i * 31 + 7) as u8).collect()
+    (0..n).map(|i| (i * 31 + 7).to_le_bytes()[0]).collect()
 }
 
 fn tcp_checksum_ok(frame: &[u8]) -> bool {
@@ -296,8 +296,8 @@ fn config_space_layout() {
     dev.read_config(0, &mut c);
     assert_eq!(&c[0..6], &mac);
     assert_eq!(
-        u16::from_le_bytes([c[6], c[7]]),
-        VIRTIO_NET_S_LINK_UP as u16
+        u32::from(u16::from_le_bytes([c[6], c[7]])),
+        VIRTIO_NET_S_LINK_UP
     );
     assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1); // max_virtqueue_pairs
     assert_eq!(&c[10..16], &[0; 6]); // no mtu, nothing beyond
@@ -383,7 +383,7 @@ fn header_sharing_a_descriptor_with_the_frame_gives_two_records() {
     let mut buf = net_hdr(0, 0, 0, 0).to_vec();
     buf.extend_from_slice(&frame);
     h.write(DATA + 0xff0, &buf);
-    add_chain(&h.txq, 0, &[(DATA + 0xff0, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 0, &[(DATA + 0xff0, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert_eq!(h.dev.backend().sent, vec![frame.clone()]);
     let descs = h.descs(TX_QUEUE);
@@ -394,7 +394,7 @@ fn header_sharing_a_descriptor_with_the_frame_gives_two_records() {
     );
     assert_eq!(
         (descs[1].role, descs[1].gpa, descs[1].len),
-        (DescRole::Data, DATA + 0xffc, frame.len() as u32)
+        (DescRole::Data, DATA + 0xffc, len32(&frame))
     );
     assert_eq!(descs[1].desc, 0);
     // 4 bytes before the page boundary, the rest after.
@@ -412,7 +412,7 @@ fn several_chains_in_one_batch_one_interrupt() {
         buf.extend_from_slice(&tcp_frame(&payload(10 + usize::from(i)), 0));
         let addr = DATA + 0x1000 * u64::from(i);
         h.write(addr, &buf);
-        add_chain(&h.txq, i, &[(addr, buf.len() as u32, 0)]);
+        add_chain(&h.txq, i, &[(addr, len32(&buf), 0)]);
     }
     h.dev.process_queue(TX_QUEUE);
     assert_eq!(h.dev.backend().sent.len(), 3);
@@ -428,7 +428,7 @@ fn partial_checksum_is_completed() {
     let data = payload(1001); // odd length: the last byte is padded
     let frame = tcp_frame(&data, pseudo_sum(20 + data.len()));
     assert!(!tcp_checksum_ok(&frame));
-    let hdr = net_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0, 34, 16);
+    let hdr = net_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 34, 16);
     h.write(DATA, &hdr);
     h.write(DATA + 0x100, &frame[..54]);
     h.write(DATA + 0x1000, &frame[54..]);
@@ -438,7 +438,7 @@ fn partial_checksum_is_completed() {
         &[
             (DATA, 12, 0),
             (DATA + 0x100, 54, 0),
-            (DATA + 0x1000, data.len() as u32, 0),
+            (DATA + 0x1000, len32(&data), 0),
         ],
     );
     h.dev.process_queue(TX_QUEUE);
@@ -481,17 +481,17 @@ fn bad_checksum_offsets_drop_the_frame_and_carry_on() {
         .into_iter()
         .enumerate()
     {
-        let mut buf = net_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0, start, off).to_vec();
+        let mut buf = net_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, start, off).to_vec();
         buf.extend_from_slice(&frame);
         let addr = DATA + 0x1000 * i as u64;
         h.write(addr, &buf);
-        add_chain(&h.txq, i as u16, &[(addr, buf.len() as u32, 0)]);
+        add_chain(&h.txq, u16::try_from(i).unwrap(), &[(addr, len32(&buf), 0)]);
     }
     // And a good frame after them.
     let mut buf = net_hdr(0, 0, 0, 0).to_vec();
     buf.extend_from_slice(&frame);
     h.write(DATA + 0x8000, &buf);
-    add_chain(&h.txq, 3, &[(DATA + 0x8000, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 3, &[(DATA + 0x8000, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert_eq!(h.dev.backend().sent, vec![frame]);
     assert_eq!(used(h.mem, USED_TX).len(), 4);
@@ -515,7 +515,7 @@ fn empty_frame_and_unoffered_gso_are_dropped() {
     let mut buf = net_hdr(0, 1, 0, 0).to_vec(); // GSO_TCPV4
     buf.extend_from_slice(&tcp_frame(&payload(10), 0));
     h.write(DATA + 0x1000, &buf);
-    add_chain(&h.txq, 1, &[(DATA + 0x1000, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 1, &[(DATA + 0x1000, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert!(h.dev.backend().sent.is_empty());
     assert_eq!(used(h.mem, USED_TX).len(), 2);
@@ -534,12 +534,12 @@ fn tx_interrupts_respect_event_idx() {
     h.write(DATA, &buf);
     // used_event = 5: the driver only wants to hear after the 6th completion.
     h.mem.write_obj(5u16, GuestAddress(used_event)).unwrap();
-    add_chain(&h.txq, 0, &[(DATA, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 0, &[(DATA, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert_eq!(h.line.queue_count(), 0);
     // used_event = 1: wants to hear when used idx passes 1 (the second entry).
     h.mem.write_obj(1u16, GuestAddress(used_event)).unwrap();
-    add_chain(&h.txq, 1, &[(DATA, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 1, &[(DATA, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert_eq!(h.line.queue_count(), 1);
 }
@@ -551,7 +551,7 @@ fn rx_frame(n: usize) -> Vec<u8> {
     f.extend_from_slice(&GUEST_MAC);
     f.extend_from_slice(&PEER_MAC);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend((0..n.saturating_sub(14)).map(|i| (i % 253) as u8));
+    f.extend((0..n.saturating_sub(14)).map(|i| u8::try_from(i % 253).unwrap()));
     f
 }
 
@@ -566,7 +566,7 @@ fn rx_without_mrg_fills_one_chain_and_sets_data_valid() {
     h.dev.poll_backend(Instant::now());
     assert_eq!(used(h.mem, USED_RX), vec![(0, 1012)]);
     let hdr = h.read(RXBUF, 12);
-    assert_eq!(hdr[0], VIRTIO_NET_HDR_F_DATA_VALID as u8);
+    assert_eq!(u32::from(hdr[0]), VIRTIO_NET_HDR_F_DATA_VALID);
     assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1);
     assert_eq!(h.read(RXBUF + 0x1000, 1000), frame);
     assert_eq!(h.line.queue_count(), 1);
@@ -744,7 +744,7 @@ fn arp_request_is_answered_by_the_peer_through_the_queues() {
     let mut buf = net_hdr(0, 0, 0, 0).to_vec();
     buf.extend_from_slice(&arp_request());
     h.write(DATA, &buf);
-    add_chain(&h.txq, 0, &[(DATA, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 0, &[(DATA, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
 
     let u = used(h.mem, USED_RX);
@@ -795,7 +795,7 @@ fn through_the_mmio_transport() {
     let mut buf = net_hdr(0, 0, 0, 0).to_vec();
     buf.extend_from_slice(&arp_request());
     mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
-    add_chain(&txq, 0, &[(DATA, buf.len() as u32, 0)]);
+    add_chain(&txq, 0, &[(DATA, len32(&buf), 0)]);
     t.notify_queue(1);
     assert_eq!(t.device().backend().sent, vec![arp_request()]);
     // The MAC through the config window.
@@ -831,7 +831,7 @@ fn tx_bad_chain_needs_reset(#[case] descs: &[(u64, u32, u16)], #[case] what: &st
     let mut buf = net_hdr(0, 0, 0, 0).to_vec();
     buf.extend_from_slice(&arp_request());
     h.write(DATA + 0x3000, &buf);
-    add_chain(&h.txq, 8, &[(DATA + 0x3000, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 8, &[(DATA + 0x3000, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert!(h.dev.backend().sent.is_empty());
 }
@@ -853,7 +853,10 @@ fn tx_chain_loop_and_too_long_need_reset() {
         .collect();
     h.txq.add_desc_chains(&raws[..1], 0).unwrap();
     for (i, r) in raws.iter().enumerate().skip(1) {
-        h.txq.desc_table().store(i as u16, *r).unwrap();
+        h.txq
+            .desc_table()
+            .store(u16::try_from(i).unwrap(), *r)
+            .unwrap();
     }
     h.dev.process_queue(TX_QUEUE);
     h.assert_needs_reset(TX_QUEUE, "longer than");
@@ -906,10 +909,10 @@ fn disabled_log_and_boxed_backend_still_carry_frames() {
     h.activate(BASE | SG | MRG);
     h.post_rx(0, 1, 2048);
     let frame = tcp_frame(&payload(100), pseudo_sum(120));
-    let mut buf = net_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0, 34, 16).to_vec();
+    let mut buf = net_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 34, 16).to_vec();
     buf.extend_from_slice(&frame);
     h.write(DATA, &buf);
-    add_chain(&h.txq, 0, &[(DATA, buf.len() as u32, 0)]);
+    add_chain(&h.txq, 0, &[(DATA, len32(&buf), 0)]);
     h.dev.process_queue(TX_QUEUE);
     assert_eq!(h.dev.stats().tx_frames, 1);
     assert_eq!(h.dev.stats().csum_completed, 1);

@@ -29,8 +29,8 @@ impl<B: NetBackend> Host<B> {
             chain.check(d).map_err(|e| e.to_string())?;
         }
         let bufs = chain.all();
-        // Under 4 GiB: walk_chain refuses longer chains.
-        let total = bufs.len() as usize;
+        let total =
+            usize::try_from(bufs.len()).expect("walk_chain refuses chains of 4 GiB or more");
         if total < NET_HDR_LEN {
             return Err(format!(
                 "TX header too short: {total} bytes, need {NET_HDR_LEN}"
@@ -141,7 +141,7 @@ pub(super) fn csum_fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    sum as u16
+    u16::try_from(sum).expect("folded to 16 bits")
 }
 
 /// Completes a partial checksum (virtio 1.2, 5.1.6.2): the Internet checksum of
