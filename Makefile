@@ -15,16 +15,38 @@ KERNEL       ?=
 MODULES      ?=
 # Pin a Debian kernel, e.g. KERNEL_VERSION=6.12
 KERNEL_VERSION ?=
+# Your kernel tree: make run KERNEL_TREE=path/to/linux builds it with its own .config
+# (make olddefconfig bzImage [modules]) and stages image, config and modules in
+# $(KERNEL_TREE_OUT); KERNEL_TREE_BUILD=no uses what the tree has built.
+KERNEL_TREE  ?=
+KERNEL_TREE_BUILD ?= yes
+KERNEL_TREE_OUT := $(IMAGES_OUT)/kernel-tree
+# make kernel: a kernel built from source (Debian's linux-source-6.1 unless
+# KERNEL_SOURCE=linux.tar.xz), tinyconfig + images/kconfig/zc-{guest,trim}.config, after
+# KERNEL_PATCHES (files or directories of *.patch, applied in order); cached in
+# ~/.cache/zc/kernels, staged in $(KERNEL_OUT); boot it with KERNEL=$(KERNEL_OUT)/vmlinuz.
+KERNEL_SOURCE  ?=
+KERNEL_PATCHES ?=
+KERNEL_OUT   := $(IMAGES_OUT)/kernel
 METHODS_OUT  ?= out/methods
 APT_PACKAGES := qemu-system-x86 e2fsprogs iproute2
+# What `make kernel` and KERNEL_TREE= builds need (images/src/kbuild/mod.rs
+# BUILD_PACKAGES, plus the default source).
+KERNEL_APT_PACKAGES := linux-source-6.1 gcc make flex bison bc libelf-dev libssl-dev xz-utils patch kmod
 
-ifneq ($(KERNEL),)
+ifneq ($(KERNEL_TREE),)
+KERNEL       := $(KERNEL_TREE_OUT)/vmlinuz
+KERNEL_PREP  := kernel-tree
+# The staged modules exist only when the tree's config has modules: tested when run.
+GUEST_KERNEL_ARGS := --kernel $(KERNEL) \
+  $$(test -d $(KERNEL_TREE_OUT)/modules && echo --modules-dir $(KERNEL_TREE_OUT)/modules)
+else ifneq ($(KERNEL),)
 GUEST_KERNEL_ARGS := --kernel $(KERNEL) $(if $(MODULES),--modules-dir $(MODULES))
 else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps build guest images run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment kunit
+.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment kunit
 
 all: build
 
@@ -44,6 +66,20 @@ deps:
 	@apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q 'Candidate: [0-9]' || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq; else echo "make: run: sudo apt-get update"; exit 1; fi; }
 
+## kernel-deps: what building a kernel needs (the source package, compiler, tools).
+kernel-deps:
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(KERNEL_APT_PACKAGES)"
+
+## kernel: build a small kernel from source (cached: a rerun with the same inputs costs nothing).
+kernel: kernel-deps build
+	$(ZC_IMAGE) build-kernel $(if $(KERNEL_SOURCE),--source $(KERNEL_SOURCE)) \
+	  $(foreach p,$(KERNEL_PATCHES),--patch $(p)) --out $(KERNEL_OUT)
+
+# KERNEL_TREE=path: build (unless KERNEL_TREE_BUILD=no) and stage the user's tree.
+kernel-tree: build
+	$(ZC_IMAGE) build-kernel --tree $(KERNEL_TREE) $(if $(filter no,$(KERNEL_TREE_BUILD)),--no-build) \
+	  --out $(KERNEL_TREE_OUT)
+
 ## build: the VMM and the image tool (release: they run inside an emulated host).
 build:
 	$(CARGO) build --release -p zc-vmm -p zc-images
@@ -53,7 +89,7 @@ guest:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p zc-guest --target $(HOST_TARGET)
 
 ## images: kernels (fetched from Debian, cached) and initramfs for the guest and the emulated host.
-images: deps build guest
+images: deps build guest $(KERNEL_PREP)
 	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) $(GUEST_KERNEL_ARGS) --out $(IMAGES_OUT)
 	$(if $(KERNEL),,$(ZC_IMAGE) vmlinux --kernel $(GUEST_KERNEL) --out $(IMAGES_OUT)/guest/vmlinux)
 	$(ZC_IMAGE) build --role host --init $(GUEST_BIN) --out $(IMAGES_OUT)
@@ -87,20 +123,28 @@ matrix: deps build guest
 	$(ZC_VMM) compare $$dirs; exit $$status
 
 ## test: unit tests, KVM tests and the end-to-end boots of the real kernel.
-test: images kunit
+# The source-built kernel (`make kernel`: virtio-pci only) with its own initramfs,
+# for the end-to-end test that runs it on the PCI transport.
+SOURCE_KERNEL_IMAGES := $(IMAGES_OUT)/source-kernel
+
+test: images kunit kernel
+	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) --kernel $(KERNEL_OUT)/vmlinuz --out $(SOURCE_KERNEL_IMAGES)
 	ZC_KUNIT_DIR=$(KUNIT_DIR) $(CARGO) test --workspace --release
 	ZC_REQUIRE_KERNEL_CACHE=1 $(CARGO) test --release -p zc-images --test real_kernels --test real_vmlinux -- --ignored
 	@if [ "$$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then \
 	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
 	else echo "make: tap backend tests not run: they need root and /dev/net/tun"; fi
-	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods --test transports -- --ignored --test-threads=1
+	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) ZC_SOURCE_KERNEL_IMAGES=$(CURDIR)/$(SOURCE_KERNEL_IMAGES) \
+	  $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods --test transports -- --ignored --test-threads=1
 
 ## check-config: the preflight of a kernel's config, before any boot: one line per
 ## missing option and what breaks, and the methods it will SKIP.
 ## KERNEL=bzImage|vmlinux|source tree|unpacked package [MODULES=lib/modules/<release>];
 ## without KERNEL: every Debian kernel in images/cache.
-check-config: build
-	@if [ -n "$(KERNEL)" ]; then \
+check-config: build $(KERNEL_PREP)
+	@if [ -n "$(KERNEL_TREE)" ]; then \
+	  $(ZC_IMAGE) check-config $(KERNEL) $$(test -d $(KERNEL_TREE_OUT)/modules && echo --modules-dir $(KERNEL_TREE_OUT)/modules); \
+	elif [ -n "$(KERNEL)" ]; then \
 	  $(ZC_IMAGE) check-config $(KERNEL) $(if $(MODULES),--modules-dir $(MODULES)); \
 	else status=0; for k in images/cache/*/; do \
 	  [ -f $$k/kernel.json ] || continue; $(ZC_IMAGE) check-config $$k || status=$$?; \

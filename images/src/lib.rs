@@ -12,13 +12,16 @@
 //! - [`role`]: assembles kernel + initramfs for the `guest` or the `host` role;
 //! - [`vmlinux`]: the ELF vmlinux extracted from a bzImage's compressed payload;
 //! - [`elf`]: the minimal ELF64 reading the others need;
-//! - [`disk`]: the test disk, ext4 with files of random, page-unique content.
+//! - [`disk`]: the test disk, ext4 with files of random, page-unique content;
+//! - [`kbuild`]: kernels built from source (tinyconfig + zc's Kconfig fragment,
+//!   patches, cached by their inputs) and users' kernel trees.
 #![forbid(unsafe_code)]
 
 pub mod debian;
 pub mod disk;
 pub mod elf;
 pub mod initramfs;
+pub mod kbuild;
 pub mod kconfig;
 pub mod kernel;
 pub mod modules;

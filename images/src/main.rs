@@ -14,6 +14,8 @@ use zc_images::modules::ModuleIndex;
 use zc_images::role::{self, BuildRequest, GuestNeeds, KernelSource, Role, RoleError};
 use zc_images::vmlinux;
 
+mod kernel_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "zc-image",
@@ -76,6 +78,10 @@ enum Cmd {
         #[arg(long, default_value = "images/cache")]
         cache: PathBuf,
     },
+    /// Build a kernel from source (default: Debian's linux-source-6.1, `make tinyconfig`
+    /// plus zc's fragment, virtio-pci without virtio-mmio; cached by source, fragments,
+    /// patches and compiler), or build and stage your own tree (--tree).
+    BuildKernel(kernel_cmd::BuildKernelArgs),
     /// Build the test disk: an ext4 image of files with random, page-unique content,
     /// `<FILE>.json` (manifest) and `disk-files/` (the files' bytes, for verifying
     /// transfers) beside it; skipped when up to date.
@@ -459,6 +465,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .join(", ")
             );
         }
+        Cmd::BuildKernel(args) => kernel_cmd::run(args)?,
         Cmd::CheckConfig {
             kernel,
             config,
