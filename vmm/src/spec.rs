@@ -104,19 +104,52 @@ impl std::fmt::Display for Transport {
 }
 
 /// The one place the transport is decided: what was asked for, or for `auto` what
-/// `kernel` can drive, with the reason in words. Today `auto` is virtio-mmio, which
-/// every kernel zc has booted (Debian's) drives. The kernel-config preflight is to
-/// fill in the rule here: `VIRTIO_MMIO` (with ACPI) set means mmio; otherwise
-/// `VIRTIO_PCI` set (and `PCI_MSI`) means pci. Both the outer run and the one inside
-/// the emulated host call it on the same spec and kernel, so they agree.
+/// `kernel` can drive, with the reason in words. `auto` reads the kernel's config
+/// (the `config-<release>` or `.config` beside the image, or its IKCONFIG copy: the
+/// preflight's [`zc_images::kconfig::find_config`]): virtio-mmio when `VIRTIO_MMIO`
+/// is built in or a module (every Debian kernel; the transport zc has run longest),
+/// else virtio-pci when `VIRTIO_PCI` is (kernels from `kvm_guest.config`-style
+/// fragments, and `make kernel`'s), else virtio-mmio with the reason. Both the outer
+/// run and the one inside the emulated host call it on the same spec and kernel, so
+/// they agree.
 pub fn choose_transport(requested: TransportChoice, kernel: &Path) -> (Transport, &'static str) {
-    let _ = kernel;
     match requested {
         TransportChoice::Mmio => (Transport::Mmio, "asked for"),
         TransportChoice::Pci => (Transport::Pci, "asked for"),
-        TransportChoice::Auto => (
+        TransportChoice::Auto => transport_from_config(kernel_config(kernel).as_ref()),
+    }
+}
+
+/// The kernel's config, if one can be found beside or inside the image.
+fn kernel_config(kernel: &Path) -> Option<zc_images::kconfig::KernelConfig> {
+    let version = zc_images::kernel::image_version(kernel).ok()?;
+    let release = zc_images::kernel::release_of(&version);
+    zc_images::kconfig::find_config(None, kernel, release, None)
+        .ok()
+        .flatten()
+}
+
+/// The `auto` rule on a config (`None`: no config was found).
+fn transport_from_config(
+    config: Option<&zc_images::kconfig::KernelConfig>,
+) -> (Transport, &'static str) {
+    use zc_images::kconfig::Value;
+    let has = |c: &zc_images::kconfig::KernelConfig, option: &str| {
+        matches!(c.get(option), Value::Yes | Value::Module)
+    };
+    match config {
+        None => (
             Transport::Mmio,
-            "auto: virtio-mmio until the kernel config decides",
+            "auto: no kernel config found beside or inside the image, virtio-mmio",
+        ),
+        Some(c) if has(c, "VIRTIO_MMIO") => (Transport::Mmio, "auto: the kernel has VIRTIO_MMIO"),
+        Some(c) if has(c, "VIRTIO_PCI") => (
+            Transport::Pci,
+            "auto: the kernel has VIRTIO_PCI and no VIRTIO_MMIO",
+        ),
+        Some(_) => (
+            Transport::Mmio,
+            "auto: the kernel has neither VIRTIO_MMIO nor VIRTIO_PCI (the preflight says what to enable), virtio-mmio",
         ),
     }
 }
@@ -494,6 +527,42 @@ pub fn parse_tap_address(text: &str) -> Result<TapAddress, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[rstest::rstest]
+    #[case::debian_mmio_module("CONFIG_VIRTIO_MMIO=m\nCONFIG_VIRTIO_PCI=y\n", Transport::Mmio)]
+    #[case::mmio_built_in("CONFIG_VIRTIO_MMIO=y\n", Transport::Mmio)]
+    #[case::pci_only(
+        "# CONFIG_VIRTIO_MMIO is not set\nCONFIG_VIRTIO_PCI=y\n",
+        Transport::Pci
+    )]
+    #[case::pci_module_only("CONFIG_VIRTIO_PCI=m\n", Transport::Pci)]
+    #[case::neither("CONFIG_VIRTIO_BLK=y\n", Transport::Mmio)]
+    fn auto_follows_the_kernel_config(#[case] config: &str, #[case] expected: Transport) {
+        let config = zc_images::kconfig::KernelConfig::parse(
+            config,
+            zc_images::kconfig::ConfigSource::File("config".into()),
+        );
+        assert_eq!(transport_from_config(Some(&config)).0, expected);
+    }
+
+    #[test]
+    fn auto_without_a_config_is_mmio_and_says_why() {
+        let (transport, why) = transport_from_config(None);
+        assert_eq!(transport, Transport::Mmio);
+        assert!(why.contains("no kernel config"), "{why}");
+        // An image that is not a kernel has no config either.
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("vmlinuz");
+        std::fs::write(&junk, b"not a kernel").unwrap();
+        assert_eq!(
+            choose_transport(TransportChoice::Auto, &junk).0,
+            Transport::Mmio
+        );
+        assert_eq!(
+            choose_transport(TransportChoice::Pci, &junk).0,
+            Transport::Pci
+        );
+    }
 
     /// A tiny file that passes for a bzImage (`HdrS` at 0x202).
     fn fake_bzimage(dir: &Path) -> PathBuf {
