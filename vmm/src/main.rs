@@ -597,6 +597,13 @@ fn run(args: RunArgs) -> Result<i32> {
 fn run_direct(spec: &RunSpec, mode: HostMode) -> Result<i32> {
     let (transport, why) = spec.transport();
     eprintln!("zc-vmm: virtio transport {transport} ({why})");
+    // Decided once: `auto` reads the kernel's config, for a bzImage with none beside
+    // it by decompressing the whole image, which assembling the VM and writing its
+    // command line would otherwise each do again.
+    let spec = &RunSpec {
+        transport: transport.into(),
+        ..spec.clone()
+    };
     let report = vm::run(spec)?;
     let mut summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
     summary.transport = Some(transport);

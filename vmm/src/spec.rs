@@ -103,6 +103,15 @@ impl std::fmt::Display for Transport {
     }
 }
 
+impl From<Transport> for TransportChoice {
+    fn from(transport: Transport) -> Self {
+        match transport {
+            Transport::Mmio => TransportChoice::Mmio,
+            Transport::Pci => TransportChoice::Pci,
+        }
+    }
+}
+
 /// The one place the transport is decided: what was asked for, or for `auto` what
 /// `kernel` can drive, with the reason in words. `auto` reads the kernel's config
 /// (the `config-<release>` or `.config` beside the image, or its IKCONFIG copy: the
