@@ -17,6 +17,62 @@ const CPU_COPIES_TOLERANCE: f64 = 0.15;
 /// write now and then adds a call without changing the method's shape.
 const SYSCALLS_TOLERANCE: f64 = 0.1;
 
+/// What an expectation checks: each is named by its `expected.toml` key (the
+/// `_min`/`_max` forms share their key), and every reason a check gives for a
+/// FAIL begins with that key, so a reader (or a regression patch's `Zc-Fails`
+/// trailer, [`crate::regression`]) can tell which check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Check {
+    /// `syscalls_per_chunk` (and its range).
+    SyscallsPerChunk,
+    /// `mode_switches_per_chunk` (and its range).
+    ModeSwitchesPerChunk,
+    /// `dma_copies`.
+    DmaCopies,
+    /// `cpu_copies`.
+    CpuCopies,
+    /// `zero_copy_pct_min` / `zero_copy_pct_max`.
+    ZeroCopyPct,
+    /// `kernel_claims_copied`.
+    KernelClaimsCopied,
+}
+
+impl Check {
+    /// Every check, in the order [`Expectation`] runs them.
+    pub const ALL: [Check; 6] = [
+        Check::SyscallsPerChunk,
+        Check::ModeSwitchesPerChunk,
+        Check::DmaCopies,
+        Check::CpuCopies,
+        Check::ZeroCopyPct,
+        Check::KernelClaimsCopied,
+    ];
+
+    /// The key that names it in `expected.toml` and begins its FAIL reasons.
+    pub fn key(self) -> &'static str {
+        match self {
+            Check::SyscallsPerChunk => "syscalls_per_chunk",
+            Check::ModeSwitchesPerChunk => "mode_switches_per_chunk",
+            Check::DmaCopies => "dma_copies",
+            Check::CpuCopies => "cpu_copies",
+            Check::ZeroCopyPct => "zero_copy_pct",
+            Check::KernelClaimsCopied => "kernel_claims_copied",
+        }
+    }
+
+    /// The check named `key` (see [`Check::key`]).
+    pub fn from_key(key: &str) -> Option<Check> {
+        Check::ALL.into_iter().find(|c| c.key() == key)
+    }
+
+    /// The check a FAIL reason comes from, if it comes from one (a structural
+    /// reason such as "no guest report" does not).
+    pub fn of_reason(reason: &str) -> Option<Check> {
+        let first = reason.split([' ', ':']).next()?;
+        Check::from_key(first)
+    }
+}
+
 /// All expectations, by method and variant.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Expectations {
@@ -222,7 +278,7 @@ impl Expectation {
             .unwrap_or(defaults.syscalls_tolerance);
         check_value(
             &mut out,
-            "syscalls/chunk",
+            Check::SyscallsPerChunk.key(),
             m.syscalls_per_chunk,
             self.syscalls_per_chunk,
             sys_tol,
@@ -231,7 +287,7 @@ impl Expectation {
         );
         check_value(
             &mut out,
-            "mode switches/chunk",
+            Check::ModeSwitchesPerChunk.key(),
             m.mode_switches_per_chunk,
             self.mode_switches_per_chunk,
             2.0 * sys_tol,
@@ -240,20 +296,27 @@ impl Expectation {
         );
         if let Some(want) = self.dma_copies {
             if m.dma_copies != want {
-                out.push(format!("dma copies {}, expected {want}", m.dma_copies));
+                out.push(format!(
+                    "{} {}, expected {want}",
+                    Check::DmaCopies.key(),
+                    m.dma_copies
+                ));
             }
         }
         if self.cpu_copies.is_some() && m.dirty_samples == 0 {
             // Zero samples read as zero copies: a zero-copy expectation would pass
             // on a run that never logged dirty pages at all.
-            out.push("no dirty-page samples in the span: cpu copies unknown".to_string());
+            out.push(format!(
+                "{} unknown: no dirty-page samples in the span",
+                Check::CpuCopies.key()
+            ));
         } else {
             let tol = self
                 .cpu_copies_tolerance
                 .unwrap_or(defaults.cpu_copies_tolerance);
             check_value(
                 &mut out,
-                "cpu copies",
+                Check::CpuCopies.key(),
                 Some(m.cpu_copies),
                 self.cpu_copies,
                 tol,
@@ -264,7 +327,8 @@ impl Expectation {
         if let Some(lo) = self.zero_copy_pct_min {
             if m.zero_copy_pct < lo {
                 out.push(format!(
-                    "zero-copy {:.1}%, expected >= {lo:.1}%",
+                    "{} {:.1}%, expected >= {lo:.1}%",
+                    Check::ZeroCopyPct.key(),
                     m.zero_copy_pct
                 ));
             }
@@ -272,16 +336,21 @@ impl Expectation {
         if let Some(hi) = self.zero_copy_pct_max {
             if m.zero_copy_pct > hi {
                 out.push(format!(
-                    "zero-copy {:.1}%, expected <= {hi:.1}%",
+                    "{} {:.1}%, expected <= {hi:.1}%",
+                    Check::ZeroCopyPct.key(),
                     m.zero_copy_pct
                 ));
             }
         }
         if let Some(want) = self.kernel_claims_copied {
             match m.kernel_copied {
-                None => out.push("kernel zero-copy counts missing from the report".to_string()),
+                None => out.push(format!(
+                    "{}: the kernel's zero-copy counts are missing from the report",
+                    Check::KernelClaimsCopied.key()
+                )),
                 Some(copied) if (copied > 0) != want => out.push(format!(
-                    "kernel flagged {copied} sends copied, expected {}",
+                    "{}: the kernel flagged {copied} sends copied, expected {}",
+                    Check::KernelClaimsCopied.key(),
                     if want { "some" } else { "none" }
                 )),
                 Some(_) => {}
@@ -433,13 +502,26 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                "syscalls/chunk 1.00, expected 2.00 ± 0.10",
-                "dma copies 2, expected 1",
-                "cpu copies 1.02, expected 0.00 ± 0.15",
-                "zero-copy 0.0%, expected >= 90.0%",
-                "kernel flagged 0 sends copied, expected some",
+                "syscalls_per_chunk 1.00, expected 2.00 ± 0.10",
+                "dma_copies 2, expected 1",
+                "cpu_copies 1.02, expected 0.00 ± 0.15",
+                "zero_copy_pct 0.0%, expected >= 90.0%",
+                "kernel_claims_copied: the kernel flagged 0 sends copied, expected some",
             ]
         );
+        // Each reason names the check it comes from.
+        let named: Vec<_> = r.iter().map(|l| Check::of_reason(l)).collect();
+        assert_eq!(
+            named,
+            [
+                Some(Check::SyscallsPerChunk),
+                Some(Check::DmaCopies),
+                Some(Check::CpuCopies),
+                Some(Check::ZeroCopyPct),
+                Some(Check::KernelClaimsCopied)
+            ]
+        );
+        assert_eq!(Check::of_reason("no guest report"), None);
         let ok = Expectation {
             cpu_copies: Some(1.0),
             syscalls_per_chunk_min: Some(1.0),

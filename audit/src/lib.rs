@@ -58,17 +58,18 @@ mod analyze;
 mod context;
 mod expect;
 mod guest;
+pub mod regression;
 pub mod report;
 pub mod stream;
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use zc_dma_log::Record;
 use zc_protocol::Marker;
 
 pub use context::{Negotiated, OutputFile, RunContext, VariantRun, Verdicts, NET_CSUM};
-pub use expect::{Defaults, Expectation, Expectations};
+pub use expect::{Check, Defaults, Expectation, Expectations};
 pub use guest::{parse_reports, MethodReport, ZeroCopyCounts};
 
 use analyze::{LogIndex, SpanLookup};
@@ -83,6 +84,12 @@ pub enum AuditError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A regression patch's `Zc-Fails` prediction is not valid.
+    #[error("regression patch {what}")]
+    Regression {
+        /// What is wrong, with the file and line.
+        what: String,
     },
     /// The expectations file is not valid.
     #[error("expectations: {what}")]
@@ -114,7 +121,7 @@ pub struct AuditInput {
 }
 
 /// The audit's judgement of a method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Verdict {
     /// The method ran and met every expectation.

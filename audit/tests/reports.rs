@@ -232,7 +232,7 @@ fn ktap_of_a_failed_boot_fails_the_variant_and_each_method() {
         "{k}"
     );
     assert!(
-        lines.contains(&"  not ok 1 sendfile # cpu copies 1.00, expected 0.00 ± 0.15"),
+        lines.contains(&"  not ok 1 sendfile # cpu_copies 1.00, expected 0.00 ± 0.15"),
         "{k}"
     );
     assert!(lines.contains(&"not ok 1 sg-on"), "{k}");

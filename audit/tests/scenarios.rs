@@ -644,8 +644,8 @@ fn wrong_copy_count_fails_with_reasons() {
     assert_eq!(
         a.reasons,
         vec![
-            "cpu copies 1.00, expected 0.00 ± 0.15",
-            "zero-copy 0.0%, expected >= 90.0%"
+            "cpu_copies 1.00, expected 0.00 ± 0.15",
+            "zero_copy_pct 0.0%, expected >= 90.0%"
         ]
     );
 }
@@ -762,7 +762,7 @@ fn kernel_claiming_copies_on_a_zero_copy_run_is_a_finding_too() {
     r#"{"test":"method","method":"sendfile","ok":true,"bytes":32768}"#,
     "sg-on",
     Verdict::Fail,
-    Some("syscalls/chunk unknown (the guest report lacks the counts)")
+    Some("syscalls_per_chunk unknown (the guest report lacks the counts)")
 )]
 fn report_and_marks_decide(
     #[case] method: &str,
