@@ -168,13 +168,19 @@ fn judge_failure(f: &ExpectedFail, row: &RowResult, name: &str, out: &mut Vec<St
             row.reasons.join("; ")
         ));
     }
-    for c in failed.iter().filter(|c| !f.must.contains(c) && !f.may.contains(c)) {
+    for c in failed
+        .iter()
+        .filter(|c| !f.must.contains(c) && !f.may.contains(c))
+    {
         let reason = row
             .reasons
             .iter()
             .find(|r| Check::of_reason(r) == Some(*c))
             .map_or("", String::as_str);
-        out.push(format!("{name}: {} failed, not predicted: {reason}", c.key()));
+        out.push(format!(
+            "{name}: {} failed, not predicted: {reason}",
+            c.key()
+        ));
     }
 }
 
@@ -294,16 +300,28 @@ mod tests {
     fn each_way_of_differing_is_reported() {
         let p = RegressionPatch::parse(PATCH).unwrap();
         let mut rows = as_predicted();
-        rows[0] = row("sendfile", "sg-on", Verdict::Fail, &["cpu_copies 1.00, expected 0.00"]);
+        rows[0] = row(
+            "sendfile",
+            "sg-on",
+            Verdict::Fail,
+            &["cpu_copies 1.00, expected 0.00"],
+        );
         rows[1].reasons.remove(1);
         rows[1].reasons.push("dma_copies 3, expected 2".into());
-        rows[2] = row("mmap_zerocopy", "sg-off", Verdict::Fail, &["no guest report"]);
+        rows[2] = row(
+            "mmap_zerocopy",
+            "sg-off",
+            Verdict::Fail,
+            &["no guest report"],
+        );
         let got = p.judge(&rows);
         assert_eq!(got.len(), 5, "{got:#?}");
         assert!(got[0].starts_with("sendfile.sg-on: FAIL, expected PASS"));
         assert!(got[1].starts_with("mmap_zerocopy.sg-on: zero_copy_pct did not fail"));
         assert!(got[2].starts_with("mmap_zerocopy.sg-on: dma_copies failed, not predicted"));
-        assert!(got[3].starts_with("mmap_zerocopy.sg-off: FAIL for another reason: no guest report"));
+        assert!(
+            got[3].starts_with("mmap_zerocopy.sg-off: FAIL for another reason: no guest report")
+        );
         assert!(got[4].starts_with("mmap_zerocopy.sg-off: cpu_copies did not fail"));
         let passing = vec![row("mmap_zerocopy", "sg-on", Verdict::Pass, &[])];
         assert_eq!(
@@ -320,7 +338,10 @@ mod tests {
     #[case::bad_method("Zc-Fails: nosuch.sg-on cpu_copies\n", "`nosuch` is not a method")]
     #[case::no_variant("Zc-Fails: sendfile cpu_copies\n", "is not `<method>.<variant>`")]
     #[case::bad_check("Zc-Fails: sendfile.sg-on cpu_copy\n", "`cpu_copy` is not a check")]
-    #[case::only_maybe("Zc-Fails: sendfile.sg-on cpu_copies?\n", "names no check that must fail")]
+    #[case::only_maybe(
+        "Zc-Fails: sendfile.sg-on cpu_copies?\n",
+        "names no check that must fail"
+    )]
     #[case::twice(
         "Zc-Fails: sendfile.sg-on cpu_copies\nZc-Fails: sendfile.sg-on dma_copies\n",
         "line 2: sendfile.sg-on is named twice"
@@ -347,7 +368,13 @@ mod tests {
             assert!(!p.subject.is_empty(), "{}", path.display());
             for f in &p.fails {
                 let table = expectations.methods[&f.method].get(&f.variant);
-                assert!(table.is_some(), "{}: {}.{}", path.display(), f.method, f.variant);
+                assert!(
+                    table.is_some(),
+                    "{}: {}.{}",
+                    path.display(),
+                    f.method,
+                    f.variant
+                );
             }
         }
         assert!(n >= 3, "{n} regression patches in {}", dir.display());

@@ -15,6 +15,7 @@ use zc_vmm::spec::{
 };
 use zc_vmm::vm;
 
+mod compare;
 mod suite;
 
 /// Where `make images` leaves the emulated host's kernel and initrd.
@@ -44,7 +45,7 @@ enum Cmd {
     Audit(suite::AuditArgs),
     /// Print the verdicts of several `methods` runs (e.g. one per kernel) side by side;
     /// exits 1 when a run has a FAIL, a failed boot or lacks a row another has.
-    Compare(suite::CompareArgs),
+    Compare(compare::CompareArgs),
     /// Print what the host probe finds and which mode a run would use.
     Probe,
     /// Read a DMA log (--dma-log): show records, totals, or search.
@@ -355,7 +356,7 @@ fn main() -> ExitCode {
 
         Cmd::Methods(args) => suite::run(*args),
         Cmd::Audit(args) => suite::audit(args),
-        Cmd::Compare(args) => suite::compare(args),
+        Cmd::Compare(args) => compare::compare(args),
         Cmd::Probe => probe().map(|_| 0),
         Cmd::DmaLog { action } => dma_log(action),
     };
