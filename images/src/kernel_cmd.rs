@@ -51,9 +51,6 @@ pub struct BuildKernelArgs {
     /// make -j (default: the number of CPUs).
     #[arg(long, short = 'j')]
     jobs: Option<usize>,
-    /// Keep the built source tree in the cache (linux/ beside bzImage).
-    #[arg(long, conflicts_with = "tree")]
-    keep_tree: bool,
     /// Print what was built as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -266,7 +263,6 @@ fn build(args: BuildKernelArgs) -> Result<Outcome, KbuildError> {
                     localversion: args.localversion,
                     cache,
                     jobs,
-                    keep_tree: args.keep_tree,
                     out: args.out,
                 },
                 &mut progress,

@@ -28,7 +28,7 @@
 //!     patches/        the patches applied, in order (NN-<name>)
 //!     modules/        INSTALL_MOD_PATH, only when the config has modules
 //!     build.log       every command and its output
-//!     linux/          the tree, removed after a successful build unless --keep-tree
+//!     linux/          unpatched builds: the built tree, kept as the seed of patched builds
 //! <cache>/<source label>-<key16>.lock   held while building that key
 //! ```
 //! A directory without `kernel.json` is an interrupted build: it is removed and
@@ -697,6 +697,10 @@ pub struct KernelBuild {
     pub toolchain: Toolchain,
     /// The key's digest (source builds only).
     pub key: Option<String>,
+    /// For a patched build: the key of the unpatched build whose tree it was
+    /// rebuilt in (only what the patches touch was compiled again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt_from: Option<String>,
     /// How long the build took, in seconds.
     pub build_seconds: f64,
     /// When it finished (seconds since the Unix epoch).
@@ -772,8 +776,6 @@ pub struct SourceBuildRequest {
     pub cache: PathBuf,
     /// `make -j`.
     pub jobs: usize,
-    /// Keep the built tree in the cache (`linux/`).
-    pub keep_tree: bool,
     /// Also copy the result to this directory.
     pub out: Option<PathBuf>,
 }
@@ -889,16 +891,8 @@ pub fn build_planned(
         .map_err(io_err("cannot create the kernel cache", &req.cache))?;
     let name = plan.dir_name();
     let dir = req.cache.join(&name);
-    let lock_path = req.cache.join(format!("{name}.lock"));
-    let lock = std::fs::File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
-    if lock.try_lock().is_err() {
-        progress.phase(&format!(
-            "waiting for another zc-image that is building {name}"
-        ));
-        lock.lock().map_err(io_err("cannot lock", &lock_path))?;
-    }
-    let digest = plan.key().digest();
-    let cached = KernelBuild::load(&dir).filter(|b| b.key.as_deref() == Some(digest.as_str()));
+    let lock = lock_entry(&req.cache, &name, progress)?;
+    let cached = cached_build(plan, &dir);
     let outcome = match cached {
         Some(build) => Outcome {
             dir: dir.clone(),
@@ -906,7 +900,11 @@ pub fn build_planned(
             build,
         },
         None => {
-            let build = build_fresh(plan, &dir, req, progress)?;
+            let build = if plan.patches.is_empty() {
+                build_unpatched(plan, &dir, req, progress)?
+            } else {
+                build_patched(plan, &dir, req, progress)?
+            };
             Outcome {
                 dir: dir.clone(),
                 cached: false,
@@ -921,31 +919,87 @@ pub fn build_planned(
     }
 }
 
-fn build_fresh(
+/// Takes `<cache>/<name>.lock`, waiting (and saying so) while another zc-image
+/// holds it.
+fn lock_entry(
+    cache: &Path,
+    name: &str,
+    progress: &mut dyn BuildProgress,
+) -> Result<std::fs::File, KbuildError> {
+    let lock_path = cache.join(format!("{name}.lock"));
+    let lock = std::fs::File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
+    if lock.try_lock().is_err() {
+        progress.phase(&format!(
+            "waiting for another zc-image that is building {name}"
+        ));
+        lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+    }
+    Ok(lock)
+}
+
+fn cached_build(plan: &SourcePlan, dir: &Path) -> Option<KernelBuild> {
+    let digest = plan.key().digest();
+    KernelBuild::load(dir).filter(|b| b.key.as_deref() == Some(digest.as_str()))
+}
+
+/// Present in a seed tree while a patched build has its patches applied there; a
+/// tree that still has it was left mid-build and is not used again.
+pub const SEED_IN_USE: &str = ".zc-patched-build";
+
+/// The unpatched build a patched one is rebuilt from: the same source, fragments
+/// and compiler, no patches, the default release suffix.
+pub fn seed_plan(plan: &SourcePlan) -> SourcePlan {
+    SourcePlan {
+        patches: Vec::new(),
+        localversion: default_localversion(&[]),
+        ..plan.clone()
+    }
+}
+
+/// The seed tree of an unpatched cache entry, if it is complete and clean.
+fn seed_tree(dir: &Path) -> Option<PathBuf> {
+    let tree = dir.join("linux");
+    (tree.join("Makefile").is_file() && !tree.join(SEED_IN_USE).exists()).then_some(tree)
+}
+
+/// A fresh cache entry in `dir`: an interrupted one removed, `key.json` written,
+/// the build log opened.
+fn start_entry<'a>(
+    plan: &SourcePlan,
+    dir: &Path,
+    progress: &'a mut dyn BuildProgress,
+) -> Result<Runner<'a>, KbuildError> {
+    if dir.exists() {
+        progress.phase(&format!(
+            "removing the interrupted or incomplete build in {}",
+            dir.display()
+        ));
+        std::fs::remove_dir_all(dir).map_err(io_err("cannot remove", dir))?;
+    }
+    std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+    let key = plan.key();
+    write(
+        dir.join("key.json"),
+        &(serde_json::to_string_pretty(&key).expect("key") + "\n"),
+    )?;
+    let mut r = Runner::new(&dir.join("build.log"), progress)?;
+    r.note(&format!("zc-image build-kernel: key {}", key.digest()));
+    Ok(r)
+}
+
+/// An unpatched build: the source unpacked into `dir/linux`, configured, built.
+/// The tree stays (about 1.6 GB for the default kernel): it is the seed every
+/// patched build of the same inputs is rebuilt in ([`build_patched`]).
+fn build_unpatched(
     plan: &SourcePlan,
     dir: &Path,
     req: &SourceBuildRequest,
     progress: &mut dyn BuildProgress,
 ) -> Result<KernelBuild, KbuildError> {
     let start = Instant::now();
-    if dir.exists() {
-        progress.phase(&format!(
-            "removing the interrupted build in {}",
-            dir.display()
-        ));
-        std::fs::remove_dir_all(dir).map_err(io_err("cannot remove", dir))?;
-    }
+    let mut r = start_entry(plan, dir, progress)?;
     let tree = dir.join("linux");
     std::fs::create_dir_all(&tree).map_err(io_err("cannot create", &tree))?;
-    let key = plan.key();
-    write(
-        dir.join("key.json"),
-        &(serde_json::to_string_pretty(&key).expect("key") + "\n"),
-    )?;
-    let log_path = dir.join("build.log");
-    let mut r = Runner::new(&log_path, progress)?;
-    r.note(&format!("zc-image build-kernel: key {}", key.digest()));
-
     let mut tar = Command::new("tar");
     tar.arg("-xf")
         .arg(&plan.source.tarball)
@@ -959,35 +1013,147 @@ fn build_fresh(
             hint: "it does not unpack to a kernel tree (no top-level Makefile and Kconfig)".into(),
         });
     }
+    let built = configure_and_compile(&mut r, &tree, dir, plan, req.jobs)?;
+    drop(r);
+    built.finish(plan, dir, start, None)
+}
 
-    apply_patches(&mut r, &tree, &plan.patches, &dir.join("patches"))?;
+/// A patched build, rebuilt incrementally in the seed tree of the unpatched build
+/// of the same inputs (built first when the cache lacks it): the patches applied,
+/// configured, `make` rebuilding only what they touch, the outputs collected, and
+/// the patches reverted. A copy of the tree would not do: objtool's build records
+/// absolute paths, so a tree at another path rebuilds objtool and with it every
+/// object. While the patches are applied the tree holds [`SEED_IN_USE`]; a tree
+/// left with it (an interrupted build, a failed revert) is rebuilt from scratch
+/// the next time it is needed.
+fn build_patched(
+    plan: &SourcePlan,
+    dir: &Path,
+    req: &SourceBuildRequest,
+    progress: &mut dyn BuildProgress,
+) -> Result<KernelBuild, KbuildError> {
+    let start = Instant::now();
+    let seed = seed_plan(plan);
+    let seed_name = seed.dir_name();
+    let seed_dir = req.cache.join(&seed_name);
+    let _seed_lock = lock_entry(&req.cache, &seed_name, progress)?;
+    let tree = match cached_build(&seed, &seed_dir).and_then(|_| seed_tree(&seed_dir)) {
+        Some(tree) => tree,
+        None => {
+            progress.phase(&format!(
+                "building the unpatched kernel first ({seed_name}): patched builds are rebuilt in its tree"
+            ));
+            progress.phase_done();
+            build_unpatched(&seed, &seed_dir, req, progress)?;
+            seed_tree(&seed_dir).ok_or_else(|| KbuildError::Json {
+                path: seed_dir.join("linux"),
+                why: "the unpatched build left no tree".into(),
+            })?
+        }
+    };
+    let mut r = start_entry(plan, dir, progress)?;
+    r.note(&format!("rebuilding in the seed tree {}", tree.display()));
+    let in_use = tree.join(SEED_IN_USE);
+    write(in_use.clone(), &format!("{}\n", plan.key().digest()))?;
+    let applied = apply_patches(&mut r, &tree, &plan.patches, &dir.join("patches"));
+    let built = applied.and_then(|()| configure_and_compile(&mut r, &tree, dir, plan, req.jobs));
+    // Revert whatever went in, whether the build worked or not; only a clean
+    // revert makes the tree a seed again.
+    let reverted = revert_patches(&mut r, &tree, &dir.join("patches"));
+    if reverted.is_ok() {
+        std::fs::remove_file(&in_use).map_err(io_err("cannot remove", &in_use))?;
+    }
+    let built = built?;
+    reverted?;
+    drop(r);
+    built.finish(plan, dir, start, Some(seed.key().digest()))
+}
+
+/// What [`configure_and_compile`] collected into a cache entry.
+struct Compiled {
+    release: String,
+    version: String,
+    kernelversion: String,
+    bzimage: PathBuf,
+    config: PathBuf,
+    modules_dir: Option<PathBuf>,
+}
+
+impl Compiled {
+    /// Writes the entry's `kernel.json`.
+    fn finish(
+        self,
+        plan: &SourcePlan,
+        dir: &Path,
+        start: Instant,
+        rebuilt_from: Option<String>,
+    ) -> Result<KernelBuild, KbuildError> {
+        let mut source = plan.source.clone();
+        source.kernelversion = Some(self.kernelversion);
+        let build = KernelBuild {
+            kernel: KernelInfo {
+                package: None,
+                deb_version: None,
+                release: self.release,
+                version: self.version,
+                vmlinuz: self.bzimage,
+                modules_dir: self.modules_dir,
+            },
+            config: Some(self.config),
+            source: BuildSource::Tarball(source),
+            base_config: Some(BASE_CONFIG.into()),
+            fragments: plan.fragments.clone(),
+            patches: plan.patches.clone(),
+            localversion: Some(plan.localversion.clone()),
+            toolchain: plan.toolchain.clone(),
+            key: Some(plan.key().digest()),
+            rebuilt_from,
+            build_seconds: start.elapsed().as_secs_f64(),
+            built_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            log: dir.join("build.log"),
+        };
+        build.save(dir)?;
+        Ok(build)
+    }
+}
+
+/// Configures `tree` ([`configure`]), builds it, and copies the image, vmlinux,
+/// System.map, config and modules into `dir`.
+fn configure_and_compile(
+    r: &mut Runner<'_>,
+    tree: &Path,
+    dir: &Path,
+    plan: &SourcePlan,
+    jobs: usize,
+) -> Result<Compiled, KbuildError> {
     let kernelversion = r.capture({
-        let mut c = make(&tree);
+        let mut c = make(tree);
         c.args(["-s", "kernelversion"]);
         c
     })?;
-
-    configure(&mut r, &tree, dir, plan)?;
+    configure(r, tree, dir, plan)?;
 
     let config_text = read(&tree.join(".config"))?;
     let config = fragment::parse_config(&config_text);
     let has_modules = config.get("CONFIG_MODULES") == Some(&Setting::Value("y".into()));
-    let jobs = format!("-j{}", req.jobs.max(1));
+    let jobs = format!("-j{}", jobs.max(1));
     r.run(&format!("make {jobs} bzImage (the long part)"), {
-        let mut c = make_source(&tree, &plan.localversion);
+        let mut c = make_source(tree, &plan.localversion);
         c.args([jobs.as_str(), "bzImage"]);
         c
     })?;
     let mut modules_dir = None;
     if has_modules {
         r.run("make modules", {
-            let mut c = make_source(&tree, &plan.localversion);
+            let mut c = make_source(tree, &plan.localversion);
             c.args([jobs.as_str(), "modules"]);
             c
         })?;
-        if has_built_modules(&tree) {
+        if has_built_modules(tree) {
             let install = dir.join("modules");
-            let mut c = make_source(&tree, &plan.localversion);
+            let mut c = make_source(tree, &plan.localversion);
             c.arg("modules_install")
                 .arg(format!("INSTALL_MOD_PATH={}", install.display()));
             r.run("make modules_install", c)?;
@@ -995,7 +1161,7 @@ fn build_fresh(
         }
     }
     let release = r.capture({
-        let mut c = make_source(&tree, &plan.localversion);
+        let mut c = make_source(tree, &plan.localversion);
         c.args(["-s", "kernelrelease"]);
         c
     })?;
@@ -1019,41 +1185,32 @@ fn build_fresh(
     }
     let modules_dir = modules_dir.map(|m| m.join("lib/modules").join(&release));
     r.phase_done();
-    if !req.keep_tree {
-        r.phase(&format!(
-            "remove the tree {} (--keep-tree keeps it)",
-            tree.display()
-        ));
-        std::fs::remove_dir_all(&tree).map_err(io_err("cannot remove", &tree))?;
-        r.phase_done();
+    Ok(Compiled {
+        release,
+        version,
+        kernelversion,
+        bzimage,
+        config: config_copy,
+        modules_dir,
+    })
+}
+
+/// Reverts, last first, the patches [`apply_patches`] kept in `keep_dir` and
+/// applied to `tree` (only those that went in: a patch that failed to apply left
+/// nothing, `patch` applies all hunks or none with `--dry-run` first).
+fn revert_patches(r: &mut Runner<'_>, tree: &Path, keep_dir: &Path) -> Result<(), KbuildError> {
+    let applied = tree.join(SEED_IN_USE).with_extension("applied");
+    let list = std::fs::read_to_string(&applied).unwrap_or_default();
+    for name in list.lines().rev().filter(|l| !l.is_empty()) {
+        let kept = keep_dir.join(name);
+        let mut cmd = Command::new("patch");
+        cmd.current_dir(tree)
+            .args(["-p1", "-R", "--batch", "--fuzz=0", "-i"])
+            .arg(&kept);
+        r.run(&format!("revert {name}"), cmd)?;
     }
-    let mut source = plan.source.clone();
-    source.kernelversion = Some(kernelversion);
-    let build = KernelBuild {
-        kernel: KernelInfo {
-            package: None,
-            deb_version: None,
-            release,
-            version,
-            vmlinuz: bzimage,
-            modules_dir,
-        },
-        config: Some(config_copy),
-        source: BuildSource::Tarball(source),
-        base_config: Some(BASE_CONFIG.into()),
-        fragments: plan.fragments.clone(),
-        patches: plan.patches.clone(),
-        localversion: Some(plan.localversion.clone()),
-        toolchain: plan.toolchain.clone(),
-        key: Some(key.digest()),
-        build_seconds: start.elapsed().as_secs_f64(),
-        built_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        log: log_path,
-    };
-    build.save(dir)?;
-    Ok(build)
+    let _ = std::fs::remove_file(&applied);
+    Ok(())
 }
 
 /// Applies `patches` in order with `patch -p1`, keeping a copy of each in
@@ -1074,15 +1231,29 @@ pub fn apply_patches(
         let kept = keep_dir.join(format!("{:02}-{name}", i + 1));
         std::fs::copy(&p.path, &kept).map_err(io_err("cannot copy the patch to", &kept))?;
         // --fuzz=0: a patch that only applies by ignoring context lines may change
-        // something other than what its author meant; better to stop.
-        let mut cmd = Command::new("patch");
-        cmd.current_dir(tree)
-            .args(["-p1", "--batch", "--forward", "--fuzz=0", "-i"])
-            .arg(&kept);
-        r.run(
-            &format!("patch {}/{}: {}", i + 1, patches.len(), p.path.display()),
-            cmd,
-        )?;
+        // something other than what its author meant; better to stop. The dry run
+        // first: a patch that fails half-way leaves the hunks before the failure
+        // applied, and the seed tree must be left exactly as it was.
+        let patch = |dry_run: bool| {
+            let mut cmd = Command::new("patch");
+            cmd.current_dir(tree)
+                .args(["-p1", "--batch", "--forward", "--fuzz=0"]);
+            if dry_run {
+                cmd.arg("--dry-run");
+            }
+            cmd.arg("-i").arg(&kept);
+            cmd
+        };
+        let what = format!("patch {}/{}: {}", i + 1, patches.len(), p.path.display());
+        r.run(&format!("{what} (dry run)"), patch(true))?;
+        r.run(&what, patch(false))?;
+        let applied = tree.join(SEED_IN_USE).with_extension("applied");
+        let mut list = std::fs::read_to_string(&applied).unwrap_or_default();
+        list.push_str(&format!(
+            "{}\n",
+            kept.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        write(applied, &list)?;
     }
     Ok(())
 }
@@ -1499,6 +1670,7 @@ pub fn use_tree(
         localversion: None,
         toolchain,
         key: None,
+        rebuilt_from: None,
         build_seconds: start.elapsed().as_secs_f64(),
         built_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -292,7 +292,6 @@ fn request(cache: &Path, tarball: &Path, patches: Vec<PathBuf>) -> SourceBuildRe
         localversion: None,
         cache: cache.to_path_buf(),
         jobs: 2,
-        keep_tree: false,
         out: None,
     }
 }
@@ -359,8 +358,8 @@ fn a_source_build_is_cached_by_its_inputs_and_staged() {
     // The olddefconfig of a source build runs with ARCH=x86_64.
     let log = std::fs::read_to_string(&b.log).unwrap();
     assert!(log.contains("ARCH=x86_64"), "{log}");
-    // The tree is gone, the artefacts and the key are kept.
-    assert!(!first.dir.join("linux").exists());
+    // The tree stays (the seed of patched builds), with the artefacts and the key.
+    assert!(first.dir.join("linux/Makefile").is_file());
     for f in [
         "bzImage",
         "vmlinux",
@@ -400,7 +399,7 @@ fn a_source_build_is_cached_by_its_inputs_and_staged() {
     )
     .unwrap();
     let req2 = request(&cache, &tarball, vec![dir.path().join("fix.patch")]);
-    let plan2 = fake_plan(&req2, "CONFIG_64BIT=y\n");
+    let plan2 = fake_plan(&req2, "CONFIG_64BIT=y\n# CONFIG_PCI is not set\n");
     let patched = build_planned(&plan2, &req2, &mut Recorder::default()).unwrap();
     assert!(!patched.cached);
     assert_ne!(patched.dir, first.dir);
@@ -408,6 +407,55 @@ fn a_source_build_is_cached_by_its_inputs_and_staged() {
     assert_eq!(patched.build.patches.len(), 1);
     assert!(patched.dir.join("patches/01-fix.patch").is_file());
     assert!(KernelBuild::load(&first.dir).is_some());
+    // ... rebuilt in the unpatched build's tree, which is left as it was.
+    assert_eq!(
+        patched.build.rebuilt_from.as_deref(),
+        Some(plan.key().digest().as_str())
+    );
+    assert!(!patched.dir.join("linux").exists());
+    let seed = first.dir.join("linux");
+    let kconfig = || std::fs::read_to_string(seed.join("Kconfig")).unwrap();
+    assert_eq!(kconfig(), "source \"drivers/virtio/Kconfig\"\n");
+    assert!(!seed.join(SEED_IN_USE).exists());
+    let log = std::fs::read_to_string(&patched.build.log).unwrap();
+    assert!(log.contains("revert 01-fix.patch"), "{log}");
+
+    // A patched build that fails (no prebuilt image for its release) still
+    // leaves the seed clean, and the seed is used again, not rebuilt.
+    std::fs::copy(
+        dir.path().join("fix.patch"),
+        dir.path().join("broken.patch"),
+    )
+    .unwrap();
+    let req_broken = request(&cache, &tarball, vec![dir.path().join("broken.patch")]);
+    let plan_broken = fake_plan(&req_broken, "CONFIG_64BIT=y\n# CONFIG_PCI is not set\n");
+    let err = build_planned(&plan_broken, &req_broken, &mut Recorder::default()).unwrap_err();
+    assert!(err.to_string().contains("bzImage"), "{err}");
+    assert_eq!(kconfig(), "source \"drivers/virtio/Kconfig\"\n");
+    assert!(!seed.join(SEED_IN_USE).exists());
+    let mut rec = Recorder::default();
+    std::fs::remove_file(patched.dir.join("kernel.json")).unwrap();
+    build_planned(&plan2, &req2, &mut rec).unwrap();
+    assert!(
+        !rec.phases
+            .iter()
+            .any(|p| p.contains("unpatched kernel first")),
+        "{:?}",
+        rec.phases
+    );
+    // A seed left mid-build is not trusted: the unpatched kernel is built again.
+    std::fs::write(seed.join(SEED_IN_USE), "x").unwrap();
+    std::fs::remove_file(patched.dir.join("kernel.json")).unwrap();
+    let mut rec = Recorder::default();
+    build_planned(&plan2, &req2, &mut rec).unwrap();
+    assert!(
+        rec.phases
+            .iter()
+            .any(|p| p.contains("unpatched kernel first")),
+        "{:?}",
+        rec.phases
+    );
+    assert!(!seed.join(SEED_IN_USE).exists());
 
     // An interrupted build (no kernel.json) is redone from scratch.
     std::fs::remove_file(first.dir.join("kernel.json")).unwrap();
@@ -608,6 +656,7 @@ fn kernel_json_round_trips_with_relative_paths() {
         localversion: Some("-zc".into()),
         toolchain: toolchain(),
         key: Some("k".into()),
+        rebuilt_from: None,
         build_seconds: 1.5,
         built_at: 7,
         log: d.join("build.log"),
