@@ -507,6 +507,12 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         // Frames addressed to the previous driver instance are stale.
         self.host.pending.clear();
     }
+
+    fn log_error(&self, queue: u16, error: &str, needs_reset: bool) {
+        self.host
+            .log
+            .device_error(DeviceKind::Net, queue, None, error, needs_reset);
+    }
 }
 
 #[cfg(test)]
