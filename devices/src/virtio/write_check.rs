@@ -17,6 +17,7 @@
 //! go within one run; [`WriteCheck::offers_its_own_rings`] says so, and then the
 //! check proves less.
 
+use std::collections::BTreeSet;
 use std::ops::Range;
 
 use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
@@ -66,13 +67,15 @@ impl QueueRings {
     /// The device-writable buffers of the chains whose heads sit in the available
     /// ring's slots now.
     fn offered(&self, mem: &GuestMemoryMmap) -> Vec<Range<u64>> {
+        let heads: BTreeSet<u16> = (0..u64::from(self.size))
+            .filter_map(|slot| {
+                mem.read_obj::<u16>(GuestAddress(self.avail.wrapping_add(4 + 2 * slot)))
+                    .ok()
+            })
+            .map(u16::from_le)
+            .collect();
         let mut v = Vec::new();
-        for slot in 0..u64::from(self.size) {
-            let Ok(head) = mem.read_obj::<u16>(GuestAddress(self.avail.wrapping_add(4 + 2 * slot)))
-            else {
-                continue;
-            };
-            let head = u16::from_le(head);
+        for head in heads {
             // A chain the device cannot walk it cannot write to either.
             let Ok(descs) = walk_chain(mem, GuestAddress(self.desc), self.size, head, true) else {
                 continue;
