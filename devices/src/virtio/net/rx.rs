@@ -36,8 +36,8 @@ impl<B: NetBackend> Host<B> {
     /// again; each "more were posted" means the driver's `idx` moved forward, so
     /// after a queue's worth of them in a row the whole queue is posted and the
     /// frame is delivered or dropped. More re-checks than that without a frame
-    /// leaving can only come from the device's own ring writes moving `idx`: a fault,
-    /// not a loop without end.
+    /// leaving mean `idx` does not move forward (a driver rewriting it from another
+    /// vCPU): a fault, not a loop that lasts as long as the driver likes.
     pub(super) fn deliver_pending(&mut self, active: &mut Active) {
         if active.broken {
             return;
@@ -64,7 +64,7 @@ impl<B: NetBackend> Host<B> {
                         continue;
                     }
                     Ok(true) => {
-                        let what = "available ring index moved with no new buffer: the device's used-ring writes land on it";
+                        let what = "available ring index changed more times than the queue has entries without a frame delivered: it does not move forward";
                         fatal(active, &self.log, RX_QUEUE, None, what);
                         return;
                     }
