@@ -147,6 +147,14 @@ pub enum DebianError {
     Kernel(#[from] kernel::KernelError),
 }
 
+impl DebianError {
+    /// Whether the error is the user's input (a `--kernel-version` no package
+    /// matches), which the binary reports with exit status 2.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, DebianError::NoMatch { .. })
+    }
+}
+
 /// Whether `abi` looks like a kernel ABI: `6.1.0-56`, `6.12.117+deb12` (at least three
 /// dot-separated numbers, then only numeric `-` parts). This also tells `6.1.0-56`
 /// apart from `6.1.0-56-cloud` when listing generic packages, and excludes

@@ -122,6 +122,20 @@ pub enum DiskError {
     },
 }
 
+impl DiskError {
+    /// Whether the error is the user's input (a size, a file spec, an image too small
+    /// for its files), found before anything is written; the binary exits 2 for it.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            DiskError::BadSize(_)
+                | DiskError::BadFileSpec(_)
+                | DiskError::BadFileName { .. }
+                | DiskError::TooSmall { .. }
+        )
+    }
+}
+
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DiskError + 'a {
     move |source| DiskError::Io {
         what,

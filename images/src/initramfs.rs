@@ -32,7 +32,8 @@ pub const S_IFCHR: u32 = 0o020_000;
 /// Symbolic link.
 pub const S_IFLNK: u32 = 0o120_000;
 
-const MAGIC: &[u8; 6] = b"070701";
+/// The magic every newc cpio header starts with.
+pub const NEWC_MAGIC: &[u8; 6] = b"070701";
 const HEADER_LEN: usize = 110;
 const TRAILER: &str = "TRAILER!!!";
 
@@ -232,7 +233,7 @@ impl<W: Write> CpioWriter<W> {
             0, // check
         ];
         let mut hdr = Vec::with_capacity(HEADER_LEN + namesize + 3);
-        hdr.extend_from_slice(MAGIC);
+        hdr.extend_from_slice(NEWC_MAGIC);
         for f in fields {
             hdr.extend_from_slice(format!("{f:08x}").as_bytes());
         }
@@ -380,7 +381,7 @@ pub fn read_archive(bytes: &[u8]) -> Result<Vec<Entry>, InitramfsError> {
     let mut pos = 0;
     loop {
         let hdr = take(pos, HEADER_LEN, "a header")?;
-        if &hdr[..6] != MAGIC {
+        if &hdr[..6] != NEWC_MAGIC {
             return Err(corrupt(pos, "bad magic (expected 070701)"));
         }
         let mut fields = [0u32; 13];
@@ -515,7 +516,7 @@ mod tests {
         assert_eq!(&out[110..112], b"a\0");
         assert_eq!(&out[112..116], b"xyz\0");
         // Trailer: header, "TRAILER!!!\0" (11) -> 121, padded to 124.
-        assert_eq!(&out[116..122], MAGIC);
+        assert_eq!(&out[116..122], NEWC_MAGIC);
         assert_eq!(&out[116 + 110..116 + 121], b"TRAILER!!!\0");
         assert_eq!(out.len(), 116 + 124);
     }

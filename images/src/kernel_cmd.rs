@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::input::{self, BadInput};
 use zc_images::kbuild::{
     self, kbuild_step, BuildProgress, BuildSource, KbuildError, Outcome, SourceBuildRequest,
     SourceSpec, TreeRequest,
@@ -271,6 +273,45 @@ fn build(args: BuildKernelArgs) -> Result<Outcome, KbuildError> {
     };
     progress.finish_spinner();
     outcome
+}
+
+/// Checks the arguments before anything is unpacked or built: a mistake is one line
+/// and exit status 2.
+pub fn check(args: &BuildKernelArgs) -> Result<(), BadInput> {
+    if args.jobs == Some(0) {
+        return input::bad("-j 0: give the number of parallel make jobs, e.g. -j 2".into());
+    }
+    if let Some(tarball) = &args.source {
+        input::file(
+            "--source",
+            tarball,
+            "pass a kernel source tarball (linux-*.tar.xz)",
+        )?;
+    }
+    for patch in &args.patches {
+        input::exists(
+            "--patch",
+            patch,
+            "pass a patch file (applied with patch -p1) or a directory of *.patch",
+        )?;
+    }
+    for fragment in &args.fragments {
+        input::file(
+            "--fragment",
+            fragment,
+            "pass a Kconfig fragment (CONFIG_X=y lines)",
+        )?;
+    }
+    if let Some(tree) = &args.tree {
+        input::dir("--tree", tree, "pass the top of a Linux source tree")?;
+    }
+    if let Some(cache) = &args.cache {
+        input::output_dir("--cache", cache)?;
+    }
+    if let Some(out) = &args.out {
+        input::output_dir("--out", out)?;
+    }
+    Ok(())
 }
 
 /// Runs `zc-image build-kernel`. A mistake in the arguments exits with status 2

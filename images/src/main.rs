@@ -14,7 +14,10 @@ use zc_images::modules::ModuleIndex;
 use zc_images::role::{self, BuildRequest, GuestNeeds, KernelSource, Role, RoleError};
 use zc_images::vmlinux;
 
+mod input;
 mod kernel_cmd;
+
+use input::BadInput;
 
 #[derive(Parser)]
 #[command(
@@ -357,6 +360,130 @@ fn check_config(
     })
 }
 
+/// Where the user's kernel image must be: a bzImage or vmlinux file.
+const KERNEL_HINT: &str = "pass a bzImage (arch/x86/boot/bzImage, /boot/vmlinuz-*) or a vmlinux";
+
+/// Checks the arguments before any work: paths of the right type, sizes in range,
+/// files of the right kind. Each mistake is one line; the binary exits 2 for it.
+fn check(command: &Cmd) -> Result<(), BadInput> {
+    match command {
+        Cmd::Build {
+            init,
+            kernel,
+            modules_dir,
+            config,
+            cache,
+            out,
+            ..
+        } => {
+            input::file(
+                "init program",
+                init,
+                "build it with `make guest` (or pass --init PATH)",
+            )?;
+            if let Some(kernel) = kernel {
+                input::file("--kernel", kernel, KERNEL_HINT)?;
+            }
+            if let Some(dir) = modules_dir {
+                input::dir(
+                    "--modules-dir",
+                    dir,
+                    "pass the kernel's lib/modules/<release> (or an INSTALL_MOD_PATH)",
+                )?;
+            }
+            if let Some(config) = config {
+                input::file(
+                    "--config",
+                    config,
+                    "pass the kernel's .config (or /boot/config-<release>)",
+                )?;
+            }
+            input::output_dir("--cache", cache)?;
+            input::output_dir("--out", out)
+        }
+        Cmd::Kernel { cache, .. } => input::output_dir("--cache", cache),
+        Cmd::BuildKernel(args) => kernel_cmd::check(args),
+        Cmd::ConfigFragment => Ok(()),
+        Cmd::Disk {
+            out, size, files, ..
+        } => {
+            input::output_file("--out", out)?;
+            if *size == 0 {
+                return input::bad(
+                    "--size 0: the image needs room for its files; give a size such as 64M".into(),
+                );
+            }
+            if let Some(empty) = files.iter().find(|f| f.size == 0) {
+                return input::bad(format!(
+                    "--file {}=0: a file of 0 bytes gives the methods nothing to send; give its size, e.g. {}=16M",
+                    empty.name, empty.name
+                ));
+            }
+            Ok(())
+        }
+        Cmd::CheckConfig {
+            kernel,
+            config,
+            modules_dir,
+            ..
+        } => {
+            input::exists(
+                "KERNEL",
+                kernel,
+                "pass a bzImage or vmlinux, a kernel source tree, an unpacked kernel package or a config file",
+            )?;
+            if let Some(config) = config {
+                input::file("--config", config, "pass the kernel's .config")?;
+            }
+            if let Some(dir) = modules_dir {
+                input::dir(
+                    "--modules-dir",
+                    dir,
+                    "pass the kernel's lib/modules/<release>",
+                )?;
+            }
+            Ok(())
+        }
+        Cmd::ListInitramfs { file } => {
+            let hint = "pass an initramfs (a newc cpio archive, plain or gzip'd), e.g. images/out/guest/initrd.img";
+            input::file("FILE", file, hint)?;
+            let head = input::magic(file, 6)
+                .map_err(|e| BadInput(format!("FILE {}: cannot read it: {e}", file.display())))?;
+            if head.starts_with(&[0x1f, 0x8b]) || head == initramfs::NEWC_MAGIC {
+                Ok(())
+            } else {
+                input::bad(format!(
+                    "FILE {} is not an initramfs (neither gzip nor a newc cpio archive): {hint}",
+                    file.display()
+                ))
+            }
+        }
+        Cmd::Vmlinux { kernel, out } => {
+            input::file(
+                "--kernel",
+                kernel,
+                "pass a bzImage (arch/x86/boot/bzImage or /boot/vmlinuz-*)",
+            )?;
+            input::output_file("--out", out)?;
+            let image = std::fs::read(kernel).map_err(|e| {
+                BadInput(format!(
+                    "--kernel {}: cannot read it: {e}",
+                    kernel.display()
+                ))
+            })?;
+            match vmlinux::payload(&image) {
+                Ok(p) if p.format.supported() => Ok(()),
+                Ok(p) => input::bad(format!(
+                    "--kernel {}: {}",
+                    kernel.display(),
+                    vmlinux::VmlinuxError::Unsupported(p.format)
+                )),
+                Err(e) => input::bad(format!("--kernel {}: {e}", kernel.display())),
+            }
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Build {
@@ -504,15 +631,31 @@ fn list(file: &Path) -> Result<()> {
 
 fn main() -> ExitCode {
     // Usage errors exit 2, as clap's own and as zc-vmm's do; failures along the way 1.
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = check(&cli.command) {
+        eprintln!("zc-image: error: {e}");
+        return ExitCode::from(2);
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("zc-image: error: {e:#}");
-            let usage = e.chain().any(|c| {
-                c.downcast_ref::<role::RoleError>()
-                    .is_some_and(role::RoleError::is_usage)
-            });
-            ExitCode::from(if usage { 2 } else { 1 })
+            ExitCode::from(if is_usage(&e) { 2 } else { 1 })
         }
     }
+}
+
+/// Whether `e` is a mistake in the input that only the work itself could find (an
+/// init program that is not static, a pin no package matches, files too large for
+/// the image): exit status 2 as well.
+fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<BadInput>().is_some()
+            || c.downcast_ref::<RoleError>()
+                .is_some_and(RoleError::is_usage)
+            || c.downcast_ref::<disk::DiskError>()
+                .is_some_and(disk::DiskError::is_usage)
+            || c.downcast_ref::<debian::DebianError>()
+                .is_some_and(debian::DebianError::is_usage)
+    })
 }

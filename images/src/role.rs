@@ -364,6 +364,7 @@ impl RoleError {
             self,
             RoleError::InitMissing(_)
                 | RoleError::InitNotStatic(_)
+                | RoleError::Debian(DebianError::NoMatch { .. })
                 | RoleError::Kernel(
                     KernelError::Read { .. }
                         | KernelError::NotAKernel { .. }

@@ -10,8 +10,8 @@
 //! routes and notify ioeventfds of virtio-pci), [`virtio`] (virtio slots and
 //! attaching devices), [`vm`] (the VM builder and run loop), [`dirty`] (dirty-page
 //! samples), [`dma_view`] (reading DMA logs), [`host`] (which KVM to use),
-//! [`emulated`] (running inside an emulated KVM host) and [`emulated_run`] (a run
-//! spec run there).
+//! [`emulated`] (running inside an emulated KVM host), [`emulated_run`] (a run
+//! spec run there) and [`progress`] (the live count of a method's bytes).
 
 pub mod acpi;
 pub mod boot;
@@ -26,6 +26,7 @@ pub mod layout;
 pub mod mmio;
 pub mod pci;
 pub mod pio;
+pub mod progress;
 pub mod report;
 pub mod spec;
 pub mod virtio;

@@ -309,6 +309,17 @@ pub enum SpecError {
     /// Dirty-page samples without a log to write them to.
     #[error("--dirty-samples needs --dma-log: the samples are written there")]
     DirtySamplesWithoutLog,
+    /// The kernel command line is longer than x86 boots with.
+    #[error("the kernel command line would be {len} bytes (--cmdline and --append); x86 takes at most {max}: shorten --append")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The kernel command line holds a control character (a newline ends it early).
+    #[error("the kernel command line holds a control character ({0:?}): give --append as words separated by spaces, on one line")]
+    CmdlineControl(char),
     /// The spec file cannot be read or is not a spec.
     #[error("cannot read the run spec {}: {why}", path.display())]
     File {
@@ -363,6 +374,34 @@ impl RunSpec {
         }
     }
 
+    /// Checks the command line before the boot does: no control characters, and
+    /// within x86's `COMMAND_LINE_SIZE`. The length counted is the longest the
+    /// transport can make it (with `pci=off`), so the check does not have to decide
+    /// the transport (which may mean decompressing the kernel); the kernel's own,
+    /// possibly smaller, limit is checked when it is loaded.
+    pub fn check_cmdline(&self) -> Result<(), SpecError> {
+        let append = self.append.as_deref().unwrap_or_default();
+        if let Some(c) = self
+            .cmdline
+            .chars()
+            .chain(append.chars())
+            .find(|c| c.is_control())
+        {
+            return Err(SpecError::CmdlineControl(c));
+        }
+        let len = self.cmdline.len()
+            + if append.is_empty() {
+                0
+            } else {
+                1 + append.len()
+            };
+        let max = layout::CMDLINE_MAX - 1;
+        if len > max {
+            return Err(SpecError::CmdlineTooLong { len, max });
+        }
+        Ok(())
+    }
+
     /// The file dirty-page samples look for and how much of it, when the run samples
     /// at all: it needs the DMA log (where samples go) and an expected file.
     pub fn dirty_sample_payload(&self) -> Option<(&Path, Option<u64>)> {
@@ -407,6 +446,7 @@ impl RunSpec {
         if self.dirty_samples && self.outputs.dma_log.is_none() {
             return Err(SpecError::DirtySamplesWithoutLog);
         }
+        self.check_cmdline()?;
         Ok(format)
     }
 
@@ -727,6 +767,8 @@ mod tests {
         "needs --tap-ip"
     )]
     #[case::dirty_samples_without_log(|s: &mut RunSpec, _: &Path| s.outputs.dma_log = None, "needs --dma-log")]
+    #[case::newline_in_append(|s: &mut RunSpec, _: &Path| s.append = Some("quiet\nzc.exit=3".into()), "control character ('\\n')")]
+    #[case::cmdline_too_long(|s: &mut RunSpec, _: &Path| s.append = Some("x".repeat(2048)), "x86 takes at most 2047: shorten --append")]
     fn each_mistake_is_one_line_that_says_what_to_do(
         #[case] spoil: fn(&mut RunSpec, &Path),
         #[case] needle: &str,

@@ -23,6 +23,7 @@ use zc_protocol::options::{Options, Suite, TestHook};
 use zc_protocol::report::{MethodReport, METHOD_TEST};
 use zc_protocol::Method;
 use zc_vmm::host::{self, HostMode};
+use zc_vmm::progress::MethodProgress;
 use zc_vmm::report::{KernelImage, RunSummary};
 use zc_vmm::spec::{parse_mem, DiskSpec, NicSpec, RunOutputs, RunSpec, TransportChoice};
 
@@ -80,6 +81,36 @@ pub struct MethodsArgs {
     /// on it.
     #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
     transport: TransportChoice,
+    /// Extra kernel command-line words for every variant's boot, e.g.
+    /// `virtio_net.csum=0` (a driver that refuses checksum offload, and with it
+    /// scatter-gather). Kernel options only: the suite sets the guest program's
+    /// `zc.*` options itself.
+    #[arg(long, value_name = "ARGS", value_parser = parse_append)]
+    append: Option<String>,
+}
+
+/// Checks `--append`: one line of kernel options, none of them the guest program's
+/// `zc.*` (the suite's own: a `zc.methods` or `zc.size` there would make the guest
+/// run something other than what the peer expects and the audit judges). The length
+/// is checked with the whole command line ([`RunSpec::validate`]).
+fn parse_append(text: &str) -> Result<String, String> {
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{c:?} in --append: give kernel options as words separated by spaces, on one line"
+        ));
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if let Some(own) = words.iter().find(|w| w.starts_with("zc.")) {
+        return Err(format!(
+            "{own}: the suite sets the guest program's zc.* options itself (zc.test, zc.methods, zc.size, zc.chunk, zc.disk); pass kernel options only, or use `zc-vmm run --append`"
+        ));
+    }
+    if words.is_empty() {
+        return Err(
+            "--append is empty: give kernel options, e.g. --append virtio_net.csum=0".into(),
+        );
+    }
+    Ok(words.join(" "))
 }
 
 /// One boot: the NIC's feature set and the methods run under it.
@@ -507,10 +538,48 @@ fn say_verdict(v: &Verdicts, expected: &Path, status: i32) {
     }
 }
 
-/// Progress of the boots: a spinner with the variant, its methods and the elapsed
-/// time on a terminal, plain lines otherwise (a CI log).
+/// Progress of the boots: a spinner with the variant, its current method, the bytes
+/// the peer has received for it and the elapsed time on a terminal; plain lines
+/// otherwise (a CI log), the bytes at most every [`PLAIN_PROGRESS_EVERY`] and at
+/// each method's end.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    plain: std::cell::RefCell<PlainProgress>,
+}
+
+/// How often a CI log gets a method's byte count (besides its start and end).
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Which progress lines a CI log gets.
+#[derive(Default)]
+struct PlainProgress {
+    last: Option<Instant>,
+}
+
+impl PlainProgress {
+    /// The line to print for `p` at `now`, if any: a method's start and end always,
+    /// counts in between when [`PLAIN_PROGRESS_EVERY`] has passed.
+    fn take(&mut self, variant: &str, p: &MethodProgress, now: Instant) -> Option<String> {
+        let due = self
+            .last
+            .is_none_or(|at| now.duration_since(at) >= PLAIN_PROGRESS_EVERY);
+        if p.done || p.bytes == 0 || due {
+            self.last = Some(now);
+            Some(format!("zc-vmm: {}", sent(variant, p)))
+        } else {
+            None
+        }
+    }
+}
+
+/// `sg-on: sendfile: 8.0 of 16.0 MiB (50%) sent`, `..., done` at the method's end.
+fn sent(variant: &str, p: &MethodProgress) -> String {
+    format!(
+        "{variant}: {}: {} sent{}",
+        p.method,
+        p.amount(),
+        if p.done { ", done" } else { "" }
+    )
 }
 
 impl Progress {
@@ -524,7 +593,10 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        Progress { bar }
+        Progress {
+            bar,
+            plain: std::cell::RefCell::new(PlainProgress::default()),
+        }
     }
 
     /// A line of the child's output: above the spinner, or plain.
@@ -540,6 +612,24 @@ impl Progress {
         match &self.bar {
             Some(bar) => bar.set_message(text),
             None => eprintln!("zc-vmm: {text}"),
+        }
+    }
+
+    /// The peer's count for the variant's current method: in the spinner (and
+    /// above it when the method ends), or as a plain line now and then.
+    fn method(&self, variant: &str, p: &MethodProgress) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(format!("variant {}", sent(variant, p)));
+                if p.done {
+                    bar.println(format!("zc-vmm: {}", sent(variant, p)));
+                }
+            }
+            None => {
+                if let Some(line) = self.plain.borrow_mut().take(variant, p, Instant::now()) {
+                    eprintln!("{line}");
+                }
+            }
         }
     }
 
@@ -588,19 +678,18 @@ fn boot_variant(
     let mut last_error: Option<String> = None;
     if let Some(stderr) = child.stderr.take() {
         for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            // The run's peer counts each method's bytes as they arrive (also from
+            // inside the emulated host, whose stderr comes out as it is written).
+            if let Some(p) = MethodProgress::parse(&line) {
+                progress.method(variant.name, &p);
+                continue;
+            }
             progress.line(&line);
             if let Some(e) = line
                 .strip_prefix("zc-vmm: error: ")
                 .or_else(|| line.strip_prefix("zc-vmm: FAILED "))
             {
                 last_error = Some(e.to_string());
-            }
-            let method = variant
-                .methods
-                .iter()
-                .find(|m| line.contains(&format!("BEGIN {m}")) || line.contains(&format!(" {m} ")));
-            if let Some(m) = method {
-                progress.status(format!("{what}: {m}"));
             }
         }
     }
@@ -653,7 +742,16 @@ fn variant_spec(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<RunS
     let out = |suffix: &str| args.out.join(format!("{}.{suffix}", variant.name));
     Ok(RunSpec {
         initrd: Some(args.initrd.clone()),
-        append: Some(guest_options(variant, size, args.chunk)?.to_cmdline()),
+        append: Some(
+            [
+                Some(guest_options(variant, size, args.chunk)?.to_cmdline()),
+                args.append.clone(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" "),
+        ),
         mem_bytes: args.mem,
         timeout_s: args.timeout,
         disk: Some(DiskSpec {
@@ -834,6 +932,70 @@ mod tests {
             unused.refusal().as_deref(),
             Some("offered; driver acked CSUM but never used it")
         );
+    }
+
+    #[test]
+    fn a_ci_log_gets_each_methods_start_and_end_and_counts_every_ten_seconds() {
+        let p = |bytes: u64, done: bool| MethodProgress {
+            method: "sendfile".into(),
+            bytes,
+            expected: Some(16 << 20),
+            done,
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut plain = PlainProgress::default();
+        assert_eq!(
+            plain.take("sg-on", &p(0, false), at(0)).as_deref(),
+            Some("zc-vmm: sg-on: sendfile: 0.0 of 16.0 MiB (0%) sent")
+        );
+        assert_eq!(plain.take("sg-on", &p(4 << 20, false), at(2)), None);
+        assert_eq!(plain.take("sg-on", &p(6 << 20, false), at(9)), None);
+        assert_eq!(
+            plain.take("sg-on", &p(8 << 20, false), at(10)).as_deref(),
+            Some("zc-vmm: sg-on: sendfile: 8.0 of 16.0 MiB (50%) sent")
+        );
+        assert_eq!(
+            plain.take("sg-on", &p(16 << 20, true), at(11)).as_deref(),
+            Some("zc-vmm: sg-on: sendfile: 16.0 of 16.0 MiB (100%) sent, done")
+        );
+    }
+
+    #[test]
+    fn append_adds_kernel_options_to_every_variant_and_keeps_the_suites_own() {
+        let args = methods_args(&["--append", "  virtio_net.csum=0   quiet "]);
+        for (name, sg) in [("sg-on", true), ("sg-off", false)] {
+            let variant = Variant {
+                name,
+                sg,
+                methods: vec!["sendfile".into()],
+            };
+            let plain = variant_spec(&methods_args(&[]), &variant, 4096).unwrap();
+            let spec = variant_spec(&args, &variant, 4096).unwrap();
+            let append = spec.append.as_deref().unwrap();
+            assert_eq!(
+                append,
+                format!(
+                    "{} virtio_net.csum=0 quiet",
+                    plain.append.as_deref().unwrap()
+                )
+            );
+            // The guest (and `zc-vmm audit`) read the same suite from it.
+            assert_eq!(
+                Options::parse(append).unwrap(),
+                Options::parse(plain.append.as_deref().unwrap()).unwrap()
+            );
+        }
+    }
+
+    #[rstest::rstest]
+    #[case::own_option("zc.methods=sendfile", "sets the guest program's zc.* options")]
+    #[case::newline("virtio_net.csum=0\nzc.exit=1", "on one line")]
+    #[case::empty("   ", "--append is empty")]
+    fn append_refuses_what_is_not_kernel_options(#[case] text: &str, #[case] needle: &str) {
+        let message = parse_append(text).unwrap_err();
+        assert!(message.contains(needle), "{message}");
+        assert!(!message.contains('\n'), "{message}");
     }
 
     #[rstest::rstest]

@@ -38,6 +38,7 @@ use crate::layout;
 use crate::mmio::MmioBus;
 use crate::pci::{PciMmioWindow, PciState};
 use crate::pio::{LegacyIo, PioAction};
+use crate::progress::PeerProgress;
 use crate::report::{
     DiskSummary, NetBackendKind, NicSummary, RunReport, StopReason, TimedMessage, TransferResult,
     POWEROFF_GRACE,
@@ -142,6 +143,8 @@ pub struct VmBuilder<'a> {
     nics: Vec<AttachedNic>,
     /// Each disk, and whether it is read-only, for its counters at the end.
     disks: Vec<(bool, DeviceHandle<Block>)>,
+    /// The live count of the first checking peer's bytes per method.
+    progress: Option<Arc<PeerProgress>>,
 }
 
 impl<'a> VmBuilder<'a> {
@@ -196,6 +199,7 @@ impl<'a> VmBuilder<'a> {
             pci,
             nics: Vec::new(),
             disks: Vec::new(),
+            progress: None,
         })
     }
 
@@ -218,6 +222,9 @@ impl<'a> VmBuilder<'a> {
             NetBackendSpec::Peer => {
                 let device = self.plug(net_card(peer_backend(nic)?, nic, &self.dma_log)?)?;
                 spawn_backend_timer(device.clone())?;
+                if self.progress.is_none() && !nic.peer_expect.is_empty() {
+                    self.progress = Some(PeerProgress::new(device.clone()));
+                }
                 AttachedNic::Peer { sg: nic.sg, device }
             }
             NetBackendSpec::Tap { name, address } => {
@@ -304,6 +311,7 @@ impl<'a> VmBuilder<'a> {
                 messages,
                 dma_log: self.dma_log,
                 sampler,
+                progress: self.progress,
             },
             tail,
             timeout: Duration::from_secs(spec.timeout_s),
@@ -625,6 +633,8 @@ struct Devices {
     dma_log: DmaLog,
     /// Present when the run samples dirty pages (DMA log on, a file to look for).
     sampler: Option<DirtySampler>,
+    /// Present when a peer checks what the guest sends: prints its count per method.
+    progress: Option<Arc<PeerProgress>>,
 }
 
 /// The first `limit` bytes (or all) of the payload file that dirty samples look for.
@@ -689,6 +699,12 @@ fn run_vcpus(
             source: std::io::Error::from_raw_os_error(e.errno()),
         }
     })?;
+    if let Some(progress) = &devices.progress {
+        progress.spawn_ticker().map_err(|source| VmError::Host {
+            what: "cannot start the progress thread",
+            source,
+        })?;
+    }
     let devices = Arc::new(devices);
     let stopping = Arc::new(AtomicBool::new(false));
     let (events, inbox) = mpsc::channel();
@@ -699,6 +715,9 @@ fn run_vcpus(
     wait_for_stop(&inbox, started, timeout, &mut report);
     report.run_time = started.elapsed();
     stop_vcpus(threads, &stopping);
+    if let Some(progress) = &devices.progress {
+        progress.stop();
+    }
     // Messages a vCPU parsed just before the stop (e.g. `exit` right before power-off).
     while let Ok(Event::Control(at, message)) = inbox.try_recv() {
         if let ControlMessage::Exit { code } = message {
@@ -906,6 +925,9 @@ fn on_port_write(
                 // guest started before it and after it.
                 if let ControlMessage::Mark { label } = &message {
                     devices.dma_log.marker(label);
+                    if let Some(progress) = &devices.progress {
+                        progress.mark(label);
+                    }
                     if let Some(sampler) = &devices.sampler {
                         match Marker::parse(label) {
                             Some(Marker::Begin(_)) => sampler.clear(),

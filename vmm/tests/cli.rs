@@ -317,3 +317,52 @@ fn compare_fails_on_a_row_one_run_lacks() {
     assert_eq!(both.status.code(), Some(1), "{both:?}");
     assert!(String::from_utf8_lossy(&both.stdout).contains("not run"));
 }
+
+#[test]
+fn methods_append_is_checked_before_any_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough of a bzImage for the format check: the setup header's magic at 0x202.
+    let mut kernel = vec![0u8; 0x400];
+    kernel[0x202..0x206].copy_from_slice(b"HdrS");
+    let kernel_path = dir.path().join("bzImage");
+    std::fs::write(&kernel_path, kernel).unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, vec![1u8; 8192]).unwrap();
+    let out = dir.path().join("out");
+    let expected = workspace().join("audit/expected.toml");
+    let too_long = "x".repeat(2100);
+    for (append, needle) in [
+        (
+            "zc.size=4096",
+            "the suite sets the guest program's zc.* options itself",
+        ),
+        ("quiet\nzc.exit=3", "on one line"),
+        (" ", "--append is empty"),
+        (
+            too_long.as_str(),
+            "x86 takes at most 2047: shorten --append",
+        ),
+    ] {
+        let o = zc_vmm(&[
+            "methods",
+            "--kernel",
+            kernel_path.to_str().unwrap(),
+            "--initrd",
+            file.to_str().unwrap(),
+            "--disk",
+            file.to_str().unwrap(),
+            "--payload",
+            file.to_str().unwrap(),
+            "--expected",
+            expected.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--append",
+            append,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{append:?}: {o:?}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains(needle), "{append:?}: {stderr}");
+        assert!(!out.exists(), "{append:?}: nothing booted, nothing written");
+    }
+}

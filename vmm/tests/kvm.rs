@@ -250,6 +250,7 @@ impl zc_devices::virtio::VirtioDevice for TwoQueues {
     }
     fn process_queue(&mut self, _: u16) {}
     fn reset(&mut self) {}
+    fn log_error(&self, _: u16, _: &str, _: bool) {}
 }
 
 struct NoMsi;

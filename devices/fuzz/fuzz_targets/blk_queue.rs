@@ -15,6 +15,8 @@
 //!   when the driver's `idx` did not change under the device, it moved by at most
 //!   the queue size;
 //! - once the device is in DEVICE_NEEDS_RESET, `process_queue` changes no guest memory;
+//! - the device writes guest memory only inside the device-writable buffers offered
+//!   and the used ring (`common::device_writes`);
 //! - the disk file keeps its size, and a read-only disk its contents.
 
 #![no_main]
@@ -26,8 +28,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
 use common::{
-    guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input, NullLine, Op,
-    QueueParams, QueueState, MAX_OPS,
+    device_writes, guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input,
+    NullLine, Op, QueueParams, QueueState, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -142,5 +144,8 @@ fn notify_round(
     q: Option<&mut QueueState>,
     index: u16,
 ) {
-    notify_and_check(t, mem, index, q.filter(|_| index == 0), "");
+    let rings: Option<Vec<QueueState>> = q.as_deref().map(|s| vec![*s]);
+    device_writes(mem, rings.as_deref(), || {
+        notify_and_check(t, mem, index, q.filter(|_| index == 0), "")
+    });
 }

@@ -18,7 +18,9 @@
 //! - with the discard backend (so RX never writes guest memory), after a TX notify
 //!   that leaves the device healthy the TX used `idx` equals the avail `idx`, and
 //!   moved by at most the queue size when the driver's `idx` did not change;
-//! - once the device is in DEVICE_NEEDS_RESET, `process_queue` changes no guest memory.
+//! - once the device is in DEVICE_NEEDS_RESET, `process_queue` changes no guest memory;
+//! - the device writes guest memory only inside the device-writable buffers offered
+//!   and the used rings (`common::device_writes`).
 
 #![no_main]
 
@@ -29,8 +31,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input, NullLine, Op,
-    QueueParams, QueueState, MAX_OPS,
+    device_writes, guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input,
+    NullLine, Op, QueueParams, QueueState, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -139,7 +141,13 @@ fn run(data: &[u8]) {
                     .expect("u16 address is inside 64 KiB");
             }
             Op::Ack(bits) => write_reg(&mut h.t, reg::INTERRUPT_ACK, bits),
-            Op::Poll => h.t.device_mut().poll_backend(Instant::now()),
+            Op::Poll => {
+                let rings = h.queues.clone();
+                let t = &mut h.t;
+                device_writes(&h.mem, rings.as_deref(), || {
+                    t.device_mut().poll_backend(Instant::now())
+                });
+            }
             Op::Reinit => {
                 h.cleared += h.t.device().pending_frames() as u64;
                 h.queues = handshake(&mut h.t, &h.mem, feature_mask, &qps);
@@ -179,11 +187,15 @@ impl Harness {
     /// against the TX available ring.
     fn notify_round(&mut self, index: u16) {
         let echo = self.echo;
+        let rings = self.queues.clone();
         let tx = self
             .queues
             .as_mut()
             .map(|q| &mut q[usize::from(TX_QUEUE)])
             .filter(|_| index == TX_QUEUE && !echo);
-        notify_and_check(&mut self.t, &self.mem, index, tx, "TX ");
+        let (t, mem) = (&mut self.t, &self.mem);
+        device_writes(mem, rings.as_deref(), || {
+            notify_and_check(t, mem, index, tx, "TX ")
+        });
     }
 }

@@ -163,6 +163,18 @@ pub struct PeerStats {
     pub connections: u64,
 }
 
+/// What connections from a given one on have carried so far: the live view of a
+/// transfer, for progress reports ([`NetPeer::received_since`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceivedSince {
+    /// Connections accepted from that one on (ended or open).
+    pub connections: u64,
+    /// Payload bytes they carried (checked, in order).
+    pub bytes: u64,
+    /// What they were expected to carry in all, when every one had an expectation.
+    pub expected: Option<u64>,
+}
+
 /// One listening/connected TCP socket and where its connection stands.
 struct Conn {
     handle: SocketHandle,
@@ -479,6 +491,41 @@ impl NetPeer {
             .iter()
             .filter(|c| matches!(c.phase, Phase::Active(_)))
             .count()
+    }
+
+    /// What the next connection is expected to carry, if an expectation is queued.
+    pub fn next_expected_size(&self) -> Option<u64> {
+        self.expectations.front().map(|e| e.size)
+    }
+
+    /// Payload bytes received on connections numbered `first` and later, ended or
+    /// still open. A caller that notes [`PeerStats::connections`] at the start of a
+    /// transfer gets that transfer's bytes so far.
+    pub fn received_since(&self, first: u64) -> ReceivedSince {
+        let ended = self
+            .results
+            .iter()
+            .filter(|r| r.connection >= first)
+            .map(|r| (r.bytes, r.expected.as_ref().map(|e| e.size)));
+        let open = self.conns.iter().filter_map(|c| match &c.phase {
+            Phase::Active(t) if t.id >= first => {
+                Some((t.verifier.bytes(), t.verifier.expected_size()))
+            }
+            _ => None,
+        });
+        let mut since = ReceivedSince {
+            expected: Some(0),
+            ..ReceivedSince::default()
+        };
+        for (bytes, expected) in ended.chain(open) {
+            since.connections += 1;
+            since.bytes += bytes;
+            since.expected = since.expected.zip(expected).map(|(a, b)| a + b);
+        }
+        if since.connections == 0 {
+            since.expected = None;
+        }
+        since
     }
 
     /// Counters of frames and connections.

@@ -507,6 +507,69 @@ fn net_peer_two_connections_in_sequence_with_pcap() {
 }
 
 #[test]
+fn net_peer_counts_what_arrives_while_it_arrives() {
+    let a = random_bytes(300_000, 12);
+    let b = random_bytes(50_000, 13);
+    let (fa, fb) = (source_file(&a), source_file(&b));
+    let mut net = Net::new();
+    net.peer
+        .expect(Expectation::of_file("first", fa.path()).unwrap());
+    net.peer
+        .expect(Expectation::of_file("second", fb.path()).unwrap());
+    assert_eq!(net.peer.received_since(0), ReceivedSince::default());
+    assert_eq!(net.peer.next_expected_size(), Some(300_000));
+
+    // Part of the first transfer: counted while the connection is open.
+    let handle = net.connect(50010);
+    let mut sent = 0;
+    let mut seen = ReceivedSince::default();
+    for _ in 0..100_000 {
+        let socket = net.sockets.get_mut::<tcp::Socket>(handle);
+        if sent < 100_000 && socket.can_send() {
+            sent += socket.send_slice(&a[sent..100_000]).unwrap();
+        }
+        net.step();
+        seen = net.peer.received_since(0);
+        if seen.bytes == 100_000 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        ReceivedSince {
+            connections: 1,
+            bytes: 100_000,
+            expected: Some(300_000)
+        }
+    );
+    assert_eq!(net.peer.next_expected_size(), Some(50_000));
+    // The rest of it, then the second connection; each counted from its own number on.
+    let socket = net.sockets.get_mut::<tcp::Socket>(handle);
+    socket.abort();
+    net.peer.finish(net.now());
+    let first = net.peer.stats().connections;
+    let (_, rb) = transfer(&mut net, &b, 50011, Close::AfterAck);
+    assert!(rb.ok(), "{:?}", rb.failure);
+    assert_eq!(
+        net.peer.received_since(first),
+        ReceivedSince {
+            connections: 1,
+            bytes: 50_000,
+            expected: Some(50_000)
+        }
+    );
+    assert_eq!(
+        net.peer.received_since(0),
+        ReceivedSince {
+            connections: 2,
+            bytes: 150_000,
+            expected: Some(350_000)
+        }
+    );
+    assert_eq!(net.peer.received_since(2), ReceivedSince::default());
+}
+
+#[test]
 fn net_peer_hash_only_expectations() {
     let data = random_bytes(50_000, 12);
     let mut net = Net::new();

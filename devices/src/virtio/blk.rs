@@ -378,6 +378,11 @@ impl VirtioDevice for Block {
         self.active = None;
         self.disk.limits.acked_features = 0;
     }
+
+    fn log_error(&self, queue: u16, error: &str, needs_reset: bool) {
+        self.log
+            .device_error(DeviceKind::Blk, queue, None, error, needs_reset);
+    }
 }
 
 impl Disk {

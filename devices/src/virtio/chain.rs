@@ -22,7 +22,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 mod guest;
-pub use guest::{AccessError, FileAccessError, GuestBuffers, GuestChain, Roles};
+pub use guest::{AccessError, ChainTooLong, FileAccessError, GuestBuffers, GuestChain, Roles};
 
 const DESC_SIZE: u64 = size_of::<Descriptor>() as u64;
 

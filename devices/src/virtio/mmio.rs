@@ -12,13 +12,13 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
+use super::rings::{check_queues, QueueConfig};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{
-    low32, GuestMem, InterruptLine, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    low32, ActivateError, GuestMem, InterruptLine, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// `MagicValue`: "virt" little-endian.
@@ -70,7 +70,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     device: D,
     mem: GuestMem,
     interrupt: Arc<VirtioInterrupt>,
-    queues: Vec<Queue>,
+    /// The queue registers as the driver wrote them, checked only at DRIVER_OK.
+    queues: Vec<QueueConfig>,
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -98,11 +99,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let queues = device
             .queue_max_sizes()
             .iter()
-            .map(|&max| {
-                // A device with an invalid max size (not a power of two, > 32768) gets a
-                // minimal queue rather than a panic; its QueueNumMax reads as 1.
-                Queue::new(max).unwrap_or_else(|_| Queue::new(1).expect("1 is a valid queue size"))
-            })
+            .map(|&max| QueueConfig::new(max))
             .collect();
         MmioTransport {
             device,
@@ -207,15 +204,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 1 => (self.device_features() >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
-            reg::QUEUE_NUM => q.map_or(0, |q| u32::from(q.size())),
-            reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
-            reg::QUEUE_DESC_LOW => q.map_or(0, |q| low32(q.desc_table())),
-            reg::QUEUE_DESC_HIGH => q.map_or(0, |q| (q.desc_table() >> 32) as u32),
-            reg::QUEUE_DRIVER_LOW => q.map_or(0, |q| low32(q.avail_ring())),
-            reg::QUEUE_DRIVER_HIGH => q.map_or(0, |q| (q.avail_ring() >> 32) as u32),
-            reg::QUEUE_DEVICE_LOW => q.map_or(0, |q| low32(q.used_ring())),
-            reg::QUEUE_DEVICE_HIGH => q.map_or(0, |q| (q.used_ring() >> 32) as u32),
+            reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
+            reg::QUEUE_NUM => q.map_or(0, |q| q.size),
+            reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
+            reg::QUEUE_DESC_LOW => q.map_or(0, |q| low32(q.desc)),
+            reg::QUEUE_DESC_HIGH => q.map_or(0, |q| (q.desc >> 32) as u32),
+            reg::QUEUE_DRIVER_LOW => q.map_or(0, |q| low32(q.avail)),
+            reg::QUEUE_DRIVER_HIGH => q.map_or(0, |q| (q.avail >> 32) as u32),
+            reg::QUEUE_DEVICE_LOW => q.map_or(0, |q| low32(q.used)),
+            reg::QUEUE_DEVICE_HIGH => q.map_or(0, |q| (q.used >> 32) as u32),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status(),
             // No shared memory regions: their length reads as -1.
@@ -283,21 +280,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let Some(q) = self.queues.get_mut(self.queue_sel as usize) else {
             return;
         };
+        // Kept as written, whatever it is: an invalid size or address is refused at
+        // DRIVER_OK (`rings::check_queues`), never replaced by another value.
+        let low = |old: u64| (old & !0xffff_ffff) | u64::from(v);
+        let high = |old: u64| (old & 0xffff_ffff) | (u64::from(v) << 32);
         match offset {
-            // An invalid size (0, > max, not a power of two) is refused by virtio-queue and
-            // the old size stays; the driver reads it back.
-            reg::QUEUE_NUM => {
-                if let Ok(size) = u16::try_from(v) {
-                    let _ = q.try_set_size(size);
-                }
-            }
-            reg::QUEUE_READY => q.set_ready(v == 1),
-            reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
-            reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
-            reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
-            reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
-            reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
-            reg::QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(v)),
+            reg::QUEUE_NUM => q.size = v,
+            reg::QUEUE_READY => q.ready = v == 1,
+            reg::QUEUE_DESC_LOW => q.desc = low(q.desc),
+            reg::QUEUE_DESC_HIGH => q.desc = high(q.desc),
+            reg::QUEUE_DRIVER_LOW => q.avail = low(q.avail),
+            reg::QUEUE_DRIVER_HIGH => q.avail = high(q.avail),
+            reg::QUEUE_DEVICE_LOW => q.used = low(q.used),
+            reg::QUEUE_DEVICE_HIGH => q.used = high(q.used),
             _ => {}
         }
     }
@@ -315,7 +310,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let added = v & !self.status;
         let mut new = v;
         if added & FEATURES_OK != 0 {
-            if self.features_acceptable() {
+            if new & FAILED == 0 && self.features_acceptable() {
                 self.negotiated_features = Some(self.acked_features);
             } else {
                 // Leaving FEATURES_OK clear tells the driver the subset is unsupported.
@@ -323,12 +318,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
         }
         if added & DRIVER_OK != 0 {
-            if new & FEATURES_OK == 0 || new & ACKNOWLEDGE == 0 || new & DRIVER == 0 {
-                new &= !DRIVER_OK;
+            let refused = if new & FAILED != 0 {
+                Some("DRIVER_OK refused: the driver set FAILED (it gave up on the device)")
+            } else if new & FEATURES_OK == 0 || new & ACKNOWLEDGE == 0 || new & DRIVER == 0 {
+                Some("DRIVER_OK refused: ACKNOWLEDGE, DRIVER and FEATURES_OK are not all set")
             } else {
-                self.status = new;
-                self.activate();
-                return;
+                None
+            };
+            match refused {
+                // DRIVER_OK stays clear, which the driver can read back; nothing was
+                // started, so the device needs no reset.
+                Some(why) => {
+                    new &= !DRIVER_OK;
+                    self.device.log_error(0, why, false);
+                }
+                None => {
+                    self.status = new;
+                    self.activate();
+                    return;
+                }
             }
         }
         self.status = new;
@@ -340,24 +348,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
             && self.acked_features & VIRTIO_F_VERSION_1 != 0
     }
 
+    /// DRIVER_OK was accepted: checks the queues as the driver wrote them and starts
+    /// the device. A layout the device cannot use exactly as written, or a device
+    /// that refuses to start, leaves the device inactive in DEVICE_NEEDS_RESET (with
+    /// a configuration interrupt, virtio 1.2, 2.1.2) and a `device_error` record.
     fn activate(&mut self) {
-        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for q in self.queues.iter_mut() {
-            q.set_event_idx(event_idx);
-            if q.ready() && !q.is_valid(&self.mem) {
-                self.interrupt.set_needs_reset();
-                return;
-            }
-            let state = q.state();
-            match Queue::try_from(state) {
-                Ok(copy) => queues.push(copy),
-                Err(_) => {
-                    self.interrupt.set_needs_reset();
-                    return;
-                }
-            }
+        if let Err(refused) = check_queues(&self.mem, &self.queues) {
+            self.refuse(refused.queue, &format!("DRIVER_OK refused: {refused}"));
+            return;
         }
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let queues = self.queues.iter().map(|q| q.to_queue(event_idx)).collect();
         match self.device.activate(
             self.mem.clone(),
             queues,
@@ -365,8 +366,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.acked_features,
         ) {
             Ok(()) => self.active = true,
-            Err(_) => self.interrupt.set_needs_reset(),
+            Err(e) => {
+                let queue = match e {
+                    ActivateError::QueueNotReady { index } => index,
+                    ActivateError::Other(_) => 0,
+                };
+                self.refuse(queue, &format!("DRIVER_OK refused: {e}"));
+            }
         }
+    }
+
+    fn refuse(&mut self, queue: u16, why: &str) {
+        self.device.log_error(queue, why, true);
+        self.interrupt.set_needs_reset();
     }
 
     /// Device reset (the driver wrote 0 to `Status`): the device drops its queues, all
@@ -387,7 +399,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// Guest address of the used ring of queue `index`, for diagnostics.
     pub fn queue_used_ring(&self, index: usize) -> Option<GuestAddress> {
-        self.queues.get(index).map(|q| GuestAddress(q.used_ring()))
+        self.queues.get(index).map(|q| GuestAddress(q.used))
     }
 }
 
@@ -396,6 +408,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::virtio::test_util::CountingLine;
     use crate::virtio::ActivateError;
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::GuestMemoryMmap;
 
     /// Per queue at activation: (ready, size, event_idx).
@@ -410,6 +423,14 @@ pub(crate) mod tests {
         pub resets: usize,
         pub sizes: Vec<u16>,
         pub fail_activate: bool,
+        /// What the transport logged: (queue, error, needs_reset).
+        pub errors: std::sync::Mutex<Vec<(u16, String, bool)>>,
+    }
+
+    impl FakeDevice {
+        pub fn errors(&self) -> Vec<(u16, String, bool)> {
+            self.errors.lock().unwrap().clone()
+        }
     }
 
     impl VirtioDevice for FakeDevice {
@@ -458,6 +479,12 @@ pub(crate) mod tests {
         fn reset(&mut self) {
             self.resets += 1;
             self.activated = None;
+        }
+        fn log_error(&self, queue: u16, error: &str, needs_reset: bool) {
+            self.errors
+                .lock()
+                .unwrap()
+                .push((queue, error.to_string(), needs_reset));
         }
     }
 
@@ -619,9 +646,11 @@ pub(crate) mod tests {
         assert!(!t.is_active());
         negotiate(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
         setup_queue(&mut t, 0, 8, 0x1_0000);
-        // A non-power-of-two size is refused; the old value stays.
+        // Registers read back as written, even a size the device cannot use (that is
+        // refused at DRIVER_OK, see `unusable_rings_are_refused_at_driver_ok`).
         wr(&mut t, reg::QUEUE_NUM, 6);
-        assert_eq!(rd(&mut t, reg::QUEUE_NUM), 8);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM), 6);
+        wr(&mut t, reg::QUEUE_NUM, 8);
         assert_eq!(rd(&mut t, reg::QUEUE_READY), 1);
         assert_eq!(rd(&mut t, reg::QUEUE_DRIVER_LOW), 0x1_1000);
         // Clearing a bit is refused.
@@ -662,6 +691,11 @@ pub(crate) mod tests {
         assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
         assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 2);
         assert_eq!(line.config_count(), 1);
+        let errors = t.device().errors();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0]
+            .1
+            .contains("used ring 0xfff00000+0x46 is outside guest memory"));
         wr(&mut t, reg::INTERRUPT_ACK, 2);
         assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
         // Notifications are ignored in this state.
@@ -680,6 +714,14 @@ pub(crate) mod tests {
             ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
         );
         assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
+        assert_eq!(
+            t.device().errors(),
+            vec![(
+                0,
+                "DRIVER_OK refused: cannot activate device: no".to_string(),
+                true
+            )]
+        );
         // The driver cannot clear NEEDS_RESET by writing status bits.
         wr(
             &mut t,
@@ -718,5 +760,160 @@ pub(crate) mod tests {
         // Notifies after reset reach nothing.
         t.notify_queue(0);
         assert!(t.device().notified.is_empty());
+    }
+
+    /// Queue 0 set up at `(size, desc, avail, used)` as a driver writes it.
+    fn setup_queue_at(t: &mut MmioTransport<FakeDevice>, size: u32, rings: [u64; 3]) {
+        wr(t, reg::QUEUE_SEL, 0);
+        wr(t, reg::QUEUE_NUM, size);
+        for (low, addr) in [
+            reg::QUEUE_DESC_LOW,
+            reg::QUEUE_DRIVER_LOW,
+            reg::QUEUE_DEVICE_LOW,
+        ]
+        .into_iter()
+        .zip(rings)
+        {
+            wr(t, low, low32(addr));
+            wr(t, low + 4, (addr >> 32) as u32);
+        }
+        wr(t, reg::QUEUE_READY, 1);
+    }
+
+    /// A queue the device cannot use exactly as the driver wrote it is refused at
+    /// DRIVER_OK: not activated, NEEDS_RESET with a configuration interrupt, and a
+    /// `device_error` naming the queue and the fault; the registers still read what
+    /// the driver wrote.
+    #[rstest::rstest]
+    #[case::misaligned_descriptor_table(16, [0x1_0008, 0x1_1000, 0x1_2000],
+        "descriptor table at 0x10008 is not aligned to 16 bytes")]
+    #[case::misaligned_available_ring(16, [0x1_0000, 0x1_1001, 0x1_2000],
+        "available ring at 0x11001 is not aligned to 2 bytes")]
+    #[case::misaligned_used_ring(16, [0x1_0000, 0x1_1000, 0x3002],
+        "used ring at 0x3002 is not aligned to 4 bytes")]
+    #[case::size_not_a_power_of_two(6, [0x1_0000, 0x1_1000, 0x1_2000],
+        "queue size 6 is not a power of two between 1 and 16")]
+    #[case::size_over_the_maximum(32, [0x1_0000, 0x1_1000, 0x1_2000],
+        "queue size 32 is not a power of two between 1 and 16")]
+    #[case::size_zero(0, [0x1_0000, 0x1_1000, 0x1_2000],
+        "queue size 0 is not a power of two between 1 and 16")]
+    #[case::ring_above_4_gib(16, [0x1_0000, 0x1_0000_1000, 0x1_2000],
+        "available ring 0x100001000+0x26 is outside guest memory")]
+    #[case::used_flags_on_avail_idx(16, [0x1000, 0x2002, 0x2004],
+        "used ring 0x2004+0x86 overlaps the available ring at 0x2002 of queue 0")]
+    fn unusable_rings_are_refused_at_driver_ok(
+        #[case] size: u32,
+        #[case] rings: [u64; 3],
+        #[case] what: &str,
+    ) {
+        let (mut t, line) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue_at(&mut t, size, rings);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(!t.is_active());
+        assert!(t.device().activated.is_none());
+        assert_ne!(rd(&mut t, reg::STATUS) & DEVICE_NEEDS_RESET, 0);
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 2);
+        assert_eq!(line.config_count(), 1);
+        assert_eq!(
+            t.device().errors(),
+            vec![(0, format!("DRIVER_OK refused: queue 0: {what}"), true)]
+        );
+        wr(&mut t, reg::QUEUE_SEL, 0);
+        assert_eq!(rd(&mut t, reg::QUEUE_NUM), size);
+        assert_eq!(rd(&mut t, reg::QUEUE_DEVICE_LOW), low32(rings[2]));
+        assert_eq!(rd(&mut t, reg::QUEUE_DRIVER_HIGH), (rings[1] >> 32) as u32);
+        t.notify_queue(0);
+        assert!(t.device().notified.is_empty());
+        // A reset and a good layout bring it back.
+        wr(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue_at(&mut t, 16, [0x1_0000, 0x1_1000, 0x1_2000]);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.is_active());
+    }
+
+    #[test]
+    fn the_device_gets_the_rings_exactly_as_written_avail_at_gpa_0_included() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue_at(&mut t, 8, [0x1000, 0, 0x2004]);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.is_active());
+        assert!(t.device().errors().is_empty());
+        assert_eq!(
+            t.device().activated.clone().unwrap().1,
+            vec![(true, 8, false), (false, 8, false)]
+        );
+    }
+
+    #[test]
+    fn driver_ok_is_refused_once_the_driver_set_failed() {
+        let (mut t, line) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | FAILED,
+        );
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | FAILED | DRIVER_OK,
+        );
+        assert!(!t.is_active());
+        assert!(t.device().activated.is_none());
+        assert_eq!(
+            rd(&mut t, reg::STATUS),
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | FAILED
+        );
+        // Nothing started, so nothing needs a reset; the refusal is on record.
+        assert_eq!(line.config_count(), 0);
+        let errors = t.device().errors();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].1.contains("FAILED") && !errors[0].2);
+        // FAILED and DRIVER_OK in one write: the same.
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | FAILED | DRIVER_OK,
+        );
+        assert!(!t.is_active());
+        // FEATURES_OK is not accepted after FAILED either.
+        let (mut t, _) = transport();
+        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | FAILED);
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, reg::DRIVER_FEATURES, 1);
+        wr(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FAILED | FEATURES_OK,
+        );
+        assert_eq!(rd(&mut t, reg::STATUS) & FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn driver_ok_before_features_ok_is_logged() {
+        let (mut t, _) = transport();
+        wr(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+        assert!(!t.is_active());
+        let errors = t.device().errors();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].1.contains("FEATURES_OK") && !errors[0].2);
     }
 }

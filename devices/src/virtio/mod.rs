@@ -11,6 +11,8 @@
 //! - Interrupts go out through an [`InterruptLine`] (an irqfd `EventFd` in the VMM,
 //!   a counter in tests), wrapped by [`VirtioInterrupt`], which also holds the
 //!   `InterruptStatus` bits and the device's NEEDS_RESET flag.
+//! - [`rings::check_queues`] is what both transports check the driver's queue layout
+//!   with at DRIVER_OK: a layout the device cannot use exactly as written is refused.
 //! - [`chain::walk_chain`] follows descriptor chains with full validation, and
 //!   [`chain::GuestChain`] is the devices' only way to the buffers of a chain: each
 //!   of its reads, writes and file transfers logs the ranges it touched to the DMA
@@ -21,13 +23,17 @@ pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod rings;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod write_check;
 
 use std::io;
+use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The guest memory type every device works on.
@@ -258,6 +264,11 @@ pub trait VirtioDevice: Send {
 
     /// Back to the pre-activation state: drop the queues and memory.
     fn reset(&mut self);
+
+    /// Records in the device's DMA log a driver error the transport found on the
+    /// device's behalf (a refused DRIVER_OK): `queue` is the queue at fault, 0 when
+    /// none is; `needs_reset` whether the device went to DEVICE_NEEDS_RESET.
+    fn log_error(&self, queue: u16, error: &str, needs_reset: bool);
 }
 
 /// Why a queue could not be served: the chain at fault (if one was) and what was
@@ -280,27 +291,40 @@ impl QueueFault {
 /// queue is drained and the ring is checked again after turning them back on, so a
 /// chain published in between is not missed (the EVENT_IDX race). Stops at the first
 /// fault.
+///
+/// Every pass after that re-check must serve a chain: the re-check said the driver
+/// published one, and a driver's `idx` only moves forward. A pass that finds none
+/// means the device's own writes moved `idx` (turning notifications off and on
+/// writes the used ring's `flags`, which a driver may place on `idx`); looping on it
+/// would never end, so it is a fault. A driver can still keep the device here by
+/// publishing chains as fast as they are served, as a driver on another vCPU may:
+/// each pass then serves its chains, and stopping with chains pending and
+/// notifications on would lose the wake-up.
 pub(crate) fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMem,
     mut handle: impl FnMut(&Queue, u16) -> Result<u32, String>,
 ) -> Result<(), QueueFault> {
-    use virtio_queue::{QueueOwnedT, QueueT};
+    use virtio_queue::QueueT;
     let used_ring = |head, e| QueueFault::new(head, format!("used ring: {e}"));
+    let mut rechecked = false;
     loop {
         queue
             .disable_notification(mem)
             .map_err(|e| used_ring(None, e))?;
-        loop {
-            let head = match queue.iter(mem) {
-                Ok(mut chains) => chains.next().map(|c| c.head_index()),
-                Err(e) => return Err(QueueFault::new(None, format!("available ring: {e}"))),
-            };
-            let Some(head) = head else { break };
+        let mut served = 0usize;
+        while let Some(head) = pop_avail(queue, mem).map_err(|what| QueueFault::new(None, what))? {
             let used = handle(queue, head).map_err(|what| QueueFault::new(Some(head), what))?;
             queue
                 .add_used(mem, head, used)
                 .map_err(|e| used_ring(Some(head), e))?;
+            served += 1;
+        }
+        if rechecked && served == 0 {
+            return Err(QueueFault::new(
+                None,
+                "available ring index moved with no new chain: the device's used-ring writes land on it".into(),
+            ));
         }
         if !queue
             .enable_notification(mem)
@@ -308,7 +332,49 @@ pub(crate) fn drain_queue(
         {
             return Ok(());
         }
+        rechecked = true;
     }
+}
+
+/// Takes the next chain head the driver published: `Ok(None)` when there is none,
+/// `Err` when the available ring cannot be read or its `idx` is more than a queue's
+/// worth ahead of the device.
+///
+/// By hand rather than with `virtio_queue`'s `Queue::iter`, which refuses an
+/// available ring at GPA 0 (it takes 0 for "not set up"), a place the spec allows
+/// and the transports accept; the checks are `iter`'s.
+pub(crate) fn pop_avail(queue: &mut Queue, mem: &GuestMem) -> Result<Option<u16>, String> {
+    use virtio_queue::QueueT;
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|e| format!("available ring: {e}"))?;
+    let next = Wrapping(queue.next_avail());
+    let ahead = (avail - next).0;
+    if ahead > queue.size() {
+        return Err(format!(
+            "available ring: idx {} is {ahead} entries ahead of the device's {}, more than the queue's {}",
+            avail.0,
+            next.0,
+            queue.size()
+        ));
+    }
+    if ahead == 0 {
+        return Ok(None);
+    }
+    let slot = next
+        .0
+        .checked_rem(queue.size())
+        .ok_or_else(|| "available ring: queue of size 0".to_string())?;
+    // `flags` and `idx` come first; each entry is a u16.
+    let entry = queue
+        .avail_ring()
+        .checked_add(4 + 2 * u64::from(slot))
+        .ok_or_else(|| "available ring: entry address overflows".to_string())?;
+    let head: u16 = mem
+        .read_obj(GuestAddress(entry))
+        .map_err(|e| format!("available ring: entry {slot}: {e}"))?;
+    queue.set_next_avail(next.0.wrapping_add(1));
+    Ok(Some(u16::from_le(head)))
 }
 
 /// Interrupts the driver if the used ring of queue `index` says it wants to hear

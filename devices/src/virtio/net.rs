@@ -32,10 +32,11 @@
 //! # Bad input
 //! virtio-net has no status byte to report an error with, so a chain that breaks the
 //! protocol (cannot be walked, device-writable buffer in TX or device-readable in RX,
-//! a buffer outside guest memory or of zero length, a TX header shorter than 12 bytes)
-//! puts the device in DEVICE_NEEDS_RESET, as virtio-blk does for chains it cannot
-//! answer. A well-formed chain whose *frame* is unusable (bad checksum offsets, a GSO
-//! type that was not negotiated, empty or oversized frame) is completed, the frame
+//! a buffer outside guest memory or of zero length, a TX header shorter than 12 bytes,
+//! an RX chain longer than the queue) puts the device in DEVICE_NEEDS_RESET, as
+//! virtio-blk does for chains it cannot answer. A well-formed chain whose *frame* is
+//! unusable (bad checksum offsets, a GSO type that was not negotiated, empty or
+//! oversized frame), or a TX chain longer than the queue, is completed, the frame
 //! dropped and a non-fatal `device_error` logged: a real NIC drops bad frames too.
 
 use std::collections::VecDeque;
@@ -506,6 +507,12 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.active = None;
         // Frames addressed to the previous driver instance are stale.
         self.host.pending.clear();
+    }
+
+    fn log_error(&self, queue: u16, error: &str, needs_reset: bool) {
+        self.host
+            .log
+            .device_error(DeviceKind::Net, queue, None, error, needs_reset);
     }
 }
 

@@ -1,6 +1,8 @@
 //! What the virtio device tests share: guest memory, descriptor chains on
 //! `virtio-queue`'s `MockSplitQueue`, the used ring, a DMA log kept in memory, an
-//! interrupt line that counts, and the driver's side of the MMIO handshake.
+//! interrupt line that counts, the driver's side of the MMIO handshake, the check
+//! that a device wrote only where it was offered, and a time limit for code that
+//! could hang.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::{reg, MmioTransport};
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+use super::write_check::{QueueRings, WriteCheck};
 use super::{low32, InterruptKind, InterruptLine, VirtioDevice, VirtioInterrupt};
 use crate::dma_log::{DescRecord, DescRole, DmaLog, DmaLogReader, Record};
 
@@ -258,4 +261,46 @@ pub fn mmio_activate<D: VirtioDevice>(
         reg::STATUS,
         ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
     );
+}
+
+/// Where a mock queue's parts are, its used ring moved to `used` (as the tests do).
+pub fn mock_rings(vq: &MockSplitQueue<GuestMemoryMmap>, size: u16, used: u64) -> QueueRings {
+    QueueRings {
+        size,
+        desc: vq.desc_table_addr().0,
+        avail: vq.avail_addr().0,
+        used,
+    }
+}
+
+/// Runs `device_work` and asserts it wrote guest memory only inside device-writable
+/// buffers offered on `queues` and inside their used rings ([`WriteCheck`]).
+pub fn assert_writes_offered<T>(
+    mem: &GuestMemoryMmap,
+    queues: &[QueueRings],
+    device_work: impl FnOnce() -> T,
+) -> T {
+    let check = WriteCheck::start(mem, queues);
+    let out = device_work();
+    check.assert_clean(mem);
+    out
+}
+
+/// Runs `work` on a thread and returns what it returned, or fails the test if it
+/// has not returned after `secs` seconds (a hang fails instead of hanging the run;
+/// the stuck thread is left behind).
+pub fn within<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // The receiver is gone only if the test already failed.
+        let _ = tx.send(work());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(e) => panic!("{what} did not return within {secs} s ({e}): the device hangs"),
+    }
 }

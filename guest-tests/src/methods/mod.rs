@@ -5,7 +5,7 @@
 //!
 //! The contract with the VMM and the audit is `docs/method-suite.md`. Per method
 //! the guest reports its own view (bytes, time, system calls by name, MSG_ZEROCOPY
-//! completions) as a `report` line and prints a KTAP result line on the console;
+//! completions) as a `report` line and prints its KTAP lines on the console;
 //! whether the bytes really travelled without CPU copies is the audit's verdict,
 //! from the device logs, not this program's.
 //!
@@ -63,7 +63,7 @@ pub trait Hooks {
 }
 
 /// Runs the suite: KTAP header, then per method its marks, `report` line and KTAP
-/// result line. Returns whether no method failed (a skipped method is not a
+/// lines (figures or the failure's reason as a diagnostic line, then the result). Returns whether no method failed (a skipped method is not a
 /// failure); an `Err` only when the hooks themselves fail (the control channel).
 ///
 /// `root` is where `suite.file` lives (the disk's mount point in the guest).
@@ -79,7 +79,9 @@ pub fn run_suite(
     for (index, &method) in suite.methods.iter().enumerate() {
         let result = runner::run(method, suite, root, peer, hooks);
         hooks.report(&result.json())?;
-        hooks.console(&result.ktap_line(index + 1));
+        for line in result.ktap_lines(index + 1) {
+            hooks.console(&line);
+        }
         all_passed &= !result.failed();
     }
     Ok(all_passed)

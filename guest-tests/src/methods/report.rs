@@ -1,5 +1,5 @@
 //! A method's result as the `report` JSON line (`zc_protocol::MethodReport`, whose
-//! docs show the shape) and as a KTAP result line.
+//! docs show the shape) and as KTAP lines (a diagnostic line and the result line).
 
 use zc_protocol::report::{MethodReport, ZeroCopyCounts};
 
@@ -99,31 +99,37 @@ impl MethodResult {
         self.report().to_json()
     }
 
-    /// The KTAP result line for test number `number` (1-based).
-    pub fn ktap_line(&self, number: usize) -> String {
+    /// The KTAP lines of test number `number` (1-based), as
+    /// `Documentation/dev-tools/ktap.rst` has them and the kernel's parser
+    /// (`kunit.py parse`) reads them: the figures, or a failure's reason, on a
+    /// diagnostic line (`# <method>: ...`) before the result line, which carries only
+    /// `ok`/`not ok`, the number, the name and a `SKIP` directive (the parser drops
+    /// anything else after `#` on a result line).
+    pub fn ktap_lines(&self, number: usize) -> Vec<String> {
         match self {
             MethodResult::Passed(method, m) => {
-                let mut line = format!(
-                    "ok {number} {method} # bytes={} seconds={:.2} syscalls_per_chunk={:.2}",
+                let mut figures = format!(
+                    "# {method}: bytes={} seconds={:.2} syscalls_per_chunk={:.2}",
                     m.bytes,
                     m.seconds,
                     m.syscalls_per_chunk()
                 );
                 if let Some(zc) = m.zerocopy {
                     let copied = zc.copied.map_or("unknown".to_string(), |n| n.to_string());
-                    line.push_str(&format!(
+                    figures.push_str(&format!(
                         " zc_sends={} zc_completions={} zc_copied={copied}",
                         zc.sends, zc.completions
                     ));
                 }
-                line
+                vec![figures, format!("ok {number} {method}")]
             }
             MethodResult::Skipped(method, reason) => {
-                format!("ok {number} {method} # SKIP {}", one_line(reason))
+                vec![format!("ok {number} {method} # SKIP {}", one_line(reason))]
             }
-            MethodResult::Failed(method, error) => {
-                format!("not ok {number} {method} # {}", one_line(error))
-            }
+            MethodResult::Failed(method, error) => vec![
+                format!("# {method}: error: {}", one_line(error)),
+                format!("not ok {number} {method}"),
+            ],
         }
     }
 }
@@ -163,8 +169,11 @@ mod tests {
             r#"{"test":"method","method":"sendfile","ok":true,"bytes":16777216,"chunk":65536,"chunks":256,"seconds":1.234000,"syscalls":{"recv":1,"sendfile":256,"socket":1,"connect":1},"loop_syscalls":256,"setup_syscalls":3}"#
         );
         assert_eq!(
-            r.ktap_line(3),
-            "ok 3 sendfile # bytes=16777216 seconds=1.23 syscalls_per_chunk=1.00"
+            r.ktap_lines(3),
+            [
+                "# sendfile: bytes=16777216 seconds=1.23 syscalls_per_chunk=1.00",
+                "ok 3 sendfile"
+            ]
         );
         assert!(!r.failed());
     }
@@ -181,9 +190,8 @@ mod tests {
         assert!(r
             .json()
             .ends_with(r#""zerocopy":{"sends":256,"completions":256,"copied":0}}"#));
-        assert!(r
-            .ktap_line(7)
-            .ends_with("zc_sends=256 zc_completions=256 zc_copied=0"));
+        assert!(r.ktap_lines(7)[0].ends_with("zc_sends=256 zc_completions=256 zc_copied=0"));
+        assert_eq!(r.ktap_lines(7)[1], "ok 7 mmap_zerocopy");
         m.zerocopy = Some(ZcReport {
             sends: 2,
             completions: 2,
@@ -193,7 +201,7 @@ mod tests {
         assert!(r
             .json()
             .ends_with(r#""zerocopy":{"sends":2,"completions":2,"copied":null}}"#));
-        assert!(r.ktap_line(8).ends_with("zc_copied=unknown"));
+        assert!(r.ktap_lines(8)[0].ends_with("zc_copied=unknown"));
     }
 
     #[test]
@@ -207,8 +215,8 @@ mod tests {
             r#"{"test":"method","method":"uring_send_zc","ok":true,"skipped":"kernel has no IORING_OP_SEND_ZC (needs Linux 6.0)"}"#
         );
         assert_eq!(
-            s.ktap_line(8),
-            "ok 8 uring_send_zc # SKIP kernel has no IORING_OP_SEND_ZC (needs Linux 6.0)"
+            s.ktap_lines(8),
+            ["ok 8 uring_send_zc # SKIP kernel has no IORING_OP_SEND_ZC (needs Linux 6.0)"]
         );
         assert!(!s.failed());
         let f = MethodResult::Failed(Method::Splice, "connecting: refused\nsecond".into());
@@ -217,8 +225,11 @@ mod tests {
             r#"{"test":"method","method":"splice","ok":false,"error":"connecting: refused second"}"#
         );
         assert_eq!(
-            f.ktap_line(4),
-            "not ok 4 splice # connecting: refused second"
+            f.ktap_lines(4),
+            [
+                "# splice: error: connecting: refused second",
+                "not ok 4 splice"
+            ]
         );
         assert!(f.failed());
         assert_eq!(ktap_plan(10), "1..10");

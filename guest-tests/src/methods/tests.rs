@@ -77,6 +77,108 @@ impl Recorder {
     }
 }
 
+/// The console's KTAP after the header and plan, as tests: each result line with the
+/// diagnostic lines before it.
+fn ktap_tests(lines: &[String]) -> Vec<(Vec<String>, String)> {
+    let mut tests = Vec::new();
+    let mut diagnostics = Vec::new();
+    for line in lines {
+        if line.starts_with('#') {
+            diagnostics.push(line.clone());
+        } else {
+            assert!(
+                line.starts_with("ok ") || line.starts_with("not ok "),
+                "neither a diagnostic nor a result line: {line}"
+            );
+            tests.push((std::mem::take(&mut diagnostics), line.clone()));
+        }
+    }
+    assert!(diagnostics.is_empty(), "diagnostics after the last result");
+    tests
+}
+
+/// The kernel's own KTAP parser (`tools/testing/kunit/kunit.py` of `make kunit`:
+/// `ZC_KUNIT_DIR`, else the newest `~/.cache/zc/kunit-*`), or why it cannot run.
+fn kunit_py() -> std::result::Result<std::path::PathBuf, String> {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Err("python3 is not installed".into());
+    }
+    let dir = match std::env::var_os("ZC_KUNIT_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            let cache = std::path::PathBuf::from(std::env::var_os("HOME").ok_or("no HOME")?)
+                .join(".cache/zc");
+            let mut found: Vec<_> = std::fs::read_dir(&cache)
+                .map_err(|e| format!("{}: {e}", cache.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("kunit-"))
+                })
+                .collect();
+            found.sort();
+            found
+                .pop()
+                .ok_or("no ~/.cache/zc/kunit-* (make kunit fetches it)")?
+        }
+    };
+    let py = dir.join("tools/testing/kunit/kunit.py");
+    py.is_file()
+        .then_some(py.clone())
+        .ok_or_else(|| format!("{} is missing (make kunit fetches it)", py.display()))
+}
+
+/// What `kunit.py parse` makes of the console's lines: (ran, passed, failed,
+/// skipped), and its whole output; `None` (said on stdout) when it cannot run.
+fn kunit_parse(console: &[String]) -> Option<((u32, u32, u32, u32), String)> {
+    let py = match kunit_py() {
+        Ok(py) => py,
+        Err(why) => {
+            println!("SKIPPED: the kunit.py check: {why}");
+            return None;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("console.ktap");
+    std::fs::write(&file, console.join("\n") + "\n").unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(&py)
+        .arg("parse")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains("[ERROR]"), "kunit.py found errors:\n{text}");
+    let summary = text
+        .lines()
+        .find(|l| l.contains("Testing complete."))
+        .unwrap_or_else(|| panic!("kunit.py printed no summary:\n{text}"));
+    let count = |key: &str| -> u32 {
+        summary.split(key).nth(1).map_or(0, |rest| {
+            rest.trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap()
+        })
+    };
+    Some((
+        (
+            count("Ran "),
+            count("passed:"),
+            count("failed:"),
+            count("skipped:"),
+        ),
+        text,
+    ))
+}
+
 /// What the peer saw on one connection.
 #[derive(Debug)]
 struct Received {
@@ -318,19 +420,21 @@ fn every_method_against_a_local_peer() {
     let console = recorder.console();
     assert_eq!(console[0], "KTAP version 1");
     assert_eq!(console[1], "1..10");
-    assert_eq!(console.len(), 12, "{console:#?}");
+    let tests = ktap_tests(&console[2..]);
+    assert_eq!(tests.len(), 10, "{console:#?}");
     let reports = recorder.reports();
     assert_eq!(reports.len(), 10);
     let mut received = received.iter();
     for (i, (method, report)) in Method::ALL.iter().zip(&reports).enumerate() {
-        let line = &console[i + 2];
-        eprintln!("{line}\n  {report}");
+        let (diagnostics, line) = &tests[i];
+        eprintln!("{diagnostics:?} {line}\n  {report}");
         assert_eq!(report["method"], method.name());
         if report.get("skipped").is_some() {
             // Only io_uring may be missing on a test host.
             assert_eq!(*method, Method::UringSendZc, "{report}");
             assert_eq!(report["ok"], true);
             assert!(line.starts_with(&format!("ok {} uring_send_zc # SKIP ", i + 1)));
+            assert!(diagnostics.is_empty(), "{diagnostics:?}");
             assert!(!recorder
                 .events
                 .contains(&Event::Mark(Marker::begin(Method::UringSendZc).label())));
@@ -339,29 +443,51 @@ fn every_method_against_a_local_peer() {
         if method.direct() && !direct_ok {
             assert_eq!(report["ok"], false, "{report}");
             assert!(report["error"].as_str().unwrap().contains("O_DIRECT"));
-            assert!(line.starts_with("not ok "));
+            assert_eq!(*line, format!("not ok {} {method}", i + 1));
+            assert_eq!(
+                *diagnostics,
+                [format!(
+                    "# {method}: error: {}",
+                    report["error"].as_str().unwrap()
+                )]
+            );
             continue;
         }
         let got = received.next().expect("one connection per method");
         let chunks = check_common(&recorder, report, got, data.len() as u64, 65536);
         assert_eq!(chunks, 17);
         check_method(report, chunks);
+        // The result line carries nothing after the name: the figures are on the
+        // diagnostic line before it, where the kernel's KTAP parser keeps them.
+        assert_eq!(*line, format!("ok {} {method}", i + 1));
+        let [figures] = diagnostics.as_slice() else {
+            panic!("one diagnostic line: {diagnostics:?}")
+        };
         assert!(
-            line.starts_with(&format!(
-                "ok {} {method} # bytes={} seconds=",
-                i + 1,
-                data.len()
-            )),
-            "{line}"
+            figures.starts_with(&format!("# {method}: bytes={} seconds=", data.len())),
+            "{figures}"
         );
         assert_eq!(
-            line.contains(" zc_sends="),
+            figures.contains(" zc_sends="),
             report.get("zerocopy").is_some(),
-            "{line}"
+            "{figures}"
         );
     }
     assert!(received.next().is_none());
     assert_eq!(passed, direct_ok);
+    // The kernel's parser reads the console as the reports say it went.
+    let count = |f: &dyn Fn(&Value) -> bool| {
+        u32::try_from(reports.iter().filter(|r| f(r)).count()).unwrap()
+    };
+    let skipped = count(&|r| r.get("skipped").is_some());
+    let failed = count(&|r| r["ok"] == false);
+    if let Some((counts, text)) = kunit_parse(&console) {
+        assert_eq!(
+            counts,
+            (10, 10 - skipped - failed, failed, skipped),
+            "{text}"
+        );
+    }
 
     // Caches: dropped before every cold method, never for the warm one.
     let drops = recorder
@@ -441,7 +567,20 @@ fn failures_are_reported_and_spans_stay_paired() {
             ]
         );
     }
-    assert!(recorder.console()[2].starts_with("not ok 1 sendfile # connecting to the peer"));
+    let console = recorder.console();
+    assert!(
+        console[2].starts_with("# sendfile: error: connecting to the peer"),
+        "{console:#?}"
+    );
+    assert_eq!(console[3], "not ok 1 sendfile");
+    if let Some((counts, text)) = kunit_parse(&console) {
+        assert_eq!(counts, (2, 0, 2, 0), "{text}");
+        // A failed test's log is printed: the reason survives the parser.
+        assert!(
+            text.contains("# sendfile: error: connecting to the peer"),
+            "{text}"
+        );
+    }
 
     // A prefix longer than the file fails before BEGIN: no marks at all.
     let too_long = Suite {

@@ -1,15 +1,21 @@
 //! Shared by the fuzz targets: input decoding, a 64 KiB guest memory, the driver's
-//! virtio-mmio handshake and ring helpers.
+//! virtio-mmio handshake, ring helpers and the write check.
 //!
 //! Both targets drive their device through the real [`MmioTransport`] register file,
-//! so a queue only reaches the device after the transport's own checks
-//! (`Queue::is_valid`, feature negotiation), exactly as with a guest.
+//! so a queue only reaches the device after the transport's own checks (the ring
+//! layout at DRIVER_OK, feature negotiation), exactly as with a guest.
+//!
+//! Every driver operation that lets the device run is wrapped in [`device_writes`]:
+//! the device may change guest memory only inside the device-writable buffers of
+//! the chains the driver offered and inside its used rings (nothing at all while it
+//! is not active).
 
 #![allow(dead_code)]
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_devices::virtio::mmio::MmioTransport;
 use zc_devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+use zc_devices::virtio::write_check::{QueueRings, WriteCheck};
 use zc_devices::virtio::{InterruptKind, InterruptLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Guest RAM: one region at GPA 0.
@@ -91,7 +97,7 @@ pub fn read_u16(mem: &GuestMemoryMmap, addr: u64) -> Option<u16> {
 /// What the driver writes into one queue's registers.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueParams {
-    /// `QueueNum` as written (may be invalid: the transport then keeps the maximum).
+    /// `QueueNum` as written (may be invalid: the transport then refuses DRIVER_OK).
     pub size: u16,
     pub desc: u64,
     pub avail: u64,
@@ -137,6 +143,7 @@ impl QueueParams {
 #[derive(Debug, Clone, Copy)]
 pub struct QueueState {
     pub size: u16,
+    pub desc: u64,
     pub avail: u64,
     pub used: u64,
     /// The device's `next_used` as far as the harness can tell (0 after activation).
@@ -188,25 +195,29 @@ pub fn handshake<D: VirtioDevice>(
         write_reg(t, reg::QUEUE_DEVICE_LOW, q.used as u32);
         write_reg(t, reg::QUEUE_DEVICE_HIGH, (q.used >> 32) as u32);
         write_reg(t, reg::QUEUE_READY, u32::from(q.ready));
-        // virtio-queue ignores an invalid size or a misaligned ring address (the old
-        // value stays), so read back what the queue really uses.
-        let size = read_reg(t, reg::QUEUE_NUM) as u16;
-        assert!(
-            size.is_power_of_two(),
-            "QueueNum reads back {size} after writing {}",
-            q.size
-        );
+        // The transport keeps what the driver wrote, whatever it is, and checks it
+        // at DRIVER_OK.
         let reg64 = |t: &mut MmioTransport<D>, low: u64| {
             u64::from(read_reg(t, low)) | (u64::from(read_reg(t, low + 4)) << 32)
         };
-        let avail = reg64(t, reg::QUEUE_DRIVER_LOW);
-        let used = reg64(t, reg::QUEUE_DEVICE_LOW);
+        let written = (
+            read_reg(t, reg::QUEUE_NUM),
+            reg64(t, reg::QUEUE_DESC_LOW),
+            reg64(t, reg::QUEUE_DRIVER_LOW),
+            reg64(t, reg::QUEUE_DEVICE_LOW),
+        );
+        assert_eq!(
+            written,
+            (u32::from(q.size), q.desc, q.avail, q.used),
+            "queue registers do not read back as written"
+        );
         // Ignored when outside memory: the transport then refuses the queue.
-        let _ = mem.write_obj(q.avail_idx, GuestAddress(avail.wrapping_add(2)));
+        let _ = mem.write_obj(q.avail_idx, GuestAddress(q.avail.wrapping_add(2)));
         states.push(QueueState {
-            size,
-            avail,
-            used,
+            size: q.size,
+            desc: q.desc,
+            avail: q.avail,
+            used: q.used,
             shadow_used: 0,
         });
     }
@@ -318,4 +329,38 @@ pub fn notify_and_check<D: VirtioDevice>(
         );
     }
     q.shadow_used = a1;
+}
+
+/// Runs `device_work` (a notify, a poll) and checks that the device changed guest
+/// memory only inside the device-writable buffers of the chains offered on `queues`
+/// and inside their used rings; with `queues` `None` (the device is not active)
+/// nowhere at all. Not checked when the driver offered its own rings as a
+/// device-writable buffer: the device's writes can then publish chains that come and
+/// go within the run, which a before-and-after comparison cannot follow.
+pub fn device_writes<T>(
+    mem: &GuestMemoryMmap,
+    queues: Option<&[QueueState]>,
+    device_work: impl FnOnce() -> T,
+) -> T {
+    let rings: Vec<QueueRings> = queues
+        .unwrap_or(&[])
+        .iter()
+        .map(|q| QueueRings {
+            size: q.size,
+            desc: q.desc,
+            avail: q.avail,
+            used: q.used,
+        })
+        .collect();
+    let check = WriteCheck::start(mem, &rings);
+    let out = device_work();
+    if !check.offers_its_own_rings() {
+        let bad = check.unexpected_writes(mem);
+        assert!(
+            bad.is_empty(),
+            "the device wrote guest memory it was not offered: {:#x?}",
+            &bad[..bad.len().min(8)]
+        );
+    }
+    out
 }

@@ -16,7 +16,7 @@ use vm_memory::{ByteValued, GuestMemoryError};
 
 use super::SECTOR_SIZE;
 use crate::dma_log::{BlkStatus, DescRole};
-use crate::virtio::chain::{BufferError, GuestBuffers, GuestChain, Roles};
+use crate::virtio::chain::{BufferError, ChainTooLong, GuestBuffers, GuestChain, Roles};
 
 /// Size of the request header (`type`, `reserved`, `sector`).
 pub const HEADER_LEN: u64 = std::mem::size_of::<RequestHeader>() as u64;
@@ -157,6 +157,9 @@ pub enum RequestError {
     /// A buffer is empty, overflows or lies outside guest memory.
     #[error(transparent)]
     Buffer(#[from] BufferError),
+    /// More descriptors than the queue has entries.
+    #[error(transparent)]
+    ChainTooLong(#[from] ChainTooLong),
     /// The driver's buffers must come before the device's (virtio 1.2, 2.7.4.2).
     #[error("device-readable descriptor {0} after a device-writable one")]
     ReadableAfterWritable(u16),
@@ -292,7 +295,9 @@ impl Limits {
             })
     }
 
-    /// Checks the data segments against `seg_max` and `size_max`.
+    /// Checks the data segments against `seg_max` and `size_max`, each only when
+    /// the driver accepted its feature: a driver that did not was never told the
+    /// limit (Linux accepts both). Every request type with data is checked.
     fn segments(&self, data: &GuestBuffers) -> Result<(), RequestError> {
         if self.acked(VIRTIO_BLK_F_SEG_MAX) && data.segment_count() > self.seg_max as usize {
             return Err(RequestError::TooManySegments {
@@ -353,6 +358,7 @@ pub fn parse<'a>(chain: &GuestChain<'a>, limits: &Limits) -> Result<Parsed<'a>, 
 fn read_header<'a>(
     chain: &GuestChain<'a>,
 ) -> Result<(RequestHeader, GuestBuffers<'a>), RequestError> {
+    chain.check_length()?;
     chain.check_buffers()?;
     let descs = chain.descriptors();
     if let Some(pos) = descs.iter().position(|d| d.writable) {
@@ -415,6 +421,7 @@ fn validate<'a>(
             if data_in.is_empty() {
                 return Err(RequestError::NoIdBuffer);
             }
+            limits.segments(&data_in)?;
             Ok(Request::GetId { buf: data_in })
         }
         t @ (RequestType::Discard | RequestType::WriteZeroes) => {
@@ -481,6 +488,7 @@ fn discard_or_write_zeroes<'a>(
     if data_out.len() != DWZ_SEG_LEN {
         return Err(RequestError::DiscardSegmentLength(data_out.len()));
     }
+    limits.segments(&data_out)?;
     let mut seg = DiscardSegment::default();
     data_out
         .read(seg.as_mut_slice(), Roles::all(DescRole::Data))

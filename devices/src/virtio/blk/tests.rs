@@ -5,9 +5,11 @@ use crate::dma_log::{fingerprint, Direction, Record};
 use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::status::DEVICE_NEEDS_RESET;
 use crate::virtio::test_util::{
-    add_chain, counting_interrupt, leaked_memory, linked, mmio_activate, raw, read, read_reg, used,
-    write_reg, write_table, CountingLine, MockQueue, TestLog, IND, NEXT, W,
+    add_chain, assert_writes_offered, counting_interrupt, leaked_memory, linked, mmio_activate,
+    mock_rings, raw, read, read_reg, used, within, write_reg, write_table, CountingLine, MockQueue,
+    TestLog, IND, NEXT, W,
 };
+use crate::virtio::write_check::QueueRings;
 use crate::virtio::{low32, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use rstest::rstest;
 use std::io::{Read, Write};
@@ -118,6 +120,14 @@ impl H {
     fn status(&self, addr: u64) -> u8 {
         self.mem.read_obj(GuestAddress(addr)).unwrap()
     }
+
+    /// The driver's notify: the device serves the queue, and must write only the
+    /// device-writable buffers of the chains offered and the used ring.
+    fn process(&mut self) {
+        let rings = [mock_rings(&self.vq, QSIZE, USED)];
+        let dev = &mut self.dev;
+        assert_writes_offered(self.mem, &rings, || dev.process_queue(0));
+    }
 }
 
 /// Where the tests put the used ring. `MockSplitQueue` places its used ring 20 bytes
@@ -159,7 +169,7 @@ fn multi_segment_write_then_read_round_trip() {
             (DATA + 0x4000, 3584, 0),
         ],
     );
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_OK);
     assert_eq!(used(h.mem, USED), vec![(0, 1)]);
     assert_eq!(&h.file_bytes()[2048..2048 + 8192], &payload[..]);
@@ -176,7 +186,7 @@ fn multi_segment_write_then_read_round_trip() {
             (DATA + 0x10_2000 - 100, 7168, W),
         ],
     );
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(u32::from(h.status(STATUS + 1)), VIRTIO_BLK_S_OK);
     assert_eq!(used(h.mem, USED)[1], (5, 8193));
     let mut back = vec![0u8; 8192];
@@ -198,7 +208,7 @@ fn any_layout_header_data_and_status_in_one_descriptor_each_side() {
     // Readable: header + nothing; writable: 512 data bytes + status in one buffer.
     h.header(HDR, VIRTIO_BLK_T_IN, 1);
     add_chain(&h.vq, 0, &[(HDR, 16, 0), (DATA, 513, W)]);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(h.status(DATA + 512), 0);
     let mut got = vec![0u8; 512];
     h.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
@@ -224,7 +234,7 @@ fn indirect_chain_is_followed() {
     }
     h.header(HDR, VIRTIO_BLK_T_IN, 0);
     h.vq.add_desc_chains(&[raw(table, 64, IND, 0)], 0).unwrap();
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(h.status(STATUS), 0);
     let mut got = vec![0u8; 512];
     h.mem
@@ -247,13 +257,13 @@ fn flush_syncs_and_data_persists() {
     h.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
     h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, 0)]);
     h.request(3, 1, VIRTIO_BLK_T_FLUSH, 0, &[]);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!((h.status(STATUS), h.status(STATUS + 1)), (0, 0));
     assert_eq!(h.dev.flush_count(), 1);
     assert_eq!(&h.file_bytes()[..512], &[0xab; 512]);
     // A FLUSH carrying data is malformed.
     h.request(5, 2, VIRTIO_BLK_T_FLUSH, 0, &[(DATA, 512, W)]);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(u32::from(h.status(STATUS + 2)), VIRTIO_BLK_S_IOERR);
     assert_eq!(h.dev.flush_count(), 1);
 }
@@ -268,7 +278,7 @@ fn get_id_full_and_short_buffer() {
     h.mem.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
     h.request(0, 0, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, W)]);
     h.request(3, 1, VIRTIO_BLK_T_GET_ID, 0, &[(DATA + 0x100, 4, W)]);
-    h.dev.process_queue(0);
+    h.process();
     let mut id = [0u8; 20];
     h.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id[..10], b"serial-123");
@@ -304,7 +314,7 @@ fn read_only_disk_refuses_writes() {
     h.mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
     h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, 0)]);
     h.request(3, 1, VIRTIO_BLK_T_IN, 0, &[(DATA + 0x1000, 512, W)]);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_IOERR);
     assert_eq!(u32::from(h.status(STATUS + 1)), VIRTIO_BLK_S_OK);
     assert_eq!(h.file_bytes(), disk_content());
@@ -331,7 +341,7 @@ fn discard_and_write_zeroes() {
         let i16 = u16::try_from(i).unwrap();
         h.request(3 * i16, i as u64, code, 0, &[(DATA + at, 16, 0)]);
     }
-    h.dev.process_queue(0);
+    h.process();
     for (i, &(.., status)) in requests.iter().enumerate() {
         assert_eq!(
             u32::from(h.status(STATUS + i as u64)),
@@ -360,7 +370,7 @@ fn unknown_request_type_is_unsupp() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
     h.request(0, 0, 99, 0, &[]);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_UNSUPP);
     assert_eq!(used(h.mem, USED), vec![(0, 1)]);
 }
@@ -402,18 +412,18 @@ fn event_idx_suppresses_interrupts() {
     // used_event = 0: interrupt when used idx moves past 0.
     set_used_event(0);
     submit(&h, 0);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(h.line.queue_count(), 1);
     // The device published avail_event = next_avail.
     assert_eq!(h.mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 1);
     // used_event still 0: the driver does not want to hear about entry 2.
     submit(&h, 1);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(h.line.queue_count(), 1);
     // used_event = 2: wants an interrupt once used idx passes 2.
     set_used_event(2);
     submit(&h, 2);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(h.line.queue_count(), 2);
     assert_eq!(used(h.mem, USED).len(), 3);
 }
@@ -424,7 +434,7 @@ fn without_event_idx_every_batch_interrupts() {
     h.activate(BASE_FEATURES);
     for i in 0..3u16 {
         submit(&h, i);
-        h.dev.process_queue(0);
+        h.process();
     }
     assert_eq!(h.line.queue_count(), 3);
     assert_eq!(h.irq.status() & 1, 1);
@@ -450,7 +460,7 @@ fn dma_log_matches_transferred_bytes(#[values(false, true)] read_only: bool) {
         2,
         &[(DATA + 0x800, 4096, W), (DATA + 0x5000, 8192, W)],
     );
-    h.dev.process_queue(0);
+    h.process();
     h.log.dma.marker(&Marker::end("read").label());
     h.mem
         .write_slice(&[0xa5; 0x8000], GuestAddress(DATA))
@@ -519,7 +529,7 @@ fn dma_log_of_write_fingerprints_what_the_device_read() {
     let payload = vec![0x5au8; 1024];
     h.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
     h.request(0, 0, VIRTIO_BLK_T_OUT, 0, &[(DATA, 1024, 0)]);
-    h.dev.process_queue(0);
+    h.process();
     let d = &h.log.data_descs()[0];
     assert_eq!(d.dir, Direction::DeviceReads);
     assert_eq!(d.pieces[0].hash.0, fingerprint(&h.file_bytes()[..1024]));
@@ -530,7 +540,7 @@ fn disabled_log_still_transfers() {
     let mut h = H::with_log(BlockOptions::default(), DmaLog::disabled());
     h.activate(BASE_FEATURES);
     h.request(0, 0, VIRTIO_BLK_T_IN, 1, &[(DATA, 512, W)]);
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(read(h.mem, DATA, 512), &disk_content()[512..1024]);
 }
 
@@ -586,11 +596,11 @@ fn stats_count_requests_bytes_and_errors() {
     for (i, (code, data)) in requests.iter().enumerate() {
         let sector = if i == 5 { (DISK_SIZE / 512) as u64 } else { 0 };
         h.request(0, i as u64, *code, sector, data);
-        h.dev.process_queue(0);
+        h.process();
     }
     // A chain with no header: malformed, IOERR.
     add_chain(&h.vq, 0, &[(STATUS + 6, 1, W)]);
-    h.dev.process_queue(0);
+    h.process();
     let s = h.dev.stats();
     assert_eq!(
         (
@@ -610,7 +620,7 @@ fn stats_count_requests_bytes_and_errors() {
     assert_eq!(json["bytes_written"], 1024);
     // A chain the device cannot answer.
     h.vq.add_desc_chains(&[raw(HDR, 16, NEXT, 0)], 0).unwrap();
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(h.dev.stats().chain_faults, 1);
 }
 
@@ -632,7 +642,7 @@ fn discard_and_write_zeroes_log_their_segment() {
             (STATUS, 1, W),
         ],
     );
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_OK);
     let data = h.log.data_descs();
     let got: Vec<_> = data.iter().map(|d| (d.desc, d.gpa, d.len, d.dir)).collect();
@@ -748,6 +758,12 @@ const UNTOUCHED: u8 = 0x11;
 #[case::segment_over_size_max(
     VIRTIO_BLK_T_OUT, 0, &[(HDR, 16, 0), (DATA, 1024, 0), (STATUS, 1, W)],
     VIRTIO_BLK_S_IOERR, "more than size_max 512")]
+#[case::get_id_in_more_segments_than_seg_max(
+    VIRTIO_BLK_T_GET_ID, 0, &[(HDR, 16, 0), (DATA, 8, W), (DATA + 8, 8, W), (DATA + 16, 4, W), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "3 data segments, more than seg_max 2")]
+#[case::discard_segment_in_more_segments_than_seg_max(
+    VIRTIO_BLK_T_DISCARD, 0, &[(HDR, 16, 0), (DATA, 6, 0), (DATA + 6, 5, 0), (DATA + 11, 5, 0), (STATUS, 1, W)],
+    VIRTIO_BLK_S_IOERR, "3 data segments, more than seg_max 2")]
 fn bad_request_is_answered_and_not_executed(
     #[case] code: u32,
     #[case] sector: u64,
@@ -767,7 +783,7 @@ fn bad_request_is_answered_and_not_executed(
     h.header(HDR, code, sector);
     let header = read(h.mem, HDR, 16);
     add_chain(&h.vq, 0, chain);
-    h.dev.process_queue(0);
+    h.process();
     assert_answered(&h, STATUS, status, what);
     assert_eq!(h.file_bytes(), disk_content(), "disk unchanged");
     assert_eq!(read(h.mem, HDR, 16), header, "header unchanged");
@@ -794,7 +810,7 @@ fn segment_limits_bind_only_a_driver_that_accepted_them() {
         0,
         &[(DATA, 1024, W), (DATA + 0x1000, 512, W)],
     );
-    h.dev.process_queue(0);
+    h.process();
     assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_OK);
     assert_eq!(read(h.mem, DATA, 1024), &disk_content()[..1024]);
 }
@@ -816,7 +832,7 @@ fn assert_needs_reset(h: &mut H, what: &str) {
     );
     // A well-formed request afterwards is not processed until reset.
     h.request(12, 8, VIRTIO_BLK_T_FLUSH, 0, &[]);
-    h.dev.process_queue(0);
+    h.process();
     assert!(used(h.mem, USED).is_empty());
     assert_eq!(h.file_bytes(), disk_content(), "nothing executed");
     h.dev.reset();
@@ -869,7 +885,7 @@ fn unanswerable_chain_needs_reset(
     h.header(HDR, VIRTIO_BLK_T_OUT, 0);
     write_table(h.mem, TABLE, indirect);
     h.vq.add_desc_chains(&chain, 0).unwrap();
-    h.dev.process_queue(0);
+    h.process();
     assert_needs_reset(&mut h, what);
 }
 
@@ -880,7 +896,7 @@ fn head_index_out_of_range_needs_reset() {
     // Avail ring entry naming descriptor 200 in a 16-entry table.
     h.vq.avail().ring().ref_at(0).unwrap().store(200);
     h.vq.avail().idx().store(1);
-    h.dev.process_queue(0);
+    h.process();
     assert_needs_reset(&mut h, "outside the queue's table");
 }
 
@@ -889,7 +905,7 @@ fn avail_index_jump_needs_reset() {
     let mut h = H::new(BlockOptions::default());
     h.activate(BASE_FEATURES);
     h.vq.avail().idx().store(QSIZE + 5);
-    h.dev.process_queue(0);
+    h.process();
     assert!(h.irq.needs_reset());
     assert!(h.log.errors()[0].0.contains("available ring"));
 }
@@ -910,12 +926,12 @@ fn virtio_queue_iterator_silently_truncates_a_loop() {
 #[test]
 fn notify_before_activation_and_after_reset_is_ignored() {
     let mut h = H::new(BlockOptions::default());
-    h.dev.process_queue(0);
+    h.process();
     h.dev.process_queue(7);
     h.activate(BASE_FEATURES);
     h.dev.reset();
     h.request(0, 0, VIRTIO_BLK_T_FLUSH, 0, &[]);
-    h.dev.process_queue(0);
+    h.process();
     assert!(used(h.mem, USED).is_empty());
 }
 
@@ -928,4 +944,163 @@ fn device_needs_reset_through_transport_status() {
     assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 2);
     write_reg(&mut t, reg::STATUS, 0);
     assert_eq!(read_reg(&mut t, reg::STATUS), 0);
+}
+
+// ---------------------------------------------------------------- hostile ring layouts
+
+/// The layout: the used ring's `flags` is the available ring's `idx` (desc
+/// 0x1000, avail 0x2002, used 0x2004, 16 entries), EVENT_IDX off.
+const OVERLAP: (u64, u64, u64) = (0x1000, 0x2002, 0x2004);
+
+/// Writes one FLUSH chain (header, status) at descriptors 0 and 1 of the table at
+/// `desc`, and publishes it as entry 0 of the available ring at `avail`.
+fn publish_flush_by_hand(mem: &GuestMemoryMmap, desc: u64, avail: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    write_table(mem, desc, &linked(0, &[(HDR, 16, 0), (STATUS, 1, W)]));
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+}
+
+/// Through the transport, as a driver would: refused at DRIVER_OK, so the notify
+/// that used to spin forever in the drain loop (holding the transport's lock) finds
+/// an inactive device.
+#[test]
+fn used_ring_on_avail_idx_is_refused_at_driver_ok_and_nothing_hangs() {
+    let log = TestLog::new();
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(DISK_SIZE as u64).unwrap();
+    let dev = Block::open(disk.path(), BlockOptions::default(), log.dma.clone()).unwrap();
+    let mem = leaked_memory(MEM_SIZE);
+    let line = Arc::new(CountingLine::default());
+    let t = within(20, "a notify with overlapping rings", move || {
+        let mut t = MmioTransport::new(dev, mem.clone(), line.clone());
+        let (desc, avail, used) = OVERLAP;
+        mmio_activate(&mut t, BASE_FEATURES, QSIZE, &[(desc, avail, used)]);
+        publish_flush_by_hand(mem, desc, avail);
+        write_reg(&mut t, reg::QUEUE_NOTIFY, 0);
+        t
+    });
+    assert!(!t.is_active());
+    assert_ne!(t.status() & DEVICE_NEEDS_RESET, 0);
+    assert_eq!(t.interrupt().status(), 2, "configuration interrupt");
+    assert_eq!(t.device().stats().flush_requests, 0);
+    assert_eq!(t.device().stats().chain_faults, 0);
+    assert_eq!(
+        log.errors(),
+        vec![(
+            "DRIVER_OK refused: queue 0: used ring 0x2004+0x86 overlaps the available ring at 0x2002 of queue 0"
+                .to_string(),
+            true
+        )]
+    );
+}
+
+/// The drain loop itself, given the same layout behind the transport's back: the
+/// chain is served once, then the re-check that finds no new chain is a fault, not
+/// a loop without end.
+#[test]
+fn drain_loop_stops_when_its_own_writes_move_avail_idx() {
+    let mut h = H::new(BlockOptions::default());
+    let (desc, avail, used) = OVERLAP;
+    let mut q = Queue::new(QSIZE).unwrap();
+    q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+    q.set_ready(true);
+    h.dev
+        .activate(h.mem.clone(), vec![q], h.irq.clone(), BASE_FEATURES)
+        .unwrap();
+    publish_flush_by_hand(h.mem, desc, avail);
+    let (mut dev, mem) = (h.dev, h.mem);
+    let dev = within(20, "process_queue with overlapping rings", move || {
+        dev.process_queue(0);
+        dev
+    });
+    assert_eq!(dev.stats().flush_requests, 1, "the chain was served once");
+    assert_eq!(read(mem, STATUS, 1), [0]);
+    assert!(h.irq.needs_reset());
+    let errors = h.log.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].1);
+    assert!(
+        errors[0]
+            .0
+            .contains("available ring index moved with no new chain"),
+        "{}",
+        errors[0].0
+    );
+}
+
+/// An available ring at GPA 0 is legal: the device serves it (virtio-queue's own
+/// iterator takes 0 for "not set up" and refused it at the first notify).
+#[test]
+fn avail_ring_at_gpa_0_is_served() {
+    let log = TestLog::new();
+    let mut disk = tempfile::NamedTempFile::new().unwrap();
+    disk.write_all(&disk_content()).unwrap();
+    let dev = Block::open(disk.path(), BlockOptions::default(), log.dma.clone()).unwrap();
+    let mem = leaked_memory(MEM_SIZE);
+    let mut t = MmioTransport::new(dev, mem.clone(), Arc::new(CountingLine::default()));
+    let (desc, avail, used_ring) = (0x1000, 0, 0x2000);
+    mmio_activate(&mut t, BASE_FEATURES, QSIZE, &[(desc, avail, used_ring)]);
+    assert!(t.is_active());
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    hdr[8..16].copy_from_slice(&3u64.to_le_bytes());
+    mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+    write_table(
+        mem,
+        desc,
+        &linked(0, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]),
+    );
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    let rings = [QueueRings {
+        size: QSIZE,
+        desc,
+        avail,
+        used: used_ring,
+    }];
+    assert_writes_offered(mem, &rings, || write_reg(&mut t, reg::QUEUE_NOTIFY, 0));
+    assert!(!t.interrupt().needs_reset(), "{:?}", log.errors());
+    assert_eq!(read(mem, STATUS, 1), [0]);
+    assert_eq!(read(mem, DATA, 512), &disk_content()[1536..2048]);
+    assert_eq!(used(mem, used_ring), vec![(0, 513)]);
+}
+
+/// A chain longer than the queue (only an indirect table can make one) is refused
+/// through its status byte, like any other bad request.
+#[test]
+fn chain_longer_than_the_queue_is_answered_ioerr() {
+    let mut h = H::new(BlockOptions::default());
+    h.activate(BASE_FEATURES);
+    h.header(HDR, VIRTIO_BLK_T_IN, 0);
+    h.mem
+        .write_slice(&[UNTOUCHED; 0x3000], GuestAddress(DATA))
+        .unwrap();
+    // Header, 15 data segments, status: 17 descriptors in a 16-entry queue.
+    let mut table = vec![(HDR, 16, 0)];
+    table.extend((0..15u64).map(|i| (DATA + 512 * i, 512, W)));
+    table.push((STATUS, 1, W));
+    write_table(h.mem, TABLE, &linked(0, &table));
+    h.vq.add_desc_chains(&[raw(TABLE, 17 * 16, IND, 0)], 0)
+        .unwrap();
+    h.process();
+    assert_answered(
+        &h,
+        STATUS,
+        VIRTIO_BLK_S_IOERR,
+        "descriptor chain of 17 descriptors is longer than the queue size 16",
+    );
+    assert!(read(h.mem, DATA, 0x3000).iter().all(|&b| b == UNTOUCHED));
+    // 16 is the limit, not refused.
+    table.remove(1);
+    write_table(h.mem, TABLE, &linked(0, &table));
+    h.vq.add_desc_chains(&[raw(TABLE, 16 * 16, IND, 0)], 1)
+        .unwrap();
+    h.process();
+    assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_OK);
 }

@@ -133,6 +133,19 @@ pub enum FileAccessError {
 pub struct GuestChain<'a> {
     ctx: Context<'a>,
     descs: Vec<ChainDesc>,
+    queue_size: u16,
+}
+
+/// A chain with more descriptors than its queue has entries, which a driver must not
+/// make (virtio 1.2, 2.7.5.3.1). `walk_chain` cannot stop it: only an indirect table
+/// (of up to 65535 entries) makes a chain longer than the queue without a loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("descriptor chain of {descriptors} descriptors is longer than the queue size {queue_size}")]
+pub struct ChainTooLong {
+    /// Descriptors in the chain (indirect ones included).
+    pub descriptors: usize,
+    /// The queue's size.
+    pub queue_size: u16,
 }
 
 impl<'a> GuestChain<'a> {
@@ -164,7 +177,19 @@ impl<'a> GuestChain<'a> {
                 head,
             },
             descs,
+            queue_size: queue.size(),
         })
+    }
+
+    /// Checks the chain is no longer than its queue's size.
+    pub fn check_length(&self) -> Result<(), ChainTooLong> {
+        if self.descs.len() > usize::from(self.queue_size) {
+            return Err(ChainTooLong {
+                descriptors: self.descs.len(),
+                queue_size: self.queue_size,
+            });
+        }
+        Ok(())
     }
 
     /// The head descriptor's index.

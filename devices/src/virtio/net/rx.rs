@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_net::VIRTIO_NET_HDR_F_DATA_VALID;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 
 use super::summary::rx_detail;
 use virtio_queue::Queue;
@@ -13,7 +13,7 @@ use virtio_queue::Queue;
 use super::{fatal, Active, Host, NetBackend, MAX_FRAME_LEN, NET_HDR_LEN, RX_QUEUE};
 use crate::dma_log::{DeviceKind, DmaLog};
 use crate::virtio::chain::{GuestChain, Roles};
-use crate::virtio::GuestMem;
+use crate::virtio::{pop_avail, GuestMem};
 
 /// What happened to the frame at the front of the pending queue.
 enum Delivery {
@@ -31,25 +31,43 @@ type RxFault = (Option<u16>, String);
 
 impl<B: NetBackend> Host<B> {
     /// Delivers pending frames while the guest has receive buffers.
+    ///
+    /// When buffers are short, notifications are turned on and the ring checked
+    /// again; each "more were posted" means the driver's `idx` moved forward, so
+    /// after a queue's worth of them in a row the whole queue is posted and the
+    /// frame is delivered or dropped. More re-checks than that without a frame
+    /// leaving mean `idx` does not move forward (a driver rewriting it from another
+    /// vCPU): a fault, not a loop that lasts as long as the driver likes.
     pub(super) fn deliver_pending(&mut self, active: &mut Active) {
         if active.broken {
             return;
         }
         let mut delivered = false;
+        let mut rechecks = 0u32;
         while !self.pending.is_empty() {
             match self.deliver_front(active) {
                 Ok(Delivery::Done) => {
                     delivered = true;
+                    rechecks = 0;
                     if let Some(f) = self.pending.pop_front() {
                         self.capture(&f);
                     }
                 }
                 Ok(Delivery::Dropped) => {
+                    rechecks = 0;
                     self.pending.pop_front();
                     self.stats.rx_dropped += 1;
                 }
                 Ok(Delivery::NoBuffers) => match ask_for_buffers(active) {
-                    Ok(true) => continue,
+                    Ok(true) if rechecks < u32::from(active.rx.size()) => {
+                        rechecks += 1;
+                        continue;
+                    }
+                    Ok(true) => {
+                        let what = "available ring index changed more times than the queue has entries without a frame delivered: it does not move forward";
+                        fatal(active, &self.log, RX_QUEUE, None, what);
+                        return;
+                    }
                     Ok(false) => break,
                     Err(e) => {
                         fatal(active, &self.log, RX_QUEUE, None, &format!("rings: {e}"));
@@ -145,11 +163,7 @@ impl<'a> RxQueue<'a> {
             if have >= needed {
                 break Ok(chains);
             }
-            let head = match queue.iter(mem) {
-                Ok(mut it) => it.next().map(|c| c.head_index()),
-                Err(e) => return Err((None, format!("available ring: {e}"))),
-            };
-            let Some(head) = head else {
+            let Some(head) = pop_avail(queue, mem).map_err(|what| (None, what))? else {
                 queue.set_next_avail(start);
                 // Every buffer the queue can hold is posted and the frame still does
                 // not fit: waiting would block the queue forever.
@@ -170,6 +184,11 @@ impl<'a> RxQueue<'a> {
             let chain =
                 GuestChain::walk(mem, log, DeviceKind::Net, RX_QUEUE, queue, head, indirect)
                     .map_err(|e| (Some(head), e.to_string()))?;
+            // A receive chain has no way to say it was refused: like any other
+            // protocol error in it, the device needs a reset.
+            chain
+                .check_length()
+                .map_err(|e| (Some(head), e.to_string()))?;
             for d in chain.descriptors() {
                 if !d.writable {
                     return Err((

@@ -10,9 +10,11 @@ use crate::net_peer::{NetPeerConfig, DEFAULT_MAC as PEER_MAC};
 use crate::virtio::mmio::{reg, MmioTransport};
 use crate::virtio::status::DEVICE_NEEDS_RESET;
 use crate::virtio::test_util::{
-    add_chain, counting_interrupt, leaked_memory, len32, mmio_activate, raw, read_reg, used,
-    write_reg, Capture, CountingLine, MockQueue, TestLog, NEXT, W,
+    add_chain, assert_writes_offered, counting_interrupt, leaked_memory, len32, mmio_activate,
+    mock_rings, raw, read_reg, used, within, write_reg, Capture, CountingLine, MockQueue, TestLog,
+    NEXT, W,
 };
+use crate::virtio::write_check::QueueRings;
 use crate::virtio::{low32, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use rstest::rstest;
 use smoltcp::wire::{IpAddress, Ipv4Packet, TcpPacket};
@@ -101,6 +103,29 @@ impl<B: NetBackend> H<B> {
 
     fn records(&self) -> Vec<Record> {
         self.log.records()
+    }
+
+    fn rings(&self) -> [QueueRings; 2] {
+        [
+            mock_rings(&self.rxq, QSIZE, USED_RX),
+            mock_rings(&self.txq, QSIZE, USED_TX),
+        ]
+    }
+
+    /// The driver's notify of `queue`: the device must write only the device-writable
+    /// buffers of the chains offered and the used rings.
+    fn process(&mut self, queue: u16) {
+        let rings = self.rings();
+        let dev = &mut self.dev;
+        assert_writes_offered(self.mem, &rings, || dev.process_queue(queue));
+    }
+
+    /// The VMM's backend timer: frames for the guest go to the receive buffers
+    /// offered, and nowhere else.
+    fn poll(&mut self) {
+        let rings = self.rings();
+        let dev = &mut self.dev;
+        assert_writes_offered(self.mem, &rings, || dev.poll_backend(Instant::now()));
     }
 
     fn descs(&self, queue: u16) -> Vec<DescRecord> {
@@ -327,7 +352,7 @@ fn tx_frame_scattered_over_descriptors_arrives_intact_and_is_logged() {
         0,
         &[(a, 12, 0), (b, 54, 0), (c, 600, 0), (d, 800, 0)],
     );
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert_eq!(h.dev.backend().sent, vec![frame.clone()]);
     assert_eq!(used(h.mem, USED_TX), vec![(0, 0)]);
     assert_eq!(h.line.queue_count(), 1);
@@ -384,7 +409,7 @@ fn header_sharing_a_descriptor_with_the_frame_gives_two_records() {
     buf.extend_from_slice(&frame);
     h.write(DATA + 0xff0, &buf);
     add_chain(&h.txq, 0, &[(DATA + 0xff0, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert_eq!(h.dev.backend().sent, vec![frame.clone()]);
     let descs = h.descs(TX_QUEUE);
     assert_eq!(descs.len(), 2);
@@ -414,7 +439,7 @@ fn several_chains_in_one_batch_one_interrupt() {
         h.write(addr, &buf);
         add_chain(&h.txq, i, &[(addr, len32(&buf), 0)]);
     }
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert_eq!(h.dev.backend().sent.len(), 3);
     assert_eq!(used(h.mem, USED_TX), vec![(0, 0), (1, 0), (2, 0)]);
     assert_eq!(h.line.queue_count(), 1);
@@ -441,7 +466,7 @@ fn partial_checksum_is_completed() {
             (DATA + 0x1000, len32(&data), 0),
         ],
     );
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     let sent = &h.dev.backend().sent;
     assert_eq!(sent.len(), 1);
     assert!(
@@ -492,7 +517,7 @@ fn bad_checksum_offsets_drop_the_frame_and_carry_on() {
     buf.extend_from_slice(&frame);
     h.write(DATA + 0x8000, &buf);
     add_chain(&h.txq, 3, &[(DATA + 0x8000, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert_eq!(h.dev.backend().sent, vec![frame]);
     assert_eq!(used(h.mem, USED_TX).len(), 4);
     let errs = h.errors();
@@ -516,7 +541,7 @@ fn empty_frame_and_unoffered_gso_are_dropped() {
     buf.extend_from_slice(&tcp_frame(&payload(10), 0));
     h.write(DATA + 0x1000, &buf);
     add_chain(&h.txq, 1, &[(DATA + 0x1000, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert!(h.dev.backend().sent.is_empty());
     assert_eq!(used(h.mem, USED_TX).len(), 2);
     let errs = h.errors();
@@ -535,12 +560,12 @@ fn tx_interrupts_respect_event_idx() {
     // used_event = 5: the driver only wants to hear after the 6th completion.
     h.mem.write_obj(5u16, GuestAddress(used_event)).unwrap();
     add_chain(&h.txq, 0, &[(DATA, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert_eq!(h.line.queue_count(), 0);
     // used_event = 1: wants to hear when used idx passes 1 (the second entry).
     h.mem.write_obj(1u16, GuestAddress(used_event)).unwrap();
     add_chain(&h.txq, 1, &[(DATA, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert_eq!(h.line.queue_count(), 1);
 }
 
@@ -563,7 +588,7 @@ fn rx_without_mrg_fills_one_chain_and_sets_data_valid() {
     add_chain(&h.rxq, 0, &[(RXBUF, 12, W), (RXBUF + 0x1000, 1514, W)]);
     let frame = rx_frame(1000);
     h.dev.backend_mut().to_guest.push_back(frame.clone());
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     assert_eq!(used(h.mem, USED_RX), vec![(0, 1012)]);
     let hdr = h.read(RXBUF, 12);
     assert_eq!(u32::from(hdr[0]), VIRTIO_NET_HDR_F_DATA_VALID);
@@ -596,7 +621,7 @@ fn rx_without_guest_csum_leaves_flags_clear() {
     h.post_rx(0, 1, 2048);
     h.write(RXBUF, &[0xaa; 12]);
     h.dev.backend_mut().to_guest.push_back(rx_frame(60));
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     let hdr = h.read(RXBUF, 12);
     assert_eq!(&hdr[..10], &[0; 10]);
     assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1);
@@ -609,7 +634,7 @@ fn rx_mrg_spans_several_chains_with_num_buffers() {
     h.post_rx(0, 4, 256);
     let frame = rx_frame(600); // + 12 = 612 = 256 + 256 + 100
     h.dev.backend_mut().to_guest.push_back(frame.clone());
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     assert_eq!(used(h.mem, USED_RX), vec![(0, 256), (1, 256), (2, 100)]);
     let mut got = h.read(RXBUF, 256);
     got.extend(h.read(RXBUF + 0x1000, 256));
@@ -630,7 +655,7 @@ fn rx_mrg_spans_several_chains_with_num_buffers() {
     assert!(h.requests(RX_QUEUE)[0].summary.ends_with("buffers=3"));
     // The fourth buffer is still available for the next frame.
     h.dev.backend_mut().to_guest.push_back(rx_frame(100));
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     assert_eq!(used(h.mem, USED_RX)[3], (3, 112));
 }
 
@@ -640,20 +665,20 @@ fn rx_waits_for_buffers_and_delivers_on_refill() {
     h.activate(BASE | SG | MRG | VIRTIO_RING_F_EVENT_IDX);
     let frame = rx_frame(300);
     h.dev.backend_mut().to_guest.push_back(frame.clone());
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     assert_eq!(h.dev.pending_frames(), 1);
     assert!(used(h.mem, USED_RX).is_empty());
     assert_eq!(h.line.queue_count(), 0);
     // A partial refill (MRG needs two 256-byte buffers) is not consumed...
     h.post_rx(0, 1, 256);
-    h.dev.process_queue(RX_QUEUE);
+    h.process(RX_QUEUE);
     assert_eq!(h.dev.pending_frames(), 1);
     assert!(used(h.mem, USED_RX).is_empty());
     // ...and avail_event asks the guest to kick on its very next buffer.
     let avail_event = USED_RX + 4 + 8 * u64::from(QSIZE);
     assert_eq!(h.mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 1);
     h.post_rx(1, 1, 256);
-    h.dev.process_queue(RX_QUEUE);
+    h.process(RX_QUEUE);
     assert_eq!(h.dev.pending_frames(), 0);
     assert_eq!(used(h.mem, USED_RX), vec![(0, 256), (1, 56)]);
     assert_eq!(h.line.queue_count(), 1);
@@ -670,14 +695,14 @@ fn rx_pending_queue_is_bounded() {
     for i in 0..3 {
         h.dev.backend_mut().to_guest.push_back(rx_frame(60 + i));
     }
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     assert_eq!(h.dev.pending_frames(), 2);
     assert_eq!(h.dev.stats().rx_dropped, 1);
     let errs = h.errors();
     assert_eq!(errs.len(), 1);
     assert!(!errs[0].1 && errs[0].0.contains("dropped the oldest"));
     h.post_rx(0, 2, 2048);
-    h.dev.process_queue(RX_QUEUE);
+    h.process(RX_QUEUE);
     // The two newest survived.
     assert_eq!(used(h.mem, USED_RX), vec![(0, 73), (1, 74)]);
 }
@@ -689,7 +714,7 @@ fn rx_without_mrg_too_small_buffer_drops_the_frame_keeps_the_buffer() {
     h.post_rx(0, 1, 200);
     h.dev.backend_mut().to_guest.push_back(rx_frame(500));
     h.dev.backend_mut().to_guest.push_back(rx_frame(100));
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     assert_eq!(used(h.mem, USED_RX), vec![(0, 112)]);
     assert_eq!(h.dev.stats().rx_dropped, 1);
     assert!(!h.irq.needs_reset());
@@ -700,9 +725,9 @@ fn rx_without_mrg_too_small_buffer_drops_the_frame_keeps_the_buffer() {
 fn frames_before_activation_wait_and_reset_clears_them() {
     let mut h = fake(NetOptions::default());
     h.dev.backend_mut().to_guest.push_back(rx_frame(60));
-    h.dev.poll_backend(Instant::now());
-    h.dev.process_queue(TX_QUEUE);
-    h.dev.process_queue(7);
+    h.poll();
+    h.process(TX_QUEUE);
+    h.process(7);
     assert_eq!(h.dev.pending_frames(), 1);
     assert_eq!(
         h.dev.next_poll_delay(Instant::now()),
@@ -710,11 +735,11 @@ fn frames_before_activation_wait_and_reset_clears_them() {
     );
     h.activate(BASE | MRG);
     h.post_rx(0, 1, 2048);
-    h.dev.process_queue(RX_QUEUE);
+    h.process(RX_QUEUE);
     assert_eq!(used(h.mem, USED_RX).len(), 1);
     h.dev.backend_mut().to_guest.push_back(rx_frame(60));
     h.dev.reset();
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     h.dev.reset();
     assert_eq!(h.dev.pending_frames(), 0);
 }
@@ -745,7 +770,7 @@ fn arp_request_is_answered_by_the_peer_through_the_queues() {
     buf.extend_from_slice(&arp_request());
     h.write(DATA, &buf);
     add_chain(&h.txq, 0, &[(DATA, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
 
     let u = used(h.mem, USED_RX);
     assert_eq!(u.len(), 1, "one ARP reply delivered");
@@ -823,7 +848,7 @@ fn tx_bad_chain_needs_reset(#[case] descs: &[(u64, u32, u16)], #[case] what: &st
     h.activate(BASE | SG | MRG);
     h.write(DATA, &net_hdr(0, 0, 0, 0));
     add_chain(&h.txq, 0, descs);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert!(h.dev.backend().sent.is_empty());
     assert!(used(h.mem, USED_TX).is_empty());
     h.assert_needs_reset(TX_QUEUE, what);
@@ -832,7 +857,7 @@ fn tx_bad_chain_needs_reset(#[case] descs: &[(u64, u32, u16)], #[case] what: &st
     buf.extend_from_slice(&arp_request());
     h.write(DATA + 0x3000, &buf);
     add_chain(&h.txq, 8, &[(DATA + 0x3000, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert!(h.dev.backend().sent.is_empty());
 }
 
@@ -843,7 +868,7 @@ fn tx_chain_loop_and_too_long_need_reset() {
     h.txq
         .add_desc_chains(&[raw(DATA, 12, NEXT, 1), raw(DATA, 12, NEXT, 0)], 0)
         .unwrap();
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     h.assert_needs_reset(TX_QUEUE, "loops");
 
     let mut h = fake(NetOptions::default());
@@ -858,7 +883,7 @@ fn tx_chain_loop_and_too_long_need_reset() {
             .store(u16::try_from(i).unwrap(), *r)
             .unwrap();
     }
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     h.assert_needs_reset(TX_QUEUE, "longer than");
 }
 
@@ -868,12 +893,12 @@ fn rx_device_readable_buffer_needs_reset() {
     h.activate(BASE | MRG);
     add_chain(&h.rxq, 0, &[(RXBUF, 2048, 0)]);
     h.dev.backend_mut().to_guest.push_back(rx_frame(60));
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     h.assert_needs_reset(RX_QUEUE, "device-readable");
     assert!(used(h.mem, USED_RX).is_empty());
     // Later notifications do nothing.
     h.post_rx(1, 1, 2048);
-    h.dev.process_queue(RX_QUEUE);
+    h.process(RX_QUEUE);
     assert!(used(h.mem, USED_RX).is_empty());
 }
 
@@ -883,7 +908,7 @@ fn rx_buffer_outside_memory_needs_reset() {
     h.activate(BASE | MRG);
     add_chain(&h.rxq, 0, &[(MEM_SIZE - 16, 2048, W)]);
     h.dev.backend_mut().to_guest.push_back(rx_frame(60));
-    h.dev.poll_backend(Instant::now());
+    h.poll();
     h.assert_needs_reset(RX_QUEUE, "outside guest memory");
 }
 
@@ -892,7 +917,7 @@ fn avail_index_jump_needs_reset() {
     let mut h = fake(NetOptions::default());
     h.activate(BASE);
     h.txq.avail().idx().store(QSIZE + 5);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     h.assert_needs_reset(TX_QUEUE, "available ring");
 }
 
@@ -913,8 +938,177 @@ fn disabled_log_and_boxed_backend_still_carry_frames() {
     buf.extend_from_slice(&frame);
     h.write(DATA, &buf);
     add_chain(&h.txq, 0, &[(DATA, len32(&buf), 0)]);
-    h.dev.process_queue(TX_QUEUE);
+    h.process(TX_QUEUE);
     assert_eq!(h.dev.stats().tx_frames, 1);
     assert_eq!(h.dev.stats().csum_completed, 1);
     assert!(h.records().is_empty());
+}
+
+// ---------------------------------------------------------------- hostile ring layouts
+
+/// The layout for the TX queue: its used ring's `flags` is its available
+/// ring's `idx` (desc 0x1000, avail 0x2002, used 0x2004, 16 entries), EVENT_IDX off.
+const TX_OVERLAP: (u64, u64, u64) = (0x1000, 0x2002, 0x2004);
+
+/// Writes one TX chain (header + ARP request at [`DATA`]) as descriptor 0 of the
+/// table at `desc` and publishes it as entry 0 of the available ring at `avail`.
+fn publish_arp_by_hand(mem: &GuestMemoryMmap, desc: u64, avail: u64) {
+    let mut buf = net_hdr(0, 0, 0, 0).to_vec();
+    buf.extend_from_slice(&arp_request());
+    mem.write_slice(&buf, GuestAddress(DATA)).unwrap();
+    crate::virtio::test_util::write_table(mem, desc, &[raw(DATA, len32(&buf), 0, 0)]);
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+}
+
+/// Through the transport, as a driver would: refused at DRIVER_OK, so the TX notify
+/// that used to spin forever finds an inactive device.
+#[test]
+fn tx_used_ring_on_avail_idx_is_refused_at_driver_ok_and_nothing_hangs() {
+    let log = TestLog::new();
+    let dev = Net::new(Fake::default(), NetOptions::default(), log.dma.clone()).unwrap();
+    let mem = leaked_memory(MEM_SIZE);
+    let t = within(20, "a TX notify with overlapping rings", move || {
+        let mut t = MmioTransport::new(dev, mem.clone(), Arc::new(CountingLine::default()));
+        let rx = (0x4000, 0x5000, 0x6000);
+        mmio_activate(&mut t, BASE | SG | MRG, QSIZE, &[rx, TX_OVERLAP]);
+        publish_arp_by_hand(mem, TX_OVERLAP.0, TX_OVERLAP.1);
+        write_reg(&mut t, reg::QUEUE_NOTIFY, u32::from(TX_QUEUE));
+        t
+    });
+    assert!(!t.is_active());
+    assert_ne!(t.status() & DEVICE_NEEDS_RESET, 0);
+    assert_eq!(t.interrupt().status(), 2, "configuration interrupt");
+    assert!(t.device().backend().sent.is_empty());
+    assert_eq!(
+        log.errors(),
+        vec![(
+            "DRIVER_OK refused: queue 1: used ring 0x2004+0x86 overlaps the available ring at 0x2002 of queue 1"
+                .to_string(),
+            true
+        )]
+    );
+}
+
+/// The TX drain loop itself, given that layout behind the transport's back: the frame
+/// goes out once, then the re-check that finds no new chain is a fault.
+#[test]
+fn tx_drain_loop_stops_when_its_own_writes_move_avail_idx() {
+    let mut h = fake(NetOptions::default());
+    let (desc, avail, used_ring) = TX_OVERLAP;
+    let mut rx: Queue = h.rxq.create_queue().unwrap();
+    rx.set_used_ring_address(Some(low32(USED_RX)), Some(0));
+    let mut tx = Queue::new(QSIZE).unwrap();
+    tx.try_set_desc_table_address(GuestAddress(desc)).unwrap();
+    tx.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+    tx.try_set_used_ring_address(GuestAddress(used_ring))
+        .unwrap();
+    tx.set_ready(true);
+    h.dev
+        .activate(h.mem.clone(), vec![rx, tx], h.irq.clone(), BASE | SG)
+        .unwrap();
+    publish_arp_by_hand(h.mem, desc, avail);
+    let mut dev = h.dev;
+    let dev = within(20, "a TX notify with overlapping rings", move || {
+        dev.process_queue(TX_QUEUE);
+        dev
+    });
+    assert_eq!(dev.backend().sent, vec![arp_request()], "sent once");
+    assert!(h.irq.needs_reset());
+    let errors = h.log.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].1);
+    assert!(
+        errors[0]
+            .0
+            .contains("available ring index moved with no new chain"),
+        "{}",
+        errors[0].0
+    );
+}
+
+/// An available ring at GPA 0 is legal: receive buffers posted there are filled
+/// (virtio-queue's own iterator takes 0 for "not set up").
+#[test]
+fn rx_avail_ring_at_gpa_0_is_served() {
+    let log = TestLog::new();
+    let dev = Net::new(Fake::default(), NetOptions::default(), log.dma.clone()).unwrap();
+    let mem = leaked_memory(MEM_SIZE);
+    let mut t = MmioTransport::new(dev, mem.clone(), Arc::new(CountingLine::default()));
+    let rx = (0x1000, 0, 0x3000);
+    let tx = (0x4000, 0x5000, 0x6000);
+    mmio_activate(&mut t, BASE | SG | MRG, QSIZE, &[rx, tx]);
+    assert!(t.is_active());
+    crate::virtio::test_util::write_table(mem, rx.0, &[raw(RXBUF, 2048, W, 0)]);
+    mem.write_obj(0u16, GuestAddress(rx.1 + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(rx.1 + 2)).unwrap();
+    let frame = rx_frame(100);
+    t.device_mut()
+        .backend_mut()
+        .to_guest
+        .push_back(frame.clone());
+    let rings = [rx, tx].map(|(desc, avail, used)| QueueRings {
+        size: QSIZE,
+        desc,
+        avail,
+        used,
+    });
+    assert_writes_offered(mem, &rings, || {
+        write_reg(&mut t, reg::QUEUE_NOTIFY, u32::from(RX_QUEUE))
+    });
+    assert!(!t.interrupt().needs_reset(), "{:?}", log.errors());
+    assert_eq!(used(mem, rx.2), vec![(0, 112)]);
+    assert_eq!(
+        crate::virtio::test_util::read(mem, RXBUF + 12, frame.len()),
+        frame
+    );
+}
+
+/// 17 descriptors (one indirect table) in 16-entry queues: TX drops the frame and
+/// carries on (the request's own error); RX, which has no way to refuse a buffer,
+/// needs a reset.
+#[test]
+fn chains_longer_than_the_queue_are_refused() {
+    let mut h = fake(NetOptions::default());
+    h.activate(BASE | SG | MRG);
+    let mut buf = net_hdr(0, 0, 0, 0).to_vec();
+    buf.extend_from_slice(&tcp_frame(&payload(16 * 8), 0));
+    h.write(DATA, &buf);
+    let table = 0x3_0000u64;
+    let pieces: Vec<_> = (0..17u64).map(|i| (DATA + 10 * i, 10, 0)).collect();
+    crate::virtio::test_util::write_table(
+        h.mem,
+        table,
+        &crate::virtio::test_util::linked(0, &pieces),
+    );
+    h.txq
+        .add_desc_chains(&[raw(table, 17 * 16, crate::virtio::test_util::IND, 0)], 0)
+        .unwrap();
+    h.process(TX_QUEUE);
+    assert!(h.dev.backend().sent.is_empty());
+    assert_eq!(used(h.mem, USED_TX), vec![(0, 0)]);
+    assert!(!h.irq.needs_reset());
+    let errs = h.errors();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(!errs[0].1);
+    assert!(errs[0]
+        .0
+        .contains("descriptor chain of 17 descriptors is longer than the queue size 16"));
+    assert_eq!(h.dev.stats().tx_dropped, 1);
+
+    let mut h = fake(NetOptions::default());
+    h.activate(BASE | SG | MRG);
+    let pieces: Vec<_> = (0..17u64).map(|i| (RXBUF + 0x100 * i, 0x100, W)).collect();
+    crate::virtio::test_util::write_table(
+        h.mem,
+        table,
+        &crate::virtio::test_util::linked(0, &pieces),
+    );
+    h.rxq
+        .add_desc_chains(&[raw(table, 17 * 16, crate::virtio::test_util::IND, 0)], 0)
+        .unwrap();
+    h.dev.backend_mut().to_guest.push_back(rx_frame(60));
+    h.poll();
+    h.assert_needs_reset(RX_QUEUE, "longer than the queue size 16");
+    assert!(used(h.mem, USED_RX).is_empty());
 }

@@ -28,6 +28,10 @@ impl<B: NetBackend> Host<B> {
             }
             chain.check(d).map_err(|e| e.to_string())?;
         }
+        if let Err(e) = chain.check_length() {
+            self.drop_tx(chain, &e.to_string());
+            return Ok(());
+        }
         let bufs = chain.all();
         let total =
             usize::try_from(bufs.len()).expect("walk_chain refuses chains of 4 GiB or more");

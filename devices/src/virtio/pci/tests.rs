@@ -433,3 +433,39 @@ fn wrong_width_or_place_is_ignored(#[case] offset: u64, #[case] len: usize) {
     assert_eq!(b, [0; 4]);
     t.write_bar(1, 0, &b);
 }
+
+/// The queue check at DRIVER_OK is the one the MMIO transport runs: a layout it
+/// refuses is refused here too, with NEEDS_RESET, a configuration interrupt and the
+/// same `device_error`; the registers read back what the driver wrote.
+#[rstest::rstest]
+#[case::misaligned_used_ring(0x1_2002, "used ring at 0x12002 is not aligned to 4 bytes")]
+#[case::used_ring_over_the_available_ring(
+    0x1_1004,
+    "used ring 0x11004+0x46 overlaps the available ring at 0x11000 of queue 0"
+)]
+fn unusable_rings_are_refused_at_driver_ok(#[case] used: u64, #[case] what: &str) {
+    let (mut t, _) = transport();
+    negotiate(&mut t, VIRTIO_F_VERSION_1);
+    setup_queue(&mut t, 0, 8, 0x1_0000, 1);
+    bar_write(&mut t, common::QUEUE_DEVICE_LO, 4, used);
+    bar_write(
+        &mut t,
+        common::DEVICE_STATUS,
+        1,
+        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
+    );
+    assert!(!t.virtio().is_active());
+    assert!(t.device().activated.is_none());
+    let status = u32::try_from(bar_read(&mut t, common::DEVICE_STATUS, 1)).unwrap();
+    assert_ne!(status & DEVICE_NEEDS_RESET, 0);
+    assert_eq!(
+        bar_read(&mut t, ISR_OFFSET, 1),
+        2,
+        "configuration interrupt"
+    );
+    assert_eq!(
+        t.device().errors(),
+        vec![(0, format!("DRIVER_OK refused: queue 0: {what}"), true)]
+    );
+    assert_eq!(bar_read(&mut t, common::QUEUE_DEVICE_LO, 4), used);
+}
