@@ -46,7 +46,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment kunit
+.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix regression test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment kunit
 
 all: build
 
@@ -122,20 +122,52 @@ matrix: deps build guest
 	done; \
 	$(ZC_VMM) compare $$dirs; exit $$status
 
+## regression: build a kernel with each regression patch (images/regressions/*.patch;
+## rebuilt incrementally in `make kernel`'s tree, cached), run the suite on it and on the
+## unpatched kernel, print them side by side; each patched kernel must FAIL exactly the
+## rows its Zc-Fails trailers name and PASS the others (exit 1 otherwise).
+REGRESSION_PATCHES ?= $(sort $(wildcard images/regressions/*.patch))
+REGRESSION_IMAGES  := $(IMAGES_OUT)/regression
+REGRESSION_OUT     := out/regression
+
+regression: images kernel
+	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) --kernel $(KERNEL_OUT)/vmlinuz --out $(REGRESSION_IMAGES)/unpatched
+	@for p in $(REGRESSION_PATCHES); do n=$$(basename $$p .patch); \
+	  $(ZC_IMAGE) build-kernel --patch $$p --out $(REGRESSION_IMAGES)/$$n/kernel || exit 1; \
+	  $(ZC_IMAGE) build --role guest --init $(GUEST_BIN) --kernel $(REGRESSION_IMAGES)/$$n/kernel/vmlinuz \
+	    --out $(REGRESSION_IMAGES)/$$n || exit 1; \
+	done
+	@dirs=""; predictions=""; for p in unpatched $(REGRESSION_PATCHES); do n=$$(basename $$p .patch); \
+	  echo "== the suite on the $$n kernel"; \
+	  $(ZC_VMM) methods --kernel $(REGRESSION_IMAGES)/$$n/guest/vmlinuz --initrd $(REGRESSION_IMAGES)/$$n/guest/initrd.img \
+	    --disk $(IMAGES_OUT)/guest/disk.img --payload $(IMAGES_OUT)/guest/disk-files/payload.bin \
+	    --sg-off-methods all --out $(REGRESSION_OUT)/$$n > /dev/null; \
+	  dirs="$$dirs $(REGRESSION_OUT)/$$n"; \
+	  [ $$p = unpatched ] || predictions="$$predictions --expected-fails $(REGRESSION_OUT)/$$n=$$p"; \
+	done; \
+	$(ZC_VMM) compare $$dirs $$predictions
+
 ## test: unit tests, KVM tests and the end-to-end boots of the real kernel.
 # The source-built kernel (`make kernel`: virtio-pci only) with its own initramfs,
-# for the end-to-end test that runs it on the PCI transport.
+# for the end-to-end test that runs it on the PCI transport; and the same kernel with
+# one regression patch, for the test that it fails exactly the rows the patch names.
 SOURCE_KERNEL_IMAGES := $(IMAGES_OUT)/source-kernel
+REGRESSION_TEST_PATCH := images/regressions/tcp-zerocopy-copies-small-sends.patch
+REGRESSION_TEST_IMAGES := $(IMAGES_OUT)/regression-test
 
 test: images kunit kernel
 	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) --kernel $(KERNEL_OUT)/vmlinuz --out $(SOURCE_KERNEL_IMAGES)
+	$(ZC_IMAGE) build-kernel --patch $(REGRESSION_TEST_PATCH) --out $(REGRESSION_TEST_IMAGES)/kernel
+	$(ZC_IMAGE) build --role guest --init $(GUEST_BIN) --kernel $(REGRESSION_TEST_IMAGES)/kernel/vmlinuz --out $(REGRESSION_TEST_IMAGES)
 	ZC_KUNIT_DIR=$(KUNIT_DIR) $(CARGO) test --workspace --release
 	ZC_REQUIRE_KERNEL_CACHE=1 $(CARGO) test --release -p zc-images --test real_kernels --test real_vmlinux -- --ignored
 	@if [ "$$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then \
 	  $(CARGO) test --release -p zc-devices --lib net_tap -- --ignored; \
 	else echo "make: tap backend tests not run: they need root and /dev/net/tun"; fi
 	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) ZC_SOURCE_KERNEL_IMAGES=$(CURDIR)/$(SOURCE_KERNEL_IMAGES) \
-	  $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods --test transports -- --ignored --test-threads=1
+	  ZC_REGRESSION_IMAGES=$(CURDIR)/$(REGRESSION_TEST_IMAGES) ZC_REGRESSION_PATCH=$(CURDIR)/$(REGRESSION_TEST_PATCH) \
+	  $(CARGO) test --release -p zc-vmm --test boot --test devices --test methods --test transports --test regression \
+	  -- --ignored --test-threads=1
 
 ## check-config: the preflight of a kernel's config, before any boot: one line per
 ## missing option and what breaks, and the methods it will SKIP.

@@ -124,6 +124,40 @@ struct Variant {
 /// `KSFT_SKIP`).
 pub const EXIT_SKIP: i32 = 4;
 
+/// The exit status of a run whose kernel could not be tested at all: no boot got
+/// the kernel to `/init`, or a boot left no run summary. `git bisect run` skips a
+/// commit that exits 125, so a bisection steps over a kernel that does not boot for
+/// reasons other than the regression it hunts.
+pub const EXIT_NOT_TESTED: i32 = 125;
+
+/// Why no verdict of this run says anything about the kernel's transfer paths
+/// (see [`EXIT_NOT_TESTED`]), or `None` when at least one boot reached `/init`
+/// and every boot left its summary.
+fn not_tested(boots: &[Boot]) -> Option<String> {
+    let mut why = Vec::new();
+    let mut reached_init = false;
+    let mut lost_summary = false;
+    for boot in boots {
+        match RunSummary::load(&boot.file("run.json")) {
+            Ok(s) if s.run.kernel_release.is_some() => reached_init = true,
+            Ok(s) => why.push(format!(
+                "{}: the kernel did not reach /init ({})",
+                boot.name,
+                s.failure.as_deref().unwrap_or("no failure recorded")
+            )),
+            Err(_) => {
+                lost_summary = true;
+                why.push(format!(
+                    "{}: the run left no summary ({})",
+                    boot.name,
+                    boot.exit_failure.as_deref().unwrap_or("no exit status")
+                ));
+            }
+        }
+    }
+    (!why.is_empty() && (!reached_init || lost_summary)).then(|| why.join("; "))
+}
+
 /// Checks that `path` is a regular file, saying what is there instead.
 fn require_file(what: &str, path: &Path, hint: &str) -> Result<()> {
     match std::fs::metadata(path) {
@@ -139,7 +173,8 @@ fn require_file(what: &str, path: &Path, hint: &str) -> Result<()> {
 
 /// Runs the suite; returns the exit status, kselftest's: 0 when every verdict is
 /// PASS or SKIP, 1 when one FAILs or a boot failed, 4 when this host can run no KVM
-/// guest at all. The verdicts' KTAP goes to stdout; the table and progress to stderr.
+/// guest at all; and [`EXIT_NOT_TESTED`] (125) when no boot got the kernel to
+/// `/init` or a run died without its summary. The verdicts' KTAP goes to stdout; the table and progress to stderr.
 pub fn run(args: MethodsArgs) -> Result<i32> {
     let started = Instant::now();
     let date = zc_vmm::report::rfc3339_utc(std::time::SystemTime::now());
@@ -271,6 +306,14 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
         args.out.display()
     );
     say_verdict(&verdicts, &args.expected, status);
+    if status != 0 {
+        if let Some(why) = not_tested(&boots) {
+            eprintln!(
+                "zc-vmm: exit {EXIT_NOT_TESTED}: the kernel was not tested ({why}); `git bisect run` skips such a commit"
+            );
+            return Ok(EXIT_NOT_TESTED);
+        }
+    }
     Ok(status)
 }
 
@@ -908,6 +951,44 @@ mod tests {
     fn methods_args(extra: &[&str]) -> MethodsArgs {
         let argv = ["zc-vmm-methods", "--out", "/o", "--mem", "1G"];
         Wrapper::parse_from(argv.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn a_kernel_that_never_reached_init_was_not_tested() {
+        use zc_vmm::boot::KernelFormat;
+        use zc_vmm::report::{RunReport, StopReason};
+        let dir = tempfile::tempdir().unwrap();
+        let boot = |name: &str| Boot {
+            name: name.into(),
+            methods: vec!["sendfile".into()],
+            dir: dir.path().to_path_buf(),
+            exit_failure: Some("exit status 1".into()),
+        };
+        let save = |name: &str, release: Option<&str>| {
+            let mut run = RunReport::new(KernelFormat::BzImage);
+            run.stop = StopReason::Reset;
+            run.kernel_release = release.map(String::from);
+            RunSummary::new(run, Path::new("/k"), HostMode::Direct, false)
+                .save(&boot(name).file("run.json"))
+                .unwrap();
+        };
+        // Both boots panicked before /init: nothing about the kernel's paths.
+        save("sg-on", None);
+        save("sg-off", None);
+        let both = not_tested(&[boot("sg-on"), boot("sg-off")]).expect("not tested");
+        assert!(
+            both.contains("sg-on: the kernel did not reach /init"),
+            "{both}"
+        );
+        // One boot reached /init and ran: its FAILs are verdicts.
+        save("sg-on", Some("6.1.192-zc"));
+        assert_eq!(not_tested(&[boot("sg-on"), boot("sg-off")]), None);
+        // A run that died without its summary (the harness, not the kernel).
+        let lost = not_tested(&[boot("sg-on"), boot("gone")]).expect("not tested");
+        assert!(
+            lost.contains("gone: the run left no summary (exit status 1)"),
+            "{lost}"
+        );
     }
 
     #[test]

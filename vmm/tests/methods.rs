@@ -36,27 +36,8 @@ fn every_method_matches_the_expected_table() {
     let images = common::images_with("guest/disk.img");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let output = common::zc_vmm(&images)
-        .arg("methods")
-        .arg("--kernel")
-        .arg(images.join("guest/vmlinuz"))
-        .arg("--initrd")
-        .arg(images.join("guest/initrd.img"))
-        .arg("--disk")
-        .arg(images.join("guest/disk.img"))
-        .arg("--payload")
-        .arg(images.join("guest/disk-files/payload.bin"))
-        .arg("--expected")
-        .arg(workspace.join("audit/expected.toml"))
-        .arg("--out")
-        .arg(out.path())
-        .args(["--sg-off-methods", "all"])
-        .output()
-        .expect("zc-vmm runs");
+    let output = common::methods(&images, out.path(), &["--sg-off-methods", "all"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    eprintln!("{stderr}");
     assert!(
         output.status.success(),
         "zc-vmm methods failed ({}): a verdict differs from audit/expected.toml or a run failed",

@@ -28,30 +28,21 @@ fn verdicts(transport: &str) -> (Vec<Row>, Vec<Option<Transport>>) {
 /// The same, booting the kernel and initramfs in `kernel_images/guest/` (the test
 /// disk and payload are always the default images').
 fn verdicts_of(kernel_images: &Path, transport: &str) -> (Vec<Row>, Vec<Option<Transport>>) {
-    let images = common::images_with("guest/disk.img");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let output = common::zc_vmm(&images)
-        .arg("methods")
-        .arg("--kernel")
-        .arg(kernel_images.join("guest/vmlinuz"))
-        .arg("--initrd")
-        .arg(kernel_images.join("guest/initrd.img"))
-        .arg("--disk")
-        .arg(images.join("guest/disk.img"))
-        .arg("--payload")
-        .arg(images.join("guest/disk-files/payload.bin"))
-        .arg("--expected")
-        .arg(workspace.join("audit/expected.toml"))
-        .arg("--out")
-        .arg(out.path())
-        .args(["--transport", transport])
-        .args(["--methods", METHODS, "--sg-off-methods", METHODS])
-        .args(["--size", SIZE])
-        .output()
-        .expect("zc-vmm runs");
-    println!("{}", String::from_utf8_lossy(&output.stdout));
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    let output = common::methods(
+        kernel_images,
+        out.path(),
+        &[
+            "--transport",
+            transport,
+            "--methods",
+            METHODS,
+            "--sg-off-methods",
+            METHODS,
+            "--size",
+            SIZE,
+        ],
+    );
     assert!(
         output.status.success(),
         "zc-vmm methods --transport {transport} failed ({}): a verdict differs from audit/expected.toml or a run failed",

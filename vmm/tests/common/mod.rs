@@ -87,3 +87,32 @@ pub fn zc_vmm(images: &Path) -> Command {
         .env("ZC_HOST_INITRD", images.join("host/initrd.img"));
     command
 }
+
+/// `zc-vmm methods` booting `kernel_images/guest/{vmlinuz,initrd.img}` with the
+/// default images' test disk and payload, judged against the shipped
+/// `audit/expected.toml`, reports into `out`; `extra` selects methods, sizes,
+/// transports. Prints what it printed, returns its output.
+pub fn methods(kernel_images: &Path, out: &Path, extra: &[&str]) -> Output {
+    let images = images_with("guest/disk.img");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let output = zc_vmm(&images)
+        .arg("methods")
+        .arg("--kernel")
+        .arg(kernel_images.join("guest/vmlinuz"))
+        .arg("--initrd")
+        .arg(kernel_images.join("guest/initrd.img"))
+        .arg("--disk")
+        .arg(images.join("guest/disk.img"))
+        .arg("--payload")
+        .arg(images.join("guest/disk-files/payload.bin"))
+        .arg("--expected")
+        .arg(workspace.join("audit/expected.toml"))
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("zc-vmm runs");
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    output
+}
