@@ -36,13 +36,17 @@ fn a_patched_kernel_fails_exactly_the_rows_its_patch_names() {
         "the regression patch it was built with",
     );
     let patch = RegressionPatch::load(&patch_path).expect("the patch's prediction");
-    let kernel = zc_images::kernel::KernelInfo::load(&kernel_images.join("guest"))
-        .expect("the patched kernel's kernel.json");
+    // What `zc-image build --role guest` wrote about the image it staged.
+    let guest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(kernel_images.join("guest/kernel.json"))
+            .expect("the patched kernel's guest/kernel.json"),
+    )
+    .unwrap();
+    let release = guest["release"].as_str().expect("a release").to_string();
     assert!(
-        kernel.release.contains("-zc-"),
-        "{}: release {} is not a patched source build",
+        release.contains("-zc-"),
+        "{}: release {release} is not a patched source build",
         kernel_images.display(),
-        kernel.release
     );
 
     let out = tempfile::tempdir().unwrap();
@@ -56,10 +60,7 @@ fn a_patched_kernel_fails_exactly_the_rows_its_patch_names() {
     let verdicts: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("verdicts.json")).unwrap())
             .unwrap();
-    assert_eq!(
-        verdicts["context"]["kernel_release"],
-        kernel.release.as_str()
-    );
+    assert_eq!(verdicts["context"]["kernel_release"], release.as_str());
     let rows: Vec<RowResult> = serde_json::from_value(verdicts["methods"].clone()).unwrap();
     assert_eq!(rows.len(), 20, "every method, both variants");
 
