@@ -3,7 +3,9 @@
 //! Two ways in:
 //!
 //! - [`build_source`]: a kernel source tarball (default: Debian's `linux-source-6.1`
-//!   package, `/usr/src/linux-source-6.1.tar.xz`) is unpacked into a fresh directory,
+//!   package, `/usr/src/linux-source-6.1.tar.xz`) is unpacked into a fresh directory
+//!   (a patched build instead reuses the tree of the unpatched build of the same
+//!   inputs, which every unpatched build keeps: see `build_patched`),
 //!   patched (`patch -p1`, in the order given), configured with `make tinyconfig`
 //!   plus zc's Kconfig fragments ([`fragment::ZC_GUEST_FRAGMENT`], what the guest
 //!   needs, then [`fragment::ZC_TRIM_FRAGMENT`], what the build leaves out, then the
@@ -33,7 +35,10 @@
 //! ```
 //! A directory without `kernel.json` is an interrupted build: it is removed and
 //! rebuilt from scratch. A different input gives a different key and so a fresh
-//! directory: a tree is never reused with other patches.
+//! directory. A patched build's directory has no tree: it was compiled in its
+//! unpatched build's `linux/` (the seed), which gets the patches applied, then
+//! reverted, and holds `.zc-patched-build` in between (a seed found with it is
+//! rebuilt from scratch).
 //!
 //! Output contract: `kernel.json` is a [`KernelBuild`]: the fields of
 //! [`KernelInfo`] (so `KernelInfo::load` reads it like a Debian kernel's) plus how
