@@ -15,6 +15,9 @@ use zc_audit::{
 };
 use zc_dma_log::read_log;
 
+#[path = "support/kunit.rs"]
+mod kunit;
+
 fn manifest() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -249,42 +252,6 @@ fn ktap_of_a_failed_boot_fails_the_variant_and_each_method() {
     );
 }
 
-/// `kunit.py` of the kernel tree `make test` fetches (`ZC_KUNIT_DIR`, or the newest
-/// `~/.cache/zc/kunit-*`), or why there is none.
-fn kunit_py() -> Result<PathBuf, String> {
-    if Command::new("python3").arg("--version").output().is_err() {
-        return Err("python3 is not installed".into());
-    }
-    let dir = match std::env::var_os("ZC_KUNIT_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let cache = PathBuf::from(std::env::var_os("HOME").ok_or("no HOME")?).join(".cache/zc");
-            let mut found: Vec<PathBuf> = std::fs::read_dir(&cache)
-                .map_err(|e| format!("{}: {e}", cache.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("kunit-"))
-                })
-                .collect();
-            found.sort();
-            found
-                .pop()
-                .ok_or("no ~/.cache/zc/kunit-* (make kunit fetches it)")?
-        }
-    };
-    let py = dir.join("tools/testing/kunit/kunit.py");
-    if py.is_file() {
-        Ok(py)
-    } else {
-        Err(format!(
-            "{} is missing (make kunit fetches it)",
-            py.display()
-        ))
-    }
-}
-
 /// `kunit.py parse` of `ktap`: its summary's (ran, passed, failed, skipped).
 fn kunit_counts(py: &Path, ktap: &str) -> (u32, u32, u32, u32) {
     let dir = tempfile::tempdir().unwrap();
@@ -325,7 +292,7 @@ fn kunit_counts(py: &Path, ktap: &str) -> (u32, u32, u32, u32) {
 
 #[test]
 fn the_kernels_kunit_parser_counts_every_method() {
-    let py = match kunit_py() {
+    let py = match kunit::kunit_py() {
         Ok(py) => py,
         Err(why) => {
             println!("SKIPPED: kunit.py parse cannot run: {why}");

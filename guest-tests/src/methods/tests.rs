@@ -19,6 +19,9 @@ use super::*;
 use crate::pattern;
 use zc_protocol::Marker;
 
+#[path = "../../../audit/tests/support/kunit.rs"]
+mod kunit;
+
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
     DropCaches,
@@ -97,46 +100,10 @@ fn ktap_tests(lines: &[String]) -> Vec<(Vec<String>, String)> {
     tests
 }
 
-/// The kernel's own KTAP parser (`tools/testing/kunit/kunit.py` of `make kunit`:
-/// `ZC_KUNIT_DIR`, else the newest `~/.cache/zc/kunit-*`), or why it cannot run.
-fn kunit_py() -> std::result::Result<std::path::PathBuf, String> {
-    if std::process::Command::new("python3")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return Err("python3 is not installed".into());
-    }
-    let dir = match std::env::var_os("ZC_KUNIT_DIR") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => {
-            let cache = std::path::PathBuf::from(std::env::var_os("HOME").ok_or("no HOME")?)
-                .join(".cache/zc");
-            let mut found: Vec<_> = std::fs::read_dir(&cache)
-                .map_err(|e| format!("{}: {e}", cache.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("kunit-"))
-                })
-                .collect();
-            found.sort();
-            found
-                .pop()
-                .ok_or("no ~/.cache/zc/kunit-* (make kunit fetches it)")?
-        }
-    };
-    let py = dir.join("tools/testing/kunit/kunit.py");
-    py.is_file()
-        .then_some(py.clone())
-        .ok_or_else(|| format!("{} is missing (make kunit fetches it)", py.display()))
-}
-
 /// What `kunit.py parse` makes of the console's lines: (ran, passed, failed,
 /// skipped), and its whole output; `None` (said on stdout) when it cannot run.
 fn kunit_parse(console: &[String]) -> Option<((u32, u32, u32, u32), String)> {
-    let py = match kunit_py() {
+    let py = match kunit::kunit_py() {
         Ok(py) => py,
         Err(why) => {
             println!("SKIPPED: the kunit.py check: {why}");
