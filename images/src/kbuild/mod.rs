@@ -924,13 +924,25 @@ pub fn build_planned(
     }
 }
 
+/// A held `<cache>/<name>.lock`, released when dropped.
+struct EntryLock(std::fs::File);
+
+impl Drop for EntryLock {
+    fn drop(&mut self) {
+        // Unlock explicitly rather than only closing: a child another thread is
+        // forking at that moment holds a duplicate of the descriptor until it
+        // execs, and the lock would live on in it for that long.
+        let _ = self.0.unlock();
+    }
+}
+
 /// Takes `<cache>/<name>.lock`, waiting (and saying so) while another zc-image
 /// holds it.
 fn lock_entry(
     cache: &Path,
     name: &str,
     progress: &mut dyn BuildProgress,
-) -> Result<std::fs::File, KbuildError> {
+) -> Result<EntryLock, KbuildError> {
     let lock_path = cache.join(format!("{name}.lock"));
     let lock = std::fs::File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
     if lock.try_lock().is_err() {
@@ -939,7 +951,7 @@ fn lock_entry(
         ));
         lock.lock().map_err(io_err("cannot lock", &lock_path))?;
     }
-    Ok(lock)
+    Ok(EntryLock(lock))
 }
 
 fn cached_build(plan: &SourcePlan, dir: &Path) -> Option<KernelBuild> {
@@ -1060,11 +1072,18 @@ fn build_patched(
     r.note(&format!("rebuilding in the seed tree {}", tree.display()));
     let in_use = tree.join(SEED_IN_USE);
     write(in_use.clone(), &format!("{}\n", plan.key().digest()))?;
-    let applied = apply_patches(&mut r, &tree, &plan.patches, &dir.join("patches"));
-    let built = applied.and_then(|()| configure_and_compile(&mut r, &tree, dir, plan, req.jobs));
+    let mut applied = Vec::new();
+    let built = apply_patches(
+        &mut r,
+        &tree,
+        &plan.patches,
+        &dir.join("patches"),
+        &mut applied,
+    )
+    .and_then(|()| configure_and_compile(&mut r, &tree, dir, plan, req.jobs));
     // Revert whatever went in, whether the build worked or not; only a clean
     // revert makes the tree a seed again.
-    let reverted = revert_patches(&mut r, &tree, &dir.join("patches"));
+    let reverted = revert_patches(&mut r, &tree, &applied);
     if reverted.is_ok() {
         std::fs::remove_file(&in_use).map_err(io_err("cannot remove", &in_use))?;
     }
@@ -1200,31 +1219,30 @@ fn configure_and_compile(
     })
 }
 
-/// Reverts, last first, the patches [`apply_patches`] kept in `keep_dir` and
-/// applied to `tree` (only those that went in: a patch that failed to apply left
-/// nothing, `patch` applies all hunks or none with `--dry-run` first).
-fn revert_patches(r: &mut Runner<'_>, tree: &Path, keep_dir: &Path) -> Result<(), KbuildError> {
-    let applied = tree.join(SEED_IN_USE).with_extension("applied");
-    let list = std::fs::read_to_string(&applied).unwrap_or_default();
-    for name in list.lines().rev().filter(|l| !l.is_empty()) {
-        let kept = keep_dir.join(name);
+/// Reverts, last first, the patches [`apply_patches`] applied to `tree` (only
+/// those that went in: with its dry run first, a patch that fails leaves nothing).
+fn revert_patches(r: &mut Runner<'_>, tree: &Path, applied: &[PathBuf]) -> Result<(), KbuildError> {
+    for kept in applied.iter().rev() {
+        let name = kept.file_name().unwrap_or_default().to_string_lossy();
         let mut cmd = Command::new("patch");
         cmd.current_dir(tree)
             .args(["-p1", "-R", "--batch", "--fuzz=0", "-i"])
-            .arg(&kept);
+            .arg(kept);
         r.run(&format!("revert {name}"), cmd)?;
     }
-    let _ = std::fs::remove_file(&applied);
     Ok(())
 }
 
 /// Applies `patches` in order with `patch -p1`, keeping a copy of each in
-/// `keep_dir` (`NN-<name>`), so the build directory says what went in.
+/// `keep_dir` (`NN-<name>`), so the build directory says what went in; pushes
+/// each kept copy onto `applied` once it is in, so that a caller can revert
+/// exactly those when a later one fails.
 pub fn apply_patches(
     r: &mut Runner<'_>,
     tree: &Path,
     patches: &[PatchFile],
     keep_dir: &Path,
+    applied: &mut Vec<PathBuf>,
 ) -> Result<(), KbuildError> {
     for (i, p) in patches.iter().enumerate() {
         std::fs::create_dir_all(keep_dir).map_err(io_err("cannot create", keep_dir))?;
@@ -1252,13 +1270,7 @@ pub fn apply_patches(
         let what = format!("patch {}/{}: {}", i + 1, patches.len(), p.path.display());
         r.run(&format!("{what} (dry run)"), patch(true))?;
         r.run(&what, patch(false))?;
-        let applied = tree.join(SEED_IN_USE).with_extension("applied");
-        let mut list = std::fs::read_to_string(&applied).unwrap_or_default();
-        list.push_str(&format!(
-            "{}\n",
-            kept.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        write(applied, &list)?;
+        applied.push(kept);
     }
     Ok(())
 }

@@ -199,7 +199,16 @@ fn patches_apply_in_order_and_a_failing_one_is_named() {
     let mut quiet = Lines(|_: &str| {});
     let mut r = Runner::new(&log, &mut quiet).unwrap();
     let patches = resolve_patches(&[one.clone(), two.clone()]).unwrap();
-    apply_patches(&mut r, &tree, &patches, &dir.path().join("kept")).unwrap();
+    let mut applied = Vec::new();
+    apply_patches(
+        &mut r,
+        &tree,
+        &patches,
+        &dir.path().join("kept"),
+        &mut applied,
+    )
+    .unwrap();
+    assert_eq!(applied.len(), 2);
     assert_eq!(
         std::fs::read_to_string(tree.join("drivers/net.c")).unwrap(),
         "sg = 0; /* zc */\n"
@@ -210,7 +219,19 @@ fn patches_apply_in_order_and_a_failing_one_is_named() {
     // The other order fails at the first patch that does not apply, naming it.
     std::fs::write(tree.join("drivers/net.c"), "sg = 1;\n").unwrap();
     let reversed = resolve_patches(&[two.clone(), one]).unwrap();
-    let err = apply_patches(&mut r, &tree, &reversed, &dir.path().join("kept2")).unwrap_err();
+    let mut applied = Vec::new();
+    let err = apply_patches(
+        &mut r,
+        &tree,
+        &reversed,
+        &dir.path().join("kept2"),
+        &mut applied,
+    )
+    .unwrap_err();
+    assert!(
+        applied.is_empty(),
+        "the patch that failed is not listed as applied"
+    );
     let msg = err.to_string();
     assert!(
         msg.contains("patch 1/2") && msg.contains("2.patch"),
