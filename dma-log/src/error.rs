@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::SCHEMA;
+use crate::{SCHEMA, SCHEMA_V1};
 
 /// Errors of writing or reading a DMA log.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,7 @@ pub enum DmaLogError {
     #[error("DMA log I/O error: {0}")]
     Io(#[from] io::Error),
     /// A line is not a valid record of this schema.
-    #[error("DMA log line {line}: not a valid {SCHEMA} record: {source}")]
+    #[error("DMA log line {line}: not a valid record of its schema: {source}")]
     Parse {
         /// 1-based line number.
         line: u64,
@@ -48,7 +48,7 @@ pub enum DmaLogError {
     #[error("DMA log has no header line (expected {{\"type\":\"header\",\"schema\":\"{SCHEMA}\",...}} first); is this a DMA log?")]
     MissingHeader,
     /// The header names another schema version.
-    #[error("DMA log schema is {found:?}, this reader understands {SCHEMA:?}")]
+    #[error("DMA log schema is {found:?}, this reader understands {SCHEMA:?} and {SCHEMA_V1:?}")]
     Schema {
         /// The schema string found.
         found: String,

@@ -1,10 +1,12 @@
 //! The DMA descriptor log of zc: what the device models and the VMM record while a
 //! guest runs, and what the audit reads back to prove which bytes moved by DMA and
 //! which the guest CPU copied. A log is JSON Lines in the versioned schema
-//! [`SCHEMA`] (`zc-dma-log/1`), documented field by field in `docs/dma-log.md`: one
+//! [`SCHEMA`] (`zc-dma-log/2`), documented field by field in `docs/dma-log.md`: one
 //! [`Record`] per descriptor a device read or wrote ([`DescRecord`]), per request
 //! (descriptor chain, [`RequestRecord`]), per guest marker, device error and
-//! dirty-page sample.
+//! dirty-page sample. A chain's records share one compact line where that loses
+//! nothing; readers give the same records for a log of the first schema,
+//! [`SCHEMA_V1`], and [`RecordWriter`] converts one.
 //!
 //! - Writing: a [`DmaLog`] is a cheap handle (clone it into every device); it can be
 //!   [disabled](DmaLog::disabled), in which case every call is a single branch and the
@@ -30,6 +32,7 @@
 //! `pieces_from_guest`, which read a `vm_memory::GuestMemory`; a reader of logs turns
 //! it off and builds no vm-memory.
 
+mod compact;
 mod error;
 pub mod frame;
 #[cfg(feature = "guest-memory")]
@@ -44,6 +47,7 @@ mod test_util;
 mod writer;
 mod zst;
 
+pub use compact::RecordWriter;
 pub use error::DmaLogError;
 #[cfg(feature = "guest-memory")]
 pub use guest::pieces_from_guest;
@@ -55,8 +59,12 @@ pub use record::{
     RequestDetail, RequestRecord,
 };
 
-/// Schema identifier written in the header line; readers refuse any other value.
-pub const SCHEMA: &str = "zc-dma-log/1";
+/// Schema identifier the writer puts in the header line. Readers accept it and
+/// [`SCHEMA_V1`], and refuse any other value.
+pub const SCHEMA: &str = "zc-dma-log/2";
+
+/// The first schema: one JSON object per record, every field named. Still read.
+pub const SCHEMA_V1: &str = "zc-dma-log/1";
 
 /// Size of a guest page as the log splits buffers (pieces never cross a multiple of it).
 pub const PAGE_SIZE: u64 = PAGE_BYTES as u64;

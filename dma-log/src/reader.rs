@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
-use crate::{DmaLogError, HeaderRecord, Record, SCHEMA};
+use std::collections::VecDeque;
+
+use crate::{compact, DmaLogError, HeaderRecord, Record, SCHEMA, SCHEMA_V1};
 
 /// The first four bytes of every zstd frame (RFC 8878, 3.1.1), as they appear in a file.
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -30,7 +32,11 @@ pub struct DmaLogReader<R> {
     /// Bytes of log text read so far (after decompression): where the next line starts.
     offset: u64,
     header: HeaderRecord,
+    /// Whether the log is of schema `/2` (else `/1`).
+    v2: bool,
     buf: Vec<u8>,
+    /// Records of the last line not yielded yet (a `/2` chain line holds several).
+    pending: VecDeque<Record>,
     ended: bool,
 }
 
@@ -86,7 +92,9 @@ impl<R: BufRead> DmaLogReader<R> {
                 schema: String::new(),
                 start_unix_ns: 0,
             },
+            v2: false,
             buf: Vec::new(),
+            pending: VecDeque::new(),
             ended: false,
         };
         match reader.read_line()? {
@@ -103,11 +111,15 @@ impl<R: BufRead> DmaLogReader<R> {
             .get("schema")
             .and_then(|s| s.as_str())
             .unwrap_or_default();
-        if found != SCHEMA {
-            return Err(DmaLogError::Schema {
-                found: found.to_string(),
-            });
-        }
+        reader.v2 = match found {
+            SCHEMA => true,
+            SCHEMA_V1 => false,
+            _ => {
+                return Err(DmaLogError::Schema {
+                    found: found.to_string(),
+                })
+            }
+        };
         reader.header = match serde_json::from_value(value) {
             Ok(Record::Header(h)) => h,
             Ok(_) => return Err(DmaLogError::MissingHeader),
@@ -121,12 +133,16 @@ impl<R: BufRead> DmaLogReader<R> {
         &self.header
     }
 
-    /// The JSON text of the record the iterator returned last (no line end).
+    /// The JSON text of the line holding the record the iterator returned last (no
+    /// line end). In a `zc-dma-log/2` log one line can hold several records: they
+    /// give the same line (and [`DmaLogReader::line_number`]).
     pub fn last_line(&self) -> &[u8] {
         trim(&self.buf)
     }
 
     /// The 1-based line number of the record the iterator returned last.
+    ///
+    /// Since `zc-dma-log/2` several records can share a line.
     pub fn line_number(&self) -> u64 {
         self.line_no
     }
@@ -167,6 +183,9 @@ impl<R: BufRead> Iterator for DmaLogReader<R> {
     type Item = Result<Record, DmaLogError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(r) = self.pending.pop_front() {
+            return Some(Ok(r));
+        }
         if self.ended {
             return None;
         }
@@ -194,12 +213,23 @@ impl<R: BufRead> Iterator for DmaLogReader<R> {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return Some(
-                serde_json::from_slice(line).map_err(|source| DmaLogError::Parse {
-                    line: self.line_no,
-                    source,
-                }),
-            );
+            let parsed = if self.v2 {
+                compact::decode_line(line, &mut self.pending)
+                    .map(|()| self.pending.pop_front())
+            } else {
+                serde_json::from_slice(line).map(Some)
+            };
+            match parsed {
+                Ok(Some(r)) => return Some(Ok(r)),
+                Ok(None) => continue,
+                Err(source) => {
+                    self.pending.clear();
+                    return Some(Err(DmaLogError::Parse {
+                        line: self.line_no,
+                        source,
+                    }));
+                }
+            }
         }
     }
 }
@@ -238,7 +268,7 @@ mod tests {
 
     #[test]
     fn reader_rejects_other_schema_and_garbage() {
-        let other = b"{\"type\":\"header\",\"schema\":\"zc-dma-log/2\",\"start_unix_ns\":0}\n";
+        let other = b"{\"type\":\"header\",\"schema\":\"zc-dma-log/3\",\"start_unix_ns\":0}\n";
         assert!(matches!(
             DmaLogReader::new(&other[..]),
             Err(DmaLogError::Schema { .. })

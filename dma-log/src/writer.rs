@@ -18,11 +18,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::compact::{self, Encoder};
 use crate::handle::{Chain, COPY_LIMIT};
 use crate::page_table::PageTable;
 use crate::{
-    fingerprint, json, page_pieces, DescInfo, DetailFn, DeviceErrorRecord, DeviceKind, DirtyRecord,
-    DmaLogError, MarkerRecord, PayloadRun, Piece, Record, RequestDetail, PAGE_SIZE,
+    fingerprint, page_pieces, DescInfo, DetailFn, DeviceErrorRecord, DeviceKind, DirtyRecord,
+    DmaLogError, MarkerRecord, PayloadRun, Piece, RequestDetail, PAGE_SIZE,
 };
 
 /// A pending batch holding this many records wakes a lingering writer at once.
@@ -370,6 +371,7 @@ pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
                     buf: head,
                     files: Vec::new(),
                     scratch: Vec::new(),
+                    enc: Encoder::default(),
                 },
             );
             drop(gone);
@@ -411,6 +413,8 @@ struct Sink {
     files: Vec<StableEntry>,
     /// Where ranges of stable files are read to be fingerprinted.
     scratch: Vec<u8>,
+    /// The line being written.
+    enc: Encoder,
 }
 
 impl Sink {
@@ -427,37 +431,24 @@ impl Sink {
         Ok(())
     }
 
-    /// Appends the line of `e`, whose guest copies are in `bytes`.
+    /// Appends the record of `e`, whose guest copies are in `bytes` (a chain's
+    /// records may join the line of the one before: see `compact`).
     fn format(&mut self, shared: &Shared, e: Entry, bytes: &[u8]) -> io::Result<()> {
         let (seq, t_ns) = (e.seq, e.t_ns);
         let out = &mut self.buf;
-        let rec = match e.body {
-            Body::Desc(info, pieces) => {
-                json::begin_desc(out, &json::DescHead { seq, t_ns, info });
-                let mut first = true;
-                match pieces {
-                    Pieces::Hashed(pieces) => {
-                        for p in pieces {
-                            json::push_piece(out, first, p.gpa, p.len, p.hash.0);
-                            first = false;
-                        }
-                    }
-                    Pieces::Copied(copied) => {
-                        push_pieces(out, &mut first, info.gpa, copied.of(bytes));
-                    }
-                    Pieces::File { file, off } => {
-                        self.file_pieces(
-                            shared,
-                            file,
-                            off,
-                            info.gpa,
-                            u64::from(info.len),
-                            &mut first,
-                        )?;
-                    }
-                }
-                json::end_desc(&mut self.buf, !first);
-                return Ok(());
+        match e.body {
+            Body::Desc(info, Pieces::Hashed(pieces)) => {
+                self.enc.desc(out, seq, t_ns, &info, &pieces);
+            }
+            Body::Desc(info, Pieces::Copied(copied)) => {
+                self.enc.begin_desc(out, seq, t_ns, &info);
+                push_hashes(out, info.gpa, copied.of(bytes));
+                Encoder::end_desc(out);
+            }
+            Body::Desc(info, Pieces::File { file, off }) => {
+                self.enc.begin_desc(out, seq, t_ns, &info);
+                self.file_hashes(shared, file, off, info.gpa, u64::from(info.len))?;
+                Encoder::end_desc(&mut self.buf);
             }
             Body::Request(chain, detail) => {
                 let req = match detail {
@@ -468,56 +459,68 @@ impl Sink {
                         detail,
                     } => detail(copied.of(bytes), arg),
                 };
-                json::request(out, seq, t_ns, chain, &req);
-                return Ok(());
+                self.enc.request(out, seq, t_ns, chain, &req);
             }
             // Rare records: serde's output is the reference, and its cost does not matter.
-            Body::Marker(label) => Record::Marker(MarkerRecord { seq, t_ns, label }),
+            Body::Marker(label) => {
+                self.enc.close(out);
+                compact::marker(out, MarkerRecord { seq, t_ns, label })?;
+            }
             Body::DeviceError {
                 device,
                 queue,
                 head,
                 error,
                 needs_reset,
-            } => Record::DeviceError(DeviceErrorRecord {
-                seq,
-                t_ns,
-                device,
-                queue,
-                head,
-                error,
-                needs_reset,
-            }),
+            } => {
+                self.enc.close(out);
+                compact::device_error(
+                    out,
+                    DeviceErrorRecord {
+                        seq,
+                        t_ns,
+                        device,
+                        queue,
+                        head,
+                        error,
+                        needs_reset,
+                    },
+                )?;
+            }
             Body::Dirty {
                 sample,
                 dirty_pages,
                 dirtied,
                 runs,
-            } => Record::Dirty(DirtyRecord {
-                seq,
-                t_ns,
-                sample,
-                dirty_pages,
-                dirtied,
-                runs,
-            }),
-        };
-        serde_json::to_writer(&mut *out, &rec).map_err(io::Error::from)?;
-        out.push(b'\n');
+            } => {
+                self.enc.close(out);
+                compact::dirty(
+                    out,
+                    &DirtyRecord {
+                        seq,
+                        t_ns,
+                        sample,
+                        dirty_pages,
+                        dirtied,
+                        runs,
+                    },
+                );
+            }
+        }
         Ok(())
     }
 
-    /// Appends the pieces of the guest range at `gpa`, `len` bytes long, that a device
-    /// filled from `off` in stable file number `file`: the file is read again, in
-    /// chunks that end on guest page boundaries so that no piece is split.
-    fn file_pieces(
+    /// Appends the fingerprints of the pieces of the guest range at `gpa`, `len` bytes
+    /// long, that a device filled from `off` in stable file number `file`: the file is
+    /// read again, in chunks that end on guest page boundaries so that no piece is
+    /// split.
+    fn file_hashes(
         &mut self,
         shared: &Shared,
         file: u32,
         off: u64,
         gpa: u64,
         len: u64,
-        first: &mut bool,
     ) -> io::Result<()> {
         let index = file as usize;
         if index >= self.files.len() {
@@ -540,9 +543,8 @@ impl Sink {
                 n -= at.wrapping_add(n) % PAGE_SIZE;
             }
             if let Some(hashes) = table_hashes(&entry.pages, at, off + done, n) {
-                for ((piece_gpa, piece_len), hash) in page_pieces(at, n).zip(hashes) {
-                    json::push_piece(&mut self.buf, *first, piece_gpa, piece_len, hash);
-                    *first = false;
+                for hash in hashes {
+                    Encoder::hash(&mut self.buf, hash);
                 }
                 done += n;
                 continue;
@@ -558,13 +560,14 @@ impl Sink {
                     ),
                 )
             })?;
-            push_pieces(&mut self.buf, first, at, &self.scratch);
+            push_hashes(&mut self.buf, at, &self.scratch);
             done += n;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.enc.close(&mut self.buf);
         self.out.write_all(&self.buf)?;
         self.buf.clear();
         self.out.flush()
@@ -654,15 +657,13 @@ fn table_hashes(pages: &PageTable, gpa: u64, off: u64, len: u64) -> Option<Vec<u
         .collect()
 }
 
-/// Appends the pieces of the range at `gpa` holding `bytes`, fingerprinting them;
-/// `first` says no piece of the line has been written yet.
-fn push_pieces(out: &mut Vec<u8>, first: &mut bool, gpa: u64, bytes: &[u8]) {
+/// Appends the fingerprints of the page pieces of the range at `gpa` holding `bytes`.
+fn push_hashes(out: &mut Vec<u8>, gpa: u64, bytes: &[u8]) {
     let mut off = 0;
-    for (piece_gpa, len) in page_pieces(gpa, bytes.len() as u64) {
+    for (_, len) in page_pieces(gpa, bytes.len() as u64) {
         let piece = &bytes[off..off + len as usize];
         off += len as usize;
-        json::push_piece(out, *first, piece_gpa, len, fingerprint(piece));
-        *first = false;
+        Encoder::hash(out, fingerprint(piece));
     }
 }
 
