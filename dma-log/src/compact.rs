@@ -469,7 +469,9 @@ enum PieceItem {
 
 fn parse_hash<E: de::Error>(s: &str) -> Result<u64, E> {
     if s.len() != 16 {
-        return Err(E::custom(format!("bad fingerprint {s:?}: not 16 hex digits")));
+        return Err(E::custom(format!(
+            "bad fingerprint {s:?}: not 16 hex digits"
+        )));
     }
     u64::from_str_radix(s, 16).map_err(|e| E::custom(format!("bad fingerprint {s:?}: {e}")))
 }
@@ -521,7 +523,8 @@ impl<'de> Deserialize<'de> for DescTuple {
                 f.write_str("a desc tuple [desc, gpa, len, flags, dt, fingerprints...]")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<DescTuple, A::Error> {
-                let short = || de::Error::custom("a desc tuple is [desc, gpa, len, flags, dt, ...]");
+                let short =
+                    || de::Error::custom("a desc tuple is [desc, gpa, len, flags, dt, ...]");
                 let desc: u16 = a.next_element()?.ok_or_else(short)?;
                 let gpa: u64 = a.next_element()?.ok_or_else(short)?;
                 let len: u32 = a.next_element()?.ok_or_else(short)?;
@@ -694,7 +697,7 @@ fn parse_ranges(s: &str, max: u32) -> Result<Vec<u64>, serde_json::Error> {
         if last < first || pages.last().is_some_and(|&p| p >= first) {
             return Err(bad());
         }
-        total += last - first + 1;
+        total = total.saturating_add((last - first).saturating_add(1));
         if total > u64::from(max).min(MAX_DIRTIED) {
             return Err(bad());
         }
@@ -840,4 +843,306 @@ fn pieces_of_tuple(
         ));
     }
     Ok(pieces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DmaLogError, DmaLogReader};
+
+    fn desc(seq: u64, t_ns: u64, head: u16, gpa: u64, len: u32, pieces: Vec<Piece>) -> Record {
+        Record::Desc(DescRecord {
+            seq,
+            t_ns,
+            device: DeviceKind::Net,
+            queue: 1,
+            head,
+            desc: head + 1,
+            indirect: seq % 2 == 0,
+            gpa,
+            len,
+            dir: Direction::DeviceReads,
+            role: if seq % 3 == 0 {
+                DescRole::Header
+            } else {
+                DescRole::Data
+            },
+            pieces,
+        })
+    }
+
+    /// The page cut of `[gpa, gpa + len)` with made-up fingerprints.
+    fn cut(gpa: u64, len: u32) -> Vec<Piece> {
+        page_pieces(gpa, u64::from(len))
+            .map(|(gpa, len)| Piece {
+                gpa,
+                len,
+                hash: Fingerprint(gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(len)),
+            })
+            .collect()
+    }
+
+    fn tcp(seq: u32) -> RequestDetail {
+        RequestDetail::Net(NetRequest {
+            summary: format!("tx tcp 10.0.2.15:40000>10.0.2.2:7878 seq={seq} len=1448 flags=A"),
+            tcp_seq: Some(seq),
+            tcp_len: Some(1448),
+            tcp_flags: Some("A".into()),
+            tcp_payload_off: Some(54),
+            tcp_ports: Some((40000, 7878)),
+        })
+    }
+
+    fn request(seq: u64, t_ns: u64, device: DeviceKind, head: u16, req: RequestDetail) -> Record {
+        Record::Request(RequestRecord {
+            seq,
+            t_ns,
+            device,
+            queue: 1,
+            head,
+            req,
+        })
+    }
+
+    /// Every shape a line can take, and records that must not share one.
+    fn sample() -> Vec<Record> {
+        let mut r = vec![
+            Record::Marker(MarkerRecord {
+                seq: 0,
+                t_ns: 5,
+                label: "BEGIN \"x\"\n".into(),
+            }),
+            // A TX frame: three descs and the request, one line.
+            desc(1, 10, 7, 0x1ffa, 12, cut(0x1ffa, 12)),
+            desc(2, 11, 7, 0x2006, 1400, cut(0x2006, 1400)),
+            desc(3, 19, 7, 0x3ff0, 1448, cut(0x3ff0, 1448)),
+            request(4, 30, DeviceKind::Net, 7, tcp(u32::MAX)),
+            // A desc with no fingerprints (outside guest memory) and one whose
+            // pieces are not the page cut: the run goes on.
+            desc(5, 31, 8, 0x5000, 8192, Vec::new()),
+            desc(
+                6,
+                31,
+                8,
+                0x6000,
+                100,
+                vec![Piece {
+                    gpa: 0x6000,
+                    len: 50,
+                    hash: Fingerprint(1),
+                }],
+            ),
+            // Another chain's request: not the open line's; a line of its own.
+            request(7, 40, DeviceKind::Net, 9, tcp(1)),
+            // The request of chain 8 after another record: a line of its own.
+            request(
+                8,
+                41,
+                DeviceKind::Net,
+                8,
+                RequestDetail::Net(NetRequest {
+                    summary: "tx dropped: x".into(),
+                    tcp_seq: Some(3),
+                    tcp_len: None,
+                    tcp_flags: Some("SF".into()),
+                    tcp_payload_off: None,
+                    tcp_ports: Some((1, 2)),
+                }),
+            ),
+            // A seq gap: a new line even for the same chain.
+            desc(10, 50, 8, 0, 0, Vec::new()),
+            desc(12, 50, 8, 0xfff, 2, cut(0xfff, 2)),
+            request(
+                13,
+                u64::MAX,
+                DeviceKind::Blk,
+                8,
+                RequestDetail::Blk(BlkRequest {
+                    op: "malformed".into(),
+                    code: u32::MAX,
+                    sector: u64::MAX,
+                    bytes: 0,
+                    status: BlkStatus::Ioerr,
+                }),
+            ),
+            Record::Dirty(DirtyRecord {
+                seq: 14,
+                t_ns: u64::MAX,
+                sample: u32::MAX,
+                dirty_pages: 7,
+                dirtied: vec![1, 2, 3, 7, 9, 10, u64::MAX],
+                runs: vec![PayloadRun {
+                    gpa: 0x1000,
+                    len: 4096,
+                    file_off: 1 << 40,
+                }],
+            }),
+            // Not ascending, and more pages than `dirty_pages`: kept as they are.
+            Record::Dirty(DirtyRecord {
+                seq: 15,
+                t_ns: u64::MAX,
+                sample: 0,
+                dirty_pages: 1,
+                dirtied: vec![5, 4, 4],
+                runs: Vec::new(),
+            }),
+            Record::Dirty(DirtyRecord {
+                seq: 16,
+                t_ns: u64::MAX,
+                sample: 0,
+                dirty_pages: 1,
+                dirtied: vec![5, 6],
+                runs: Vec::new(),
+            }),
+            Record::Dirty(DirtyRecord {
+                seq: 17,
+                t_ns: u64::MAX,
+                sample: 1,
+                dirty_pages: 0,
+                dirtied: Vec::new(),
+                runs: Vec::new(),
+            }),
+            Record::DeviceError(DeviceErrorRecord {
+                seq: 18,
+                t_ns: u64::MAX,
+                device: DeviceKind::Blk,
+                queue: 0,
+                head: None,
+                error: "bad".into(),
+                needs_reset: true,
+            }),
+        ];
+        // Descs left open at the end.
+        r.push(desc(
+            19,
+            u64::MAX,
+            0,
+            u64::MAX - 10,
+            10,
+            cut(u64::MAX - 10, 10),
+        ));
+        r
+    }
+
+    fn v2_of(records: &[Record]) -> Vec<u8> {
+        let mut w = RecordWriter::new(Vec::new(), 42).unwrap();
+        for r in records {
+            w.write(r).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn read(log: &[u8]) -> Vec<Record> {
+        DmaLogReader::new(log)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_record_reads_back_as_written() {
+        let records = sample();
+        let log = v2_of(&records);
+        let text = String::from_utf8(log.clone()).unwrap();
+        assert_eq!(read(&log), records, "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        // The TX frame's line, from what its records say.
+        let h = |i: usize, p: usize| match &records[i] {
+            Record::Desc(d) => format!("\"{:016x}\"", d.pieces[p].hash.0),
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            lines[2],
+            format!(
+                concat!(
+                    r#"{{"c":"net/1/7","s":1,"t":10,"d":[[8,8186,12,"rd",0,{},{}],"#,
+                    r#"[8,8198,1400,"rdi",1,{}],"#,
+                    r#"[8,16368,1448,"rh",9,{},{}]],"#,
+                    r#""r":{{"dt":20,"sum":"tx tcp 10.0.2.15:40000>10.0.2.2:7878 seq=4294967295 len=1448 flags=A","#,
+                    r#""tcp":[4294967295,1448,"A",54,40000,7878]}}}}"#
+                ),
+                h(1, 0),
+                h(1, 1),
+                h(2, 0),
+                h(3, 0),
+                h(3, 1)
+            )
+        );
+        assert_eq!(
+            lines.len(),
+            15,
+            "header, marker, the frame, chain 8's descs, 2 lone requests, 2 descs apart (seq gap), \
+             the blk request (another device), 4 dirty, the error, the last desc\n{text}"
+        );
+        // The same records written as /1 read the same.
+        let mut v1 = serde_json::to_vec(&Record::Header(HeaderRecord {
+            schema: crate::SCHEMA_V1.into(),
+            start_unix_ns: 42,
+        }))
+        .unwrap();
+        v1.push(b'\n');
+        for r in &records {
+            serde_json::to_writer(&mut v1, r).unwrap();
+            v1.push(b'\n');
+        }
+        assert_eq!(read(&v1), records);
+    }
+
+    #[test]
+    fn records_of_one_line_share_its_text_and_number() {
+        let log = v2_of(&sample());
+        let mut r = DmaLogReader::new(&log[..]).unwrap();
+        let mut seen = Vec::new();
+        while let Some(rec) = r.next() {
+            seen.push((rec.unwrap().seq(), r.line_number()));
+        }
+        assert_eq!(
+            &seen[..5],
+            &[
+                (Some(0), 2),
+                (Some(1), 3),
+                (Some(2), 3),
+                (Some(3), 3),
+                (Some(4), 3)
+            ]
+        );
+    }
+
+    fn first_error(body: &str) -> String {
+        let log = format!(
+            "{{\"type\":\"header\",\"schema\":\"{SCHEMA}\",\"start_unix_ns\":0}}\n{body}\n"
+        );
+        let mut r = DmaLogReader::new(log.as_bytes()).unwrap();
+        match r.next() {
+            Some(Err(e @ DmaLogError::Parse { line: 2, .. })) => e.to_string(),
+            other => panic!("{body}: expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_lines_are_refused_with_a_reason() {
+        let h = "\"0123456789abcdef\"";
+        for (body, says) in [
+            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,4090,12,"rd",0,{h}]]}}"#), "fewer fingerprints"),
+            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h},{h}]]}}"#), "more fingerprints"),
+            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h},[0,12,{h}]]]}}"#), "mixes"),
+            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"xd",0,{h}]]}}"#), "bad desc flags"),
+            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,"12"]]}}"#), "bad fingerprint"),
+            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd"]]}}"#), "desc tuple"),
+            (format!(r#"{{"c":"scsi/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
+            (format!(r#"{{"c":"net/1/7/8","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
+            (r#"{"c":"net/1/7","s":1,"t":0}"#.to_string(), "neither"),
+            (format!(r#"{{"c":"net/1/7","s":18446744073709551615,"t":0,"d":[[0,0,1,"rd",0,{h}]],"r":{{"dt":0,"sum":"x"}}}}"#), "seq overflows"),
+            (format!(r#"{{"c":"net/1/7","s":1,"t":1,"d":[[0,0,1,"rd",18446744073709551615,{h}]]}}"#), "t_ns overflows"),
+            (r#"{"c":"net/1/7","s":1,"t":0,"r":{"dt":0}}"#.to_string(), "`op` (blk) or `sum` (net)"),
+            (r#"{"c":"blk/0/7","s":1,"t":0,"r":{"dt":0,"op":"in"}}"#.to_string(), "without `code`"),
+            (r#"{"type":"dirty","seq":1,"t_ns":0,"sample":0,"dirty_pages":2,"dirtied":"1-3","runs":[]}"#.to_string(), "bad dirtied"),
+            (r#"{"type":"dirty","seq":1,"t_ns":0,"sample":0,"dirty_pages":9,"dirtied":"3,2","runs":[]}"#.to_string(), "bad dirtied"),
+            (r#"{"type":"dirty","seq":1,"t_ns":0,"sample":0,"dirty_pages":4294967295,"dirtied":"0-18446744073709551615","runs":[]}"#.to_string(), "bad dirtied"),
+            (r#"{"type":"desc","seq":1}"#.to_string(), "unknown variant"),
+        ] {
+            let e = first_error(&body);
+            assert!(e.contains(says), "{body}: {e}");
+        }
+    }
 }

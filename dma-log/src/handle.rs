@@ -374,16 +374,18 @@ mod tests {
         assert!(text.starts_with("{\"type\":\"header\",\"schema\":\"zc-dma-log/2\""));
         // The desc and the request after it share a line; the pieces are implied.
         assert!(
-            text.contains(concat!(
-                "{\"c\":\"blk/0/3\",\"s\":1,\"t\":",
-            )),
+            text.contains(concat!("{\"c\":\"blk/0/3\",\"s\":1,\"t\":",)),
             "{text}"
         );
         assert!(
             text.contains(",\"d\":[[4,4096,512,\"wdi\",0,\"fffffffffffffffe\"]],\"r\":{\"dt\":"),
             "{text}"
         );
-        assert_eq!(text.lines().count(), 1 + 4, "header, marker, chain, net request, error");
+        assert_eq!(
+            text.lines().count(),
+            1 + 4,
+            "header, marker, chain, net request, error"
+        );
         let r = DmaLogReader::new(&bytes[..]).unwrap();
         assert_eq!(r.header().schema, SCHEMA);
         let recs: Vec<Record> = r.collect::<Result<_, _>>().unwrap();

@@ -214,8 +214,7 @@ impl<R: BufRead> Iterator for DmaLogReader<R> {
                 continue;
             }
             let parsed = if self.v2 {
-                compact::decode_line(line, &mut self.pending)
-                    .map(|()| self.pending.pop_front())
+                compact::decode_line(line, &mut self.pending).map(|()| self.pending.pop_front())
             } else {
                 serde_json::from_slice(line).map(Some)
             };
