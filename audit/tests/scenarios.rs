@@ -461,16 +461,18 @@ fn reports_text(s: &Scenario) -> String {
     out
 }
 
-/// The checked-in files of every scenario: `NAME.dma.jsonl`, `NAME.reports.jsonl`,
-/// and the shared `source.bin`.
+/// The checked-in files of every scenario: `NAME.dma.jsonl` (the log in schema
+/// `zc-dma-log/1`, as recorded first), `NAME.dma-v2.jsonl` (the same records in
+/// `zc-dma-log/2`), `NAME.reports.jsonl`, and the shared `source.bin`.
 fn expected_files() -> Vec<(PathBuf, Vec<u8>)> {
     let dir = data_dir();
     let mut out = vec![(dir.join("source.bin"), source(SRC_BYTES))];
     for (name, s) in scenarios() {
         out.push((
             dir.join(format!("{name}.dma.jsonl")),
-            s.sim.jsonl().into_bytes(),
+            s.sim.jsonl_v1().into_bytes(),
         ));
+        out.push((dir.join(format!("{name}.dma-v2.jsonl")), s.sim.jsonl()));
         out.push((
             dir.join(format!("{name}.reports.jsonl")),
             reports_text(&s).into_bytes(),
@@ -510,6 +512,27 @@ fn load(name: &str, variant: &str) -> AuditInput {
 
 fn expected_toml() -> Expectations {
     Expectations::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml")).unwrap()
+}
+
+/// Both schemas of a scenario's log give the same records, so the same audit.
+#[test]
+fn v1_and_v2_logs_get_the_same_audit() {
+    let dir = data_dir();
+    for (name, _) in scenarios() {
+        let v1 = load(name, recorded_variant(name));
+        let mut v2 = load(name, recorded_variant(name));
+        v2.records = read_log(&dir.join(format!("{name}.dma-v2.jsonl"))).unwrap();
+        assert_eq!(v1.records, v2.records, "{name}");
+        let (a1, a2) = (audit(&v1, &expected_toml()), audit(&v2, &expected_toml()));
+        assert!(!a1.is_empty(), "{name}");
+        assert_eq!(a1, a2, "{name}");
+        let size = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+        let (s1, s2) = (
+            size(&format!("{name}.dma.jsonl")),
+            size(&format!("{name}.dma-v2.jsonl")),
+        );
+        assert!(s2 * 2 < s1, "{name}: /2 is {s2} bytes, /1 {s1}");
+    }
 }
 
 /// Audits scenario `name` (as recorded, in `variant`) against the real expectations.

@@ -13,7 +13,7 @@ use zc_protocol::Marker;
 use zc_dma_log::{
     fingerprint, page_pieces, BlkRequest, BlkStatus, DescRecord, DescRole, DeviceKind, Direction,
     DirtyRecord, Fingerprint, HeaderRecord, MarkerRecord, NetRequest, PayloadRun, Piece, Record,
-    RequestDetail, RequestRecord, SCHEMA,
+    RecordWriter, RequestDetail, RequestRecord, SCHEMA_V1,
 };
 
 /// Guest page size.
@@ -458,10 +458,11 @@ impl Sim {
         &self.recs
     }
 
-    /// The log as the VMM writes it: header line, then one record per line.
-    pub fn jsonl(&self) -> String {
+    /// The log in the first schema (`zc-dma-log/1`), as the VMM wrote it before
+    /// `/2`: header line, then one record per line.
+    pub fn jsonl_v1(&self) -> String {
         let mut out = serde_json::to_string(&Record::Header(HeaderRecord {
-            schema: SCHEMA.to_string(),
+            schema: SCHEMA_V1.to_string(),
             start_unix_ns: 0,
         }))
         .unwrap();
@@ -471,5 +472,14 @@ impl Sim {
             out.push('\n');
         }
         out
+    }
+
+    /// The log as the VMM writes it now (`zc-dma-log/2`).
+    pub fn jsonl(&self) -> Vec<u8> {
+        let mut w = RecordWriter::new(Vec::new(), 0).unwrap();
+        for r in &self.recs {
+            w.write(r).unwrap();
+        }
+        w.finish().unwrap()
     }
 }
