@@ -71,11 +71,13 @@ enum DmaLogCmd {
     Show(DmaLogArgs),
     /// Descriptors and bytes per device and direction, requests per kind.
     Stats(DmaLogArgs),
-    /// Records whose JSON text contains PATTERN (e.g. a fingerprint); exits 1 if none.
+    /// Records whose JSON text, every field named (as in a `zc-dma-log/1` line), contains
+    /// PATTERN (e.g. a fingerprint); exits 1 if none.
     Grep {
         /// Text to look for.
         pattern: String,
-        /// Print the matching records' JSON lines instead of one summary line each.
+        /// Print the matching records' JSON text (one object per line) instead of one
+        /// summary line each.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -425,9 +427,11 @@ fn dma_log(action: DmaLogCmd) -> Result<i32> {
                 continue;
             }
             if let Some((pattern, json)) = &grep {
-                // The line as written is the record's JSON text.
-                if !reader
-                    .last_line()
+                // The record's JSON text with every field named: a line of a
+                // `zc-dma-log/1` log as written, and the same for any schema (a `/2`
+                // line is compact and can hold several records).
+                let text = serde_json::to_vec(&record)?;
+                if !text
                     .windows(pattern.len().max(1))
                     .any(|w| w == pattern.as_bytes())
                 {
@@ -435,7 +439,7 @@ fn dma_log(action: DmaLogCmd) -> Result<i32> {
                 }
                 matched += 1;
                 if *json {
-                    out.write_all(reader.last_line())?;
+                    out.write_all(&text)?;
                     out.write_all(b"\n")?;
                     continue;
                 }

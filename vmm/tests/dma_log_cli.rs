@@ -129,3 +129,56 @@ fn trace_answers_in_one_command_and_refuses_bad_input() {
     let bad = zc_vmm(&["stats", "/no/such/log"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn both_schemas_give_the_same_answers() {
+    let source = data("source.bin");
+    let source = source.to_str().unwrap();
+    for name in ["sendfile_sg_on", "read_write", "linear_reuse"] {
+        let v1 = data(&format!("{name}.dma.jsonl"));
+        let v2 = data(&format!("{name}.dma-v2.jsonl"));
+        let (v1, v2) = (v1.to_str().unwrap(), v2.to_str().unwrap());
+        // A fingerprint of a NIC read: one `/2` line holds the frame's records.
+        let shown = stdout(&zc_vmm(&["show", v1]));
+        assert!(shown.lines().count() > 50, "{name}: {shown}");
+        let v1_text = std::fs::read_to_string(v1).unwrap();
+        let hash = v1_text
+            .lines()
+            .find(|l| l.contains("\"device\":\"net\"") && l.contains("\"role\":\"data\""))
+            .and_then(|l| l.split("\"hash\":\"").nth(1))
+            .map(|h| h[..16].to_string())
+            .unwrap();
+        let method = v1_text
+            .split("\"label\":\"BEGIN ")
+            .nth(1)
+            .and_then(|l| l.split('"').next())
+            .unwrap();
+        for args in [
+            vec!["show", v1],
+            vec!["stats", v1],
+            vec!["stats", v1, "--device", "net", "--span", method],
+            vec!["grep", "--json", &hash, v1],
+            vec!["grep", "\"device\":\"blk\"", v1],
+            vec![
+                "trace",
+                v1,
+                "--method",
+                method,
+                "--file-off",
+                "0",
+                "--len",
+                "32K",
+                "--source",
+                source,
+                "--json",
+            ],
+        ] {
+            let a = zc_vmm(&args);
+            let args2: Vec<&str> = args.iter().map(|&a| if a == v1 { v2 } else { a }).collect();
+            let b = zc_vmm(&args2);
+            assert_eq!(a.status.code(), b.status.code(), "{name} {args:?}");
+            assert!(!a.stdout.is_empty(), "{name} {args:?}: {a:?}");
+            assert_eq!(stdout(&a), stdout(&b), "{name} {args:?}");
+        }
+    }
+}
