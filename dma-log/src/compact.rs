@@ -858,11 +858,11 @@ mod tests {
             queue: 1,
             head,
             desc: head + 1,
-            indirect: seq % 2 == 0,
+            indirect: seq.is_multiple_of(2),
             gpa,
             len,
             dir: Direction::DeviceReads,
-            role: if seq % 3 == 0 {
+            role: if seq.is_multiple_of(3) {
                 DescRole::Header
             } else {
                 DescRole::Data
@@ -1127,8 +1127,8 @@ mod tests {
             (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h},{h}]]}}"#), "more fingerprints"),
             (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h},[0,12,{h}]]]}}"#), "mixes"),
             (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"xd",0,{h}]]}}"#), "bad desc flags"),
-            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,"12"]]}}"#), "bad fingerprint"),
-            (format!(r#"{{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd"]]}}"#), "desc tuple"),
+            (r#"{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,"12"]]}"#.to_string(), "bad fingerprint"),
+            (r#"{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd"]]}"#.to_string(), "desc tuple"),
             (format!(r#"{{"c":"scsi/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
             (format!(r#"{{"c":"net/1/7/8","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
             (r#"{"c":"net/1/7","s":1,"t":0}"#.to_string(), "neither"),

@@ -373,10 +373,7 @@ mod tests {
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.starts_with("{\"type\":\"header\",\"schema\":\"zc-dma-log/2\""));
         // The desc and the request after it share a line; the pieces are implied.
-        assert!(
-            text.contains(concat!("{\"c\":\"blk/0/3\",\"s\":1,\"t\":",)),
-            "{text}"
-        );
+        assert!(text.contains("{\"c\":\"blk/0/3\",\"s\":1,\"t\":"), "{text}");
         assert!(
             text.contains(",\"d\":[[4,4096,512,\"wdi\",0,\"fffffffffffffffe\"]],\"r\":{\"dt\":"),
             "{text}"

@@ -414,7 +414,7 @@ fn dma_log(action: DmaLogCmd) -> Result<i32> {
     let mut cut = None;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = (|| -> Result<()> {
-        while let Some(record) = reader.next() {
+        for record in reader.by_ref() {
             let record = match record {
                 Ok(r) => r,
                 Err(DmaLogError::Truncated { line, offset }) => {

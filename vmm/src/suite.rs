@@ -341,6 +341,23 @@ impl Boot {
     }
 }
 
+/// The DMA log a boot writes (`<variant>.dma-log.jsonl.zst`): compressed, since the
+/// writer thread compresses off the guest's path and a run's plain log is about
+/// 1 KB per 4 KiB sent (`docs/dma-log.md`, "Size").
+const DMA_LOG: &str = "dma-log.jsonl.zst";
+/// The plain log of directories written before the suite compressed it: still audited.
+const DMA_LOG_PLAIN: &str = "dma-log.jsonl";
+
+/// The suffix of `boot`'s DMA log: the compressed one, or a plain one if only that
+/// exists.
+fn dma_log_suffix(boot: &Boot) -> &'static str {
+    if !boot.file(DMA_LOG).exists() && boot.file(DMA_LOG_PLAIN).exists() {
+        DMA_LOG_PLAIN
+    } else {
+        DMA_LOG
+    }
+}
+
 /// Audits every boot and gathers the context: the verdict set every report renders.
 fn judge(boots: &[Boot], source: &[u8], expectations: &Expectations, c: Context0<'_>) -> Verdicts {
     let image = KernelImage::beside(c.kernel);
@@ -435,7 +452,8 @@ fn audit_boot(
             .collect(),
         None => Vec::new(),
     };
-    let log = boot.file("dma-log.jsonl");
+    let log_suffix = dma_log_suffix(boot);
+    let log = boot.file(log_suffix);
     let records = if log.exists() {
         zc_dma_log::read_log(&log).unwrap_or_else(|e| {
             problems.push(format!("cannot read the DMA log {}: {e}", log.display()));
@@ -453,7 +471,7 @@ fn audit_boot(
     let audits = zc_audit::audit_wanted(&input, expectations, &boot.methods);
     let failure = boot_failure(boot, summary.as_ref(), &problems);
     let files = [
-        ("dma-log", "dma-log.jsonl"),
+        ("dma-log", log_suffix),
         ("pcap", "pcap"),
         ("console", "console.txt"),
         ("run", "run.json"),
@@ -688,7 +706,7 @@ fn boot_variant(
     // Beside the outputs: what was booted, and `zc-vmm run --spec` boots it again.
     spec.save(&spec_file)
         .with_context(|| format!("cannot write {}", spec_file.display()))?;
-    for stale in ["run.json", "dma-log.jsonl", "pcap", "console.txt"] {
+    for stale in ["run.json", DMA_LOG, DMA_LOG_PLAIN, "pcap", "console.txt"] {
         let _ = std::fs::remove_file(out.join(format!("{}.{stale}", variant.name)));
     }
     let exe = std::env::current_exe().context("cannot find the zc-vmm executable")?;
@@ -805,7 +823,7 @@ fn variant_spec(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<RunS
         outputs: RunOutputs {
             console: Some(out("console.txt")),
             summary: Some(out("run.json")),
-            dma_log: Some(out("dma-log.jsonl")),
+            dma_log: Some(out(DMA_LOG)),
         },
         ..RunSpec::new(&args.kernel)
     })
@@ -1118,7 +1136,7 @@ mod tests {
             outputs: RunOutputs {
                 console: Some(out("console.txt")),
                 summary: Some(out("run.json")),
-                dma_log: Some(out("dma-log.jsonl")),
+                dma_log: Some(out(DMA_LOG)),
             },
             ..RunSpec::new(DEFAULT_KERNEL)
         };

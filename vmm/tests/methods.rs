@@ -105,7 +105,7 @@ fn every_method_matches_the_expected_table() {
     for report in [
         "verdicts.ktap",
         "report.html",
-        "sg-on.dma-log.jsonl",
+        "sg-on.dma-log.jsonl.zst",
         "sg-on.pcap",
     ] {
         assert!(out.path().join(report).is_file(), "no {report}");
