@@ -1,7 +1,8 @@
 //! Rewrites a DMA log (either schema, plain or zstd) in the current schema:
 //! `cargo run --release -p zc-dma-log --example dma_log_convert IN OUT`, OUT
 //! compressed (zstd level 1, as the VMM writes `.zst` logs) when it ends in `.zst`.
-//! Prints the sizes, to compare the schemas on a real log.
+//! Prints the sizes, to compare the schemas on a real log, after reading OUT back
+//! and checking that it gives exactly the records of IN.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -30,8 +31,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         records += 1;
     }
     drop(writer.finish()?);
+    let mut again = DmaLogReader::open(output)?;
+    for (i, original) in DmaLogReader::open(input)?.enumerate() {
+        let original = original?;
+        match again.next() {
+            Some(Ok(r)) if r == original => {}
+            other => {
+                return Err(format!("record {i} reads back as {other:?}, not {original:?}").into())
+            }
+        }
+    }
+    if let Some(extra) = again.next() {
+        return Err(format!("{output:?} has a record more: {extra:?}").into());
+    }
     println!(
-        "{records} records: {} bytes in, {} bytes out",
+        "{records} records, read back the same: {} bytes in, {} bytes out",
         std::fs::metadata(input)?.len(),
         std::fs::metadata(output)?.len()
     );
