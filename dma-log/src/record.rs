@@ -1,6 +1,7 @@
-//! The records of the log, one per line: the schema `zc-dma-log/1` as Rust types
-//! (field by field in `docs/dma-log.md`). Readers parse them with serde; the writer
-//! formats the frequent ones by hand, byte for byte what serde writes (`json`).
+//! The records of the log as Rust types (field by field in `docs/dma-log.md`). Their
+//! serde form is a line of schema `zc-dma-log/1`, which readers parse with serde;
+//! schema `/2` lays the same records out in fewer bytes (`compact`), and its
+//! markers and device errors are serde's lines.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
