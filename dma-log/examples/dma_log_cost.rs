@@ -95,7 +95,17 @@ fn net_frame(log: &DmaLog, frame: &[u8], head: u16) {
             &frame[at..at + len],
         );
     }
-    log.request_from_bytes(DeviceKind::Net, 1, head, &frame[12..], 0, tx_detail);
+    // As the net device does: the summary comes from the copies just queued.
+    log.request_from_read(
+        DeviceKind::Net,
+        1,
+        head,
+        12,
+        &frame[12..],
+        None,
+        0,
+        tx_detail,
+    );
 }
 
 /// As the net device does: the summary is worked out on the writer thread.

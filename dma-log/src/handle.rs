@@ -60,6 +60,29 @@ impl DescInfo {
 /// and its `arg`. A plain function, so that queuing one allocates nothing.
 pub type DetailFn = fn(&[u8], u64) -> RequestDetail;
 
+/// Two bytes a device changed in a frame after reading (and logging) it: the
+/// checksum it completed, at `at` in the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramePatch {
+    /// Offset in the frame.
+    pub at: usize,
+    /// The bytes there now.
+    pub bytes: [u8; 2],
+}
+
+impl FramePatch {
+    /// Writes the patch into `frame` (a patch outside it changes nothing).
+    pub(crate) fn apply(self, frame: &mut [u8]) {
+        if let Some(b) = self
+            .at
+            .checked_add(2)
+            .and_then(|end| frame.get_mut(self.at..end))
+        {
+            b.copy_from_slice(&self.bytes);
+        }
+    }
+}
+
 /// A file registered with a log ([`DmaLog::stable_file`]) as one whose contents do
 /// not change while the log is in use, such as a read-only disk image. Only valid
 /// with the log that made it.
@@ -262,7 +285,69 @@ impl DmaLog {
         };
         self.push(bytes.len(), |batch| {
             let bytes = batch.copy(bytes);
-            writer::Body::Request(chain, writer::Detail::Deferred { bytes, arg, detail })
+            writer::Body::Request(
+                chain,
+                writer::Detail::Deferred {
+                    bytes,
+                    arg,
+                    detail,
+                    patch: None,
+                },
+            )
+        });
+    }
+
+    /// Records a completed request whose detail `detail(bytes, arg)` is worked out
+    /// on the writer thread from the bytes the chain's `desc` records just copied
+    /// (with [`DmaLog::descriptor_bytes`], e.g. through a device's logged read),
+    /// without copying them again: `bytes` = what they copied after the first
+    /// `skip` bytes, then `patch` (what the device changed since). When those
+    /// copies are not the last ones queued (another record came between, or a
+    /// range was too long to copy), `bytes` is copied as
+    /// [`DmaLog::request_from_bytes`] does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request_from_read(
+        &self,
+        device: DeviceKind,
+        queue: u16,
+        head: u16,
+        skip: usize,
+        bytes: &[u8],
+        patch: Option<FramePatch>,
+        arg: u64,
+        detail: DetailFn,
+    ) {
+        if !self.is_enabled() {
+            return;
+        }
+        if bytes.len() > COPY_LIMIT {
+            self.request(device, queue, head, detail(bytes, arg));
+            return;
+        }
+        let chain = Chain {
+            device,
+            queue,
+            head,
+        };
+        self.push(bytes.len(), |batch| {
+            let read = batch
+                .trailing_copies_of(chain)
+                .and_then(|c| c.skip(skip, bytes.len()));
+            let detail = match read {
+                Some(copied) => writer::Detail::Deferred {
+                    bytes: copied,
+                    arg,
+                    detail,
+                    patch,
+                },
+                None => writer::Detail::Deferred {
+                    bytes: batch.copy(bytes),
+                    arg,
+                    detail,
+                    patch: None,
+                },
+            };
+            writer::Body::Request(chain, detail)
         });
     }
 

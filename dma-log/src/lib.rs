@@ -51,7 +51,7 @@ pub use compact::RecordWriter;
 pub use error::DmaLogError;
 #[cfg(feature = "guest-memory")]
 pub use guest::pieces_from_guest;
-pub use handle::{DescInfo, DetailFn, DmaLog, StableFile};
+pub use handle::{DescInfo, DetailFn, DmaLog, FramePatch, StableFile};
 pub use reader::{is_zstd_path, read_log, AnyInput, DmaLogReader, ZSTD_MAGIC};
 pub use record::{
     BlkRequest, BlkStatus, DescRecord, DescRole, DeviceErrorRecord, DeviceKind, Direction,

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::compact::{self, Encoder};
-use crate::handle::{Chain, COPY_LIMIT};
+use crate::handle::{Chain, FramePatch, COPY_LIMIT};
 use crate::page_table::PageTable;
 use crate::{
     fingerprint, page_pieces, DescInfo, DetailFn, DeviceErrorRecord, DeviceKind, DirtyRecord,
@@ -77,6 +77,14 @@ pub(crate) struct Copied {
 }
 
 impl Copied {
+    /// The last `len` bytes of the copy, if it is exactly `skip + len` long.
+    pub(crate) fn skip(self, skip: usize, len: usize) -> Option<Copied> {
+        (skip.checked_add(len) == Some(self.len)).then_some(Copied {
+            at: self.at + skip,
+            len,
+        })
+    }
+
     /// The copied bytes, in the `bytes` of the batch they were copied into.
     fn of(self, bytes: &[u8]) -> &[u8] {
         &bytes[self.at..self.at + self.len]
@@ -87,11 +95,12 @@ impl Copied {
 pub(crate) enum Detail {
     /// Given by the device.
     Ready(RequestDetail),
-    /// `detail(bytes, arg)`, on the writer thread.
+    /// `detail(bytes, arg)`, on the writer thread, `bytes` with `patch` applied.
     Deferred {
         bytes: Copied,
         arg: u64,
         detail: DetailFn,
+        patch: Option<FramePatch>,
     },
 }
 
@@ -173,6 +182,29 @@ impl Batch {
         let (copied, dst) = self.reserve(bytes.len());
         dst.copy_from_slice(bytes);
         copied
+    }
+
+    /// The copies of `chain`'s `desc` records at the end of the batch, if they are
+    /// its last records and their copies are its last bytes, one after the other:
+    /// what a device just read of that chain (see `DmaLog::request_from_read`).
+    pub(crate) fn trailing_copies_of(&self, chain: Chain) -> Option<Copied> {
+        let mut start = None;
+        let mut end = self.used;
+        for e in self.entries.iter().rev() {
+            match &e.body {
+                Body::Desc(info, Pieces::Copied(c))
+                    if info.chain() == chain && c.at + c.len == end =>
+                {
+                    end = c.at;
+                    start = Some(c.at);
+                }
+                _ => break,
+            }
+        }
+        start.map(|at| Copied {
+            at,
+            len: self.used - at,
+        })
     }
 
     /// Gives back the room of the last [`Batch::reserve`].
@@ -372,6 +404,7 @@ pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
                     files: Vec::new(),
                     scratch: Vec::new(),
                     enc: Encoder::default(),
+                    frame: Vec::new(),
                 },
             );
             drop(gone);
@@ -415,6 +448,8 @@ struct Sink {
     scratch: Vec<u8>,
     /// The line being written.
     enc: Encoder,
+    /// Where a frame is patched before its request detail is worked out.
+    frame: Vec<u8>,
 }
 
 impl Sink {
@@ -457,7 +492,19 @@ impl Sink {
                         bytes: copied,
                         arg,
                         detail,
+                        patch: None,
                     } => detail(copied.of(bytes), arg),
+                    Detail::Deferred {
+                        bytes: copied,
+                        arg,
+                        detail,
+                        patch: Some(patch),
+                    } => {
+                        self.frame.clear();
+                        self.frame.extend_from_slice(copied.of(bytes));
+                        patch.apply(&mut self.frame);
+                        detail(&self.frame, arg)
+                    }
                 };
                 self.enc.request(out, seq, t_ns, chain, &req);
             }

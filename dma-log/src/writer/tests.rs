@@ -8,7 +8,8 @@ use std::time::Duration;
 #[cfg(feature = "guest-memory")]
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::table_hashes;
+use super::{table_hashes, Batch, Body, Detail, Entry, Pieces};
+use crate::handle::Chain;
 use crate::test_util::Out;
 use crate::{
     fingerprint, pieces_of, DescInfo, DescRole, DeviceKind, Direction, DmaLog, NetRequest, Record,
@@ -342,6 +343,124 @@ fn deferred_request_details_see_the_bytes_as_they_were() {
         },
         other => panic!("{other:?}"),
     }
+}
+
+fn text_detail(bytes: &[u8], arg: u64) -> RequestDetail {
+    RequestDetail::Net(NetRequest {
+        summary: format!("{} {arg}", String::from_utf8_lossy(bytes)),
+        tcp_seq: None,
+        tcp_len: None,
+        tcp_flags: None,
+        tcp_payload_off: None,
+        tcp_ports: None,
+    })
+}
+
+fn summaries(recs: &[Record]) -> Vec<String> {
+    recs.iter()
+        .filter_map(|r| match r {
+            Record::Request(r) => match &r.req {
+                RequestDetail::Net(n) => Some(n.summary.clone()),
+                RequestDetail::Blk(_) => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// A TX read as the net device logs it: the 12-byte header, then the frame, of
+/// chain `head`.
+fn log_tx_read(log: &DmaLog, head: u16, read: &[u8]) {
+    for (at, len) in [(0, 12), (12, read.len() - 12)] {
+        let mut d = info(0x1000 + at as u64, u32::try_from(len).unwrap());
+        d.head = head;
+        log.descriptor_bytes(d, &read[at..at + len]);
+    }
+}
+
+#[test]
+fn a_request_from_a_read_sees_the_read_patched_or_the_bytes_given() {
+    let out = Out::default();
+    let log = out.log();
+    let read = b"0123456789ABframe as read".to_vec();
+    // What the device sends: the checksum field (2 bytes at 6) completed.
+    let mut sent = read[12..].to_vec();
+    sent[6..8].copy_from_slice(b"XY");
+    let patch = Some(crate::FramePatch {
+        at: 6,
+        bytes: *b"XY",
+    });
+    // The bytes given differ from the read (+ patch) in their last byte, as a
+    // probe: the summary says which of the two the writer saw.
+    let mut given = sent.clone();
+    *given.last_mut().unwrap() = b'D';
+    // The writer may take the batch between a read and its request (it lingers
+    // 2 ms after the first record), and then the bytes given are copied: of 20
+    // frames, all but such rare ones must reuse the read.
+    for head in 100..120 {
+        log_tx_read(&log, head, &read);
+        log.request_from_read(DeviceKind::Net, 1, head, 12, &given, patch, 1, text_detail);
+    }
+    // Another record in between: the bytes given are copied.
+    log_tx_read(&log, 2, &read);
+    log.marker("between");
+    log.request_from_read(DeviceKind::Net, 1, 2, 12, &given, patch, 2, text_detail);
+    // A read of another length than skip + the bytes: copied too.
+    log_tx_read(&log, 3, &read);
+    log.request_from_read(DeviceKind::Net, 1, 3, 11, &given, patch, 3, text_detail);
+    log.flush().unwrap();
+    let got = summaries(&out.records());
+    let reused = got[..20].iter().filter(|s| *s == "frame XY read 1").count();
+    assert!(
+        reused >= 15 && got[..20].iter().all(|s| s.starts_with("frame XY rea")),
+        "{got:?}"
+    );
+    assert_eq!(got[20..], ["frame XY reaD 2", "frame XY reaD 3"]);
+}
+
+#[test]
+fn only_a_chains_last_contiguous_copies_are_its_read() {
+    let chain = |head| Chain {
+        device: DeviceKind::Net,
+        queue: 1,
+        head,
+    };
+    let mut batch = Batch::new();
+    let push_desc = |batch: &mut Batch, head: u16, bytes: &[u8]| {
+        let mut d = info(0, u32::try_from(bytes.len()).unwrap());
+        d.head = head;
+        let c = batch.copy(bytes);
+        batch.entries.push(Entry {
+            seq: 0,
+            t_ns: 0,
+            body: Body::Desc(d, Pieces::Copied(c)),
+        });
+    };
+    assert!(batch.trailing_copies_of(chain(1)).is_none());
+    push_desc(&mut batch, 7, b"other chain");
+    push_desc(&mut batch, 1, b"header");
+    push_desc(&mut batch, 1, b"frame");
+    let read = batch.trailing_copies_of(chain(1)).unwrap();
+    assert_eq!(read.of(&batch.bytes), b"headerframe");
+    assert_eq!(read.skip(6, 5).unwrap().of(&batch.bytes), b"frame");
+    assert!(read.skip(6, 4).is_none());
+    assert!(batch.trailing_copies_of(chain(7)).is_none());
+    // A copy after them that is no desc of the chain: not its read any more.
+    let extra = batch.copy(b"request bytes");
+    batch.entries.push(Entry {
+        seq: 0,
+        t_ns: 0,
+        body: Body::Request(
+            chain(1),
+            Detail::Deferred {
+                bytes: extra,
+                arg: 0,
+                detail: text_detail,
+                patch: None,
+            },
+        ),
+    });
+    assert!(batch.trailing_copies_of(chain(1)).is_none());
 }
 
 #[test]

@@ -16,7 +16,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::{walk_chain, BufferError, ChainDesc, ChainError};
 use crate::dma_log::{
-    DescInfo, DescRole, DetailFn, DeviceKind, Direction, DmaLog, RequestDetail, StableFile,
+    DescInfo, DescRole, DetailFn, DeviceKind, Direction, DmaLog, FramePatch, RequestDetail,
+    StableFile,
 };
 use crate::virtio::GuestMem;
 
@@ -258,6 +259,24 @@ impl<'a> GuestChain<'a> {
         let c = &self.ctx;
         c.log
             .request_from_bytes(c.device, c.queue, c.head, bytes, arg, detail);
+    }
+
+    /// Records the completed request, its detail worked out later by `detail` on the
+    /// log's writer thread from the bytes this chain's last logged read copied
+    /// after its first `skip` (no second copy: see [`DmaLog::request_from_read`]),
+    /// with `patch` applied; `bytes` are those bytes now, copied only if the
+    /// read's copies are not at hand.
+    pub fn log_request_from_read(
+        &self,
+        skip: usize,
+        bytes: &[u8],
+        patch: Option<FramePatch>,
+        arg: u64,
+        detail: DetailFn,
+    ) {
+        let c = &self.ctx;
+        c.log
+            .request_from_read(c.device, c.queue, c.head, skip, bytes, patch, arg, detail);
     }
 
     /// Records a guest driver error in this chain.

@@ -127,7 +127,7 @@ impl<B: NetBackend> Host<B> {
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += frame.len() as u64;
         if let Some(first) = chains.first() {
-            first.log_request_from_bytes(frame, u64::from(nbufs), rx_detail);
+            first.log_request_from_read(NET_HDR_LEN, frame, None, u64::from(nbufs), rx_detail);
         }
         Ok(Delivery::Done)
     }

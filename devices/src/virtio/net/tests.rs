@@ -481,6 +481,32 @@ fn partial_checksum_is_completed() {
     assert_eq!(d.pieces[0].hash.0, fingerprint(&frame[..54]));
 }
 
+/// The request summarises the frame as sent, even when the checksum the device
+/// completed lies where the summary reads (a driver chooses `csum_offset`; here it
+/// points at the TCP sequence number), while the `desc` records fingerprint the
+/// bytes as read: the summary comes from the read's copy with the field patched.
+#[test]
+fn the_request_describes_the_frame_as_sent() {
+    let mut h = fake(NetOptions::default());
+    h.activate(BASE | SG);
+    let data = payload(100);
+    let frame = tcp_frame(&data, 0);
+    // csum_start 34 (the TCP header), offset 4: the sequence number's first 2 bytes.
+    let mut buf = net_hdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 34, 4).to_vec();
+    buf.extend_from_slice(&frame);
+    h.write(DATA, &buf);
+    add_chain(&h.txq, 0, &[(DATA, len32(&buf), 0)]);
+    h.process(TX_QUEUE);
+    let sent = h.dev.backend().sent[0].clone();
+    assert_ne!(sent[38..40], frame[38..40], "the field was rewritten");
+    let seq_sent = u32::from_be_bytes(sent[38..42].try_into().unwrap());
+    let req = &h.requests(TX_QUEUE)[0];
+    assert_eq!(req.tcp_seq, Some(seq_sent), "{req:?}");
+    assert!(req.summary.contains(&format!("seq={seq_sent} ")), "{req:?}");
+    let d = &h.descs(TX_QUEUE)[1];
+    assert_eq!(d.pieces[0].hash.0, fingerprint(&frame));
+}
+
 #[test]
 fn checksum_helper_edge_cases() {
     let mut f = vec![0u8; 10];

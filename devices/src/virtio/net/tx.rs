@@ -8,7 +8,7 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GS
 
 use super::summary::tx_detail;
 use super::{Host, NetBackend, MAX_FRAME_LEN, NET_HDR_LEN};
-use crate::dma_log::{NetRequest, RequestDetail};
+use crate::dma_log::{FramePatch, NetRequest, RequestDetail};
 use crate::virtio::chain::{GuestChain, Roles};
 
 impl<B: NetBackend> Host<B> {
@@ -71,20 +71,26 @@ impl<B: NetBackend> Host<B> {
         } else if u32::from(hdr.flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
             // Completed even if CSUM was not negotiated: harmless, and the frame is
             // then still valid on the wire.
-            complete_checksum(frame, hdr.csum_start, hdr.csum_offset).map(|()| {
+            complete_checksum(frame, hdr.csum_start, hdr.csum_offset).map(|field| {
                 self.stats.csum_completed += 1;
+                Some(FramePatch {
+                    at: field,
+                    bytes: [frame[field], frame[field + 1]],
+                })
             })
         } else {
-            Ok(())
+            Ok(None)
         };
         match verdict {
-            Ok(()) => {
+            Ok(patch) => {
                 let frame = &buf[NET_HDR_LEN..];
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += frame.len() as u64;
                 self.capture(frame);
                 self.backend.send(frame, now);
-                chain.log_request_from_bytes(frame, 0, tx_detail);
+                // The summary is of the frame as sent: the copy the read above
+                // logged, with the checksum just completed.
+                chain.log_request_from_read(NET_HDR_LEN, frame, patch, 0, tx_detail);
             }
             Err(what) => self.drop_tx(chain, &what),
         }
@@ -150,12 +156,13 @@ pub(super) fn csum_fold(mut sum: u64) -> u16 {
 
 /// Completes a partial checksum (virtio 1.2, 5.1.6.2): the Internet checksum of
 /// `frame[csum_start..]` is stored at `csum_start + csum_offset`. The field holds the
-/// driver's pseudo-header sum on entry, which is how it gets folded in.
+/// driver's pseudo-header sum on entry, which is how it gets folded in. Returns the
+/// offset of the field.
 pub fn complete_checksum(
     frame: &mut [u8],
     csum_start: u16,
     csum_offset: u16,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     let start = usize::from(csum_start);
     let field = start + usize::from(csum_offset);
     if start >= frame.len() || field + 2 > frame.len() {
@@ -168,5 +175,5 @@ pub fn complete_checksum(
     // RFC 768/793 transmit 0 as all ones only for UDP; for TCP 0 is fine, and Linux
     // devices store the folded value unchanged.
     frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
-    Ok(())
+    Ok(field)
 }
