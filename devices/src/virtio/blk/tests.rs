@@ -388,7 +388,7 @@ fn flushed_data_survives_a_sigkill_right_after_the_flush() {
     let seed = seed.unwrap_or_else(|| panic!("the child never reported its flush: {status}"));
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
     let bytes = std::fs::read(image.path()).unwrap();
-    let at = 8 * SECTOR_SIZE as usize;
+    let at = usize::try_from(8 * SECTOR_SIZE).unwrap();
     assert!(
         bytes[at..at + KILL_WRITE_LEN] == kill_pattern(seed)[..],
         "the flushed bytes are not in the image"
