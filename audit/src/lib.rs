@@ -262,6 +262,18 @@ pub fn blame_run_failure(audits: &mut [MethodAudit], why: &str) {
     }
 }
 
+/// Takes back every PASS of a boot whose evidence is incomplete (`why`: its DMA log
+/// could not be written, or cannot be read to its end): a method that looks clean
+/// in a log cut short may have done its copies in the part that is missing. Each
+/// becomes a FAIL with `why` as its first reason; FAILs get `why` first too, and a
+/// SKIP (the guest's own decision) stays.
+pub fn withhold_passes(audits: &mut [MethodAudit], why: &str) {
+    for a in audits.iter_mut().filter(|a| a.verdict != Verdict::Skip) {
+        a.verdict = Verdict::Fail;
+        a.reasons.insert(0, why.to_string());
+    }
+}
+
 fn ratio(n: u64, d: u64) -> f64 {
     if d == 0 {
         0.0

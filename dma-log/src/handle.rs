@@ -309,6 +309,19 @@ impl DmaLog {
             None => Ok(()),
         }
     }
+
+    /// Has `hook` called once with the first error writing the log (a full disk,
+    /// an I/O error), as soon as the writer thread meets it rather than at the next
+    /// [`DmaLog::flush`]: the log stops recording there, so whatever the run does
+    /// after it has no complete log and must not be judged from it. `hook` runs on
+    /// the writer thread (or on this one, if the log has already failed); it should
+    /// be quick, e.g. send a message. Replaces an earlier hook; a disabled log never
+    /// calls it.
+    pub fn on_write_error(&self, hook: impl FnOnce(&io::Error) + Send + 'static) {
+        if let Some(inner) = &self.inner {
+            inner.shared.on_write_error(Box::new(hook));
+        }
+    }
 }
 
 #[cfg(test)]

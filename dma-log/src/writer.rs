@@ -196,6 +196,9 @@ struct State {
     stopped: bool,
     /// The first write error, for [`Shared::flush`] to report.
     error: Option<io::Error>,
+    /// Told of the first write error as soon as the writer meets it
+    /// ([`Shared::on_write_error`]).
+    on_error: Option<ErrorHook>,
     writer: WriterState,
     /// Producers waiting on `done` for room in the batch.
     room_waiters: usize,
@@ -209,6 +212,9 @@ struct State {
     /// The writer thread has ended (only on shutdown, unless it panicked).
     writer_gone: bool,
 }
+
+/// What [`Shared::on_write_error`] takes.
+pub(crate) type ErrorHook = Box<dyn FnOnce(&io::Error) + Send>;
 
 /// What the log's handles and its writer thread share.
 pub(crate) struct Shared {
@@ -285,6 +291,21 @@ impl Shared {
         }
     }
 
+    /// Has `hook` called, once, with the first write error: on the writer thread
+    /// when it meets the error (without the log's lock held), or at once on this
+    /// thread if the log has already failed. Replaces an earlier hook.
+    pub(crate) fn on_write_error(&self, hook: ErrorHook) {
+        let mut st = self.lock();
+        match &st.error {
+            Some(e) => {
+                let e = copy_error(e);
+                drop(st);
+                hook(&e);
+            }
+            None => st.on_error = Some(hook),
+        }
+    }
+
     /// Waits until every record queued before the call is written and the output
     /// flushed; returns the first write error since the log started, if any.
     pub(crate) fn flush(&self) -> Result<(), DmaLogError> {
@@ -345,6 +366,7 @@ pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
             pending: Batch::new(),
             stopped: false,
             error: None,
+            on_error: None,
             writer: WriterState::Busy,
             room_waiters: 0,
             flush_waiters: 0,
@@ -618,19 +640,34 @@ fn run(shared: &Shared, mut sink: Sink) {
         }
         batch.clear();
         let mut st = shared.lock();
+        let mut tell = None;
         if let Err(e) = result {
             failed = true;
             st.stopped = true;
+            tell = st.on_error.take().map(|hook| (hook, copy_error(&e)));
             st.error.get_or_insert(e);
         }
         st.flush_done = ticket;
         if st.flush_waiters > 0 {
             shared.done.notify_all();
         }
-        if shutdown && st.pending.entries.is_empty() {
+        let end = shutdown && st.pending.entries.is_empty();
+        drop(st);
+        // Outside the lock, so that the hook may take its time or even record (the
+        // log being stopped, that returns at once).
+        if let Some((hook, e)) = tell {
+            hook(&e);
+        }
+        if end {
             return;
         }
     }
+}
+
+/// `e` again (`io::Error` is not `Clone`): its kind and its message, which for an
+/// OS error includes the code, e.g. "No space left on device (os error 28)".
+fn copy_error(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), e.to_string())
 }
 
 /// A stable file and the fingerprints of its pages, once known.

@@ -377,8 +377,11 @@ fn judge(boots: &[Boot], source: &[u8], expectations: &Expectations, c: Context0
                 context.transport = Some(transport.to_string());
             }
         }
-        if let Some(why) = &run.variant.failure {
-            zc_audit::blame_run_failure(&mut audits, why);
+        match (&run.variant.failure, run.log_incomplete) {
+            (Some(why), true) => zc_audit::withhold_passes(&mut audits, why),
+            (Some(why), false) => zc_audit::blame_run_failure(&mut audits, why),
+            // An incomplete log is always a boot failure (see `audit_boot`).
+            (None, _) => {}
         }
         if let Some(refusal) = run
             .variant
@@ -403,6 +406,8 @@ fn judge(boots: &[Boot], source: &[u8], expectations: &Expectations, c: Context0
 struct BootRun {
     variant: VariantRun,
     summary: Option<RunSummary>,
+    /// The boot's DMA log is cut short: its failure says why.
+    log_incomplete: bool,
 }
 
 /// Audits one boot: its DMA log and the guest's method reports. Every method the
@@ -436,9 +441,16 @@ fn audit_boot(
         None => Vec::new(),
     };
     let log = boot.file("dma-log.jsonl");
+    // No verdict may come from a log that was not written to the end (the run
+    // says so, and its failure says why) or cannot be read to the end (a problem,
+    // hence a boot failure too).
+    let mut log_incomplete = summary
+        .as_ref()
+        .is_some_and(|s| s.run.dma_log_failure.is_some());
     let records = if log.exists() {
         zc_dma_log::read_log(&log).unwrap_or_else(|e| {
             problems.push(format!("cannot read the DMA log {}: {e}", log.display()));
+            log_incomplete = true;
             Vec::new()
         })
     } else {
@@ -481,7 +493,14 @@ fn audit_boot(
         failure,
         files,
     };
-    (audits, BootRun { variant, summary })
+    (
+        audits,
+        BootRun {
+            variant,
+            summary,
+            log_incomplete,
+        },
+    )
 }
 
 /// What a card offered, what its driver acked, and which acked feature it never used.

@@ -6,10 +6,10 @@
 use std::io::Write;
 use std::net::SocketAddrV4;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -310,6 +310,7 @@ impl<'a> VmBuilder<'a> {
                 pci: self.pci.map(|pci| pci.bus),
                 messages,
                 dma_log: self.dma_log,
+                dma_log_path: self.spec.outputs.dma_log.clone(),
                 sampler,
                 progress: self.progress,
             },
@@ -631,6 +632,8 @@ struct Devices {
     pci: Option<Arc<Mutex<PciBus>>>,
     messages: ControlMessages,
     dma_log: DmaLog,
+    /// Where the DMA log is written, when it is.
+    dma_log_path: Option<PathBuf>,
     /// Present when the run samples dirty pages (DMA log on, a file to look for).
     sampler: Option<DirtySampler>,
     /// Present when a peer checks what the guest sends: prints its count per method.
@@ -705,6 +708,13 @@ fn run_vcpus(
             source,
         })?;
     }
+    let log_failed = Arc::new(OnceLock::new());
+    if let Some(path) = &devices.dma_log_path {
+        let (path, failed) = (path.clone(), log_failed.clone());
+        devices.dma_log.on_write_error(move |e| {
+            let _ = failed.set(dma_log_failure(&path, e));
+        });
+    }
     let devices = Arc::new(devices);
     let stopping = Arc::new(AtomicBool::new(false));
     let (events, inbox) = mpsc::channel();
@@ -712,7 +722,7 @@ fn run_vcpus(
     let threads = spawn_vcpus(vcpus, &devices, events, &stopping)?;
 
     let mut report = RunReport::new(kernel_format);
-    wait_for_stop(&inbox, started, timeout, &mut report);
+    wait_for_stop(&inbox, started, timeout, &log_failed, &mut report);
     report.run_time = started.elapsed();
     stop_vcpus(threads, &stopping);
     if let Some(progress) = &devices.progress {
@@ -729,11 +739,36 @@ fn run_vcpus(
         });
     }
     report.console_tail = tail.lines();
-    if let Err(e) = devices.dma_log.flush() {
-        eprintln!("zc-vmm: the DMA log is incomplete: {e}");
+    if let (Err(e), None) = (devices.dma_log.flush(), &report.dma_log_failure) {
+        // Failed at the final flush, after the run loop stopped looking.
+        let path = devices.dma_log_path.as_deref().unwrap_or(Path::new("?"));
+        report.dma_log_failure = Some(match e {
+            zc_devices::dma_log::DmaLogError::Io(e) => dma_log_failure(path, &e),
+            other => format!("the DMA log {} is incomplete: {other}", path.display()),
+        });
     }
     Ok(report)
 }
+
+/// The one line a run that could not write its DMA log fails with.
+fn dma_log_failure(path: &Path, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let hint = match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+            "free space or pass --dma-log elsewhere"
+        }
+        _ => "check the file system it is on, or pass --dma-log elsewhere",
+    };
+    format!(
+        "the DMA log {} could not be written: {e}; {hint}",
+        path.display()
+    )
+}
+
+/// How often the run loop looks whether the DMA log failed. A flag rather than an
+/// event on the vCPUs' channel: a sender held by the log would keep the channel
+/// open after every vCPU thread ended, which is how the loop notices they all did.
+const LOG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One thread per vCPU, each running [`vcpu_loop`].
 fn spawn_vcpus(
@@ -765,12 +800,19 @@ fn wait_for_stop(
     inbox: &Receiver<Event>,
     started: Instant,
     timeout: Duration,
+    log_failed: &OnceLock<String>,
     report: &mut RunReport,
 ) {
     let mut deadline = started + timeout;
     loop {
+        if let Some(why) = log_failed.get() {
+            // Nothing the guest does from here on could be judged: stop now.
+            report.dma_log_failure = Some(why.clone());
+            report.stop = StopReason::DmaLogUnwritable;
+            return;
+        }
         let wait = deadline.saturating_duration_since(Instant::now());
-        let stop = match inbox.recv_timeout(wait) {
+        let stop = match inbox.recv_timeout(wait.min(LOG_CHECK_INTERVAL)) {
             Ok(Event::Control(at, message)) => {
                 let at = at.duration_since(started);
                 if take_message(report, at, &message) {
@@ -780,6 +822,7 @@ fn wait_for_stop(
                 continue;
             }
             Ok(Event::Stop(reason)) => reason,
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
             Err(RecvTimeoutError::Timeout) if report.guest_exit.is_some() => {
                 StopReason::NoPowerOffAfterExit
             }
@@ -1005,25 +1048,90 @@ mod tests {
             .unwrap();
         events.send(Event::Stop(StopReason::PowerOff)).unwrap();
         let mut report = message_report();
-        wait_for_stop(&inbox, started, Duration::from_secs(5), &mut report);
+        wait_for_stop(
+            &inbox,
+            started,
+            Duration::from_secs(5),
+            &OnceLock::new(),
+            &mut report,
+        );
         assert_eq!(report.stop, StopReason::PowerOff);
         assert_eq!(report.guest_exit, Some(0));
         assert_eq!(report.messages.len(), 1);
     }
 
     #[test]
+    fn the_run_loop_stops_when_the_dma_log_fails() {
+        let (_events, inbox) = mpsc::channel::<Event>();
+        let failed = Arc::new(OnceLock::new());
+        let log = DmaLog::new(
+            std::fs::File::options()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .unwrap();
+        let path = PathBuf::from("/dev/full");
+        let set = failed.clone();
+        log.on_write_error(move |e| {
+            let _ = set.set(dma_log_failure(&path, e));
+        });
+        // /dev/full fails the first write: the header and a marker, at the flush
+        // (the writer writes on its own only once 1 MiB of lines is pending).
+        log.marker("m");
+        assert!(log.flush().is_err());
+        let mut report = message_report();
+        let started = Instant::now();
+        wait_for_stop(
+            &inbox,
+            started,
+            Duration::from_secs(60),
+            &failed,
+            &mut report,
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "stopped at once"
+        );
+        assert_eq!(report.stop, StopReason::DmaLogUnwritable);
+        assert_eq!(
+            report.failure().as_deref(),
+            Some("the DMA log /dev/full could not be written: No space left on device (os error 28); free space or pass --dma-log elsewhere")
+        );
+        assert_eq!(report.exit_status(), 1);
+    }
+
+    #[test]
     fn the_run_loop_tells_a_timeout_from_a_guest_that_would_not_power_off() {
         let (events, inbox) = mpsc::channel::<Event>();
         let mut report = message_report();
-        wait_for_stop(&inbox, Instant::now(), Duration::ZERO, &mut report);
+        wait_for_stop(
+            &inbox,
+            Instant::now(),
+            Duration::ZERO,
+            &OnceLock::new(),
+            &mut report,
+        );
         assert_eq!(report.stop, StopReason::Timeout);
         let mut report = message_report();
         report.guest_exit = Some(0);
-        wait_for_stop(&inbox, Instant::now(), Duration::ZERO, &mut report);
+        wait_for_stop(
+            &inbox,
+            Instant::now(),
+            Duration::ZERO,
+            &OnceLock::new(),
+            &mut report,
+        );
         assert_eq!(report.stop, StopReason::NoPowerOffAfterExit);
         drop(events);
         let mut report = message_report();
-        wait_for_stop(&inbox, Instant::now(), Duration::from_secs(5), &mut report);
+        wait_for_stop(
+            &inbox,
+            Instant::now(),
+            Duration::from_secs(5),
+            &OnceLock::new(),
+            &mut report,
+        );
         assert!(matches!(report.stop, StopReason::VcpuFailure(_)));
     }
 }

@@ -286,6 +286,52 @@ fn a_boot_that_never_finished_gives_every_method_a_fail_row_and_compare_fails() 
     assert_eq!(o.status.code(), Some(1), "{o:?}");
 }
 
+/// A boot whose DMA log could not be written to its end (the run says so) or ends
+/// inside a line claims no PASS: each of its methods FAILs with the reason first,
+/// and the audit exits 1. With the log intact, the same boots PASS (see
+/// `audit_rejudges_a_saved_run_against_an_edited_table`).
+#[test]
+fn a_boot_whose_dma_log_is_incomplete_claims_no_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_run(
+        dir.path(),
+        &[
+            ("sg-on", &["sendfile"], Some("sendfile_sg_on")),
+            ("sg-off", &["sendfile"], Some("sendfile_sg_off")),
+        ],
+    );
+    // sg-on: the writer hit a full disk (the log on disk still reads cleanly: the
+    // failed write was the last one).
+    let full = "the DMA log /o/sg-on.dma-log.jsonl could not be written: No space left on device (os error 28); free space or pass --dma-log elsewhere";
+    let run_json = dir.path().join("sg-on.run.json");
+    let mut summary = RunSummary::load(&run_json).unwrap();
+    summary.run.dma_log_failure = Some(full.into());
+    summary.failure = summary.run.failure();
+    summary.exit_status = summary.run.exit_status();
+    summary.save(&run_json).unwrap();
+    // sg-off: the log ends inside a line (a VMM killed mid-write, a full disk).
+    let log = dir.path().join("sg-off.dma-log.jsonl");
+    let text = std::fs::read(&log).unwrap();
+    std::fs::write(&log, &text[..text.len() - 10]).unwrap();
+
+    let d = dir.path().to_str().unwrap();
+    let expected = workspace().join("audit/expected.toml");
+    let o = zc_vmm(&["audit", d, "--expected", expected.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let v = verdicts(dir.path());
+    let methods = v["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 2);
+    assert_eq!(v["totals"]["pass"], 0, "{v}");
+    for m in methods {
+        assert_eq!(m["verdict"], "FAIL", "{m}");
+    }
+    let reason = |i: usize| methods[i]["reasons"][0].as_str().unwrap().to_string();
+    assert!(reason(0).starts_with(full), "{}", reason(0));
+    assert!(reason(1).contains("is cut short"), "{}", reason(1));
+    let ktap = String::from_utf8_lossy(&o.stdout);
+    assert!(ktap.contains("No space left on device"), "{ktap}");
+}
+
 #[test]
 fn compare_fails_on_a_row_one_run_lacks() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
