@@ -169,18 +169,27 @@ impl Role {
                     libc::SYS_setsockopt,
                     libc::SYS_shutdown,
                     libc::SYS_close,
+                    // The expected file, read to check what arrives.
+                    libc::SYS_fstat,
+                    libc::SYS_statx,
+                    libc::SYS_lseek,
                 ]));
+                calls.push((libc::SYS_openat, read_only_open()));
                 calls.extend(thread_spawning());
             }
-            Role::DmaLogWriter => calls.extend(plain(&[
-                libc::SYS_write,
-                libc::SYS_writev,
-                libc::SYS_pread64,
-                libc::SYS_lseek,
-                libc::SYS_fsync,
-                libc::SYS_fdatasync,
-                libc::SYS_close,
-            ])),
+            Role::DmaLogWriter => {
+                calls.extend(plain(&[
+                    libc::SYS_write,
+                    libc::SYS_writev,
+                    libc::SYS_pread64,
+                    libc::SYS_lseek,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_close,
+                ]));
+                // Its own duplicate of a stable file's descriptor (File::try_clone).
+                calls.push((libc::SYS_fcntl, fcntl_only(libc::F_DUPFD_CLOEXEC)));
+            }
             Role::DmaLogPages => calls.extend(plain(&[libc::SYS_pread64, libc::SYS_close])),
             Role::Main => {
                 calls.extend(plain(&[
@@ -288,7 +297,30 @@ fn base() -> Vec<(i64, Vec<SeccompRule>)> {
     .collect();
     calls.push((libc::SYS_mmap, not_executable(2)));
     calls.push((libc::SYS_mprotect, not_executable(2)));
+    // Rust's debug builds check that a descriptor is open before they close it.
+    calls.push((libc::SYS_fcntl, fcntl_only(libc::F_GETFD)));
     calls
+}
+
+/// `fcntl` with command `command` only.
+fn fcntl_only(command: libc::c_int) -> Vec<SeccompRule> {
+    vec![rule(vec![cond(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        command as u64,
+    )])]
+}
+
+/// `openat` for reading only: no write access, no creating or truncating.
+fn read_only_open() -> Vec<SeccompRule> {
+    let writes = libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND;
+    vec![rule(vec![cond(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(writes as u64),
+        0,
+    )])]
 }
 
 /// Starting a thread (the socket peer's per-connection threads): `clone` only for a
@@ -417,6 +449,12 @@ pub fn enter(role: Role) {
         eprintln!("zc-vmm: error: {e}; run with --no-seccomp (or {ENV}=off) to go without");
         std::process::exit(EXIT_STATUS);
     }
+}
+
+/// Records that the calling thread has `role`'s filter from the thread that started
+/// it (filters are inherited), so that a violation names the role.
+pub fn inherited(role: Role) {
+    ROLE.with(|r| r.set(Some(role)));
 }
 
 /// Installs `role`'s filter `program` on the calling thread, whether or not the
