@@ -136,27 +136,24 @@ impl Role {
                 ]));
                 calls.push((libc::SYS_ioctl, vcpu_ioctls()));
             }
-            Role::VirtioQueue => calls.extend(plain(&[
-                // The notify eventfd, the irqfd, the tap.
-                libc::SYS_read,
-                libc::SYS_write,
-                libc::SYS_readv,
-                libc::SYS_writev,
-                // The disk image.
-                libc::SYS_pread64,
-                libc::SYS_pwrite64,
-                libc::SYS_preadv,
-                libc::SYS_pwritev,
-                libc::SYS_lseek,
-                libc::SYS_fsync,
-                libc::SYS_fdatasync,
-            ])),
-            Role::NetTimer => calls.extend(plain(&[
-                libc::SYS_read,
-                libc::SYS_write,
-                libc::SYS_readv,
-                libc::SYS_writev,
-            ])),
+            Role::VirtioQueue => {
+                calls.extend(plain(&[
+                    // The notify eventfd, the irqfd, the tap, the pcap file.
+                    libc::SYS_read,
+                    libc::SYS_write,
+                    // The disk image: reads and writes at an offset, FLUSH.
+                    libc::SYS_lseek,
+                    libc::SYS_pread64,
+                    libc::SYS_pwrite64,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                    libc::SYS_close,
+                ]));
+                // The in-VMM peer opens the file a connection must carry, to check it.
+                calls.push((libc::SYS_openat, read_only_open()));
+            }
+            // The tap's reads and writes, the irqfd.
+            Role::NetTimer => calls.extend(plain(&[libc::SYS_read, libc::SYS_write])),
             Role::Progress => calls.extend(plain(&[libc::SYS_write])),
             Role::SocketPeer => {
                 calls.extend(plain(&[
@@ -202,9 +199,6 @@ impl Role {
                     libc::SYS_fstat,
                     libc::SYS_newfstatat,
                     libc::SYS_statx,
-                    libc::SYS_fsync,
-                    libc::SYS_rename,
-                    libc::SYS_unlink,
                     // Kicking the vCPUs out of KVM_RUN (pthread_kill).
                     libc::SYS_tgkill,
                     libc::SYS_getpid,

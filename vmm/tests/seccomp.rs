@@ -150,7 +150,7 @@ fn the_dma_log_threads_do_their_work_under_their_filters() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");
         let bytes: Vec<u8> = (0..(4u32 << 20))
-            .map(|i| (i * 7 + i / 4096) as u8)
+            .map(|i| (i * 7 + i / 4096).to_le_bytes()[0])
             .collect();
         std::fs::write(&image, &bytes).unwrap();
         let path = dir.path().join("log.jsonl.zst");
@@ -186,9 +186,8 @@ fn the_dma_log_threads_do_their_work_under_their_filters() {
         log.marker("END seccomp");
         log.flush().expect("flush");
         drop(log);
-        let mut reader = DmaLogReader::open(&path).unwrap();
         let mut records = 0;
-        while let Some(record) = reader.next() {
+        for record in DmaLogReader::open(&path).unwrap() {
             record.unwrap();
             records += 1;
         }
@@ -207,7 +206,9 @@ fn the_socket_peer_checks_a_connection_under_its_filter() {
         zc_seccomp::enable().expect("seccomp");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("payload");
-        let bytes: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 13) as u8).collect();
+        let bytes: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i * 13).to_le_bytes()[0])
+            .collect();
         std::fs::write(&file, &bytes).unwrap();
         let expectation = Expectation::of_file("payload", &file).unwrap();
         let peer = SocketPeer::listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), vec![expectation])
