@@ -133,6 +133,8 @@ impl Role {
                     // control channel's line to the run loop, interrupts (eventfds).
                     libc::SYS_write,
                     libc::SYS_read,
+                    // The vCPU's descriptor, dropped when the thread ends.
+                    libc::SYS_close,
                 ]));
                 calls.push((libc::SYS_ioctl, vcpu_ioctls()));
             }

@@ -351,9 +351,11 @@ fn pci_queue_notifies_hit_their_ioeventfd_wherever_the_guest_puts_the_bar() {
     t.mem.write_slice(&code, GuestAddress(entry)).unwrap();
     cpu::setup_sregs(&t.mem, &t.vcpu).expect("long-mode sregs");
     cpu::setup_regs(&t.vcpu, GuestAddress(entry)).unwrap();
-    let mut vcpu = t.vcpu;
-    // Moving the BAR re-registers the ioeventfds, on the vCPU thread.
+    let vcpu = t.vcpu;
+    // Moving the BAR re-registers the ioeventfds, on the vCPU thread, which also
+    // drops the vCPU at its end, as the VMM's do.
     let mmio_exits = on_vcpu_thread(|| {
+        let mut vcpu = vcpu;
         let mut mmio_exits = Vec::new();
         loop {
             match vcpu.run().expect("KVM_RUN") {
