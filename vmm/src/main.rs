@@ -630,6 +630,10 @@ fn run_direct(spec: &RunSpec, mode: HostMode) -> Result<i32> {
     };
     if zc_seccomp::wanted_by_env()? {
         zc_seccomp::enable().context("seccomp (run with --no-seccomp to go without)")?;
+        eprintln!(
+            "zc-vmm: seccomp on: each VMM thread runs under its role's filter (--no-seccomp or {}=off to debug without)",
+            zc_seccomp::ENV
+        );
     } else {
         eprintln!(
             "zc-vmm: seccomp off ({}=off or --no-seccomp)",
