@@ -185,7 +185,7 @@ impl Role {
             Role::DmaLogPages => calls.extend(plain(&[libc::SYS_pread64, libc::SYS_close])),
             Role::Main => {
                 calls.extend(plain(&[
-                    // The report, the console tail, the outputs copied back.
+                    // The run report, and the kernel.json it reads beside the kernel.
                     libc::SYS_openat,
                     libc::SYS_read,
                     libc::SYS_write,
