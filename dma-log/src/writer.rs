@@ -384,6 +384,7 @@ pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
         .name("zc-dma-log".into())
         .spawn(move || {
             lower_this_threads_priority();
+            zc_seccomp::enter(zc_seccomp::Role::DmaLogWriter);
             let gone = Gone(&for_thread);
             run(
                 &for_thread,

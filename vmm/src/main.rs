@@ -198,6 +198,30 @@ struct RunArgs {
     /// Emulated mode: the emulated host's initrd [env: ZC_HOST_INITRD].
     #[arg(long, env = "ZC_HOST_INITRD", default_value = DEFAULT_HOST_INITRD)]
     host_initrd: PathBuf,
+    #[command(flatten)]
+    seccomp: SeccompSwitch,
+}
+
+/// The seccomp switch of the commands that run a VM.
+#[derive(Args, Clone, Copy)]
+struct SeccompSwitch {
+    /// Run the VMM's threads without their seccomp filters, to debug a system call a
+    /// filter refuses (the same as ZC_SECCOMP=off; the filters are on by default).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+impl SeccompSwitch {
+    /// Checks ZC_SECCOMP; with --no-seccomp, sets it to `off` for this process and
+    /// the ones it starts (`methods`' runs, the run inside the emulated host).
+    fn apply(self) -> Result<()> {
+        if self.no_seccomp {
+            // Still single-threaded: nothing reads the environment concurrently.
+            std::env::set_var(zc_seccomp::ENV, "off");
+        }
+        zc_seccomp::wanted_by_env()?;
+        Ok(())
+    }
 }
 
 /// What to run, as flags; [`RunFlags::into_spec`] turns them into a [`RunSpec`].
@@ -352,9 +376,8 @@ enum OnOff {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run(args) => run(*args),
-
-        Cmd::Methods(args) => suite::run(*args),
+        Cmd::Run(args) => args.seccomp.apply().and_then(|()| run(*args)),
+        Cmd::Methods(args) => args.seccomp.apply().and_then(|()| suite::run(*args)),
         Cmd::Audit(args) => suite::audit(args),
         Cmd::Compare(args) => compare::compare(args),
         Cmd::Probe => probe().map(|_| 0),
@@ -605,6 +628,18 @@ fn run_direct(spec: &RunSpec, mode: HostMode) -> Result<i32> {
         transport: transport.into(),
         ..spec.clone()
     };
+    if zc_seccomp::wanted_by_env()? {
+        zc_seccomp::enable().context("seccomp (run with --no-seccomp to go without)")?;
+        eprintln!(
+            "zc-vmm: seccomp on: each VMM thread runs under its role's filter (--no-seccomp or {}=off to debug without)",
+            zc_seccomp::ENV
+        );
+    } else {
+        eprintln!(
+            "zc-vmm: seccomp off ({}=off or --no-seccomp)",
+            zc_seccomp::ENV
+        );
+    }
     let report = vm::run(spec)?;
     let mut summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
     summary.transport = Some(transport);

@@ -191,6 +191,7 @@ impl PeerProgress {
         std::thread::Builder::new()
             .name("progress".into())
             .spawn(move || {
+                zc_seccomp::enter(zc_seccomp::Role::Progress);
                 while !me.stopped.load(Ordering::Relaxed) {
                     std::thread::sleep(PROGRESS_INTERVAL);
                     if !me.stopped.load(Ordering::Relaxed) {

@@ -87,6 +87,8 @@ pub struct MethodsArgs {
     /// `zc.*` options itself.
     #[arg(long, value_name = "ARGS", value_parser = parse_append)]
     append: Option<String>,
+    #[command(flatten)]
+    pub(crate) seccomp: crate::SeccompSwitch,
 }
 
 /// Checks `--append`: one line of kernel options, none of them the guest program's

@@ -585,13 +585,16 @@ fn spawn_backend_timer<B: NetBackend + 'static>(nic: DeviceHandle<Net<B>>) -> Re
     const MAX: Duration = Duration::from_millis(20);
     thread::Builder::new()
         .name("net-timer".into())
-        .spawn(move || loop {
-            let delay = nic
-                .with(|device| device.next_poll_delay(Instant::now()))
-                .unwrap_or(MAX)
-                .clamp(MIN, MAX);
-            thread::sleep(delay);
-            nic.with(|device| device.poll_backend(Instant::now()));
+        .spawn(move || {
+            zc_seccomp::enter(zc_seccomp::Role::NetTimer);
+            loop {
+                let delay = nic
+                    .with(|device| device.next_poll_delay(Instant::now()))
+                    .unwrap_or(MAX)
+                    .clamp(MIN, MAX);
+                thread::sleep(delay);
+                nic.with(|device| device.poll_backend(Instant::now()));
+            }
         })
         .map(drop)
         .map_err(|source| VmError::Host {
@@ -720,6 +723,9 @@ fn run_vcpus(
     let (events, inbox) = mpsc::channel();
     let started = Instant::now();
     let threads = spawn_vcpus(vcpus, &devices, events, &stopping)?;
+    // Every thread of the VM has started: from here the main thread only waits, stops
+    // the vCPUs and writes the outputs.
+    zc_seccomp::enter(zc_seccomp::Role::Main);
 
     let mut report = RunReport::new(kernel_format);
     wait_for_stop(&inbox, started, timeout, &log_failed, &mut report);
@@ -784,7 +790,10 @@ fn spawn_vcpus(
         let stopping = stopping.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, &devices, &events, &stopping))
+            .spawn(move || {
+                zc_seccomp::enter(zc_seccomp::Role::Vcpu);
+                vcpu_loop(vcpu, &devices, &events, &stopping)
+            })
             .map_err(|source| VmError::Host {
                 what: "cannot start a vCPU thread",
                 source,

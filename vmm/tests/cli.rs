@@ -122,6 +122,23 @@ fn a_directory_as_the_kernel_is_called_a_directory() {
 }
 
 #[test]
+fn a_seccomp_switch_other_than_on_or_off_stops_before_any_boot() {
+    for command in ["run", "methods"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_zc-vmm"))
+            .args([command, "--kernel", "/etc/passwd"])
+            .env(zc_seccomp::ENV, "maybe")
+            .output()
+            .expect("zc-vmm runs");
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        assert_eq!(
+            stderr_lines(&o),
+            ["zc-vmm: error: ZC_SECCOMP=\"maybe\": use on or off"],
+            "{command}"
+        );
+    }
+}
+
+#[test]
 fn zero_memory_is_refused_while_parsing() {
     let o = zc_vmm(&["run", "--kernel", "/etc/passwd", "--mem", "0"]);
     assert_eq!(o.status.code(), Some(2));
