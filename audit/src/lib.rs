@@ -131,10 +131,7 @@ pub struct AuditInput {
 impl AuditInput {
     /// The span of method `name` in this input's log.
     fn span_name(&self, name: &str) -> String {
-        zc_protocol::marker::qualified_span(
-            name,
-            self.card.map(|_| self.variant.as_str()),
-        )
+        zc_protocol::marker::qualified_span(name, self.card.map(|_| self.variant.as_str()))
     }
 
     /// Whether `report` is one of this input's methods.

@@ -981,12 +981,18 @@ fn a_wanted_method_that_never_ran_fails() {
 /// audit must take card 1's frames, not the first SYN of the span.
 fn two_cards() -> (Sim, Vec<zc_audit::MethodReport>) {
     let (mut s, mut h) = sim();
-    run_chunks(&mut s, &mut h, "sendfile@sg-on", CHUNK, |s, h, _, lo, hi| {
-        fill_page_cache(s, h, lo, hi);
-        for (off, len) in segments(lo, hi) {
-            sg_frame(s, h, off, len, pc_gpa, false);
-        }
-    });
+    run_chunks(
+        &mut s,
+        &mut h,
+        "sendfile@sg-on",
+        CHUNK,
+        |s, h, _, lo, hi| {
+            fill_page_cache(s, h, lo, hi);
+            for (off, len) in segments(lo, hi) {
+                sg_frame(s, h, off, len, pc_gpa, false);
+            }
+        },
+    );
     s.begin("sendfile@sg-off");
     let stray = Conn {
         ports: (40001, 7878),
@@ -1031,7 +1037,10 @@ fn one_boot_audits_each_variant_from_its_span_and_card() {
     let on = audit(&input("sg-on", Some(0)), &expected_toml());
     assert_eq!(on.len(), 1, "{on:#?}");
     let on = &on[0];
-    assert_eq!((on.method.as_str(), on.verdict), ("sendfile", Verdict::Pass));
+    assert_eq!(
+        (on.method.as_str(), on.verdict),
+        ("sendfile", Verdict::Pass)
+    );
     assert_eq!(on.nic_zero_copy_bytes, SRC_LEN);
     assert_eq!(on.cpu_copies, 0.0);
     assert_eq!(on.span_seq.map(|(b, _)| b), Some(0));
@@ -1058,5 +1067,8 @@ fn one_boot_audits_each_variant_from_its_span_and_card() {
     // A one-card reading of the log finds no plain span of its own.
     assert!(audit(&input("sg-on", None), &expected_toml())
         .iter()
-        .all(|a| a.reasons.iter().any(|r| r.contains("no `BEGIN sendfile` marker"))));
+        .all(|a| a
+            .reasons
+            .iter()
+            .any(|r| r.contains("no `BEGIN sendfile` marker"))));
 }

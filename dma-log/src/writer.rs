@@ -244,12 +244,7 @@ impl Shared {
     /// Queues one record: `make` builds it (given the pending batch to copy guest
     /// bytes into, at most `copy_len` of them) under the lock, right after its
     /// `seq` and `t_ns` are taken, so that they are those of the access it records.
-    pub(crate) fn push(
-        &self,
-        card: u16,
-        copy_len: usize,
-        make: impl FnOnce(&mut Batch) -> Body,
-    ) {
+    pub(crate) fn push(&self, card: u16, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
         let mut st = self.lock();
         loop {
             if st.stopped {

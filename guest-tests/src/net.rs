@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::cmdline::Ipv4Net;
-use zc_protocol::addr::Card;
 use crate::error::{Error, Result};
+use zc_protocol::addr::Card;
 
 /// The interface the virtio-net device becomes (no udev renames it in the initramfs).
 pub const ETH0: &str = "eth0";

@@ -787,7 +787,10 @@ mod tests {
     #[case::method_twice("zc.cards=a:splice,splice", "splice is listed twice")]
     #[case::unknown("zc.cards=a:zerocopy", "unknown method")]
     #[case::empty_list("zc.cards=a:", "unknown method")]
-    #[case::too_many("zc.cards=a:all/b:all/c:all/d:all/e:all/f:all/g:all/h:all/i:all", "at most 8")]
+    #[case::too_many(
+        "zc.cards=a:all/b:all/c:all/d:all/e:all/f:all/g:all/h:all/i:all",
+        "at most 8"
+    )]
     fn bad_cards_are_one_line(#[case] line: &str, #[case] needle: &str) {
         let err = Options::parse(line).unwrap_err().to_string();
         assert!(err.contains(needle), "{line}: {err}");

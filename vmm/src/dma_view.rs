@@ -389,6 +389,10 @@ mod tests {
                 && text[2].contains("0x0000002000")
         );
         assert!(text[4].contains("in sector 16 bytes 8192"));
-        assert!(text[5].contains("net1 q1 ERROR loop (needs reset)"), "{}", text[5]);
+        assert!(
+            text[5].contains("net1 q1 ERROR loop (needs reset)"),
+            "{}",
+            text[5]
+        );
     }
 }

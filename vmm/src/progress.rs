@@ -165,12 +165,16 @@ impl PeerProgress {
     /// The count of the method under way, if one is.
     fn now(&self, span: &Span, done: bool) -> Option<MethodProgress> {
         let method = span.method.clone()?;
-        let counts = self.nics.iter().zip(&span.first_connection).map(|(nic, &first)| {
-            nic.with(|d| {
-                let peer = d.backend();
-                (peer.received_since(first), peer.next_expected_size())
-            })
-        });
+        let counts = self
+            .nics
+            .iter()
+            .zip(&span.first_connection)
+            .map(|(nic, &first)| {
+                nic.with(|d| {
+                    let peer = d.backend();
+                    (peer.received_since(first), peer.next_expected_size())
+                })
+            });
         // The card the method sends through: the one that received most since
         // BEGIN; before anything arrived, the first that expects another connection.
         let (since, next) = counts

@@ -475,7 +475,10 @@ fn audit_boot(boot: &Boot, source: &[u8], expectations: &Expectations) -> BootRu
             .as_ref()
             .and_then(|s| s.run.nics.get(usize::from(card)))
             .map(negotiated);
-        let mut files = vec![shared[0].clone(), output("pcap", format!("{}.pcap", v.name))];
+        let mut files = vec![
+            shared[0].clone(),
+            output("pcap", format!("{}.pcap", v.name)),
+        ];
         files.extend(shared[1..].iter().cloned());
         variants.push((
             audits,

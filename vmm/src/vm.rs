@@ -44,8 +44,8 @@ use crate::report::{
     POWEROFF_GRACE,
 };
 use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress, Transport};
-use zc_protocol::addr::Card;
 use crate::virtio::{self, DeviceHandle, SlotAllocator};
+use zc_protocol::addr::Card;
 
 /// Errors building or starting the VM (what goes wrong while it runs is a
 /// [`StopReason`], not an error).

@@ -84,10 +84,9 @@ pub fn run_suite(
         let card = usize::from(run.card.index());
         let result = match peers.get(card) {
             Some(&peer) => runner::run(run, suite, root, peer, hooks),
-            None => report::MethodResult::Failed(
-                run.method,
-                format!("no peer address for card {card}"),
-            ),
+            None => {
+                report::MethodResult::Failed(run.method, format!("no peer address for card {card}"))
+            }
         };
         let mut report = result.report();
         report.variant = run.variant.map(String::from);

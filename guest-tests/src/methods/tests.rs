@@ -634,7 +634,12 @@ fn each_card_runs_its_methods_to_its_own_peer_with_spans_named_by_variant() {
     let reports = recorder.reports();
     let named: Vec<(&str, &str)> = reports
         .iter()
-        .map(|r| (r["method"].as_str().unwrap(), r["variant"].as_str().unwrap()))
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap(),
+                r["variant"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         named,
@@ -646,7 +651,10 @@ fn each_card_runs_its_methods_to_its_own_peer_with_spans_named_by_variant() {
     );
     let console = recorder.console();
     assert_eq!(console[1], "1..3");
-    assert!(console.contains(&"ok 3 sendfile@sg-off".to_string()), "{console:#?}");
+    assert!(
+        console.contains(&"ok 3 sendfile@sg-off".to_string()),
+        "{console:#?}"
+    );
     // A card without a peer address fails its methods, not the suite's run.
     let mut recorder = Recorder::default();
     let (peer0, _seen0) = spawn_peer(data, 0);
