@@ -89,6 +89,9 @@ fn device_prefix(out: &mut Vec<u8>, kind: &[u8], seq: u64, t_ns: u64, chain: Cha
     field_u64(out, b"t_ns", t_ns);
     key(out, b',', b"device");
     out.extend_from_slice(device_name(chain.device));
+    if chain.card != 0 {
+        field_u64(out, b"card", u64::from(chain.card));
+    }
     field_u64(out, b"queue", u64::from(chain.queue));
     field_u64(out, b"head", u64::from(chain.head));
 }
@@ -98,6 +101,8 @@ fn device_prefix(out: &mut Vec<u8>, kind: &[u8], seq: u64, t_ns: u64, chain: Cha
 pub(crate) struct DescHead {
     pub seq: u64,
     pub t_ns: u64,
+    /// The card of the record (0: no field).
+    pub card: u16,
     pub info: DescInfo,
 }
 
@@ -105,7 +110,7 @@ pub(crate) struct DescHead {
 /// [`push_piece`] for each piece and [`end_desc`].
 pub(crate) fn begin_desc(out: &mut Vec<u8>, d: &DescHead) {
     let i = &d.info;
-    device_prefix(out, b"desc", d.seq, d.t_ns, i.chain());
+    device_prefix(out, b"desc", d.seq, d.t_ns, i.chain(d.card));
     field_u64(out, b"desc", u64::from(i.desc));
     if i.indirect {
         out.extend_from_slice(b",\"indirect\":true");
@@ -225,11 +230,12 @@ mod tests {
     }
 
     /// The record of `info` and `pieces`, for serde to write.
-    fn desc_record(seq: u64, t_ns: u64, info: DescInfo, pieces: Vec<Piece>) -> Record {
+    fn desc_record(seq: u64, t_ns: u64, card: u16, info: DescInfo, pieces: Vec<Piece>) -> Record {
         Record::Desc(DescRecord {
             seq,
             t_ns,
             device: info.device,
+            card,
             queue: info.queue,
             head: info.head,
             desc: info.desc,
@@ -294,21 +300,27 @@ mod tests {
                 dir,
                 role,
             };
-            let mut out = Vec::new();
-            begin_desc(
-                &mut out,
-                &DescHead {
-                    seq: u64::MAX,
-                    t_ns: n * 1_000_000_007,
-                    info,
-                },
-            );
-            for (i, p) in pieces(n).iter().enumerate() {
-                push_piece(&mut out, i == 0, p.gpa, p.len, p.hash.0);
+            // Card 0 writes no field; another card does.
+            for card in [0, 1, u16::MAX] {
+                let mut out = Vec::new();
+                begin_desc(
+                    &mut out,
+                    &DescHead {
+                        seq: u64::MAX,
+                        t_ns: n * 1_000_000_007,
+                        card,
+                        info,
+                    },
+                );
+                for (i, p) in pieces(n).iter().enumerate() {
+                    push_piece(&mut out, i == 0, p.gpa, p.len, p.hash.0);
+                }
+                end_desc(&mut out, n > 0);
+                let rec = desc_record(u64::MAX, n * 1_000_000_007, card, info, pieces(n));
+                let line = String::from_utf8(out).unwrap();
+                assert_eq!(line, serde_line(&rec));
+                assert_eq!(line.contains("\"card\""), card != 0, "{line}");
             }
-            end_desc(&mut out, n > 0);
-            let rec = desc_record(u64::MAX, n * 1_000_000_007, info, pieces(n));
-            assert_eq!(String::from_utf8(out).unwrap(), serde_line(&rec));
         }
     }
 
@@ -346,8 +358,10 @@ mod tests {
                 DeviceKind::Net
             };
             let mut out = Vec::new();
+            let card = u16::try_from(i % 3).unwrap();
             let chain = Chain {
                 device,
+                card,
                 queue: 1,
                 head: 9,
             };
@@ -356,6 +370,7 @@ mod tests {
                 seq: i as u64,
                 t_ns: 42,
                 device,
+                card,
                 queue: 1,
                 head: 9,
                 req,

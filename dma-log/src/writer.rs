@@ -117,6 +117,8 @@ pub(crate) enum Body {
 struct Entry {
     seq: u64,
     t_ns: u64,
+    /// The card of a device record (`DmaLog::for_card`).
+    card: u16,
     body: Body,
 }
 
@@ -248,7 +250,7 @@ impl Shared {
     /// Queues one record: `make` builds it (given the pending batch to copy guest
     /// bytes into, at most `copy_len` of them) under the lock, right after its
     /// `seq` and `t_ns` are taken, so that they are those of the access it records.
-    pub(crate) fn push(&self, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
+    pub(crate) fn push(&self, card: u16, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
         let mut st = self.lock();
         loop {
             if st.stopped {
@@ -275,7 +277,12 @@ impl Shared {
         let weight_before = st.pending.weight();
         let body = make(&mut st.pending);
         let p = &mut st.pending;
-        p.entries.push(Entry { seq, t_ns, body });
+        p.entries.push(Entry {
+            seq,
+            t_ns,
+            card,
+            body,
+        });
         let wake = match st.writer {
             WriterState::Busy => false,
             WriterState::Idle => true,
@@ -452,11 +459,19 @@ impl Sink {
 
     /// Appends the line of `e`, whose guest copies are in `bytes`.
     fn format(&mut self, shared: &Shared, e: Entry, bytes: &[u8]) -> io::Result<()> {
-        let (seq, t_ns) = (e.seq, e.t_ns);
+        let (seq, t_ns, card) = (e.seq, e.t_ns, e.card);
         let out = &mut self.buf;
         let rec = match e.body {
             Body::Desc(info, pieces) => {
-                json::begin_desc(out, &json::DescHead { seq, t_ns, info });
+                json::begin_desc(
+                    out,
+                    &json::DescHead {
+                        seq,
+                        t_ns,
+                        card,
+                        info,
+                    },
+                );
                 let mut first = true;
                 match pieces {
                     Pieces::Hashed(pieces) => {
@@ -491,7 +506,7 @@ impl Sink {
                         detail,
                     } => detail(copied.of(bytes), arg),
                 };
-                json::request(out, seq, t_ns, chain, &req);
+                json::request(out, seq, t_ns, chain.with_card(card), &req);
                 return Ok(());
             }
             // Rare records: serde's output is the reference, and its cost does not matter.
@@ -506,6 +521,7 @@ impl Sink {
                 seq,
                 t_ns,
                 device,
+                card,
                 queue,
                 head,
                 error,

@@ -106,10 +106,12 @@ struct DmaLogArgs {
 
 #[derive(Args)]
 struct DmaTraceArgs {
-    /// The log file, or a `zc-vmm methods` output directory (then --variant picks
-    /// its `<variant>.dma-log.jsonl[.zst]`).
+    /// The log file, or a `zc-vmm methods` output directory (then its
+    /// `suite.dma-log.jsonl[.zst]`, and --variant picks the card: the span
+    /// `<method>@<variant>`).
     log: PathBuf,
-    /// The method (its BEGIN/END markers), e.g. sendfile.
+    /// The span (its BEGIN/END markers): a method, e.g. sendfile; in the log file
+    /// of a `zc-vmm methods` run, `sendfile@sg-off` (or give the run directory).
     #[arg(long)]
     method: String,
     /// First file offset (decimal, 0x hex, or with a K/M/G suffix: 1M).
@@ -118,7 +120,8 @@ struct DmaTraceArgs {
     /// Bytes to trace (same forms).
     #[arg(long, value_parser = parse_size)]
     len: u64,
-    /// With a run directory: the NIC variant whose log to read.
+    /// With a run directory: the NIC variant whose card's run of the method to
+    /// trace.
     #[arg(long, default_value = "sg-on")]
     variant: String,
     /// The file the method sent (e.g. images/out/guest/disk-files/payload.bin): checks
@@ -513,14 +516,14 @@ fn trace_log_path(args: &DmaTraceArgs) -> Result<PathBuf> {
     if !args.log.is_dir() {
         return Ok(args.log.clone());
     }
-    let plain = args.log.join(format!("{}.dma-log.jsonl", args.variant));
+    let plain = args.log.join(format!("{}.dma-log.jsonl", suite::BOOT_NAME));
     let packed = plain.with_extension("jsonl.zst");
     [plain.clone(), packed.clone()]
         .into_iter()
         .find(|p| p.is_file())
         .with_context(|| {
             format!(
-                "{} has neither {} nor {}: pass the log file, or --variant",
+                "{} has neither {} nor {}: pass the log file, or the --out directory of a `zc-vmm methods` run",
                 args.log.display(),
                 plain.display(),
                 packed.display()
@@ -535,6 +538,12 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         bail!("--len 0 traces nothing: give the number of bytes, e.g. --len 64K");
     }
     let log = trace_log_path(&args)?;
+    // A run directory's log has one span per card: the variant's.
+    let span = if args.log.is_dir() && !args.method.contains(zc_protocol::marker::VARIANT_SEP) {
+        zc_protocol::marker::qualified_span(&args.method, Some(&args.variant))
+    } else {
+        args.method.clone()
+    };
     let source = args
         .source
         .as_ref()
@@ -542,7 +551,7 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         .transpose()?;
     let pages = source.as_deref().map(zc_audit::stream::SourcePages::new);
     let query = TraceQuery {
-        method: args.method.clone(),
+        method: span,
         file_off: args.file_off,
         len: args.len,
     };
@@ -551,7 +560,7 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         &query,
         pages.as_ref(),
     )
-    .with_context(|| format!("cannot trace {} in {}", args.method, log.display()))?;
+    .with_context(|| format!("cannot trace {} in {}", query.method, log.display()))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = if args.json {
         serde_json::to_writer_pretty(&mut out, &found)

@@ -45,6 +45,7 @@ use crate::report::{
 };
 use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress, Transport};
 use crate::virtio::{self, DeviceHandle, SlotAllocator};
+use zc_protocol::addr::Card;
 
 /// Errors building or starting the VM (what goes wrong while it runs is a
 /// [`StopReason`], not an error).
@@ -143,8 +144,8 @@ pub struct VmBuilder<'a> {
     nics: Vec<AttachedNic>,
     /// Each disk, and whether it is read-only, for its counters at the end.
     disks: Vec<(bool, DeviceHandle<Block>)>,
-    /// The live count of the first checking peer's bytes per method.
-    progress: Option<Arc<PeerProgress>>,
+    /// The cards whose checking peers' bytes per method are counted live.
+    progress: Vec<DeviceHandle<Net<NetPeer>>>,
 }
 
 impl<'a> VmBuilder<'a> {
@@ -199,7 +200,7 @@ impl<'a> VmBuilder<'a> {
             pci,
             nics: Vec::new(),
             disks: Vec::new(),
-            progress: None,
+            progress: Vec::new(),
         })
     }
 
@@ -217,20 +218,28 @@ impl<'a> VmBuilder<'a> {
     }
 
     /// Attaches a virtio-net card with `nic`'s backend, and starts the backend's timer.
+    /// The `n`-th card gets card `n`'s addresses (`zc_protocol::addr::Card`: its
+    /// MACs, and its peer's address on a subnet of its own) and names itself card
+    /// `n` in the DMA log.
     pub fn attach_nic(&mut self, nic: &NicSpec) -> Result<(), VmError> {
+        let card = u8::try_from(self.nics.len())
+            .ok()
+            .and_then(Card::new)
+            .ok_or(SpecError::TooManyNics(self.nics.len() + 1))?;
+        let log = self.dma_log.for_card(u16::from(card.index()));
         let attached = match &nic.backend {
             NetBackendSpec::Peer => {
-                let device = self.plug(net_card(peer_backend(nic)?, nic, &self.dma_log)?)?;
+                let device = self.plug(net_card(peer_backend(nic, card)?, nic, card, &log)?)?;
                 spawn_backend_timer(device.clone())?;
-                if self.progress.is_none() && !nic.peer_expect.is_empty() {
-                    self.progress = Some(PeerProgress::new(device.clone()));
+                if !nic.peer_expect.is_empty() {
+                    self.progress.push(device.clone());
                 }
                 AttachedNic::Peer { sg: nic.sg, device }
             }
             NetBackendSpec::Tap { name, address } => {
                 let tap = open_tap(name, *address)?;
                 let check = socket_peer_for(nic, *address)?;
-                let device = self.plug(net_card(tap, nic, &self.dma_log)?)?;
+                let device = self.plug(net_card(tap, nic, card, &log)?)?;
                 spawn_backend_timer(device.clone())?;
                 AttachedNic::Tap {
                     sg: nic.sg,
@@ -312,7 +321,7 @@ impl<'a> VmBuilder<'a> {
                 dma_log: self.dma_log,
                 dma_log_path: self.spec.outputs.dma_log.clone(),
                 sampler,
-                progress: self.progress,
+                progress: (!self.progress.is_empty()).then(|| PeerProgress::new(self.progress)),
             },
             tail,
             timeout: Duration::from_secs(spec.timeout_s),
@@ -528,9 +537,14 @@ fn transfer_result(received: &Received) -> TransferResult {
     }
 }
 
-/// The TCP peer, told which files to expect.
-fn peer_backend(config: &NicSpec) -> Result<NetPeer, VmError> {
-    let mut peer = NetPeer::new(NetPeerConfig::default(), Instant::now())
+/// The TCP peer of `card`, on the card's own subnet, told which files to expect.
+fn peer_backend(config: &NicSpec, card: Card) -> Result<NetPeer, VmError> {
+    let peer_config = NetPeerConfig {
+        mac: card.peer_mac(),
+        ip: card.peer_ip(),
+        ..NetPeerConfig::default()
+    };
+    let mut peer = NetPeer::new(peer_config, Instant::now())
         .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
     for expectation in expectations(config)? {
         peer.expect(expectation);
@@ -560,10 +574,16 @@ fn expectations(config: &NicSpec) -> Result<Vec<Expectation>, VmError> {
     Ok(all)
 }
 
-/// The virtio-net card in front of `backend`.
-fn net_card<B: NetBackend>(backend: B, config: &NicSpec, log: &DmaLog) -> Result<Net<B>, VmError> {
+/// The virtio-net card in front of `backend`, with `card`'s guest MAC.
+fn net_card<B: NetBackend>(
+    backend: B,
+    config: &NicSpec,
+    card: Card,
+    log: &DmaLog,
+) -> Result<Net<B>, VmError> {
     let options = NetOptions {
         sg: config.sg,
+        mac: card.guest_mac(),
         ..NetOptions::default()
     };
     let mut device = Net::new(backend, options, log.clone())
