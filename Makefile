@@ -46,7 +46,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix regression test unit-test e2e-test bench fuzz fmt clippy clean check-config config-fragment kunit
+.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix regression test unit-test e2e-test bench fuzz flake fmt clippy clean check-config config-fragment kunit
 
 all: build
 
@@ -218,6 +218,13 @@ fuzz:
 	  mkdir -p fuzz/corpus/$$t && \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+
+## flake: boot the method suite FLAKE_RUNS times in a row and classify every run that
+## did not pass (guest, harness, emulated host), with the emulated host's retries
+## counted (scripts/flake-rate; reports in out/flake/<run>/, table in out/flake/summary.txt).
+FLAKE_RUNS ?= 20
+flake: images
+	scripts/flake-rate --runs $(FLAKE_RUNS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -9,7 +9,7 @@ use zc_dma_log::{
     DescRecord, DescRole, DeviceKind, Direction, DirtyRecord, NetRequest, Piece, Record,
     RequestDetail, PAGE_SIZE,
 };
-use zc_protocol::Marker;
+use zc_protocol::{Marker, SpanName};
 
 use crate::stream::{Connection, SourcePages as Source};
 
@@ -72,28 +72,31 @@ impl PageHistory {
 /// One TX frame: its request and its `data` descriptor records in chain order.
 struct TxFrame<'r> {
     req_idx: usize,
+    /// The card that sent it.
+    card: u16,
     net: &'r NetRequest,
     /// (record index, record) of each `data` descriptor.
     data: Vec<(usize, &'r DescRecord)>,
 }
 
-/// A descriptor chain in flight: (device, queue, head).
-type ChainKey = (DeviceKind, u16, u16);
+/// A descriptor chain in flight: (device, card, queue, head).
+type ChainKey = (DeviceKind, u16, u16, u16);
 
 /// Every completed TX chain of the log. Descriptor records precede their chain's
-/// request record under the same (device, queue, head); other queues' records (RX,
-/// blk) may be interleaved, so they are grouped by that key rather than by position.
+/// request record under the same (device, card, queue, head); other queues' and
+/// other cards' records (RX, blk, a second NIC) may be interleaved, so they are
+/// grouped by that key rather than by position.
 fn tx_frames(records: &[Record]) -> Vec<TxFrame<'_>> {
     let mut pending: HashMap<ChainKey, Vec<(usize, &DescRecord)>> = HashMap::new();
     let mut out = Vec::new();
     for (idx, rec) in records.iter().enumerate() {
         match rec {
             Record::Desc(d) => pending
-                .entry((d.device, d.queue, d.head))
+                .entry((d.device, d.card, d.queue, d.head))
                 .or_default()
                 .push((idx, d)),
             Record::Request(r) => {
-                let descs = pending.remove(&(r.device, r.queue, r.head));
+                let descs = pending.remove(&(r.device, r.card, r.queue, r.head));
                 if let (DeviceKind::Net, TX_QUEUE, RequestDetail::Net(net)) =
                     (r.device, r.queue, &r.req)
                 {
@@ -104,6 +107,7 @@ fn tx_frames(records: &[Record]) -> Vec<TxFrame<'_>> {
                         .collect();
                     out.push(TxFrame {
                         req_idx: idx,
+                        card: r.card,
                         net,
                         data,
                     });
@@ -175,14 +179,14 @@ impl<'r, 's> LogIndex<'r, 's> {
         }
     }
 
-    /// The method names of the log's `BEGIN` markers (for methods with a span but
-    /// no report).
-    pub(crate) fn begin_names(&self) -> Vec<&'r str> {
+    /// The spans of the log's `BEGIN` markers (for methods with a span but no
+    /// report).
+    pub(crate) fn begin_spans(&self) -> Vec<SpanName<'r>> {
         self.records
             .iter()
             .filter_map(|r| match r {
                 Record::Marker(m) => match Marker::parse(&m.label) {
-                    Some(Marker::Begin(span)) => Some(span.as_str()),
+                    Some(Marker::Begin(span)) => Some(span),
                     _ => None,
                 },
                 _ => None,
@@ -207,11 +211,12 @@ impl<'r, 's> LogIndex<'r, 's> {
         span.end
     }
 
-    /// Analyses the records of one method's span.
-    pub(crate) fn analyze(&self, span: &Span) -> Evidence {
+    /// Analyses the records of one method's span; `card`: only that card's frames
+    /// are the method's (`None`: every card's).
+    pub(crate) fn analyze(&self, span: &Span, card: Option<u16>) -> Evidence {
         let mut ev = Evidence::default();
         self.disk(span, &mut ev);
-        self.nic(span, &mut ev);
+        self.nic(span, card, &mut ev);
         self.cpu(span, &mut ev);
         ev
     }
@@ -229,11 +234,12 @@ impl<'r, 's> LogIndex<'r, 's> {
         }
     }
 
-    fn nic(&self, span: &Span, ev: &mut Evidence) {
+    fn nic(&self, span: &Span, card: Option<u16>, ev: &mut Evidence) {
         let in_span: Vec<&TxFrame> = self
             .tx
             .iter()
             .filter(|f| f.req_idx > span.begin && f.req_idx < span.end)
+            .filter(|f| card.is_none_or(|c| c == f.card))
             .collect();
         // The guest is the client: its connection starts with a bare SYN, and the
         // first one in the span is the method's (the peer address is not assumed).

@@ -9,7 +9,9 @@
 //! rules are:
 //!
 //! **Span.** A method's span is the records strictly between its first `BEGIN name`
-//! marker and the first `END name` marker after that. Disk and NIC evidence is taken
+//! marker and the first `END name` marker after that. When one boot ran several NIC
+//! variants, one card each ([`AuditInput::card`]), the span's name is
+//! `name@variant` and only the variant's card's TX frames count (`card` in the log). Disk and NIC evidence is taken
 //! from that span (a TX frame belongs to it when its `request` record does). The CPU
 //! side also reads the first `dirty` record after `END`, unless another marker comes
 //! first: the VMM takes its last sample when it logs `END`, so that record follows it.
@@ -118,6 +120,27 @@ pub struct AuditInput {
     pub reports: Vec<MethodReport>,
     /// The run's variant, as `expected.toml` names it (e.g. `sg-on`, `sg-off`).
     pub variant: String,
+    /// When the log holds several cards, one per variant (`zc.cards`): the card
+    /// this variant's methods went through. Its methods' spans are then
+    /// `<method>@<variant>`, their reports those naming this variant, and their NIC
+    /// evidence that card's frames only. `None`: a one-card run (plain spans, every
+    /// card's frames, every report).
+    pub card: Option<u16>,
+}
+
+impl AuditInput {
+    /// The span of method `name` in this input's log.
+    fn span_name(&self, name: &str) -> String {
+        zc_protocol::marker::qualified_span(name, self.card.map(|_| self.variant.as_str()))
+    }
+
+    /// Whether `report` is one of this input's methods.
+    fn is_mine(&self, report: &MethodReport) -> bool {
+        match self.card {
+            Some(_) => report.variant.as_deref() == Some(self.variant.as_str()),
+            None => true,
+        }
+    }
 }
 
 /// The audit's judgement of a method.
@@ -212,20 +235,28 @@ pub struct MethodAudit {
 pub fn audit(input: &AuditInput, expectations: &Expectations) -> Vec<MethodAudit> {
     let index = LogIndex::new(&input.records, &input.source);
     let mut names: Vec<&str> = Vec::new();
-    for r in &input.reports {
+    for r in input.reports.iter().filter(|r| input.is_mine(r)) {
         if !names.contains(&r.method.as_str()) {
             names.push(&r.method);
         }
     }
-    for n in index.begin_names() {
-        if expectations.methods.contains_key(n) && !names.contains(&n) {
+    for span in index.begin_spans() {
+        let (n, variant) = span.split_variant();
+        let mine = match input.card {
+            Some(_) => variant == Some(input.variant.as_str()),
+            None => variant.is_none(),
+        };
+        if mine && expectations.methods.contains_key(n) && !names.contains(&n) {
             names.push(n);
         }
     }
     names
         .into_iter()
         .map(|name| {
-            let report = input.reports.iter().find(|r| r.method == name);
+            let report = input
+                .reports
+                .iter()
+                .find(|r| r.method == name && input.is_mine(r));
             audit_one(name, report, input, &index, expectations)
         })
         .collect()
@@ -258,6 +289,18 @@ pub fn audit_wanted(
 /// is missing.
 pub fn blame_run_failure(audits: &mut [MethodAudit], why: &str) {
     for a in audits.iter_mut().filter(|a| a.verdict == Verdict::Fail) {
+        a.reasons.insert(0, why.to_string());
+    }
+}
+
+/// Takes back every PASS of a boot whose evidence is incomplete (`why`: its DMA log
+/// could not be written, or cannot be read to its end): a method that looks clean
+/// in a log cut short may have done its copies in the part that is missing. Each
+/// becomes a FAIL with `why` as its first reason; FAILs get `why` first too, and a
+/// SKIP (the guest's own decision) stays.
+pub fn withhold_passes(audits: &mut [MethodAudit], why: &str) {
+    for a in audits.iter_mut().filter(|a| a.verdict != Verdict::Skip) {
+        a.verdict = Verdict::Fail;
         a.reasons.insert(0, why.to_string());
     }
 }
@@ -340,20 +383,21 @@ fn audit_one(
         )),
         Some(_) => {}
     }
-    let span = match index.span(name) {
+    let span_name = input.span_name(name);
+    let span = match index.span(&span_name) {
         SpanLookup::Found(s) => Some(s),
         SpanLookup::NoBegin => {
             a.reasons.push(format!(
                 "no `{}` marker in the DMA log",
-                Marker::begin(name)
+                Marker::begin(span_name.as_str())
             ));
             None
         }
         SpanLookup::NoEnd => {
             a.reasons.push(format!(
                 "no `{}` marker after `{}`",
-                Marker::end(name),
-                Marker::begin(name)
+                Marker::end(span_name.as_str()),
+                Marker::begin(span_name.as_str())
             ));
             None
         }
@@ -368,11 +412,12 @@ fn audit_one(
         a.span_seq = Some((index.seq(span.begin), index.seq(span.end)));
         if span.duplicates > 0 {
             a.findings.push(format!(
-                "{} more `BEGIN {name}` markers in the log: audited the first run only",
-                span.duplicates
+                "{} more `{}` markers in the log: audited the first run only",
+                span.duplicates,
+                Marker::begin(span_name.as_str())
             ));
         }
-        let ev = index.analyze(&span);
+        let ev = index.analyze(&span, input.card);
         fill(&mut a, &ev);
     }
     // Numbers from a run without its marks or its report would be judged on half the

@@ -33,6 +33,7 @@ fn load(name: &str, variant: &str) -> AuditInput {
         source: std::fs::read(data("source.bin")).unwrap(),
         reports: parse_reports(&reports).unwrap(),
         variant: variant.to_string(),
+        card: None,
     }
 }
 

@@ -507,6 +507,7 @@ fn load(name: &str, variant: &str) -> AuditInput {
         source: std::fs::read(dir.join("source.bin")).unwrap(),
         reports: parse_reports(&reports).unwrap(),
         variant: variant.to_string(),
+        card: None,
     }
 }
 
@@ -554,6 +555,7 @@ fn sim_input(s: &Sim) -> AuditInput {
         source: s.src.clone(),
         reports: Vec::new(),
         variant: "sg-on".into(),
+        card: None,
     }
 }
 
@@ -994,4 +996,150 @@ fn a_wanted_method_that_never_ran_fails() {
         splice.reasons.iter().any(|r| r.contains("no guest report")),
         "{splice:#?}"
     );
+}
+
+/// One boot, two cards (`zc.cards=sg-on:sendfile/sg-off:sendfile`): `sendfile` runs
+/// through card 0 with scatter-gather, then through card 1 with linear frames, in one
+/// log. Card 0 opens a stray connection at the start of the second span: the sg-off
+/// audit must take card 1's frames, not the first SYN of the span.
+fn two_cards() -> (Sim, Vec<zc_audit::MethodReport>) {
+    let (mut s, mut h) = sim();
+    run_chunks(
+        &mut s,
+        &mut h,
+        "sendfile@sg-on",
+        CHUNK,
+        |s, h, _, lo, hi| {
+            fill_page_cache(s, h, lo, hi);
+            for (off, len) in segments(lo, hi) {
+                sg_frame(s, h, off, len, pc_gpa, false);
+            }
+        },
+    );
+    s.begin("sendfile@sg-off");
+    let stray = Conn {
+        ports: (40001, 7878),
+        isn: 7,
+    };
+    s.syn(h.tx(), HDR_BUFS + 0x900, &stray);
+    s.net_card = 1;
+    // Card 1's own queues: its descriptor heads start again from 0.
+    let mut h1 = Heads::default();
+    connect(&mut s, &mut h1);
+    let mut slot = 0;
+    for c in 0..SRC_LEN / CHUNK {
+        let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+        fill_page_cache(&mut s, &mut h1, lo, hi);
+        for (off, len) in segments(lo, hi) {
+            linear_frame(&mut s, &mut h1, off, len, slot, false);
+            slot += 1;
+        }
+        s.sample(u32::try_from(c).unwrap());
+    }
+    peer_count(&mut s, &mut h1);
+    s.end("sendfile@sg-off");
+    let mut reports = String::new();
+    for variant in ["sg-on", "sg-off"] {
+        let mut r = sendfile_report("sendfile");
+        r["variant"] = json!(variant);
+        reports.push_str(&format!("{r}\n"));
+    }
+    (s, parse_reports(&reports).unwrap())
+}
+
+/// The two-card log in both schemas: `/2` keeps every record's card (card 1's
+/// chains are `net1/...`, card 0's `net/...` as in one-card logs), so both read as
+/// the very records written and each card's audit is the same.
+#[test]
+fn a_two_card_log_reads_and_audits_the_same_in_both_schemas() {
+    let (s, reports) = two_cards();
+    let records = |log: &[u8]| -> Vec<Record> {
+        zc_dma_log::DmaLogReader::new(log)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let (v1, v2) = (s.jsonl_v1(), s.jsonl());
+    let text = String::from_utf8(v2.clone()).unwrap();
+    assert!(text.contains("{\"c\":\"net1/1/"), "no card 1 TX chain line");
+    assert!(text.contains("{\"c\":\"net/1/"), "no card 0 TX chain line");
+    assert!(
+        !text.contains("\"card\""),
+        "a chain line names its card in `c`"
+    );
+    let (r1, r2) = (records(v1.as_bytes()), records(&v2));
+    let cards = |r: &[Record]| {
+        r.iter()
+            .filter_map(|r| match r {
+                Record::Request(q) => Some(q.card),
+                _ => None,
+            })
+            .max()
+    };
+    assert_eq!(cards(&r1), Some(1));
+    assert_eq!(r1, s.records());
+    assert_eq!(r2, s.records());
+    for (variant, card) in [("sg-on", 0), ("sg-off", 1)] {
+        let input = |records: Vec<Record>| AuditInput {
+            records,
+            source: s.src.clone(),
+            reports: reports.clone(),
+            variant: variant.into(),
+            card: Some(card),
+        };
+        let a1 = audit(&input(r1.clone()), &expected_toml());
+        let a2 = audit(&input(r2.clone()), &expected_toml());
+        assert_eq!(a1.len(), 1, "{a1:#?}");
+        assert_eq!(a1[0].verdict, Verdict::Pass, "{variant}: {a1:#?}");
+        assert_eq!(a1, a2, "{variant}");
+    }
+}
+
+#[test]
+fn one_boot_audits_each_variant_from_its_span_and_card() {
+    let (s, reports) = two_cards();
+    let input = |variant: &str, card: Option<u16>| AuditInput {
+        records: s.records().to_vec(),
+        source: s.src.clone(),
+        reports: reports.clone(),
+        variant: variant.into(),
+        card,
+    };
+    let on = audit(&input("sg-on", Some(0)), &expected_toml());
+    assert_eq!(on.len(), 1, "{on:#?}");
+    let on = &on[0];
+    assert_eq!(
+        (on.method.as_str(), on.verdict),
+        ("sendfile", Verdict::Pass)
+    );
+    assert_eq!(on.nic_zero_copy_bytes, SRC_LEN);
+    assert_eq!(on.cpu_copies, 0.0);
+    assert_eq!(on.span_seq.map(|(b, _)| b), Some(0));
+
+    let off = audit(&input("sg-off", Some(1)), &expected_toml());
+    assert_eq!(off.len(), 1, "{off:#?}");
+    let off = &off[0];
+    assert_eq!(
+        (off.method.as_str(), off.verdict),
+        ("sendfile", Verdict::Pass),
+        "{off:#?}"
+    );
+    assert_eq!(off.nic_payload_bytes, SRC_LEN);
+    assert_eq!(off.nic_copied_bytes, SRC_LEN);
+    assert_eq!(off.cpu_copies, 1.0);
+    assert_eq!(off.disk_dma_bytes, SRC_LEN);
+    assert!(off.span_seq.unwrap().0 > on.span_seq.unwrap().1);
+
+    // The card decides whose frames count: card 0's in that span are the stray
+    // connection, which carried nothing.
+    let wrong_card = audit(&input("sg-off", Some(0)), &expected_toml());
+    assert_eq!(wrong_card[0].nic_payload_bytes, 0, "{wrong_card:#?}");
+    assert_eq!(wrong_card[0].verdict, Verdict::Fail);
+    // A one-card reading of the log finds no plain span of its own.
+    assert!(audit(&input("sg-on", None), &expected_toml())
+        .iter()
+        .all(|a| a
+            .reasons
+            .iter()
+            .any(|r| r.contains("no `BEGIN sendfile` marker"))));
 }

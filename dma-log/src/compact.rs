@@ -107,6 +107,9 @@ impl Encoder {
         self.close(out);
         out.extend_from_slice(b"{\"c\":\"");
         out.extend_from_slice(device_name(chain.device));
+        if chain.card != 0 {
+            push_u64(out, u64::from(chain.card));
+        }
         out.push(b'/');
         push_u64(out, u64::from(chain.queue));
         out.push(b'/');
@@ -120,8 +123,15 @@ impl Encoder {
     /// Appends a `desc` record up to its pieces: follow with [`Encoder::hash`] for
     /// each piece of the range's page cut (or none: no fingerprints), or
     /// [`Encoder::piece`] for each of another piece list, then [`Encoder::end_desc`].
-    pub(crate) fn begin_desc(&mut self, out: &mut Vec<u8>, seq: u64, t_ns: u64, info: &DescInfo) {
-        let chain = info.chain();
+    pub(crate) fn begin_desc(
+        &mut self,
+        out: &mut Vec<u8>,
+        seq: u64,
+        t_ns: u64,
+        card: u16,
+        info: &DescInfo,
+    ) {
+        let chain = info.chain(card);
         match self.open {
             Some(o) if o.chain == chain && o.next_seq == seq => out.push(b','),
             _ => {
@@ -176,10 +186,11 @@ impl Encoder {
         out: &mut Vec<u8>,
         seq: u64,
         t_ns: u64,
+        card: u16,
         info: &DescInfo,
         pieces: &[Piece],
     ) {
-        self.begin_desc(out, seq, t_ns, info);
+        self.begin_desc(out, seq, t_ns, card, info);
         let is_page_cut = pieces
             .iter()
             .map(|p| (p.gpa, p.len))
@@ -415,11 +426,12 @@ impl<W: Write> RecordWriter<W> {
                     dir: d.dir,
                     role: d.role,
                 };
-                self.enc.desc(out, d.seq, d.t_ns, &info, &d.pieces);
+                self.enc.desc(out, d.seq, d.t_ns, d.card, &info, &d.pieces);
             }
             Record::Request(r) => {
                 let chain = Chain {
                     device: r.device,
+                    card: r.card,
                     queue: r.queue,
                     head: r.head,
                 };
@@ -611,7 +623,7 @@ impl RequestObject {
     }
 }
 
-/// A chain line: `{"c":"dev/queue/head","s":seq,"t":t_ns,"d":[...],"r":{...}}`.
+/// A chain line: `{"c":"dev[card]/queue/head","s":seq,"t":t_ns,"d":[...],"r":{...}}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChainLine<'a> {
@@ -626,10 +638,17 @@ struct ChainLine<'a> {
 
 fn parse_chain(c: &str) -> Option<Chain> {
     let mut parts = c.split('/');
-    let device = match parts.next()? {
-        "blk" => DeviceKind::Blk,
-        "net" => DeviceKind::Net,
-        _ => return None,
+    let first = parts.next()?;
+    let (device, card) = if let Some(card) = first.strip_prefix("blk") {
+        (DeviceKind::Blk, card)
+    } else {
+        (DeviceKind::Net, first.strip_prefix("net")?)
+    };
+    // Card 0 has no number, and no other card a leading zero: one spelling each.
+    let card = match card.as_bytes().first() {
+        None => 0,
+        Some(b'1'..=b'9') => card.parse().ok()?,
+        Some(_) => return None,
     };
     let queue = parts.next()?.parse().ok()?;
     let head = parts.next()?.parse().ok()?;
@@ -638,6 +657,7 @@ fn parse_chain(c: &str) -> Option<Chain> {
     }
     Some(Chain {
         device,
+        card,
         queue,
         head,
     })
@@ -748,7 +768,7 @@ pub(crate) fn decode_line(
     let line: ChainLine = serde_json::from_slice(line)?;
     let chain = parse_chain(&line.c).ok_or_else(|| {
         invalid(format!(
-            "bad chain {:?}: blk or net, queue, head, separated by /",
+            "bad chain {:?}: blk or net (then the card if not 0), queue, head, separated by /",
             line.c
         ))
     })?;
@@ -774,6 +794,7 @@ pub(crate) fn decode_line(
             seq,
             t_ns,
             device: chain.device,
+            card: chain.card,
             queue: chain.queue,
             head: chain.head,
             desc: d.desc,
@@ -791,6 +812,7 @@ pub(crate) fn decode_line(
             seq,
             t_ns,
             device: chain.device,
+            card: chain.card,
             queue: chain.queue,
             head: chain.head,
             req: r.detail()?,
@@ -855,6 +877,7 @@ mod tests {
             seq,
             t_ns,
             device: DeviceKind::Net,
+            card: 0,
             queue: 1,
             head,
             desc: head + 1,
@@ -898,6 +921,7 @@ mod tests {
             seq,
             t_ns,
             device,
+            card: 0,
             queue: 1,
             head,
             req,
@@ -1006,6 +1030,7 @@ mod tests {
                 seq: 18,
                 t_ns: u64::MAX,
                 device: DeviceKind::Blk,
+                card: 0,
                 queue: 0,
                 head: None,
                 error: "bad".into(),
@@ -1088,6 +1113,71 @@ mod tests {
         assert_eq!(read(&v1), records);
     }
 
+    /// `rec` as a record of card `card`.
+    fn on_card(mut rec: Record, card: u16) -> Record {
+        match &mut rec {
+            Record::Desc(d) => d.card = card,
+            Record::Request(r) => r.card = card,
+            Record::DeviceError(e) => e.card = card,
+            _ => unreachable!("only device records have a card"),
+        }
+        rec
+    }
+
+    #[test]
+    fn each_record_keeps_its_card() {
+        let records = vec![
+            desc(0, 1, 7, 0x1000, 12, cut(0x1000, 12)),
+            // The same chain on card 1, right after: a line of its own, which its
+            // request then joins; card 0's request gets a line of its own.
+            on_card(desc(1, 2, 7, 0x2000, 12, cut(0x2000, 12)), 1),
+            on_card(request(2, 3, DeviceKind::Net, 7, tcp(5)), 1),
+            request(3, 4, DeviceKind::Net, 7, tcp(6)),
+            Record::DeviceError(DeviceErrorRecord {
+                seq: 4,
+                t_ns: 5,
+                device: DeviceKind::Net,
+                card: 2,
+                queue: 1,
+                head: Some(7),
+                error: "bad".into(),
+                needs_reset: true,
+            }),
+            on_card(desc(5, 6, 7, 0x3000, 12, cut(0x3000, 12)), u16::MAX),
+        ];
+        let log = v2_of(&records);
+        let text = String::from_utf8(log.clone()).unwrap();
+        assert_eq!(read(&log), records, "{text}");
+        // Each line's chain (`c`), or its type.
+        let kinds: Vec<String> = text
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.get("c")
+                    .unwrap_or(&v["type"])
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "net/1/7",
+                "net1/1/7",
+                "net/1/7",
+                "device_error",
+                "net65535/1/7"
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""device":"net","card":2,"queue":1"#),
+            "{text}"
+        );
+    }
+
     #[test]
     fn records_of_one_line_share_its_text_and_number() {
         let log = v2_of(&sample());
@@ -1131,6 +1221,11 @@ mod tests {
             (r#"{"c":"net/1/7","s":1,"t":0,"d":[[0,0,12,"rd"]]}"#.to_string(), "desc tuple"),
             (format!(r#"{{"c":"scsi/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
             (format!(r#"{{"c":"net/1/7/8","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
+            (format!(r#"{{"c":"net0/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
+            (format!(r#"{{"c":"net01/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
+            (format!(r#"{{"c":"net+1/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
+            (format!(r#"{{"c":"net65536/1/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
+            (format!(r#"{{"c":"blk1x/0/7","s":1,"t":0,"d":[[0,0,12,"rd",0,{h}]]}}"#), "bad chain"),
             (r#"{"c":"net/1/7","s":1,"t":0}"#.to_string(), "neither"),
             (format!(r#"{{"c":"net/1/7","s":18446744073709551615,"t":0,"d":[[0,0,1,"rd",0,{h}]],"r":{{"dt":0,"sum":"x"}}}}"#), "seq overflows"),
             (format!(r#"{{"c":"net/1/7","s":1,"t":1,"d":[[0,0,1,"rd",18446744073709551615,{h}]]}}"#), "t_ns overflows"),

@@ -41,15 +41,25 @@ pub struct DescInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Chain {
     pub(crate) device: DeviceKind,
+    /// Which card of its kind ([`DmaLog::for_card`]).
+    pub(crate) card: u16,
     pub(crate) queue: u16,
     pub(crate) head: u16,
 }
 
+impl Chain {
+    /// The same chain on card `card`.
+    pub(crate) fn with_card(self, card: u16) -> Chain {
+        Chain { card, ..self }
+    }
+}
+
 impl DescInfo {
-    /// The chain the descriptor belongs to.
-    pub(crate) fn chain(&self) -> Chain {
+    /// The chain the descriptor belongs to, on card `card`.
+    pub(crate) fn chain(&self, card: u16) -> Chain {
         Chain {
             device: self.device,
+            card,
             queue: self.queue,
             head: self.head,
         }
@@ -114,12 +124,15 @@ const _: () = assert!(COPY_LIMIT <= writer::MAX_BYTES);
 #[derive(Clone, Default)]
 pub struct DmaLog {
     pub(crate) inner: Option<Arc<writer::Handle>>,
+    /// The card this handle's device records name ([`DmaLog::for_card`]).
+    card: u16,
 }
 
 impl std::fmt::Debug for DmaLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DmaLog")
             .field("enabled", &self.is_enabled())
+            .field("card", &self.card)
             .finish()
     }
 }
@@ -132,7 +145,10 @@ const ZSTD_LEVEL: i32 = 1;
 impl DmaLog {
     /// A log that records nothing (every call returns at once).
     pub fn disabled() -> Self {
-        DmaLog { inner: None }
+        DmaLog {
+            inner: None,
+            card: 0,
+        }
     }
 
     /// A log writing to `out` (buffered internally) from a writer thread of its own;
@@ -151,6 +167,7 @@ impl DmaLog {
         let handle = writer::start(Box::new(out), head)?;
         Ok(DmaLog {
             inner: Some(Arc::new(handle)),
+            card: 0,
         })
     }
 
@@ -168,6 +185,18 @@ impl DmaLog {
         Self::new(file)
     }
 
+    /// A handle to the same log whose device records (`desc`, `request`,
+    /// `device_error`) say they come from card `card` of their kind: a VMM with
+    /// several virtio-net cards gives each card's device its own handle, so that
+    /// the records of each card can be told apart (`card` in `docs/dma-log.md`).
+    /// Card 0 is every handle's default, and is written as no field at all.
+    pub fn for_card(&self, card: u16) -> DmaLog {
+        DmaLog {
+            inner: self.inner.clone(),
+            card,
+        }
+    }
+
     /// Whether records are kept. Devices check this before computing fingerprints.
     #[inline]
     pub fn is_enabled(&self) -> bool {
@@ -180,7 +209,7 @@ impl DmaLog {
         make: impl FnOnce(&mut writer::Batch) -> writer::Body,
     ) {
         if let Some(inner) = &self.inner {
-            inner.shared.push(copy_len, make);
+            inner.shared.push(self.card, copy_len, make);
         }
     }
 
@@ -251,6 +280,7 @@ impl DmaLog {
     pub fn request(&self, device: DeviceKind, queue: u16, head: u16, req: RequestDetail) {
         let chain = Chain {
             device,
+            card: 0,
             queue,
             head,
         };
@@ -280,6 +310,7 @@ impl DmaLog {
         }
         let chain = Chain {
             device,
+            card: 0,
             queue,
             head,
         };
@@ -326,6 +357,7 @@ impl DmaLog {
         }
         let chain = Chain {
             device,
+            card: self.card,
             queue,
             head,
         };
@@ -392,6 +424,19 @@ impl DmaLog {
         match &self.inner {
             Some(inner) => inner.shared.flush(),
             None => Ok(()),
+        }
+    }
+
+    /// Has `hook` called once with the first error writing the log (a full disk,
+    /// an I/O error), as soon as the writer thread meets it rather than at the next
+    /// [`DmaLog::flush`]: the log stops recording there, so whatever the run does
+    /// after it has no complete log and must not be judged from it. `hook` runs on
+    /// the writer thread (or on this one, if the log has already failed); it should
+    /// be quick, e.g. send a message. Replaces an earlier hook; a disabled log never
+    /// calls it.
+    pub fn on_write_error(&self, hook: impl FnOnce(&io::Error) + Send + 'static) {
+        if let Some(inner) = &self.inner {
+            inner.shared.on_write_error(Box::new(hook));
         }
     }
 }
@@ -488,6 +533,67 @@ mod tests {
             }) => assert_eq!(n.tcp_seq, Some(7)),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn each_cards_handle_names_its_card_in_its_device_records() {
+        let out = Out::default();
+        let log = out.log();
+        let second = log.for_card(1);
+        let tx = |head: u16| DescInfo {
+            device: DeviceKind::Net,
+            queue: 1,
+            head,
+            desc: head,
+            indirect: false,
+            gpa: 0x2000,
+            len: 4,
+            dir: Direction::DeviceReads,
+            role: DescRole::Data,
+        };
+        // The same chain (queue 1, head 5) on two cards.
+        log.descriptor_bytes(tx(5), b"abcd");
+        second.descriptor_bytes(tx(5), b"abcd");
+        second.request_from_bytes(DeviceKind::Net, 1, 5, b"abcd", 0, |_, _| {
+            RequestDetail::Net(NetRequest {
+                summary: "tx".into(),
+                tcp_seq: None,
+                tcp_len: None,
+                tcp_flags: None,
+                tcp_payload_off: None,
+                tcp_ports: None,
+            })
+        });
+        second.device_error(DeviceKind::Net, 1, Some(5), "bad", false);
+        second.marker("BEGIN x");
+        log.flush().unwrap();
+        let bytes = out.bytes();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        // In a chain line card 0 is the bare device, card 1 `net1`; the request
+        // joins its own card's line. A device error has `"card":1` right after
+        // `device`.
+        assert!(lines[0].starts_with("{\"c\":\"net/1/5\","), "{text}");
+        assert!(lines[1].starts_with("{\"c\":\"net1/1/5\","), "{text}");
+        assert!(lines[1].contains("\"r\":{"), "{text}");
+        assert!(
+            lines[2].contains("\"device\":\"net\",\"card\":1,\"queue\":1"),
+            "{text}"
+        );
+        let recs: Vec<Record> = DmaLogReader::new(&bytes[..])
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let cards: Vec<Option<u16>> = recs
+            .iter()
+            .map(|r| match r {
+                Record::Desc(d) => Some(d.card),
+                Record::Request(r) => Some(r.card),
+                Record::DeviceError(e) => Some(e.card),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(cards, [Some(0), Some(1), Some(1), Some(1), None]);
     }
 
     #[test]

@@ -44,6 +44,7 @@ impl PageTable {
             .name("zc-dma-pages".into())
             .spawn(move || {
                 crate::writer::lower_this_threads_priority();
+                zc_seccomp::enter(zc_seccomp::Role::DmaLogPages);
                 if let Some(pages) = hash_pages(&file, len, &weak) {
                     if let Some(table) = weak.upgrade() {
                         let _ = table.pages.set(pages);

@@ -25,6 +25,11 @@ impl<'de> Deserialize<'de> for Fingerprint {
     }
 }
 
+/// Serde's test for leaving `card` out: card 0.
+fn is_first_card(card: &u16) -> bool {
+    *card == 0
+}
+
 /// Which device model made the access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,6 +93,10 @@ pub struct DescRecord {
     pub t_ns: u64,
     /// Device model.
     pub device: DeviceKind,
+    /// Which card of its kind: the VMM's `card`-th virtio-net card (0, the first,
+    /// is written as no field at all, so one-card logs read as they always did).
+    #[serde(default, skip_serializing_if = "is_first_card")]
+    pub card: u16,
     /// Virtqueue index.
     pub queue: u16,
     /// Index of the chain's head descriptor (in the queue's descriptor table).
@@ -182,6 +191,10 @@ pub struct RequestRecord {
     pub t_ns: u64,
     /// Device model.
     pub device: DeviceKind,
+    /// Which card of its kind: the VMM's `card`-th virtio-net card (0, the first,
+    /// is written as no field at all, so one-card logs read as they always did).
+    #[serde(default, skip_serializing_if = "is_first_card")]
+    pub card: u16,
     /// Virtqueue index.
     pub queue: u16,
     /// Head descriptor index of the chain.
@@ -210,6 +223,10 @@ pub struct DeviceErrorRecord {
     pub t_ns: u64,
     /// Device model.
     pub device: DeviceKind,
+    /// Which card of its kind: the VMM's `card`-th virtio-net card (0, the first,
+    /// is written as no field at all, so one-card logs read as they always did).
+    #[serde(default, skip_serializing_if = "is_first_card")]
+    pub card: u16,
     /// Virtqueue index.
     pub queue: u16,
     /// Head descriptor index of the offending chain, if there was one.

@@ -127,6 +127,8 @@ pub(crate) enum Body {
 struct Entry {
     seq: u64,
     t_ns: u64,
+    /// The card of a device record (`DmaLog::for_card`).
+    card: u16,
     body: Body,
 }
 
@@ -184,7 +186,7 @@ impl Batch {
         copied
     }
 
-    /// The copies of `chain`'s `desc` records at the end of the batch, if they are
+    /// The copies of `chain`'s `desc` records (of its card) at the end of the batch, if they are
     /// its last records and their copies are its last bytes, one after the other:
     /// what a device just read of that chain (see `DmaLog::request_from_read`).
     pub(crate) fn trailing_copies_of(&self, chain: Chain) -> Option<Copied> {
@@ -193,7 +195,7 @@ impl Batch {
         for e in self.entries.iter().rev() {
             match &e.body {
                 Body::Desc(info, Pieces::Copied(c))
-                    if info.chain() == chain && c.at + c.len == end =>
+                    if info.chain(e.card) == chain && c.at + c.len == end =>
                 {
                     end = c.at;
                     start = Some(c.at);
@@ -229,6 +231,9 @@ struct State {
     stopped: bool,
     /// The first write error, for [`Shared::flush`] to report.
     error: Option<io::Error>,
+    /// Told of the first write error as soon as the writer meets it
+    /// ([`Shared::on_write_error`]).
+    on_error: Option<ErrorHook>,
     writer: WriterState,
     /// Producers waiting on `done` for room in the batch.
     room_waiters: usize,
@@ -242,6 +247,9 @@ struct State {
     /// The writer thread has ended (only on shutdown, unless it panicked).
     writer_gone: bool,
 }
+
+/// What [`Shared::on_write_error`] takes.
+pub(crate) type ErrorHook = Box<dyn FnOnce(&io::Error) + Send>;
 
 /// What the log's handles and its writer thread share.
 pub(crate) struct Shared {
@@ -275,7 +283,7 @@ impl Shared {
     /// Queues one record: `make` builds it (given the pending batch to copy guest
     /// bytes into, at most `copy_len` of them) under the lock, right after its
     /// `seq` and `t_ns` are taken, so that they are those of the access it records.
-    pub(crate) fn push(&self, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
+    pub(crate) fn push(&self, card: u16, copy_len: usize, make: impl FnOnce(&mut Batch) -> Body) {
         let mut st = self.lock();
         loop {
             if st.stopped {
@@ -302,7 +310,12 @@ impl Shared {
         let weight_before = st.pending.weight();
         let body = make(&mut st.pending);
         let p = &mut st.pending;
-        p.entries.push(Entry { seq, t_ns, body });
+        p.entries.push(Entry {
+            seq,
+            t_ns,
+            card,
+            body,
+        });
         let wake = match st.writer {
             WriterState::Busy => false,
             WriterState::Idle => true,
@@ -315,6 +328,21 @@ impl Shared {
         if wake {
             st.writer = WriterState::Busy;
             self.wake.notify_one();
+        }
+    }
+
+    /// Has `hook` called, once, with the first write error: on the writer thread
+    /// when it meets the error (without the log's lock held), or at once on this
+    /// thread if the log has already failed. Replaces an earlier hook.
+    pub(crate) fn on_write_error(&self, hook: ErrorHook) {
+        let mut st = self.lock();
+        match &st.error {
+            Some(e) => {
+                let e = copy_error(e);
+                drop(st);
+                hook(&e);
+            }
+            None => st.on_error = Some(hook),
         }
     }
 
@@ -378,6 +406,7 @@ pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
             pending: Batch::new(),
             stopped: false,
             error: None,
+            on_error: None,
             writer: WriterState::Busy,
             room_waiters: 0,
             flush_waiters: 0,
@@ -395,6 +424,7 @@ pub(crate) fn start(out: Box<dyn Write + Send>, head: Vec<u8>) -> Result<Handle,
         .name("zc-dma-log".into())
         .spawn(move || {
             lower_this_threads_priority();
+            zc_seccomp::enter(zc_seccomp::Role::DmaLogWriter);
             let gone = Gone(&for_thread);
             run(
                 &for_thread,
@@ -469,19 +499,19 @@ impl Sink {
     /// Appends the record of `e`, whose guest copies are in `bytes` (a chain's
     /// records may join the line of the one before: see `compact`).
     fn format(&mut self, shared: &Shared, e: Entry, bytes: &[u8]) -> io::Result<()> {
-        let (seq, t_ns) = (e.seq, e.t_ns);
+        let (seq, t_ns, card) = (e.seq, e.t_ns, e.card);
         let out = &mut self.buf;
         match e.body {
             Body::Desc(info, Pieces::Hashed(pieces)) => {
-                self.enc.desc(out, seq, t_ns, &info, &pieces);
+                self.enc.desc(out, seq, t_ns, card, &info, &pieces);
             }
             Body::Desc(info, Pieces::Copied(copied)) => {
-                self.enc.begin_desc(out, seq, t_ns, &info);
+                self.enc.begin_desc(out, seq, t_ns, card, &info);
                 push_hashes(out, info.gpa, copied.of(bytes));
                 Encoder::end_desc(out);
             }
             Body::Desc(info, Pieces::File { file, off }) => {
-                self.enc.begin_desc(out, seq, t_ns, &info);
+                self.enc.begin_desc(out, seq, t_ns, card, &info);
                 self.file_hashes(shared, file, off, info.gpa, u64::from(info.len))?;
                 Encoder::end_desc(&mut self.buf);
             }
@@ -506,7 +536,8 @@ impl Sink {
                         detail(&self.frame, arg)
                     }
                 };
-                self.enc.request(out, seq, t_ns, chain, &req);
+                self.enc
+                    .request(out, seq, t_ns, chain.with_card(card), &req);
             }
             // Rare records: serde's output is the reference, and its cost does not matter.
             Body::Marker(label) => {
@@ -527,6 +558,7 @@ impl Sink {
                         seq,
                         t_ns,
                         device,
+                        card,
                         queue,
                         head,
                         error,
@@ -668,19 +700,34 @@ fn run(shared: &Shared, mut sink: Sink) {
         }
         batch.clear();
         let mut st = shared.lock();
+        let mut tell = None;
         if let Err(e) = result {
             failed = true;
             st.stopped = true;
+            tell = st.on_error.take().map(|hook| (hook, copy_error(&e)));
             st.error.get_or_insert(e);
         }
         st.flush_done = ticket;
         if st.flush_waiters > 0 {
             shared.done.notify_all();
         }
-        if shutdown && st.pending.entries.is_empty() {
+        let end = shutdown && st.pending.entries.is_empty();
+        drop(st);
+        // Outside the lock, so that the hook may take its time or even record (the
+        // log being stopped, that returns at once).
+        if let Some((hook, e)) = tell {
+            hook(&e);
+        }
+        if end {
             return;
         }
     }
+}
+
+/// `e` again (`io::Error` is not `Clone`): its kind and its message, which for an
+/// OS error includes the code, e.g. "No space left on device (os error 28)".
+fn copy_error(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), e.to_string())
 }
 
 /// A stable file and the fingerprints of its pages, once known.

@@ -6,17 +6,19 @@
 //! the machine powers off.
 
 use std::io::Write;
+use std::net::SocketAddrV4;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::boot::Boot;
-use crate::cmdline::{Options, TestHook};
+use crate::cmdline::{Ipv4Net, Options, TestHook};
 use crate::control::{Control, UartTx, COM2};
 use crate::error::{Context, Error, Result};
 use crate::methods::port::SamplePort;
 use crate::methods::{self, Hooks};
 use crate::scenarios::{self, Outcome};
 use crate::{disk, modules, mounts, net, power, sys};
+use zc_protocol::addr::{Card, GUEST_PREFIX};
 
 /// Exit status reported when this program fails (a module, a mount, a bad option).
 pub const INIT_FAILED: i32 = 1;
@@ -101,6 +103,8 @@ fn run_steps(boot: &Boot, control: &mut Option<Channel>) -> Result<i32> {
 fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
     let mut mounted = false;
     let mut net_up = false;
+    // Each card's peer, card 0's first.
+    let mut peers = vec![options.peer];
     let mut all_passed = true;
     for test in &options.tests {
         if test.needs_disk() && !mounted {
@@ -117,18 +121,8 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
             )?;
         }
         if test.needs_net() && !net_up {
-            net::configure(options.ip)?;
+            peers = configure_net(options, control)?;
             net_up = true;
-            say(
-                control,
-                &format!(
-                    "{} {} is {}, peer {}",
-                    net::ETH0,
-                    net::mac_address(net::ETH0),
-                    options.ip,
-                    options.peer
-                ),
-            )?;
         }
         let outcome = match test {
             TestHook::Panic => return panic_kernel(control).map(|()| false),
@@ -170,7 +164,7 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
                         let passed = methods::run_suite(
                             suite,
                             Path::new(disk::MOUNT_POINT),
-                            options.peer,
+                            &peers,
                             &mut hooks,
                         )?;
                         // Each method already reported; the suite has no report of
@@ -205,6 +199,62 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
         }
     }
     Ok(all_passed)
+}
+
+/// Configures the network: eth0 with `zc.ip`, or with `zc.cards` one interface per
+/// card (card 0 with `zc.ip`, card `n` with its own subnet's address); returns each
+/// card's peer.
+fn configure_net(options: &Options, control: &mut Option<Channel>) -> Result<Vec<SocketAddrV4>> {
+    let cards = options.suite.card_count();
+    if cards == 1 {
+        net::configure(options.ip)?;
+        say(
+            control,
+            &format!(
+                "{} {} is {}, peer {}",
+                net::ETH0,
+                net::mac_address(net::ETH0),
+                options.ip,
+                options.peer
+            ),
+        )?;
+        return Ok(vec![options.peer]);
+    }
+    let addresses: Vec<(Card, Ipv4Net)> = (0..cards)
+        .map(|n| {
+            let card = u8::try_from(n)
+                .ok()
+                .and_then(Card::new)
+                .expect("zc.cards has at most MAX_CARDS entries");
+            let net = match n {
+                0 => options.ip,
+                _ => Ipv4Net {
+                    addr: card.guest_ip(),
+                    prefix: GUEST_PREFIX,
+                },
+            };
+            (card, net)
+        })
+        .collect();
+    let names = net::configure_cards(&addresses)?;
+    let mut peers = Vec::new();
+    for ((card, net), name) in addresses.iter().zip(&names) {
+        let peer = match card.index() {
+            0 => options.peer,
+            _ => card.peer(),
+        };
+        let variant = &options.suite.cards[usize::from(card.index())].variant;
+        say(
+            control,
+            &format!(
+                "card {} ({variant}): {name} {} is {net}, peer {peer}",
+                card.index(),
+                net::mac_address(name),
+            ),
+        )?;
+        peers.push(peer);
+    }
+    Ok(peers)
 }
 
 /// The method suite's surroundings in the guest: the control channel for marks

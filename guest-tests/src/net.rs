@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::cmdline::Ipv4Net;
 use crate::error::{Error, Result};
+use zc_protocol::addr::Card;
 
 /// The interface the virtio-net device becomes (no udev renames it in the initramfs).
 pub const ETH0: &str = "eth0";
@@ -136,21 +137,87 @@ pub fn configure(net: Ipv4Net) -> Result<()> {
     let sock = IoctlSocket::open()?;
     set_up(&sock, "lo")?;
     wait_for_interface(ETH0, IFACE_WAIT)?;
-    let mut req = ifreq(ETH0)?;
+    address(&sock, ETH0, net)
+}
+
+/// Brings `lo` up and each card's interface up with the card's address; returns the
+/// interfaces' names, in card order. The interfaces are found by MAC
+/// ([`Card::guest_mac`]): the kernel names them in probe order, which nothing
+/// promises to be the cards' order. Each address's prefix route sends the card's
+/// peer's subnet through it.
+pub fn configure_cards(cards: &[(Card, Ipv4Net)]) -> Result<Vec<String>> {
+    let sock = IoctlSocket::open()?;
+    set_up(&sock, "lo")?;
+    let start = Instant::now();
+    let mut names = Vec::new();
+    for &(card, net) in cards {
+        let mac = mac_text(card.guest_mac());
+        let name = loop {
+            if let Some(name) = interface_with_mac(&mac) {
+                break name;
+            }
+            if start.elapsed() >= IFACE_WAIT {
+                return Err(Error::new(format!(
+                    "no network interface with MAC {mac} (card {}) after {:.1} s (interfaces: {}); does the VMM give the guest {} cards?",
+                    card.index(),
+                    IFACE_WAIT.as_secs_f64(),
+                    interfaces().join(", "),
+                    cards.len()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        address(&sock, &name, net)?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// `52:54:00:12:34:56`, as sysfs writes a MAC.
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The interfaces in `/sys/class/net`, sorted.
+fn interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The interface whose MAC is `mac` (sysfs's spelling), if there is one.
+fn interface_with_mac(mac: &str) -> Option<String> {
+    interfaces()
+        .into_iter()
+        .find(|name| mac_address(name) == mac)
+}
+
+/// Gives `ifname` `net`'s address and netmask, then brings it up.
+fn address(sock: &IoctlSocket, ifname: &str, net: Ipv4Net) -> Result<()> {
+    let mut req = ifreq(ifname)?;
     req.ifr_ifru.ifru_addr = sockaddr_in(net.addr);
     sock.ioctl(
         libc::SIOCSIFADDR,
         &mut req,
         &format!("SIOCSIFADDR {}", net.addr),
     )?;
-    let mut req = ifreq(ETH0)?;
+    let mut req = ifreq(ifname)?;
     req.ifr_ifru.ifru_netmask = sockaddr_in(net.netmask());
     sock.ioctl(
         libc::SIOCSIFNETMASK,
         &mut req,
         &format!("SIOCSIFNETMASK {}", net.netmask()),
     )?;
-    set_up(&sock, ETH0)
+    set_up(sock, ifname)
 }
 
 /// eth0's MAC address from sysfs, for the log (empty if unreadable).
@@ -175,6 +242,14 @@ mod tests {
         assert_eq!(
             u32::from_be(sin.sin_addr.s_addr),
             u32::from(Ipv4Addr::new(10, 0, 2, 15))
+        );
+    }
+
+    #[test]
+    fn macs_are_written_as_sysfs_writes_them() {
+        assert_eq!(
+            mac_text(Card::new(1).unwrap().guest_mac()),
+            "52:54:00:12:34:57"
         );
     }
 

@@ -27,5 +27,5 @@ pub mod report;
 pub use control::{ControlMessage, MAX_LINE};
 pub use marker::{Marker, SpanName};
 pub use method::{Method, UnknownMethod};
-pub use options::{Options, OptionsError, Role, Suite, TestHook};
+pub use options::{MethodRun, Options, OptionsError, Role, Suite, SuiteCard, TestHook};
 pub use report::{MethodReport, ZeroCopyCounts};

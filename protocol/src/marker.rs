@@ -3,6 +3,11 @@
 //! records. A span is usually a [`Method`]; other steps name their own (`send` for
 //! the `send:` step, `read` in the device tests), so a span is a name, and a method
 //! converts to one.
+//!
+//! When one boot runs the methods on several cards, one per NIC variant
+//! (`zc.cards`, [`crate::options::SuiteCard`]), each span also names its variant:
+//! `<method>@<variant>`, e.g. `BEGIN sendfile@sg-off` ([`qualified_span`]), so a
+//! method run on two cards has two spans.
 
 use std::fmt;
 
@@ -10,6 +15,27 @@ use crate::method::Method;
 
 /// The span of the guest's `send:<file>` step (`zc.test=send:...`).
 pub const SEND_SPAN: SpanName<'static> = SpanName::new("send");
+
+/// What separates a span's name from its NIC variant: `sendfile@sg-off`.
+pub const VARIANT_SEP: char = '@';
+
+/// The span of `name` run on the card of NIC variant `variant` (`sendfile@sg-off`),
+/// or plain `name` when the run has one unnamed card.
+pub fn qualified_span(name: &str, variant: Option<&str>) -> String {
+    match variant {
+        Some(variant) => format!("{name}{VARIANT_SEP}{variant}"),
+        None => name.to_string(),
+    }
+}
+
+/// Whether `name` can be a variant's name in spans and options: 1 to 32 ASCII
+/// letters, digits, `-` or `_` (no separator of a span, a mark or `zc.cards`).
+pub fn valid_variant(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 
 const BEGIN: &str = "BEGIN ";
 const END: &str = "END ";
@@ -29,9 +55,18 @@ impl<'a> SpanName<'a> {
         self.0
     }
 
-    /// The method of that name, if the span is a method's.
+    /// The method of that name, if the span is a method's (on whichever card).
     pub fn method(&self) -> Option<Method> {
-        Method::from_name(self.0)
+        Method::from_name(self.split_variant().0)
+    }
+
+    /// The name without its variant, and the variant if the span names one
+    /// (`sendfile@sg-off` -> `sendfile`, `sg-off`).
+    pub fn split_variant(&self) -> (&'a str, Option<&'a str>) {
+        match self.0.split_once(VARIANT_SEP) {
+            Some((name, variant)) => (name, Some(variant)),
+            None => (self.0, None),
+        }
     }
 }
 
@@ -133,6 +168,35 @@ mod tests {
             Marker::parse("BEGIN sendfile").map(|m| m.span().method()),
             Some(Some(Method::Sendfile))
         );
+    }
+
+    #[test]
+    fn a_span_on_a_named_card_says_its_variant() {
+        let span = qualified_span(Method::Sendfile.name(), Some("sg-off"));
+        assert_eq!(span, "sendfile@sg-off");
+        let begin = Marker::begin(span.as_str());
+        assert_eq!(begin.label(), "BEGIN sendfile@sg-off");
+        let label = begin.label();
+        let parsed = Marker::parse(&label).unwrap();
+        assert_eq!(parsed, begin);
+        assert_eq!(parsed.span().split_variant(), ("sendfile", Some("sg-off")));
+        assert_eq!(parsed.span().method(), Some(Method::Sendfile));
+        // Spans of the same method on two cards are two spans.
+        assert!(!Marker::begin("sendfile@sg-on").matches(&label));
+        assert!(!Marker::begin(Method::Sendfile).matches(&label));
+        // A plain span has no variant.
+        assert_eq!(qualified_span("sendfile", None), "sendfile");
+        assert_eq!(SpanName::new("send").split_variant(), ("send", None));
+    }
+
+    #[test]
+    fn variant_names_keep_spans_and_options_parseable() {
+        for good in ["sg-on", "sg-off", "a", "card_1", &"x".repeat(32)] {
+            assert!(valid_variant(good), "{good}");
+        }
+        for bad in ["", "sg on", "sg@on", "a:b", "a,b", "a/b", &"x".repeat(33)] {
+            assert!(!valid_variant(bad), "{bad}");
+        }
     }
 
     #[test]

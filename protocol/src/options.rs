@@ -14,6 +14,12 @@
 //!   `payload.bin`), `zc.size=BYTES` (default: the whole file) and
 //!   `zc.chunk=BYTES` (default 65536, a multiple of 4096): what the `methods` step
 //!   runs, from which file on the test disk, how much, in which chunks.
+//! - `zc.cards=VARIANT:METHODS[/VARIANT:METHODS...]` (instead of `zc.methods`): one
+//!   boot for several NIC variants, one card each: card `n` (the `n`-th entry; the
+//!   guest finds it by MAC, `addr::Card`) runs its METHODS (`all` or a comma list),
+//!   to its own peer, each span and report named `<method>@<VARIANT>`
+//!   (`marker::qualified_span`). The entries run in order, each card's methods in
+//!   turn. E.g. `zc.cards=sg-on:all/sg-off:sendfile,mmap_zerocopy`.
 //! - `zc.ip=A.B.C.D/N` (guest role, default `10.0.2.15/24`): eth0's address.
 //! - `zc.peer=A.B.C.D:PORT` (guest role, default `10.0.2.2:7878`): the TCP peer.
 //! - `zc.disk=rw|ro` (guest role, default `rw`): how `/dev/vda` is mounted on `/mnt`.
@@ -29,7 +35,8 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::str::FromStr;
 
-use crate::addr::{DEFAULT_PEER, GUEST_IP, GUEST_PREFIX};
+use crate::addr::{Card, DEFAULT_PEER, GUEST_IP, GUEST_PREFIX, MAX_CARDS};
+use crate::marker::valid_variant;
 use crate::method::Method;
 
 /// An option that does not parse: one line that names the option, its value and
@@ -63,12 +70,16 @@ pub const CHUNK_ALIGN: usize = 4096;
 /// (a failed allocation would abort PID 1).
 pub const MAX_CHUNK: usize = 16 << 20;
 
-/// What the method suite runs: the `zc.methods`, `zc.file`, `zc.size` and
-/// `zc.chunk` options.
+/// What the method suite runs: the `zc.methods` (or `zc.cards`), `zc.file`,
+/// `zc.size` and `zc.chunk` options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Suite {
-    /// The methods, in order (no repeats).
+    /// The methods, in order (no repeats), on the one card; unused when `cards` is
+    /// not empty.
     pub methods: Vec<Method>,
+    /// `zc.cards`: one entry per card, in card order, each a NIC variant and the
+    /// methods run through that card; empty for the one-card suite (`methods`).
+    pub cards: Vec<SuiteCard>,
     /// The source file, relative to the disk root.
     pub file: String,
     /// Bytes each method sends, a prefix of the file; `None` for the whole file.
@@ -77,14 +88,79 @@ pub struct Suite {
     pub chunk: usize,
 }
 
+/// One card's share of a several-card suite (`zc.cards`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuiteCard {
+    /// The NIC variant the card is (`sg-on`...), as spans and reports name it
+    /// ([`valid_variant`]).
+    pub variant: String,
+    /// The methods run through the card, in order (no repeats).
+    pub methods: Vec<Method>,
+}
+
+/// One method run of the suite: which method, through which card, under which
+/// variant name (`None`: the one-card suite, plain spans).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodRun<'a> {
+    /// The method.
+    pub method: Method,
+    /// The card it sends through.
+    pub card: Card,
+    /// The card's variant, which qualifies the span and the report.
+    pub variant: Option<&'a str>,
+}
+
+impl MethodRun<'_> {
+    /// The span's name: the method's, with `@<variant>` on a named card.
+    pub fn span(&self) -> String {
+        crate::marker::qualified_span(self.method.name(), self.variant)
+    }
+}
+
 impl Default for Suite {
     fn default() -> Suite {
         Suite {
             methods: Method::ALL.to_vec(),
+            cards: Vec::new(),
             file: DEFAULT_FILE.to_string(),
             size: None,
             chunk: DEFAULT_CHUNK,
         }
+    }
+}
+
+impl Suite {
+    /// Every method run, in order: `methods` on card 0, or each card's in turn.
+    pub fn runs(&self) -> Vec<MethodRun<'_>> {
+        if self.cards.is_empty() {
+            let card = Card::new(0).expect("card 0 exists");
+            return self
+                .methods
+                .iter()
+                .map(|&method| MethodRun {
+                    method,
+                    card,
+                    variant: None,
+                })
+                .collect();
+        }
+        self.cards
+            .iter()
+            .zip(0u8..)
+            .flat_map(|(c, n)| {
+                let card = Card::new(n).expect("zc.cards has at most MAX_CARDS entries");
+                c.methods.iter().map(move |&method| MethodRun {
+                    method,
+                    card,
+                    variant: Some(c.variant.as_str()),
+                })
+            })
+            .collect()
+    }
+
+    /// How many cards the suite sends through.
+    pub fn card_count(&self) -> usize {
+        self.cards.len().max(1)
     }
 }
 
@@ -199,6 +275,11 @@ fn check_disk_file<'a>(file: &'a str, option: &str) -> Result<&'a str> {
 /// Parses `zc.methods`: `all` or a comma list of method names, no repeats (the
 /// marks and reports are keyed by name, so a repeat would be ambiguous).
 fn parse_methods(list: &str) -> Result<Vec<Method>> {
+    parse_method_list(list, "zc.methods=", list)
+}
+
+/// Parses a method list (`all` or names) given as `option` + `whole` (for errors).
+fn parse_method_list(list: &str, option: &str, whole: &str) -> Result<Vec<Method>> {
     if list == "all" {
         return Ok(Method::ALL.to_vec());
     }
@@ -206,18 +287,51 @@ fn parse_methods(list: &str) -> Result<Vec<Method>> {
     for name in list.split(',') {
         let method = Method::from_name(name).ok_or_else(|| {
             OptionsError::new(format!(
-                "zc.methods={list}: unknown method {name:?} (expected all, or a comma list of: {})",
+                "{option}{whole}: unknown method {name:?} (expected all, or a comma list of: {})",
                 Method::names()
             ))
         })?;
         if methods.contains(&method) {
             return Err(OptionsError::new(format!(
-                "zc.methods={list}: {name} is listed twice"
+                "{option}{whole}: {name} is listed twice"
             )));
         }
         methods.push(method);
     }
     Ok(methods)
+}
+
+/// Parses `zc.cards`: `VARIANT:METHODS` entries separated by `/`, at most
+/// [`MAX_CARDS`], each variant named once.
+fn parse_cards(text: &str) -> Result<Vec<SuiteCard>> {
+    let bad = |why: &str| {
+        OptionsError::new(format!(
+            "zc.cards={text}: {why} (expected VARIANT:METHODS per card separated by /, e.g. zc.cards=sg-on:all/sg-off:sendfile)"
+        ))
+    };
+    let mut cards: Vec<SuiteCard> = Vec::new();
+    for entry in text.split('/') {
+        let (variant, list) = entry
+            .split_once(':')
+            .ok_or_else(|| bad(&format!("{entry:?} has no ':'")))?;
+        if !valid_variant(variant) {
+            return Err(bad(&format!(
+                "{variant:?} is not a variant name (1 to 32 letters, digits, - or _)"
+            )));
+        }
+        if cards.iter().any(|c| c.variant == variant) {
+            return Err(bad(&format!("{variant} is listed twice")));
+        }
+        let methods = parse_method_list(list, "zc.cards=", text)?;
+        cards.push(SuiteCard {
+            variant: variant.to_string(),
+            methods,
+        });
+    }
+    if cards.len() > usize::from(MAX_CARDS) {
+        return Err(bad(&format!("{} cards, at most {MAX_CARDS}", cards.len())));
+    }
+    Ok(cards)
 }
 
 /// Parses `zc.size`: a byte count > 0.
@@ -373,10 +487,18 @@ impl Options {
             }
         };
         let defaults = Suite::default();
+        if map.contains_key("methods") && map.contains_key("cards") {
+            return Err(OptionsError::new(
+                "zc.methods and zc.cards both given: zc.cards names each card's methods; give one of them",
+            ));
+        }
         let suite = Suite {
             methods: map
                 .get("methods")
                 .map_or(Ok(defaults.methods), |list| parse_methods(list))?,
+            cards: map
+                .get("cards")
+                .map_or(Ok(Vec::new()), |text| parse_cards(text))?,
             file: match map.get("file") {
                 None => defaults.file,
                 Some(file) => check_disk_file(file, "zc.file=")?.to_string(),
@@ -399,6 +521,7 @@ impl Options {
                         | "peer"
                         | "disk"
                         | "methods"
+                        | "cards"
                         | "file"
                         | "size"
                         | "chunk"
@@ -460,7 +583,17 @@ impl Options {
             words.push(format!("{PREFIX}disk=ro"));
         }
         let suite = &self.suite;
-        if suite.methods != defaults.suite.methods && !suite.methods.is_empty() {
+        if !suite.cards.is_empty() {
+            let cards: Vec<String> = suite
+                .cards
+                .iter()
+                .map(|c| {
+                    let names: Vec<&str> = c.methods.iter().map(|m| m.name()).collect();
+                    format!("{}:{}", c.variant, names.join(","))
+                })
+                .collect();
+            words.push(format!("{PREFIX}cards={}", cards.join("/")));
+        } else if suite.methods != defaults.suite.methods && !suite.methods.is_empty() {
             let names: Vec<&str> = suite.methods.iter().map(|m| m.name()).collect();
             words.push(format!("{PREFIX}methods={}", names.join(",")));
         }
@@ -562,6 +695,7 @@ mod tests {
             o.suite,
             Suite {
                 methods: vec![Method::Sendfile, Method::ReadWrite, Method::UringSendZc],
+                cards: Vec::new(),
                 file: "d/p.bin".into(),
                 size: Some(1_000_000),
                 chunk: 16384,
@@ -606,6 +740,62 @@ mod tests {
         ] {
             assert!(!err.unwrap_err().to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn cards_give_each_variant_its_card_and_methods() {
+        let o = Options::parse("zc.test=methods zc.cards=sg-on:all/sg-off:sendfile,mmap_zerocopy")
+            .unwrap();
+        assert_eq!(
+            o.suite.cards,
+            [
+                SuiteCard {
+                    variant: "sg-on".into(),
+                    methods: Method::ALL.to_vec()
+                },
+                SuiteCard {
+                    variant: "sg-off".into(),
+                    methods: vec![Method::Sendfile, Method::MmapZerocopy]
+                },
+            ]
+        );
+        assert!(o.unknown.is_empty());
+        assert_eq!(o.suite.card_count(), 2);
+        let runs = o.suite.runs();
+        assert_eq!(runs.len(), Method::ALL.len() + 2);
+        // Card 0's methods first, then card 1's, each span named by its variant.
+        assert_eq!(runs[0].card.index(), 0);
+        assert_eq!(runs[0].span(), "read_write@sg-on");
+        let last = runs.last().unwrap();
+        assert_eq!(last.card.index(), 1);
+        assert_eq!(last.card.peer().to_string(), "10.0.3.2:7878");
+        assert_eq!(last.span(), "mmap_zerocopy@sg-off");
+        // The same method on two cards is fine; the one-card suite is unqualified.
+        assert!(Options::parse("zc.cards=a:sendfile/b:sendfile").is_ok());
+        let plain = Options::parse("zc.methods=sendfile").unwrap().suite;
+        assert_eq!(plain.card_count(), 1);
+        assert_eq!(plain.runs()[0].span(), "sendfile");
+        assert_eq!(plain.runs()[0].variant, None);
+    }
+
+    #[rstest::rstest]
+    #[case::both("zc.methods=sendfile zc.cards=a:sendfile", "both given")]
+    #[case::no_colon("zc.cards=sg-on", "has no ':'")]
+    #[case::bad_variant("zc.cards=sg@on:all", "not a variant name")]
+    #[case::empty_variant("zc.cards=:all", "not a variant name")]
+    #[case::twice("zc.cards=a:all/a:sendfile", "a is listed twice")]
+    #[case::method_twice("zc.cards=a:splice,splice", "splice is listed twice")]
+    #[case::unknown("zc.cards=a:zerocopy", "unknown method")]
+    #[case::empty_list("zc.cards=a:", "unknown method")]
+    #[case::too_many(
+        "zc.cards=a:all/b:all/c:all/d:all/e:all/f:all/g:all/h:all/i:all",
+        "at most 8"
+    )]
+    fn bad_cards_are_one_line(#[case] line: &str, #[case] needle: &str) {
+        let err = Options::parse(line).unwrap_err().to_string();
+        assert!(err.contains(needle), "{line}: {err}");
+        assert!(err.starts_with("zc."), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]
@@ -774,6 +964,7 @@ mod tests {
                 peer: "192.168.7.1:9000".parse().unwrap(),
                 suite: Suite {
                     methods: Method::ALL.into_iter().rev().collect(),
+                    cards: Vec::new(),
                     file: "a/b.bin".into(),
                     size: Some(1),
                     chunk: MAX_CHUNK,
@@ -781,7 +972,31 @@ mod tests {
                 ..Options::default()
             },
         ];
-        for options in cases {
+        let two_cards = Options {
+            tests: vec![TestHook::Methods],
+            suite: Suite {
+                cards: vec![
+                    SuiteCard {
+                        variant: "sg-on".into(),
+                        methods: vec![Method::Splice, Method::ReadWrite],
+                    },
+                    SuiteCard {
+                        variant: "sg-off".into(),
+                        methods: Method::ALL.to_vec(),
+                    },
+                ],
+                ..Suite::default()
+            },
+            ..Options::default()
+        };
+        assert_eq!(
+            two_cards.to_cmdline(),
+            format!(
+                "zc.test=methods zc.cards=sg-on:splice,read_write/sg-off:{}",
+                Method::ALL.map(|m| m.name()).join(",")
+            )
+        );
+        for options in cases.into_iter().chain([two_cards]) {
             let line = options.to_cmdline();
             assert_eq!(Options::parse(&line).as_ref(), Ok(&options), "{line}");
         }

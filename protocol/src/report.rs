@@ -6,7 +6,9 @@
 //!  "loop_syscalls":256,"setup_syscalls":3,
 //!  "zerocopy":{"sends":256,"completions":256,"copied":0}}
 //! ```
-//! `zerocopy` only for the zero-copy methods, `copied` `null` when the kernel does
+//! `variant` (after `method`) only when the boot had one card per NIC variant
+//! (`zc.cards`): the variant whose card carried the method. `zerocopy` only for the
+//! zero-copy methods, `copied` `null` when the kernel does
 //! not say (io_uring before Linux 6.2). A skipped method is
 //! `{"test":"method","method":M,"ok":true,"skipped":"<reason>"}`, a failed one
 //! `{"test":"method","method":M,"ok":false,"error":"<one line>"}`.
@@ -33,6 +35,10 @@ pub struct MethodReport {
     /// The method's name ([`crate::Method::name`]; kept as text so that a report
     /// of a method this build does not know still reads).
     pub method: String,
+    /// The NIC variant whose card the method ran through, when the boot had one
+    /// card per variant (`zc.cards`); absent in a one-card run.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub variant: Option<String>,
     /// Whether the guest completed the transfer (the peer confirmed every byte),
     /// or skipped it.
     pub ok: bool,
@@ -102,8 +108,11 @@ impl MethodReport {
     pub fn to_json(&self) -> String {
         let mut json = Object::new()
             .str("test", &self.test)
-            .str("method", &self.method)
-            .bool("ok", self.ok);
+            .str("method", &self.method);
+        if let Some(variant) = &self.variant {
+            json = json.str("variant", variant);
+        }
+        json = json.bool("ok", self.ok);
         let u64_member = |json: Object, key: &str, value: Option<u64>| match value {
             Some(n) => json.u64(key, n),
             None => json,
@@ -218,6 +227,15 @@ mod tests {
         );
         assert_eq!(sendfile().syscall("sendfile"), Some(256));
         assert_eq!(sendfile().syscall("splice"), None);
+        // A method run through a named card says which, right after its name.
+        let on_card = MethodReport {
+            variant: Some("sg-off".into()),
+            ..skipped
+        };
+        assert_eq!(
+            on_card.to_json(),
+            r#"{"test":"method","method":"uring_send_zc","variant":"sg-off","ok":true,"skipped":"no SEND_ZC"}"#
+        );
     }
 
     /// What the guest writes, the VMM and the audit read back as the same value.
@@ -248,6 +266,10 @@ mod tests {
             MethodReport {
                 seconds: Some(123_456.654_321),
                 ..MethodReport::new("future_method", true)
+            },
+            MethodReport {
+                variant: Some("sg-off".into()),
+                ..sendfile()
             },
         ];
         for report in reports {

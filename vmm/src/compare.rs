@@ -90,7 +90,7 @@ impl Run {
             .context
             .kernel_release
             .or_else(|| {
-                RunSummary::load(&dir.join("sg-on.run.json"))
+                RunSummary::load(&dir.join(format!("{}.run.json", crate::suite::BOOT_NAME)))
                     .ok()
                     .and_then(|summary| summary.run.kernel_release)
             })

@@ -218,7 +218,8 @@ pub enum TraceError {
 }
 
 /// A TX chain's `data` descriptors, waiting for its request record.
-type Pending = HashMap<(DeviceKind, u16, u16), Vec<DescRecord>>;
+/// TX chains in flight, by (device, card, queue, head).
+type Pending = HashMap<(DeviceKind, u16, u16, u16), Vec<DescRecord>>;
 
 /// Traces `query` through the log that `open` opens (twice: it is read in two
 /// passes); `source`, the file the method sent, makes the zero-copy check exact.
@@ -260,6 +261,7 @@ fn first_pass<R: BufRead>(
     let mut begin: Option<(u64, u64)> = None;
     let mut end: Option<(u64, u64)> = None;
     let mut conn: Option<Connection> = None;
+    let mut conn_card = 0;
     let mut pending = Pending::new();
     let mut pieces = Vec::new();
     for record in records(reader, &mut cut) {
@@ -278,12 +280,12 @@ fn first_pass<R: BufRead>(
                     && d.role == DescRole::Data =>
             {
                 pending
-                    .entry((d.device, d.queue, d.head))
+                    .entry((d.device, d.card, d.queue, d.head))
                     .or_default()
                     .push(d.clone());
             }
             Record::Request(r) => {
-                let data = pending.remove(&(r.device, r.queue, r.head));
+                let data = pending.remove(&(r.device, r.card, r.queue, r.head));
                 let (DeviceKind::Net, TX_QUEUE, RequestDetail::Net(net), true) =
                     (r.device, r.queue, &r.req, begin.is_some())
                 else {
@@ -292,8 +294,14 @@ fn first_pass<R: BufRead>(
                 let data = data.unwrap_or_default();
                 let Some(conn) = conn.as_mut() else {
                     conn = Connection::from_syn(net);
+                    conn_card = r.card;
                     continue;
                 };
+                // With several cards, the method's frames are those of the card
+                // its connection opened on.
+                if r.card != conn_card {
+                    continue;
+                }
                 for pp in conn.payload(net, &data) {
                     let (s, e) = (
                         pp.stream_off.max(want_start),
@@ -752,6 +760,7 @@ mod tests {
             source: source(),
             reports: Vec::new(),
             variant: variant.into(),
+            card: None,
         };
         audit(&input, &expected).remove(0)
     }

@@ -108,6 +108,14 @@ fn device_name(device: DeviceKind) -> &'static str {
     }
 }
 
+/// The device as a line names it: `net`, or `net1` for the second card of its kind.
+fn device_label(device: DeviceKind, card: u16) -> String {
+    match card {
+        0 => device_name(device).to_string(),
+        n => format!("{}{n}", device_name(device)),
+    }
+}
+
 fn direction_name(dir: Direction) -> &'static str {
     match dir {
         Direction::DeviceReads => "reads ",
@@ -124,7 +132,7 @@ pub fn line(record: &Record) -> String {
         Record::Desc(d) => format!(
             "{:>12.3} ms  {} q{} head {:>3} desc {:>3}{} device {} {:#012x} +{:<7} {:?} ({} piece{})",
             ms(d.t_ns),
-            device_name(d.device),
+            device_label(d.device, d.card),
             d.queue,
             d.head,
             d.desc,
@@ -153,7 +161,7 @@ pub fn line(record: &Record) -> String {
             format!(
                 "{:>12.3} ms  {} q{} head {:>3} request {what}",
                 ms(r.t_ns),
-                device_name(r.device),
+                device_label(r.device, r.card),
                 r.queue,
                 r.head
             )
@@ -161,7 +169,7 @@ pub fn line(record: &Record) -> String {
         Record::DeviceError(e) => format!(
             "{:>12.3} ms  {} q{} ERROR {}{}",
             ms(e.t_ns),
-            device_name(e.device),
+            device_label(e.device, e.card),
             e.queue,
             e.error,
             if e.needs_reset { " (needs reset)" } else { "" }
@@ -268,6 +276,7 @@ mod tests {
             seq: 0,
             t_ns: 1_000_000,
             device,
+            card: 0,
             queue,
             head: 0,
             desc: 1,
@@ -298,6 +307,7 @@ mod tests {
                 seq: 0,
                 t_ns: 0,
                 device: DeviceKind::Blk,
+                card: 0,
                 queue: 0,
                 head: 0,
                 req: RequestDetail::Blk(BlkRequest {
@@ -312,6 +322,7 @@ mod tests {
                 seq: 0,
                 t_ns: 0,
                 device: DeviceKind::Net,
+                card: 1,
                 queue: 1,
                 head: None,
                 error: "loop".into(),
@@ -378,6 +389,10 @@ mod tests {
                 && text[2].contains("0x0000002000")
         );
         assert!(text[4].contains("in sector 16 bytes 8192"));
-        assert!(text[5].contains("ERROR loop (needs reset)"));
+        assert!(
+            text[5].contains("net1 q1 ERROR loop (needs reset)"),
+            "{}",
+            text[5]
+        );
     }
 }

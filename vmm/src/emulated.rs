@@ -370,7 +370,7 @@ pub fn run(
 /// The environment of a `zc-vmm` process started inside the emulated host: forced
 /// `direct` mode, marked as inside, a plain `PATH`, a writable `TMPDIR` in the
 /// exchange directory (the rest of the host's tree is read-only in there), and the
-/// Rust diagnostics knobs.
+/// Rust diagnostics knobs and the seccomp switch.
 pub fn inner_env(exchange: &Path) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = vec![
         ("TMPDIR".into(), exchange.join("tmp").into_os_string()),
@@ -381,7 +381,7 @@ pub fn inner_env(exchange: &Path) -> Vec<(OsString, OsString)> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         ),
     ];
-    for key in ["RUST_BACKTRACE", "RUST_LOG"] {
+    for key in ["RUST_BACKTRACE", "RUST_LOG", zc_seccomp::ENV] {
         if let Some(value) = std::env::var_os(key) {
             env.push((key.into(), value));
         }

@@ -108,10 +108,12 @@ struct DmaLogArgs {
 
 #[derive(Args)]
 struct DmaTraceArgs {
-    /// The log file, or a `zc-vmm methods` output directory (then --variant picks
-    /// its `<variant>.dma-log.jsonl[.zst]`).
+    /// The log file, or a `zc-vmm methods` output directory (then its
+    /// `suite.dma-log.jsonl[.zst]`, and --variant picks the card: the span
+    /// `<method>@<variant>`).
     log: PathBuf,
-    /// The method (its BEGIN/END markers), e.g. sendfile.
+    /// The span (its BEGIN/END markers): a method, e.g. sendfile; in the log file
+    /// of a `zc-vmm methods` run, `sendfile@sg-off` (or give the run directory).
     #[arg(long)]
     method: String,
     /// First file offset (decimal, 0x hex, or with a K/M/G suffix: 1M).
@@ -120,7 +122,8 @@ struct DmaTraceArgs {
     /// Bytes to trace (same forms).
     #[arg(long, value_parser = parse_size)]
     len: u64,
-    /// With a run directory: the NIC variant whose log to read.
+    /// With a run directory: the NIC variant whose card's run of the method to
+    /// trace.
     #[arg(long, default_value = "sg-on")]
     variant: String,
     /// The file the method sent (e.g. images/out/guest/disk-files/payload.bin): checks
@@ -200,6 +203,30 @@ struct RunArgs {
     /// Emulated mode: the emulated host's initrd [env: ZC_HOST_INITRD].
     #[arg(long, env = "ZC_HOST_INITRD", default_value = DEFAULT_HOST_INITRD)]
     host_initrd: PathBuf,
+    #[command(flatten)]
+    seccomp: SeccompSwitch,
+}
+
+/// The seccomp switch of the commands that run a VM.
+#[derive(Args, Clone, Copy)]
+struct SeccompSwitch {
+    /// Run the VMM's threads without their seccomp filters, to debug a system call a
+    /// filter refuses (the same as ZC_SECCOMP=off; the filters are on by default).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+impl SeccompSwitch {
+    /// Checks ZC_SECCOMP; with --no-seccomp, sets it to `off` for this process and
+    /// the ones it starts (`methods`' runs, the run inside the emulated host).
+    fn apply(self) -> Result<()> {
+        if self.no_seccomp {
+            // Still single-threaded: nothing reads the environment concurrently.
+            std::env::set_var(zc_seccomp::ENV, "off");
+        }
+        zc_seccomp::wanted_by_env()?;
+        Ok(())
+    }
 }
 
 /// What to run, as flags; [`RunFlags::into_spec`] turns them into a [`RunSpec`].
@@ -354,9 +381,8 @@ enum OnOff {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run(args) => run(*args),
-
-        Cmd::Methods(args) => suite::run(*args),
+        Cmd::Run(args) => args.seccomp.apply().and_then(|()| run(*args)),
+        Cmd::Methods(args) => args.seccomp.apply().and_then(|()| suite::run(*args)),
         Cmd::Audit(args) => suite::audit(args),
         Cmd::Compare(args) => compare::compare(args),
         Cmd::Probe => probe().map(|_| 0),
@@ -494,19 +520,15 @@ fn trace_log_path(args: &DmaTraceArgs) -> Result<PathBuf> {
     if !args.log.is_dir() {
         return Ok(args.log.clone());
     }
-    let plain = args.log.join(format!("{}.dma-log.jsonl", args.variant));
-    let packed = plain.with_extension("jsonl.zst");
-    [plain.clone(), packed.clone()]
-        .into_iter()
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "{} has neither {} nor {}: pass the log file, or --variant",
-                args.log.display(),
-                plain.display(),
-                packed.display()
-            )
-        })
+    let log = suite::dma_log_in(&args.log);
+    if !log.is_file() {
+        bail!(
+            "{} has no {}: pass the log file, or the --out directory of a `zc-vmm methods` run",
+            args.log.display(),
+            log.display()
+        );
+    }
+    Ok(log)
 }
 
 fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
@@ -516,6 +538,12 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         bail!("--len 0 traces nothing: give the number of bytes, e.g. --len 64K");
     }
     let log = trace_log_path(&args)?;
+    // A run directory's log has one span per card: the variant's.
+    let span = if args.log.is_dir() && !args.method.contains(zc_protocol::marker::VARIANT_SEP) {
+        zc_protocol::marker::qualified_span(&args.method, Some(&args.variant))
+    } else {
+        args.method.clone()
+    };
     let source = args
         .source
         .as_ref()
@@ -523,7 +551,7 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         .transpose()?;
     let pages = source.as_deref().map(zc_audit::stream::SourcePages::new);
     let query = TraceQuery {
-        method: args.method.clone(),
+        method: span,
         file_off: args.file_off,
         len: args.len,
     };
@@ -532,7 +560,7 @@ fn dma_trace(args: DmaTraceArgs) -> Result<i32> {
         &query,
         pages.as_ref(),
     )
-    .with_context(|| format!("cannot trace {} in {}", args.method, log.display()))?;
+    .with_context(|| format!("cannot trace {} in {}", query.method, log.display()))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = if args.json {
         serde_json::to_writer_pretty(&mut out, &found)
@@ -609,6 +637,18 @@ fn run_direct(spec: &RunSpec, mode: HostMode) -> Result<i32> {
         transport: transport.into(),
         ..spec.clone()
     };
+    if zc_seccomp::wanted_by_env()? {
+        zc_seccomp::enable().context("seccomp (run with --no-seccomp to go without)")?;
+        eprintln!(
+            "zc-vmm: seccomp on: each VMM thread runs under its role's filter (--no-seccomp or {}=off to debug without)",
+            zc_seccomp::ENV
+        );
+    } else {
+        eprintln!(
+            "zc-vmm: seccomp off ({}=off or --no-seccomp)",
+            zc_seccomp::ENV
+        );
+    }
     let report = vm::run(spec)?;
     let mut summary = RunSummary::new(report, &spec.kernel, mode, host::inside_emulated_host());
     summary.transport = Some(transport);

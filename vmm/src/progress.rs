@@ -87,9 +87,9 @@ impl MethodProgress {
 #[derive(Debug, Default)]
 struct Span {
     method: Option<String>,
-    /// The peer's connection count at its `BEGIN`: its connections are numbered
+    /// Each peer's connection count at its `BEGIN`: its connections are numbered
     /// from here.
-    first_connection: u64,
+    first_connection: Vec<u64>,
     /// The last count printed, not to repeat an unchanged line.
     printed: Option<u64>,
 }
@@ -98,17 +98,21 @@ struct Span {
 /// and `END` marks (called on the vCPU thread that carries the mark, so the line
 /// is exact: the guest has its count back before it marks `END`), and every
 /// [`PROGRESS_INTERVAL`] in between when the count moved.
+///
+/// With several cards (one boot for several NIC variants) a method sends through one
+/// of them: its count is that of the card whose peer received the most since
+/// `BEGIN` (before any byte arrives, the first card still expecting a connection).
 pub struct PeerProgress {
-    nic: DeviceHandle<Net<NetPeer>>,
+    nics: Vec<DeviceHandle<Net<NetPeer>>>,
     span: Mutex<Span>,
     stopped: AtomicBool,
 }
 
 impl PeerProgress {
-    /// Reports on the peer behind `nic`.
-    pub fn new(nic: DeviceHandle<Net<NetPeer>>) -> Arc<Self> {
+    /// Reports on the peers behind `nics`.
+    pub fn new(nics: Vec<DeviceHandle<Net<NetPeer>>>) -> Arc<Self> {
         Arc::new(PeerProgress {
-            nic,
+            nics,
             span: Mutex::new(Span::default()),
             stopped: AtomicBool::new(false),
         })
@@ -123,10 +127,17 @@ impl PeerProgress {
         match Marker::parse(label) {
             Some(Marker::Begin(span)) => {
                 let method = span.as_str();
-                let (first, expected) = self.nic.with(|d| {
-                    let peer = d.backend();
-                    (peer.stats().connections, peer.next_expected_size())
-                });
+                let (first, expected): (Vec<u64>, Vec<Option<u64>>) = self
+                    .nics
+                    .iter()
+                    .map(|nic| {
+                        nic.with(|d| {
+                            let peer = d.backend();
+                            (peer.stats().connections, peer.next_expected_size())
+                        })
+                    })
+                    .unzip();
+                let expected = expected.into_iter().flatten().next();
                 let mut span = self.span();
                 *span = Span {
                     method: Some(method.to_string()),
@@ -154,13 +165,22 @@ impl PeerProgress {
     /// The count of the method under way, if one is.
     fn now(&self, span: &Span, done: bool) -> Option<MethodProgress> {
         let method = span.method.clone()?;
-        let (since, next) = self.nic.with(|d| {
-            let peer = d.backend();
-            (
-                peer.received_since(span.first_connection),
-                peer.next_expected_size(),
-            )
-        });
+        let counts = self
+            .nics
+            .iter()
+            .zip(&span.first_connection)
+            .map(|(nic, &first)| {
+                nic.with(|d| {
+                    let peer = d.backend();
+                    (peer.received_since(first), peer.next_expected_size())
+                })
+            });
+        // The card the method sends through: the one that received most since
+        // BEGIN; before anything arrived, the first that expects another connection.
+        let (since, next) = counts
+            .enumerate()
+            .max_by_key(|(i, (since, next))| (since.bytes, next.is_some(), std::cmp::Reverse(*i)))
+            .map(|(_, c)| c)?;
         Some(MethodProgress {
             method,
             bytes: since.bytes,
@@ -191,6 +211,7 @@ impl PeerProgress {
         std::thread::Builder::new()
             .name("progress".into())
             .spawn(move || {
+                zc_seccomp::enter(zc_seccomp::Role::Progress);
                 while !me.stopped.load(Ordering::Relaxed) {
                     std::thread::sleep(PROGRESS_INTERVAL);
                     if !me.stopped.load(Ordering::Relaxed) {

@@ -37,6 +37,10 @@ pub enum StopReason {
     NoPowerOffAfterExit,
     /// KVM could not run the vCPU (emulation failure, failed entry...).
     VcpuFailure(String),
+    /// The DMA log could not be written (full disk, I/O error): the run was stopped
+    /// there, as nothing after it could be judged ([`RunReport::dma_log_failure`]
+    /// says why).
+    DmaLogUnwritable,
 }
 
 /// What the peer found for one TCP connection.
@@ -146,6 +150,10 @@ pub struct RunReport {
     pub nics: Vec<NicSummary>,
     /// Each disk's counters, in attach order.
     pub disks: Vec<DiskSummary>,
+    /// Why the DMA log is incomplete, when writing it failed (during the run or at
+    /// its final flush): the run then fails, and no verdict may be drawn from the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dma_log_failure: Option<String>,
 }
 
 /// A disk's counters at the end of the run.
@@ -177,12 +185,16 @@ impl RunReport {
             missing_transfers: Vec::new(),
             nics: Vec::new(),
             disks: Vec::new(),
+            dma_log_failure: None,
         }
     }
 
     /// The exit status the VMM should end with: the guest's own, when it reported one
     /// and then shut down; 1 for anything else, and for any transfer that lost data.
     pub fn exit_status(&self) -> i32 {
+        if self.dma_log_failure.is_some() {
+            return 1;
+        }
         if self.transfer_failure().is_some() && matches!(self.guest_exit, Some(0)) {
             return 1;
         }
@@ -209,6 +221,10 @@ impl RunReport {
 
     /// One line saying why a run failed, or `None` when it succeeded.
     pub fn failure(&self) -> Option<String> {
+        // First: whatever else happened, the run's evidence is incomplete.
+        if let Some(why) = &self.dma_log_failure {
+            return Some(why.clone());
+        }
         let reason = match (&self.stop, self.guest_exit) {
             (StopReason::PowerOff | StopReason::Reset, Some(0)) => {
                 return self.transfer_failure();
@@ -234,6 +250,7 @@ impl RunReport {
                 "the guest triple-faulted (KVM shutdown exit; a fault its kernel could not report): {state}"
             ),
             (StopReason::VcpuFailure(why), _) => format!("the vCPU stopped: {why}"),
+            (StopReason::DmaLogUnwritable, _) => "the DMA log could not be written".into(),
         };
         Some(reason)
     }
@@ -601,6 +618,25 @@ mod tests {
     }
 
     #[test]
+    fn an_unwritable_dma_log_fails_a_run_the_guest_passed() {
+        let why = "the DMA log /o/dma.jsonl could not be written: No space left on device (os error 28); free space or pass --dma-log elsewhere";
+        for stop in [StopReason::PowerOff, StopReason::DmaLogUnwritable] {
+            let mut run = report(stop, Some(0));
+            run.dma_log_failure = Some(why.into());
+            assert_eq!(run.exit_status(), 1);
+            assert_eq!(run.failure().as_deref(), Some(why));
+            // run.json keeps it, and a summary from before the field reads as none.
+            let text = serde_json::to_string(&run).unwrap();
+            let back: RunReport = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.dma_log_failure.as_deref(), Some(why));
+        }
+        let old = serde_json::to_string(&report(StopReason::PowerOff, Some(0))).unwrap();
+        assert!(!old.contains("dma_log_failure"));
+        let back: RunReport = serde_json::from_str(&old).unwrap();
+        assert_eq!((back.exit_status(), back.dma_log_failure), (0, None));
+    }
+
+    #[test]
     fn failure_explains_every_unclean_end() {
         assert_eq!(report(StopReason::PowerOff, Some(0)).failure(), None);
         for (stop, exit, needle) in [
@@ -711,6 +747,7 @@ mod tests {
                     ..BlkStats::default()
                 },
             }],
+            dma_log_failure: None,
         };
         RunSummary::new(run, Path::new("/nowhere/vmlinuz"), HostMode::Emulated, true)
             .with_files([("dma-log", Path::new("/nowhere/dma.jsonl"))])

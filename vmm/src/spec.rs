@@ -56,7 +56,8 @@ pub struct RunSpec {
     /// The virtio-blk disk, if any (`/dev/vda`).
     #[serde(default)]
     pub disk: Option<DiskSpec>,
-    /// The virtio-net cards, in the order the guest numbers them.
+    /// The virtio-net cards, in the order the guest numbers them: card `n` has the
+    /// addresses of `zc_protocol::addr::Card` `n` (its own subnet and peer).
     #[serde(default)]
     pub nics: Vec<NicSpec>,
     /// Sample KVM's dirty-page log when the guest asks (`dirty.rs`), looking for the
@@ -293,6 +294,9 @@ pub enum SpecError {
     /// A prefix length over 32.
     #[error("tap address prefix /{0} is not a prefix length: use 0 to 32")]
     TapPrefix(u8),
+    /// More cards than there are card addresses for.
+    #[error("{} network cards: at most {} (each card has its own subnet, 10.0.2.0/24 up)", .0, zc_protocol::addr::MAX_CARDS)]
+    TooManyNics(usize),
     /// A byte limit without files to apply it to.
     #[error("--peer-expect-bytes needs --peer-expect: name the file the guest will send")]
     BytesWithoutExpectation,
@@ -441,6 +445,9 @@ impl RunSpec {
                 &disk.path,
                 "pass --disk PATH (run `make images` for the test disk)",
             )?;
+        }
+        if self.nics.len() > usize::from(zc_protocol::addr::MAX_CARDS) {
+            return Err(SpecError::TooManyNics(self.nics.len()));
         }
         self.nics.iter().try_for_each(NicSpec::validate)?;
         if self.dirty_samples && self.outputs.dma_log.is_none() {

@@ -1,11 +1,14 @@
-//! `zc-vmm methods`: the product's main job. Boots the guest once per NIC variant
-//! (scatter-gather on, and off), runs the transfer methods in it with the DMA log and
-//! dirty-page samples on, audits each method against the expected table and writes
-//! the reports (`docs/method-suite.md`).
+//! `zc-vmm methods`: the product's main job. Boots the guest once with one card per
+//! NIC variant (scatter-gather on, and off), runs the transfer methods through each
+//! card with the DMA log and dirty-page samples on, audits each method against the
+//! expected table and writes the reports (`docs/method-suite.md`).
 //!
-//! Each variant is a [`RunSpec`], written beside its outputs (`<variant>.spec.json`)
-//! and run by a plain `zc-vmm run --spec` child process, so it goes through the same
-//! host probe, emulated-host relaunch and checks as any run.
+//! The boot is a [`RunSpec`], written beside its outputs (`suite.spec.json`) and run
+//! by a plain `zc-vmm run --spec` child process, so it goes through the same host
+//! probe, emulated-host relaunch and checks as any run. Card `n` is the `n`-th
+//! variant: the guest's `zc.cards` names it, its span names say it
+//! (`sendfile@sg-off`), its DMA records carry `card: n`, and the audit keeps the
+//! rows apart by it.
 
 use std::io::{BufRead as _, BufReader, IsTerminal as _};
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use zc_audit::{
     AuditInput, Expectations, MethodAudit, Negotiated, OutputFile, RunContext, VariantRun, Verdicts,
 };
 use zc_protocol::control::ControlMessage;
-use zc_protocol::options::{Options, Suite, TestHook};
+use zc_protocol::options::{Options, Suite, SuiteCard, TestHook};
 use zc_protocol::report::{MethodReport, METHOD_TEST};
 use zc_protocol::Method;
 use zc_vmm::host::{self, HostMode};
@@ -87,6 +90,8 @@ pub struct MethodsArgs {
     /// `zc.*` options itself.
     #[arg(long, value_name = "ARGS", value_parser = parse_append)]
     append: Option<String>,
+    #[command(flatten)]
+    pub(crate) seccomp: crate::SeccompSwitch,
 }
 
 /// Checks `--append`: one line of kernel options, none of them the guest program's
@@ -113,12 +118,18 @@ fn parse_append(text: &str) -> Result<String, String> {
     Ok(words.join(" "))
 }
 
-/// One boot: the NIC's feature set and the methods run under it.
+/// One NIC variant: a card's feature set and the methods run through it.
+#[derive(Debug, Clone)]
 struct Variant {
-    name: &'static str,
+    name: String,
     sg: bool,
     methods: Vec<String>,
 }
+
+/// The name of the boot's own files: `suite.spec.json`, `suite.run.json`,
+/// `suite.dma-log.jsonl.zst`, `suite.console.txt` (each card's pcap is
+/// `<variant>.pcap`).
+pub const BOOT_NAME: &str = "suite";
 
 /// The exit status of a run whose host cannot run KVM guests at all (kselftest's
 /// `KSFT_SKIP`).
@@ -133,21 +144,16 @@ pub const EXIT_SKIP: i32 = 4;
 pub const EXIT_NOT_TESTED: i32 = 125;
 
 /// Why no verdict of this run says anything about the kernel's transfer paths
-/// (see [`EXIT_NOT_TESTED`]): every boot left its summary and none reached `/init`.
-fn not_tested(boots: &[Boot]) -> Option<String> {
-    let mut why = Vec::new();
-    for boot in boots {
-        let summary = RunSummary::load(&boot.file("run.json")).ok()?;
-        if summary.run.kernel_release.is_some() {
-            return None;
-        }
-        why.push(format!(
-            "{}: the kernel did not reach /init ({})",
-            boot.name,
-            summary.failure.as_deref().unwrap_or("no failure recorded")
-        ));
+/// (see [`EXIT_NOT_TESTED`]): the boot left its summary and did not reach `/init`.
+fn not_tested(boot: &Boot) -> Option<String> {
+    let summary = RunSummary::load(&boot.file("run.json")).ok()?;
+    if summary.run.kernel_release.is_some() {
+        return None;
     }
-    (!why.is_empty()).then(|| why.join("; "))
+    Some(format!(
+        "the kernel did not reach /init ({})",
+        summary.failure.as_deref().unwrap_or("no failure recorded")
+    ))
 }
 
 /// Checks that `path` is a regular file, saying what is there instead.
@@ -237,8 +243,15 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     ]
     .into_iter()
     .filter(|(_, _, methods)| !methods.is_empty())
-    .map(|(name, sg, methods)| Variant { name, sg, methods })
+    .map(|(name, sg, methods)| Variant {
+        name: name.to_string(),
+        sg,
+        methods,
+    })
     .collect();
+    if variants.is_empty() {
+        bail!("--methods none and --sg-off-methods none: nothing to run; name methods for at least one variant");
+    }
     let payload_len = std::fs::metadata(&args.payload)
         .with_context(|| format!("cannot read the payload {}", args.payload.display()))?
         .len();
@@ -249,16 +262,10 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
             args.payload.display(),
         );
     }
-    // Every boot's spec is checked before the first boots: a kernel that is not a
-    // kernel image stops here, with one line and exit 2.
-    let specs = variants
-        .iter()
-        .map(|v| {
-            let spec = variant_spec(&args, v, size)?;
-            spec.validate()?;
-            Ok(spec)
-        })
-        .collect::<Result<Vec<RunSpec>>>()?;
+    // The spec is checked before the boot: a kernel that is not a kernel image
+    // stops here, with one line and exit 2.
+    let spec = suite_spec(&args, &variants, size)?;
+    spec.validate()?;
     let (mode, why) = host::choose_here()?;
     if mode == HostMode::Emulated {
         if let Err(e) = zc_vmm::emulated::find_qemu() {
@@ -272,14 +279,11 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
         .with_context(|| format!("cannot create the output directory {}", args.out.display()))?;
 
     let progress = Progress::new();
-    let mut boots = Vec::new();
-    for (variant, spec) in variants.iter().zip(&specs) {
-        boots.push(boot_variant(&args.out, variant, spec, &progress)?);
-    }
+    let boot = boot_suite(&args.out, &variants, &spec, &progress)?;
     progress.finish();
     let source = read_prefix(&args.payload, size)?;
     let verdicts = judge(
-        &boots,
+        &boot,
         &source,
         &expectations,
         Context0 {
@@ -299,7 +303,7 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     );
     say_verdict(&verdicts, &args.expected, status);
     if status != 0 {
-        if let Some(why) = not_tested(&boots) {
+        if let Some(why) = not_tested(&boot) {
             eprintln!(
                 "zc-vmm: exit {EXIT_NOT_TESTED}: the kernel was not tested ({why}); `git bisect run` skips such a commit"
             );
@@ -326,40 +330,48 @@ struct Context0<'a> {
     chunk: u64,
 }
 
-/// One variant's boot as the audit needs it.
+/// The boot as the audit needs it: its variants in card order.
 struct Boot {
-    name: String,
-    methods: Vec<String>,
+    variants: Vec<Variant>,
     dir: PathBuf,
     /// Why the `zc-vmm run` child failed when it left no run summary to say so.
     exit_failure: Option<String>,
 }
 
 impl Boot {
+    /// One of the boot's own files (`suite.<suffix>`).
     fn file(&self, suffix: &str) -> PathBuf {
-        self.dir.join(format!("{}.{suffix}", self.name))
+        self.dir.join(format!("{BOOT_NAME}.{suffix}"))
     }
 }
 
-/// The DMA log a boot writes (`<variant>.dma-log.jsonl.zst`): compressed, since the
+/// The DMA log a boot writes (`suite.dma-log.jsonl.zst`): compressed, since the
 /// writer thread compresses off the guest's path and a run's plain log is about
 /// 1 KB per 4 KiB sent (`docs/dma-log.md`, "Size").
 const DMA_LOG: &str = "dma-log.jsonl.zst";
-/// The plain log of directories written before the suite compressed it: still audited.
+/// The plain log of directories written before the suite compressed it: still read.
 const DMA_LOG_PLAIN: &str = "dma-log.jsonl";
 
-/// The suffix of `boot`'s DMA log: the compressed one, or a plain one if only that
-/// exists.
-fn dma_log_suffix(boot: &Boot) -> &'static str {
-    if !boot.file(DMA_LOG).exists() && boot.file(DMA_LOG_PLAIN).exists() {
+/// The suffix of the DMA log in run directory `dir`: the compressed one, or the
+/// plain one if only that exists.
+fn dma_log_suffix(dir: &Path) -> &'static str {
+    let has = |suffix: &str| dir.join(format!("{BOOT_NAME}.{suffix}")).is_file();
+    if !has(DMA_LOG) && has(DMA_LOG_PLAIN) {
         DMA_LOG_PLAIN
     } else {
         DMA_LOG
     }
 }
 
-/// Audits every boot and gathers the context: the verdict set every report renders.
-fn judge(boots: &[Boot], source: &[u8], expectations: &Expectations, c: Context0<'_>) -> Verdicts {
+/// The DMA log of the `zc-vmm methods` run directory `dir` (`suite.dma-log.jsonl.zst`,
+/// or `suite.dma-log.jsonl` in a directory of a run that wrote it plain).
+pub fn dma_log_in(dir: &Path) -> PathBuf {
+    dir.join(format!("{BOOT_NAME}.{}", dma_log_suffix(dir)))
+}
+
+/// Audits every variant of the boot and gathers the context: the verdict set every
+/// report renders.
+fn judge(boot: &Boot, source: &[u8], expectations: &Expectations, c: Context0<'_>) -> Verdicts {
     let image = KernelImage::beside(c.kernel);
     let mut context = RunContext {
         zc_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -381,54 +393,51 @@ fn judge(boots: &[Boot], source: &[u8], expectations: &Expectations, c: Context0
         variants: Vec::new(),
     };
     let mut methods = Vec::new();
-    for boot in boots {
-        let (mut audits, run) = audit_boot(boot, source, expectations);
-        if let Some(summary) = &run.summary {
-            if let Some(release) = &summary.run.kernel_release {
-                context.kernel_release = Some(release.clone());
-            }
-            if summary.inside_emulated_host {
-                context.host_mode = Some(HostMode::Emulated.to_string());
-            }
-            if let Some(transport) = summary.transport {
-                context.transport = Some(transport.to_string());
-            }
+    let run = audit_boot(boot, source, expectations);
+    if let Some(summary) = &run.summary {
+        if let Some(release) = &summary.run.kernel_release {
+            context.kernel_release = Some(release.clone());
         }
-        if let Some(why) = &run.variant.failure {
-            zc_audit::blame_run_failure(&mut audits, why);
+        if summary.inside_emulated_host {
+            context.host_mode = Some(HostMode::Emulated.to_string());
         }
-        if let Some(refusal) = run
-            .variant
-            .nic_features
-            .as_ref()
-            .and_then(Negotiated::refusal)
-        {
+        if let Some(transport) = summary.transport {
+            context.transport = Some(transport.to_string());
+        }
+    }
+    for (mut audits, variant) in run.variants {
+        match (&variant.failure, run.log_incomplete) {
+            (Some(why), true) => zc_audit::withhold_passes(&mut audits, why),
+            (Some(why), false) => zc_audit::blame_run_failure(&mut audits, why),
+            // An incomplete log is always a boot failure (see `audit_boot`).
+            (None, _) => {}
+        }
+        if let Some(refusal) = variant.nic_features.as_ref().and_then(Negotiated::refusal) {
             for a in &mut audits {
                 a.findings.push(format!(
                     "the NIC {refusal}: Linux ran it without scatter-gather, so this is not an {} row",
-                    boot.name
+                    variant.name
                 ));
             }
         }
         methods.append(&mut audits);
-        context.variants.push(run.variant);
+        context.variants.push(variant);
     }
     Verdicts { context, methods }
 }
 
-/// What auditing one boot found besides the audits.
+/// What auditing the boot found: each variant's audits and run, in card order.
 struct BootRun {
-    variant: VariantRun,
+    variants: Vec<(Vec<MethodAudit>, VariantRun)>,
     summary: Option<RunSummary>,
+    /// The boot's DMA log is cut short: its failure says why.
+    log_incomplete: bool,
 }
 
-/// Audits one boot: its DMA log and the guest's method reports. Every method the
-/// boot was to run gets a row, also when the kernel never booted.
-fn audit_boot(
-    boot: &Boot,
-    source: &[u8],
-    expectations: &Expectations,
-) -> (Vec<MethodAudit>, BootRun) {
+/// Audits the boot: its DMA log and the guest's method reports, variant by variant
+/// (card by card). Every method a variant was to run gets a row, also when the
+/// kernel never booted.
+fn audit_boot(boot: &Boot, source: &[u8], expectations: &Expectations) -> BootRun {
     let mut problems: Vec<String> = Vec::new();
     let summary = match RunSummary::load(&boot.file("run.json")) {
         Ok(s) => Some(s),
@@ -452,54 +461,80 @@ fn audit_boot(
             .collect(),
         None => Vec::new(),
     };
-    let log_suffix = dma_log_suffix(boot);
+    let log_suffix = dma_log_suffix(&boot.dir);
     let log = boot.file(log_suffix);
+    // No verdict may come from a log that was not written to the end (the run
+    // says so, and its failure says why) or cannot be read to the end (a problem,
+    // hence a boot failure too).
+    let mut log_incomplete = summary
+        .as_ref()
+        .is_some_and(|s| s.run.dma_log_failure.is_some());
     let records = if log.exists() {
         zc_dma_log::read_log(&log).unwrap_or_else(|e| {
             problems.push(format!("cannot read the DMA log {}: {e}", log.display()));
+            log_incomplete = true;
             Vec::new()
         })
     } else {
         Vec::new()
     };
-    let input = AuditInput {
-        records,
-        source: source.to_vec(),
-        reports,
-        variant: boot.name.clone(),
-    };
-    let audits = zc_audit::audit_wanted(&input, expectations, &boot.methods);
     let failure = boot_failure(boot, summary.as_ref(), &problems);
-    let files = [
+    let output = |kind: &str, name: String| {
+        let hashed = zc_vmm::report::sha256_file(&boot.dir.join(&name)).ok();
+        OutputFile {
+            kind: kind.to_string(),
+            path: name,
+            bytes: hashed.as_ref().map(|(b, _)| *b),
+            sha256: hashed.map(|(_, h)| h),
+        }
+    };
+    // The boot's own files are every variant's; the pcap is the card's.
+    let shared: Vec<OutputFile> = [
         ("dma-log", log_suffix),
-        ("pcap", "pcap"),
         ("console", "console.txt"),
         ("run", "run.json"),
     ]
     .into_iter()
-    .map(|(kind, suffix)| {
-        let path = boot.file(suffix);
-        let hashed = zc_vmm::report::sha256_file(&path).ok();
-        OutputFile {
-            kind: kind.to_string(),
-            path: format!("{}.{suffix}", boot.name),
-            bytes: hashed.as_ref().map(|(b, _)| *b),
-            sha256: hashed.map(|(_, h)| h),
-        }
-    })
+    .map(|(kind, suffix)| output(kind, format!("{BOOT_NAME}.{suffix}")))
     .collect();
-    let nic_features = summary
-        .as_ref()
-        .and_then(|s| s.run.nics.first())
-        .map(negotiated);
-    let variant = VariantRun {
-        name: boot.name.clone(),
-        methods: boot.methods.clone(),
-        nic_features,
-        failure,
-        files,
+    // One input, audited card by card: the records are read (and held) once.
+    let mut input = AuditInput {
+        records,
+        source: source.to_vec(),
+        reports,
+        variant: String::new(),
+        card: None,
     };
-    (audits, BootRun { variant, summary })
+    let mut variants = Vec::new();
+    for (card, v) in (0u16..).zip(&boot.variants) {
+        input.variant = v.name.clone();
+        input.card = Some(card);
+        let audits = zc_audit::audit_wanted(&input, expectations, &v.methods);
+        let nic_features = summary
+            .as_ref()
+            .and_then(|s| s.run.nics.get(usize::from(card)))
+            .map(negotiated);
+        let mut files = vec![
+            shared[0].clone(),
+            output("pcap", format!("{}.pcap", v.name)),
+        ];
+        files.extend(shared[1..].iter().cloned());
+        variants.push((
+            audits,
+            VariantRun {
+                name: v.name.clone(),
+                methods: v.methods.clone(),
+                nic_features,
+                failure: failure.clone(),
+                files,
+            },
+        ));
+    }
+    BootRun {
+        variants,
+        summary,
+        log_incomplete,
+    }
 }
 
 /// What a card offered, what its driver acked, and which acked feature it never used.
@@ -570,20 +605,16 @@ fn write_reports(out: &Path, v: &Verdicts) -> Result<i32> {
 
 fn say_verdict(v: &Verdicts, expected: &Path, status: i32) {
     let (_, fail, _) = v.totals();
-    let boots_failed = v
-        .context
-        .variants
-        .iter()
-        .filter(|r| r.failure.is_some())
-        .count();
+    // One boot carries every variant: a failure of it is every variant's.
+    let boot_failed = v.context.variants.iter().any(|r| r.failure.is_some());
     if status == 0 {
         eprintln!("zc-vmm: PASS: every verdict matches {}", expected.display());
     } else {
         eprintln!(
             "zc-vmm: FAIL: {fail} verdict(s) differ from {}{}",
             expected.display(),
-            if boots_failed > 0 {
-                format!(", {boots_failed} boot(s) failed")
+            if boot_failed {
+                ", the boot failed".to_string()
             } else {
                 String::new()
             }
@@ -693,28 +724,52 @@ impl Progress {
     }
 }
 
-/// Boots one variant through a `zc-vmm run --spec` child, its stderr relayed line by
+/// Boots the suite through a `zc-vmm run --spec` child, its stderr relayed line by
 /// line (the run's own progress: mode, kernel, peer transfers, methods as the guest
 /// logs them).
-fn boot_variant(
+fn boot_suite(
     out: &Path,
-    variant: &Variant,
+    variants: &[Variant],
     spec: &RunSpec,
     progress: &Progress,
 ) -> Result<Boot> {
-    let spec_file = out.join(format!("{}.spec.json", variant.name));
+    let spec_file = out.join(format!("{BOOT_NAME}.spec.json"));
     // Beside the outputs: what was booted, and `zc-vmm run --spec` boots it again.
     spec.save(&spec_file)
         .with_context(|| format!("cannot write {}", spec_file.display()))?;
-    for stale in ["run.json", DMA_LOG, DMA_LOG_PLAIN, "pcap", "console.txt"] {
-        let _ = std::fs::remove_file(out.join(format!("{}.{stale}", variant.name)));
+    let stale = [
+        "run.json",
+        DMA_LOG,
+        DMA_LOG_PLAIN,
+        "console.txt",
+        "spec.json",
+    ]
+    .iter()
+    .flat_map(|suffix| {
+        // The files of the one-boot-per-variant layout, too: they would pass
+        // for this run's.
+        ["sg-on", "sg-off"]
+            .iter()
+            .map(move |old| format!("{old}.{suffix}"))
+            .chain((*suffix != "spec.json").then(|| format!("{BOOT_NAME}.{suffix}")))
+    })
+    .chain(["sg-on.pcap".to_string(), "sg-off.pcap".to_string()]);
+    for name in stale {
+        let _ = std::fs::remove_file(out.join(name));
     }
     let exe = std::env::current_exe().context("cannot find the zc-vmm executable")?;
     let what = format!(
-        "variant {} (NIC scatter-gather {}): {}",
-        variant.name,
-        if variant.sg { "on" } else { "off" },
-        variant.methods.join(", ")
+        "one boot, {}",
+        variants
+            .iter()
+            .map(|v| format!(
+                "card {} (scatter-gather {}): {}",
+                v.name,
+                if v.sg { "on" } else { "off" },
+                v.methods.join(", ")
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
     );
     progress.status(format!("{what}: booting"));
     let started = Instant::now();
@@ -726,7 +781,7 @@ fn boot_variant(
         .stdout(std::io::stderr())
         .stderr(Stdio::piped())
         .spawn()
-        .context("cannot start zc-vmm run for a variant")?;
+        .context("cannot start zc-vmm run for the suite")?;
     // The child's last error line, for a boot that leaves no run report to say why.
     let mut last_error: Option<String> = None;
     if let Some(stderr) = child.stderr.take() {
@@ -734,7 +789,14 @@ fn boot_variant(
             // The run's peer counts each method's bytes as they arrive (also from
             // inside the emulated host, whose stderr comes out as it is written).
             if let Some(p) = MethodProgress::parse(&line) {
-                progress.method(variant.name, &p);
+                // The span names the card's variant: `sendfile@sg-off`.
+                let span = p.method.clone();
+                let (method, variant) = zc_protocol::SpanName::new(&span).split_variant();
+                let p = MethodProgress {
+                    method: method.to_string(),
+                    ..p
+                };
+                progress.method(variant.unwrap_or(BOOT_NAME), &p);
                 continue;
             }
             progress.line(&line);
@@ -746,7 +808,7 @@ fn boot_variant(
             }
         }
     }
-    let status = child.wait().context("zc-vmm run for a variant")?;
+    let status = child.wait().context("zc-vmm run for the suite")?;
     let exit_failure = match status.code() {
         Some(0) => None,
         Some(code) => Some(match &last_error {
@@ -760,26 +822,33 @@ fn boot_variant(
         started.elapsed().as_secs_f64()
     ));
     Ok(Boot {
-        name: variant.name.to_string(),
-        methods: variant.methods.clone(),
+        variants: variants.to_vec(),
         dir: out.to_path_buf(),
         exit_failure,
     })
 }
 
-/// The guest's options for one variant's boot: the method suite, from the
-/// read-only test disk.
-fn guest_options(variant: &Variant, size: u64, chunk: u64) -> Result<Options> {
-    let methods = variant
-        .methods
+/// The guest's options for the boot: the method suite from the read-only test
+/// disk, each variant's methods through its own card (`zc.cards`).
+fn guest_options(variants: &[Variant], size: u64, chunk: u64) -> Result<Options> {
+    let cards = variants
         .iter()
-        .map(|name| name.parse::<Method>())
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|v| {
+            Ok(SuiteCard {
+                variant: v.name.clone(),
+                methods: v
+                    .methods
+                    .iter()
+                    .map(|name| name.parse::<Method>())
+                    .collect::<Result<Vec<_>, _>>()?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Options {
         tests: vec![TestHook::Methods],
         disk_read_only: true,
         suite: Suite {
-            methods,
+            cards,
             size: Some(size),
             chunk: usize::try_from(chunk).context("--chunk does not fit in memory")?,
             ..Suite::default()
@@ -788,16 +857,17 @@ fn guest_options(variant: &Variant, size: u64, chunk: u64) -> Result<Options> {
     })
 }
 
-/// One variant's boot: the read-only test disk, one card in front of the peer with
-/// the variant's scatter-gather, expecting `size` bytes of the payload once per
-/// method, and the DMA log with dirty-page samples.
-fn variant_spec(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<RunSpec> {
-    let out = |suffix: &str| args.out.join(format!("{}.{suffix}", variant.name));
+/// The boot: the read-only test disk; per variant, in order, one card in front of
+/// a peer of its own with the variant's scatter-gather, expecting `size` bytes of
+/// the payload once per method the card carries; and the DMA log with dirty-page
+/// samples.
+fn suite_spec(args: &MethodsArgs, variants: &[Variant], size: u64) -> Result<RunSpec> {
+    let out = |suffix: &str| args.out.join(format!("{BOOT_NAME}.{suffix}"));
     Ok(RunSpec {
         initrd: Some(args.initrd.clone()),
         append: Some(
             [
-                Some(guest_options(variant, size, args.chunk)?.to_cmdline()),
+                Some(guest_options(variants, size, args.chunk)?.to_cmdline()),
                 args.append.clone(),
             ]
             .into_iter()
@@ -811,13 +881,16 @@ fn variant_spec(args: &MethodsArgs, variant: &Variant, size: u64) -> Result<RunS
             path: args.disk.clone(),
             read_only: true,
         }),
-        nics: vec![NicSpec {
-            sg: variant.sg,
-            pcap: Some(out("pcap")),
-            peer_expect: vec![args.payload.clone(); variant.methods.len()],
-            peer_expect_bytes: Some(size),
-            ..NicSpec::peer()
-        }],
+        nics: variants
+            .iter()
+            .map(|v| NicSpec {
+                sg: v.sg,
+                pcap: Some(args.out.join(format!("{}.pcap", v.name))),
+                peer_expect: vec![args.payload.clone(); v.methods.len()],
+                peer_expect_bytes: Some(size),
+                ..NicSpec::peer()
+            })
+            .collect(),
         dirty_samples: true,
         transport: args.transport,
         outputs: RunOutputs {
@@ -863,38 +936,43 @@ pub fn audit(args: AuditArgs) -> Result<i32> {
     )?;
     let expectations = Expectations::load(&args.expected)
         .with_context(|| format!("cannot load the expected table {}", args.expected.display()))?;
-    let mut boots = Vec::new();
-    let mut first: Option<(RunSpec, Suite)> = None;
-    for name in ["sg-on", "sg-off"] {
-        let spec_file = args.dir.join(format!("{name}.spec.json"));
-        if !spec_file.exists() {
-            continue;
-        }
-        let spec = RunSpec::load(&spec_file)?;
-        let options = Options::parse(spec.append.as_deref().unwrap_or_default())
-            .with_context(|| format!("{}: the guest options", spec_file.display()))?;
-        let run_json = args.dir.join(format!("{name}.run.json"));
-        boots.push(Boot {
-            name: name.to_string(),
-            methods: options
-                .suite
-                .methods
-                .iter()
-                .map(|m| m.name().to_string())
-                .collect(),
-            dir: args.dir.clone(),
-            exit_failure: (!run_json.exists())
-                .then(|| "the boot left no run report (it did not finish)".to_string()),
-        });
-        if first.is_none() {
-            first = Some((spec, options.suite));
-        }
-    }
-    let Some((spec, suite)) = first else {
+    let spec_file = args.dir.join(format!("{BOOT_NAME}.spec.json"));
+    if !spec_file.exists() {
         bail!(
-            "{} has no sg-on.spec.json or sg-off.spec.json: pass the --out directory of a `zc-vmm methods` run",
+            "{} has no {BOOT_NAME}.spec.json: pass the --out directory of a `zc-vmm methods` run (one made before the suite booted once for both variants must be made again)",
             args.dir.display()
         );
+    }
+    let spec = RunSpec::load(&spec_file)?;
+    let options = Options::parse(spec.append.as_deref().unwrap_or_default())
+        .with_context(|| format!("{}: the guest options", spec_file.display()))?;
+    let suite = options.suite;
+    if suite.cards.len() != spec.nics.len() {
+        bail!(
+            "{}: zc.cards names {} cards but the spec has {}: not a `zc-vmm methods` run",
+            spec_file.display(),
+            suite.cards.len(),
+            spec.nics.len()
+        );
+    }
+    let boot = Boot {
+        variants: suite
+            .cards
+            .iter()
+            .zip(&spec.nics)
+            .map(|(card, nic)| Variant {
+                name: card.variant.clone(),
+                sg: nic.sg,
+                methods: card.methods.iter().map(|m| m.name().to_string()).collect(),
+            })
+            .collect(),
+        dir: args.dir.clone(),
+        exit_failure: None,
+    };
+    let boot = Boot {
+        exit_failure: (!boot.file("run.json").exists())
+            .then(|| "the boot left no run report (it did not finish)".to_string()),
+        ..boot
     };
     let nic = spec
         .nics
@@ -914,7 +992,7 @@ pub fn audit(args: AuditArgs) -> Result<i32> {
         None => std::fs::metadata(payload)?.len(),
     };
     let source = read_prefix(payload, size)?;
-    let summary = RunSummary::load(&boots[0].file("run.json")).ok();
+    let summary = RunSummary::load(&boot.file("run.json")).ok();
     let mode = match &summary {
         Some(s) if s.inside_emulated_host => HostMode::Emulated,
         Some(s) => s.mode,
@@ -925,7 +1003,7 @@ pub fn audit(args: AuditArgs) -> Result<i32> {
         |s| s.date.clone(),
     );
     let verdicts = judge(
-        &boots,
+        &boot,
         &source,
         &expectations,
         Context0 {
@@ -958,6 +1036,14 @@ mod tests {
         args: MethodsArgs,
     }
 
+    fn variant(name: &str, sg: bool, methods: &[&str]) -> Variant {
+        Variant {
+            name: name.into(),
+            sg,
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
     fn methods_args(extra: &[&str]) -> MethodsArgs {
         let argv = ["zc-vmm-methods", "--out", "/o", "--mem", "1G"];
         Wrapper::parse_from(argv.iter().chain(extra)).args
@@ -968,34 +1054,28 @@ mod tests {
         use zc_vmm::boot::KernelFormat;
         use zc_vmm::report::{RunReport, StopReason};
         let dir = tempfile::tempdir().unwrap();
-        let boot = |name: &str| Boot {
-            name: name.into(),
-            methods: vec!["sendfile".into()],
+        let boot = Boot {
+            variants: vec![variant("sg-on", true, &["sendfile"])],
             dir: dir.path().to_path_buf(),
             exit_failure: Some("exit status 1".into()),
         };
-        let save = |name: &str, release: Option<&str>| {
+        let save = |release: Option<&str>| {
             let mut run = RunReport::new(KernelFormat::BzImage);
             run.stop = StopReason::Reset;
             run.kernel_release = release.map(String::from);
             RunSummary::new(run, Path::new("/k"), HostMode::Direct, false)
-                .save(&boot(name).file("run.json"))
+                .save(&boot.file("run.json"))
                 .unwrap();
         };
-        // Both boots panicked before /init: nothing about the kernel's paths.
-        save("sg-on", None);
-        save("sg-off", None);
-        let both = not_tested(&[boot("sg-on"), boot("sg-off")]).expect("not tested");
-        assert!(
-            both.contains("sg-on: the kernel did not reach /init"),
-            "{both}"
-        );
-        // One boot reached /init and ran: its FAILs are verdicts.
-        save("sg-on", Some("6.1.192-zc"));
-        assert_eq!(not_tested(&[boot("sg-on"), boot("sg-off")]), None);
         // A run that died without its summary: the harness, not the kernel.
-        save("sg-on", None);
-        assert_eq!(not_tested(&[boot("sg-on"), boot("gone")]), None);
+        assert_eq!(not_tested(&boot), None);
+        // The boot panicked before /init: nothing about the kernel's paths.
+        save(None);
+        let why = not_tested(&boot).expect("not tested");
+        assert!(why.contains("the kernel did not reach /init"), "{why}");
+        // It reached /init and ran: its FAILs are verdicts.
+        save(Some("6.1.192-zc"));
+        assert_eq!(not_tested(&boot), None);
     }
 
     #[test]
@@ -1050,30 +1130,27 @@ mod tests {
     }
 
     #[test]
-    fn append_adds_kernel_options_to_every_variant_and_keeps_the_suites_own() {
+    fn append_adds_kernel_options_to_the_boot_and_keeps_the_suites_own() {
         let args = methods_args(&["--append", "  virtio_net.csum=0   quiet "]);
-        for (name, sg) in [("sg-on", true), ("sg-off", false)] {
-            let variant = Variant {
-                name,
-                sg,
-                methods: vec!["sendfile".into()],
-            };
-            let plain = variant_spec(&methods_args(&[]), &variant, 4096).unwrap();
-            let spec = variant_spec(&args, &variant, 4096).unwrap();
-            let append = spec.append.as_deref().unwrap();
-            assert_eq!(
-                append,
-                format!(
-                    "{} virtio_net.csum=0 quiet",
-                    plain.append.as_deref().unwrap()
-                )
-            );
-            // The guest (and `zc-vmm audit`) read the same suite from it.
-            assert_eq!(
-                Options::parse(append).unwrap(),
-                Options::parse(plain.append.as_deref().unwrap()).unwrap()
-            );
-        }
+        let variants = [
+            variant("sg-on", true, &["sendfile"]),
+            variant("sg-off", false, &["sendfile"]),
+        ];
+        let plain = suite_spec(&methods_args(&[]), &variants, 4096).unwrap();
+        let spec = suite_spec(&args, &variants, 4096).unwrap();
+        let append = spec.append.as_deref().unwrap();
+        assert_eq!(
+            append,
+            format!(
+                "{} virtio_net.csum=0 quiet",
+                plain.append.as_deref().unwrap()
+            )
+        );
+        // The guest (and `zc-vmm audit`) read the same suite from it.
+        assert_eq!(
+            Options::parse(append).unwrap(),
+            Options::parse(plain.append.as_deref().unwrap()).unwrap()
+        );
     }
 
     #[rstest::rstest]
@@ -1086,20 +1163,14 @@ mod tests {
         assert!(!message.contains('\n'), "{message}");
     }
 
-    #[rstest::rstest]
-    #[case::sg_on("sg-on", true)]
-    #[case::sg_off("sg-off", false)]
-    fn each_variant_boots_one_peer_nic_with_its_scatter_gather(
-        #[case] name: &'static str,
-        #[case] sg: bool,
-    ) {
+    #[test]
+    fn one_boot_gives_each_variant_a_card_and_peer_of_its_own() {
         let args = methods_args(&["--chunk", "8192", "--timeout", "300", "--transport", "pci"]);
-        let variant = Variant {
-            name,
-            sg,
-            methods: vec!["sendfile".into(), "splice".into()],
-        };
-        let mut spec = variant_spec(&args, &variant, 4096).unwrap();
+        let variants = [
+            variant("sg-on", true, &["sendfile", "splice"]),
+            variant("sg-off", false, &["mmap_zerocopy"]),
+        ];
+        let mut spec = suite_spec(&args, &variants, 4096).unwrap();
         // The guest's options, as the guest will parse them.
         let append = spec.append.take().expect("the guest's options");
         let options = Options::parse(&append).unwrap();
@@ -1108,13 +1179,34 @@ mod tests {
         assert_eq!(
             options.suite,
             Suite {
-                methods: vec![Method::Sendfile, Method::Splice],
+                cards: vec![
+                    SuiteCard {
+                        variant: "sg-on".into(),
+                        methods: vec![Method::Sendfile, Method::Splice],
+                    },
+                    SuiteCard {
+                        variant: "sg-off".into(),
+                        methods: vec![Method::MmapZerocopy],
+                    },
+                ],
                 size: Some(4096),
                 chunk: 8192,
                 ..Suite::default()
             }
         );
-        let out = |suffix: &str| PathBuf::from(format!("/o/{name}.{suffix}"));
+        // Card n is the n-th variant: its methods go to its own peer.
+        let runs = options.suite.runs();
+        assert_eq!(
+            runs.iter()
+                .map(|r| (r.span(), r.card.index()))
+                .collect::<Vec<_>>(),
+            [
+                ("sendfile@sg-on".to_string(), 0),
+                ("splice@sg-on".to_string(), 0),
+                ("mmap_zerocopy@sg-off".to_string(), 1)
+            ]
+        );
+        let out = |suffix: &str| PathBuf::from(format!("/o/suite.{suffix}"));
         let expected = RunSpec {
             initrd: Some(DEFAULT_INITRD.into()),
             mem_bytes: 1 << 30,
@@ -1123,14 +1215,23 @@ mod tests {
                 path: DEFAULT_DISK.into(),
                 read_only: true,
             }),
-            nics: vec![NicSpec {
-                sg,
-                pcap: Some(out("pcap")),
-                // One connection per method, each the payload's first `size` bytes.
-                peer_expect: vec![PathBuf::from(DEFAULT_PAYLOAD); 2],
-                peer_expect_bytes: Some(4096),
-                ..NicSpec::peer()
-            }],
+            nics: vec![
+                NicSpec {
+                    sg: true,
+                    pcap: Some("/o/sg-on.pcap".into()),
+                    // One connection per method, each the payload's first `size` bytes.
+                    peer_expect: vec![PathBuf::from(DEFAULT_PAYLOAD); 2],
+                    peer_expect_bytes: Some(4096),
+                    ..NicSpec::peer()
+                },
+                NicSpec {
+                    sg: false,
+                    pcap: Some("/o/sg-off.pcap".into()),
+                    peer_expect: vec![PathBuf::from(DEFAULT_PAYLOAD)],
+                    peer_expect_bytes: Some(4096),
+                    ..NicSpec::peer()
+                },
+            ],
             dirty_samples: true,
             transport: TransportChoice::Pci,
             outputs: RunOutputs {

@@ -202,6 +202,7 @@ fn spawn_queue_threads<D: VirtioDevice + 'static>(
         thread::Builder::new()
             .name(format!("{name}-q{queue}"))
             .spawn(move || {
+                zc_seccomp::enter(zc_seccomp::Role::VirtioQueue);
                 while fd.read().is_ok() {
                     transport
                         .lock()

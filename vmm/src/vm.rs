@@ -6,10 +6,10 @@
 use std::io::Write;
 use std::net::SocketAddrV4;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,7 @@ use crate::report::{
 };
 use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress, Transport};
 use crate::virtio::{self, DeviceHandle, SlotAllocator};
+use zc_protocol::addr::Card;
 
 /// Errors building or starting the VM (what goes wrong while it runs is a
 /// [`StopReason`], not an error).
@@ -143,8 +144,8 @@ pub struct VmBuilder<'a> {
     nics: Vec<AttachedNic>,
     /// Each disk, and whether it is read-only, for its counters at the end.
     disks: Vec<(bool, DeviceHandle<Block>)>,
-    /// The live count of the first checking peer's bytes per method.
-    progress: Option<Arc<PeerProgress>>,
+    /// The cards whose checking peers' bytes per method are counted live.
+    progress: Vec<DeviceHandle<Net<NetPeer>>>,
 }
 
 impl<'a> VmBuilder<'a> {
@@ -199,7 +200,7 @@ impl<'a> VmBuilder<'a> {
             pci,
             nics: Vec::new(),
             disks: Vec::new(),
-            progress: None,
+            progress: Vec::new(),
         })
     }
 
@@ -217,20 +218,28 @@ impl<'a> VmBuilder<'a> {
     }
 
     /// Attaches a virtio-net card with `nic`'s backend, and starts the backend's timer.
+    /// The `n`-th card gets card `n`'s addresses (`zc_protocol::addr::Card`: its
+    /// MACs, and its peer's address on a subnet of its own) and names itself card
+    /// `n` in the DMA log.
     pub fn attach_nic(&mut self, nic: &NicSpec) -> Result<(), VmError> {
+        let card = u8::try_from(self.nics.len())
+            .ok()
+            .and_then(Card::new)
+            .ok_or(SpecError::TooManyNics(self.nics.len() + 1))?;
+        let log = self.dma_log.for_card(u16::from(card.index()));
         let attached = match &nic.backend {
             NetBackendSpec::Peer => {
-                let device = self.plug(net_card(peer_backend(nic)?, nic, &self.dma_log)?)?;
+                let device = self.plug(net_card(peer_backend(nic, card)?, nic, card, &log)?)?;
                 spawn_backend_timer(device.clone())?;
-                if self.progress.is_none() && !nic.peer_expect.is_empty() {
-                    self.progress = Some(PeerProgress::new(device.clone()));
+                if !nic.peer_expect.is_empty() {
+                    self.progress.push(device.clone());
                 }
                 AttachedNic::Peer { sg: nic.sg, device }
             }
             NetBackendSpec::Tap { name, address } => {
                 let tap = open_tap(name, *address)?;
                 let check = socket_peer_for(nic, *address)?;
-                let device = self.plug(net_card(tap, nic, &self.dma_log)?)?;
+                let device = self.plug(net_card(tap, nic, card, &log)?)?;
                 spawn_backend_timer(device.clone())?;
                 AttachedNic::Tap {
                     sg: nic.sg,
@@ -310,8 +319,9 @@ impl<'a> VmBuilder<'a> {
                 pci: self.pci.map(|pci| pci.bus),
                 messages,
                 dma_log: self.dma_log,
+                dma_log_path: self.spec.outputs.dma_log.clone(),
                 sampler,
-                progress: self.progress,
+                progress: (!self.progress.is_empty()).then(|| PeerProgress::new(self.progress)),
             },
             tail,
             timeout: Duration::from_secs(spec.timeout_s),
@@ -527,9 +537,14 @@ fn transfer_result(received: &Received) -> TransferResult {
     }
 }
 
-/// The TCP peer, told which files to expect.
-fn peer_backend(config: &NicSpec) -> Result<NetPeer, VmError> {
-    let mut peer = NetPeer::new(NetPeerConfig::default(), Instant::now())
+/// The TCP peer of `card`, on the card's own subnet, told which files to expect.
+fn peer_backend(config: &NicSpec, card: Card) -> Result<NetPeer, VmError> {
+    let peer_config = NetPeerConfig {
+        mac: card.peer_mac(),
+        ip: card.peer_ip(),
+        ..NetPeerConfig::default()
+    };
+    let mut peer = NetPeer::new(peer_config, Instant::now())
         .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
     for expectation in expectations(config)? {
         peer.expect(expectation);
@@ -559,10 +574,16 @@ fn expectations(config: &NicSpec) -> Result<Vec<Expectation>, VmError> {
     Ok(all)
 }
 
-/// The virtio-net card in front of `backend`.
-fn net_card<B: NetBackend>(backend: B, config: &NicSpec, log: &DmaLog) -> Result<Net<B>, VmError> {
+/// The virtio-net card in front of `backend`, with `card`'s guest MAC.
+fn net_card<B: NetBackend>(
+    backend: B,
+    config: &NicSpec,
+    card: Card,
+    log: &DmaLog,
+) -> Result<Net<B>, VmError> {
     let options = NetOptions {
         sg: config.sg,
+        mac: card.guest_mac(),
         ..NetOptions::default()
     };
     let mut device = Net::new(backend, options, log.clone())
@@ -584,13 +605,16 @@ fn spawn_backend_timer<B: NetBackend + 'static>(nic: DeviceHandle<Net<B>>) -> Re
     const MAX: Duration = Duration::from_millis(20);
     thread::Builder::new()
         .name("net-timer".into())
-        .spawn(move || loop {
-            let delay = nic
-                .with(|device| device.next_poll_delay(Instant::now()))
-                .unwrap_or(MAX)
-                .clamp(MIN, MAX);
-            thread::sleep(delay);
-            nic.with(|device| device.poll_backend(Instant::now()));
+        .spawn(move || {
+            zc_seccomp::enter(zc_seccomp::Role::NetTimer);
+            loop {
+                let delay = nic
+                    .with(|device| device.next_poll_delay(Instant::now()))
+                    .unwrap_or(MAX)
+                    .clamp(MIN, MAX);
+                thread::sleep(delay);
+                nic.with(|device| device.poll_backend(Instant::now()));
+            }
         })
         .map(drop)
         .map_err(|source| VmError::Host {
@@ -631,6 +655,8 @@ struct Devices {
     pci: Option<Arc<Mutex<PciBus>>>,
     messages: ControlMessages,
     dma_log: DmaLog,
+    /// Where the DMA log is written, when it is.
+    dma_log_path: Option<PathBuf>,
     /// Present when the run samples dirty pages (DMA log on, a file to look for).
     sampler: Option<DirtySampler>,
     /// Present when a peer checks what the guest sends: prints its count per method.
@@ -705,14 +731,24 @@ fn run_vcpus(
             source,
         })?;
     }
+    let log_failed = Arc::new(OnceLock::new());
+    if let Some(path) = &devices.dma_log_path {
+        let (path, failed) = (path.clone(), log_failed.clone());
+        devices.dma_log.on_write_error(move |e| {
+            let _ = failed.set(dma_log_failure(&path, e));
+        });
+    }
     let devices = Arc::new(devices);
     let stopping = Arc::new(AtomicBool::new(false));
     let (events, inbox) = mpsc::channel();
     let started = Instant::now();
     let threads = spawn_vcpus(vcpus, &devices, events, &stopping)?;
+    // Every thread of the VM has started: from here the main thread only waits, stops
+    // the vCPUs and writes the outputs.
+    zc_seccomp::enter(zc_seccomp::Role::Main);
 
     let mut report = RunReport::new(kernel_format);
-    wait_for_stop(&inbox, started, timeout, &mut report);
+    wait_for_stop(&inbox, started, timeout, &log_failed, &mut report);
     report.run_time = started.elapsed();
     stop_vcpus(threads, &stopping);
     if let Some(progress) = &devices.progress {
@@ -729,11 +765,36 @@ fn run_vcpus(
         });
     }
     report.console_tail = tail.lines();
-    if let Err(e) = devices.dma_log.flush() {
-        eprintln!("zc-vmm: the DMA log is incomplete: {e}");
+    if let (Err(e), None) = (devices.dma_log.flush(), &report.dma_log_failure) {
+        // Failed at the final flush, after the run loop stopped looking.
+        let path = devices.dma_log_path.as_deref().unwrap_or(Path::new("?"));
+        report.dma_log_failure = Some(match e {
+            zc_devices::dma_log::DmaLogError::Io(e) => dma_log_failure(path, &e),
+            other => format!("the DMA log {} is incomplete: {other}", path.display()),
+        });
     }
     Ok(report)
 }
+
+/// The one line a run that could not write its DMA log fails with.
+fn dma_log_failure(path: &Path, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let hint = match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+            "free space or pass --dma-log elsewhere"
+        }
+        _ => "check the file system it is on, or pass --dma-log elsewhere",
+    };
+    format!(
+        "the DMA log {} could not be written: {e}; {hint}",
+        path.display()
+    )
+}
+
+/// How often the run loop looks whether the DMA log failed. A flag rather than an
+/// event on the vCPUs' channel: a sender held by the log would keep the channel
+/// open after every vCPU thread ended, which is how the loop notices they all did.
+const LOG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One thread per vCPU, each running [`vcpu_loop`].
 fn spawn_vcpus(
@@ -749,7 +810,10 @@ fn spawn_vcpus(
         let stopping = stopping.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, &devices, &events, &stopping))
+            .spawn(move || {
+                zc_seccomp::enter(zc_seccomp::Role::Vcpu);
+                vcpu_loop(vcpu, &devices, &events, &stopping)
+            })
             .map_err(|source| VmError::Host {
                 what: "cannot start a vCPU thread",
                 source,
@@ -765,12 +829,19 @@ fn wait_for_stop(
     inbox: &Receiver<Event>,
     started: Instant,
     timeout: Duration,
+    log_failed: &OnceLock<String>,
     report: &mut RunReport,
 ) {
     let mut deadline = started + timeout;
     loop {
+        if let Some(why) = log_failed.get() {
+            // Nothing the guest does from here on could be judged: stop now.
+            report.dma_log_failure = Some(why.clone());
+            report.stop = StopReason::DmaLogUnwritable;
+            return;
+        }
         let wait = deadline.saturating_duration_since(Instant::now());
-        let stop = match inbox.recv_timeout(wait) {
+        let stop = match inbox.recv_timeout(wait.min(LOG_CHECK_INTERVAL)) {
             Ok(Event::Control(at, message)) => {
                 let at = at.duration_since(started);
                 if take_message(report, at, &message) {
@@ -780,6 +851,7 @@ fn wait_for_stop(
                 continue;
             }
             Ok(Event::Stop(reason)) => reason,
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
             Err(RecvTimeoutError::Timeout) if report.guest_exit.is_some() => {
                 StopReason::NoPowerOffAfterExit
             }
@@ -1005,25 +1077,90 @@ mod tests {
             .unwrap();
         events.send(Event::Stop(StopReason::PowerOff)).unwrap();
         let mut report = message_report();
-        wait_for_stop(&inbox, started, Duration::from_secs(5), &mut report);
+        wait_for_stop(
+            &inbox,
+            started,
+            Duration::from_secs(5),
+            &OnceLock::new(),
+            &mut report,
+        );
         assert_eq!(report.stop, StopReason::PowerOff);
         assert_eq!(report.guest_exit, Some(0));
         assert_eq!(report.messages.len(), 1);
     }
 
     #[test]
+    fn the_run_loop_stops_when_the_dma_log_fails() {
+        let (_events, inbox) = mpsc::channel::<Event>();
+        let failed = Arc::new(OnceLock::new());
+        let log = DmaLog::new(
+            std::fs::File::options()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .unwrap();
+        let path = PathBuf::from("/dev/full");
+        let set = failed.clone();
+        log.on_write_error(move |e| {
+            let _ = set.set(dma_log_failure(&path, e));
+        });
+        // /dev/full fails the first write: the header and a marker, at the flush
+        // (the writer writes on its own only once 1 MiB of lines is pending).
+        log.marker("m");
+        assert!(log.flush().is_err());
+        let mut report = message_report();
+        let started = Instant::now();
+        wait_for_stop(
+            &inbox,
+            started,
+            Duration::from_secs(60),
+            &failed,
+            &mut report,
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "stopped at once"
+        );
+        assert_eq!(report.stop, StopReason::DmaLogUnwritable);
+        assert_eq!(
+            report.failure().as_deref(),
+            Some("the DMA log /dev/full could not be written: No space left on device (os error 28); free space or pass --dma-log elsewhere")
+        );
+        assert_eq!(report.exit_status(), 1);
+    }
+
+    #[test]
     fn the_run_loop_tells_a_timeout_from_a_guest_that_would_not_power_off() {
         let (events, inbox) = mpsc::channel::<Event>();
         let mut report = message_report();
-        wait_for_stop(&inbox, Instant::now(), Duration::ZERO, &mut report);
+        wait_for_stop(
+            &inbox,
+            Instant::now(),
+            Duration::ZERO,
+            &OnceLock::new(),
+            &mut report,
+        );
         assert_eq!(report.stop, StopReason::Timeout);
         let mut report = message_report();
         report.guest_exit = Some(0);
-        wait_for_stop(&inbox, Instant::now(), Duration::ZERO, &mut report);
+        wait_for_stop(
+            &inbox,
+            Instant::now(),
+            Duration::ZERO,
+            &OnceLock::new(),
+            &mut report,
+        );
         assert_eq!(report.stop, StopReason::NoPowerOffAfterExit);
         drop(events);
         let mut report = message_report();
-        wait_for_stop(&inbox, Instant::now(), Duration::from_secs(5), &mut report);
+        wait_for_stop(
+            &inbox,
+            Instant::now(),
+            Duration::from_secs(5),
+            &OnceLock::new(),
+            &mut report,
+        );
         assert!(matches!(report.stop, StopReason::VcpuFailure(_)));
     }
 }

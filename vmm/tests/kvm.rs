@@ -3,6 +3,11 @@
 //! vCPU setup. They need no kernel image, so they run even where `/dev/kvm` cannot
 //! boot a stock kernel (the `kvm_pvm` CI machines). Without `/dev/kvm` they are
 //! reported as ignored, never as passed.
+//!
+//! What the VMM does on a vCPU thread (KVM_RUN, the exits' device calls, the dirty
+//! log, MSI routes and ioeventfds) runs here on a thread under the vCPU's seccomp
+//! filter ([`on_vcpu_thread`]): a call the filter lacks ends the test binary with
+//! the filter's line.
 
 use std::io;
 
@@ -64,6 +69,22 @@ fn real_mode(t: &TinyVm, code: &[u8]) {
     t.vcpu.set_regs(&regs).unwrap();
 }
 
+/// Runs `work` on a thread under the vCPU role's seccomp filter, as the VMM's vCPU
+/// threads do.
+fn on_vcpu_thread<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    static ENABLED: std::sync::Once = std::sync::Once::new();
+    ENABLED.call_once(|| zc_seccomp::enable().expect("seccomp"));
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                zc_seccomp::enter(zc_seccomp::Role::Vcpu);
+                work()
+            })
+            .join()
+            .expect("the vCPU thread")
+    })
+}
+
 fn legacy() -> (LegacyIo, zc_devices::control::ControlMessages) {
     let (console, _) = ConsoleSink::new(Box::new(io::sink()));
     let (control, messages) = ControlChannel::new();
@@ -92,19 +113,22 @@ fn control_channel_over_port_io_then_hlt() {
         .write_slice(b"hello tiny\nmark BEGIN x\nexit 5\n\0", GuestAddress(DATA))
         .unwrap();
     let (mut io, messages) = legacy();
-    let mut port_writes = 0;
-    loop {
-        match t.vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(port, data) => {
-                assert_eq!(port, COM2_BASE);
-                assert_eq!(io.write(port, data), PioAction::ControlData);
-                port_writes += 1;
+    let vcpu = &mut t.vcpu;
+    let port_writes = on_vcpu_thread(|| {
+        let mut port_writes = 0;
+        loop {
+            match vcpu.run().expect("KVM_RUN") {
+                VcpuExit::IoOut(port, data) => {
+                    assert_eq!(port, COM2_BASE);
+                    assert_eq!(io.write(port, data), PioAction::ControlData);
+                    port_writes += 1;
+                }
+                VcpuExit::IoIn(port, data) => io.read(port, data),
+                VcpuExit::Hlt => break port_writes,
+                other => panic!("unexpected exit {other:?}"),
             }
-            VcpuExit::IoIn(port, data) => io.read(port, data),
-            VcpuExit::Hlt => break,
-            other => panic!("unexpected exit {other:?}"),
         }
-    }
+    });
     assert_eq!(port_writes, 31, "one exit per byte");
     assert_eq!(
         messages.drain(),
@@ -136,18 +160,21 @@ fn mmio_exits_outside_memory() {
         0xf4,                               // hlt
     ];
     real_mode(&t, &code);
-    let mut seen = Vec::new();
-    loop {
-        match t.vcpu.run().expect("KVM_RUN") {
-            VcpuExit::MmioWrite(addr, data) => seen.push(("w", addr, data.to_vec())),
-            VcpuExit::MmioRead(addr, data) => {
-                data.fill(0x99);
-                seen.push(("r", addr, vec![]));
+    let vcpu = &mut t.vcpu;
+    let seen = on_vcpu_thread(|| {
+        let mut seen = Vec::new();
+        loop {
+            match vcpu.run().expect("KVM_RUN") {
+                VcpuExit::MmioWrite(addr, data) => seen.push(("w", addr, data.to_vec())),
+                VcpuExit::MmioRead(addr, data) => {
+                    data.fill(0x99);
+                    seen.push(("r", addr, vec![]));
+                }
+                VcpuExit::Hlt => break seen,
+                other => panic!("unexpected exit {other:?}"),
             }
-            VcpuExit::Hlt => break,
-            other => panic!("unexpected exit {other:?}"),
         }
-    }
+    });
     assert_eq!(
         seen,
         vec![("w", 0x20000, vec![0x42]), ("r", 0x20004, vec![])]
@@ -170,11 +197,15 @@ fn dirty_log_reports_exactly_the_pages_the_guest_wrote() {
     real_mode(&t, &code);
     // Writes by the VMM itself are not in KVM's log: this one must not show up.
     t.mem.write_obj(0xffu8, GuestAddress(0x9000)).unwrap();
-    match t.vcpu.run().expect("KVM_RUN") {
-        VcpuExit::Hlt => {}
-        other => panic!("unexpected exit {other:?}"),
-    }
-    let bitmap = t.vm.get_dirty_log(0, size).expect("KVM_GET_DIRTY_LOG");
+    let (vcpu, vm) = (&mut t.vcpu, &t.vm);
+    // The VMM samples the dirty log on the vCPU thread that carries the request.
+    let bitmap = on_vcpu_thread(|| {
+        match vcpu.run().expect("KVM_RUN") {
+            VcpuExit::Hlt => {}
+            other => panic!("unexpected exit {other:?}"),
+        }
+        vm.get_dirty_log(0, size).expect("KVM_GET_DIRTY_LOG")
+    });
     let pages: Vec<usize> = (0..size / 4096)
         .filter(|page| bitmap[page / 64] & (1 << (page % 64)) != 0)
         .collect();
@@ -201,14 +232,17 @@ fn long_mode_boot_state_runs_64bit_code() {
     t.mem.write_slice(&code, GuestAddress(entry)).unwrap();
     cpu::setup_sregs(&t.mem, &t.vcpu).expect("long-mode sregs");
     cpu::setup_regs(&t.vcpu, GuestAddress(entry)).unwrap();
-    let mut out = None;
-    loop {
-        match t.vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(port, data) => out = Some((port, data[0])),
-            VcpuExit::Hlt => break,
-            other => panic!("unexpected exit {other:?}"),
+    let vcpu = &mut t.vcpu;
+    let out = on_vcpu_thread(|| {
+        let mut out = None;
+        loop {
+            match vcpu.run().expect("KVM_RUN") {
+                VcpuExit::IoOut(port, data) => out = Some((port, data[0])),
+                VcpuExit::Hlt => break out,
+                other => panic!("unexpected exit {other:?}"),
+            }
         }
-    }
+    });
     assert_eq!(out, Some((COM2_BASE, 0xef)));
     // A 64-bit store above 2 MiB proves paging and the 64-bit code segment work.
     let stored: u64 = t.mem.read_obj(GuestAddress(0x30_1000)).unwrap();
@@ -317,23 +351,28 @@ fn pci_queue_notifies_hit_their_ioeventfd_wherever_the_guest_puts_the_bar() {
     t.mem.write_slice(&code, GuestAddress(entry)).unwrap();
     cpu::setup_sregs(&t.mem, &t.vcpu).expect("long-mode sregs");
     cpu::setup_regs(&t.vcpu, GuestAddress(entry)).unwrap();
-    let mut vcpu = t.vcpu;
-    let mut mmio_exits = Vec::new();
-    loop {
-        match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(port, data) => bus.pio_write(port, data),
-            VcpuExit::IoIn(port, data) => bus.pio_read(port, data),
-            VcpuExit::MmioWrite(addr, data) => {
-                mmio_exits.push(addr);
-                bus.mmio_write(addr, data);
+    let vcpu = t.vcpu;
+    // Moving the BAR re-registers the ioeventfds, on the vCPU thread, which also
+    // drops the vCPU at its end, as the VMM's do.
+    let mmio_exits = on_vcpu_thread(|| {
+        let mut vcpu = vcpu;
+        let mut mmio_exits = Vec::new();
+        loop {
+            match vcpu.run().expect("KVM_RUN") {
+                VcpuExit::IoOut(port, data) => bus.pio_write(port, data),
+                VcpuExit::IoIn(port, data) => bus.pio_read(port, data),
+                VcpuExit::MmioWrite(addr, data) => {
+                    mmio_exits.push(addr);
+                    bus.mmio_write(addr, data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    bus.mmio_read(addr, data);
+                }
+                VcpuExit::Hlt => break mmio_exits,
+                other => panic!("unexpected exit {other:?}"),
             }
-            VcpuExit::MmioRead(addr, data) => {
-                bus.mmio_read(addr, data);
-            }
-            VcpuExit::Hlt => break,
-            other => panic!("unexpected exit {other:?}"),
         }
-    }
+    });
     // The two notifies at BAR0's places never left KVM; the one at the place BAR0
     // had left exited to the VMM, where no BAR holds it any more.
     assert_eq!(notify[1].read().ok(), Some(1), "queue 1 at the first place");
@@ -358,12 +397,15 @@ fn msi_routes_and_irqfds_are_accepted_by_kvm() {
         address: 0xfee0_0000,
         data: 0x41,
     };
-    delivery.set_route(0, message).expect("KVM_SET_GSI_ROUTING");
-    delivery
-        .set_route(1, message)
-        .expect("a second route beside the first");
-    delivery.trigger(1).expect("the irqfd takes the write");
-    // A vector the device does not have is nothing, not an error.
-    delivery.trigger(7).unwrap();
-    delivery.set_route(7, message).unwrap();
+    // The guest programs MSI-X vectors by MMIO writes: on a vCPU thread.
+    on_vcpu_thread(|| {
+        delivery.set_route(0, message).expect("KVM_SET_GSI_ROUTING");
+        delivery
+            .set_route(1, message)
+            .expect("a second route beside the first");
+        delivery.trigger(1).expect("the irqfd takes the write");
+        // A vector the device does not have is nothing, not an error.
+        delivery.trigger(7).unwrap();
+        delivery.set_route(7, message).unwrap();
+    });
 }

@@ -88,6 +88,8 @@ pub struct Sim {
     /// Per byte: the file offset it holds, if it holds payload.
     tag: HashMap<u64, Vec<Option<u64>>>,
     dirty: BTreeSet<u64>,
+    /// The card the next virtio-net records come from (`card` in the log).
+    pub net_card: u16,
 }
 
 impl Sim {
@@ -98,6 +100,14 @@ impl Sim {
             mem: HashMap::new(),
             tag: HashMap::new(),
             dirty: BTreeSet::new(),
+            net_card: 0,
+        }
+    }
+
+    fn card_of(&self, device: DeviceKind) -> u16 {
+        match device {
+            DeviceKind::Net => self.net_card,
+            DeviceKind::Blk => 0,
         }
     }
 
@@ -157,6 +167,7 @@ impl Sim {
             seq,
             t_ns: Self::t_ns(seq),
             device,
+            card: self.card_of(device),
             queue,
             head,
             desc,
@@ -308,6 +319,7 @@ impl Sim {
             seq,
             t_ns: Self::t_ns(seq),
             device,
+            card: self.card_of(device),
             queue,
             head,
             req,

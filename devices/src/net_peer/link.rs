@@ -12,6 +12,10 @@ pub(super) struct TxQueue {
     pub(super) pool: Vec<Vec<u8>>,
     /// Most frames held before smoltcp is told to wait (it retries on the next poll).
     pub(super) limit: usize,
+    /// Replies dropped because `limit` frames were already waiting.
+    pub(super) dropped: u64,
+    /// Where a dropped reply is built (smoltcp must be given a buffer all the same).
+    pub(super) spare: Vec<u8>,
 }
 
 impl TxQueue {
@@ -42,7 +46,9 @@ impl phy::Device for Link<'_> {
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let frame = self.rx.take()?;
-        // A frame's replies (ARP, ICMP, RST) are bounded: one per ingress frame.
+        // One reply at most per ingress frame (ARP, ICMP, RST); it is dropped when the
+        // queue is full (see `TxToken`). Refusing the token instead would drop the
+        // guest's frame unread, and with it data the peer must check.
         Some((RxToken(frame), TxToken(self.tx)))
     }
 
@@ -67,7 +73,11 @@ impl phy::RxToken for RxToken<'_> {
     }
 }
 
-/// Appends one frame to the egress queue.
+/// Appends one frame to the egress queue; or, when it already holds `limit` frames
+/// (a guest that sends and does not receive), drops it and counts it: the queue must
+/// not grow with what a guest sends in one TX batch, which has no end while the
+/// guest keeps the queue full. A dropped ARP or echo reply is what a lossy link does;
+/// TCP frames other than these replies come from `transmit`, which waits instead.
 pub(super) struct TxToken<'a>(&'a mut TxQueue);
 
 impl phy::TxToken for TxToken<'_> {
@@ -75,11 +85,18 @@ impl phy::TxToken for TxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let mut buf = self.0.pool.pop().unwrap_or_default();
+        let q = self.0;
+        if q.frames.len() >= q.limit {
+            q.dropped += 1;
+            q.spare.clear();
+            q.spare.resize(len, 0);
+            return f(&mut q.spare);
+        }
+        let mut buf = q.pool.pop().unwrap_or_default();
         buf.clear();
         buf.resize(len, 0);
         let r = f(&mut buf);
-        self.0.frames.push(buf);
+        q.frames.push(buf);
         r
     }
 }

@@ -161,6 +161,9 @@ pub struct PeerStats {
     pub bytes_to_guest: u64,
     /// Connections accepted.
     pub connections: u64,
+    /// Replies for the guest (ARP, ICMP, RST, ACK) dropped because the queue of
+    /// frames waiting for it was full: a guest that sends without receiving.
+    pub replies_dropped: u64,
 }
 
 /// What connections from a given one on have carried so far: the live view of a
@@ -530,7 +533,10 @@ impl NetPeer {
 
     /// Counters of frames and connections.
     pub fn stats(&self) -> PeerStats {
-        self.stats
+        PeerStats {
+            replies_dropped: self.tx.dropped,
+            ..self.stats
+        }
     }
 
     /// Ends every open connection now (reset), recording its result with

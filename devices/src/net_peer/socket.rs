@@ -68,7 +68,11 @@ impl SocketPeer {
         let for_thread = shared.clone();
         std::thread::Builder::new()
             .name("socket-peer".into())
-            .spawn(move || accept_loop(listener, for_thread))?;
+            .spawn(move || {
+                // The connection threads it starts keep its filter.
+                zc_seccomp::enter(zc_seccomp::Role::SocketPeer);
+                accept_loop(listener, for_thread)
+            })?;
         Ok(SocketPeer { local, shared })
     }
 
@@ -116,6 +120,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let spawned = std::thread::Builder::new()
             .name(format!("socket-peer-{id}"))
             .spawn(move || {
+                zc_seccomp::inherited(zc_seccomp::Role::SocketPeer);
                 let received = serve(stream, id, expected, for_thread.start);
                 let mut st = for_thread.lock();
                 st.results.push(received);

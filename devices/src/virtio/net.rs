@@ -517,4 +517,6 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 }
 
 #[cfg(test)]
+mod flood_tests;
+#[cfg(test)]
 mod tests;

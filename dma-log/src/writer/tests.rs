@@ -420,38 +420,48 @@ fn a_request_from_a_read_sees_the_read_patched_or_the_bytes_given() {
 
 #[test]
 fn only_a_chains_last_contiguous_copies_are_its_read() {
-    let chain = |head| Chain {
+    let on_card = |head, card| Chain {
         device: DeviceKind::Net,
+        card,
         queue: 1,
         head,
     };
+    let chain = |head| on_card(head, 0);
     let mut batch = Batch::new();
-    let push_desc = |batch: &mut Batch, head: u16, bytes: &[u8]| {
+    let push_desc = |batch: &mut Batch, card: u16, head: u16, bytes: &[u8]| {
         let mut d = info(0, u32::try_from(bytes.len()).unwrap());
         d.head = head;
         let c = batch.copy(bytes);
         batch.entries.push(Entry {
             seq: 0,
             t_ns: 0,
+            card,
             body: Body::Desc(d, Pieces::Copied(c)),
         });
     };
     assert!(batch.trailing_copies_of(chain(1)).is_none());
-    push_desc(&mut batch, 7, b"other chain");
-    push_desc(&mut batch, 1, b"header");
-    push_desc(&mut batch, 1, b"frame");
+    push_desc(&mut batch, 0, 7, b"other chain");
+    push_desc(&mut batch, 0, 1, b"header");
+    push_desc(&mut batch, 0, 1, b"frame");
     let read = batch.trailing_copies_of(chain(1)).unwrap();
     assert_eq!(read.of(&batch.bytes), b"headerframe");
     assert_eq!(read.skip(6, 5).unwrap().of(&batch.bytes), b"frame");
     assert!(read.skip(6, 4).is_none());
     assert!(batch.trailing_copies_of(chain(7)).is_none());
+    // The same queue and head on another card is another chain.
+    assert!(batch.trailing_copies_of(on_card(1, 1)).is_none());
+    push_desc(&mut batch, 1, 1, b"card one");
+    assert!(batch.trailing_copies_of(chain(1)).is_none());
+    let read = batch.trailing_copies_of(on_card(1, 1)).unwrap();
+    assert_eq!(read.of(&batch.bytes), b"card one");
     // A copy after them that is no desc of the chain: not its read any more.
     let extra = batch.copy(b"request bytes");
     batch.entries.push(Entry {
         seq: 0,
         t_ns: 0,
+        card: 1,
         body: Body::Request(
-            chain(1),
+            on_card(1, 1),
             Detail::Deferred {
                 bytes: extra,
                 arg: 0,
@@ -460,7 +470,7 @@ fn only_a_chains_last_contiguous_copies_are_its_read() {
             },
         ),
     });
-    assert!(batch.trailing_copies_of(chain(1)).is_none());
+    assert!(batch.trailing_copies_of(on_card(1, 1)).is_none());
 }
 
 #[test]
@@ -484,4 +494,119 @@ fn flush_returns_when_the_writer_is_gone() {
     assert!(hit.load(Ordering::SeqCst));
     log.marker("ignored");
     assert!(log.flush().is_err());
+}
+
+/// An output on a disk that fills up after `room` bytes: the write that reaches
+/// the limit is short, the next fails with ENOSPC, as `write(2)` does.
+#[derive(Clone)]
+struct FillsUp {
+    written: Arc<std::sync::Mutex<Vec<u8>>>,
+    room: usize,
+}
+
+impl io::Write for FillsUp {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let mut written = self.written.lock().unwrap();
+        let left = self.room - written.len();
+        if left == 0 {
+            // ENOSPC on Linux (this crate has no libc).
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        let n = b.len().min(left);
+        written.extend_from_slice(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_when_the_writer_meets_it_not_at_the_next_flush() {
+    let out = FillsUp {
+        written: Arc::default(),
+        room: 3 << 20,
+    };
+    let log = DmaLog::new(out.clone()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.on_write_error(move |e| tx.send(e.to_string()).unwrap());
+    let bytes = content(4096, 3);
+    let mut told = None;
+    // Never flushes: only the writer thread's own writes can meet the full disk.
+    for i in 0..1_000_000u64 {
+        log.descriptor_bytes(info(i * 4096, 4096), &bytes);
+        if let Ok(e) = rx.try_recv() {
+            told = Some((i, e));
+            break;
+        }
+    }
+    let (at, e) = told.expect("the hook was told within a million records");
+    assert_eq!(e, "No space left on device (os error 28)");
+    // ~3 MiB of lines is a few thousand records; the writer lags by at most a batch.
+    assert!(at < 100_000, "told only after {at} records");
+    // The devices keep going, the log records nothing more.
+    let full = out.written.lock().unwrap().len();
+    for i in 0..10_000u64 {
+        log.descriptor_bytes(info(i * 4096, 4096), &bytes);
+    }
+    let err = log.flush().unwrap_err();
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    assert_eq!(out.written.lock().unwrap().len(), full);
+    // What reached the disk ends inside a line: a reader says the log is cut short.
+    let text = out.written.lock().unwrap().clone();
+    let read: Result<Vec<Record>, _> = crate::DmaLogReader::new(&text[..]).unwrap().collect();
+    assert!(
+        matches!(read, Err(crate::DmaLogError::Truncated { .. })),
+        "{:?}",
+        read.map(|r| r.len())
+    );
+    // A hook set after the failure is told at once, on the caller's thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.on_write_error(move |e| tx.send(e.to_string()).unwrap());
+    assert_eq!(
+        rx.try_recv().unwrap(),
+        "No space left on device (os error 28)"
+    );
+}
+
+#[test]
+fn a_log_that_writes_fine_never_calls_its_error_hook() {
+    let out = Out::default();
+    let log = out.log();
+    let called = Arc::new(AtomicBool::new(false));
+    let flag = called.clone();
+    log.on_write_error(move |_| flag.store(true, Ordering::SeqCst));
+    log.marker("fine");
+    log.flush().unwrap();
+    drop(log);
+    assert!(!called.load(Ordering::SeqCst));
+    assert_eq!(out.records().len(), 1);
+}
+
+/// The same with a compressed log: zstd's own buffering does not hide the full
+/// disk until a flush.
+#[test]
+fn a_full_disk_under_a_compressed_log_is_reported_when_the_writer_meets_it() {
+    let out = FillsUp {
+        written: Arc::default(),
+        room: 256 << 10,
+    };
+    let log = DmaLog::new(crate::zst::ZstdFrames::new(out.clone(), 1)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.on_write_error(move |e| tx.send(e.to_string()).unwrap());
+    let mut told = None;
+    for i in 0..1_000_000u64 {
+        // Each record its own fingerprint, so that the log does not compress away.
+        let bytes = content(64, u32::try_from(i).unwrap());
+        log.descriptor_bytes(info(i * 4096, 64), &bytes);
+        if let Ok(e) = rx.try_recv() {
+            told = Some((i, e));
+            break;
+        }
+    }
+    let (at, e) = told.expect("the hook was told within a million records");
+    assert_eq!(e, "No space left on device (os error 28)");
+    assert!(at < 200_000, "told only after {at} records");
+    let err = log.flush().unwrap_err();
+    assert!(err.to_string().contains("No space left on device"), "{err}");
 }

@@ -62,24 +62,36 @@ pub trait Hooks {
     fn console(&mut self, line: &str);
 }
 
-/// Runs the suite: KTAP header, then per method its marks, `report` line and KTAP
-/// lines (figures or the failure's reason as a diagnostic line, then the result). Returns whether no method failed (a skipped method is not a
-/// failure); an `Err` only when the hooks themselves fail (the control channel).
+/// Runs the suite: KTAP header, then per method run its marks, `report` line and
+/// KTAP lines (figures or the failure's reason as a diagnostic line, then the
+/// result). Returns whether no method failed (a skipped method is not a failure);
+/// an `Err` only when the hooks themselves fail (the control channel).
 ///
-/// `root` is where `suite.file` lives (the disk's mount point in the guest).
+/// `root` is where `suite.file` lives (the disk's mount point in the guest);
+/// `peers[n]` is card `n`'s peer. With several cards (`zc.cards`) each run's span,
+/// report and KTAP name say its variant (`sendfile@sg-off`).
 pub fn run_suite(
     suite: &Suite,
     root: &Path,
-    peer: SocketAddrV4,
+    peers: &[SocketAddrV4],
     hooks: &mut dyn Hooks,
 ) -> Result<bool> {
+    let runs = suite.runs();
     hooks.console(report::KTAP_HEADER);
-    hooks.console(&report::ktap_plan(suite.methods.len()));
+    hooks.console(&report::ktap_plan(runs.len()));
     let mut all_passed = true;
-    for (index, &method) in suite.methods.iter().enumerate() {
-        let result = runner::run(method, suite, root, peer, hooks);
-        hooks.report(&result.json())?;
-        for line in result.ktap_lines(index + 1) {
+    for (index, run) in runs.iter().enumerate() {
+        let card = usize::from(run.card.index());
+        let result = match peers.get(card) {
+            Some(&peer) => runner::run(run, suite, root, peer, hooks),
+            None => {
+                report::MethodResult::Failed(run.method, format!("no peer address for card {card}"))
+            }
+        };
+        let mut report = result.report();
+        report.variant = run.variant.map(String::from);
+        hooks.report(&report.to_json())?;
+        for line in result.ktap_lines_named(index + 1, &run.span()) {
             hooks.console(&line);
         }
         all_passed &= !result.failed();

@@ -3,7 +3,7 @@
 //! 1. `sync` and drop caches (`sendfile_warm`: `sync` and read the file once);
 //! 2. open the file (before `BEGIN`: the lookup's metadata reads are not the
 //!    transfer);
-//! 3. `mark BEGIN <name>`;
+//! 3. `mark BEGIN <name>` (`<name>@<variant>` on a named card, `zc.cards`);
 //! 4. connect, then per chunk the method's system calls and one sample request;
 //! 5. wait for the peer's 8-byte little-endian byte count;
 //! 6. zero-copy methods drain their remaining completions;
@@ -30,7 +30,7 @@ use super::{
     sendfile_warm, splice, uring_send_zc, Hooks, Method, Suite, CHUNK_ALIGN,
 };
 use crate::error::{Context, Error, Result};
-use zc_protocol::{ack, Marker};
+use zc_protocol::{ack, Marker, MethodRun};
 
 /// Bound on connecting and on any one blocking send or receive (SO_SNDTIMEO and
 /// SO_RCVTIMEO), so that a dead peer fails the method instead of hanging the run
@@ -276,27 +276,28 @@ pub fn send_error(call: &str, e: std::io::Error) -> Error {
 /// Runs one method through the whole sequence; never fails as such: every error
 /// becomes a [`MethodResult::Failed`].
 pub fn run(
-    method: Method,
+    run: &MethodRun<'_>,
     suite: &Suite,
     root: &Path,
     peer: SocketAddrV4,
     hooks: &mut dyn Hooks,
 ) -> MethodResult {
-    match measure(method, suite, root, peer, hooks) {
+    match measure(run, suite, root, peer, hooks) {
         Ok(result) => result,
-        Err(err) => MethodResult::Failed(method, err.to_string()),
+        Err(err) => MethodResult::Failed(run.method, err.to_string()),
     }
 }
 
 /// [`run`]'s body: `Ok` with a passed or skipped result, `Err` with why the
 /// method failed.
 fn measure(
-    method: Method,
+    run: &MethodRun<'_>,
     suite: &Suite,
     root: &Path,
     peer: SocketAddrV4,
     hooks: &mut dyn Hooks,
 ) -> Result<MethodResult> {
+    let method = run.method;
     // Capability check first: a skipped method touches neither caches nor marks.
     let uring = if method.io_uring() {
         match uring_send_zc::probe()? {
@@ -343,7 +344,11 @@ fn measure(
         return Err(Error::new(format!("{shown} is empty: nothing to send")));
     }
 
-    let (begin, end) = (Marker::begin(method).label(), Marker::end(method).label());
+    let span = run.span();
+    let (begin, end) = (
+        Marker::begin(span.as_str()).label(),
+        Marker::end(span.as_str()).label(),
+    );
     let buf = AlignedBuf::new(suite.chunk);
     hooks.mark(&begin)?;
     let start = Instant::now();

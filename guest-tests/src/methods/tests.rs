@@ -370,7 +370,7 @@ fn run(
 ) -> (Recorder, bool, Vec<Received>) {
     let (peer, seen) = spawn_peer(expected.to_vec(), ack_offset);
     let mut recorder = Recorder::default();
-    let passed = run_suite(suite, dir, peer, &mut recorder).unwrap();
+    let passed = run_suite(suite, dir, &[peer], &mut recorder).unwrap();
     let received = seen.try_iter().collect();
     (recorder, passed, received)
 }
@@ -487,6 +487,7 @@ fn prefix_with_small_chunks() {
             Method::UringSendZc,
             Method::MmapWrite,
         ],
+        cards: Vec::new(),
         file: DEFAULT_FILE.to_string(),
         size: Some(size),
         chunk: 8192,
@@ -517,7 +518,7 @@ fn failures_are_reported_and_spans_stay_paired() {
         ..Suite::default()
     };
     let mut recorder = Recorder::default();
-    let passed = run_suite(&suite, dir.path(), closed_port(), &mut recorder).unwrap();
+    let passed = run_suite(&suite, dir.path(), &[closed_port()], &mut recorder).unwrap();
     assert!(!passed);
     let reports = recorder.reports();
     for (report, method) in reports.iter().zip(["sendfile", "read_write"]) {
@@ -586,4 +587,78 @@ fn failures_are_reported_and_spans_stay_paired() {
         .as_str()
         .unwrap()
         .starts_with("opening "));
+}
+
+#[test]
+fn each_card_runs_its_methods_to_its_own_peer_with_spans_named_by_variant() {
+    let (dir, data) = payload(50_000);
+    let suite = Suite {
+        cards: vec![
+            zc_protocol::SuiteCard {
+                variant: "sg-on".into(),
+                methods: vec![Method::Sendfile, Method::ReadWrite],
+            },
+            zc_protocol::SuiteCard {
+                variant: "sg-off".into(),
+                methods: vec![Method::Sendfile],
+            },
+        ],
+        ..Suite::default()
+    };
+    let (peer0, seen0) = spawn_peer(data.clone(), 0);
+    let (peer1, seen1) = spawn_peer(data.clone(), 0);
+    let mut recorder = Recorder::default();
+    assert!(run_suite(&suite, dir.path(), &[peer0, peer1], &mut recorder).unwrap());
+    // Card 0's peer got its two methods, card 1's its one.
+    assert_eq!(seen0.try_iter().filter(|r| r.matched).count(), 2);
+    assert_eq!(seen1.try_iter().filter(|r| r.matched).count(), 1);
+    let marks: Vec<&str> = recorder
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Mark(label) => Some(label.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        marks,
+        [
+            "BEGIN sendfile@sg-on",
+            "END sendfile@sg-on",
+            "BEGIN read_write@sg-on",
+            "END read_write@sg-on",
+            "BEGIN sendfile@sg-off",
+            "END sendfile@sg-off",
+        ]
+    );
+    let reports = recorder.reports();
+    let named: Vec<(&str, &str)> = reports
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap(),
+                r["variant"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("sendfile", "sg-on"),
+            ("read_write", "sg-on"),
+            ("sendfile", "sg-off")
+        ]
+    );
+    let console = recorder.console();
+    assert_eq!(console[1], "1..3");
+    assert!(
+        console.contains(&"ok 3 sendfile@sg-off".to_string()),
+        "{console:#?}"
+    );
+    // A card without a peer address fails its methods, not the suite's run.
+    let mut recorder = Recorder::default();
+    let (peer0, _seen0) = spawn_peer(data, 0);
+    assert!(!run_suite(&suite, dir.path(), &[peer0], &mut recorder).unwrap());
+    let error = recorder.reports()[2]["error"].as_str().unwrap().to_string();
+    assert_eq!(error, "no peer address for card 1");
 }

@@ -50,7 +50,10 @@ struct H {
     line: Arc<CountingLine>,
     irq: Arc<VirtioInterrupt>,
     log: TestLog,
-    disk: tempfile::NamedTempFile,
+    /// The disk image.
+    disk: std::path::PathBuf,
+    /// Keeps a temporary image alive (`None` for an image the test does not own).
+    _temp: Option<tempfile::NamedTempFile>,
     vq: MockQueue,
 }
 
@@ -68,6 +71,13 @@ impl H {
         disk.write_all(&disk_content()).unwrap();
         disk.flush().unwrap();
         let dev = Block::open(disk.path(), opts, dma).unwrap();
+        let mut h = Self::with_device(dev, disk.path());
+        h._temp = Some(disk);
+        h
+    }
+
+    /// Around `dev`, whose image is at `disk`.
+    fn with_device(dev: Block, disk: &std::path::Path) -> Self {
         let (line, irq) = counting_interrupt();
         let mem = leaked_memory(MEM_SIZE);
         H {
@@ -76,7 +86,8 @@ impl H {
             line,
             irq,
             log: TestLog::new(),
-            disk,
+            disk: disk.to_path_buf(),
+            _temp: None,
             vq: MockQueue::new(mem, QSIZE),
         }
     }
@@ -92,10 +103,7 @@ impl H {
 
     fn file_bytes(&self) -> Vec<u8> {
         let mut v = Vec::new();
-        File::open(self.disk.path())
-            .unwrap()
-            .read_to_end(&mut v)
-            .unwrap();
+        File::open(&self.disk).unwrap().read_to_end(&mut v).unwrap();
         v
     }
 
@@ -268,6 +276,178 @@ fn flush_syncs_and_data_persists() {
     assert_eq!(h.dev.flush_count(), 1);
 }
 
+/// A FLUSH whose `fdatasync` fails completes with IOERR (and is not counted): the
+/// status the guest sees is the sync's result, so it is written after the sync
+/// returned, never before. `/dev/full` takes writes but refuses `fdatasync`
+/// (EINVAL), a real failing sync without a test double.
+#[test]
+fn a_flush_completes_with_the_result_of_its_fdatasync() {
+    let full = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let dev = Block::new(full, BlockOptions::default(), DmaLog::disabled()).unwrap();
+    let mut h = H::with_device(dev, Path::new("/dev/full"));
+    h.activate(BASE_FEATURES);
+    h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    h.request(0, 0, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    h.process();
+    assert_eq!(u32::from(h.status(STATUS)), VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        used(h.mem, USED),
+        vec![(0, 1)],
+        "completed once, status byte only"
+    );
+    assert_eq!(h.dev.flush_count(), 0, "a failed fdatasync is not a flush");
+    assert_eq!(h.dev.stats().io_errors, 1);
+
+    // The same request on a regular file: the sync succeeds, the status says so.
+    let mut ok = H::new(BlockOptions::default());
+    ok.activate(BASE_FEATURES);
+    ok.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    ok.request(0, 0, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    ok.process();
+    assert_eq!(u32::from(ok.status(STATUS)), VIRTIO_BLK_S_OK);
+    assert_eq!(ok.dev.flush_count(), 1);
+}
+
+/// Set in the child process of [`flushed_data_survives_a_sigkill_right_after_the_flush`]:
+/// the image it writes to.
+const KILL_CHILD_IMAGE: &str = "ZC_TEST_BLK_KILL_CHILD_IMAGE";
+/// What the child prints once the FLUSH has completed, followed by the seed of what
+/// it wrote.
+const FLUSH_COMPLETED: &str = "zc-test: flush completed, seed ";
+/// Bytes the child writes (several OUT requests, some of several segments).
+const KILL_WRITE_LEN: usize = 8 * 4096;
+
+/// The child's data: pseudo-random from `seed`, so that nothing but this run's
+/// writes can match.
+fn kill_pattern(seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..KILL_WRITE_LEN)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect()
+}
+
+/// A process that runs the device model on a real image, writes to it as a guest
+/// would (OUT requests, then FLUSH), and is SIGKILLed as soon as it reports the
+/// FLUSH complete (status OK in guest memory, in the used ring): the data is in the
+/// image. This shows that the device holds nothing back once it acknowledged a
+/// write and its FLUSH (no user-space buffer, no deferred write). It cannot show
+/// that the data survives a power loss: a killed process does not drop the page
+/// cache, and that is what `fdatasync` is for (see
+/// `a_flush_completes_with_the_result_of_its_fdatasync`).
+#[test]
+fn flushed_data_survives_a_sigkill_right_after_the_flush() {
+    if let Ok(image) = std::env::var(KILL_CHILD_IMAGE) {
+        flush_then_wait_to_be_killed(Path::new(&image));
+    }
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let image = tempfile::NamedTempFile::new().unwrap();
+    image.as_file().set_len(DISK_SIZE as u64).unwrap();
+    let name = concat!(
+        module_path!(),
+        "::flushed_data_survives_a_sigkill_right_after_the_flush"
+    );
+    let name = name.split_once("::").unwrap().1;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(KILL_CHILD_IMAGE, image.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The marker may follow libtest's "test NAME ... " on the same line. Read on a
+    // thread, so that a child that never reports fails the test instead of hanging it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some((_, s)) = line.split_once(FLUSH_COMPLETED) {
+                let _ = tx.send(s.trim().parse::<u64>().ok());
+                return;
+            }
+        }
+    });
+    let seed = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .ok()
+        .flatten();
+    // SIGKILL, at once: no destructor, no exit handler runs in the child.
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    let seed = seed.unwrap_or_else(|| panic!("the child never reported its flush: {status}"));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    let bytes = std::fs::read(image.path()).unwrap();
+    let at = usize::try_from(8 * SECTOR_SIZE).unwrap();
+    assert!(
+        bytes[at..at + KILL_WRITE_LEN] == kill_pattern(seed)[..],
+        "the flushed bytes are not in the image"
+    );
+    assert!(
+        bytes[..at].iter().all(|&b| b == 0),
+        "wrote outside its range"
+    );
+}
+
+/// The child of `flushed_data_survives_a_sigkill_right_after_the_flush`.
+fn flush_then_wait_to_be_killed(image: &Path) -> ! {
+    let seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .rotate_left(32);
+    let data = kill_pattern(seed);
+    let dev = Block::open(image, BlockOptions::default(), TestLog::new().dma).unwrap();
+    let mut h = H::with_device(dev, image);
+    h.activate(BASE_FEATURES);
+    h.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    // Four OUTs of 8 KiB, the odd ones in two segments, then a FLUSH.
+    let quarter = KILL_WRITE_LEN / 4;
+    let mut desc = 0u16;
+    for n in 0..4u64 {
+        let addr = DATA + n * quarter as u64;
+        let sector = 8 + n * quarter as u64 / SECTOR_SIZE;
+        let len = u32::try_from(quarter).unwrap();
+        let segs: Vec<(u64, u32, u16)> = if n % 2 == 0 {
+            vec![(addr, len, 0)]
+        } else {
+            vec![(addr, len / 2, 0), (addr + u64::from(len / 2), len / 2, 0)]
+        };
+        h.request(desc, n, VIRTIO_BLK_T_OUT, sector, &segs);
+        desc += u16::try_from(segs.len()).unwrap() + 2;
+    }
+    h.request(desc, 4, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    for n in 0..5 {
+        h.mem.write_obj(0xffu8, GuestAddress(STATUS + n)).unwrap();
+    }
+    h.process();
+    let statuses: Vec<u8> = (0..5).map(|n| h.status(STATUS + n)).collect();
+    assert_eq!(statuses, vec![0; 5], "every request completed OK");
+    assert_eq!(
+        used(h.mem, USED).len(),
+        5,
+        "every request is in the used ring"
+    );
+    assert_eq!(h.dev.flush_count(), 1);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{FLUSH_COMPLETED}{seed}").unwrap();
+    out.flush().unwrap();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 #[test]
 fn get_id_full_and_short_buffer() {
     let mut h = H::new(BlockOptions {
@@ -291,7 +471,7 @@ fn get_id_full_and_short_buffer() {
     assert_eq!(used(h.mem, USED), vec![(0, 21), (3, 5)]);
     assert!(matches!(
         Block::open(
-            h.disk.path(),
+            &h.disk,
             BlockOptions {
                 id: "x".repeat(21),
                 ..Default::default()
@@ -547,7 +727,7 @@ fn disabled_log_still_transfers() {
 /// A device behind the transport, driven through its registers.
 fn transport(features: u64) -> (MmioTransport<Block>, Arc<CountingLine>, H) {
     let h = H::with_log(BlockOptions::default(), DmaLog::disabled());
-    let dev = Block::open(h.disk.path(), BlockOptions::default(), DmaLog::disabled()).unwrap();
+    let dev = Block::open(&h.disk, BlockOptions::default(), DmaLog::disabled()).unwrap();
     let line = Arc::new(CountingLine::default());
     let mut t = MmioTransport::new(dev, h.mem.clone(), line.clone());
     let q = (h.vq.desc_table_addr().0, h.vq.avail_addr().0, USED);
