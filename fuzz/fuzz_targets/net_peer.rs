@@ -13,9 +13,9 @@
 //! Checked, besides "no panic": no frame for the guest exceeds the MTU plus the
 //! Ethernet header; a connection that ended without a failure carried exactly its
 //! expected size; a result whose content or hash is known good has no failure of
-//! that kind; the connection count never goes down.
+//! that kind.
 //!
-//! Counters (`ZC_FUZZ_STATS=1`): connections accepted, results (by how they ended,
+//! Counters (`ZC_FUZZ_STATS=1`): inputs that got a connection, results (by how they ended,
 //! with the count sent), payload bytes checked, content mismatches, frames to the
 //! guest.
 
@@ -143,6 +143,7 @@ fuzz_target!(|data: &[u8]| {
         h.peer.poll(h.epoch + h.now);
         h.after();
     }
+    count("inputs_with_a_connection", u64::from(h.connections > 0));
 });
 
 impl Harness {
@@ -163,10 +164,8 @@ impl Harness {
         for frame in &seen {
             self.track(frame);
         }
-        let stats = self.peer.stats();
-        assert!(stats.connections >= self.connections);
-        count("connections_accepted", stats.connections - self.connections);
-        self.connections = stats.connections;
+        // Not monotonic: a connection reset during its handshake is taken back.
+        self.connections = self.connections.max(self.peer.stats().connections);
         for r in self.peer.take_results() {
             count("results", 1);
             count(
