@@ -34,8 +34,8 @@ use std::sync::{Arc, OnceLock};
 
 use common::stats::count;
 use common::{
-    device_writes, guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input,
-    is_indirect, NullLine, Op, QueueParams, QueueState, UsedWatch, MAX_OPS,
+    device_writes, guest_memory, handshake, is_indirect, notify_and_check, read_u16, reg,
+    write_reg, Input, NullLine, Op, QueueParams, QueueState, UsedWatch, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -148,16 +148,42 @@ fn run(data: &[u8]) {
     let event_idx = t.acked_features() & VIRTIO_RING_F_EVENT_IDX != 0;
     count("inputs", 1);
     count("activations", activations);
-    count("refused_at_driver_ok", u64::from(activations == 0 && t.interrupt().needs_reset()));
+    count(
+        "refused_at_driver_ok",
+        u64::from(activations == 0 && t.interrupt().needs_reset()),
+    );
     count("used_entries", used);
-    count(if event_idx { "used_entries_event_idx_on" } else { "used_entries_event_idx_off" }, used);
+    count(
+        if event_idx {
+            "used_entries_event_idx_on"
+        } else {
+            "used_entries_event_idx_off"
+        },
+        used,
+    );
     count("discard_requests", s.discard_requests);
     count("write_zeroes_requests", s.write_zeroes_requests);
-    count("inputs_deallocating_bytes", u64::from(s.bytes_deallocated > 0));
+    count(
+        "inputs_deallocating_bytes",
+        u64::from(s.bytes_deallocated > 0),
+    );
     count("flushes", s.flushes);
-    count("read_only_in_bytes", if read_only { s.bytes_read } else { 0 });
-    count("read_only_invalid_requests", if read_only { s.invalid_requests } else { 0 });
-    count("ok_with_dma_log", if disk_flags & 0x20 != 0 { s.status_ok } else { 0 });
+    count(
+        "read_only_in_bytes",
+        if read_only { s.bytes_read } else { 0 },
+    );
+    count(
+        "read_only_invalid_requests",
+        if read_only { s.invalid_requests } else { 0 },
+    );
+    count(
+        "ok_with_dma_log",
+        if disk_flags & 0x20 != 0 {
+            s.status_ok
+        } else {
+            0
+        },
+    );
 
     let len = file.metadata().expect("fstat memfd").len();
     assert_eq!(len, disk_len as u64, "the disk file changed size");

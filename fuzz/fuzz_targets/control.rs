@@ -21,12 +21,17 @@ use zc_protocol::{ControlMessage, Marker, MethodReport, Options};
 
 fuzz_target!(|data: &[u8]| {
     let (mut channel, messages) = ControlChannel::new();
-    channel.write_all(data).expect("the channel takes every byte");
+    channel
+        .write_all(data)
+        .expect("the channel takes every byte");
     for message in messages.drain() {
         let line = message.to_line();
         let (last, body) = line.split_last().expect("at least the newline");
         assert_eq!(*last, b'\n');
-        assert!(!body.contains(&b'\n'), "{message:?} formats as several lines");
+        assert!(
+            !body.contains(&b'\n'),
+            "{message:?} formats as several lines"
+        );
         let text = match &message {
             ControlMessage::Mark { label } => {
                 if let Some(marker) = Marker::parse(label) {
@@ -48,7 +53,8 @@ fuzz_target!(|data: &[u8]| {
             ControlMessage::Uptime { .. } | ControlMessage::Malformed { .. } => continue,
         };
         if !text.bytes().any(|b| b < 0x20 || b == 0x7f) {
-            let back = ControlMessage::parse(std::str::from_utf8(body).expect("UTF-8 in, UTF-8 out"));
+            let back =
+                ControlMessage::parse(std::str::from_utf8(body).expect("UTF-8 in, UTF-8 out"));
             assert_eq!(back, message, "line {:?}", String::from_utf8_lossy(body));
         }
     }
@@ -56,7 +62,12 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(options) = Options::parse(cmdline) {
             if options.unknown.is_empty() {
                 let again = Options::parse(&options.to_cmdline());
-                assert_eq!(again.as_ref(), Ok(&options), "cmdline {:?}", options.to_cmdline());
+                assert_eq!(
+                    again.as_ref(),
+                    Ok(&options),
+                    "cmdline {:?}",
+                    options.to_cmdline()
+                );
             }
         }
     }

@@ -101,14 +101,27 @@ fn disk_file() -> File {
 /// One register-file operation.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Write { offset: u16, width: usize, value: u64 },
-    Read { offset: u16, width: usize },
+    Write {
+        offset: u16,
+        width: usize,
+        value: u64,
+    },
+    Read {
+        offset: u16,
+        width: usize,
+    },
     /// Advance queue `queue`'s available idx by `n` (if it is active) and write
     /// `QueueNotify`.
-    Publish { queue: u16, n: u16 },
+    Publish {
+        queue: u16,
+        n: u16,
+    },
     /// The ioeventfd path: `notify_queue` with any value.
     EventFd(u32),
-    Poke { addr: u16, value: u8 },
+    Poke {
+        addr: u16,
+        value: u8,
+    },
     Poll,
 }
 
@@ -178,7 +191,11 @@ fuzz_target!(|data: &[u8]| {
             ..BlockOptions::default()
         };
         let dev = Block::new(disk_file(), opts, log).expect("valid options");
-        run(MmioTransport::new(dev, mem.clone(), Arc::new(NullLine)), &mem, &ops);
+        run(
+            MmioTransport::new(dev, mem.clone(), Arc::new(NullLine)),
+            &mem,
+            &ops,
+        );
     } else {
         let opts = NetOptions {
             sg: flags & 8 != 0,
@@ -191,7 +208,11 @@ fuzz_target!(|data: &[u8]| {
             out: VecDeque::new(),
         };
         let dev = Net::new(backend, opts, log).expect("valid options");
-        run(MmioTransport::new(dev, mem.clone(), Arc::new(NullLine)), &mem, &ops);
+        run(
+            MmioTransport::new(dev, mem.clone(), Arc::new(NullLine)),
+            &mem,
+            &ops,
+        );
     }
 });
 
@@ -217,7 +238,9 @@ fn run<D: Device>(mut t: MmioTransport<D>, mem: &GuestMemoryMmap, ops: &[Op]) {
         let was_active = t.is_active();
         let rings = active_queues(&t);
         if op.runs_device() {
-            device_writes(mem, rings.as_deref(), || apply(&mut t, mem, rings.as_deref(), op));
+            device_writes(mem, rings.as_deref(), || {
+                apply(&mut t, mem, rings.as_deref(), op)
+            });
         } else {
             apply(&mut t, mem, rings.as_deref(), op);
         }

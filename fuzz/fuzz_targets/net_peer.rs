@@ -157,7 +157,11 @@ impl Harness {
         let limit = self.config.mtu + 14;
         let mut seen = Vec::new();
         self.peer.drain_frames_for_guest(|frame| {
-            assert!(frame.len() <= limit, "a {}-byte frame for the guest", frame.len());
+            assert!(
+                frame.len() <= limit,
+                "a {}-byte frame for the guest",
+                frame.len()
+            );
             seen.push(frame.to_vec());
         });
         count("frames_to_guest", seen.len() as u64);
@@ -179,7 +183,10 @@ impl Harness {
             count("results_with_count_sent", u64::from(r.ack_sent));
             count("payload_bytes_checked", r.bytes);
             if let (None, Some(e)) = (&r.failure, &r.expected) {
-                assert_eq!(r.bytes, e.size, "no failure, yet not the expected size: {r:?}");
+                assert_eq!(
+                    r.bytes, e.size,
+                    "no failure, yet not the expected size: {r:?}"
+                );
                 count("results_ok", 1);
             }
             if matches!(r.failure, Some(Failure::Mismatch { .. })) {
@@ -256,16 +263,18 @@ impl Harness {
             seq_number: TcpSeqNumber(seq as i32),
             ack_number: ack.filter(|_| with_ack).map(|a| TcpSeqNumber(a as i32)),
             window_len,
-            window_scale: if syn && ctl & 0x80 != 0 { Some(7) } else { None },
+            window_scale: if syn && ctl & 0x80 != 0 {
+                Some(7)
+            } else {
+                None
+            },
             max_seg_size: if syn { Some(1460) } else { None },
             sack_permitted: false,
             sack_ranges: [None; 3],
             timestamp: None,
             payload: &payload,
         };
-        let used = payload.len() as u32
-            + u32::from(syn)
-            + u32::from(control == TcpControl::Fin);
+        let used = payload.len() as u32 + u32::from(syn) + u32::from(control == TcpControl::Fin);
         conn.next_seq = seq.wrapping_add(used);
         let frame = ipv4_tcp(&self.config, &repr);
         self.send(&frame);

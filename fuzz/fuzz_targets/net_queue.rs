@@ -206,7 +206,9 @@ impl Harness {
             count("used_entries_event_idx_off", n);
         }
         let indirect = |q: &QueueState, used: &[(u32, u32)]| {
-            used.iter().filter(|(h, _)| is_indirect(&self.mem, q, *h)).count() as u64
+            used.iter()
+                .filter(|(h, _)| is_indirect(&self.mem, q, *h))
+                .count() as u64
         };
         count("rx_indirect_chains_completed", indirect(rx, &rx_used));
         count("tx_indirect_chains_completed", indirect(tx, &tx_used));
