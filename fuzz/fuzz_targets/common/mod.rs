@@ -85,11 +85,27 @@ pub fn guest_memory(image: &[u8]) -> GuestMemoryMmap {
 }
 
 /// `size` bytes of guest RAM at GPA 0 holding `image` (zero beyond it).
+///
+/// One mapping per size for the whole run, rewritten for each input: a fresh mapping
+/// per input cost its page faults every time. Inputs run one at a time, and nothing
+/// of the previous input (transport, device, queues) outlives it.
 pub fn guest_memory_of(size: usize, image: &[u8]) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
-        .expect("anonymous memory for the guest");
+    static MAPPINGS: std::sync::Mutex<Vec<(usize, GuestMemoryMmap)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut mappings = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+    let mem = match mappings.iter().find(|(s, _)| *s == size) {
+        Some((_, mem)) => mem.clone(),
+        None => {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+                .expect("anonymous memory for the guest");
+            mappings.push((size, mem.clone()));
+            mem
+        }
+    };
+    let mut bytes = vec![0u8; size];
     let n = image.len().min(size);
-    mem.write_slice(&image[..n], GuestAddress(0))
+    bytes[..n].copy_from_slice(&image[..n]);
+    mem.write_slice(&bytes, GuestAddress(0))
         .expect("image fits guest memory");
     mem
 }
