@@ -166,6 +166,29 @@ def mmio():
         f.write(bytes([0x0F, len(ops)]) + b"".join(ops) + bytes(mem))
 
 
+def elf_with_modinfo():
+    """An ELF64 file with sections: null, .shstrtab, .modinfo."""
+    shstrtab = b"\0.shstrtab\0.modinfo\0"
+    modinfo = b"name=virtio_blk\0depends=virtio,virtio_ring\0alias=virtio:d00000002v*\0softdep=pre: crc32c\0"
+    data_off = 64
+    shoff = data_off + len(shstrtab) + len(modinfo)
+    ehdr = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 1)
+    sh = lambda name, typ, off, size: struct.pack("<IIQQQQIIQQ", name, typ, 0, 0, off, size, 0, 0, 1, 0)
+    return (ehdr + shstrtab + modinfo + bytes(64) + sh(1, 3, data_off, len(shstrtab))
+            + sh(11, 1, data_off + len(shstrtab), len(modinfo)))
+
+
+def cpio(entries):
+    out = b""
+    for i, (name, mode, data) in enumerate(entries):
+        n = name.encode() + b"\0"
+        hdr = b"070701" + b"".join(b"%08X" % v for v in (i + 1, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(n), 0))
+        out += hdr + n
+        out += bytes((-len(out)) % 4) + data
+        out += bytes((-len(out)) % 4)
+    return out
+
+
 def parsers():
     import gzip, lzma, json
     w = lambda path, data: open(path, "wb").write(data)
@@ -179,7 +202,10 @@ def parsers():
     w("images/gzip_payload", bytes([1]) + gzip.compress(elf + b"Linux version 6.1.0 (x)\n"))
     w("images/xz_payload", bytes([1]) + lzma.compress(elf))
     w("images/modules_alias", bytes([4]) + b"alias pci:v00001af4d*sv*sd*bc*sc*i* virtio_pci\nkernel/a.ko: kernel/b.ko\nsoftdep a pre: b post: c\n")
-    w("images/ko_xz", bytes([5, 1]) + lzma.compress(elf))
+    w("images/ko_xz", bytes([5, 1]) + lzma.compress(elf_with_modinfo()))
+    w("images/elf_modinfo", bytes([2]) + elf_with_modinfo())
+    w("images/cpio", bytes([3]) + cpio([("init", 0o100755, b"#!/bin/sh\n"), ("dev", 0o40755, b""), ("TRAILER!!!", 0, b"")]))
+    w("images/cpio_gz", bytes([3]) + gzip.compress(cpio([("bin/sh", 0o120777, b"busybox"), ("TRAILER!!!", 0, b"")])))
     # net_peer: checksums on, 2 listeners; sized 8-byte expectation, then
     # SYN; ACK; 8 bytes of data; FIN (automatic sequence numbers).
     seg = lambda ctl, data=b"": bytes([1, ctl]) + struct.pack("<H", 65535) + bytes([len(data)]) + data
