@@ -6,8 +6,8 @@
 #
 #   scripts/fuzz.sh run SECONDS RUNS TARGET...   fuzz each for SECONDS (or RUNS inputs
 #                                                when RUNS > 0), corpus in fuzz/corpus/
-#   scripts/fuzz.sh seeds TARGET...              minimise corpus + seeds into the
-#                                                committed seeds (-merge=1)
+#   scripts/fuzz.sh seeds TARGET...              add the corpus's richest inputs
+#                                                (after -merge=1) to the seeds
 #   scripts/fuzz.sh stats TARGET...              run the seeds and corpus once with
 #                                                ZC_FUZZ_STATS=1: the deep-path counters
 #
@@ -61,11 +61,19 @@ run)
     exit $failed
     ;;
 seeds)
+    # -merge=1 keeps every input that adds a feature (hundreds for a parser); of
+    # those, the hand-written seeds stay and the SEEDS_MAX inputs with the most
+    # features on their own are added, so the committed seeds stay small.
+    max=${SEEDS_MAX:-30}
     for t in "$@"; do
         tmp=$(mktemp -d)
-        "$BIN/$t" "${FLAGS[@]}" -merge=1 "$tmp" "seeds/$t" "corpus/$t" >/dev/null 2>&1
-        rm -f "seeds/$t"/*
-        cp "$tmp"/* "seeds/$t/"
+        "$BIN/$t" "${FLAGS[@]}" -merge=1 "$tmp" "corpus/$t" >/dev/null 2>&1
+        for f in "$tmp"/*; do
+            ft=$("$BIN/$t" "${FLAGS[@]}" -runs=0 "$f" 2>&1 | sed -n 's/.*INITED.* ft: \([0-9]*\).*/\1/p')
+            echo "${ft:-0} $f"
+        done | sort -rn | head -n "$max" | while read -r _ f; do
+            cp "$f" "seeds/$t/corpus-$(basename "$f" | cut -c1-16)"
+        done
         rm -rf "$tmp"
         echo "$t: $(find "seeds/$t" -type f | wc -l) seeds"
     done
