@@ -237,12 +237,18 @@ fn run<D: Device>(mut t: MmioTransport<D>, mem: &GuestMemoryMmap, ops: &[Op]) {
     for &op in ops {
         let was_active = t.is_active();
         let rings = active_queues(&t);
+        if let Op::Publish { queue, n } = op {
+            // The driver's own write, before the device runs (not inside the check).
+            if let Some(q) = rings.as_deref().and_then(|r| r.get(usize::from(queue))) {
+                let idx = read_u16(mem, q.avail + 2).expect("avail ring was validated");
+                mem.write_obj(idx.wrapping_add(n), GuestAddress(q.avail + 2))
+                    .expect("avail ring was validated");
+            }
+        }
         if op.runs_device() {
-            device_writes(mem, rings.as_deref(), || {
-                apply(&mut t, mem, rings.as_deref(), op)
-            });
+            device_writes(mem, rings.as_deref(), || apply(&mut t, mem, op));
         } else {
-            apply(&mut t, mem, rings.as_deref(), op);
+            apply(&mut t, mem, op);
         }
         check_transport(&mut t);
         if t.is_active() && !was_active {
@@ -273,12 +279,7 @@ fn run<D: Device>(mut t: MmioTransport<D>, mem: &GuestMemoryMmap, ops: &[Op]) {
     }
 }
 
-fn apply<D: Device>(
-    t: &mut MmioTransport<D>,
-    mem: &GuestMemoryMmap,
-    rings: Option<&[QueueState]>,
-    op: Op,
-) {
+fn apply<D: Device>(t: &mut MmioTransport<D>, mem: &GuestMemoryMmap, op: Op) {
     match op {
         Op::Write {
             offset,
@@ -297,14 +298,8 @@ fn apply<D: Device>(
             let mut buf = [0u8; 8];
             t.read(u64::from(offset), &mut buf[..width]);
         }
-        Op::Publish { queue, n } => {
-            if let Some(q) = rings.and_then(|r| r.get(usize::from(queue))) {
-                let idx = read_u16(mem, q.avail + 2).expect("avail ring was validated");
-                mem.write_obj(idx.wrapping_add(n), GuestAddress(q.avail + 2))
-                    .expect("avail ring was validated");
-            }
-            t.write(reg::QUEUE_NOTIFY, &u32::from(queue).to_le_bytes());
-        }
+        // The available idx was advanced by `run`.
+        Op::Publish { queue, .. } => t.write(reg::QUEUE_NOTIFY, &u32::from(queue).to_le_bytes()),
         Op::EventFd(v) => t.notify_queue(v),
         Op::Poke { addr, value } => mem
             .write_obj(value, GuestAddress(u64::from(addr)))
