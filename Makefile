@@ -46,7 +46,7 @@ else
 GUEST_KERNEL_ARGS := $(if $(KERNEL_VERSION),--kernel-version $(KERNEL_VERSION))
 endif
 
-.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix regression test unit-test e2e-test bench fuzz flake fmt clippy clean check-config config-fragment kunit
+.PHONY: all deps kernel-deps build guest images kernel kernel-tree run boot matrix regression test unit-test e2e-test bench fuzz fuzz-build fuzz-stats fuzz-seeds flake fmt clippy clean check-config config-fragment kunit
 
 all: build
 
@@ -208,16 +208,27 @@ kunit:
 bench: images
 	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) run --release -p zc-vmm --bin zc-bench
 
-## fuzz: run each cargo-fuzz target of devices/ (devices/fuzz) for FUZZ_SECONDS seconds;
-## not part of `test`. Stable Rust needs RUSTC_BOOTSTRAP=1 for cargo-fuzz's -Z flags.
-FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := blk_queue net_queue
-fuzz:
+## fuzz: run each cargo-fuzz target of fuzz/ for FUZZ_SECONDS seconds (or FUZZ_RUNS
+## inputs when set), one at a time, each input limited to 5 s; prints the table of
+## executions, coverage, crashes and timeouts (docs/fuzzing.md) and fails on any
+## crash or timeout. fuzz-stats: the deep-path counters over seeds + corpus;
+## fuzz-seeds: minimise the corpus into the committed seeds. Not part of `test`.
+## Stable Rust needs RUSTC_BOOTSTRAP=1 for cargo-fuzz's -Z flags.
+FUZZ_SECONDS ?= 600
+FUZZ_RUNS ?= 0
+FUZZ_TARGETS := blk_queue net_queue mmio_regs control dma_log images expect_toml net_peer
+fuzz-build:
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
-	cd devices && for t in $(FUZZ_TARGETS); do \
-	  mkdir -p fuzz/corpus/$$t && \
-	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
-	done
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O
+
+fuzz: fuzz-build
+	scripts/fuzz.sh run $(FUZZ_SECONDS) $(FUZZ_RUNS) $(FUZZ_TARGETS)
+
+fuzz-stats: fuzz-build
+	scripts/fuzz.sh stats $(FUZZ_TARGETS)
+
+fuzz-seeds: fuzz-build
+	scripts/fuzz.sh seeds $(FUZZ_TARGETS)
 
 ## flake: boot the method suite FLAKE_RUNS times in a row and classify every run that
 ## did not pass (guest, harness, emulated host), with the emulated host's retries

@@ -401,6 +401,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn queue_used_ring(&self, index: usize) -> Option<GuestAddress> {
         self.queues.get(index).map(|q| GuestAddress(q.used))
     }
+
+    /// The registers of queue `index` as the driver last wrote them (what the device
+    /// got at activation, while [`is_active`](Self::is_active)); for drivers written in
+    /// tests and fuzz targets, which check the device against the rings it was given.
+    pub fn queue_config(&self, index: usize) -> Option<&QueueConfig> {
+        self.queues.get(index)
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,11 @@
 //! - the device writes guest memory only inside the device-writable buffers offered
 //!   and the used ring (`common::device_writes`);
 //! - the disk file keeps its size, and a read-only disk its contents.
+//!
+//! Counters (`ZC_FUZZ_STATS=1`, see `common::stats`): used entries, indirect chains
+//! completed, DISCARD / WRITE_ZEROES requests and those that deallocated bytes, IN
+//! requests served from a read-only disk, requests answered with the DMA log on,
+//! completions with EVENT_IDX on and off, layouts refused at DRIVER_OK.
 
 #![no_main]
 
@@ -27,15 +32,17 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
+use common::stats::count;
 use common::{
-    device_writes, guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input,
-    NullLine, Op, QueueParams, QueueState, MAX_OPS,
+    device_writes, guest_memory, handshake, is_indirect, notify_and_check, read_u16, reg,
+    write_reg, Input, NullLine, Op, QueueParams, QueueState, UsedWatch, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_devices::dma_log::DmaLog;
 use zc_devices::virtio::blk::{Block, BlockOptions, SECTOR_SIZE};
 use zc_devices::virtio::mmio::MmioTransport;
+use zc_devices::virtio::VIRTIO_RING_F_EVENT_IDX;
 
 /// The largest disk: 32 sectors and a partial one.
 const MAX_DISK: usize = 33 * SECTOR_SIZE as usize;
@@ -101,6 +108,9 @@ fn run(data: &[u8]) {
     let mut t = MmioTransport::new(dev, mem.clone(), Arc::new(NullLine));
 
     let mut q = handshake(&mut t, &mem, feature_mask, &[qp]).map(|v| v[0]);
+    let mut watch = q.map(|s| UsedWatch::start(&mem, &s)).unwrap_or_default();
+    let mut used = 0;
+    let mut activations = u64::from(q.is_some());
     for op in &ops[..n_ops] {
         match *op {
             Op::Notify(i) => notify_round(&mut t, &mem, q.as_mut(), i),
@@ -121,9 +131,59 @@ fn run(data: &[u8]) {
                 let mut cfg = [0u8; 8];
                 t.read(0x100, &mut cfg);
             }
-            Op::Reinit => q = handshake(&mut t, &mem, feature_mask, &[qp]).map(|v| v[0]),
+            Op::Reinit => {
+                q = handshake(&mut t, &mem, feature_mask, &[qp]).map(|v| v[0]);
+                watch = q.map(|s| UsedWatch::start(&mem, &s)).unwrap_or_default();
+                activations += u64::from(q.is_some());
+            }
+        }
+        if let Some(s) = q.as_ref() {
+            let added = watch.advance(&mem, s);
+            used += added.len() as u64;
+            let indirect = added.iter().filter(|(h, _)| is_indirect(&mem, s, *h));
+            count("indirect_chains_completed", indirect.count() as u64);
         }
     }
+    let s = t.device().stats();
+    let event_idx = t.acked_features() & VIRTIO_RING_F_EVENT_IDX != 0;
+    count("inputs", 1);
+    count("activations", activations);
+    count(
+        "refused_at_driver_ok",
+        u64::from(activations == 0 && t.interrupt().needs_reset()),
+    );
+    count("used_entries", used);
+    count(
+        if event_idx {
+            "used_entries_event_idx_on"
+        } else {
+            "used_entries_event_idx_off"
+        },
+        used,
+    );
+    count("discard_requests", s.discard_requests);
+    count("write_zeroes_requests", s.write_zeroes_requests);
+    count(
+        "inputs_deallocating_bytes",
+        u64::from(s.bytes_deallocated > 0),
+    );
+    count("flushes", s.flushes);
+    count(
+        "read_only_in_bytes",
+        if read_only { s.bytes_read } else { 0 },
+    );
+    count(
+        "read_only_invalid_requests",
+        if read_only { s.invalid_requests } else { 0 },
+    );
+    count(
+        "ok_with_dma_log",
+        if disk_flags & 0x20 != 0 {
+            s.status_ok
+        } else {
+            0
+        },
+    );
 
     let len = file.metadata().expect("fstat memfd").len();
     assert_eq!(len, disk_len as u64, "the disk file changed size");

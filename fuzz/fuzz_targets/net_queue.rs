@@ -21,6 +21,11 @@
 //! - once the device is in DEVICE_NEEDS_RESET, `process_queue` changes no guest memory;
 //! - the device writes guest memory only inside the device-writable buffers offered
 //!   and the used rings (`common::device_writes`).
+//!
+//! Counters (`ZC_FUZZ_STATS=1`, see `common::stats`): used entries on RX and TX,
+//! indirect chains completed on each, frames delivered, frames delivered over more
+//! than one buffer with MRG_RXBUF (read from `num_buffers` in the guest's header),
+//! completions with EVENT_IDX on and off.
 
 #![no_main]
 
@@ -30,16 +35,20 @@ use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::stats::count;
 use common::{
-    device_writes, guest_memory, handshake, notify_and_check, read_u16, reg, write_reg, Input,
-    NullLine, Op, QueueParams, QueueState, MAX_OPS,
+    descriptor, device_writes, guest_memory, handshake, is_indirect, notify_and_check, read_u16,
+    reg, write_reg, Input, NullLine, Op, QueueParams, QueueState, UsedWatch, MAX_OPS,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_devices::dma_log::DmaLog;
 use zc_devices::pcap::PcapWriter;
 use zc_devices::virtio::mmio::MmioTransport;
-use zc_devices::virtio::net::{Net, NetBackend, NetOptions, TX_QUEUE};
+use zc_devices::virtio::net::{Net, NetBackend, NetOptions, RX_QUEUE, TX_QUEUE};
+use zc_devices::virtio::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 
 /// Discards transmitted frames, or hands each straight back to the guest.
 struct Backend {
@@ -80,6 +89,8 @@ struct Harness {
     max_pending: usize,
     /// Pending frames thrown away by resets.
     cleared: u64,
+    /// RX and TX used rings as last read.
+    watch: [UsedWatch; 2],
 }
 
 fn run(data: &[u8]) {
@@ -120,7 +131,9 @@ fn run(data: &[u8]) {
         echo,
         max_pending,
         cleared: 0,
+        watch: Default::default(),
     };
+    h.restart_watch();
     h.check_frames();
 
     for op in &ops[..n_ops] {
@@ -151,13 +164,82 @@ fn run(data: &[u8]) {
             Op::Reinit => {
                 h.cleared += h.t.device().pending_frames() as u64;
                 h.queues = handshake(&mut h.t, &h.mem, feature_mask, &qps);
+                h.restart_watch();
             }
         }
         h.check_frames();
+        h.count_used();
     }
+    let s = h.t.device().stats();
+    count("inputs", 1);
+    count("rx_frames", s.rx_frames);
+    count("tx_frames", s.tx_frames);
+    count("csum_completed", s.csum_completed);
 }
 
 impl Harness {
+    fn restart_watch(&mut self) {
+        if let Some(q) = self.queues.as_ref() {
+            self.watch = [
+                UsedWatch::start(&self.mem, &q[0]),
+                UsedWatch::start(&self.mem, &q[1]),
+            ];
+            count("activations", 1);
+        }
+    }
+
+    /// Reads what the device added to the used rings since the last call, for the
+    /// counters.
+    fn count_used(&mut self) {
+        let Some(q) = self.queues.as_ref() else {
+            return;
+        };
+        let features = self.t.acked_features();
+        let (rx, tx) = (&q[usize::from(RX_QUEUE)], &q[usize::from(TX_QUEUE)]);
+        let rx_used = self.watch[usize::from(RX_QUEUE)].advance(&self.mem, rx);
+        let tx_used = self.watch[usize::from(TX_QUEUE)].advance(&self.mem, tx);
+        let n = (rx_used.len() + tx_used.len()) as u64;
+        count("used_entries", n);
+        if features & VIRTIO_RING_F_EVENT_IDX != 0 {
+            count("used_entries_event_idx_on", n);
+        } else {
+            count("used_entries_event_idx_off", n);
+        }
+        let indirect = |q: &QueueState, used: &[(u32, u32)]| {
+            used.iter()
+                .filter(|(h, _)| is_indirect(&self.mem, q, *h))
+                .count() as u64
+        };
+        count("rx_indirect_chains_completed", indirect(rx, &rx_used));
+        count("tx_indirect_chains_completed", indirect(tx, &tx_used));
+        if features & VIRTIO_NET_F_MRG_RXBUF == 0 {
+            return;
+        }
+        // Each frame's first buffer starts with the virtio-net header, whose
+        // `num_buffers` (offset 10) says how many used entries the frame took.
+        let mut i = 0;
+        while let Some(&(head, len)) = rx_used.get(i) {
+            let first = descriptor(&self.mem, rx, head).and_then(|(addr, _, flags)| {
+                if u32::from(flags) & virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT != 0
+                    && features & VIRTIO_RING_F_INDIRECT_DESC != 0
+                {
+                    self.mem.read_obj::<u64>(GuestAddress(addr)).ok()
+                } else {
+                    Some(addr)
+                }
+            });
+            let buffers = first
+                .filter(|_| len >= 12)
+                .and_then(|a| read_u16(&self.mem, a + 10))
+                .unwrap_or(1)
+                .max(1);
+            if buffers > 1 {
+                count("mrg_rxbuf_frames_over_several_buffers", 1);
+            }
+            i += usize::from(buffers);
+        }
+    }
+
     fn check_frames(&self) {
         let dev = self.t.device();
         let s = dev.stats();

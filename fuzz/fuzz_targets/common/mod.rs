@@ -1,5 +1,6 @@
-//! Shared by the fuzz targets: input decoding, a 64 KiB guest memory, the driver's
-//! virtio-mmio handshake, ring helpers and the write check.
+//! Shared by the device fuzz targets: input decoding, a 64 KiB guest memory, the
+//! driver's virtio-mmio handshake, ring helpers, the write check and the counters
+//! that show which deep paths a run reached (`stats`).
 //!
 //! Both targets drive their device through the real [`MmioTransport`] register file,
 //! so a queue only reaches the device after the transport's own checks (the ring
@@ -11,6 +12,8 @@
 //! is not active).
 
 #![allow(dead_code)]
+
+pub mod stats;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zc_devices::virtio::mmio::MmioTransport;
@@ -56,6 +59,11 @@ impl<'a> Input<'a> {
         u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
     }
 
+    /// Whether everything was consumed.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
     /// Everything not consumed yet.
     pub fn rest(self) -> &'a [u8] {
         self.data
@@ -73,25 +81,122 @@ impl InterruptLine for NullLine {
 
 /// 64 KiB of guest RAM at GPA 0 holding `image` (zero beyond it).
 pub fn guest_memory(image: &[u8]) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-        .expect("64 KiB of anonymous memory");
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0))
+    guest_memory_of(MEM_SIZE, image)
+}
+
+/// `size` bytes of guest RAM at GPA 0 holding `image` (zero beyond it).
+///
+/// One mapping per size for the whole run, rewritten for each input: a fresh mapping
+/// per input cost its page faults every time. Inputs run one at a time, and nothing
+/// of the previous input (transport, device, queues) outlives it.
+pub fn guest_memory_of(size: usize, image: &[u8]) -> GuestMemoryMmap {
+    static MAPPINGS: std::sync::Mutex<Vec<(usize, GuestMemoryMmap)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut mappings = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+    let mem = match mappings.iter().find(|(s, _)| *s == size) {
+        Some((_, mem)) => mem.clone(),
+        None => {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+                .expect("anonymous memory for the guest");
+            mappings.push((size, mem.clone()));
+            mem
+        }
+    };
+    let mut bytes = vec![0u8; size];
+    let n = image.len().min(size);
+    bytes[..n].copy_from_slice(&image[..n]);
+    mem.write_slice(&bytes, GuestAddress(0))
         .expect("image fits guest memory");
     mem
 }
 
 /// A copy of all of guest memory.
 pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
-    let mut v = vec![0u8; MEM_SIZE];
+    use vm_memory::GuestMemoryBackend;
+    let len = usize::try_from(mem.last_addr().0 + 1).expect("small guest memory");
+    let mut v = vec![0u8; len];
     mem.read_slice(&mut v, GuestAddress(0))
-        .expect("guest memory is MEM_SIZE bytes");
+        .expect("guest memory is one region at 0");
     v
 }
 
 /// The little-endian u16 at `addr`, if it is in guest memory.
 pub fn read_u16(mem: &GuestMemoryMmap, addr: u64) -> Option<u16> {
     mem.read_obj::<u16>(GuestAddress(addr)).ok()
+}
+
+/// The used-ring entries a device added since the harness last looked, read for the
+/// counters (which chains completed, how a frame was spread over buffers).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UsedWatch {
+    seen: u16,
+}
+
+impl UsedWatch {
+    /// Starts from the used `idx` queue `q` has now.
+    pub fn start(mem: &GuestMemoryMmap, q: &QueueState) -> Self {
+        UsedWatch {
+            seen: read_u16(mem, q.used + 2).unwrap_or(0),
+        }
+    }
+
+    /// The entries (head id, length) added to queue `q`'s used ring since the last
+    /// call, oldest first. Reads, never writes.
+    pub fn advance(&mut self, mem: &GuestMemoryMmap, q: &QueueState) -> Vec<(u32, u32)> {
+        let Some(now) = read_u16(mem, q.used + 2) else {
+            return Vec::new();
+        };
+        let added = now.wrapping_sub(self.seen);
+        let start = self.seen;
+        self.seen = now;
+        if q.size == 0 || added > q.size {
+            // The driver rewrote the used ring's idx: start over from here.
+            return Vec::new();
+        }
+        (0..added)
+            .filter_map(|k| {
+                let slot = u64::from(start.wrapping_add(k) % q.size);
+                let at = q.used + 4 + 8 * slot;
+                Some((
+                    mem.read_obj::<u32>(GuestAddress(at)).ok()?,
+                    mem.read_obj::<u32>(GuestAddress(at + 4)).ok()?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Descriptor `head` of queue `q` as the driver left it: (addr, len, flags).
+pub fn descriptor(mem: &GuestMemoryMmap, q: &QueueState, head: u32) -> Option<(u64, u32, u16)> {
+    if head >= u32::from(q.size) {
+        return None;
+    }
+    let at = q.desc + 16 * u64::from(head);
+    Some((
+        mem.read_obj::<u64>(GuestAddress(at)).ok()?,
+        mem.read_obj::<u32>(GuestAddress(at + 8)).ok()?,
+        read_u16(mem, at + 12)?,
+    ))
+}
+
+/// Whether the chain at `head` starts with an indirect descriptor.
+pub fn is_indirect(mem: &GuestMemoryMmap, q: &QueueState, head: u32) -> bool {
+    descriptor(mem, q, head).is_some_and(|(_, _, flags)| {
+        u32::from(flags) & virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT != 0
+    })
+}
+
+impl From<&zc_devices::virtio::rings::QueueConfig> for QueueState {
+    /// A queue the transport accepted (its size is valid).
+    fn from(c: &zc_devices::virtio::rings::QueueConfig) -> Self {
+        QueueState {
+            size: u16::try_from(c.size).expect("an accepted queue's size fits u16"),
+            desc: c.desc,
+            avail: c.avail,
+            used: c.used,
+            shadow_used: 0,
+        }
+    }
 }
 
 /// What the driver writes into one queue's registers.
