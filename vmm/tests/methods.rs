@@ -116,7 +116,7 @@ fn every_method_matches_the_expected_table() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("suite.run.json")).unwrap())
             .unwrap();
-    let nics = summary["run"]["nics"].as_array().expect("the cards");
+    let nics = summary["nics"].as_array().expect("the cards");
     assert_eq!(nics.len(), 2, "{nics:?}");
     assert_eq!(
         (&nics[0]["sg"], &nics[1]["sg"]),
