@@ -276,14 +276,20 @@ impl DmaLog {
         });
     }
 
-    /// Records a completed request (one per chain).
-    pub fn request(&self, device: DeviceKind, queue: u16, head: u16, req: RequestDetail) {
-        let chain = Chain {
+    /// The chain `head` of `queue` on this handle's card: the card its records are
+    /// written with (see [`DmaLog::push`]), so a request's chain matches its descs'.
+    fn chain(&self, device: DeviceKind, queue: u16, head: u16) -> Chain {
+        Chain {
             device,
-            card: 0,
+            card: self.card,
             queue,
             head,
-        };
+        }
+    }
+
+    /// Records a completed request (one per chain).
+    pub fn request(&self, device: DeviceKind, queue: u16, head: u16, req: RequestDetail) {
+        let chain = self.chain(device, queue, head);
         self.push(0, |_| {
             writer::Body::Request(chain, writer::Detail::Ready(req))
         });
@@ -308,12 +314,7 @@ impl DmaLog {
             self.request(device, queue, head, detail(bytes, arg));
             return;
         }
-        let chain = Chain {
-            device,
-            card: 0,
-            queue,
-            head,
-        };
+        let chain = self.chain(device, queue, head);
         self.push(bytes.len(), |batch| {
             let bytes = batch.copy(bytes);
             writer::Body::Request(
@@ -355,12 +356,7 @@ impl DmaLog {
             self.request(device, queue, head, detail(bytes, arg));
             return;
         }
-        let chain = Chain {
-            device,
-            card: self.card,
-            queue,
-            head,
-        };
+        let chain = self.chain(device, queue, head);
         self.push(bytes.len(), |batch| {
             let read = batch
                 .trailing_copies_of(chain)
