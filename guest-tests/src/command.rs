@@ -82,9 +82,9 @@ impl HostCommand {
     }
 
     /// Forks; the child chroots into `root`, changes to `cwd` and execs; the parent
-    /// waits for it. Stdin and stdout are inherited (the console); stderr too, unless
-    /// `stderr` names a file (opened before the chroot) to send it to.
-    pub fn run_in(&self, root: &CString, stderr: Option<&CString>) -> Result<CommandStatus> {
+    /// waits for it. Stdin is inherited (the console); so are stdout and stderr,
+    /// unless `outputs` names a file (opened before the chroot) for them.
+    pub fn run_in(&self, root: &CString, outputs: &Outputs) -> Result<CommandStatus> {
         let argv = null_terminated(&self.argv);
         let env = null_terminated(&self.env);
         let _ = io::stdout().flush();
@@ -96,10 +96,19 @@ impl HostCommand {
             return Err(Error::new(format!("fork: {}", io::Error::last_os_error())));
         }
         if pid == 0 {
-            exec_child(root, &self.cwd, &argv, &env, stderr);
+            exec_child(root, &self.cwd, &argv, &env, outputs);
         }
         wait_for(pid)
     }
+}
+
+/// Where a command's stdout and stderr go: a file each, or `None` for the console.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    /// The file for fd 1.
+    pub stdout: Option<CString>,
+    /// The file for fd 2.
+    pub stderr: Option<CString>,
 }
 
 /// A pointer array for execve: each string, then NULL. Borrows `items`.
@@ -121,7 +130,7 @@ fn exec_child(
     cwd: &CString,
     argv: &[*const c_char],
     env: &[*const c_char],
-    stderr: Option<&CString>,
+    outputs: &Outputs,
 ) -> ! {
     let fail = |what: String, code: i32| -> ! {
         eprintln!("zc-guest(host): {what}: {}", io::Error::last_os_error());
@@ -129,7 +138,11 @@ fn exec_child(
         // handlers or flushing its copied buffers twice.
         unsafe { libc::_exit(code) }
     };
-    if let Some(path) = stderr {
+    for (path, target_fd, name) in [
+        (&outputs.stdout, 1, "stdout"),
+        (&outputs.stderr, 2, "stderr"),
+    ] {
+        let Some(path) = path else { continue };
         // SAFETY: path is NUL-terminated; the returned descriptor is checked.
         let fd = unsafe {
             libc::open(
@@ -138,10 +151,10 @@ fn exec_child(
                 0o644,
             )
         };
-        // SAFETY: dup2 onto fd 2 with a descriptor we own; dup2 clears CLOEXEC on
-        // the copy, so only fd 2 survives the exec.
-        if fd < 0 || unsafe { libc::dup2(fd, 2) } < 0 {
-            fail(format!("redirecting stderr to {path:?}"), EXIT_SETUP_FAILED);
+        // SAFETY: dup2 onto fd 1 or 2 with a descriptor we own; dup2 clears CLOEXEC
+        // on the copy, so only the target survives the exec.
+        if fd < 0 || unsafe { libc::dup2(fd, target_fd) } < 0 {
+            fail(format!("redirecting {name} to {path:?}"), EXIT_SETUP_FAILED);
         }
     }
     // SAFETY: root is a NUL-terminated path.

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::boot::Boot;
-use crate::command::{CommandStatus, HostCommand};
+use crate::command::{CommandStatus, HostCommand, Outputs};
 use crate::error::{Context, Error, Result};
 use crate::mounts::{self, Mount};
 use crate::{modules, power, sys};
@@ -92,11 +92,19 @@ fn run_steps(boot: &Boot, share: &str, share_mounted: &mut bool) -> Result<()> {
 
     let started = Instant::now();
     let root = CString::new(HOST_ROOT).map_err(|_| Error::new("host root path"))?;
-    // The command's stderr goes to a file the runner outside streams to its own
-    // stderr, so the two streams stay apart; stdout stays on the console.
-    let stderr_path = CString::new(format!("{cmd_dir}/stderr"))
-        .map_err(|_| Error::new("stderr path contains a NUL byte"))?;
-    let status = command.run_in(&root, Some(&stderr_path))?;
+    // The command's stdout and stderr go to files the runner outside streams to its
+    // own, so the two streams stay apart, and so the console carries only this
+    // host's kernel and zc-guest: a line there saying "Kernel panic" is the host's,
+    // never the guest's console passed through by the command.
+    let output_path = |name: &str| {
+        CString::new(format!("{cmd_dir}/{name}"))
+            .map_err(|_| Error::new("the command directory's path contains a NUL byte"))
+    };
+    let outputs = Outputs {
+        stdout: Some(output_path("stdout")?),
+        stderr: Some(output_path("stderr")?),
+    };
+    let status = command.run_in(&root, &outputs)?;
     let took = started.elapsed().as_secs_f64();
     let code = status.code();
     if let CommandStatus::Signaled(_) = status {

@@ -323,11 +323,16 @@ pub fn run(
     let started = Instant::now();
     let give_up = started + timeout;
     let mut stderr = FileFollower::new(cmd_dir.join("stderr"));
+    let mut stdout = FileFollower::new(cmd_dir.join("stdout"));
     let console_path = host_console(exchange);
     let mut console = FileFollower::new(console_path.clone());
     let mut host_watch = HostWatch::default();
     let result = loop {
         stderr.copy_new_bytes(&mut std::io::stderr());
+        stdout.copy_new_bytes(&mut std::io::stdout());
+        // Only the host's own console is watched: the command's output (the guest's
+        // console among it) comes through its own file, so a guest's panic is the
+        // command's failure, not the host's.
         let fresh = console.copy_new_bytes(&mut std::io::stdout());
         if let Some(failure) = host_watch.feed(&fresh) {
             let _ = child.kill();
@@ -337,6 +342,7 @@ pub fn run(
         match child.try_wait() {
             Ok(Some(status)) => {
                 stderr.copy_new_bytes(&mut std::io::stderr());
+                stdout.copy_new_bytes(&mut std::io::stdout());
                 // A host that panicked may have powered off before we read its last
                 // lines: they still say the bench failed, not the command.
                 let last = console.copy_new_bytes(&mut std::io::stdout());
