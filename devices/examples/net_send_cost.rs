@@ -69,7 +69,9 @@ const BUF_LEN: u32 = 2048;
 /// The guest's and the peer's IP MTU: full-MSS frames are 1514 bytes.
 const MTU: usize = 1500;
 const GUEST_PORT: u16 = 40_000;
+#[allow(clippy::cast_possible_truncation, reason = "the flag is 1")]
 const DESC_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+#[allow(clippy::cast_possible_truncation, reason = "the flag is 2")]
 const DESC_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 #[allow(clippy::cast_possible_truncation, reason = "the flag is 1")]
 const NEEDS_CSUM: u8 = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
@@ -458,7 +460,7 @@ pub fn send(sg: bool, len: usize, log: DmaLog, kick_every: usize) -> Result<Send
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(
         DEFAULT_GUEST_MAC,
     )));
-    config.random_seed = 0x6775_6573_74;
+    config.random_seed = 0x0067_7565_7374;
     let mut clock = smoltcp::time::Instant::from_micros(0);
     let mut iface = Interface::new(config, &mut driver, clock);
     iface.update_ip_addrs(|a| {
