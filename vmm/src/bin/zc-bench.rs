@@ -433,12 +433,40 @@ fn bench_devices(cli: &Cli, images: &Path) -> Result<(Vec<Row>, Vec<Row>)> {
     const VS_QEMU: [&str; 2] = ["zc_vmm", "qemu"];
     const LOG: [&str; 2] = ["log_on", "log_off"];
     let beside_qemu = vec![
-        Row::new(DISK, "Mb/s", VS_QEMU, disk_of(&off), disk_of(&theirs), Some(Target::AtLeast(1.0))),
-        Row::new(SEND, "Mb/s", VS_QEMU, send_of(&off), send_of(&theirs), Some(Target::AtLeast(1.0))),
+        Row::new(
+            DISK,
+            "Mb/s",
+            VS_QEMU,
+            disk_of(&off),
+            disk_of(&theirs),
+            Some(Target::AtLeast(1.0)),
+        ),
+        Row::new(
+            SEND,
+            "Mb/s",
+            VS_QEMU,
+            send_of(&off),
+            send_of(&theirs),
+            Some(Target::AtLeast(1.0)),
+        ),
     ];
     let log_cost = vec![
-        Row::new(DISK, "Mb/s", LOG, disk_of(&on), disk_of(&off), Some(Target::AtLeast(0.95))),
-        Row::new(SEND, "Mb/s", LOG, send_of(&on), send_of(&off), Some(Target::AtLeast(0.95))),
+        Row::new(
+            DISK,
+            "Mb/s",
+            LOG,
+            disk_of(&on),
+            disk_of(&off),
+            Some(Target::AtLeast(0.95)),
+        ),
+        Row::new(
+            SEND,
+            "Mb/s",
+            LOG,
+            send_of(&on),
+            send_of(&off),
+            Some(Target::AtLeast(0.95)),
+        ),
     ];
     Ok((beside_qemu, log_cost))
 }
@@ -495,7 +523,10 @@ fn qemu_device_run(
         if let Some(failure) = &received.failure {
             bail!("under QEMU the peer's check of {what} failed: {failure}");
         }
-        ensure!(received.ok(), "under QEMU the peer's check of {what} failed");
+        ensure!(
+            received.ok(),
+            "under QEMU the peer's check of {what} failed"
+        );
     }
     DeviceSample::from_reports(&run.reports())
 }
@@ -550,7 +581,13 @@ struct PeerTap {
 impl PeerTap {
     fn create(name: &str) -> Result<PeerTap> {
         let tap = HostTap::create(name)?;
-        ip(&["addr", "add", &format!("{PEER_IP}/{GUEST_PREFIX}"), "dev", name])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{PEER_IP}/{GUEST_PREFIX}"),
+            "dev",
+            name,
+        ])?;
         ip(&["link", "set", name, "up"])?;
         let peer = SocketPeer::listen(DEFAULT_PEER, Vec::new())
             .with_context(|| format!("cannot listen on {DEFAULT_PEER} for QEMU's guest"))?;
@@ -828,7 +865,10 @@ impl QemuBoot {
                 &format!("tap,id=net0,ifname={tap},script=no,downscript=no,vhost=off"),
             ]);
             let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
-            push(&["-device", &format!("virtio-net-device,netdev=net0,mac={mac}")]);
+            push(&[
+                "-device",
+                &format!("virtio-net-device,netdev=net0,mac={mac}"),
+            ]);
         }
         args
     }
@@ -863,9 +903,7 @@ impl QemuBoot {
         let wall = started.elapsed().as_secs_f64();
         let text = std::fs::read_to_string(&self.control).unwrap_or_default();
         let messages: Vec<ControlMessage> = text.lines().map(ControlMessage::parse).collect();
-        let exited_0 = messages
-            .iter()
-            .any(|m| *m == ControlMessage::Exit { code: 0 });
+        let exited_0 = messages.contains(&ControlMessage::Exit { code: 0 });
         if !status.success() || !exited_0 {
             let stderr = std::fs::read_to_string(&stderr_file).unwrap_or_default();
             bail!("qemu microvm boot failed ({status}); its stderr: {stderr:?}; its control channel said: {text:?}");
@@ -968,8 +1006,7 @@ mod tests {
     }
 
     #[test]
-    fn the_boot_benchmarks_qemu_boots_the_same_kernel_initrd_and_command_line_without_devices(
-    ) {
+    fn the_boot_benchmarks_qemu_boots_the_same_kernel_initrd_and_command_line_without_devices() {
         let spec = boot_spec(Path::new("/k"), Path::new("/i"), Path::new("/s"));
         let boot = QemuBoot::of_spec(&spec, Path::new("/s"), Some("tap0")).unwrap();
         assert_eq!(boot.tap, None, "no card in the spec, no card in QEMU");
@@ -1003,8 +1040,13 @@ mod tests {
         let boot = QemuBoot::of_spec(&spec, Path::new("/s"), Some("zcbench0")).unwrap();
         let args = strings(&boot.args());
         // The guest's steps are on the command line: the same one zc-vmm gives it.
-        assert_eq!(value_of(&args, "-append", ""), Some(spec.full_cmdline().as_str()));
-        assert!(spec.full_cmdline().contains(&bench_guest_options().to_cmdline()));
+        assert_eq!(
+            value_of(&args, "-append", ""),
+            Some(spec.full_cmdline().as_str())
+        );
+        assert!(spec
+            .full_cmdline()
+            .contains(&bench_guest_options().to_cmdline()));
         assert_eq!(value_of(&args, "-kernel", ""), Some("/i/guest/vmlinuz"));
         assert_eq!(value_of(&args, "-initrd", ""), Some("/i/guest/initrd.img"));
         // No extra virtio_mmio.device= words from QEMU: the devices are in ACPI.
@@ -1045,18 +1087,9 @@ mod tests {
 
     #[test]
     fn every_side_goes_first_in_turn() {
-        assert_eq!(
-            Side::order(0),
-            [Side::ZcLogOff, Side::ZcLogOn, Side::Qemu]
-        );
-        assert_eq!(
-            Side::order(1),
-            [Side::ZcLogOn, Side::Qemu, Side::ZcLogOff]
-        );
-        assert_eq!(
-            Side::order(2),
-            [Side::Qemu, Side::ZcLogOff, Side::ZcLogOn]
-        );
+        assert_eq!(Side::order(0), [Side::ZcLogOff, Side::ZcLogOn, Side::Qemu]);
+        assert_eq!(Side::order(1), [Side::ZcLogOn, Side::Qemu, Side::ZcLogOff]);
+        assert_eq!(Side::order(2), [Side::Qemu, Side::ZcLogOff, Side::ZcLogOn]);
         assert_eq!(Side::order(3), Side::order(0));
     }
 
@@ -1104,7 +1137,10 @@ mod tests {
         assert_eq!(json["zc_vmm"]["samples"], serde_json::json!([1.0]));
         assert_eq!(json["qemu"]["median"], 4.0);
         assert_eq!(json["ratio"]["median"], 0.25);
-        assert_eq!(json["target"], serde_json::json!({"op": "<=", "value": 0.5}));
+        assert_eq!(
+            json["target"],
+            serde_json::json!({"op": "<=", "value": 0.5})
+        );
     }
 
     #[test]
