@@ -204,9 +204,13 @@ kunit:
 	  mkdir -p $(KUNIT_DIR) && tar -xJf $$tarball -C $(KUNIT_DIR) --strip-components=1 --wildcards \
 	    '$(KUNIT_SOURCE)/Documentation/dev-tools/ktap.rst' '$(KUNIT_SOURCE)/tools/testing/kunit/*'; }
 
-## bench: boot time of zc-vmm beside QEMU microvm, same kernel and initramfs.
+## bench: zc-vmm beside QEMU microvm (same kernel, initramfs and command line): boot
+## time, disk read and TCP send as zc/QEMU ratios, and the DMA log's on/off ratios
+## (docs/bench.md; QEMU's card needs root for its tap). The figures as JSON: $(BENCH_OUT)/bench.json.
+BENCH_OUT ?= out/bench
 bench: images
-	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) run --release -p zc-vmm --bin zc-bench
+	mkdir -p $(BENCH_OUT)
+	ZC_IMAGES=$(CURDIR)/$(IMAGES_OUT) $(CARGO) run --release -p zc-vmm --bin zc-bench -- --json $(BENCH_OUT)/bench.json
 
 ## fuzz: run each cargo-fuzz target of fuzz/ for FUZZ_SECONDS seconds (or FUZZ_RUNS
 ## inputs when set), one at a time, each input limited to 5 s; prints the table of

@@ -76,6 +76,14 @@ impl SocketPeer {
         Ok(SocketPeer { local, shared })
     }
 
+    /// Queues one more expectation, for the next connection that has none: a
+    /// listener kept across several guests (one per boot, as `zc-bench` does with
+    /// QEMU) gets each boot's expectations before that boot, and reads the results
+    /// with [`finish`](Self::finish) after it.
+    pub fn expect(&self, expectation: Expectation) {
+        self.shared.lock().pending.push_back(expectation);
+    }
+
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddrV4 {
         self.local
@@ -219,6 +227,30 @@ mod tests {
             results[1].failure,
             Some(Failure::Mismatch { offset: 1_000_000 })
         );
+    }
+
+    #[test]
+    fn a_listener_kept_across_boots_checks_each_against_what_was_queued_for_it() {
+        let (file, bytes) = source(1 << 20);
+        let peer = loopback_peer(Vec::new());
+        for boot in 0..2 {
+            peer.expect(Expectation::of_file(format!("boot {boot}"), file.path()).unwrap());
+            let mut sent = bytes.clone();
+            if boot == 1 {
+                sent[4096] ^= 0x80;
+            }
+            assert_eq!(guest_send(peer.local_addr(), &sent), bytes.len() as u64);
+            let (results, missing) = peer.finish(Duration::from_secs(10));
+            assert!(missing.is_empty());
+            assert_eq!(results.len(), 1, "boot {boot} sees only its own connection");
+            let label = results[0].expected.as_ref().map(|e| e.label.clone());
+            assert_eq!(label, Some(format!("boot {boot}")));
+            let expected_failure = (boot == 1).then_some(Failure::Mismatch { offset: 4096 });
+            assert_eq!(results[0].failure, expected_failure);
+        }
+        // Nothing queued: the next boot's stray connection is checked against nothing.
+        let (results, missing) = peer.finish(Duration::from_secs(1));
+        assert!(results.is_empty() && missing.is_empty());
     }
 
     #[test]
