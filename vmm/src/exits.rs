@@ -135,7 +135,13 @@ pub struct ExitMap {
     /// (base, size, target) of each virtio-mmio window.
     mmio: Vec<(u64, u64, ExitTarget)>,
     /// The PCI bus, and the target of each device number on it.
-    pci: Option<(Arc<Mutex<PciBus>>, HashMap<u8, ExitTarget>)>,
+    pci: Option<PciTargets>,
+}
+
+/// The PCI bus, and the target of each device number on it.
+struct PciTargets {
+    bus: Arc<Mutex<PciBus>>,
+    devices: HashMap<u8, ExitTarget>,
 }
 
 impl ExitMap {
@@ -146,13 +152,16 @@ impl ExitMap {
 
     /// Looks PCI BAR accesses up on `bus`.
     pub fn set_pci_bus(&mut self, bus: Arc<Mutex<PciBus>>) {
-        self.pci = Some((bus, HashMap::new()));
+        self.pci = Some(PciTargets {
+            bus,
+            devices: HashMap::new(),
+        });
     }
 
     /// Names PCI device `number` as `target`'s (after [`Self::set_pci_bus`]).
     pub fn add_pci(&mut self, number: u8, target: ExitTarget) {
-        if let Some((_, devices)) = &mut self.pci {
-            devices.insert(number, target);
+        if let Some(pci) = &mut self.pci {
+            pci.devices.insert(number, target);
         }
     }
 
@@ -177,7 +186,7 @@ impl ExitMap {
             (offset < size).then_some((target, offset))
         });
         let located = in_window.map(|(t, o)| (t, o, Layout::Mmio)).or_else(|| {
-            let (bus, devices) = self.pci.as_ref()?;
+            let PciTargets { bus, devices } = self.pci.as_ref()?;
             let (number, bar, offset) = bus
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -362,6 +371,22 @@ pub struct ExitCounts {
     pub all: u64,
     /// By device ([`ExitTarget::name`]); a device with no exits is left out.
     pub targets: BTreeMap<String, AccessCounts>,
+}
+
+impl std::fmt::Display for ExitCounts {
+    /// `1234 (blk 10, console 1200, net0 24)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.all)?;
+        let mut sep = " (";
+        for (name, counts) in &self.targets {
+            write!(f, "{sep}{name} {}", counts.all())?;
+            sep = ", ";
+        }
+        if sep == ", " {
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
 }
 
 impl ExitCounts {
@@ -577,6 +602,8 @@ mod tests {
         let splice = report.span("splice@sg-on").unwrap();
         assert_eq!(splice.all, 4);
         assert_eq!(splice.targets["net0"].read, 4);
+        assert_eq!(sendfile.to_string(), "19 (blk 14, dirty_sample 2, net0 3)");
+        assert_eq!(ExitCounts::default().to_string(), "0");
         assert_eq!(report.span("never-ended"), None);
         assert_eq!(report.span("never-begun"), None);
     }
