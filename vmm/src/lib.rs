@@ -9,7 +9,7 @@
 //! (legacy port devices), [`mmio`] (the MMIO bus), [`pci`] (the PCI bus, MSI-X
 //! routes and notify ioeventfds of virtio-pci), [`virtio`] (virtio slots and
 //! attaching devices), [`vm`] (the VM builder and run loop), [`dirty`] (dirty-page
-//! samples), [`dma_view`] (reading DMA logs), [`host`] (which KVM to use),
+//! samples), [`exits`] (vCPU exits by device and span), [`dma_view`] (reading DMA logs), [`host`] (which KVM to use),
 //! [`emulated`] (running inside an emulated KVM host), [`emulated_run`] (a run
 //! spec run there) and [`progress`] (the live count of a method's bytes).
 
@@ -21,6 +21,7 @@ pub mod dma_trace;
 pub mod dma_view;
 pub mod emulated;
 pub mod emulated_run;
+pub mod exits;
 pub mod host;
 pub mod layout;
 pub mod mmio;

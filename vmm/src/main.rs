@@ -694,6 +694,9 @@ fn print_summary(report: &RunReport, kernel: &Path) {
                 .unwrap_or_default()
         );
     }
+    if let Some(exits) = &report.vcpu_exits {
+        eprintln!("zc-vmm: vCPU exits to the VMM: {}", exits.total);
+    }
     match report.failure() {
         None => eprintln!(
             "zc-vmm: guest exited 0 ({:?}); run took {}",

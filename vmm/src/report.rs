@@ -13,6 +13,7 @@ use zc_devices::virtio::blk::BlkStats;
 use zc_devices::virtio::net::NetStats;
 
 use crate::boot::KernelFormat;
+use crate::exits::VcpuExits;
 use crate::host::HostMode;
 
 /// How long a guest that reported its exit status gets to power off cleanly.
@@ -154,6 +155,10 @@ pub struct RunReport {
     /// its final flush): the run then fails, and no verdict may be drawn from the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dma_log_failure: Option<String>,
+    /// The vCPUs' exits to the VMM by device and kind, for the whole run and each
+    /// span the guest marked (absent in summaries from before they were counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_exits: Option<VcpuExits>,
 }
 
 /// A disk's counters at the end of the run.
@@ -186,6 +191,7 @@ impl RunReport {
             nics: Vec::new(),
             disks: Vec::new(),
             dma_log_failure: None,
+            vcpu_exits: None,
         }
     }
 
@@ -586,6 +592,7 @@ mod seconds_opt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exits::{AccessCounts, ExitCounts};
 
     fn report(stop: StopReason, guest_exit: Option<i32>) -> RunReport {
         RunReport {
@@ -748,6 +755,44 @@ mod tests {
                 },
             }],
             dma_log_failure: None,
+            vcpu_exits: Some(crate::exits::VcpuExits {
+                total: ExitCounts {
+                    all: 12,
+                    targets: [
+                        (
+                            "console".to_string(),
+                            AccessCounts {
+                                write: 4,
+                                ..AccessCounts::default()
+                            },
+                        ),
+                        (
+                            "net0".to_string(),
+                            AccessCounts {
+                                read: 1,
+                                write: 2,
+                                notify: 1,
+                                interrupt: 4,
+                            },
+                        ),
+                    ]
+                    .into(),
+                },
+                spans: vec![crate::exits::SpanExits {
+                    span: "send".into(),
+                    exits: ExitCounts {
+                        all: 4,
+                        targets: [(
+                            "net0".to_string(),
+                            AccessCounts {
+                                interrupt: 4,
+                                ..AccessCounts::default()
+                            },
+                        )]
+                        .into(),
+                    },
+                }],
+            }),
         };
         RunSummary::new(run, Path::new("/nowhere/vmlinuz"), HostMode::Emulated, true)
             .with_files([("dma-log", Path::new("/nowhere/dma.jsonl"))])
@@ -798,6 +843,19 @@ mod tests {
         let mut bad = serde_json::to_value(&summary).unwrap();
         bad["messages"][0]["message"] = "Hello { kernel_release: \"6.1\" }".into();
         assert!(!schema_errors(&bad).is_empty());
+        let mut bad = serde_json::to_value(&summary).unwrap();
+        bad["vcpu_exits"]["spans"][0]["exits"]["targets"]["net0"]["halts"] = 1.into();
+        assert!(!schema_errors(&bad).is_empty());
+        let mut bad = serde_json::to_value(&summary).unwrap();
+        bad["vcpu_exits"]["total"]["targets"]["gpu"] =
+            bad["vcpu_exits"]["total"]["targets"]["net0"].clone();
+        assert!(!schema_errors(&bad).is_empty());
+        // A summary from before exits were counted is still one.
+        let mut old = serde_json::to_value(&summary).unwrap();
+        old.as_object_mut().unwrap().remove("vcpu_exits");
+        assert_eq!(schema_errors(&old), Vec::<String>::new());
+        let old: RunSummary = serde_json::from_value(old).unwrap();
+        assert_eq!(old.run.vcpu_exits, None);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use zc_protocol::control::ControlMessage;
 use zc_protocol::options::{Options, Suite, SuiteCard, TestHook};
 use zc_protocol::report::{MethodReport, METHOD_TEST};
 use zc_protocol::Method;
+use zc_vmm::exits::VcpuExits;
 use zc_vmm::host::{self, HostMode};
 use zc_vmm::progress::MethodProgress;
 use zc_vmm::report::{KernelImage, RunSummary};
@@ -295,6 +296,7 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
         },
     );
     let status = write_reports(&args.out, &verdicts)?;
+    print_exits(&boot, &verdicts);
     eprintln!(
         "zc-vmm: {} method runs in {:.1} s; logs and reports in {} (verdicts.ktap, verdicts.json, report.html, junit.xml, kcidb.json)",
         verdicts.methods.len(),
@@ -620,6 +622,90 @@ fn say_verdict(v: &Verdicts, expected: &Path, status: i32) {
             }
         );
     }
+}
+
+/// Prints [`exits_table`] on stderr, below the verdict table, when the boot's
+/// `run.json` counted exits.
+fn print_exits(boot: &Boot, verdicts: &Verdicts) {
+    let Some(exits) = RunSummary::load(&boot.file("run.json"))
+        .ok()
+        .and_then(|s| s.run.vcpu_exits)
+    else {
+        return;
+    };
+    let sent = verdicts
+        .methods
+        .iter()
+        .map(|a| (a.method.as_str(), a.variant.as_str(), a.bytes));
+    eprint!("{}", exits_table(sent, &boot.variants, &exits));
+}
+
+/// The vCPUs' exits to the VMM per 4 KiB each method sent (the guest's byte
+/// count, one `(method, variant, bytes)` each), from the spans of `run.json`'s `vcpu_exits`: all of them; those that
+/// reached the disk, the method's own card, and the harness itself (its markers and
+/// reports on the control port, dirty-page samples, console lines); and over every
+/// device, the interrupt-status reads and acknowledges and the queue notifies.
+fn exits_table<'a>(
+    sent: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
+    variants: &[Variant],
+    exits: &VcpuExits,
+) -> String {
+    const HEADER: [&str; 8] = [
+        "method",
+        "variant",
+        "all",
+        "blk",
+        "card",
+        "harness",
+        "interrupt",
+        "notify",
+    ];
+    let mut rows = Vec::new();
+    for (method, variant, bytes) in sent {
+        let card = variants.iter().position(|x| x.name == variant);
+        let span = zc_protocol::marker::qualified_span(method, Some(variant));
+        let (Some(card), Some(counts), true) = (card, exits.span(&span), bytes > 0) else {
+            continue;
+        };
+        let per_4k = |n: u64| format!("{:.2}", n as f64 * 4096.0 / bytes as f64);
+        let target = |name: &str| counts.targets.get(name).map_or(0, |t| t.all());
+        rows.push([
+            method.to_string(),
+            variant.to_string(),
+            per_4k(counts.all),
+            per_4k(target("blk")),
+            per_4k(target(&format!("net{card}"))),
+            per_4k(target("control") + target("dirty_sample") + target("console")),
+            per_4k(counts.sum(|t| t.interrupt)),
+            per_4k(counts.sum(|t| t.notify)),
+        ]);
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut width = HEADER.map(str::len);
+    for row in &rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::from(
+        "vCPU exits to the VMM per 4 KiB sent (run.json vcpu_exits; harness: marks, reports, dirty samples, console):\n",
+    );
+    for row in std::iter::once(HEADER.map(String::from)).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(width)
+            .enumerate()
+            .map(|(i, (cell, w))| match i {
+                0 | 1 => format!("{cell:<w$}"),
+                _ => format!("{cell:>w$}"),
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Progress of the boots: a spinner with the variant, its current method, the bytes
@@ -1022,6 +1108,7 @@ pub fn audit(args: AuditArgs) -> Result<i32> {
         },
     );
     let status = write_reports(&args.dir, &verdicts)?;
+    print_exits(&boot, &verdicts);
     eprintln!(
         "zc-vmm: re-audited {} method runs in {:.1} s; reports in {}",
         verdicts.methods.len(),
@@ -1067,6 +1154,99 @@ mod tests {
             sg,
             methods: methods.iter().map(|m| m.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn exits_are_shown_per_4_kib_of_each_method_on_its_own_card() {
+        use zc_vmm::exits::{AccessCounts, ExitCounts, SpanExits};
+        let counts = |targets: &[(&str, AccessCounts)]| ExitCounts {
+            all: targets.iter().map(|(_, c)| c.all()).sum(),
+            targets: targets.iter().map(|(n, c)| (n.to_string(), *c)).collect(),
+        };
+        let interrupts = |n| AccessCounts {
+            interrupt: n,
+            ..AccessCounts::default()
+        };
+        let writes = |n| AccessCounts {
+            write: n,
+            ..AccessCounts::default()
+        };
+        let exits = VcpuExits {
+            total: ExitCounts::default(),
+            spans: vec![
+                SpanExits {
+                    span: "sendfile@sg-on".into(),
+                    exits: counts(&[
+                        ("blk", interrupts(256)),
+                        ("net0", interrupts(512)),
+                        ("control", writes(64)),
+                        ("dirty_sample", writes(64)),
+                    ]),
+                },
+                SpanExits {
+                    span: "sendfile@sg-off".into(),
+                    exits: counts(&[
+                        ("net0", writes(1000)),
+                        (
+                            "net1",
+                            AccessCounts {
+                                notify: 2048,
+                                interrupt: 1024,
+                                ..AccessCounts::default()
+                            },
+                        ),
+                    ]),
+                },
+            ],
+        };
+        let variants = [
+            variant("sg-on", true, &["sendfile"]),
+            variant("sg-off", false, &["sendfile"]),
+        ];
+        let mib4 = 4 << 20; // 1024 pages
+        let table = exits_table(
+            [
+                ("sendfile", "sg-on", mib4),
+                ("sendfile", "sg-off", mib4),
+                // No span of its own, or nothing sent: no row.
+                ("splice", "sg-on", mib4),
+                ("sendfile", "sg-on", 0),
+            ],
+            &variants,
+            &exits,
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("vCPU exits to the VMM per 4 KiB sent"));
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[1]),
+            [
+                "method",
+                "variant",
+                "all",
+                "blk",
+                "card",
+                "harness",
+                "interrupt",
+                "notify"
+            ]
+        );
+        // 896 exits over 1024 pages; card 0 is sg-on's.
+        assert_eq!(
+            cells(lines[2]),
+            ["sendfile", "sg-on", "0.88", "0.25", "0.50", "0.12", "0.75", "0.00"]
+        );
+        // sg-off's card is card 1: card 0's exits are in "all" only.
+        assert_eq!(
+            cells(lines[3]),
+            ["sendfile", "sg-off", "3.98", "0.00", "3.00", "0.00", "1.00", "2.00"]
+        );
+        assert_eq!(exits_table([], &variants, &exits), "");
     }
 
     fn methods_args(extra: &[&str]) -> MethodsArgs {

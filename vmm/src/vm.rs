@@ -34,6 +34,7 @@ use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, BootSpec, KernelFormat};
 use crate::cpu;
 use crate::dirty::{self, DirtySampler, PayloadIndex};
+use crate::exits::{ExitCounters, ExitMap, ExitTarget};
 use crate::layout;
 use crate::mmio::MmioBus;
 use crate::pci::{PciMmioWindow, PciState};
@@ -146,6 +147,8 @@ pub struct VmBuilder<'a> {
     disks: Vec<(bool, DeviceHandle<Block>)>,
     /// The cards whose checking peers' bytes per method are counted live.
     progress: Vec<DeviceHandle<Net<NetPeer>>>,
+    /// Which device each register window belongs to, for the exit counters.
+    exit_map: ExitMap,
 }
 
 impl<'a> VmBuilder<'a> {
@@ -172,6 +175,7 @@ impl<'a> VmBuilder<'a> {
         };
         let vm = Arc::new(vm);
         let mut mmio = MmioBus::default();
+        let mut exit_map = ExitMap::default();
         let pci = match spec.transport().0 {
             Transport::Mmio => None,
             Transport::Pci => {
@@ -185,6 +189,7 @@ impl<'a> VmBuilder<'a> {
                     Arc::new(Mutex::new(window)),
                 )
                 .map_err(virtio::AttachError::Bus)?;
+                exit_map.set_pci_bus(pci.bus.clone());
                 Some(pci)
             }
         };
@@ -201,6 +206,7 @@ impl<'a> VmBuilder<'a> {
             nics: Vec::new(),
             disks: Vec::new(),
             progress: Vec::new(),
+            exit_map,
         })
     }
 
@@ -212,7 +218,7 @@ impl<'a> VmBuilder<'a> {
         };
         let block =
             Block::open(&disk.path, options, self.dma_log.clone()).map_err(VmError::Disk)?;
-        let device = self.plug(block)?;
+        let device = self.plug(block, ExitTarget::Disk)?;
         self.disks.push((disk.read_only, device));
         Ok(())
     }
@@ -227,9 +233,11 @@ impl<'a> VmBuilder<'a> {
             .and_then(Card::new)
             .ok_or(SpecError::TooManyNics(self.nics.len() + 1))?;
         let log = self.dma_log.for_card(u16::from(card.index()));
+        let target = ExitTarget::Nic(card.index());
         let attached = match &nic.backend {
             NetBackendSpec::Peer => {
-                let device = self.plug(net_card(peer_backend(nic, card)?, nic, card, &log)?)?;
+                let device =
+                    self.plug(net_card(peer_backend(nic, card)?, nic, card, &log)?, target)?;
                 spawn_backend_timer(device.clone())?;
                 if !nic.peer_expect.is_empty() {
                     self.progress.push(device.clone());
@@ -239,7 +247,7 @@ impl<'a> VmBuilder<'a> {
             NetBackendSpec::Tap { name, address } => {
                 let tap = open_tap(name, *address)?;
                 let check = socket_peer_for(nic, *address)?;
-                let device = self.plug(net_card(tap, nic, card, &log)?)?;
+                let device = self.plug(net_card(tap, nic, card, &log)?, target)?;
                 spawn_backend_timer(device.clone())?;
                 AttachedNic::Tap {
                     sg: nic.sg,
@@ -255,12 +263,29 @@ impl<'a> VmBuilder<'a> {
     /// Puts `device` behind the run's transport in the next free slot: its
     /// registers, its interrupts and queue notifications, and what
     /// [`VmBuilder::build`] tells the guest about it (a DSDT node for virtio-mmio; the
-    /// PCI bus describes itself).
-    fn plug<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<DeviceHandle<D>, VmError> {
+    /// PCI bus describes itself). The exit counters name its registers `target`'s.
+    fn plug<D: VirtioDevice + 'static>(
+        &mut self,
+        device: D,
+        target: ExitTarget,
+    ) -> Result<DeviceHandle<D>, VmError> {
         match &mut self.pci {
-            Some(pci) => Ok(virtio::attach_pci(&self.vm, &self.mem, pci, device)?),
+            Some(pci) => {
+                let number = pci
+                    .bus
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next_device();
+                let handle = virtio::attach_pci(&self.vm, &self.mem, pci, device)?;
+                if let Some(number) = number {
+                    self.exit_map.add_pci(number, target);
+                }
+                Ok(handle)
+            }
             None => {
                 let slot = self.slots.allocate()?;
+                self.exit_map
+                    .add_mmio(slot.info.base, slot.info.size, target);
                 Ok(virtio::attach(
                     &self.vm,
                     &self.mem,
@@ -322,6 +347,8 @@ impl<'a> VmBuilder<'a> {
                 dma_log_path: self.spec.outputs.dma_log.clone(),
                 sampler,
                 progress: (!self.progress.is_empty()).then(|| PeerProgress::new(self.progress)),
+                exit_map: self.exit_map,
+                exits: ExitCounters::default(),
             },
             tail,
             timeout: Duration::from_secs(spec.timeout_s),
@@ -661,6 +688,10 @@ struct Devices {
     sampler: Option<DirtySampler>,
     /// Present when a peer checks what the guest sends: prints its count per method.
     progress: Option<Arc<PeerProgress>>,
+    /// Which device an exit reached.
+    exit_map: ExitMap,
+    /// The exits the vCPUs made, and the spans the guest's markers cut them into.
+    exits: ExitCounters,
 }
 
 /// The first `limit` bytes (or all) of the payload file that dirty samples look for.
@@ -765,6 +796,7 @@ fn run_vcpus(
         });
     }
     report.console_tail = tail.lines();
+    report.vcpu_exits = Some(devices.exits.report());
     if let (Err(e), None) = (devices.dma_log.flush(), &report.dma_log_failure) {
         // Failed at the final flush, after the run loop stopped looking.
         let path = devices.dma_log_path.as_deref().unwrap_or(Path::new("?"));
@@ -926,6 +958,21 @@ fn vcpu_loop(
                 .filter(|_| PciBus::handles_port(port))
                 .map(|bus| bus.lock().unwrap_or_else(|e| e.into_inner()))
         };
+        let counted = match &exit {
+            Ok(VcpuExit::IoIn(port, _)) => Some(ExitMap::port(*port, false)),
+            Ok(VcpuExit::IoOut(port, _)) => Some(ExitMap::port(*port, true)),
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                Some(devices.exit_map.mmio(*addr, data.len(), false))
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                Some(devices.exit_map.mmio(*addr, data.len(), true))
+            }
+            // The rest end the run, or are the kick signal (EINTR), not the guest.
+            _ => None,
+        };
+        if let Some(exit) = counted {
+            devices.exits.count(exit);
+        }
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => match pci(port) {
                 Some(mut bus) => bus.pio_read(port, data),
@@ -997,6 +1044,7 @@ fn on_port_write(
                 // guest started before it and after it.
                 if let ControlMessage::Mark { label } = &message {
                     devices.dma_log.marker(label);
+                    devices.exits.mark(label);
                     if let Some(progress) = &devices.progress {
                         progress.mark(label);
                     }

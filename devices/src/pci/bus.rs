@@ -194,6 +194,23 @@ impl PciBus {
         }
     }
 
+    /// Which device number, BAR and offset an MMIO access of `len` bytes at `addr`
+    /// reaches, if a BAR holds all of it (what the VMM's exit counters name).
+    pub fn locate(&self, addr: u64, len: usize) -> Option<(u8, usize, u64)> {
+        self.devices
+            .iter()
+            .enumerate()
+            .find_map(|(number, device)| {
+                let (bar, offset) = device
+                    .as_ref()?
+                    .bar_windows()
+                    .into_iter()
+                    .find_map(|w| w.offset_of(addr, len).map(|offset| (w.bar, offset)))?;
+                let number = u8::try_from(number).expect("a bus has DEVICES_PER_BUS (32) slots");
+                Some((number, bar, offset))
+            })
+    }
+
     fn decode(&mut self, addr: u64, len: usize) -> Option<(&mut Box<dyn PciFunction>, usize, u64)> {
         self.devices.iter_mut().flatten().find_map(|device| {
             let hit = device
@@ -325,11 +342,16 @@ mod tests {
         assert!(!bus.mmio_write(0xe000_0ffe, &[0; 4]), "straddles two BARs");
         assert!(!bus.mmio_read(0xe000_2000, &mut d));
         assert_eq!(d, [0xff; 4]);
+        assert_eq!(bus.locate(0xe000_1010, 4), Some((2, 0, 0x10)));
+        assert_eq!(bus.locate(0xe000_0ffc, 4), Some((1, 0, 0xffc)));
+        assert_eq!(bus.locate(0xe000_0ffe, 4), None, "straddles two BARs");
         // The guest moves device 2's BAR: the old place goes dark, the new one answers.
         bus.pio_write(CONFIG_ADDRESS_PORT, &address(2, 0x10));
         bus.pio_write(CONFIG_DATA_PORT, &0xe000_8000u32.to_le_bytes());
         assert!(!bus.mmio_write(0xe000_1000, &[0; 4]));
         assert!(bus.mmio_write(0xe000_8004, &[0; 4]));
+        assert_eq!(bus.locate(0xe000_8004, 4), Some((2, 0, 4)));
+        assert_eq!(bus.locate(0xe000_1000, 4), None);
         // Memory decoding off: silent.
         bus.pio_write(CONFIG_ADDRESS_PORT, &address(2, 0x04));
         bus.pio_write(CONFIG_DATA_PORT, &[0, 0]);
