@@ -830,7 +830,10 @@ mod tests {
             StopReason::NoPowerOffAfterExit,
             StopReason::TripleFault("rip 0x1".into()),
             StopReason::VcpuFailure("boom".into()),
+            StopReason::DmaLogUnwritable,
         ] {
+            summary.run.dma_log_failure = (stop == StopReason::DmaLogUnwritable)
+                .then(|| "the DMA log /o/dma.jsonl could not be written: No space left on device (os error 28)".into());
             summary.run.stop = stop;
             summary.failure = summary.run.failure();
             let doc = serde_json::to_value(&summary).unwrap();
