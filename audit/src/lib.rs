@@ -488,6 +488,18 @@ fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
             ));
         }
     }
+    if let Some(ZeroCopyCounts {
+        sends,
+        fallbacks: Some(fallbacks),
+        ..
+    }) = a.kernel
+    {
+        if fallbacks > 0 {
+            a.findings.push(format!(
+                "the kernel refused MSG_ZEROCOPY (ENOBUFS) {fallbacks} times; the guest sent those bytes with plain, copying sends, which no completion reports ({sends} zero-copy sends accepted)"
+            ));
+        }
+    }
     // A kernel that cannot tell which sends it copied (`copied: null`) has no claim
     // to compare.
     if let Some(ZeroCopyCounts {
