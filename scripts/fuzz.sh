@@ -6,8 +6,9 @@
 #
 #   scripts/fuzz.sh run SECONDS RUNS TARGET...   fuzz each for SECONDS (or RUNS inputs
 #                                                when RUNS > 0), corpus in fuzz/corpus/
-#   scripts/fuzz.sh seeds TARGET...              add the corpus's richest inputs
-#                                                (after -merge=1) to the seeds
+#   scripts/fuzz.sh seeds TARGET...              replace the corpus-* seeds with the
+#                                                SEEDS_MAX (50) corpus inputs that
+#                                                reach the most features together
 #   scripts/fuzz.sh stats TARGET...              run the seeds and corpus once with
 #                                                ZC_FUZZ_STATS=1: the deep-path counters
 #
@@ -61,19 +62,21 @@ run)
     exit $failed
     ;;
 seeds)
-    # -merge=1 keeps every input that adds a feature (hundreds for a parser); of
-    # those, the hand-written seeds stay and the SEEDS_MAX inputs with the most
-    # features on their own are added, so the committed seeds stay small.
-    max=${SEEDS_MAX:-30}
+    # The inputs that together reach the most features, at most SEEDS_MAX of them
+    # (scripts/fuzz-seed-pick reads what one -set_cover_merge=1 run says each input
+    # reaches), replace the corpus-* seeds; the hand-written seeds stay.
+    max=${SEEDS_MAX:-50}
     for t in "$@"; do
         tmp=$(mktemp -d)
-        "$BIN/$t" "${FLAGS[@]}" -merge=1 "$tmp" "corpus/$t" >/dev/null 2>&1
-        for f in "$tmp"/*; do
-            ft=$("$BIN/$t" "${FLAGS[@]}" -runs=0 "$f" 2>&1 | sed -n 's/.*INITED.* ft: \([0-9]*\).*/\1/p')
-            echo "${ft:-0} $f"
-        done | sort -rn | head -n "$max" | while read -r _ f; do
-            cp "$f" "seeds/$t/corpus-$(basename "$f" | cut -c1-16)"
+        mkdir "$tmp/merged" "$tmp/picked"
+        "$BIN/$t" "${FLAGS[@]}" -set_cover_merge=1 -merge_control_file="$tmp/control" \
+            "$tmp/merged" "corpus/$t" "seeds/$t" >"$tmp/log" 2>&1 ||
+            { echo "$t: the merge failed, see $tmp/log" >&2; exit 1; }
+        ../scripts/fuzz-seed-pick "$tmp/control" "$max" | while read -r f; do
+            cp "$f" "$tmp/picked/corpus-$(sha1sum "$f" | cut -c1-16)"
         done
+        rm -f "seeds/$t"/corpus-*
+        cp "$tmp/picked"/* "seeds/$t/" 2>/dev/null || true
         rm -rf "$tmp"
         echo "$t: $(find "seeds/$t" -type f | wc -l) seeds"
     done

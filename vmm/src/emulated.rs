@@ -51,10 +51,13 @@ pub enum EmulatedError {
         source: std::io::Error,
     },
     /// The emulated host ended without a status for the command.
-    #[error("the emulated host stopped ({qemu_status}) without running the command to the end; its console is above")]
+    #[error("the emulated host stopped ({qemu_status}) without running the command to the end{}; its console is above", said.as_ref().map(|line| format!(" (its last error: \"{line}\")")).unwrap_or_default())]
     NoStatus {
         /// How QEMU ended.
         qemu_status: String,
+        /// The last error zc-guest reported on the host's console (e.g. a full
+        /// disk under the exchange directory), if any.
+        said: Option<String>,
     },
     /// The emulated host ran past the timeout.
     #[error("the emulated host did not finish within {0} s; killed it")]
@@ -373,6 +376,8 @@ pub fn run(
             }
         }
     };
+    stderr.finish_line(&mut std::io::stderr());
+    stdout.finish_line(&mut std::io::stdout());
     let _ = std::fs::remove_file(&console_path);
     let qemu_status = result?;
     let mut text = String::new();
@@ -381,9 +386,17 @@ pub fn run(
             file.read_to_string(&mut text)
                 .map_err(io_err("cannot read", &status_path))?;
         }
-        Err(_) => return Err(EmulatedError::NoStatus { qemu_status }),
+        Err(_) => {
+            return Err(EmulatedError::NoStatus {
+                qemu_status,
+                said: host_watch.last_error,
+            })
+        }
     }
-    parse_status(&text).ok_or(EmulatedError::NoStatus { qemu_status })
+    parse_status(&text).ok_or(EmulatedError::NoStatus {
+        qemu_status,
+        said: host_watch.last_error,
+    })
 }
 
 /// The environment of a `zc-vmm` process started inside the emulated host: forced
@@ -459,11 +472,27 @@ pub fn relaunch_self(
 struct FileFollower {
     path: PathBuf,
     offset: u64,
+    /// Whether what was passed on so far ends a line (or nothing was).
+    at_line_start: bool,
 }
 
 impl FileFollower {
     fn new(path: PathBuf) -> Self {
-        FileFollower { path, offset: 0 }
+        FileFollower {
+            path,
+            offset: 0,
+            at_line_start: true,
+        }
+    }
+
+    /// Ends the line the file's writer left unfinished (a command killed, or its
+    /// disk full, mid-line), so that what comes next, our own error line among it,
+    /// starts a line of its own where readers look for it.
+    fn finish_line(&mut self, out: &mut dyn std::io::Write) {
+        if !self.at_line_start {
+            let _ = out.write_all(b"\n");
+            self.at_line_start = true;
+        }
     }
 
     /// True once the file exists.
@@ -487,11 +516,15 @@ impl FileFollower {
             if n > 0 {
                 let _ = out.write_all(&fresh);
                 let _ = out.flush();
+                self.at_line_start = fresh.ends_with(b"\n");
             }
         }
         fresh
     }
 }
+
+/// How zc-guest starts an error line on the emulated host's console.
+const HOST_ERROR_PREFIX: &str = "zc-guest(host): error: ";
 
 /// Watches the emulated host's console (its own kernel's, not the guest's) for the
 /// reports that mean the host itself failed: a soft lockup or a panic.
@@ -499,6 +532,9 @@ impl FileFollower {
 struct HostWatch {
     /// The unfinished last line of what came so far.
     partial: Vec<u8>,
+    /// The last error line zc-guest printed there, for a host that stops without
+    /// the command's status.
+    last_error: Option<String>,
 }
 
 impl HostWatch {
@@ -510,6 +546,9 @@ impl HostWatch {
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line).trim().to_string();
+            if let Some(at) = line.find(HOST_ERROR_PREFIX) {
+                self.last_error = Some(line[at..].to_string());
+            }
             if found.is_some() {
                 continue;
             }
@@ -570,6 +609,7 @@ mod tests {
         let no_status = || {
             Err(EmulatedError::NoStatus {
                 qemu_status: "exit 1".into(),
+                said: None,
             })
         };
         assert_eq!(run(vec![no_status(), Ok(0)]), (None, 1, 0));
@@ -649,6 +689,43 @@ mod tests {
         follower.copy_new_bytes(&mut out);
         follower.copy_new_bytes(&mut out);
         assert_eq!(out, b"one\ntwo\n");
+        follower.finish_line(&mut out);
+        assert_eq!(out, b"one\ntwo\n", "a finished line is left alone");
+    }
+
+    /// Seen when the disk under the exchange directory filled up: the command's
+    /// stderr stopped mid-line, and our own error line was glued to it, where the
+    /// suite did not find it.
+    #[test]
+    fn a_line_the_command_left_unfinished_is_ended_before_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stderr");
+        std::fs::write(&path, "zc-vmm: peer received 16777216 bytes of ").unwrap();
+        let mut follower = FileFollower::new(path);
+        let mut out = Vec::new();
+        follower.copy_new_bytes(&mut out);
+        follower.finish_line(&mut out);
+        follower.finish_line(&mut out);
+        assert_eq!(out, b"zc-vmm: peer received 16777216 bytes of \n");
+    }
+
+    #[test]
+    fn a_host_that_stops_without_a_status_says_what_zc_guest_last_reported() {
+        let mut watch = HostWatch::default();
+        let console = b"zc-guest(host): host root mounted in 0.07 s\n\
+            zc-guest(host): error: writing /host/tmp/x/cmd/status: No space left on device (os error 28)\n\
+            [  158.05] reboot: Power down\n";
+        assert!(watch.feed(console).is_none(), "not a host failure");
+        let failure = EmulatedError::NoStatus {
+            qemu_status: "exit status: 0".into(),
+            said: watch.last_error,
+        };
+        assert_eq!(
+            failure.to_string(),
+            "the emulated host stopped (exit status: 0) without running the command to the end \
+             (its last error: \"zc-guest(host): error: writing /host/tmp/x/cmd/status: No space left on device (os error 28)\"); \
+             its console is above"
+        );
     }
 
     #[test]

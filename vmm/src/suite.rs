@@ -804,10 +804,7 @@ fn boot_suite(
                 continue;
             }
             progress.line(&line);
-            if let Some(e) = line
-                .strip_prefix("zc-vmm: error: ")
-                .or_else(|| line.strip_prefix("zc-vmm: FAILED "))
-            {
+            if let Some(e) = run_error(&line) {
                 last_error = Some(e.to_string());
             }
         }
@@ -834,6 +831,16 @@ fn boot_suite(
 
 /// The guest's options for the boot: the method suite from the read-only test
 /// disk, each variant's methods through its own card (`zc.cards`).
+/// The error a line of `zc-vmm run`'s stderr reports, if it is one. Found anywhere
+/// in the line: a command inside the emulated host that stopped mid-line (its disk
+/// full, say) leaves the outer run's error at the end of that line.
+fn run_error(line: &str) -> Option<&str> {
+    ["zc-vmm: error: ", "zc-vmm: FAILED "]
+        .iter()
+        .filter_map(|prefix| line.rfind(prefix).map(|at| &line[at + prefix.len()..]))
+        .next()
+}
+
 fn guest_options(variants: &[Variant], size: u64, chunk: u64) -> Result<Options> {
     let cards = variants
         .iter()
@@ -1038,6 +1045,24 @@ mod tests {
     struct Wrapper {
         #[command(flatten)]
         args: MethodsArgs,
+    }
+
+    #[test]
+    fn the_runs_error_is_found_at_the_start_or_the_end_of_a_line() {
+        assert_eq!(run_error("zc-vmm: error: no KVM"), Some("no KVM"));
+        assert_eq!(
+            run_error("zc-vmm: FAILED after 3.00 s: triple fault"),
+            Some("after 3.00 s: triple fault")
+        );
+        // Seen with a full disk inside the emulated host: its stderr stopped mid-line.
+        assert_eq!(
+            run_error(
+                "zc-vmm: peer received 16777216 bytes of zc-vmm: error: seccomp: \
+                 zc-vmm: error: the emulated host stopped (exit status: 0)"
+            ),
+            Some("the emulated host stopped (exit status: 0)")
+        );
+        assert_eq!(run_error("zc-vmm: peer received 16777216 bytes"), None);
     }
 
     fn variant(name: &str, sg: bool, methods: &[&str]) -> Variant {
