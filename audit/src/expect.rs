@@ -1,11 +1,14 @@
-//! `expected.toml`: what each method should show, per NIC variant. The schema is
-//! documented at the top of `audit/expected.toml`.
+//! `expected.toml`: what each method should show, per NIC variant and, where a
+//! kernel change moved the answer, per kernel version range (rows chosen by the
+//! release the guest reported, [`crate::kernel`]). The schema is documented at the
+//! top of `audit/expected.toml`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kernel::{KernelRange, KernelVersion};
 use crate::AuditError;
 use zc_protocol::Method;
 
@@ -78,9 +81,18 @@ impl Check {
 pub struct Expectations {
     /// Tolerances that apply where a table does not set its own.
     pub defaults: Defaults,
-    /// `methods[method][variant]`.
-    pub methods: BTreeMap<String, BTreeMap<String, Expectation>>,
+    /// `methods[method][variant]`: the rows of `[method.variant]`, one for a plain
+    /// table, one per kernel range for an array of tables (`[[method.variant]]`
+    /// with `kernel = ...`; their ranges neither overlap nor leave gaps between
+    /// them, [`Expectations::parse`] checks).
+    pub methods: BTreeMap<String, BTreeMap<String, Vec<Expectation>>>,
 }
+
+/// Why [`Expectations::select`] found no row for a method, variant and kernel; the
+/// text is the audit's FAIL reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NoRow(pub String);
 
 /// The `[defaults]` table.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -106,6 +118,9 @@ impl Default for Defaults {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Expectation {
+    /// The kernel versions this row is for (`kernel = ">= 6.5"`); `None`: every kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelRange>,
     /// System calls per chunk, within the syscalls tolerance.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub syscalls_per_chunk: Option<f64>,
@@ -162,23 +177,51 @@ pub(crate) struct Measured {
     pub dirty_samples: u64,
 }
 
+// A variant is either a table or an array of tables, decoded one by one so that an
+// error names its table and row (serde's untagged enums would drop the reason).
 #[derive(Deserialize)]
 struct File {
     #[serde(default)]
     defaults: Defaults,
     #[serde(flatten)]
-    methods: BTreeMap<String, BTreeMap<String, Expectation>>,
+    methods: BTreeMap<String, BTreeMap<String, toml::Value>>,
 }
 
 impl Expectations {
     /// Parses the text of an expectations file.
     pub fn parse(text: &str) -> Result<Self, AuditError> {
-        let file: File = toml::from_str(text).map_err(|e| AuditError::Expectations {
-            what: e.to_string(),
-        })?;
+        let bad = |what: String| AuditError::Expectations { what };
+        let file: File = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut methods = BTreeMap::new();
+        for (method, variants) in file.methods {
+            let mut rows_of = BTreeMap::new();
+            for (variant, value) in variants {
+                let rows = match value {
+                    toml::Value::Table(t) => vec![decode(t, &format!("[{method}.{variant}]"))?],
+                    toml::Value::Array(items) => items
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, item)| {
+                            let at = format!("[[{method}.{variant}]] row {}", i + 1);
+                            match item {
+                                toml::Value::Table(t) => decode(t, &at),
+                                _ => Err(bad(format!("{at}: not a table"))),
+                            }
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                    _ => {
+                        return Err(bad(format!(
+                            "[{method}.{variant}]: not a table (write `[{method}.{variant}]`, or `[[{method}.{variant}]]` rows with `kernel = ...`)"
+                        )))
+                    }
+                };
+                rows_of.insert(variant, rows);
+            }
+            methods.insert(method, rows_of);
+        }
         let ex = Expectations {
             defaults: file.defaults,
-            methods: file.methods,
+            methods,
         };
         ex.validate()?;
         Ok(ex)
@@ -198,9 +241,68 @@ impl Expectations {
         })
     }
 
-    /// The expectation of `method` in `variant`, if the file has one.
+    /// The rows of `[method.variant]` (empty when the file has no such table).
+    pub fn rows(&self, method: &str, variant: &str) -> &[Expectation] {
+        self.methods
+            .get(method)
+            .and_then(|v| v.get(variant))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The expectation of `method` in `variant` for the kernel whose release the
+    /// guest reported (`None`: it reported none, e.g. it never booted). A row
+    /// without `kernel` is every kernel's; otherwise the row whose range holds the
+    /// release's version. The error says what is missing, as a FAIL reason.
+    pub fn select(
+        &self,
+        method: &str,
+        variant: &str,
+        release: Option<&str>,
+    ) -> Result<&Expectation, NoRow> {
+        let rows = self.rows(method, variant);
+        if rows.is_empty() {
+            return Err(NoRow(format!(
+                "no [{method}.{variant}] table in the expectations"
+            )));
+        }
+        if let Some(any) = rows.iter().find(|r| r.kernel.is_none()) {
+            return Ok(any);
+        }
+        let ranges = || {
+            rows.iter()
+                .filter_map(|r| r.kernel.as_ref().map(ToString::to_string))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let Some(release) = release else {
+            return Err(NoRow(format!(
+                "no kernel release reported: cannot choose among the [[{method}.{variant}]] rows ({})",
+                ranges()
+            )));
+        };
+        let Some(version) = KernelVersion::of_release(release) else {
+            return Err(NoRow(format!(
+                "kernel release {release:?} does not start with a version: cannot choose among the [[{method}.{variant}]] rows ({})",
+                ranges()
+            )));
+        };
+        rows.iter()
+            .find(|r| r.kernel.as_ref().is_some_and(|k| k.contains(version)))
+            .ok_or_else(|| {
+                NoRow(format!(
+                    "no [[{method}.{variant}]] row for kernel {release} (version {version}; rows: {}): add one",
+                    ranges()
+                ))
+            })
+    }
+
+    /// The expectation of `method` in `variant` when it is the same for every kernel
+    /// (a plain table), else `None`.
     pub fn get(&self, method: &str, variant: &str) -> Option<&Expectation> {
-        self.methods.get(method)?.get(variant)
+        match self.rows(method, variant) {
+            [one] if one.kernel.is_none() => Some(one),
+            _ => None,
+        }
     }
 
     // A typo'd range (min above max, a negative tolerance) would make a check that can
@@ -220,7 +322,13 @@ impl Expectations {
             }
         }
         for (method, variants) in &self.methods {
-            for (variant, e) in variants {
+            for (variant, rows) in variants {
+                validate_rows(method, variant, rows)?;
+            }
+            for (variant, e) in variants
+                .iter()
+                .flat_map(|(v, rows)| rows.iter().map(move |e| (v, e)))
+            {
                 let ranges = [
                     (
                         "syscalls_per_chunk",
@@ -267,6 +375,71 @@ impl Expectations {
         }
         Ok(())
     }
+}
+
+/// Decodes one table of `[method.variant]` (`at` names it in errors).
+fn decode(table: toml::Table, at: &str) -> Result<Expectation, AuditError> {
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| AuditError::Expectations {
+            what: format!("{at}: {}", e.message()),
+        })
+}
+
+/// Checks the rows of one `[method.variant]`: several rows each name their kernels,
+/// and their ranges neither overlap (two answers for one kernel) nor leave a gap
+/// between them (a kernel in the middle with no answer is a typo, e.g. `< 6.4`
+/// beside `>= 6.5`). Kernels below the lowest or above the highest range may have
+/// no row: the audit says so for such a kernel ([`Expectations::select`]).
+fn validate_rows(method: &str, variant: &str, rows: &[Expectation]) -> Result<(), AuditError> {
+    let bad = |what: String| AuditError::Expectations {
+        what: format!("[[{method}.{variant}]]: {what}"),
+    };
+    if rows.is_empty() {
+        return Err(bad("no rows".to_string()));
+    }
+    if rows.len() == 1 {
+        return Ok(());
+    }
+    let mut ranges = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        match &row.kernel {
+            Some(k) => ranges.push(k),
+            None => {
+                return Err(bad(format!(
+                    "row {} has no `kernel = ...`: with several rows each names its kernels (e.g. `kernel = \">= 6.5\"`)",
+                    i + 1
+                )))
+            }
+        }
+    }
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            if a.overlaps(b) {
+                return Err(bad(format!(
+                    "the rows for `{a}` and `{b}` overlap: a kernel may have only one row"
+                )));
+            }
+        }
+    }
+    // Sorted by lower bound, each range must start where the previous one ends.
+    let mut sorted: Vec<&KernelRange> = ranges;
+    sorted.sort_by_key(|r| r.from);
+    for pair in sorted.windows(2) {
+        let (lower, upper) = (pair[0], pair[1]);
+        if lower.below != upper.from {
+            let gap_from = lower
+                .below
+                .map_or_else(|| "?".to_string(), |v| v.to_string());
+            let gap_to = upper
+                .from
+                .map_or_else(|| "?".to_string(), |v| v.to_string());
+            return Err(bad(format!(
+                "the rows for `{lower}` and `{upper}` leave kernels {gap_from} to {gap_to} without a row: make them meet (`< X` beside `>= X`)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Expectation {
@@ -446,6 +619,98 @@ mod tests {
         assert!(e.to_string().contains("read_write, mmap_write"), "{e}");
     }
 
+    const SPLIT: &str = r#"
+[[sendfile.sg-on]]
+kernel = "< 6.5"
+cpu_copies = 0.0
+[[sendfile.sg-on]]
+kernel = ">= 6.5"
+cpu_copies = 1.0
+[sendfile.sg-off]
+cpu_copies = 1.0
+"#;
+
+    #[test]
+    fn rows_are_chosen_by_the_reported_release() {
+        let ex = Expectations::parse(SPLIT).unwrap();
+        let cpu = |release| {
+            ex.select("sendfile", "sg-on", release)
+                .map(|e| e.cpu_copies.unwrap())
+        };
+        assert_eq!(cpu(Some("6.1.0-56-cloud-amd64")), Ok(0.0));
+        assert_eq!(cpu(Some("6.12.38+deb12-cloud-amd64")), Ok(1.0));
+        assert_eq!(cpu(Some("6.5.0-rc1")), Ok(1.0));
+        // A plain table is every kernel's, also one that reported no release.
+        let off = ex.select("sendfile", "sg-off", None).unwrap();
+        assert_eq!(off.cpu_copies, Some(1.0));
+        assert_eq!(ex.get("sendfile", "sg-off"), Some(off));
+        // Conditional rows have no single answer.
+        assert_eq!(ex.get("sendfile", "sg-on"), None);
+        let e = ex.select("sendfile", "sg-on", None).unwrap_err().0;
+        assert!(e.contains("no kernel release reported"), "{e}");
+        assert!(e.contains("< 6.5; >= 6.5"), "{e}");
+        let e = ex.select("sendfile", "sg-on", Some("linux")).unwrap_err().0;
+        assert!(e.contains("does not start with a version"), "{e}");
+        let e = ex.select("splice", "sg-on", Some("6.1.0")).unwrap_err().0;
+        assert_eq!(e, "no [splice.sg-on] table in the expectations");
+        // The chosen row says which kernels it is for.
+        let row = ex.select("sendfile", "sg-on", Some("6.1.0")).unwrap();
+        assert_eq!(row.kernel.as_ref().unwrap().to_string(), "< 6.5");
+    }
+
+    #[test]
+    fn a_kernel_outside_every_range_has_no_row() {
+        let ex = Expectations::parse(
+            "[[sendfile.sg-on]]\nkernel = \">= 6.1, < 6.5\"\n[[sendfile.sg-on]]\nkernel = \">= 6.5\"\n",
+        )
+        .unwrap();
+        let e = ex
+            .select("sendfile", "sg-on", Some("5.10.0-30-amd64"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("no [[sendfile.sg-on]] row for kernel 5.10.0-30-amd64"),
+            "{e}"
+        );
+        assert!(e.contains("version 5.10"), "{e}");
+        // One conditional table alone is allowed: older kernels then have no row.
+        let only_new = Expectations::parse("[sendfile.sg-on]\nkernel = \">= 6.5\"\n").unwrap();
+        assert!(only_new.select("sendfile", "sg-on", Some("6.1.0")).is_err());
+        assert!(only_new.select("sendfile", "sg-on", Some("6.12.0")).is_ok());
+    }
+
+    #[rstest::rstest]
+    #[case::overlap(
+        "[[sendfile.sg-on]]\nkernel = \">= 6.1\"\n[[sendfile.sg-on]]\nkernel = \">= 6.5\"\n",
+        "[[sendfile.sg-on]]: the rows for `>= 6.1` and `>= 6.5` overlap"
+    )]
+    #[case::gap(
+        "[[sendfile.sg-on]]\nkernel = \"< 6.4\"\n[[sendfile.sg-on]]\nkernel = \">= 6.5\"\n",
+        "leave kernels 6.4 to 6.5 without a row"
+    )]
+    #[case::unconditional_beside_conditional(
+        "[[sendfile.sg-on]]\ncpu_copies = 0\n[[sendfile.sg-on]]\nkernel = \">= 6.5\"\n",
+        "row 1 has no `kernel = ...`"
+    )]
+    #[case::bad_range("[sendfile.sg-on]\nkernel = \"> 6.5\"\n", "write `>= 6.5`")]
+    #[case::typo_in_a_row(
+        "[[sendfile.sg-on]]\nkernel = \"< 6.5\"\n[[sendfile.sg-on]]\nkernel = \">= 6.5\"\ncpu_copy = 1\n",
+        "[[sendfile.sg-on]] row 2: unknown field `cpu_copy`"
+    )]
+    #[case::not_a_table("[sendfile]\nsg-on = 3\n", "[sendfile.sg-on]: not a table")]
+    fn conditional_rows_are_checked_when_read(#[case] text: &str, #[case] want: &str) {
+        let e = Expectations::parse(text).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+
+    /// The releases of the kernels the project runs: Debian's 6.1 and 6.12
+    /// (`make matrix`) and `make kernel`'s source build.
+    const RELEASES: [&str; 3] = [
+        "6.1.0-56-cloud-amd64",
+        "6.12.38+deb12-cloud-amd64",
+        "6.1.192-zc",
+    ];
+
     fn shipped_table() -> Expectations {
         Expectations::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml")).unwrap()
     }
@@ -455,9 +720,14 @@ mod tests {
     #[test]
     fn shipped_table_agrees_with_the_method_properties() {
         let table = shipped_table();
-        for method in Method::ALL {
-            let on = table.get(method.name(), "sg-on").unwrap();
-            let off = table.get(method.name(), "sg-off").unwrap();
+        for (method, release) in Method::ALL
+            .into_iter()
+            .flat_map(|m| RELEASES.map(|r| (m, r)))
+        {
+            let on = table.select(method.name(), "sg-on", Some(release)).unwrap();
+            let off = table
+                .select(method.name(), "sg-off", Some(release))
+                .unwrap();
             let (on_cpu, off_cpu) = (on.cpu_copies.unwrap(), off.cpu_copies.unwrap());
             // Under one copy with scatter-gather exactly when the send path takes
             // the payload without a CPU copy (COW's one page in sixteen is not a
@@ -465,8 +735,12 @@ mod tests {
             assert_eq!(on_cpu < 0.5, method.needs_sg_for_zero_copy(), "{method}");
             // Without scatter-gather Linux linearises every frame: one copy more.
             assert!((off_cpu - on_cpu - 1.0).abs() < 1e-9, "{method}");
-            // A warm page cache means no disk DMA: only the NIC's.
-            assert_eq!(on.dma_copies == Some(1), method.warm(), "{method}");
+            // A warm page cache or a tmpfs copy means no disk DMA: only the NIC's.
+            assert_eq!(
+                on.dma_copies == Some(1),
+                !method.disk_dma_in_span(),
+                "{method}"
+            );
             assert_eq!(on.dma_copies, off.dma_copies, "{method}");
         }
     }
@@ -477,12 +751,12 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml");
         let table = shipped_table();
         for method in Method::ALL {
-            for variant in ["sg-on", "sg-off"] {
-                assert!(
-                    table.get(method.name(), variant).is_some(),
-                    "no [{method}.{variant}] in {}",
-                    path.display()
-                );
+            for (variant, release) in ["sg-on", "sg-off"]
+                .into_iter()
+                .flat_map(|v| RELEASES.map(|r| (v, r)))
+            {
+                let row = table.select(method.name(), variant, Some(release));
+                assert!(row.is_ok(), "{}: {row:?}", path.display());
             }
         }
         assert_eq!(table.methods.len(), Method::ALL.len());

@@ -60,6 +60,7 @@ mod analyze;
 mod context;
 mod expect;
 mod guest;
+pub mod kernel;
 pub mod regression;
 pub mod report;
 pub mod stream;
@@ -71,7 +72,7 @@ use zc_dma_log::Record;
 use zc_protocol::Marker;
 
 pub use context::{Negotiated, OutputFile, RunContext, VariantRun, Verdicts, NET_CSUM};
-pub use expect::{Check, Defaults, Expectation, Expectations};
+pub use expect::{Check, Defaults, Expectation, Expectations, NoRow};
 pub use guest::{parse_reports, MethodReport, ZeroCopyCounts};
 
 use analyze::{LogIndex, SpanLookup};
@@ -126,6 +127,9 @@ pub struct AuditInput {
     /// evidence that card's frames only. `None`: a one-card run (plain spans, every
     /// card's frames, every report).
     pub card: Option<u16>,
+    /// The kernel release the guest reported (`hello <release>`): chooses among the
+    /// rows of `expected.toml` that name kernel versions. `None`: it reported none.
+    pub kernel_release: Option<String>,
 }
 
 impl AuditInput {
@@ -320,7 +324,8 @@ fn audit_one(
     index: &LogIndex,
     expectations: &Expectations,
 ) -> MethodAudit {
-    let expected = expectations.get(name, &input.variant).cloned();
+    let selected = expectations.select(name, &input.variant, input.kernel_release.as_deref());
+    let expected = selected.as_ref().ok().map(|e| (*e).clone());
     let bytes = report
         .and_then(|r| r.bytes)
         .unwrap_or(input.source.len() as u64);
@@ -402,11 +407,8 @@ fn audit_one(
             None
         }
     };
-    if expected.is_none() {
-        a.reasons.push(format!(
-            "no [{name}.{}] table in the expectations",
-            input.variant
-        ));
+    if let Err(no_row) = selected {
+        a.reasons.push(no_row.0);
     }
     if let Some(span) = span {
         a.span_seq = Some((index.seq(span.begin), index.seq(span.end)));
@@ -483,6 +485,18 @@ fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
             a.findings.push(format!(
                 "{} dirty-page samples for {chunks} chunks (expected one per chunk and one at END): CPU copies may be undercounted",
                 ev.dirty_samples
+            ));
+        }
+    }
+    if let Some(ZeroCopyCounts {
+        sends,
+        fallbacks: Some(fallbacks),
+        ..
+    }) = a.kernel
+    {
+        if fallbacks > 0 {
+            a.findings.push(format!(
+                "the kernel refused MSG_ZEROCOPY (ENOBUFS) {fallbacks} times; the guest sent those bytes with plain, copying sends, which no completion reports ({sends} zero-copy sends accepted)"
             ));
         }
     }

@@ -34,6 +34,7 @@ fn load(name: &str, variant: &str) -> AuditInput {
         reports: parse_reports(&reports).unwrap(),
         variant: variant.to_string(),
         card: None,
+        kernel_release: None,
     }
 }
 

@@ -15,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
         for method in ["read", "sendfile", "splice", "x"] {
             for variant in ["", "default", "o_direct"] {
                 let _ = ex.get(method, variant);
+                for release in [None, Some("6.1.0-56-cloud-amd64"), Some("6.12"), Some("x")] {
+                    let _ = ex.select(method, variant, release);
+                }
             }
         }
     }

@@ -284,6 +284,19 @@ impl Hooks for GuestHooks<'_> {
     fn console(&mut self, line: &str) {
         println!("{line}");
     }
+
+    fn set_optmem_max(&mut self, bytes: u64) -> Result<u64> {
+        const OPTMEM_MAX: &str = "/proc/sys/net/core/optmem_max";
+        let before =
+            std::fs::read_to_string(OPTMEM_MAX).context(|| format!("reading {OPTMEM_MAX}"))?;
+        let before = before
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| Error::new(format!("{OPTMEM_MAX} holds {:?}: {e}", before.trim())))?;
+        std::fs::write(OPTMEM_MAX, bytes.to_string())
+            .context(|| format!("writing {bytes} to {OPTMEM_MAX}"))?;
+        Ok(before)
+    }
 }
 
 /// `zc.test=panic`: crash the kernel through sysrq, as a real oops would.

@@ -32,12 +32,25 @@ pub enum Method {
     CowZerocopy,
     /// `sendfile` with a warm page cache.
     SendfileWarm,
+    /// `sendfile` from a copy of the file on tmpfs, made before `BEGIN`.
+    SendfileTmpfs,
+    /// `sendfile` from the file opened with O_DIRECT.
+    SendfileDirect,
+    /// `splice` file -> pipe -> socket, the file opened with O_DIRECT.
+    SpliceDirect,
+    /// O_DIRECT `read` into a user buffer never reused, `vmsplice` it into a pipe,
+    /// `splice` the pipe to the socket.
+    Vmsplice,
+    /// `send(MSG_ZEROCOPY)` from a mapping with the socket's option memory exhausted
+    /// (a tiny `net.core.optmem_max`): each send the kernel refuses (ENOBUFS) is
+    /// sent again without MSG_ZEROCOPY, as an application would.
+    ZerocopyPressure,
 }
 
 impl Method {
     /// Every method, in the order `zc.methods=all` (and `zc-vmm methods`) runs them:
     /// the specification's order, cheapest copies last, warm cache at the end.
-    pub const ALL: [Method; 10] = [
+    pub const ALL: [Method; 15] = [
         Method::ReadWrite,
         Method::MmapWrite,
         Method::Sendfile,
@@ -48,6 +61,11 @@ impl Method {
         Method::UringSendZc,
         Method::CowZerocopy,
         Method::SendfileWarm,
+        Method::SendfileTmpfs,
+        Method::SendfileDirect,
+        Method::SpliceDirect,
+        Method::Vmsplice,
+        Method::ZerocopyPressure,
     ];
 
     /// The contract's name.
@@ -63,6 +81,11 @@ impl Method {
             Method::UringSendZc => "uring_send_zc",
             Method::CowZerocopy => "cow_zerocopy",
             Method::SendfileWarm => "sendfile_warm",
+            Method::SendfileTmpfs => "sendfile_tmpfs",
+            Method::SendfileDirect => "sendfile_direct",
+            Method::SpliceDirect => "splice_direct",
+            Method::Vmsplice => "vmsplice",
+            Method::ZerocopyPressure => "zerocopy_pressure",
         }
     }
 
@@ -79,14 +102,24 @@ impl Method {
     /// Whether the file is opened with O_DIRECT (the disk DMA lands in a user
     /// buffer instead of the page cache).
     pub const fn direct(self) -> bool {
-        matches!(self, Method::DirectWrite | Method::DirectZerocopy)
+        matches!(
+            self,
+            Method::DirectWrite
+                | Method::DirectZerocopy
+                | Method::SendfileDirect
+                | Method::SpliceDirect
+                | Method::Vmsplice
+        )
     }
 
     /// Whether the socket sends with MSG_ZEROCOPY (and so needs SO_ZEROCOPY).
     pub const fn msg_zerocopy(self) -> bool {
         matches!(
             self,
-            Method::DirectZerocopy | Method::MmapZerocopy | Method::CowZerocopy
+            Method::DirectZerocopy
+                | Method::MmapZerocopy
+                | Method::CowZerocopy
+                | Method::ZerocopyPressure
         )
     }
 
@@ -102,13 +135,32 @@ impl Method {
     pub const fn needs_sg_for_zero_copy(self) -> bool {
         !matches!(
             self,
-            Method::ReadWrite | Method::MmapWrite | Method::DirectWrite
+            Method::ReadWrite | Method::MmapWrite | Method::DirectWrite | Method::ZerocopyPressure
         )
     }
 
     /// Whether the page cache is warmed instead of dropped before `BEGIN`.
     pub const fn warm(self) -> bool {
         matches!(self, Method::SendfileWarm)
+    }
+
+    /// Whether the file is sent from a copy on tmpfs (the guest's `/tmp`), made by
+    /// the CPU before `BEGIN`: no disk DMA in the span.
+    pub const fn tmpfs(self) -> bool {
+        matches!(self, Method::SendfileTmpfs)
+    }
+
+    /// Whether the disk's DMA brings the file in during the span (not for a warm
+    /// page cache or a copy on tmpfs).
+    pub const fn disk_dma_in_span(self) -> bool {
+        !self.warm() && !self.tmpfs()
+    }
+
+    /// Whether the socket's option memory is exhausted for the method (a tiny
+    /// `net.core.optmem_max`, set before `BEGIN` and restored after `END`), so that
+    /// MSG_ZEROCOPY sends fail with ENOBUFS and fall back to copying sends.
+    pub const fn optmem_pressure(self) -> bool {
+        matches!(self, Method::ZerocopyPressure)
     }
 }
 
@@ -181,16 +233,41 @@ mod tests {
                 .map(Method::name)
                 .collect()
         };
-        assert_eq!(names(Method::direct), ["direct_write", "direct_zerocopy"]);
+        assert_eq!(
+            names(Method::direct),
+            [
+                "direct_write",
+                "direct_zerocopy",
+                "sendfile_direct",
+                "splice_direct",
+                "vmsplice"
+            ]
+        );
         assert_eq!(
             names(Method::msg_zerocopy),
-            ["direct_zerocopy", "mmap_zerocopy", "cow_zerocopy"]
+            [
+                "direct_zerocopy",
+                "mmap_zerocopy",
+                "cow_zerocopy",
+                "zerocopy_pressure"
+            ]
         );
         assert_eq!(names(Method::io_uring), ["uring_send_zc"]);
         assert_eq!(names(Method::warm), ["sendfile_warm"]);
+        assert_eq!(names(Method::tmpfs), ["sendfile_tmpfs"]);
+        assert_eq!(
+            names(|m| !m.disk_dma_in_span()),
+            ["sendfile_warm", "sendfile_tmpfs"]
+        );
+        assert_eq!(names(Method::optmem_pressure), ["zerocopy_pressure"]);
         assert_eq!(
             names(|m| !m.needs_sg_for_zero_copy()),
-            ["read_write", "mmap_write", "direct_write"]
+            [
+                "read_write",
+                "mmap_write",
+                "direct_write",
+                "zerocopy_pressure"
+            ]
         );
     }
 }

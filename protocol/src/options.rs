@@ -717,7 +717,7 @@ mod tests {
         );
         assert_eq!(
             all,
-            "read_write,mmap_write,sendfile,splice,direct_write,direct_zerocopy,mmap_zerocopy,uring_send_zc,cow_zerocopy,sendfile_warm"
+            "read_write,mmap_write,sendfile,splice,direct_write,direct_zerocopy,mmap_zerocopy,uring_send_zc,cow_zerocopy,sendfile_warm,sendfile_tmpfs,sendfile_direct,splice_direct,vmsplice,zerocopy_pressure"
         );
     }
 

@@ -82,6 +82,12 @@ pub struct ZeroCopyCounts {
     /// Sends the kernel flagged as copied (`SO_EE_CODE_ZEROCOPY_COPIED` /
     /// `IORING_NOTIF_USAGE_ZC_COPIED`); `None` (`null`) when it cannot tell.
     pub copied: Option<u64>,
+    /// Sends made again without MSG_ZEROCOPY after the kernel refused the
+    /// zero-copy send (ENOBUFS: the socket's option memory is exhausted), each a
+    /// copying send the kernel never reports on; `None` for a method that does not
+    /// fall back (the member is then absent).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub fallbacks: Option<u64>,
 }
 
 impl MethodReport {
@@ -140,6 +146,7 @@ impl MethodReport {
                 Some(n) => z.u64("copied", n),
                 None => z.null("copied"),
             };
+            let z = u64_member(z, "fallbacks", zc.fallbacks);
             json = json.object("zerocopy", z);
         }
         if let Some(reason) = &self.skipped {
@@ -247,6 +254,7 @@ mod tests {
                 sends: 256,
                 completions: 255,
                 copied,
+                fallbacks: copied.map(|_| 7),
             }),
             seconds: Some(0.000_001),
             ..sendfile()

@@ -761,6 +761,7 @@ mod tests {
             reports: Vec::new(),
             variant: variant.into(),
             card: None,
+            kernel_release: None,
         };
         audit(&input, &expected).remove(0)
     }

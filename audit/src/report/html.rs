@@ -186,6 +186,26 @@ const METHODS: &[(&str, &str)] = &[
         "sendfile_warm",
         "sendfile with the page cache already warm (no disk reads)",
     ),
+    (
+        "sendfile_tmpfs",
+        "sendfile from a copy of the file on tmpfs, written before the transfer (no disk reads)",
+    ),
+    (
+        "sendfile_direct",
+        "sendfile from the file opened with O_DIRECT",
+    ),
+    (
+        "splice_direct",
+        "splice file -> pipe -> socket, the file opened with O_DIRECT",
+    ),
+    (
+        "vmsplice",
+        "O_DIRECT read into a user buffer never reused, vmsplice it into a pipe, splice to the socket",
+    ),
+    (
+        "zerocopy_pressure",
+        "send with MSG_ZEROCOPY with net.core.optmem_max 0; each refused (ENOBUFS) send sent again without it",
+    ),
 ];
 
 fn context_header(s: &mut String, v: &Verdicts) {

@@ -34,11 +34,16 @@ pub mod read_write;
 pub mod report;
 pub mod runner;
 pub mod sendfile;
+pub mod sendfile_direct;
+pub mod sendfile_tmpfs;
 pub mod sendfile_warm;
 pub mod splice;
+pub mod splice_direct;
 pub mod syscalls;
 pub mod uring_send_zc;
+pub mod vmsplice;
 pub mod zerocopy;
+pub mod zerocopy_pressure;
 
 pub use zc_protocol::method::Method;
 #[cfg(test)]
@@ -60,6 +65,11 @@ pub trait Hooks {
     fn report(&mut self, json: &str) -> Result<()>;
     /// Prints one line on the console (KTAP).
     fn console(&mut self, line: &str);
+    /// Sets `net.core.optmem_max` (the option memory each socket may use, which
+    /// MSG_ZEROCOPY notifications are charged to) to `bytes`; returns the value
+    /// it had, for restoring it. Only `zerocopy_pressure` calls it, before `BEGIN`
+    /// and again after `END`.
+    fn set_optmem_max(&mut self, bytes: u64) -> Result<u64>;
 }
 
 /// Runs the suite: KTAP header, then per method run its marks, `report` line and

@@ -198,6 +198,7 @@ mod tests {
             sends: 256,
             completions: 256,
             copied: Some(0),
+            fallbacks: None,
         });
         let r = MethodResult::Passed(Method::MmapZerocopy, m.clone());
         assert!(r
@@ -209,6 +210,7 @@ mod tests {
             sends: 2,
             completions: 2,
             copied: None,
+            fallbacks: None,
         });
         let r = MethodResult::Passed(Method::UringSendZc, m);
         assert!(r

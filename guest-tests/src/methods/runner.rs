@@ -1,8 +1,10 @@
 //! The per-method sequence of `docs/method-suite.md`:
 //!
-//! 1. `sync` and drop caches (`sendfile_warm`: `sync` and read the file once);
+//! 1. `sync` and drop caches (`sendfile_warm`: `sync` and read the file once;
+//!    `sendfile_tmpfs`: copy the bytes to send onto tmpfs first);
 //! 2. open the file (before `BEGIN`: the lookup's metadata reads are not the
-//!    transfer);
+//!    transfer); `zerocopy_pressure`: set `net.core.optmem_max` to 0 (restored
+//!    after `END`);
 //! 3. `mark BEGIN <name>` (`<name>@<variant>` on a named card, `zc.cards`);
 //! 4. connect, then per chunk the method's system calls and one sample request;
 //! 5. wait for the peer's 8-byte little-endian byte count;
@@ -27,7 +29,8 @@ use super::syscalls::{Mapping, Syscalls};
 use super::zerocopy::SO_ZEROCOPY;
 use super::{
     cow_zerocopy, direct_write, direct_zerocopy, mmap_write, mmap_zerocopy, read_write, sendfile,
-    sendfile_warm, splice, uring_send_zc, Hooks, Method, Suite, CHUNK_ALIGN,
+    sendfile_direct, sendfile_tmpfs, sendfile_warm, splice, splice_direct, uring_send_zc, vmsplice,
+    zerocopy_pressure, Hooks, Method, Suite, CHUNK_ALIGN,
 };
 use crate::error::{Context, Error, Result};
 use zc_protocol::{ack, Marker, MethodRun};
@@ -136,11 +139,29 @@ pub struct Transfer<'a> {
     pub chunk: usize,
     /// A chunk-sized, page-aligned user buffer, allocated before `BEGIN`.
     pub buf: AlignedBuf,
+    /// `vmsplice` only: a page-aligned buffer of the whole transfer (page-rounded),
+    /// allocated before `BEGIN`, taken by the method and kept until after `END`.
+    pub whole: Option<AlignedBuf>,
+    /// Whether the file was opened with O_DIRECT (see [`Transfer::read_request`]).
+    pub direct: bool,
     /// Where the sample requests go.
     hooks: &'a mut dyn Hooks,
 }
 
 impl<'a> Transfer<'a> {
+    /// How many bytes to ask the file for when `left` bytes are wanted: `left`, or
+    /// for an O_DIRECT file `left` rounded up to a page, since direct I/O needs
+    /// block-aligned lengths. Only the file's last chunk is ever unaligned (the
+    /// runner refuses a prefix that ends inside a page for the methods that read
+    /// straight into a pipe), and there the kernel stops at the end of the file.
+    pub fn read_request(&self, left: usize) -> usize {
+        if self.direct {
+            left.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN
+        } else {
+            left
+        }
+    }
+
     /// The number of chunks.
     pub fn chunks(&self) -> u64 {
         self.size.div_ceil(self.chunk as u64)
@@ -310,7 +331,38 @@ fn measure(
         false
     };
 
-    let path = root.join(&suite.file);
+    let tmpfs_dir = if method.tmpfs() {
+        match sendfile_tmpfs::tmpfs_dir() {
+            Some(dir) => Some(dir),
+            None => {
+                return Ok(MethodResult::Skipped(
+                    method,
+                    "no tmpfs mounted at /tmp or /dev/shm (CONFIG_TMPFS?)".to_string(),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+
+    let disk_path = root.join(&suite.file);
+    // sendfile_tmpfs: the CPU writes the copy now, before BEGIN; the caches are
+    // dropped after it, so that its reads of the disk leave nothing behind.
+    let staged = match &tmpfs_dir {
+        Some(dir) => {
+            let size = match suite.size {
+                Some(size) => size,
+                None => std::fs::metadata(&disk_path)
+                    .context(|| format!("stat {}", disk_path.display()))?
+                    .len(),
+            };
+            Some(sendfile_tmpfs::Staged::create(&disk_path, size, dir)?)
+        }
+        None => None,
+    };
+    let path = staged
+        .as_ref()
+        .map_or_else(|| disk_path.clone(), |s| s.path().to_path_buf());
     let shown = path.display();
     if method.warm() {
         crate::sys::sync();
@@ -343,6 +395,14 @@ fn measure(
     if size == 0 {
         return Err(Error::new(format!("{shown} is empty: nothing to send")));
     }
+    if matches!(method, Method::SendfileDirect | Method::SpliceDirect)
+        && size != file_len
+        && !size.is_multiple_of(CHUNK_ALIGN as u64)
+    {
+        return Err(Error::new(format!(
+            "zc.size={size}: {method} reads with O_DIRECT straight into a pipe, in whole pages, so the bytes to send must end on a {CHUNK_ALIGN}-byte boundary or at the end of {shown} ({file_len} bytes)"
+        )));
+    }
 
     let span = run.span();
     let (begin, end) = (
@@ -350,7 +410,24 @@ fn measure(
         Marker::end(span.as_str()).label(),
     );
     let buf = AlignedBuf::new(suite.chunk);
-    hooks.mark(&begin)?;
+    let whole = (method == Method::Vmsplice).then(|| {
+        let len =
+            usize::try_from(size).map_or(usize::MAX, |s| s.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN);
+        AlignedBuf::new(len)
+    });
+    // Last before BEGIN, after everything that may fail, so that a failure never
+    // leaves the option memory exhausted for the methods that follow.
+    let optmem_before = if method.optmem_pressure() {
+        Some(hooks.set_optmem_max(zerocopy_pressure::PRESSURE_OPTMEM_MAX)?)
+    } else {
+        None
+    };
+    if let Err(e) = hooks.mark(&begin) {
+        if let Some(before) = optmem_before {
+            hooks.set_optmem_max(before)?;
+        }
+        return Err(e);
+    }
     let start = Instant::now();
     let mut sys = Syscalls::new();
     let sock = connect(&mut sys, peer, method.msg_zerocopy());
@@ -364,6 +441,8 @@ fn measure(
                 size,
                 chunk: suite.chunk,
                 buf,
+                whole,
+                direct: method.direct(),
                 hooks: &mut *hooks,
             };
             let outcome = dispatch(method, &mut t, uring);
@@ -372,13 +451,19 @@ fn measure(
     };
     let seconds = start.elapsed().as_secs_f64();
     let end_mark = hooks.mark(&end);
+    let optmem_restored = match optmem_before {
+        Some(before) => hooks.set_optmem_max(before).map(drop),
+        None => Ok(()),
+    };
     // Teardown only now, after END: the span holds only counted calls. (A method
     // that failed has already dropped what it held, uncounted; its report carries
     // no counts.)
     let done = outcome?;
     drop(done.keep);
     drop(sock);
+    drop(staged);
     end_mark?;
+    optmem_restored?;
     Ok(MethodResult::Passed(
         method,
         Measured {
@@ -426,6 +511,11 @@ fn dispatch(method: Method, t: &mut Transfer<'_>, uring_report_usage: bool) -> R
         Method::UringSendZc => uring_send_zc::transfer(t, uring_report_usage),
         Method::CowZerocopy => cow_zerocopy::transfer(t),
         Method::SendfileWarm => sendfile_warm::transfer(t),
+        Method::SendfileTmpfs => sendfile_tmpfs::transfer(t),
+        Method::SendfileDirect => sendfile_direct::transfer(t),
+        Method::SpliceDirect => splice_direct::transfer(t),
+        Method::Vmsplice => vmsplice::transfer(t),
+        Method::ZerocopyPressure => zerocopy_pressure::transfer(t),
     }
 }
 

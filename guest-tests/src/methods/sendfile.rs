@@ -19,7 +19,7 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
         // A short sendfile (SO_SNDTIMEO, a signal) continues where it stopped.
         while (off as u64) < end {
             let left = usize::try_from(end - off as u64).expect("at most one chunk");
-            match t.sys.sendfile(t.sock, fd, &mut off, left) {
+            match t.sys.sendfile(t.sock, fd, &mut off, t.read_request(left)) {
                 Ok(0) => {
                     return Err(Error::new(format!(
                         "sendfile returned 0 at offset {off}: the file ended early"

@@ -27,10 +27,13 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
         // Normally one splice in and one out per chunk: the pipe holds a whole
         // chunk. Short splices continue.
         while left > 0 {
-            let n = match t
-                .sys
-                .splice(fd, Some(&mut off), w, left, libc::SPLICE_F_MOVE)
-            {
+            let n = match t.sys.splice(
+                fd,
+                Some(&mut off),
+                w,
+                t.read_request(left),
+                libc::SPLICE_F_MOVE,
+            ) {
                 Ok(0) => {
                     return Err(Error::new(format!(
                         "splice from the file returned 0 at offset {off}: the file ended early"
@@ -47,7 +50,9 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
                     Err(e) => return Err(send_error("splice pipe ->", e)),
                 }
             }
-            left -= n;
+            // An O_DIRECT request is page-rounded, but only the file's last chunk
+            // is ever unaligned and the file ends there: never more than `left`.
+            left = left.saturating_sub(n);
         }
         Ok(())
     })?;

@@ -38,6 +38,8 @@ pub enum Call {
     Sendfile,
     /// `splice(2)`.
     Splice,
+    /// `vmsplice(2)`.
+    Vmsplice,
     /// `socket(2)`.
     Socket,
     /// `setsockopt(2)`.
@@ -62,7 +64,7 @@ pub enum Call {
 
 impl Call {
     /// Every call, in report order.
-    pub const ALL: [Call; 18] = [
+    pub const ALL: [Call; 19] = [
         Call::Read,
         Call::Write,
         Call::Send,
@@ -71,6 +73,7 @@ impl Call {
         Call::Poll,
         Call::Sendfile,
         Call::Splice,
+        Call::Vmsplice,
         Call::Socket,
         Call::Setsockopt,
         Call::Getsockopt,
@@ -94,6 +97,7 @@ impl Call {
             Call::Poll => "poll",
             Call::Sendfile => "sendfile",
             Call::Splice => "splice",
+            Call::Vmsplice => "vmsplice",
             Call::Socket => "socket",
             Call::Setsockopt => "setsockopt",
             Call::Getsockopt => "getsockopt",
@@ -271,6 +275,25 @@ impl Syscalls {
         // whole call; the output offset is null; no user buffers are involved.
         self.raw(Call::Splice, || unsafe {
             libc::splice(fd_in, off_in, fd_out, std::ptr::null_mut(), len, flags)
+        })
+    }
+
+    /// `vmsplice(pipe_w, {buf}, 1, 0)`: the pipe references `buf`'s pages (no
+    /// copy, no SPLICE_F_GIFT).
+    ///
+    /// The pages stay referenced after the call returns, by the pipe and then by
+    /// whatever the pipe is spliced to, with no notification when that ends: the
+    /// caller must not rewrite `buf` while a reader may still see it (the
+    /// `vmsplice` method never reuses its buffer).
+    pub fn vmsplice(&mut self, pipe_w: RawFd, buf: &[u8]) -> io::Result<usize> {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, valid for reads of `buf.len()` bytes for
+        // the whole call; without SPLICE_F_GIFT the kernel only reads the pages.
+        self.raw(Call::Vmsplice, || unsafe {
+            libc::vmsplice(pipe_w, &iov, 1, 0)
         })
     }
 

@@ -29,11 +29,22 @@ enum Event {
     Sample(u32),
     Report(String),
     Console(String),
+    Optmem(u64),
 }
 
-#[derive(Default)]
 struct Recorder {
     events: Vec<Event>,
+    /// What `net.core.optmem_max` would be: only recorded, never the host's.
+    optmem: u64,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            events: Vec::new(),
+            optmem: 20480,
+        }
+    }
 }
 
 impl Hooks for Recorder {
@@ -55,6 +66,12 @@ impl Hooks for Recorder {
     }
     fn console(&mut self, line: &str) {
         self.events.push(Event::Console(line.to_string()));
+    }
+    fn set_optmem_max(&mut self, bytes: u64) -> Result<u64> {
+        // A test must not starve the host's sockets: MSG_ZEROCOPY then works on
+        // loopback, and zerocopy_pressure's fallback is not exercised here.
+        self.events.push(Event::Optmem(bytes));
+        Ok(std::mem::replace(&mut self.optmem, bytes))
     }
 }
 
@@ -258,7 +275,13 @@ fn check_common(
     let mut want = vec![Event::Mark(Marker::begin(method).label())];
     want.extend((0..u32::try_from(chunks).unwrap()).map(Event::Sample));
     want.push(Event::Mark(Marker::end(method).label()));
-    assert_eq!(span(&recorder.events, method), want, "{method}");
+    // (zerocopy_pressure restores optmem_max after END, before its report.)
+    let got: Vec<Event> = span(&recorder.events, method)
+        .iter()
+        .filter(|e| !matches!(e, Event::Optmem(_)))
+        .cloned()
+        .collect();
+    assert_eq!(got, want, "{method}");
 
     // The split adds up, and connecting is setup.
     let total: u64 = report["syscalls"]
@@ -307,11 +330,32 @@ fn check_method(report: &Value, chunks: u64) {
             assert!(count(report, "write") >= chunks);
             assert_eq!(lp, count(report, "write"));
         }
-        Method::Sendfile | Method::SendfileWarm => {
+        Method::Sendfile
+        | Method::SendfileWarm
+        | Method::SendfileTmpfs
+        | Method::SendfileDirect => {
             assert!(count(report, "sendfile") >= chunks, "{method}");
             assert_eq!(lp, count(report, "sendfile"));
         }
-        Method::Splice => {
+        Method::Vmsplice => {
+            assert_eq!((count(report, "pipe2"), count(report, "fcntl")), (1, 1));
+            assert_eq!(count(report, "read"), chunks, "{method}");
+            assert!(count(report, "vmsplice") >= chunks, "{method}");
+            assert!(count(report, "splice") >= chunks, "{method}");
+            assert_eq!(
+                lp,
+                count(report, "read") + count(report, "vmsplice") + count(report, "splice")
+            );
+        }
+        Method::ZerocopyPressure => {
+            // Unstarved on a test host (the recorder never touches optmem_max):
+            // every send is a MSG_ZEROCOPY one, none falls back.
+            assert_eq!(count(report, "mmap"), 1);
+            assert!(count(report, "send") >= chunks);
+            check_loopback_zerocopy(report, chunks);
+            assert_eq!(report["zerocopy"]["fallbacks"], 0, "{report}");
+        }
+        Method::Splice | Method::SpliceDirect => {
             assert_eq!((count(report, "pipe2"), count(report, "fcntl")), (1, 1));
             assert!(count(report, "splice") >= 2 * chunks);
             assert_eq!(lp, count(report, "splice"));
@@ -384,27 +428,31 @@ fn every_method_against_a_local_peer() {
     let suite = Suite::default();
     let (recorder, passed, received) = run(&suite, dir.path(), &data, 0);
 
+    let n = Method::ALL.len();
     let console = recorder.console();
     assert_eq!(console[0], "KTAP version 1");
-    assert_eq!(console[1], "1..10");
+    assert_eq!(console[1], format!("1..{n}"));
     let tests = ktap_tests(&console[2..]);
-    assert_eq!(tests.len(), 10, "{console:#?}");
+    assert_eq!(tests.len(), n, "{console:#?}");
     let reports = recorder.reports();
-    assert_eq!(reports.len(), 10);
+    assert_eq!(reports.len(), n);
     let mut received = received.iter();
     for (i, (method, report)) in Method::ALL.iter().zip(&reports).enumerate() {
         let (diagnostics, line) = &tests[i];
         eprintln!("{diagnostics:?} {line}\n  {report}");
         assert_eq!(report["method"], method.name());
         if report.get("skipped").is_some() {
-            // Only io_uring may be missing on a test host.
-            assert_eq!(*method, Method::UringSendZc, "{report}");
+            // Only io_uring, or a tmpfs, may be missing on a test host.
+            assert!(
+                [Method::UringSendZc, Method::SendfileTmpfs].contains(method),
+                "{report}"
+            );
             assert_eq!(report["ok"], true);
-            assert!(line.starts_with(&format!("ok {} uring_send_zc # SKIP ", i + 1)));
+            assert!(line.starts_with(&format!("ok {} {method} # SKIP ", i + 1)));
             assert!(diagnostics.is_empty(), "{diagnostics:?}");
             assert!(!recorder
                 .events
-                .contains(&Event::Mark(Marker::begin(Method::UringSendZc).label())));
+                .contains(&Event::Mark(Marker::begin(*method).label())));
             continue;
         }
         if method.direct() && !direct_ok {
@@ -449,11 +497,8 @@ fn every_method_against_a_local_peer() {
     let skipped = count(&|r| r.get("skipped").is_some());
     let failed = count(&|r| r["ok"] == false);
     if let Some((counts, text)) = kunit_parse(&console) {
-        assert_eq!(
-            counts,
-            (10, 10 - skipped - failed, failed, skipped),
-            "{text}"
-        );
+        let n = u32::try_from(n).unwrap();
+        assert_eq!(counts, (n, n - skipped - failed, failed, skipped), "{text}");
     }
 
     // Caches: dropped before every cold method, never for the warm one.
@@ -466,9 +511,24 @@ fn every_method_against_a_local_peer() {
         .iter()
         .filter(|r| r.get("skipped").is_some())
         .count();
-    assert_eq!(drops, 9 - skipped);
+    assert_eq!(drops, n - 1 - skipped);
     let warm = span(&recorder.events, "sendfile_warm");
     assert!(!warm.contains(&Event::DropCaches));
+    // optmem_max: starved just before zerocopy_pressure's BEGIN, restored after its END.
+    let optmem: Vec<&Event> = recorder
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Optmem(_)))
+        .collect();
+    assert_eq!(optmem, [&Event::Optmem(0), &Event::Optmem(20480)]);
+    let pressure = |e: &Event| *e == Event::Mark(Marker::begin(Method::ZerocopyPressure).label());
+    let begin = recorder.events.iter().position(pressure).unwrap();
+    assert_eq!(recorder.events[begin - 1], Event::Optmem(0));
+    let end = Event::Mark(Marker::end(Method::ZerocopyPressure).label());
+    let end = recorder.events.iter().position(|e| *e == end).unwrap();
+    assert_eq!(recorder.events[end + 1], Event::Optmem(20480));
+    // The tmpfs copy is gone after the method.
+    assert!(!std::path::Path::new("/dev/shm/zc-tmpfs-payload.bin").exists());
 }
 
 #[test]

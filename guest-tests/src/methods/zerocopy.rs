@@ -129,6 +129,7 @@ impl Completions {
             sends: self.issued,
             completions: self.completed,
             copied: (!self.copied_unknown).then_some(self.copied),
+            fallbacks: None,
         }
     }
 }
@@ -292,6 +293,26 @@ impl MsgZerocopy {
         Ok(())
     }
 
+    /// One `send(MSG_ZEROCOPY)` of (a prefix of) `buf`: `Some(bytes sent)`, or
+    /// `None` when the kernel refused it with ENOBUFS (no option memory for its
+    /// notification; nothing was queued). For callers that fall back to a copying
+    /// send instead of waiting for completions. The caller must not rewrite or
+    /// unmap what was sent until its completion.
+    pub fn send_or_refused(&mut self, sys: &mut Syscalls, buf: &[u8]) -> Result<Option<usize>> {
+        match sys.send(self.fd, buf, libc::MSG_ZEROCOPY) {
+            Ok(0) => Err(Error::new("send(MSG_ZEROCOPY) sent 0 bytes")),
+            Ok(n) => {
+                self.completions.issue()?;
+                Ok(Some(n))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(Error::new("send(MSG_ZEROCOPY): timed out (SO_SNDTIMEO)"))
+            }
+            Err(e) => Err(Error::new(format!("send(MSG_ZEROCOPY): {e}"))),
+        }
+    }
+
     /// Reads one error-queue entry if there is one (never waits). Returns how many
     /// sends it completed, `None` when the queue was empty.
     fn read_one(&mut self, sys: &mut Syscalls) -> Result<Option<u64>> {
@@ -409,7 +430,8 @@ mod tests {
             ZcReport {
                 sends: 5,
                 completions: 4,
-                copied: Some(1)
+                copied: Some(1),
+                fallbacks: None,
             }
         );
         // Twice, or never issued: errors, and nothing counted.
@@ -434,7 +456,8 @@ mod tests {
             ZcReport {
                 sends: 200,
                 completions: 200,
-                copied: Some(130)
+                copied: Some(130),
+                fallbacks: None,
             }
         );
     }
