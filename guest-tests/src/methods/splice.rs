@@ -4,23 +4,30 @@
 //! The pipe holds references to the page-cache pages, not copies; the socket side
 //! attaches them to skbs as fragments, so with a scatter-gather NIC no CPU copy.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::runner::{send_error, Done, Transfer};
 use crate::error::{Context, Error, Result};
+
+/// A pipe (read end, write end) that holds one whole chunk, so that one splice in
+/// and one out move it.
+pub(super) fn chunk_sized_pipe(t: &mut Transfer<'_>) -> Result<(OwnedFd, OwnedFd)> {
+    let (pipe_r, pipe_w) = t.sys.pipe().context(|| "pipe2".to_string())?;
+    let chunk = t.chunk;
+    let pipe_size = libc::c_int::try_from(chunk)
+        .map_err(|_| Error::new(format!("chunk {chunk}: larger than a pipe can be")))?;
+    t.sys
+        .fcntl_int(pipe_w.as_raw_fd(), libc::F_SETPIPE_SZ, pipe_size)
+        .context(|| format!("fcntl(F_SETPIPE_SZ, {chunk}) (above /proc/sys/fs/pipe-max-size?)"))?;
+    Ok((pipe_r, pipe_w))
+}
 
 /// Sends the file through a pipe with `splice`, then waits for the ACK; the pipe
 /// is kept until after `END`.
 pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
     let fd = t.file.as_raw_fd();
-    let (pipe_r, pipe_w) = t.sys.pipe().context(|| "pipe2".to_string())?;
+    let (pipe_r, pipe_w) = chunk_sized_pipe(t)?;
     let (r, w) = (pipe_r.as_raw_fd(), pipe_w.as_raw_fd());
-    let chunk = t.chunk;
-    let pipe_size = libc::c_int::try_from(chunk)
-        .map_err(|_| Error::new(format!("chunk {chunk}: larger than a pipe can be")))?;
-    t.sys
-        .fcntl_int(w, libc::F_SETPIPE_SZ, pipe_size)
-        .context(|| format!("fcntl(F_SETPIPE_SZ, {chunk}) (above /proc/sys/fs/pipe-max-size?)"))?;
     let mut off: i64 = 0;
     t.for_each_chunk(|t, c| {
         let mut left = c.len;

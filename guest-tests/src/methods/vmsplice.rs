@@ -15,7 +15,8 @@ use std::os::fd::AsRawFd;
 
 use super::direct_write::read_direct;
 use super::runner::{send_error, Done, Transfer};
-use crate::error::{Context, Error, Result};
+use super::splice::chunk_sized_pipe;
+use crate::error::{Error, Result};
 
 /// Sends the file (opened O_DIRECT) with `read` + `vmsplice` + `splice` per chunk,
 /// then waits for the ACK; the buffer and the pipe are kept until after `END`.
@@ -25,14 +26,8 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
         .whole
         .take()
         .ok_or_else(|| Error::new("vmsplice: no transfer-sized buffer was allocated"))?;
-    let (pipe_r, pipe_w) = t.sys.pipe().context(|| "pipe2".to_string())?;
+    let (pipe_r, pipe_w) = chunk_sized_pipe(t)?;
     let (r, w) = (pipe_r.as_raw_fd(), pipe_w.as_raw_fd());
-    let chunk = t.chunk;
-    let pipe_size = libc::c_int::try_from(chunk)
-        .map_err(|_| Error::new(format!("chunk {chunk}: larger than a pipe can be")))?;
-    t.sys
-        .fcntl_int(w, libc::F_SETPIPE_SZ, pipe_size)
-        .context(|| format!("fcntl(F_SETPIPE_SZ, {chunk}) (above /proc/sys/fs/pipe-max-size?)"))?;
     t.for_each_chunk(|t, c| {
         let at = c.map_offset();
         read_direct(
