@@ -480,6 +480,7 @@ fn audit_boot(boot: &Boot, source: &[u8], expectations: &Expectations) -> BootRu
     } else {
         Vec::new()
     };
+    let summary = summary.map(|s| excuse_skipped_transfers(s, &reports));
     let failure = boot_failure(boot, summary.as_ref(), &problems);
     let output = |kind: &str, name: String| {
         let hashed = zc_vmm::report::sha256_file(&boot.dir.join(&name)).ok();
@@ -566,6 +567,22 @@ fn negotiated(nic: &zc_vmm::report::NicSummary) -> Negotiated {
 
 /// Why a boot failed, in one line, with the guest's own error when it sent one;
 /// `None` when it ran to the end.
+/// The run with the transfers of the methods the guest skipped no longer missing.
+/// The peer expects one transfer per method a card was to run; a method the guest
+/// skips (its kernel lacks a feature: a SKIP row with the reason) never connects.
+/// As many missing transfers as skipped methods are theirs, so none of the methods
+/// that ran lost its data; more missing than skipped is a lost transfer and stays
+/// the boot's failure.
+fn excuse_skipped_transfers(mut summary: RunSummary, reports: &[MethodReport]) -> RunSummary {
+    let skipped = reports.iter().filter(|r| r.skipped.is_some()).count();
+    let missing = summary.run.missing_transfers.len();
+    if missing > 0 && missing <= skipped {
+        summary.run.missing_transfers.clear();
+        summary.failure = summary.run.failure();
+    }
+    summary
+}
+
 fn boot_failure(boot: &Boot, summary: Option<&RunSummary>, problems: &[String]) -> Option<String> {
     let mut parts: Vec<String> = Vec::new();
     match summary {
@@ -1256,6 +1273,47 @@ mod tests {
     fn methods_args(extra: &[&str]) -> MethodsArgs {
         let argv = ["zc-vmm-methods", "--out", "/o", "--mem", "1G"];
         Wrapper::parse_from(argv.iter().chain(extra)).args
+    }
+
+    /// Seen on the source-built kernel (no tmpfs): sendfile_tmpfs SKIPped on both
+    /// cards, the peer missed its two transfers, and the boot failed for it.
+    #[test]
+    fn transfers_of_skipped_methods_are_not_missing_but_a_lost_one_is() {
+        use zc_vmm::boot::KernelFormat;
+        use zc_vmm::report::{RunReport, StopReason};
+        let summary = |missing: usize| {
+            let mut run = RunReport::new(KernelFormat::BzImage);
+            run.stop = StopReason::PowerOff;
+            run.guest_exit = Some(0);
+            run.missing_transfers = vec!["payload.bin".into(); missing];
+            let mut s = RunSummary::new(run, Path::new("/k"), HostMode::Direct, false);
+            s.failure = s.run.failure();
+            s
+        };
+        let report = |method: &str, skipped: Option<&str>| MethodReport {
+            method: method.into(),
+            ok: true,
+            skipped: skipped.map(String::from),
+            ..MethodReport::default()
+        };
+        let reports = [
+            report("sendfile", None),
+            report("sendfile_tmpfs", Some("no tmpfs mounted")),
+            report("sendfile_tmpfs", Some("no tmpfs mounted")),
+        ];
+        for missing in [1, 2] {
+            let s = excuse_skipped_transfers(summary(missing), &reports);
+            assert_eq!(s.failure, None, "{missing} missing, 2 skipped");
+            assert!(s.run.missing_transfers.is_empty());
+        }
+        let s = excuse_skipped_transfers(summary(3), &reports);
+        assert_eq!(
+            s.failure.as_deref(),
+            Some("the peer never received payload.bin"),
+            "one more missing than skipped: a method that ran lost its data"
+        );
+        let s = excuse_skipped_transfers(summary(1), &reports[..1]);
+        assert!(s.failure.is_some(), "nothing skipped, nothing excused");
     }
 
     #[test]
