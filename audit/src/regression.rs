@@ -114,7 +114,10 @@ impl RegressionPatch {
     }
 
     /// Every way `rows` differ from the prediction, one line each; empty when the
-    /// rows FAIL exactly as predicted and every other row PASSes.
+    /// rows FAIL exactly as predicted and every other row PASSes, or SKIPs: a row
+    /// the kernel cannot run at all (a feature it lacks, the reason in the row) is
+    /// the kernel's configuration, which no patch predicts; a row the patch names
+    /// must still FAIL.
     pub fn judge(&self, rows: &[RowResult]) -> Vec<String> {
         let mut out = Vec::new();
         for row in rows {
@@ -124,7 +127,7 @@ impl RegressionPatch {
                 .iter()
                 .find(|f| f.method == row.method && f.variant == row.variant);
             match (predicted, row.verdict) {
-                (None, Verdict::Pass) => {}
+                (None, Verdict::Pass | Verdict::Skip) => {}
                 (None, v) => out.push(format!(
                     "{name}: {v}, expected PASS (no {FAILS_TRAILER} names it): {}",
                     row.reasons.join("; ")
@@ -323,6 +326,17 @@ mod tests {
             got[3].starts_with("mmap_zerocopy.sg-off: FAIL for another reason: no guest report")
         );
         assert!(got[4].starts_with("mmap_zerocopy.sg-off: cpu_copies did not fail"));
+        // A SKIP the patch does not name is the kernel's configuration; one it
+        // names is a miss.
+        let mut skipping = as_predicted();
+        skipping.push(row("sendfile_tmpfs", "sg-on", Verdict::Skip, &["no tmpfs"]));
+        assert_eq!(p.judge(&skipping), Vec::<String>::new());
+        let named = skipping
+            .iter()
+            .position(|r| r.verdict == Verdict::Fail)
+            .unwrap();
+        skipping[named].verdict = Verdict::Skip;
+        assert!(p.judge(&skipping)[0].ends_with(": SKIP, expected FAIL"));
         let passing = vec![row("mmap_zerocopy", "sg-on", Verdict::Pass, &[])];
         assert_eq!(
             p.judge(&passing),
