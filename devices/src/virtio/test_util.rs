@@ -70,6 +70,20 @@ pub fn counting_interrupt() -> (Arc<CountingLine>, Arc<VirtioInterrupt>) {
     (line, irq)
 }
 
+/// `len` bytes of xorshift64 noise from `seed` (odd seeds only: 0 would stay 0):
+/// the same bytes every run, for tests that want data with no structure.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
 /// Guest RAM of `size` bytes at GPA 0, leaked so that a `MockSplitQueue` borrowing
 /// it does not borrow the test's harness.
 pub fn leaked_memory(size: u64) -> &'static GuestMemoryMmap {

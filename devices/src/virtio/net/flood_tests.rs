@@ -87,15 +87,7 @@ fn ping(len: usize, seq_no: u16) -> Vec<u8> {
 
 /// A full-size frame of noise addressed to the peer.
 fn garbage(seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut frame: Vec<u8> = (0..1514)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect();
+    let mut frame = crate::virtio::test_util::noise(seed, 1514);
     frame[..6].copy_from_slice(&PEER_MAC);
     frame
 }

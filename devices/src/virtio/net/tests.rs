@@ -547,15 +547,7 @@ fn checksum_helper_edge_cases() {
 /// that fold to 0xffff), all zeros and noise.
 #[test]
 fn completed_checksum_matches_the_definition() {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let noise: Vec<u8> = (0..MAX_FRAME_LEN)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect();
+    let noise = crate::virtio::test_util::noise(0x2545_f491_4f6c_dd1d, MAX_FRAME_LEN);
     let ones = vec![0xffu8; MAX_FRAME_LEN];
     let zeros = vec![0u8; MAX_FRAME_LEN];
     let lengths = (0..300).chain([1514, 4095, 4096, 9001, 65535, MAX_FRAME_LEN]);
