@@ -324,15 +324,7 @@ const KILL_WRITE_LEN: usize = 8 * 4096;
 /// The child's data: pseudo-random from `seed`, so that nothing but this run's
 /// writes can match.
 fn kill_pattern(seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..KILL_WRITE_LEN)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect()
+    crate::virtio::test_util::noise(seed, KILL_WRITE_LEN)
 }
 
 /// A process that runs the device model on a real image, writes to it as a guest
