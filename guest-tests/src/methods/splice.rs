@@ -4,7 +4,7 @@
 //! The pipe holds references to the page-cache pages, not copies; the socket side
 //! attaches them to skbs as fragments, so with a scatter-gather NIC no CPU copy.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use super::runner::{send_error, Done, Transfer};
 use crate::error::{Context, Error, Result};
@@ -20,6 +20,23 @@ pub(super) fn chunk_sized_pipe(t: &mut Transfer<'_>) -> Result<(OwnedFd, OwnedFd
         .fcntl_int(pipe_w.as_raw_fd(), libc::F_SETPIPE_SZ, pipe_size)
         .context(|| format!("fcntl(F_SETPIPE_SZ, {chunk}) (above /proc/sys/fs/pipe-max-size?)"))?;
     Ok((pipe_r, pipe_w))
+}
+
+/// Moves `len` bytes that are in the pipe `pipe` (its read end) to the socket,
+/// with as many `splice` calls as the socket takes.
+pub(super) fn pipe_to_socket(t: &mut Transfer<'_>, pipe: RawFd, len: usize) -> Result<()> {
+    let mut in_pipe = len;
+    while in_pipe > 0 {
+        match t
+            .sys
+            .splice(pipe, None, t.sock, in_pipe, libc::SPLICE_F_MOVE)
+        {
+            Ok(0) => return Err(Error::new("splice pipe -> socket returned 0")),
+            Ok(m) => in_pipe -= m,
+            Err(e) => return Err(send_error("splice pipe ->", e)),
+        }
+    }
+    Ok(())
 }
 
 /// Sends the file through a pipe with `splice`, then waits for the ACK; the pipe
@@ -49,14 +66,7 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
                 Ok(n) => n,
                 Err(e) => return Err(Error::new(format!("splice file -> pipe at {off}: {e}"))),
             };
-            let mut in_pipe = n;
-            while in_pipe > 0 {
-                match t.sys.splice(r, None, t.sock, in_pipe, libc::SPLICE_F_MOVE) {
-                    Ok(0) => return Err(Error::new("splice pipe -> socket returned 0")),
-                    Ok(m) => in_pipe -= m,
-                    Err(e) => return Err(send_error("splice pipe ->", e)),
-                }
-            }
+            pipe_to_socket(t, r, n)?;
             // An O_DIRECT request is page-rounded, but only the file's last chunk
             // is ever unaligned and the file ends there: never more than `left`.
             left = left.saturating_sub(n);

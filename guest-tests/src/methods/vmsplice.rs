@@ -14,8 +14,8 @@
 use std::os::fd::AsRawFd;
 
 use super::direct_write::read_direct;
-use super::runner::{send_error, Done, Transfer};
-use super::splice::chunk_sized_pipe;
+use super::runner::{Done, Transfer};
+use super::splice::{chunk_sized_pipe, pipe_to_socket};
 use crate::error::{Error, Result};
 
 /// Sends the file (opened O_DIRECT) with `read` + `vmsplice` + `splice` per chunk,
@@ -51,14 +51,7 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
                     )))
                 }
             };
-            let mut in_pipe = n;
-            while in_pipe > 0 {
-                match t.sys.splice(r, None, t.sock, in_pipe, libc::SPLICE_F_MOVE) {
-                    Ok(0) => return Err(Error::new("splice pipe -> socket returned 0")),
-                    Ok(m) => in_pipe -= m,
-                    Err(e) => return Err(send_error("splice pipe ->", e)),
-                }
-            }
+            pipe_to_socket(t, r, n)?;
             part = &part[n..];
         }
         Ok(())
