@@ -102,6 +102,7 @@ fn run_steps(boot: &Boot, control: &mut Option<Channel>) -> Result<i32> {
 /// fails the whole run.
 fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
     let mut mounted = false;
+    let mut scratch_mounted = false;
     let mut net_up = false;
     // Each card's peer, card 0's first.
     let mut peers = vec![options.peer];
@@ -117,6 +118,17 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
                     disk::DEVICE,
                     disk::MOUNT_POINT,
                     if options.disk_read_only { "ro" } else { "rw" }
+                ),
+            )?;
+        }
+        if test.needs_scratch() && !scratch_mounted {
+            let device = disk::mount_scratch()?;
+            scratch_mounted = true;
+            say(
+                control,
+                &format!(
+                    "mounted the scratch disk {device} on {} (rw)",
+                    disk::SCRATCH_MOUNT_POINT
                 ),
             )?;
         }
@@ -175,6 +187,16 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
                     Err(err) => Outcome::failed("methods", None, &err),
                 }
             }
+            TestHook::ScratchCopy(file) => {
+                say(
+                    control,
+                    &format!("scratch-copy: {file} to the scratch disk"),
+                )?;
+                match scenarios::scratch_copy(file) {
+                    Ok(outcome) => outcome,
+                    Err(err) => Outcome::failed("scratch-copy", Some(file), &err),
+                }
+            }
             TestHook::Send(file) => {
                 say(control, &format!("send: {file} to {}", options.peer))?;
                 let mut mark = |label: &str| send(control, |c| c.mark(label));
@@ -192,9 +214,13 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
         send(control, |c| c.report(&outcome.report))?;
         all_passed &= outcome.ok;
     }
-    if mounted {
-        // A clean unmount keeps the image's ext4 marked clean (it has no journal).
-        if let Err(err) = mounts::umount(disk::MOUNT_POINT) {
+    // A clean unmount keeps each image's ext4 marked clean (they have no journal).
+    let mount_points = [
+        (mounted, disk::MOUNT_POINT),
+        (scratch_mounted, disk::SCRATCH_MOUNT_POINT),
+    ];
+    for (_, point) in mount_points.iter().filter(|(was, _)| *was) {
+        if let Err(err) = mounts::umount(point) {
             say(control, &format!("warning: {err}"))?;
         }
     }

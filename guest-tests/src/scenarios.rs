@@ -1,4 +1,5 @@
-//! The `zc.test=` steps that move data: `disk-roundtrip` and `send:<file>`.
+//! The `zc.test=` steps that move data: `disk-roundtrip`, `disk-read`, `send:<file>`
+//! and `scratch-copy:<file>`.
 //!
 //! Each returns a [`Outcome`]: whether it passed, and its `report` JSON. Errors that
 //! stop a step half-way (a refused connection, an I/O error) become a failed outcome
@@ -148,6 +149,47 @@ pub fn disk_roundtrip() -> Result<Roundtrip> {
         mismatch_at,
         write_s,
         read_s,
+    })
+}
+
+/// `scratch-copy:<file>`: copies `/mnt/<file>` to the scratch disk's root with
+/// read+write in [`ROUNDTRIP_CHUNK`]s and fsyncs the copy (a virtio-blk FLUSH), so
+/// the host finds every byte in the image after the run. The guest checks nothing
+/// itself: the host's read-back of the image is the check.
+pub fn scratch_copy(file: &str) -> Result<Outcome> {
+    let from = format!("{MOUNT_POINT}/{file}");
+    let to = format!("{}/{file}", disk::SCRATCH_MOUNT_POINT);
+    let mut source = File::open(&from).context(|| format!("opening {from}"))?;
+    let mut copy = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&to)
+        .context(|| format!("creating {to}"))?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; ROUNDTRIP_CHUNK];
+    let mut bytes = 0u64;
+    loop {
+        let n =
+            read_full(&mut source, &mut buf).context(|| format!("reading {from} at {bytes}"))?;
+        if n == 0 {
+            break;
+        }
+        copy.write_all(&buf[..n])
+            .context(|| format!("writing {to} at {bytes}"))?;
+        bytes += n as u64;
+    }
+    copy.sync_all().context(|| format!("fsync {to}"))?;
+    Ok(Outcome {
+        ok: true,
+        report: Object::new()
+            .str("test", "scratch-copy")
+            .str("file", file)
+            .u64("bytes", bytes)
+            .bool("ok", true)
+            .f64("seconds", start.elapsed().as_secs_f64(), 6)
+            .finish(),
     })
 }
 

@@ -58,6 +58,9 @@ pub const GENERATOR: &str = "zc-disk-v1";
 pub const MANIFEST_FORMAT: u32 = 1;
 /// The directory beside the image that keeps the source files.
 pub const FILES_DIR: &str = "disk-files";
+/// The test disk's ext4 label (the scratch disk has [`crate::scratch::LABEL`]): the
+/// guest tells its disks apart by it, not by their order.
+pub const TEST_DISK_LABEL: &str = "zc-test";
 
 /// Errors of the test-disk builder.
 #[derive(Debug, Error)]
@@ -136,7 +139,10 @@ impl DiskError {
     }
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DiskError + 'a {
+pub(crate) fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> DiskError + 'a {
     move |source| DiskError::Io {
         what,
         path: path.to_path_buf(),
@@ -496,7 +502,7 @@ pub fn build(req: &DiskRequest, progress: &mut dyn FnMut(&str)) -> Result<Built,
         files_dir.display()
     ));
     let tmp = image.with_file_name(format!("{image_name}.tmp"));
-    make_ext4(&tmp, req.size, &files_dir)?;
+    make_ext4(&tmp, req.size, TEST_DISK_LABEL, Some(&files_dir))?;
     fs::rename(&tmp, &image).map_err(io_err("renaming into place", &image))?;
 
     let manifest = Manifest {
@@ -553,17 +559,25 @@ fn clear_files_dir(files_dir: &Path) -> Result<(), DiskError> {
     Ok(())
 }
 
-/// Creates a sparse `size`-byte file at `image` and makes an ext4 file system in it
-/// holding the content of `files_dir`.
-fn make_ext4(image: &Path, size: u64, files_dir: &Path) -> Result<(), DiskError> {
+/// Creates a sparse `size`-byte file at `image` and makes an ext4 file system labelled
+/// `label` in it, holding the content of `files_dir` if one is given. The same
+/// options for the test disk and the scratch disk (see "Why no journal" above).
+pub(crate) fn make_ext4(
+    image: &Path,
+    size: u64,
+    label: &str,
+    files_dir: Option<&Path>,
+) -> Result<(), DiskError> {
     let file = File::create(image).map_err(io_err("creating", image))?;
     file.set_len(size).map_err(io_err("sizing", image))?;
     drop(file);
-    let output = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-O", "^has_journal", "-m", "0"])
-        .args(["-L", "zc-test", "-E", "lazy_itable_init=0,root_owner=0:0"])
-        .arg("-d")
-        .arg(files_dir)
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-b", "4096", "-O", "^has_journal", "-m", "0"])
+        .args(["-L", label, "-E", "lazy_itable_init=0,root_owner=0:0"]);
+    if let Some(dir) = files_dir {
+        mkfs.arg("-d").arg(dir);
+    }
+    let output = mkfs
         .arg(image)
         // mkfs.ext4 lives in /sbin, which a non-root PATH may lack.
         .env("PATH", path_with_sbin())
@@ -587,7 +601,8 @@ fn make_ext4(image: &Path, size: u64, files_dir: &Path) -> Result<(), DiskError>
     Ok(())
 }
 
-fn path_with_sbin() -> String {
+/// `PATH` with the sbin directories e2fsprogs live in added.
+pub(crate) fn path_with_sbin() -> String {
     let path = std::env::var("PATH").unwrap_or_default();
     let mut parts: Vec<&str> = path.split(':').filter(|p| !p.is_empty()).collect();
     for extra in ["/usr/sbin", "/sbin"] {

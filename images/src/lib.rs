@@ -13,6 +13,7 @@
 //! - [`vmlinux`]: the ELF vmlinux extracted from a bzImage's compressed payload;
 //! - [`elf`]: the minimal ELF64 reading the others need;
 //! - [`disk`]: the test disk, ext4 with files of random, page-unique content;
+//! - [`scratch`]: the scratch disk the guest writes to, and reading it back;
 //! - [`kbuild`]: kernels built from source (tinyconfig + zc's Kconfig fragment,
 //!   patches, cached by their inputs) and users' kernel trees.
 #![forbid(unsafe_code)]
@@ -26,4 +27,5 @@ pub mod kconfig;
 pub mod kernel;
 pub mod modules;
 pub mod role;
+pub mod scratch;
 pub mod vmlinux;

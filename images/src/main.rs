@@ -103,6 +103,16 @@ enum Cmd {
         #[arg(long, value_parser = parse_seed, default_value_t = disk::DEFAULT_SEED)]
         seed: u64,
     },
+    /// Make a blank scratch disk: an ext4 image labelled zc-scratch (sparse) that the
+    /// guest may write to (`zc-vmm run --scratch-disk`); replaces FILE.
+    Scratch {
+        /// The image to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Image size: bytes or with K/M/G.
+        #[arg(long, default_value = "128M", value_parser = parse_size)]
+        size: u64,
+    },
     /// Check a kernel's config before any boot: one line per missing option and what
     /// breaks, and the methods it will SKIP. Exit 0: the guest can run; 1: it
     /// cannot; 2: bad input (no kernel, no config found).
@@ -421,6 +431,15 @@ fn check(command: &Cmd) -> Result<(), BadInput> {
             }
             Ok(())
         }
+        Cmd::Scratch { out, size } => {
+            input::output_file("--out", out)?;
+            if *size < (8 << 20) {
+                return input::bad(format!(
+                    "--size {size}: a scratch disk needs room for ext4 and the files; give a size such as 128M"
+                ));
+            }
+            Ok(())
+        }
         Cmd::CheckConfig {
             kernel,
             config,
@@ -590,6 +609,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|f| format!("{} {} bytes", f.name, f.size))
                     .collect::<Vec<_>>()
                     .join(", ")
+            );
+        }
+        Cmd::Scratch { out, size } => {
+            zc_images::scratch::create(&out, size)?;
+            println!(
+                "zc-image: scratch disk {} ({size} bytes, ext4, label {})",
+                out.display(),
+                zc_images::scratch::LABEL
             );
         }
         Cmd::BuildKernel(args) => kernel_cmd::run(args)?,

@@ -8,8 +8,9 @@
 //! - `zc.test=STEP[,STEP...]` (guest role): what to run, in order. Steps: `panic`
 //!   and `hang` (end-to-end hooks for the VMM), `disk-roundtrip` (write, drop caches,
 //!   read back and check a file on the test disk), `send:<file>` (send
-//!   `/mnt/<file>` to the TCP peer with read+write) and `methods` (the method
-//!   suite, `docs/method-suite.md`).
+//!   `/mnt/<file>` to the TCP peer with read+write), `scratch-copy:<file>` (copy
+//!   `/mnt/<file>` to the scratch disk with read+write and fsync, for the host to
+//!   read back) and `methods` (the method suite, `docs/method-suite.md`).
 //! - `zc.methods=NAME[,NAME...]|all` (default `all`), `zc.file=NAME` (default
 //!   `payload.bin`), `zc.size=BYTES` (default: the whole file) and
 //!   `zc.chunk=BYTES` (default 65536, a multiple of 4096): what the `methods` step
@@ -218,6 +219,9 @@ pub enum TestHook {
     DiskRead,
     /// Run the method suite (`zc.methods`, `zc.file`, `zc.size`, `zc.chunk`).
     Methods,
+    /// Copy `/mnt/<file>` to the scratch disk (same name, its root) with read+write,
+    /// then fsync it (a virtio-blk FLUSH): what the host reads back from the image.
+    ScratchCopy(String),
 }
 
 impl TestHook {
@@ -225,8 +229,17 @@ impl TestHook {
     pub fn needs_disk(&self) -> bool {
         matches!(
             self,
-            TestHook::DiskRoundtrip | TestHook::Send(_) | TestHook::DiskRead | TestHook::Methods
+            TestHook::DiskRoundtrip
+                | TestHook::Send(_)
+                | TestHook::DiskRead
+                | TestHook::Methods
+                | TestHook::ScratchCopy(_)
         )
+    }
+
+    /// Whether the step needs the scratch disk mounted on `/scratch`.
+    pub fn needs_scratch(&self) -> bool {
+        matches!(self, TestHook::ScratchCopy(_))
     }
 
     /// Whether the step needs eth0 configured.
@@ -245,13 +258,23 @@ impl FromStr for TestHook {
             "disk-roundtrip" => Ok(TestHook::DiskRoundtrip),
             "disk-read" => Ok(TestHook::DiskRead),
             "methods" => Ok(TestHook::Methods),
-            _ => match step.strip_prefix("send:") {
-                Some(file) => check_disk_file(file, "zc.test=send:")
-                    .map(|f| TestHook::Send(f.to_string())),
-                None => Err(OptionsError::new(format!(
-                    "zc.test: unknown step {step:?} (expected panic, hang, disk-roundtrip, disk-read, send:<file> or methods, comma-separated)"
-                ))),
-            },
+            _ => {
+                if let Some(file) = step.strip_prefix("send:") {
+                    check_disk_file(file, "zc.test=send:").map(|f| TestHook::Send(f.to_string()))
+                } else if let Some(file) = step.strip_prefix("scratch-copy:") {
+                    // The copy lands in the scratch disk's root, under the same name.
+                    match check_disk_file(file, "zc.test=scratch-copy:")? {
+                        f if f.contains('/') => Err(OptionsError::new(format!(
+                            "zc.test=scratch-copy:{f}: expected a file in the test disk's root, e.g. scratch-copy:payload.bin"
+                        ))),
+                        f => Ok(TestHook::ScratchCopy(f.to_string())),
+                    }
+                } else {
+                    Err(OptionsError::new(format!(
+                        "zc.test: unknown step {step:?} (expected panic, hang, disk-roundtrip, disk-read, send:<file>, scratch-copy:<file> or methods, comma-separated)"
+                    )))
+                }
+            }
         }
     }
 }
@@ -638,6 +661,7 @@ impl std::fmt::Display for TestHook {
             TestHook::DiskRead => f.write_str("disk-read"),
             TestHook::Methods => f.write_str("methods"),
             TestHook::Send(file) => write!(f, "send:{file}"),
+            TestHook::ScratchCopy(file) => write!(f, "scratch-copy:{file}"),
         }
     }
 }
@@ -832,7 +856,9 @@ mod tests {
 
     #[test]
     fn test_steps_in_order() {
-        let o = Options::parse("zc.test=disk-roundtrip,send:payload.bin,send:d/x.bin,disk-read")
+        let o = Options::parse(
+            "zc.test=disk-roundtrip,send:payload.bin,send:d/x.bin,disk-read,scratch-copy:payload.bin",
+        )
             .unwrap();
         assert_eq!(
             o.tests,
@@ -841,10 +867,20 @@ mod tests {
                 TestHook::Send("payload.bin".into()),
                 TestHook::Send("d/x.bin".into()),
                 TestHook::DiskRead,
+                TestHook::ScratchCopy("payload.bin".into()),
             ]
         );
         assert!(o.tests.iter().all(TestHook::needs_disk));
         assert_eq!(o.tests.iter().filter(|t| t.needs_net()).count(), 2);
+        assert_eq!(o.tests.iter().filter(|t| t.needs_scratch()).count(), 1);
+        // Round trip through the VMM's side.
+        let steps: Vec<String> = o.tests.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            steps.last().map(String::as_str),
+            Some("scratch-copy:payload.bin")
+        );
+        let err = Options::parse("zc.test=scratch-copy:d/x.bin").unwrap_err();
+        assert!(err.to_string().contains("in the test disk's root"), "{err}");
         assert!(!TestHook::Hang.needs_disk() && !TestHook::Panic.needs_net());
     }
 

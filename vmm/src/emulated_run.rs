@@ -76,6 +76,8 @@ pub struct InnerRun {
     pub outputs: Vec<(PathBuf, PathBuf)>,
     /// The disk, if the run has one.
     pub disk: Option<DiskCopy>,
+    /// The scratch disk, if the run has one.
+    pub scratch_disk: Option<DiskCopy>,
 }
 
 impl InnerRun {
@@ -122,11 +124,21 @@ impl InnerRun {
             disk.path = copy.inner.clone();
             copy
         });
+        let scratch_disk = inner.scratch_disk.as_mut().map(|path| {
+            let copy = DiskCopy {
+                outer: path.clone(),
+                inner: exchange.join("scratch.img"),
+                write_back: true,
+            };
+            path.clone_from(&copy.inner);
+            copy
+        });
         Ok(InnerRun {
             spec: inner,
             spec_file: exchange.join(INNER_SPEC),
             outputs,
             disk,
+            scratch_disk,
         })
     }
 
@@ -135,17 +147,27 @@ impl InnerRun {
         vec!["run".into(), "--spec".into(), self.spec_file.clone().into()]
     }
 
-    /// Writes the inner spec and copies the disk in.
+    /// Writes the inner spec and copies the disks in.
     fn prepare(&self) -> Result<(), EmulatedRunError> {
         self.spec
             .save(&self.spec_file)
             .map_err(io_err("cannot write the run spec", &self.spec_file))?;
-        self.disk.as_ref().map_or(Ok(()), DiskCopy::copy_in)
+        self.copy_disks_in()
     }
 
-    /// Copies the outputs (and a writable disk) back where the outer spec wants them.
+    /// Copies the disks into the exchange directory (again, before a second start of
+    /// the host: it gets the original disks, not what the first one wrote).
+    fn copy_disks_in(&self) -> Result<(), EmulatedRunError> {
+        self.disks().try_for_each(DiskCopy::copy_in)
+    }
+
+    fn disks(&self) -> impl Iterator<Item = &DiskCopy> {
+        self.disk.iter().chain(&self.scratch_disk)
+    }
+
+    /// Copies the outputs (and writable disks) back where the outer spec wants them.
     fn copy_back(&self) -> Result<(), EmulatedRunError> {
-        if let Some(disk) = self.disk.as_ref().filter(|d| d.write_back) {
+        for disk in self.disks().filter(|d| d.write_back) {
             std::fs::copy(&disk.inner, &disk.outer)
                 .map_err(io_err("cannot write the guest's disk back to", &disk.outer))?;
         }
@@ -190,7 +212,7 @@ pub fn run(
     };
     // The second start gets the original disk, not what the first one wrote.
     let status = emulated::retry_once_if_host_failed("zc-vmm", exchange.path(), attempt, || {
-        plan.disk.as_ref().map_or(Ok(()), DiskCopy::copy_in)
+        plan.copy_disks_in()
     })?;
     plan.copy_back()?;
     eprintln!(
@@ -324,16 +346,19 @@ mod tests {
     }
 
     #[test]
-    fn outputs_and_a_writable_disk_come_back_after_the_run() {
+    fn outputs_and_writable_disks_come_back_after_the_run() {
         let outer = tempfile::tempdir().unwrap();
         let exchange = tempfile::tempdir().unwrap();
         let disk = outer.path().join("disk.img");
         std::fs::write(&disk, "before").unwrap();
+        let scratch = outer.path().join("scratch.img");
+        std::fs::write(&scratch, "blank").unwrap();
         let spec = RunSpec {
             disk: Some(DiskSpec {
                 path: disk.clone(),
                 read_only: false,
             }),
+            scratch_disk: Some(scratch.clone()),
             outputs: RunOutputs {
                 summary: Some(outer.path().join("run.json")),
                 console: Some(outer.path().join("console.txt")),
@@ -342,12 +367,22 @@ mod tests {
             ..RunSpec::new("Cargo.toml")
         };
         let plan = InnerRun::plan(&spec, exchange.path()).unwrap();
+        assert_eq!(
+            plan.spec.scratch_disk,
+            Some(exchange.path().join("scratch.img"))
+        );
         plan.prepare().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(exchange.path().join("scratch.img")).unwrap(),
+            "blank"
+        );
         std::fs::write(exchange.path().join("disk.img"), "after").unwrap();
+        std::fs::write(exchange.path().join("scratch.img"), "written").unwrap();
         std::fs::write(exchange.path().join("report.json"), "{}").unwrap();
         // No console inside: the run failed early; the rest still comes back.
         plan.copy_back().unwrap();
         assert_eq!(std::fs::read_to_string(&disk).unwrap(), "after");
+        assert_eq!(std::fs::read_to_string(&scratch).unwrap(), "written");
         assert_eq!(
             std::fs::read_to_string(outer.path().join("run.json")).unwrap(),
             "{}"

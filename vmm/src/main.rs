@@ -262,6 +262,11 @@ struct RunFlags {
     /// Make the disk read-only to the guest.
     #[arg(long, requires = "disk")]
     disk_ro: bool,
+    /// A blank ext4 image the guest may write to, a second virtio-blk disk found by
+    /// its label (make one with `zc-image scratch --out PATH`); read it back after the
+    /// run with `debugfs`.
+    #[arg(long, value_name = "PATH")]
+    scratch_disk: Option<PathBuf>,
     /// Log every DMA descriptor the devices touch to this file (JSON Lines, docs/dma-log.md).
     #[arg(long)]
     dma_log: Option<PathBuf>,
@@ -342,6 +347,7 @@ impl RunFlags {
             mem_bytes: self.mem,
             vcpus: self.vcpus,
             timeout_s: self.timeout,
+            scratch_disk: self.scratch_disk,
             disk: self.disk.map(|path| DiskSpec {
                 path,
                 read_only: self.disk_ro,

@@ -56,6 +56,12 @@ pub struct RunSpec {
     /// The virtio-blk disk, if any (`/dev/vda`).
     #[serde(default)]
     pub disk: Option<DiskSpec>,
+    /// The scratch disk, if any: a second virtio-blk disk, always writable, a blank
+    /// ext4 image (`zc_images::scratch`) the guest writes received files to and the
+    /// host reads back after the run. The guest finds it by its label; its DMA
+    /// records are blk card 1 (`blk/1/...`), the test disk's card 0.
+    #[serde(default)]
+    pub scratch_disk: Option<PathBuf>,
     /// The virtio-net cards, in the order the guest numbers them: card `n` has the
     /// addresses of `zc_protocol::addr::Card` `n` (its own subnet and peer).
     #[serde(default)]
@@ -346,6 +352,7 @@ impl RunSpec {
             vcpus: default_vcpus(),
             timeout_s: DEFAULT_TIMEOUT_S,
             disk: None,
+            scratch_disk: None,
             nics: Vec::new(),
             dirty_samples: false,
             transport: TransportChoice::Auto,
@@ -444,6 +451,13 @@ impl RunSpec {
                 "disk image",
                 &disk.path,
                 "pass --disk PATH (run `make images` for the test disk)",
+            )?;
+        }
+        if let Some(scratch) = &self.scratch_disk {
+            require_file(
+                "scratch disk image",
+                scratch,
+                "pass --scratch-disk PATH, a blank ext4 image (`zc-image scratch --out PATH`)",
             )?;
         }
         if self.nics.len() > usize::from(zc_protocol::addr::MAX_CARDS) {
@@ -761,6 +775,7 @@ mod tests {
     #[case::not_a_kernel(|s: &mut RunSpec, d: &Path| s.kernel = d.join("initrd.img"), "neither a bzImage")]
     #[case::missing_initrd(|s: &mut RunSpec, d: &Path| s.initrd = Some(d.join("nope")), "pass --initrd")]
     #[case::missing_disk(|s: &mut RunSpec, d: &Path| s.disk.as_mut().unwrap().path = d.join("nope"), "pass --disk")]
+    #[case::missing_scratch_disk(|s: &mut RunSpec, d: &Path| s.scratch_disk = Some(d.join("nope")), "zc-image scratch")]
     #[case::too_little_memory(|s: &mut RunSpec, _: &Path| s.mem_bytes = 1 << 20, "64M")]
     #[case::no_vcpus(|s: &mut RunSpec, _: &Path| s.vcpus = 0, "1 to 32")]
     #[case::missing_expected_file(|s: &mut RunSpec, d: &Path| s.nics[0].peer_expect[1] = d.join("nope"), "the guest will send")]

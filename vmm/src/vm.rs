@@ -120,6 +120,12 @@ pub fn run(spec: &RunSpec) -> Result<RunReport, VmError> {
     if let Some(disk) = &spec.disk {
         builder.attach_disk(disk)?;
     }
+    if let Some(scratch) = &spec.scratch_disk {
+        builder.attach_disk(&DiskSpec {
+            path: scratch.clone(),
+            read_only: false,
+        })?;
+    }
     for nic in &spec.nics {
         builder.attach_nic(nic)?;
     }
@@ -210,14 +216,17 @@ impl<'a> VmBuilder<'a> {
         })
     }
 
-    /// Attaches a virtio-blk disk backed by `disk`'s image file.
+    /// Attaches a virtio-blk disk backed by `disk`'s image file. The `n`-th disk
+    /// names itself card `n` in the DMA log (the test disk `blk/0/...`, the scratch
+    /// disk `blk/1/...`).
     pub fn attach_disk(&mut self, disk: &DiskSpec) -> Result<(), VmError> {
         let options = BlockOptions {
             read_only: disk.read_only,
             ..BlockOptions::default()
         };
+        let card = u16::try_from(self.disks.len()).expect("a VM has a handful of disks");
         let block =
-            Block::open(&disk.path, options, self.dma_log.clone()).map_err(VmError::Disk)?;
+            Block::open(&disk.path, options, self.dma_log.for_card(card)).map_err(VmError::Disk)?;
         let device = self.plug(block, ExitTarget::Disk)?;
         self.disks.push((disk.read_only, device));
         Ok(())

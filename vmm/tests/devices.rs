@@ -34,6 +34,10 @@ fn images() -> PathBuf {
     common::images_with("guest/disk.img")
 }
 
+/// The test disk written and read back by the guest (`disk-roundtrip`), and the
+/// scratch disk written by the guest (`scratch-copy:payload.bin`) and read back by
+/// the host from the image: one boot, two virtio-blk disks, each in the DMA log as
+/// its own card.
 #[test]
 #[ignore = "boots a real kernel: run with `make test`"]
 fn guest_disk_roundtrip_is_in_the_dma_log() {
@@ -41,14 +45,26 @@ fn guest_disk_roundtrip_is_in_the_dma_log() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::copy(images.join("guest/disk.img"), &disk).unwrap();
+    let payload = images.join("guest/disk-files").join(DEFAULT_FILE);
+    let payload_len = std::fs::metadata(&payload).unwrap().len();
+    let scratch = dir.path().join("scratch.img");
+    zc_images::scratch::create(&scratch, zc_images::scratch::size_for(payload_len)).unwrap();
     let log_path = dir.path().join("dma.jsonl");
     let mut spec = common::guest_spec(&images, "guest/vmlinuz", dir.path());
     spec.disk = Some(DiskSpec {
         path: disk,
         read_only: false,
     });
+    spec.scratch_disk = Some(scratch.clone());
     spec.outputs.dma_log = Some(log_path.clone());
-    spec.append = Some(guest_options(TestHook::DiskRoundtrip, false).to_cmdline());
+    let options = Options {
+        tests: vec![
+            TestHook::DiskRoundtrip,
+            TestHook::ScratchCopy(DEFAULT_FILE.to_string()),
+        ],
+        ..Options::default()
+    };
+    spec.append = Some(options.to_cmdline());
     let run = common::run_spec(&images, &spec, dir.path());
     assert_eq!(run.code(), 0);
     /// The guest's `disk-roundtrip` report.
@@ -61,31 +77,67 @@ fn guest_disk_roundtrip_is_in_the_dma_log() {
     assert!(roundtrip.ok, "{roundtrip:?}");
     assert_eq!(roundtrip.bytes, 8 << 20);
 
+    // The scratch disk as the host finds it: consistent, and the copy every byte
+    // of the payload (the guest's fsync reached the image).
+    zc_images::scratch::check(&scratch).unwrap();
+    let copy = zc_images::scratch::compare(&scratch, DEFAULT_FILE, &payload, u64::MAX, dir.path())
+        .unwrap();
+    assert!(copy.identical(), "the scratch copy: {copy}");
+
+    /// Bytes and FLUSHes of one disk (DMA log card).
+    #[derive(Debug, Default)]
+    struct Disk {
+        written_to_guest: u64,
+        read_from_guest: u64,
+        flushes: u64,
+    }
+    let mut disks: [Disk; 2] = Default::default();
     let records = read_log(&log_path).expect("a readable DMA log");
-    let (mut written_to_guest, mut read_from_guest) = (0u64, 0u64);
-    let mut flushes = 0;
     for record in &records {
         match record {
-            Record::Desc(d) if d.role == DescRole::Data => match d.dir {
-                Direction::DeviceWrites => written_to_guest += u64::from(d.len),
-                Direction::DeviceReads => read_from_guest += u64::from(d.len),
-            },
+            Record::Desc(d) if d.role == DescRole::Data => {
+                let disk = &mut disks[usize::from(d.card)];
+                match d.dir {
+                    Direction::DeviceWrites => disk.written_to_guest += u64::from(d.len),
+                    Direction::DeviceReads => disk.read_from_guest += u64::from(d.len),
+                }
+            }
             Record::Request(r) => {
                 if let RequestDetail::Blk(b) = &r.req {
                     assert_eq!(b.status, BlkStatus::Ok, "a failed request: {b:?}");
-                    flushes += u64::from(b.op == "flush");
+                    disks[usize::from(r.card)].flushes += u64::from(b.op == "flush");
                 }
             }
             Record::DeviceError(e) => panic!("device error: {e:?}"),
             _ => {}
         }
     }
+    let [test, scratch] = &disks;
     // The guest wrote 8 MiB (OUT: the device reads guest memory) and read it back
     // with a cold cache (IN: the device writes guest memory), plus file-system
-    // metadata both ways.
-    assert!(read_from_guest >= 8 << 20, "OUT bytes {read_from_guest}");
-    assert!(written_to_guest >= 8 << 20, "IN bytes {written_to_guest}");
-    assert!(flushes >= 1, "fsync must reach the device as FLUSH");
+    // metadata both ways; it read the payload from the test disk too.
+    assert!(test.read_from_guest >= 8 << 20, "test disk: {test:?}");
+    assert!(
+        test.written_to_guest >= (8 << 20) + payload_len,
+        "test disk: {test:?}"
+    );
+    assert!(
+        test.flushes >= 1,
+        "fsync must reach the device as FLUSH: {test:?}"
+    );
+    // The copy went to the scratch disk only, and its fsync too.
+    assert!(
+        scratch.read_from_guest >= payload_len,
+        "scratch disk: {scratch:?}"
+    );
+    assert!(scratch.flushes >= 1, "scratch disk: {scratch:?}");
+    assert!(
+        scratch.written_to_guest < payload_len / 8,
+        "the scratch disk is written, not read: {scratch:?}"
+    );
+    let disks = &run.summary().run.disks;
+    assert_eq!(disks.len(), 2, "{disks:?}");
+    assert!(!disks[1].read_only);
 }
 
 /// The default guest with the test disk read-only, sending `payload.bin` to a card
