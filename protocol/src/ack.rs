@@ -1,6 +1,9 @@
-//! The peer's acknowledgement: once it has received and checked every byte it
-//! expects on a connection, the peer (the VMM's smoltcp or socket peer) sends the
-//! byte count as 8 bytes, little-endian; the guest waits for them before `END`.
+//! The receiver's acknowledgement: once it has every byte of a connection's
+//! transfer, the receiving side sends the byte count as 8 bytes, little-endian.
+//! Guest to peer: the peer (the VMM's smoltcp or socket peer) sends it once it has
+//! received and checked every byte it expects; the guest waits for it before `END`.
+//! Peer to guest ([`crate::addr::PEER_SEND_PORT`]): the guest sends it once it has
+//! read the whole file, and the peer checks it equals what it sent.
 
 /// Length of the ACK on the wire.
 pub const ACK_LEN: usize = 8;

@@ -22,6 +22,11 @@ pub const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// The TCP port the peer listens on.
 pub const PEER_PORT: u16 = 7878;
 
+/// The TCP port on the peer's address that sends the guest a file (the receive
+/// direction: each connection gets the next file the VMM offered, then the guest
+/// answers with its byte count, [`crate::ack`]).
+pub const PEER_SEND_PORT: u16 = 7879;
+
 /// The default TCP peer the guest connects to.
 pub const DEFAULT_PEER: SocketAddrV4 = SocketAddrV4::new(PEER_IP, PEER_PORT);
 

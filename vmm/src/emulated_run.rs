@@ -107,7 +107,7 @@ impl InnerRun {
                 _ => format!("frames-{i}.pcap"),
             };
             to_exchange(&mut nic.pcap, name);
-            for file in &mut nic.peer_expect {
+            for file in nic.peer_expect.iter_mut().chain(&mut nic.peer_send) {
                 *file = absolute(file)?;
             }
         }

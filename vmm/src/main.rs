@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use zc_vmm::emulated_run;
 use zc_vmm::host::{self, HostMode};
-use zc_vmm::report::{RunReport, RunSummary};
+use zc_vmm::report::{Direction, RunReport, RunSummary};
 use zc_vmm::spec::{
     parse_mem, parse_tap_address, DiskSpec, NetBackendSpec, NicSpec, RunOutputs, RunSpec,
     TapAddress, TransportChoice, DEFAULT_CMDLINE, DEFAULT_TIMEOUT_S,
@@ -293,6 +293,10 @@ struct RunFlags {
     /// Each connection carries only the first BYTES of its --peer-expect file.
     #[arg(long, value_name = "BYTES", requires = "peer_expect")]
     peer_expect_bytes: Option<u64>,
+    /// A file the peer will send the guest (port 7879); one per TCP connection, in
+    /// order. The run fails unless the guest acknowledges every byte and counts them.
+    #[arg(long = "peer-send", value_name = "FILE")]
+    peer_send: Vec<PathBuf>,
     /// With --net tap: the tap device's name (created if absent; `%d` is numbered).
     /// In emulated mode it lives inside the emulated host.
     #[arg(long, default_value = "zctap%d")]
@@ -321,6 +325,9 @@ impl RunFlags {
         if !self.peer_expect.is_empty() && self.net == NetBackendArg::None {
             bail!("--peer-expect needs --net peer (or tap with --tap-ip)");
         }
+        if !self.peer_send.is_empty() && self.net != NetBackendArg::Peer {
+            bail!("--peer-send needs --net peer");
+        }
         if self.tap_ip.is_some() && self.net != NetBackendArg::Tap {
             bail!("--tap-ip is for --net tap");
         }
@@ -338,6 +345,7 @@ impl RunFlags {
             pcap: self.pcap,
             peer_expect: self.peer_expect,
             peer_expect_bytes: self.peer_expect_bytes,
+            peer_send: self.peer_send,
         });
         Ok(RunSpec {
             kernel,
@@ -690,11 +698,15 @@ fn print_summary(report: &RunReport, kernel: &Path) {
         _ => eprintln!("zc-vmm: the guest program never reported (no hello on the control channel)"),
     }
     for t in &report.transfers {
+        let (did, ok) = match t.direction {
+            Direction::ToPeer => ("received", "every byte matches"),
+            Direction::ToGuest => ("sent (acknowledged)", "the guest counted every byte"),
+        };
         eprintln!(
-            "zc-vmm: peer received {} bytes of {}: {}{}",
+            "zc-vmm: peer {did} {} bytes of {}: {}{}",
             t.bytes,
             t.label,
-            t.failure.as_deref().unwrap_or("every byte matches"),
+            t.failure.as_deref().unwrap_or(ok),
             t.mbps
                 .map(|m| format!(", {m:.1} Mbit/s"))
                 .unwrap_or_default()
@@ -771,6 +783,8 @@ mod tests {
             "/p2",
             "--peer-expect-bytes",
             "100",
+            "--peer-send",
+            "/s1",
             "--dma-log",
             "/o/dma.jsonl",
             "--dirty-samples",
@@ -798,6 +812,7 @@ mod tests {
                 pcap: Some("/o/f.pcap".into()),
                 peer_expect: vec!["/p1".into(), "/p2".into()],
                 peer_expect_bytes: Some(100),
+                peer_send: vec!["/s1".into()],
             }],
             dirty_samples: true,
             transport: TransportChoice::Pci,
@@ -849,6 +864,7 @@ mod tests {
 
     #[rstest::rstest]
     #[case::expectation_without_a_card(&["--peer-expect", "/p"], "needs --net peer")]
+    #[case::send_without_a_card(&["--peer-send", "/p"], "needs --net peer")]
     #[case::tap_address_without_a_tap(&["--net", "peer", "--tap-ip", "10.0.2.2/24"], "for --net tap")]
     fn flag_mistakes_are_one_line(#[case] args: &[&str], #[case] needle: &str) {
         let mut all = vec!["--kernel", "/k"];

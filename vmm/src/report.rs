@@ -47,21 +47,36 @@ pub enum StopReason {
 /// What the peer found for one TCP connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TransferResult {
-    /// What was expected (the file), or "an unexpected connection".
+    /// What was expected or offered (the file), or "an unexpected connection".
     pub label: String,
-    /// Bytes received.
+    /// Which way the bytes went (absent in summaries from before the peer sent:
+    /// to the peer).
+    #[serde(default)]
+    pub direction: Direction,
+    /// Bytes received by the peer, or, sent to the guest, acknowledged by the guest.
     pub bytes: u64,
     /// Why it failed, if it did.
     pub failure: Option<String>,
-    /// Throughput from first to last byte, in Mbit/s.
+    /// Throughput from first to last byte (sent: to the guest's count), in Mbit/s.
     pub mbps: Option<f64>,
 }
 
 impl TransferResult {
-    /// Whether every byte arrived and matched.
+    /// Whether every byte arrived and matched (sent: and the guest counted them all).
     pub fn ok(&self) -> bool {
         self.failure.is_none()
     }
+}
+
+/// Which way a transfer went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The guest sent, the peer received and checked (port 7878).
+    #[default]
+    ToPeer,
+    /// The peer sent, the guest received and counted (port 7879).
+    ToGuest,
 }
 
 /// Which backend a card had.
@@ -147,6 +162,9 @@ pub struct RunReport {
     pub transfers: Vec<TransferResult>,
     /// Expected transfers that never arrived.
     pub missing_transfers: Vec<String>,
+    /// Files offered to the guest that no connection asked for (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_sends: Vec<String>,
     /// Each network card's counters, in attach order.
     pub nics: Vec<NicSummary>,
     /// Each disk's counters, in attach order.
@@ -188,6 +206,7 @@ impl RunReport {
             kernel_format,
             transfers: Vec::new(),
             missing_transfers: Vec::new(),
+            missing_sends: Vec::new(),
             nics: Vec::new(),
             disks: Vec::new(),
             dma_log_failure: None,
@@ -214,15 +233,22 @@ impl RunReport {
     /// Why the transfers the peer checked failed, if any did.
     fn transfer_failure(&self) -> Option<String> {
         if let Some(bad) = self.transfers.iter().find(|t| t.failure.is_some()) {
+            let what = match bad.direction {
+                Direction::ToPeer => "check",
+                Direction::ToGuest => "send",
+            };
             return Some(format!(
-                "the peer's check of {} failed: {}",
+                "the peer's {what} of {} failed: {}",
                 bad.label,
                 bad.failure.as_deref().unwrap_or("")
             ));
         }
-        self.missing_transfers
+        if let Some(label) = self.missing_transfers.first() {
+            return Some(format!("the peer never received {label}"));
+        }
+        self.missing_sends
             .first()
-            .map(|label| format!("the peer never received {label}"))
+            .map(|label| format!("the guest never asked the peer for {label}"))
     }
 
     /// One line saying why a run failed, or `None` when it succeeded.
@@ -669,12 +695,49 @@ mod tests {
         let mut run = report(StopReason::PowerOff, Some(0));
         run.transfers.push(TransferResult {
             label: "payload.bin".into(),
+            direction: Direction::ToPeer,
             bytes: 10,
             failure: Some("byte offset 3 differs".into()),
             mbps: None,
         });
         assert_eq!(run.exit_status(), 1);
         assert!(run.failure().unwrap().contains("byte offset 3"));
+    }
+
+    #[test]
+    fn an_incomplete_send_fails_a_clean_run() {
+        let mut run = report(StopReason::PowerOff, Some(0));
+        run.transfers.push(TransferResult {
+            label: "payload.bin".into(),
+            direction: Direction::ToGuest,
+            bytes: 10,
+            failure: Some("the guest acknowledged 10 of 20 bytes".into()),
+            mbps: None,
+        });
+        assert_eq!(run.exit_status(), 1);
+        let why = run.failure().unwrap();
+        assert!(why.contains("send of payload.bin failed"), "{why}");
+
+        let mut run = report(StopReason::PowerOff, Some(0));
+        run.missing_sends.push("second.bin".into());
+        assert_eq!(run.exit_status(), 1);
+        assert!(run
+            .failure()
+            .unwrap()
+            .contains("never asked the peer for second.bin"));
+    }
+
+    #[test]
+    fn a_transfer_without_direction_is_one_to_the_peer() {
+        let old = r#"{"label":"p","bytes":1,"failure":null,"mbps":null}"#;
+        let t: TransferResult = serde_json::from_str(old).unwrap();
+        assert_eq!(t.direction, Direction::ToPeer);
+        let new = serde_json::to_string(&TransferResult {
+            direction: Direction::ToGuest,
+            ..t
+        })
+        .unwrap();
+        assert!(new.contains(r#""direction":"to_guest""#), "{new}");
     }
 
     /// A summary with every kind of field filled.
@@ -723,13 +786,24 @@ mod tests {
             ],
             console_tail: vec!["zc-guest: done".into()],
             kernel_format: KernelFormat::Elf,
-            transfers: vec![TransferResult {
-                label: "payload.bin".into(),
-                bytes: 1 << 24,
-                failure: None,
-                mbps: Some(900.5),
-            }],
+            transfers: vec![
+                TransferResult {
+                    label: "payload.bin".into(),
+                    direction: Direction::ToPeer,
+                    bytes: 1 << 24,
+                    failure: None,
+                    mbps: Some(900.5),
+                },
+                TransferResult {
+                    label: "payload.bin".into(),
+                    direction: Direction::ToGuest,
+                    bytes: 1 << 20,
+                    failure: Some("the guest counted 1 bytes where 1048576 were sent".into()),
+                    mbps: None,
+                },
+            ],
             missing_transfers: vec!["second.bin".into()],
+            missing_sends: vec!["third.bin".into()],
             nics: vec![NicSummary {
                 backend: NetBackendKind::Peer,
                 sg: true,

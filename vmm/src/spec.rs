@@ -215,6 +215,11 @@ pub struct NicSpec {
     /// Each connection carries only the first this many bytes of its file.
     #[serde(default)]
     pub peer_expect_bytes: Option<u64>,
+    /// The files the peer will send the guest, one per TCP connection to its send
+    /// port (7879), in order: the run fails unless the guest acknowledges every byte
+    /// of each and sends back the right count.
+    #[serde(default)]
+    pub peer_send: Vec<PathBuf>,
 }
 
 /// The network backend of one card.
@@ -297,6 +302,11 @@ pub enum SpecError {
     /// A tap with expectations but no address to check them on.
     #[error("--peer-expect with --net tap needs --tap-ip (e.g. 10.0.2.2/24): the check listens on that address")]
     TapCheckWithoutAddress,
+    /// Files to send with the tap backend, whose host-socket peer only receives.
+    #[error(
+        "--peer-send needs --net peer: the tap backend's host-socket peer does not send files"
+    )]
+    TapSend,
     /// A prefix length over 32.
     #[error("tap address prefix /{0} is not a prefix length: use 0 to 32")]
     TapPrefix(u8),
@@ -497,6 +507,7 @@ impl NicSpec {
             pcap: None,
             peer_expect: Vec::new(),
             peer_expect_bytes: None,
+            peer_send: Vec::new(),
         }
     }
 
@@ -509,6 +520,12 @@ impl NicSpec {
                 Some(a) if a.prefix > 32 => return Err(SpecError::TapPrefix(a.prefix)),
                 _ => {}
             }
+            if !self.peer_send.is_empty() {
+                return Err(SpecError::TapSend);
+            }
+        }
+        for file in &self.peer_send {
+            require_file("--peer-send", file, "name the file the peer is to send")?;
         }
         if self.peer_expect_bytes.is_some() && self.peer_expect.is_empty() {
             return Err(SpecError::BytesWithoutExpectation);
@@ -781,6 +798,8 @@ mod tests {
     #[case::missing_expected_file(|s: &mut RunSpec, d: &Path| s.nics[0].peer_expect[1] = d.join("nope"), "the guest will send")]
     #[case::limit_past_the_file(|s: &mut RunSpec, _: &Path| s.nics[0].peer_expect_bytes = Some(101), "only 100 bytes")]
     #[case::limit_without_files(|s: &mut RunSpec, _: &Path| s.nics[1].peer_expect_bytes = Some(1), "needs --peer-expect")]
+    #[case::missing_file_to_send(|s: &mut RunSpec, d: &Path| s.nics[0].peer_send = vec![d.join("nope")], "the peer is to send")]
+    #[case::send_over_tap(|s: &mut RunSpec, d: &Path| s.nics[1].peer_send = vec![d.join("payload.bin")], "needs --net peer")]
     #[case::tap_check_without_address(
         |s: &mut RunSpec, d: &Path| {
             s.nics[1].backend = NetBackendSpec::Tap { name: "t".into(), address: None };

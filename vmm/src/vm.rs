@@ -20,7 +20,7 @@ use zc_devices::console::{ConsoleSink, ConsoleTail};
 use zc_devices::control::{ControlChannel, ControlMessage, ControlMessages};
 use zc_devices::dma_log::DmaLog;
 use zc_devices::net_peer::{
-    Expectation, NetPeer, NetPeerConfig, Received, SocketPeer, DEFAULT_PORT,
+    Expectation, NetPeer, NetPeerConfig, Offer, Received, Sent, SocketPeer, DEFAULT_PORT,
 };
 use zc_devices::net_tap::TapBackend;
 use zc_devices::pcap::PcapWriter;
@@ -41,8 +41,8 @@ use crate::pci::{PciMmioWindow, PciState};
 use crate::pio::{LegacyIo, PioAction};
 use crate::progress::PeerProgress;
 use crate::report::{
-    DiskSummary, NetBackendKind, NicSummary, RunReport, StopReason, TimedMessage, TransferResult,
-    POWEROFF_GRACE,
+    Direction, DiskSummary, NetBackendKind, NicSummary, RunReport, StopReason, TimedMessage,
+    TransferResult, POWEROFF_GRACE,
 };
 use crate::spec::{DiskSpec, NetBackendSpec, NicSpec, RunSpec, SpecError, TapAddress, Transport};
 use crate::virtio::{self, DeviceHandle, SlotAllocator};
@@ -567,13 +567,29 @@ fn transfer_result(received: &Received) -> TransferResult {
             .as_ref()
             .map(|e| e.label.clone())
             .unwrap_or_else(|| "an unexpected connection".into()),
+        direction: Direction::ToPeer,
         bytes: received.bytes,
         failure: received.failure.as_ref().map(|f| f.to_string()),
         mbps: received.throughput().map(|bps| bps * 8.0 / 1e6),
     }
 }
 
-/// The TCP peer of `card`, on the card's own subnet, told which files to expect.
+fn send_result(sent: &Sent) -> TransferResult {
+    TransferResult {
+        label: sent
+            .offer
+            .as_ref()
+            .map(|o| o.label.clone())
+            .unwrap_or_else(|| "an unexpected connection".into()),
+        direction: Direction::ToGuest,
+        bytes: sent.bytes_acked,
+        failure: sent.failure.as_ref().map(|f| f.to_string()),
+        mbps: sent.throughput().map(|bps| bps * 8.0 / 1e6),
+    }
+}
+
+/// The TCP peer of `card`, on the card's own subnet, told which files to expect
+/// and which to send.
 fn peer_backend(config: &NicSpec, card: Card) -> Result<NetPeer, VmError> {
     let peer_config = NetPeerConfig {
         mac: card.peer_mac(),
@@ -584,6 +600,11 @@ fn peer_backend(config: &NicSpec, card: Card) -> Result<NetPeer, VmError> {
         .map_err(|e| net_err("cannot start the TCP peer")(&e))?;
     for expectation in expectations(config)? {
         peer.expect(expectation);
+    }
+    for path in &config.peer_send {
+        let offer = Offer::of_file(path.display().to_string(), path)
+            .map_err(|e| net_err("cannot read a file the peer is to send")(&e))?;
+        peer.offer(offer);
     }
     Ok(peer)
 }
@@ -665,7 +686,8 @@ fn flush_pcap<B: NetBackend + 'static>(nic: &DeviceHandle<Net<B>>) {
     }
 }
 
-/// What the peer received, and what it expected but never got.
+/// What the peer received and sent, and what it expected or offered but no
+/// connection carried.
 fn collect_transfers(nic: &DeviceHandle<Net<NetPeer>>, report: &mut RunReport) {
     flush_pcap(nic);
     nic.with(|device| {
@@ -676,6 +698,14 @@ fn collect_transfers(nic: &DeviceHandle<Net<NetPeer>>, report: &mut RunReport) {
             .extend(peer.take_results().iter().map(transfer_result));
         report.missing_transfers.extend(
             peer.pending_expectation_labels()
+                .into_iter()
+                .map(|label| label.to_string()),
+        );
+        report
+            .transfers
+            .extend(peer.take_sent().iter().map(send_result));
+        report.missing_sends.extend(
+            peer.pending_offer_labels()
                 .into_iter()
                 .map(|label| label.to_string()),
         );

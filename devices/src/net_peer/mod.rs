@@ -2,10 +2,15 @@
 //!
 //! The peer is one Ethernet host on the guest's link, by default MAC
 //! `52:54:00:00:02:02`, IPv4 `10.0.2.2/24` (the guest is `10.0.2.15`). It answers ARP
-//! and ICMP echo, and listens on TCP port 7878, where each connection carries one
-//! transfer from the guest. Every byte received is checked against an [`Expectation`]
-//! the VMM queued for that connection (its source file, compared byte for byte, and
-//! optionally an XXH3-128 summary), and the outcome is recorded as a [`Received`].
+//! and ICMP echo, and listens on two TCP ports:
+//! - 7878 ([`DEFAULT_PORT`]): each connection carries one transfer from the guest.
+//!   Every byte received is checked against an [`Expectation`] the VMM queued for
+//!   that connection (its source file, compared byte for byte, and optionally an
+//!   XXH3-128 summary), and the outcome is recorded as a [`Received`]
+//!   ([`NetPeer::take_results`]).
+//! - 7879 ([`DEFAULT_SEND_PORT`]): each connection carries one file to the guest,
+//!   the next [`Offer`] the VMM queued ([`NetPeer::offer`]); the outcome is recorded
+//!   as a [`Sent`] ([`NetPeer::take_sent`]).
 //!
 //! The peer has no socket and no thread: the virtio-net device hands it each frame
 //! the guest transmitted ([`NetPeer::receive_frame`]), calls [`NetPeer::poll`], and
@@ -14,11 +19,12 @@
 //! retransmission) next need a poll.
 //!
 //! # Connections
-//! Connections are accepted one at a time in the order they arrive; a spare
+//! Connections are accepted one at a time per port in the order they arrive; a spare
 //! listening socket (see [`NetPeerConfig::listeners`]) accepts the next connection
 //! while the previous one is still closing, so a guest that connects right after
-//! closing is not refused. The peer never closes first: it closes its side when the
-//! guest's FIN arrives (passive close, so no TIME-WAIT on the peer).
+//! closing is not refused. The peer never closes first on a transfer that goes as
+//! agreed: it closes its side when the guest's FIN arrives (passive close, so no
+//! TIME-WAIT on the peer).
 //!
 //! # ACK protocol
 //! The guest must know the peer has every byte before it marks the end of a
@@ -36,15 +42,39 @@
 //! [`Failure::Long`]. Whether the content matched is not sent to the guest: the VMM
 //! reads it from [`NetPeer::take_results`].
 //!
+//! # Send protocol (port 7879)
+//! The mirror image: the receiver, here the guest, says how much it got.
+//! 1. The guest connects; the peer takes the next queued [`Offer`] and streams
+//!    exactly its `size` bytes of its file, nothing before or after.
+//! 2. The guest, which knows the size, reads them all, then sends exactly 8 bytes:
+//!    the number of bytes it received, as a little-endian `u64`
+//!    (`zc_protocol::ack`).
+//! 3. The guest closes; the peer closes at the guest's FIN (passive close).
+//!
+//! The send is [`Sent::ok`] when the guest's TCP acknowledged every byte, its count
+//! arrived and equals the size, and nothing more came from it ([`SendFailure`]).
+//! When there is nothing to send (no offer queued, the file cannot be opened or
+//! ends early) the peer ends its sending side at once (FIN) after what it sent, so
+//! the guest sees a short stream instead of waiting until the run's timeout; the
+//! failure is recorded when the guest closes.
+//!
+//! Memory per sending connection is bounded whatever the file's size or the
+//! guest's pace: the file is read in pieces straight into the socket's 512 KiB send
+//! ring, only as acknowledgements free room in it, so a guest that stops reading
+//! (window closed) or posting receive buffers (nothing acknowledged) holds the peer
+//! at one ring of the file, and the frames queued for the guest at their limit.
+//!
 //! # Cost
 //! Per received byte: smoltcp copies the TCP payload into the socket's receive ring
 //! (and, unless [`NetPeerConfig::verify_checksums`] is off, sums it for the TCP
 //! checksum); the checker reads it in place from that ring to hash it (XXH3-128) and
-//! `memcmp` it against the source file read in 1 MiB chunks. Per frame: one smoltcp
-//! ingress, no allocation (egress buffers are pooled when the device uses
-//! [`NetPeer::drain_frames_for_guest`]).
+//! `memcmp` it against the source file read in 1 MiB chunks. Per sent byte: one
+//! `read` from the file into the send ring, and smoltcp's copy of it into the frame
+//! (with the TCP checksum). Per frame: one smoltcp ingress, no allocation (egress
+//! buffers are pooled when the device uses [`NetPeer::drain_frames_for_guest`]).
 
 mod link;
+mod send;
 mod socket;
 mod verify;
 
@@ -61,6 +91,8 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use link::{Link, TxQueue};
+use send::Outgoing;
+pub use send::{Offer, SendFailure, Sent};
 pub use socket::SocketPeer;
 use verify::StreamVerifier;
 pub use verify::{xxh3_128, xxh3_128_of_reader, End, Expectation, Failure, Received};
@@ -71,15 +103,24 @@ pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x02, 0x02];
 pub const DEFAULT_IP: Ipv4Addr = zc_protocol::addr::PEER_IP;
 /// The guest's address in the default network.
 pub const DEFAULT_GUEST_IP: Ipv4Addr = zc_protocol::addr::GUEST_IP;
-/// Default TCP port the peer listens on.
+/// Default TCP port the peer receives transfers on.
 pub const DEFAULT_PORT: u16 = zc_protocol::addr::PEER_PORT;
+/// Default TCP port the peer sends offered files on.
+pub const DEFAULT_SEND_PORT: u16 = zc_protocol::addr::PEER_SEND_PORT;
 /// Length of an Ethernet header (no VLAN tag, no FCS).
 pub const ETHERNET_HEADER_LEN: usize = 14;
 
 /// Most frames the peer queues for the guest before holding further ones back.
 const TX_QUEUE_LIMIT: usize = 4096;
-/// Send buffer per connection: the peer only ever sends the 8-byte count.
+/// Send buffer per receiving connection: the peer only ever sends the 8-byte count.
 const TX_BUFFER: usize = 4096;
+/// Send buffer per sending connection: the most file bytes the peer holds (read,
+/// not yet acknowledged) per connection, and so the most it can have in flight. At
+/// the guest's 10-40 Gbit/s and a round trip of tens of microseconds through the
+/// virtqueues, 512 KiB is several round trips' worth.
+const SEND_TX_BUFFER: usize = 512 << 10;
+/// Receive buffer per sending connection: the guest only ever sends its count.
+const SEND_RX_BUFFER: usize = 4096;
 
 /// Settings of the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,16 +131,20 @@ pub struct NetPeerConfig {
     pub ip: Ipv4Addr,
     /// Prefix length of the link's network.
     pub prefix_len: u8,
-    /// TCP port to accept transfers on.
+    /// TCP port to accept transfers from the guest on.
     pub port: u16,
+    /// TCP port on which each connection gets the next [`Offer`]ed file; `listeners`
+    /// sockets listen on it too.
+    pub send_port: u16,
     /// IP MTU of the link (the largest Ethernet frame is this plus 14 bytes). The
     /// guest's `eth0` must use the same.
     pub mtu: usize,
     /// Receive buffer per connection, in bytes: the largest window the peer
     /// advertises (scaled). 64 KiB to 1 GiB.
     pub rx_buffer: usize,
-    /// Number of TCP sockets listening on `port`: 1 accepts strictly one connection
-    /// at a time; 2 (the default) also accepts the next while one is closing.
+    /// Number of TCP sockets listening on `port`, and on `send_port`: 1 accepts
+    /// strictly one connection at a time; 2 (the default) also accepts the next
+    /// while one is closing.
     pub listeners: usize,
     /// Verify IPv4/TCP/ICMP checksums of received frames. Turning it off saves one
     /// pass over every payload byte when the device already guarantees them.
@@ -116,6 +161,7 @@ impl Default for NetPeerConfig {
             ip: DEFAULT_IP,
             prefix_len: 24,
             port: DEFAULT_PORT,
+            send_port: DEFAULT_SEND_PORT,
             mtu: 1500,
             rx_buffer: 4 << 20,
             listeners: 2,
@@ -146,6 +192,9 @@ pub enum NetPeerError {
     /// The port is 0.
     #[error("peer TCP port must not be 0")]
     BadPort,
+    /// The send port is 0 or the receive port.
+    #[error("peer send port {0} must be neither 0 nor the receive port")]
+    BadSendPort(u16),
 }
 
 /// Counters of what crossed the peer's link.
@@ -159,8 +208,10 @@ pub struct PeerStats {
     pub frames_to_guest: u64,
     /// Bytes of those frames.
     pub bytes_to_guest: u64,
-    /// Connections accepted.
+    /// Connections accepted on the receive port.
     pub connections: u64,
+    /// Connections accepted on the send port.
+    pub send_connections: u64,
     /// Replies for the guest (ARP, ICMP, RST, ACK) dropped because the queue of
     /// frames waiting for it was full: a guest that sends without receiving.
     pub replies_dropped: u64,
@@ -181,14 +232,18 @@ pub struct ReceivedSince {
 /// One listening/connected TCP socket and where its connection stands.
 struct Conn {
     handle: SocketHandle,
+    /// Whether it listens on the send port.
+    sends: bool,
     phase: Phase,
 }
 
 enum Phase {
     /// Waiting for a SYN.
     Listening,
-    /// A connection is carrying a transfer.
+    /// A connection is carrying a transfer from the guest.
     Active(Box<Transfer>),
+    /// A connection is carrying an offered file to the guest.
+    Sending(Box<Outgoing>),
     /// The result is recorded; the socket is finishing its close.
     Closing,
 }
@@ -281,10 +336,13 @@ pub struct NetPeer {
     conns: Vec<Conn>,
     expectations: VecDeque<Expectation>,
     results: Vec<Received>,
+    offers: VecDeque<Offer>,
+    sent: Vec<Sent>,
     tx: TxQueue,
     caps: DeviceCapabilities,
     epoch: Instant,
     next_id: u64,
+    next_send_id: u64,
     stats: PeerStats,
 }
 
@@ -294,6 +352,8 @@ impl std::fmt::Debug for NetPeer {
             .field("config", &self.config)
             .field("expectations", &self.expectations.len())
             .field("results", &self.results.len())
+            .field("offers", &self.offers.len())
+            .field("sent", &self.sent.len())
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
@@ -320,6 +380,9 @@ impl NetPeer {
         }
         if config.port == 0 {
             return Err(NetPeerError::BadPort);
+        }
+        if config.send_port == 0 || config.send_port == config.port {
+            return Err(NetPeerError::BadSendPort(config.send_port));
         }
 
         let mut caps = DeviceCapabilities::default();
@@ -352,18 +415,26 @@ impl NetPeer {
         });
 
         let mut sockets = SocketSet::new(Vec::new());
-        let mut conns = Vec::with_capacity(config.listeners);
-        for _ in 0..config.listeners {
-            let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; config.rx_buffer]),
-                tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
-            );
-            // Cannot fail: the port is not 0 and the socket is closed.
-            let _ = socket.listen(config.port);
-            conns.push(Conn {
-                handle: sockets.add(socket),
-                phase: Phase::Listening,
-            });
+        let mut conns = Vec::with_capacity(2 * config.listeners);
+        for sends in [false, true] {
+            for _ in 0..config.listeners {
+                let (rx, tx, port) = if sends {
+                    (SEND_RX_BUFFER, SEND_TX_BUFFER, config.send_port)
+                } else {
+                    (config.rx_buffer, TX_BUFFER, config.port)
+                };
+                let mut socket = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; rx]),
+                    tcp::SocketBuffer::new(vec![0; tx]),
+                );
+                // Cannot fail: the port is not 0 and the socket is closed.
+                let _ = socket.listen(port);
+                conns.push(Conn {
+                    handle: sockets.add(socket),
+                    sends,
+                    phase: Phase::Listening,
+                });
+            }
         }
 
         Ok(NetPeer {
@@ -373,10 +444,13 @@ impl NetPeer {
             conns,
             expectations: VecDeque::new(),
             results: Vec::new(),
+            offers: VecDeque::new(),
+            sent: Vec::new(),
             tx,
             caps,
             epoch: now,
             next_id: 0,
+            next_send_id: 0,
             stats: PeerStats::default(),
         })
     }
@@ -399,6 +473,27 @@ impl NetPeer {
     /// The labels of the expectations no connection has taken yet, in order.
     pub fn pending_expectation_labels(&self) -> Vec<&str> {
         self.expectations.iter().map(|e| e.label.as_str()).collect()
+    }
+
+    /// Queues the file the next not-yet-accepted connection to the send port gets.
+    pub fn offer(&mut self, offer: Offer) {
+        self.offers.push_back(offer);
+    }
+
+    /// The labels of the offers no connection has taken yet, in order.
+    pub fn pending_offer_labels(&self) -> Vec<&str> {
+        self.offers.iter().map(|o| o.label.as_str()).collect()
+    }
+
+    /// Takes the records of the send-port connections that ended, in the order they
+    /// ended.
+    pub fn take_sent(&mut self) -> Vec<Sent> {
+        std::mem::take(&mut self.sent)
+    }
+
+    /// Send-port records not yet taken.
+    pub fn sent(&self) -> &[Sent] {
+        &self.sent
     }
 
     /// Processes one Ethernet frame the guest transmitted (without the virtio-net
@@ -424,7 +519,8 @@ impl NetPeer {
     }
 
     /// Runs the stack: reads and checks received data, sends the count when a
-    /// transfer is complete, and emits ACKs, window updates and retransmissions.
+    /// transfer is complete, refills the send rings from the offered files, and
+    /// emits data, ACKs, window updates and retransmissions.
     pub fn poll(&mut self, now: Instant) {
         let t = now.saturating_duration_since(self.epoch);
         self.service(t);
@@ -488,11 +584,11 @@ impl NetPeer {
         &self.results
     }
 
-    /// Connections accepted whose result is not recorded yet.
+    /// Connections accepted (on either port) whose result is not recorded yet.
     pub fn active_connections(&self) -> usize {
         self.conns
             .iter()
-            .filter(|c| matches!(c.phase, Phase::Active(_)))
+            .filter(|c| matches!(c.phase, Phase::Active(_) | Phase::Sending(_)))
             .count()
     }
 
@@ -545,35 +641,51 @@ impl NetPeer {
         let t = now.saturating_duration_since(self.epoch);
         self.service(t);
         for conn in &mut self.conns {
-            if let Phase::Active(transfer) = std::mem::replace(&mut conn.phase, Phase::Closing) {
-                let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
-                socket.abort();
-                self.results.push(transfer.finish(End::Finished));
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            match std::mem::replace(&mut conn.phase, Phase::Closing) {
+                Phase::Active(transfer) => {
+                    socket.abort();
+                    self.results.push(transfer.finish(End::Finished));
+                }
+                Phase::Sending(outgoing) => {
+                    socket.abort();
+                    self.sent.push(outgoing.finish(End::Finished));
+                }
+                other => conn.phase = other,
             }
         }
         self.poll(now);
     }
 
     /// Moves every connection forward: accepts, reads and checks data, sends the
-    /// count, records results and re-arms listeners.
+    /// count, fills send rings from offered files, records results and re-arms
+    /// listeners.
     fn service(&mut self, t: Duration) {
         let NetPeer {
             conns,
             sockets,
             expectations,
             results,
+            offers,
+            sent,
             config,
             next_id,
+            next_send_id,
             stats,
             ..
         } = self;
         for conn in conns.iter_mut() {
             let socket = sockets.get_mut::<tcp::Socket>(conn.handle);
+            let port = if conn.sends {
+                config.send_port
+            } else {
+                config.port
+            };
             if let Phase::Listening = conn.phase {
                 match socket.state() {
                     tcp::State::Listen => continue,
                     tcp::State::Closed => {
-                        let _ = socket.listen(config.port);
+                        let _ = socket.listen(port);
                         continue;
                     }
                     _ => {
@@ -583,14 +695,25 @@ impl NetPeer {
                             #[allow(unreachable_patterns)]
                             _ => None,
                         });
-                        conn.phase = Phase::Active(Box::new(Transfer::new(
-                            *next_id,
-                            remote,
-                            expectations.pop_front(),
-                            t,
-                        )));
-                        *next_id += 1;
-                        stats.connections += 1;
+                        conn.phase = if conn.sends {
+                            *next_send_id += 1;
+                            stats.send_connections += 1;
+                            Phase::Sending(Box::new(Outgoing::new(
+                                *next_send_id - 1,
+                                remote,
+                                offers.pop_front(),
+                                t,
+                            )))
+                        } else {
+                            *next_id += 1;
+                            stats.connections += 1;
+                            Phase::Active(Box::new(Transfer::new(
+                                *next_id - 1,
+                                remote,
+                                expectations.pop_front(),
+                                t,
+                            )))
+                        };
                     }
                 }
             }
@@ -598,12 +721,12 @@ impl NetPeer {
                 Phase::Listening => {}
                 Phase::Closing => {
                     if socket.state() == tcp::State::Closed {
-                        let _ = socket.listen(config.port);
+                        let _ = socket.listen(port);
                         conn.phase = Phase::Listening;
                     }
                 }
                 Phase::Active(transfer) => {
-                    let fin = drain(socket, transfer, t);
+                    let fin = drain(socket, |data| transfer.receive(data, t));
                     let state = socket.state();
                     if !transfer.ack_sent && (transfer.is_complete() || fin) && socket.can_send() {
                         let count = transfer.count();
@@ -612,7 +735,11 @@ impl NetPeer {
                     }
                     if fin {
                         socket.close();
-                        end_transfer(&mut conn.phase, results, End::Fin);
+                        if let Phase::Active(tr) =
+                            std::mem::replace(&mut conn.phase, Phase::Closing)
+                        {
+                            results.push(tr.finish(End::Fin));
+                        }
                     } else if state == tcp::State::Listen {
                         // Reset during the handshake: no transfer happened. Give the
                         // expectation back to the next connection.
@@ -627,7 +754,44 @@ impl NetPeer {
                         }
                     } else if !socket.is_active() {
                         // Reset or timed out before the guest's FIN.
-                        end_transfer(&mut conn.phase, results, End::Reset);
+                        if let Phase::Active(tr) =
+                            std::mem::replace(&mut conn.phase, Phase::Closing)
+                        {
+                            results.push(tr.finish(End::Reset));
+                        }
+                    }
+                }
+                Phase::Sending(outgoing) => {
+                    let fin = drain(socket, |data| outgoing.receive(data, t));
+                    outgoing.pump(socket, t);
+                    let state = socket.state();
+                    let end = if fin {
+                        // Passive close: whatever is still in the ring goes out first.
+                        socket.close();
+                        Some(End::Fin)
+                    } else if state == tcp::State::Listen {
+                        // Reset during the handshake: give the offer back.
+                        if let Phase::Sending(out) =
+                            std::mem::replace(&mut conn.phase, Phase::Listening)
+                        {
+                            if let Some(offer) = out.into_offer() {
+                                offers.push_front(offer);
+                            }
+                            *next_send_id -= 1;
+                            stats.send_connections -= 1;
+                        }
+                        None
+                    } else if !socket.is_active() {
+                        Some(End::Reset)
+                    } else {
+                        None
+                    };
+                    if let Some(end) = end {
+                        if let Phase::Sending(out) =
+                            std::mem::replace(&mut conn.phase, Phase::Closing)
+                        {
+                            sent.push(out.finish(end));
+                        }
                     }
                 }
             }
@@ -635,12 +799,12 @@ impl NetPeer {
     }
 }
 
-/// Reads everything buffered in `socket` into the checker; `true` once the guest's
-/// FIN has been reached.
-fn drain(socket: &mut tcp::Socket<'_>, transfer: &mut Transfer, t: Duration) -> bool {
+/// Hands everything buffered in `socket` to `take`; `true` once the guest's FIN has
+/// been reached.
+fn drain(socket: &mut tcp::Socket<'_>, mut take: impl FnMut(&[u8])) -> bool {
     loop {
         match socket.recv(|buf| {
-            transfer.receive(buf, t);
+            take(buf);
             (buf.len(), buf.len())
         }) {
             Ok(0) => return false,
@@ -648,13 +812,6 @@ fn drain(socket: &mut tcp::Socket<'_>, transfer: &mut Transfer, t: Duration) -> 
             Err(tcp::RecvError::Finished) => return true,
             Err(tcp::RecvError::InvalidState) => return false,
         }
-    }
-}
-
-/// Records the result of the transfer in `phase` and moves it to closing.
-fn end_transfer(phase: &mut Phase, results: &mut Vec<Received>, end: End) {
-    if let Phase::Active(transfer) = std::mem::replace(phase, Phase::Closing) {
-        results.push(transfer.finish(end));
     }
 }
 

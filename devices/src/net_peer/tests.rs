@@ -102,6 +102,9 @@ struct Net {
     pcap: Option<PcapWriter<Vec<u8>>>,
     /// Wall-clock time spent inside the peer's calls.
     peer_time: Duration,
+    /// Leave the peer's frames for the guest in the peer (a guest that posts no
+    /// receive buffers).
+    hold_peer_frames: bool,
 }
 
 impl Net {
@@ -125,6 +128,7 @@ impl Net {
             t: Duration::ZERO,
             pcap: None,
             peer_time: Duration::ZERO,
+            hold_peer_frames: false,
         }
     }
 
@@ -151,6 +155,9 @@ impl Net {
         }
         self.peer.poll(now);
         self.peer_time += start.elapsed();
+        if self.hold_peer_frames {
+            return self.idle_or_advance(moved, now);
+        }
         let (pcap, rx) = (&mut self.pcap, &mut self.dev.rx);
         let t = self.t;
         self.peer.drain_frames_for_guest(|frame| {
@@ -160,6 +167,11 @@ impl Net {
             rx.push_back(frame.to_vec());
             moved += 1;
         });
+        self.idle_or_advance(moved, now)
+    }
+
+    /// Moves time on: a little after an exchange, to the next timer when idle.
+    fn idle_or_advance(&mut self, moved: usize, now: Instant) -> usize {
         if moved > 0 || !self.dev.rx.is_empty() {
             self.t += Duration::from_micros(20);
         } else {
@@ -180,14 +192,20 @@ impl Net {
     }
 
     fn connect(&mut self, local_port: u16) -> SocketHandle {
+        self.connect_to(DEFAULT_PORT, local_port, 1 << 20)
+    }
+
+    /// Connects to the peer's `port`, with a receive buffer (the largest window the
+    /// guest advertises) of `rx_buffer` bytes.
+    fn connect_to(&mut self, port: u16, local_port: u16, rx_buffer: usize) -> SocketHandle {
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; 1 << 20]),
+            tcp::SocketBuffer::new(vec![0; rx_buffer]),
             tcp::SocketBuffer::new(vec![0; 64 << 10]),
         );
         socket
             .connect(
                 self.guest.context(),
-                (IpAddress::v4(10, 0, 2, 2), DEFAULT_PORT),
+                (IpAddress::v4(10, 0, 2, 2), port),
                 local_port,
             )
             .unwrap();
@@ -251,6 +269,97 @@ fn transfer(net: &mut Net, data: &[u8], local_port: u16, close: Close) -> (Optio
         ack.len()
     );
     (count, result)
+}
+
+/// What the emulated guest program does on a connection to the send port.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Reply {
+    /// Reads `size` bytes, sends their count, closes (the real protocol).
+    Count,
+    /// Reads `size` bytes, sends this count instead, closes.
+    WrongCount(u64),
+    /// Reads this many bytes (or to the end of stream), closes without a count.
+    CloseAfter(usize),
+    /// Reads to the end of stream, closes without a count.
+    ReadToEnd,
+}
+
+/// What the guest saw on a send-port connection.
+struct Download {
+    bytes: Vec<u8>,
+    /// Whether the peer's FIN arrived (end of stream).
+    eof: bool,
+}
+
+/// Receives from the peer's send port as the guest program would, expecting `size`
+/// bytes, and returns what arrived and the peer's record of the connection.
+fn download(net: &mut Net, size: usize, local_port: u16, reply: Reply) -> (Download, Sent) {
+    let handle = net.connect_to(DEFAULT_SEND_PORT, local_port, 1 << 20);
+    let before = net.peer.sent().len();
+    let mut got = Vec::new();
+    let mut count_queued = false;
+    let mut closed = false;
+    let mut eof = false;
+    for _ in 0..2_000_000 {
+        let socket = net.sockets.get_mut::<tcp::Socket>(handle);
+        let want = match reply {
+            Reply::Count | Reply::WrongCount(_) => size,
+            Reply::CloseAfter(n) => n,
+            Reply::ReadToEnd => usize::MAX,
+        };
+        while got.len() < want && socket.can_recv() {
+            let room = (want - got.len()).min(64 << 10);
+            socket
+                .recv(|buf| {
+                    let n = buf.len().min(room);
+                    got.extend_from_slice(&buf[..n]);
+                    (n, ())
+                })
+                .unwrap();
+        }
+        if !socket.may_recv() && socket.state() != tcp::State::SynSent {
+            eof = true;
+        }
+        if !count_queued && socket.can_send() && got.len() >= size {
+            let counted = match reply {
+                Reply::Count => Some(got.len() as u64),
+                Reply::WrongCount(c) => Some(c),
+                _ => None,
+            };
+            if let Some(c) = counted {
+                assert_eq!(socket.send_slice(&c.to_le_bytes()), Ok(8));
+            }
+            count_queued = true;
+        }
+        let done_reading = match reply {
+            Reply::Count | Reply::WrongCount(_) => count_queued,
+            Reply::CloseAfter(n) => got.len() >= n || eof,
+            Reply::ReadToEnd => eof,
+        };
+        if !closed && done_reading {
+            socket.close();
+            closed = true;
+        }
+        if closed && net.peer.sent().len() > before && !socket.is_open() {
+            break;
+        }
+        if closed && net.peer.sent().len() > before && socket.state() == tcp::State::TimeWait {
+            break;
+        }
+        net.step();
+    }
+    for _ in 0..20 {
+        net.step();
+    }
+    let socket = net.sockets.get_mut::<tcp::Socket>(handle);
+    eof |= !socket.may_recv();
+    net.sockets.remove(handle);
+    assert!(
+        net.peer.sent().len() > before,
+        "the peer recorded no result for the connection"
+    );
+    let sent = net.peer.sent()[before].clone();
+    (Download { bytes: got, eof }, sent)
 }
 
 #[test]
@@ -697,5 +806,253 @@ fn net_peer_rejects_bad_config() {
             ..d
         }),
         NetPeerError::BadPrefix(33)
+    );
+}
+
+#[test]
+fn net_peer_rejects_a_bad_send_port() {
+    let now = Instant::now();
+    for send_port in [0, DEFAULT_PORT] {
+        let config = NetPeerConfig {
+            send_port,
+            ..NetPeerConfig::default()
+        };
+        assert_eq!(
+            NetPeer::new(config, now).unwrap_err(),
+            NetPeerError::BadSendPort(send_port)
+        );
+    }
+}
+
+#[test]
+fn net_peer_sends_8mib_file_and_checks_the_guests_count() {
+    const SIZE: usize = 8 << 20;
+    let data = random_bytes(SIZE, 101);
+    let file = source_file(&data);
+    let mut net = Net::new();
+    net.peer
+        .offer(Offer::of_file("recv-payload", file.path()).unwrap());
+    assert_eq!(net.peer.pending_offer_labels(), vec!["recv-payload"]);
+    let wall = Instant::now();
+    let (got, s) = download(&mut net, SIZE, 49200, Reply::Count);
+    eprintln!(
+        "net_peer: 8 MiB sent through the in-memory link in {:?} wall; inside the peer {:?}",
+        wall.elapsed(),
+        net.peer_time
+    );
+    assert_eq!(got.bytes.len(), SIZE);
+    assert!(got.bytes == data, "the guest got different bytes");
+    assert!(got.eof, "the peer closes after the guest");
+    assert!(s.ok(), "{:?}", s.failure);
+    assert_eq!(s.offer.as_ref().unwrap().label, "recv-payload");
+    assert_eq!(
+        (s.bytes_sent, s.bytes_acked, s.guest_count),
+        (SIZE as u64, SIZE as u64, Some(SIZE as u64))
+    );
+    assert_eq!(s.end, End::Fin);
+    assert_eq!(s.connection, 0);
+    assert_eq!(s.remote, Some(SocketAddrV4::new(DEFAULT_GUEST_IP, 49200)));
+    assert!(s.first_byte_at.is_some() && s.count_at > s.first_byte_at);
+    assert!(s.throughput().is_some());
+    assert_eq!(net.peer.stats().send_connections, 1);
+    assert_eq!(
+        net.peer.stats().connections,
+        0,
+        "the receive port saw nothing"
+    );
+    assert!(net.peer.results().is_empty());
+    assert_eq!(net.peer.active_connections(), 0);
+    assert!(net.peer.pending_offer_labels().is_empty());
+    assert_eq!(net.peer.take_sent().len(), 1);
+    assert!(net.peer.sent().is_empty());
+}
+
+#[test]
+fn net_peer_send_fails_on_a_wrong_count() {
+    let data = random_bytes(300_000, 102);
+    let file = source_file(&data);
+    let mut net = Net::new();
+    net.peer
+        .offer(Offer::of_file("wrong", file.path()).unwrap());
+    let (got, s) = download(&mut net, data.len(), 49201, Reply::WrongCount(299_999));
+    assert!(got.bytes == data);
+    assert_eq!(s.guest_count, Some(299_999));
+    assert_eq!(s.bytes_acked, 300_000);
+    assert_eq!(
+        s.failure,
+        Some(SendFailure::WrongCount {
+            size: 300_000,
+            counted: 299_999
+        })
+    );
+}
+
+#[test]
+fn net_peer_send_fails_when_the_guest_closes_early() {
+    let data = random_bytes(2 << 20, 103);
+    let file = source_file(&data);
+    let mut net = Net::new();
+    net.peer
+        .offer(Offer::of_file("early", file.path()).unwrap());
+    net.peer
+        .offer(Offer::of_file("no count", file.path()).unwrap());
+    // Reads 100 KiB of 2 MiB and closes.
+    let (got, s) = download(&mut net, data.len(), 49202, Reply::CloseAfter(100 << 10));
+    assert_eq!(got.bytes[..], data[..100 << 10]);
+    assert_eq!(s.guest_count, None);
+    assert!(
+        matches!(s.failure, Some(SendFailure::Undelivered { size, acked }) if size == 2 << 20 && acked < size),
+        "{:?}",
+        s.failure
+    );
+    assert!(s.bytes_acked >= 100 << 10);
+    // Reads every byte but closes without its count.
+    let (got, s) = download(&mut net, data.len(), 49203, Reply::CloseAfter(2 << 20));
+    assert!(got.bytes == data);
+    assert_eq!(s.bytes_acked, 2 << 20);
+    assert_eq!(s.failure, Some(SendFailure::NoCount { received: 0 }));
+    assert_eq!(s.offer.unwrap().label, "no count");
+}
+
+#[test]
+fn net_peer_send_gives_two_connections_their_offers_in_order() {
+    let a = random_bytes(700_000, 104);
+    let b = random_bytes(123_457, 105);
+    let (fa, fb) = (source_file(&a), source_file(&b));
+    let mut net = Net::new();
+    net.peer.offer(Offer::of_file("first", fa.path()).unwrap());
+    net.peer.offer(Offer::of_file("second", fb.path()).unwrap());
+    // A transfer the other way in between takes nothing from the offers.
+    let c = random_bytes(50_000, 106);
+    let fc = source_file(&c);
+    net.peer
+        .expect(Expectation::of_file("to peer", fc.path()).unwrap());
+    let (got_a, sa) = download(&mut net, a.len(), 49204, Reply::Count);
+    let (ack, rc) = transfer(&mut net, &c, 49205, Close::AfterAck);
+    let (got_b, sb) = download(&mut net, b.len(), 49206, Reply::Count);
+    assert!(got_a.bytes == a && got_b.bytes == b);
+    assert!(sa.ok() && sb.ok(), "{:?} {:?}", sa.failure, sb.failure);
+    assert_eq!(sa.offer.unwrap().label, "first");
+    assert_eq!(sb.offer.unwrap().label, "second");
+    assert_eq!((sa.connection, sb.connection), (0, 1));
+    assert!(rc.ok(), "{:?}", rc.failure);
+    assert_eq!((ack, rc.connection), (Some(50_000), 0));
+    assert_eq!(net.peer.stats().send_connections, 2);
+}
+
+#[test]
+fn net_peer_send_without_offer_or_file_fails_with_an_empty_stream() {
+    let mut net = Net::new();
+    // Nothing queued: nothing is sent, the stream ends at once.
+    let (got, s) = download(&mut net, 1000, 49207, Reply::ReadToEnd);
+    assert!(got.bytes.is_empty() && got.eof);
+    assert_eq!(s.failure, Some(SendFailure::NoOffer));
+    assert_eq!((s.bytes_sent, s.offer), (0, None));
+    assert_eq!(s.end, End::Fin);
+    // A file that cannot be opened, then one shorter than offered.
+    net.peer.offer(Offer {
+        label: "missing".into(),
+        source: "/nonexistent/zc-send".into(),
+        size: 10,
+    });
+    let data = random_bytes(5_000, 107);
+    let file = source_file(&data);
+    net.peer.offer(Offer {
+        label: "truncated".into(),
+        source: file.path().to_owned(),
+        size: 8_000,
+    });
+    let (got, s) = download(&mut net, 10, 49208, Reply::ReadToEnd);
+    assert!(got.bytes.is_empty() && got.eof);
+    assert!(
+        matches!(&s.failure, Some(SendFailure::Source { path, .. }) if path.ends_with("zc-send")),
+        "{:?}",
+        s.failure
+    );
+    let (got, s) = download(&mut net, 8_000, 49209, Reply::ReadToEnd);
+    assert!(got.bytes == data, "what the file has is sent, then the end");
+    assert!(
+        matches!(&s.failure, Some(SendFailure::Source { reason, .. }) if reason.contains("5000")),
+        "{:?}",
+        s.failure
+    );
+    // The peer still works afterwards.
+    net.peer
+        .offer(Offer::of_file("after", file.path()).unwrap());
+    let (got, s) = download(&mut net, 5_000, 49210, Reply::Count);
+    assert!(s.ok() && got.bytes == data, "{:?}", s.failure);
+}
+
+#[test]
+fn net_peer_send_holds_a_bounded_amount_for_a_guest_that_never_reads() {
+    const SIZE: usize = 16 << 20;
+    const GUEST_WINDOW: usize = 64 << 10;
+    let data = random_bytes(SIZE, 108);
+    let file = source_file(&data);
+    let mut net = Net::new();
+    net.peer
+        .offer(Offer::of_file("stalled", file.path()).unwrap());
+    let handle = net.connect_to(DEFAULT_SEND_PORT, 49211, GUEST_WINDOW);
+    let sending = |peer: &NetPeer| {
+        peer.conns.iter().find_map(|c| match &c.phase {
+            Phase::Sending(o) => Some(o.bytes_sent()),
+            _ => None,
+        })
+    };
+    // The guest takes frames but its program never reads: its window closes. Some
+    // simulated minutes of zero-window probing and timers.
+    let start = net.t;
+    let mut most_frames = 0;
+    while net.t - start < Duration::from_secs(120) {
+        net.step();
+        most_frames = most_frames.max(net.dev.rx.len());
+    }
+    let sent = sending(&net.peer).expect("the connection is still open");
+    assert!(
+        sent <= (GUEST_WINDOW + SEND_TX_BUFFER) as u64,
+        "the peer read {sent} bytes of the file for a guest with a {GUEST_WINDOW}-byte window"
+    );
+    assert!(sent >= GUEST_WINDOW as u64, "the window was filled: {sent}");
+    assert!(
+        most_frames <= SEND_TX_BUFFER / 1000,
+        "{most_frames} frames waiting"
+    );
+    assert!(net.peer.sent().is_empty());
+
+    // Frames not taken at all (no receive buffers posted): the peer's queue for the
+    // guest stays under its limit, and it reads no more than its ring holds.
+    net.hold_peer_frames = true;
+    let sent_before = sent;
+    let mut most_queued = 0;
+    for _ in 0..20_000 {
+        let socket = net.sockets.get_mut::<tcp::Socket>(handle);
+        // The guest's program now reads what it has, so its window opens again.
+        while socket.can_recv() {
+            socket.recv(|b| (b.len(), ())).unwrap();
+        }
+        net.step();
+        most_queued = most_queued.max(net.peer.tx.frames.len());
+    }
+    let queued_bytes: usize = net.peer.tx.frames.iter().map(Vec::len).sum();
+    assert!(most_queued <= TX_QUEUE_LIMIT, "{most_queued} frames queued");
+    assert!(
+        queued_bytes <= TX_QUEUE_LIMIT * 1514,
+        "{queued_bytes} bytes queued"
+    );
+    let sent_now = sending(&net.peer).unwrap();
+    assert!(
+        sent_now <= sent_before + (GUEST_WINDOW + SEND_TX_BUFFER) as u64,
+        "{sent_now} bytes read, {sent_before} before the guest stopped taking frames"
+    );
+    // Ending the run records the stalled send as undelivered.
+    let now = net.now();
+    net.peer.finish(now);
+    let s = net.peer.take_sent();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].end, End::Finished);
+    assert!(
+        matches!(s[0].failure, Some(SendFailure::Undelivered { .. })),
+        "{:?}",
+        s[0].failure
     );
 }

@@ -387,7 +387,8 @@ pub(super) struct Verdict {
     pub(super) failure: Option<Failure>,
 }
 
-fn read_retrying(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads into `buf`, retrying reads a signal interrupted.
+pub(super) fn read_retrying(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match file.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -156,7 +156,8 @@ impl NetBackend for NetPeer {
     }
     fn take_for_guest(&mut self, out: &mut VecDeque<Vec<u8>>) {
         // Moves the buffers (no copy); the peer's buffer pool is not refilled, which
-        // costs one allocation per frame to the guest (ACKs only, in practice).
+        // costs one allocation per frame to the guest: ACKs for transfers to the
+        // peer, but every data frame when the peer sends a file (port 7879).
         out.extend(self.take_frames_for_guest());
     }
     fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
