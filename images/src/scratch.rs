@@ -162,8 +162,7 @@ pub fn dump(image: &Path, name: &str, dest: &Path) -> Result<(), ReadBackError> 
     if !dest.exists() || !out.status.success() {
         let said = String::from_utf8_lossy(&out.stderr)
             .lines()
-            .filter(|l| !l.starts_with("debugfs "))
-            .last()
+            .rfind(|l| !l.starts_with("debugfs "))
             .unwrap_or("no output")
             .trim()
             .to_string();
@@ -300,7 +299,10 @@ mod tests {
     fn sizes_leave_room_for_the_file_system() {
         assert_eq!(size_for(0), 32 << 20);
         let s = size_for(96 << 20);
-        assert!(s >= (96 << 20) + (32 << 20) && s % (1 << 20) == 0, "{s}");
+        assert!(
+            s >= (96 << 20) + (32 << 20) && s.is_multiple_of(1 << 20),
+            "{s}"
+        );
     }
 
     #[test]
@@ -364,7 +366,7 @@ mod tests {
         }
         check(&image).unwrap();
         let payload: Vec<u8> = (0..(1u32 << 20) + 123)
-            .map(|i| (i ^ (i >> 9)) as u8)
+            .map(|i| (i ^ (i >> 9)).to_le_bytes()[0])
             .collect();
         let source = dir.path().join("payload.bin");
         fs::write(&source, &payload).unwrap();
