@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -161,8 +162,23 @@ pub struct DirtySampler {
     index: PayloadIndex,
     log: DmaLog,
     // One sample at a time: two vCPUs sampling at once would split one interval's
-    // pages between two records at random.
-    busy: Mutex<()>,
+    // pages between two records at random. Holds what the samples cost.
+    busy: Mutex<SampleCost>,
+}
+
+/// What the dirty-page samples cost the guest: each is taken on the vCPU thread
+/// that asked, so the guest stands still for it. Reported in `run.json`
+/// (`dirty_sample_cost`): the suite's time per method is chunks x (transfer + sample).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SampleCost {
+    /// Samples taken (including the one at each `END`).
+    pub samples: u64,
+    /// Their total wall time, in seconds.
+    pub seconds: f64,
+    /// The longest one, in milliseconds.
+    pub max_ms: f64,
+    /// Dirty pages they read and scanned for payload, in all.
+    pub pages_scanned: u64,
 }
 
 impl DirtySampler {
@@ -180,7 +196,7 @@ impl DirtySampler {
             slots,
             index,
             log,
-            busy: Mutex::new(()),
+            busy: Mutex::new(SampleCost::default()),
         }
     }
 
@@ -207,7 +223,8 @@ impl DirtySampler {
     /// Reads and clears the dirty log, scans the dirtied pages and logs a `dirty`
     /// record labelled `sample`.
     pub fn sample(&self, sample: u32) {
-        let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cost = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
         let mut runs = Vec::new();
         let mut dirtied = Vec::new();
         let mut page = vec![0u8; PAGE];
@@ -230,7 +247,18 @@ impl DirtySampler {
                 }
             }
         }
+        let pages = dirtied.len() as u64;
         self.log.dirty(sample, dirtied, runs);
+        let took = started.elapsed();
+        cost.samples += 1;
+        cost.seconds += took.as_secs_f64();
+        cost.max_ms = cost.max_ms.max(took.as_secs_f64() * 1e3);
+        cost.pages_scanned += pages;
+    }
+
+    /// What the samples so far cost.
+    pub fn cost(&self) -> SampleCost {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

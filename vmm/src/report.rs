@@ -177,6 +177,10 @@ pub struct RunReport {
     /// span the guest marked (absent in summaries from before they were counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpu_exits: Option<VcpuExits>,
+    /// What the dirty-page samples cost the guest, when the run sampled (the guest
+    /// stands still for each: `crate::dirty::SampleCost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_sample_cost: Option<crate::dirty::SampleCost>,
 }
 
 /// A disk's counters at the end of the run.
@@ -211,6 +215,7 @@ impl RunReport {
             disks: Vec::new(),
             dma_log_failure: None,
             vcpu_exits: None,
+            dirty_sample_cost: None,
         }
     }
 
@@ -829,6 +834,12 @@ mod tests {
                 },
             }],
             dma_log_failure: None,
+            dirty_sample_cost: Some(crate::dirty::SampleCost {
+                samples: 257,
+                seconds: 1.5,
+                max_ms: 12.25,
+                pages_scanned: 40_000,
+            }),
             vcpu_exits: Some(crate::exits::VcpuExits {
                 total: ExitCounts {
                     all: 12,

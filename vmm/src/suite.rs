@@ -648,10 +648,13 @@ fn say_verdict(v: &Verdicts, expected: &Path, status: i32) {
 /// Prints [`exits_table`] on stderr, below the verdict table, when the boot's
 /// `run.json` counted exits.
 fn print_exits(boot: &Boot, verdicts: &Verdicts) {
-    let Some(exits) = RunSummary::load(&boot.file("run.json"))
-        .ok()
-        .and_then(|s| s.run.vcpu_exits)
-    else {
+    let Ok(summary) = RunSummary::load(&boot.file("run.json")) else {
+        return;
+    };
+    if let Some(cost) = &summary.run.dirty_sample_cost {
+        eprintln!("{}", sample_cost_line(cost, verdicts));
+    }
+    let Some(exits) = summary.run.vcpu_exits else {
         return;
     };
     let sent = verdicts
@@ -659,6 +662,28 @@ fn print_exits(boot: &Boot, verdicts: &Verdicts) {
         .iter()
         .map(|a| (a.method.as_str(), a.variant.as_str(), a.bytes));
     eprint!("{}", exits_table(sent, &boot.variants, &exits));
+}
+
+/// What the dirty-page samples cost beside the methods' own time (the guests'
+/// `seconds`, which include the samples taken inside their loops).
+fn sample_cost_line(cost: &zc_vmm::dirty::SampleCost, verdicts: &Verdicts) -> String {
+    let methods: f64 = verdicts.methods.iter().filter_map(|a| a.seconds).sum();
+    let share = if methods > 0.0 {
+        format!(
+            ", {:.0}% of the methods' {methods:.1} s",
+            100.0 * cost.seconds / methods
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "zc-vmm: dirty-page samples: {} taken in {:.2} s ({:.2} ms each, longest {:.1} ms, {} dirty pages scanned){share}",
+        cost.samples,
+        cost.seconds,
+        1e3 * cost.seconds / cost.samples.max(1) as f64,
+        cost.max_ms,
+        cost.pages_scanned
+    )
 }
 
 /// The vCPUs' exits to the VMM per 4 KiB each method sent (the guest's byte

@@ -836,6 +836,7 @@ fn run_vcpus(
     }
     report.console_tail = tail.lines();
     report.vcpu_exits = Some(devices.exits.report());
+    report.dirty_sample_cost = devices.sampler.as_ref().map(DirtySampler::cost);
     if let (Err(e), None) = (devices.dma_log.flush(), &report.dma_log_failure) {
         // Failed at the final flush, after the run loop stopped looking.
         let path = devices.dma_log_path.as_deref().unwrap_or(Path::new("?"));
