@@ -319,6 +319,11 @@ fn check_method(report: &Value, chunks: u64) {
     let method = report["method"].as_str().unwrap();
     let lp = report["loop_syscalls"].as_u64().unwrap();
     match Method::from_name(method).unwrap() {
+        Method::RecvWrite
+        | Method::RecvDirect
+        | Method::SpliceRecv
+        | Method::RecvMmap
+        | Method::TcpZerocopyReceive => panic!("{method}: a receive method in the send suite"),
         Method::ReadWrite | Method::DirectWrite => {
             assert_eq!(count(report, "read"), chunks, "{method}");
             assert!(count(report, "write") >= chunks, "{method}");
