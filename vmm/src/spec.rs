@@ -220,6 +220,10 @@ pub struct NicSpec {
     /// of each and sends back the right count.
     #[serde(default)]
     pub peer_send: Vec<PathBuf>,
+    /// Each connection to the send port carries only the first this many bytes of
+    /// its file.
+    #[serde(default)]
+    pub peer_send_bytes: Option<u64>,
 }
 
 /// The network backend of one card.
@@ -316,7 +320,10 @@ pub enum SpecError {
     /// A byte limit without files to apply it to.
     #[error("--peer-expect-bytes needs --peer-expect: name the file the guest will send")]
     BytesWithoutExpectation,
-    /// A byte limit beyond the end of an expected file.
+    /// A send byte limit without files to apply it to.
+    #[error("--peer-send-bytes needs --peer-send: name the file the peer is to send")]
+    SendBytesWithoutFiles,
+    /// A byte limit beyond the end of an expected file (or a file to send).
     #[error("--peer-expect-bytes {bytes}: {} has only {size} bytes", path.display())]
     BytesBeyondFile {
         /// The limit.
@@ -508,6 +515,7 @@ impl NicSpec {
             peer_expect: Vec::new(),
             peer_expect_bytes: None,
             peer_send: Vec::new(),
+            peer_send_bytes: None,
         }
     }
 
@@ -524,8 +532,22 @@ impl NicSpec {
                 return Err(SpecError::TapSend);
             }
         }
+        if self.peer_send_bytes.is_some() && self.peer_send.is_empty() {
+            return Err(SpecError::SendBytesWithoutFiles);
+        }
         for file in &self.peer_send {
             require_file("--peer-send", file, "name the file the peer is to send")?;
+            let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+            match self.peer_send_bytes {
+                Some(bytes) if bytes > size => {
+                    return Err(SpecError::BytesBeyondFile {
+                        bytes,
+                        path: file.clone(),
+                        size,
+                    })
+                }
+                _ => {}
+            }
         }
         if self.peer_expect_bytes.is_some() && self.peer_expect.is_empty() {
             return Err(SpecError::BytesWithoutExpectation);
@@ -798,6 +820,8 @@ mod tests {
     #[case::missing_expected_file(|s: &mut RunSpec, d: &Path| s.nics[0].peer_expect[1] = d.join("nope"), "the guest will send")]
     #[case::limit_past_the_file(|s: &mut RunSpec, _: &Path| s.nics[0].peer_expect_bytes = Some(101), "only 100 bytes")]
     #[case::limit_without_files(|s: &mut RunSpec, _: &Path| s.nics[1].peer_expect_bytes = Some(1), "needs --peer-expect")]
+    #[case::send_limit_past_the_file(|s: &mut RunSpec, d: &Path| { s.nics[0].peer_send = vec![d.join("payload.bin")]; s.nics[0].peer_send_bytes = Some(101); }, "only 100 bytes")]
+    #[case::send_limit_without_files(|s: &mut RunSpec, _: &Path| s.nics[0].peer_send_bytes = Some(1), "needs --peer-send")]
     #[case::missing_file_to_send(|s: &mut RunSpec, d: &Path| s.nics[0].peer_send = vec![d.join("nope")], "the peer is to send")]
     #[case::send_over_tap(|s: &mut RunSpec, d: &Path| s.nics[1].peer_send = vec![d.join("payload.bin")], "needs --net peer")]
     #[case::tap_check_without_address(
