@@ -116,6 +116,17 @@ impl MethodRun<'_> {
     pub fn span(&self) -> String {
         crate::marker::qualified_span(self.method.name(), self.variant)
     }
+
+    /// The file a receive run writes in the scratch disk's root, which the host
+    /// reads back after the run: `<method>.bin`, or `<method>.<variant>.bin` on a
+    /// named card, so that the runs of several cards in one boot each have their
+    /// own. Only letters, digits, `.`, `_` and `-` (a variant's name is no more).
+    pub fn scratch_file(&self) -> String {
+        match self.variant {
+            Some(variant) => format!("{}.{variant}.bin", self.method.name()),
+            None => format!("{}.bin", self.method.name()),
+        }
+    }
 }
 
 impl Default for Suite {
@@ -852,6 +863,15 @@ mod tests {
             Options::parse("zc.test=panic").unwrap().tests,
             [TestHook::Panic]
         );
+    }
+
+    #[test]
+    fn receive_runs_name_their_scratch_files_apart() {
+        let o = Options::parse("zc.cards=sg-on:recv_write/sg-off:recv_write").unwrap();
+        let files: Vec<String> = o.suite.runs().iter().map(MethodRun::scratch_file).collect();
+        assert_eq!(files, ["recv_write.sg-on.bin", "recv_write.sg-off.bin"]);
+        let plain = Options::parse("zc.methods=recv_mmap").unwrap();
+        assert_eq!(plain.suite.runs()[0].scratch_file(), "recv_mmap.bin");
     }
 
     #[test]
