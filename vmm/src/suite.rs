@@ -1048,8 +1048,6 @@ fn boot_suite(
     })
 }
 
-/// The guest's options for the boot: the method suite from the read-only test
-/// disk, each variant's methods through its own card (`zc.cards`).
 /// The error a line of `zc-vmm run`'s stderr reports, if it is one. Found anywhere
 /// in the line: a command inside the emulated host that stopped mid-line (its disk
 /// full, say) leaves the outer run's error at the end of that line.
@@ -1060,6 +1058,8 @@ fn run_error(line: &str) -> Option<&str> {
         .next()
 }
 
+/// The guest's options for the boot: the method suite from the read-only test
+/// disk, each variant's methods through its own card (`zc.cards`).
 fn guest_options(variants: &[Variant], size: u64, chunk: u64) -> Result<Options> {
     let cards = variants
         .iter()
