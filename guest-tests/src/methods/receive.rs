@@ -177,9 +177,9 @@ pub fn write_direct(sys: &mut Syscalls, fd: RawFd, parts: &[&[u8]], offset: u64)
 }
 
 /// After the chunk loop: the file cut back to the transfer's size where O_DIRECT
-/// wrote a whole last block, `fdatasync` (the data reaches the disk, a FLUSH on
-/// virtio-blk, before `END`), the 8-byte count to the peer, half-close, and the
-/// peer's FIN (nothing more may come).
+/// wrote a whole last block, `fdatasync` (the data reaches the disk before `END`,
+/// then a FLUSH where virtio-blk has a write cache), the 8-byte count to the peer,
+/// half-close, and the peer's FIN (nothing more may come).
 ///
 /// Half-close, not close: the peer closes when the guest's FIN arrives, and its
 /// FIN is how the guest knows the stream held nothing beyond the payload.

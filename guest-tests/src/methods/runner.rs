@@ -456,7 +456,7 @@ pub fn transfer_size(suite: &Suite, file_len: u64, shown: &dyn std::fmt::Display
         )));
     }
     if size == 0 {
-        return Err(Error::new(format!("{shown} is empty: nothing to send")));
+        return Err(Error::new(format!("{shown} is empty: nothing to transfer")));
     }
     Ok(size)
 }
