@@ -38,7 +38,7 @@ use std::str::FromStr;
 
 use crate::addr::{Card, DEFAULT_PEER, GUEST_IP, GUEST_PREFIX, MAX_CARDS};
 use crate::marker::valid_variant;
-use crate::method::Method;
+use crate::method::{Direction, Method};
 
 /// An option that does not parse: one line that names the option, its value and
 /// what is expected instead (e.g. `zc.chunk=1000: expected a multiple of 4096...`).
@@ -173,6 +173,13 @@ impl Suite {
     /// How many cards the suite sends through.
     pub fn card_count(&self) -> usize {
         self.cards.len().max(1)
+    }
+
+    /// Whether any run is a receive method (which writes to the scratch disk).
+    pub fn receives(&self) -> bool {
+        self.runs()
+            .iter()
+            .any(|run| run.method.direction() == Direction::Receive)
     }
 }
 
@@ -754,6 +761,17 @@ mod tests {
             all,
             "read_write,mmap_write,sendfile,splice,direct_write,direct_zerocopy,mmap_zerocopy,uring_send_zc,cow_zerocopy,sendfile_warm,sendfile_tmpfs,sendfile_direct,splice_direct,vmsplice,zerocopy_pressure"
         );
+    }
+
+    #[test]
+    fn a_suite_receives_when_any_card_runs_a_receive_method() {
+        assert!(!Suite::default().receives());
+        let named = Options::parse("zc.methods=sendfile,recv_mmap").unwrap();
+        assert!(named.suite.receives());
+        let cards = Options::parse("zc.cards=sg-on:sendfile/sg-off:tcp_zerocopy_receive").unwrap();
+        assert!(cards.suite.receives());
+        let sends = Options::parse("zc.cards=sg-on:all/sg-off:splice").unwrap();
+        assert!(!sends.suite.receives());
     }
 
     #[test]
