@@ -24,10 +24,13 @@ use super::tcp_zerocopy_receive;
 use super::{Hooks, Method, Roots, Suite, CHUNK_ALIGN};
 use crate::error::{Context, Error, Result};
 use zc_protocol::ack;
+use zc_protocol::MethodRun;
 
-/// The file a receive method writes: `<scratch>/<method>.bin`.
-pub fn target_path(scratch: &Path, method: Method) -> PathBuf {
-    scratch.join(format!("{}.bin", method.name()))
+/// The file a receive run writes: `<scratch>/<method>.bin`, or
+/// `<scratch>/<method>.<variant>.bin` on a named card
+/// ([`MethodRun::scratch_file`], which the VMM reads back after the boot).
+pub fn target_path(scratch: &Path, run: &MethodRun<'_>) -> PathBuf {
+    scratch.join(run.scratch_file())
 }
 
 /// A receive method's preparation, before `BEGIN`: its capability check, the
@@ -35,12 +38,13 @@ pub fn target_path(scratch: &Path, method: Method) -> PathBuf {
 /// created empty (O_DIRECT for the direct methods; `recv_mmap`'s pre-sized, since
 /// a mapping cannot grow a file), caches dropped.
 pub fn prepare(
-    method: Method,
+    run: &MethodRun<'_>,
     suite: &Suite,
     roots: Roots<'_>,
     peer: SocketAddrV4,
     hooks: &mut dyn Hooks,
 ) -> Result<Prepared> {
+    let method = run.method;
     if method == Method::TcpZerocopyReceive {
         if let tcp_zerocopy_receive::Support::Missing(reason) = tcp_zerocopy_receive::probe()? {
             return Ok(Prepared::Skipped(reason));
@@ -51,7 +55,7 @@ pub fn prepare(
         .context(|| format!("stat {}", payload.display()))?
         .len();
     let size = transfer_size(suite, payload_len, &payload.display())?;
-    let target = target_path(roots.scratch, method);
+    let target = target_path(roots.scratch, run);
     let mut options = std::fs::OpenOptions::new();
     options.read(true).write(true).create(true).truncate(true);
     if method.direct() {
@@ -314,7 +318,13 @@ mod tests {
         let payload = dir.path().join("payload.bin");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&payload, &data).unwrap();
-        let target = target_path(dir.path(), Method::RecvWrite);
+        let run = |variant| MethodRun {
+            method: Method::RecvWrite,
+            card: zc_protocol::addr::Card::new(0).unwrap(),
+            variant,
+        };
+        assert!(target_path(dir.path(), &run(Some("sg-on"))).ends_with("recv_write.sg-on.bin"));
+        let target = target_path(dir.path(), &run(None));
         assert!(target.ends_with("recv_write.bin"));
         let check = |size: u64| Check {
             target: target.clone(),

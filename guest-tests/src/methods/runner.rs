@@ -359,7 +359,7 @@ fn measure(
     let method = run.method;
     let prepared = match method.direction() {
         Direction::Send => prepare_send(method, suite, roots.disk, peer.send_to, hooks)?,
-        Direction::Receive => receive::prepare(method, suite, roots, peer.receive_from, hooks)?,
+        Direction::Receive => receive::prepare(run, suite, roots, peer.receive_from, hooks)?,
     };
     let ready = match prepared {
         Prepared::Ready(ready) => ready,

@@ -236,7 +236,12 @@ fn check_received(
     assert!(report["seconds"].as_f64().unwrap() > 0.0);
 
     // The file holds the payload, byte for byte, and nothing more.
-    let written = std::fs::read(target_path(scratch, method)).unwrap();
+    let run = zc_protocol::MethodRun {
+        method,
+        card: zc_protocol::addr::Card::new(0).unwrap(),
+        variant: report["variant"].as_str(),
+    };
+    let written = std::fs::read(target_path(scratch, &run)).unwrap();
     assert_eq!(written.len(), file.len(), "{name}");
     assert!(written == file, "{name}: the file differs from the payload");
     // The sender got the right count, then the guest's FIN and nothing else.
