@@ -68,7 +68,7 @@ pub struct Roots<'a> {
     /// guest).
     pub disk: &'a Path,
     /// Where the receive methods write it (the scratch disk's mount point), as
-    /// `<method>.bin`.
+    /// `MethodRun::scratch_file`.
     pub scratch: &'a Path,
 }
 

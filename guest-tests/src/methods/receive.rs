@@ -2,7 +2,7 @@
 //!
 //! The peer sends the payload (the same file the guest has on the test disk, or
 //! its first `zc.size` bytes) on each connection to its send port; the guest
-//! writes it to `<scratch>/<method>.bin` chunk by chunk, each chunk at the same
+//! writes it to `<scratch>/<method>.<variant>.bin` (`MethodRun::scratch_file`) chunk by chunk, each chunk at the same
 //! file offset as in the payload, so that a page of the stream is a page of the
 //! file (the audit identifies pages by their content). After the last chunk it
 //! `fdatasync`s the file, sends the 8-byte little-endian count of what it received
