@@ -55,6 +55,17 @@
 //!
 //! **Ratios.** `cpu_copies` = CPU-copied bytes / bytes sent; `dma_copies` =
 //! round(disk / bytes) + round(NIC payload / bytes); mode switches = 2 x system calls.
+//!
+//! **Receive.** A receive method's span (its [`Method::direction`]) is judged the
+//! other way round: the connection is the one the peer's send port answered (its
+//! first SYN-ACK in the span), its RX frames' payload is what the NIC wrote; the
+//! scratch disk's (card 1) OUT `data` records are what left, their pieces matched
+//! to file offsets by content; a piece is zero-copy when the NIC's RX DMA last
+//! wrote those stream bytes at that address, the content is intact and no sample
+//! saw the CPU write the page in between; the CPU pass is the one above, a run or
+//! read being a DMA destination also where the NIC put those bytes; the span FAILs
+//! unless the disk wrote out every byte received and a FLUSH followed its last OUT
+//! ([`ReceiveFigures`], `docs/method-suite.md`).
 
 mod analyze;
 mod context;
