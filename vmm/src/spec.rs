@@ -431,14 +431,19 @@ impl RunSpec {
     }
 
     /// The file dirty-page samples look for and how much of it, when the run samples
-    /// at all: it needs the DMA log (where samples go) and an expected file.
+    /// at all: it needs the DMA log (where samples go) and a file the first card's
+    /// peer expects, or else one it sends (a run of receive methods only). The suite
+    /// gives both the same payload.
     pub fn dirty_sample_payload(&self) -> Option<(&Path, Option<u64>)> {
         if !self.dirty_samples || self.outputs.dma_log.is_none() {
             return None;
         }
         let nic = self.nics.first()?;
-        let file = nic.peer_expect.first()?;
-        Some((file.as_path(), nic.peer_expect_bytes))
+        match (nic.peer_expect.first(), nic.peer_send.first()) {
+            (Some(file), _) => Some((file.as_path(), nic.peer_expect_bytes)),
+            (None, Some(file)) => Some((file.as_path(), nic.peer_send_bytes)),
+            (None, None) => None,
+        }
     }
 
     /// Checks everything a user can get wrong, before anything boots; returns the
@@ -804,6 +809,15 @@ mod tests {
             spec.dirty_sample_payload(),
             Some((dir.path().join("payload.bin").as_path(), Some(64)))
         );
+        // A card that only sends to the guest: the file it sends.
+        let sent = dir.path().join("sent.bin");
+        spec.nics[0].peer_expect.clear();
+        spec.nics[0].peer_send = vec![sent.clone()];
+        spec.nics[0].peer_send_bytes = Some(32);
+        assert_eq!(spec.dirty_sample_payload(), Some((sent.as_path(), Some(32))));
+        spec.nics[0].peer_send.clear();
+        assert_eq!(spec.dirty_sample_payload(), None);
+        spec = full_spec(dir.path());
         spec.outputs.dma_log = None;
         assert_eq!(spec.dirty_sample_payload(), None);
     }
