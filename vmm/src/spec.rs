@@ -814,7 +814,10 @@ mod tests {
         spec.nics[0].peer_expect.clear();
         spec.nics[0].peer_send = vec![sent.clone()];
         spec.nics[0].peer_send_bytes = Some(32);
-        assert_eq!(spec.dirty_sample_payload(), Some((sent.as_path(), Some(32))));
+        assert_eq!(
+            spec.dirty_sample_payload(),
+            Some((sent.as_path(), Some(32)))
+        );
         spec.nics[0].peer_send.clear();
         assert_eq!(spec.dirty_sample_payload(), None);
         spec = full_spec(dir.path());

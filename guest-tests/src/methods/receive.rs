@@ -5,7 +5,7 @@
 //! writes it to `<scratch>/<method>.<variant>.bin` (`MethodRun::scratch_file`) chunk by chunk, each chunk at the same
 //! file offset as in the payload, so that a page of the stream is a page of the
 //! file (the audit identifies pages by their content). After the last chunk it
-//! `fdatasync`s the file, sends the 8-byte little-endian count of what it received
+//! `fsync`s the file, sends the 8-byte little-endian count of what it received
 //! (`zc_protocol::ack`), half-closes, and reads until the peer's FIN.
 //!
 //! After `END`, [`Check::verify`] compares the file written with the payload: a
@@ -181,7 +181,7 @@ pub fn write_direct(sys: &mut Syscalls, fd: RawFd, parts: &[&[u8]], offset: u64)
 }
 
 /// After the chunk loop: the file cut back to the transfer's size where O_DIRECT
-/// wrote a whole last block, `fdatasync` (the data reaches the disk before `END`,
+/// wrote a whole last block, `fsync` (the data reaches the disk before `END`,
 /// then a FLUSH where virtio-blk has a write cache), the 8-byte count to the peer,
 /// half-close, and the peer's FIN (nothing more may come).
 ///
@@ -195,9 +195,15 @@ pub fn finish(t: &mut Transfer<'_>) -> Result<()> {
             .ftruncate(fd, size)
             .context(|| format!("ftruncate of the received file to {size} bytes"))?;
     }
+    // fsync, not fdatasync: on ext4 without a journal (the scratch disk), fdatasync
+    // of an inode whose only change is its mtime (recv_mmap's: the file was sized
+    // before BEGIN, the mapping only dirties pages) writes the pages but sends no
+    // cache FLUSH and leaves the new blocks' metadata unwritten (6.1
+    // fs/ext4/fsync.c, ext4_fsync_nojournal: no I_DIRTY_DATASYNC, return before
+    // `needs_barrier`). An application that wants the bytes to last calls fsync.
     t.sys
-        .fdatasync(fd)
-        .context(|| "fdatasync of the received file".to_string())?;
+        .fsync(fd)
+        .context(|| "fsync of the received file".to_string())?;
     let count = ack::encode(size);
     let mut sent = 0;
     while sent < count.len() {

@@ -3,7 +3,7 @@
 //!
 //! The user buffer is the page cache itself: one CPU copy per byte (socket buffer
 //! -> page cache, through the mapping), one system call per chunk; the pages reach
-//! the disk at `fdatasync`.
+//! the disk at `fsync`.
 
 use std::os::fd::AsRawFd;
 

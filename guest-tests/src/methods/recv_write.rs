@@ -2,7 +2,7 @@
 //!
 //! The classic receive path: two CPU copies per byte (socket buffer -> user
 //! buffer, user buffer -> page cache), two system calls per chunk; the page cache
-//! goes to the disk at `fdatasync`.
+//! goes to the disk at `fsync`.
 
 use std::os::fd::AsRawFd;
 

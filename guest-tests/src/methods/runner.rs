@@ -14,7 +14,7 @@
 //! A receive method ([`super::receive`]) has the same marks, connection, chunk
 //! loop, samples and report; what differs is prepared before `BEGIN` (the target
 //! file on the scratch disk instead of the source) and how the transfer ends
-//! (`fdatasync`, then the guest sends the count), and after `END` the file written
+//! (`fsync`, then the guest sends the count), and after `END` the file written
 //! is compared with the payload.
 //!
 //! Descriptors and mappings are closed and unmapped after `END`, so that the span

@@ -64,8 +64,8 @@ pub enum Call {
     Pwrite,
     /// `pwritev(2)`.
     Pwritev,
-    /// `fdatasync(2)`.
-    Fdatasync,
+    /// `fsync(2)`.
+    Fsync,
     /// `ftruncate(2)`.
     Ftruncate,
     /// `shutdown(2)`.
@@ -96,7 +96,7 @@ impl Call {
         Call::IoUringRegister,
         Call::Pwrite,
         Call::Pwritev,
-        Call::Fdatasync,
+        Call::Fsync,
         Call::Ftruncate,
         Call::Shutdown,
     ];
@@ -125,7 +125,7 @@ impl Call {
             Call::IoUringRegister => "io_uring_register",
             Call::Pwrite => "pwrite",
             Call::Pwritev => "pwritev",
-            Call::Fdatasync => "fdatasync",
+            Call::Fsync => "fsync",
             Call::Ftruncate => "ftruncate",
             Call::Shutdown => "shutdown",
         }
@@ -285,10 +285,10 @@ impl Syscalls {
         })
     }
 
-    /// `fdatasync(fd)`.
-    pub fn fdatasync(&mut self, fd: RawFd) -> io::Result<()> {
-        // SAFETY: fdatasync takes a descriptor only.
-        self.raw(Call::Fdatasync, || unsafe { libc::fdatasync(fd) as isize })
+    /// `fsync(fd)`.
+    pub fn fsync(&mut self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: fsync takes a descriptor only.
+        self.raw(Call::Fsync, || unsafe { libc::fsync(fd) as isize })
             .map(drop)
     }
 

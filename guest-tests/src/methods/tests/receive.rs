@@ -281,7 +281,7 @@ fn check_received(
         ("socket", 1),
         ("setsockopt", 2),
         ("connect", 1),
-        ("fdatasync", 1),
+        ("fsync", 1),
         ("send", 1),
         ("shutdown", 1),
     ] {
