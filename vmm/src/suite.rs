@@ -56,10 +56,12 @@ pub struct MethodsArgs {
     #[arg(long, default_value = DEFAULT_PAYLOAD)]
     payload: PathBuf,
     /// Methods to run with the NIC's scatter-gather on, comma-separated, or `all`
-    /// (every method of audit/expected.toml).
+    /// (every method of audit/expected.toml, both directions), `send` (file to
+    /// network) or `receive` (network to file, on a scratch disk).
     #[arg(long, default_value = "all")]
     methods: String,
-    /// Methods to run again with scatter-gather off (a second boot), or `none`. By
+    /// Methods to run again with scatter-gather off (through a second card), the
+    /// same words, or `none`. By
     /// default the two whose rows show what the NIC changes: `sendfile` (1 CPU copy
     /// instead of 0) and `mmap_zerocopy` (the kernel's zero-copy claim vs the device).
     #[arg(long, default_value = "sendfile,mmap_zerocopy")]
@@ -242,22 +244,26 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     }
     let expectations = Expectations::load(&args.expected)
         .with_context(|| format!("cannot load the expected table {}", args.expected.display()))?;
-    // The protocol's order (cheapest copies last, warm cache at the end); the table
-    // names no other method (`Expectations::load` checks). `all` is the send
-    // methods (`Method::ALL`); a receive method runs when named.
+    // The protocol's order (send methods, cheapest copies last, warm cache at the
+    // end; then the receive methods); the table names no other method
+    // (`Expectations::load` checks).
     let with_rows = |m: &Method| expectations.methods.contains_key(m.name());
-    let every_send: Vec<String> = Method::ALL
-        .iter()
-        .filter(|m| with_rows(m))
-        .map(|m| m.name().to_string())
-        .collect();
     let known: Vec<String> = Method::every()
         .filter(with_rows)
         .map(|m| m.name().to_string())
         .collect();
+    let of_direction = |direction: Direction| -> Vec<String> {
+        Method::every()
+            .filter(|m| with_rows(m) && m.direction() == direction)
+            .map(|m| m.name().to_string())
+            .collect()
+    };
     let select = |list: &str, flag: &str| -> Result<Vec<String>> {
-        if list == "all" {
-            return Ok(every_send.clone());
+        match list {
+            "all" => return Ok(known.clone()),
+            "send" => return Ok(of_direction(Direction::Send)),
+            "receive" => return Ok(of_direction(Direction::Receive)),
+            _ => {}
         }
         if list == "none" {
             return Ok(Vec::new());
