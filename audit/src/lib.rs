@@ -55,6 +55,17 @@
 //!
 //! **Ratios.** `cpu_copies` = CPU-copied bytes / bytes sent; `dma_copies` =
 //! round(disk / bytes) + round(NIC payload / bytes); mode switches = 2 x system calls.
+//!
+//! **Receive.** A receive method's span (its [`Method::direction`]) is judged the
+//! other way round: the connection is the one the peer's send port answered (its
+//! first SYN-ACK in the span), its RX frames' payload is what the NIC wrote; the
+//! scratch disk's (card 1) OUT `data` records are what left, their pieces matched
+//! to file offsets by content; a piece is zero-copy when the NIC's RX DMA last
+//! wrote those stream bytes at that address, the content is intact and no sample
+//! saw the CPU write the page in between; the CPU pass is the one above, a run or
+//! read being a DMA destination also where the NIC put those bytes; the span FAILs
+//! unless the disk wrote out every byte received and a FLUSH followed its last OUT
+//! ([`ReceiveFigures`], `docs/method-suite.md`).
 
 mod analyze;
 mod context;
@@ -69,7 +80,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use zc_dma_log::Record;
-use zc_protocol::Marker;
+use zc_protocol::{Direction, Marker, Method};
 
 pub use context::{Negotiated, OutputFile, RunContext, VariantRun, Verdicts, NET_CSUM};
 pub use expect::{Check, Defaults, Expectation, Expectations, NoRow};
@@ -169,13 +180,21 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// One method's numbers and verdict in one variant.
+/// One method's numbers and verdict in one variant. The NIC and disk fields
+/// describe a send (`nic_*`: what the NIC read; `disk_dma_bytes`: what virtio-blk
+/// wrote into guest memory); a receive's own figures are in [`MethodAudit::receive`],
+/// and the shared ones (`cpu_*`, `dma_copies`, `zero_copy_pct`, the system calls)
+/// are judged by the same keys of `expected.toml` in both directions.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MethodAudit {
     /// Method name.
     pub method: String,
     /// The run's variant.
     pub variant: String,
+    /// Which way the method moves the payload (`send` or `receive` in the JSON);
+    /// a name that is no method of the protocol is taken for a send.
+    #[serde(serialize_with = "direction_name")]
+    pub direction: Direction,
     /// The verdict.
     pub verdict: Verdict,
     /// Why it is not PASS (for SKIP: the guest's reason), one line each.
@@ -183,9 +202,10 @@ pub struct MethodAudit {
     /// Observations that do not decide the verdict (e.g. the kernel's zero-copy
     /// claim disagreeing with the device), one line each.
     pub findings: Vec<String>,
-    /// Bytes sent (the guest's count; the source length when there is no report).
+    /// Bytes sent or received (the guest's count; the source length when there is
+    /// no report).
     pub bytes: u64,
-    /// Chunks sent.
+    /// Chunks sent or received.
     pub chunks: Option<u64>,
     /// The guest's transfer time.
     pub seconds: Option<f64>,
@@ -199,28 +219,35 @@ pub struct MethodAudit {
     pub mode_switches_per_chunk: Option<f64>,
     /// Bytes virtio-blk wrote into guest memory (data) during the span.
     pub disk_dma_bytes: u64,
-    /// TCP payload bytes the NIC read for the method's connection.
+    /// Send: TCP payload bytes the NIC read for the method's connection (0 on a
+    /// receive: see [`ReceiveFigures::nic_rx_payload_bytes`]).
     pub nic_payload_bytes: u64,
-    /// Of those, bytes read zero-copy (where the disk put them, unchanged).
+    /// Send: of those, bytes read zero-copy (where the disk put them, unchanged).
     pub nic_zero_copy_bytes: u64,
-    /// Of those, bytes read from anywhere else.
+    /// Send: of those, bytes read from anywhere else.
     pub nic_copied_bytes: u64,
-    /// `nic_zero_copy_bytes` in percent of `nic_payload_bytes`.
+    /// The share, in percent, of the payload the last device read zero-copy: send,
+    /// `nic_zero_copy_bytes` of `nic_payload_bytes`; receive,
+    /// [`ReceiveFigures::disk_zero_copy_bytes`] of
+    /// [`ReceiveFigures::disk_payload_bytes`].
     pub zero_copy_pct: f64,
     /// Payload bytes the guest CPU wrote (deduplicated, DMA destinations excluded).
     pub cpu_copied_bytes: u64,
-    /// Of `cpu_copied_bytes`, those counted from the NIC's reads (payload it read from
-    /// a CPU-dirtied page no device filled) before any sample found them; the only
-    /// evidence for a buffer reused before the next sample (e.g. a frame linearised
-    /// at the device edge).
+    /// Send: of `cpu_copied_bytes`, those counted from the NIC's reads (payload it
+    /// read from a CPU-dirtied page no device filled) before any sample found them;
+    /// the only evidence for a buffer reused before the next sample (e.g. a frame
+    /// linearised at the device edge). A receive's is
+    /// [`ReceiveFigures::cpu_copied_seen_by_disk`].
     pub cpu_copied_seen_by_nic: u64,
-    /// Payload bytes in CPU-dirtied pages that the disk had put there (excluded).
+    /// Payload bytes in CPU-dirtied pages that a device had put there (excluded):
+    /// the disk for a send, the NIC's RX DMA (or the disk) for a receive.
     pub cpu_dma_destination_bytes: u64,
     /// Dirty-page samples the CPU side read.
     pub dirty_samples: u64,
     /// `cpu_copied_bytes / bytes`.
     pub cpu_copies: f64,
-    /// `round(disk / bytes) + round(nic payload / bytes)`.
+    /// `round(disk / bytes) + round(nic payload / bytes)`: for a receive, the
+    /// scratch disk's OUT bytes and the NIC's RX payload.
     pub dma_copies: u32,
     /// `bytes * 8 / seconds`, in Mbit/s.
     pub throughput_mbit_s: Option<f64>,
@@ -230,6 +257,47 @@ pub struct MethodAudit {
     pub span_seq: Option<(u64, u64)>,
     /// The expectation the method was judged against.
     pub expected: Option<Expectation>,
+    /// A receive method's own figures (`None`, and absent from the JSON, for a
+    /// send method).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive: Option<ReceiveFigures>,
+}
+
+/// What a receive method's span shows: the payload in from the NIC, out to the
+/// scratch disk, and where the disk read it from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReceiveFigures {
+    /// TCP payload bytes the NIC's RX DMA wrote into guest memory for the
+    /// connection from the peer's send port (retransmissions included).
+    pub nic_rx_payload_bytes: u64,
+    /// Data bytes the scratch disk read out of guest memory (OUT requests),
+    /// file-system metadata included.
+    pub disk_out_bytes: u64,
+    /// Of those, payload: bytes whose content is the file's (a whole page by its
+    /// fingerprint, a part of one where the NIC put those very bytes), each time the
+    /// disk read them.
+    pub disk_payload_bytes: u64,
+    /// Distinct bytes of the file, of the `bytes` received, the scratch disk read:
+    /// the receive FAILs unless this is all of them.
+    pub disk_file_bytes: u64,
+    /// Of the payload, bytes the disk read zero-copy: from where the NIC's RX DMA
+    /// put them, unchanged, in a page KVM did not see the CPU write in between.
+    pub disk_zero_copy_bytes: u64,
+    /// Of the payload, bytes the disk read from anywhere else.
+    pub disk_copied_bytes: u64,
+    /// Of `cpu_copied_bytes`, those counted from the disk's reads (payload it read
+    /// from a CPU-dirtied page no device filled) before any sample found them.
+    pub cpu_copied_seen_by_disk: u64,
+    /// Whether a FLUSH of the scratch disk completed after its last OUT and before
+    /// `END` (the receive FAILs without one).
+    pub flushed: bool,
+    /// Data bytes the test disk (card 0) moved during the span; a receive needs
+    /// none (a finding when not 0).
+    pub test_disk_bytes: u64,
+}
+
+fn direction_name<S: serde::Serializer>(d: &Direction, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.name())
 }
 
 /// Audits every method of one run: those the guest reported, in report order, then
@@ -343,9 +411,13 @@ fn audit_one(
         }
     });
     let seconds = report.and_then(|r| r.seconds);
+    let direction = name
+        .parse::<Method>()
+        .map_or(Direction::Send, Method::direction);
     let mut a = MethodAudit {
         method: name.to_string(),
         variant: input.variant.clone(),
+        direction,
         verdict: Verdict::Pass,
         reasons: Vec::new(),
         findings: Vec::new(),
@@ -373,6 +445,7 @@ fn audit_one(
         kernel: report.and_then(|r| r.zerocopy),
         span_seq: None,
         expected: expected.clone(),
+        receive: None,
     };
 
     if let Some(why) = report.and_then(|r| r.skipped.as_ref()) {
@@ -410,6 +483,7 @@ fn audit_one(
     if let Err(no_row) = selected {
         a.reasons.push(no_row.0);
     }
+    let mut receive_reasons = Vec::new();
     if let Some(span) = span {
         a.span_seq = Some((index.seq(span.begin), index.seq(span.end)));
         if span.duplicates > 0 {
@@ -419,8 +493,12 @@ fn audit_one(
                 Marker::begin(span_name.as_str())
             ));
         }
-        let ev = index.analyze(&span, input.card);
-        fill(&mut a, &ev);
+        match direction {
+            Direction::Send => fill(&mut a, &index.analyze(&span, input.card)),
+            Direction::Receive => {
+                receive_reasons = fill_receive(&mut a, &index.analyze_receive(&span, input.card));
+            }
+        }
     }
     // Numbers from a run without its marks or its report would be judged on half the
     // evidence; the structural reasons above already decide the verdict.
@@ -438,30 +516,129 @@ fn audit_one(
             a.reasons = e.check(&expectations.defaults, &m);
         }
     }
+    // Whether the data reached the disk is no expectation of the table: every
+    // receive must show it, and a row's numbers do not excuse its absence.
+    a.reasons.extend(receive_reasons);
     if !a.reasons.is_empty() {
         a.verdict = Verdict::Fail;
     }
     a
 }
 
-/// Copies the device evidence into `a` and notes what looks wrong with it.
+/// The shared CPU figures and their findings.
+fn fill_cpu(a: &mut MethodAudit, ev: &analyze::Evidence) {
+    a.cpu_copied_bytes = ev.cpu_copied_bytes;
+    a.cpu_dma_destination_bytes = ev.cpu_dma_destination_bytes;
+    a.dirty_samples = ev.dirty_samples;
+    a.cpu_copies = ratio(ev.cpu_copied_bytes, a.bytes);
+    if let Some(chunks) = a.chunks {
+        if ev.dirty_samples < chunks + 1 {
+            a.findings.push(format!(
+                "{} dirty-page samples for {chunks} chunks (expected one per chunk and one at END): CPU copies may be undercounted",
+                ev.dirty_samples
+            ));
+        }
+    }
+}
+
+/// Copies counted per byte moved, rounded.
+fn rounded_copies(n: u64, bytes: u64) -> u32 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "rounded first; a float-to-int `as` saturates, and a copy count is a small number"
+    )]
+    let r = ratio(n, bytes).round() as u32;
+    r
+}
+
+/// Copies a receive span's evidence into `a`, notes what looks wrong with it, and
+/// returns what makes it FAIL whatever the expectations say: data that did not
+/// reach the scratch disk, or was not flushed there.
+fn fill_receive(a: &mut MethodAudit, ev: &analyze::Evidence) -> Vec<String> {
+    let file_bytes = ev.disk_file_ranges.covered_within(0, a.bytes);
+    let r = ReceiveFigures {
+        nic_rx_payload_bytes: ev.nic_payload_bytes,
+        disk_out_bytes: ev.disk_out_bytes,
+        disk_payload_bytes: ev.disk_payload_bytes,
+        disk_file_bytes: file_bytes,
+        disk_zero_copy_bytes: ev.disk_zero_copy_bytes,
+        disk_copied_bytes: ev.disk_payload_bytes - ev.disk_zero_copy_bytes,
+        cpu_copied_seen_by_disk: ev.cpu_copied_seen_by_reader,
+        flushed: ev.flushed,
+        test_disk_bytes: ev.test_disk_bytes,
+    };
+    a.disk_dma_bytes = ev.disk_dma_bytes;
+    a.zero_copy_pct = 100.0 * ratio(r.disk_zero_copy_bytes, r.disk_payload_bytes);
+    fill_cpu(a, ev);
+    a.dma_copies =
+        rounded_copies(r.disk_out_bytes, a.bytes) + rounded_copies(r.nic_rx_payload_bytes, a.bytes);
+
+    if ev.no_syn {
+        a.findings.push(format!(
+            "no SYN-ACK from the peer's port {} in the span: no NIC payload attributed",
+            zc_protocol::addr::PEER_SEND_PORT
+        ));
+    } else if r.nic_rx_payload_bytes < a.bytes {
+        a.findings.push(format!(
+            "the NIC wrote {} payload bytes for the connection from port {}, fewer than the {} received",
+            r.nic_rx_payload_bytes,
+            ev.peer_port.unwrap_or(0),
+            a.bytes
+        ));
+    }
+    if ev.nic_beyond_source > 0 {
+        a.findings.push(format!(
+            "{} NIC payload bytes lie beyond the {}-byte source",
+            ev.nic_beyond_source, a.bytes
+        ));
+    }
+    if ev.zero_copy_but_dirtied > 0 {
+        a.findings.push(format!(
+            "{} payload bytes the disk read where the NIC had put them, unchanged, are counted as copied: KVM saw the CPU write their pages in between (its log is per page)",
+            ev.zero_copy_but_dirtied
+        ));
+    }
+    if r.test_disk_bytes > 0 {
+        a.findings.push(format!(
+            "the test disk moved {} data bytes during the receive, which needs only the scratch disk",
+            r.test_disk_bytes
+        ));
+    }
+    let mut reasons = Vec::new();
+    if file_bytes < a.bytes {
+        let gap = ev
+            .disk_file_ranges
+            .first_gap(0, a.bytes)
+            .map(|(s, e)| format!(" (first missing: file bytes {s}..{e})"))
+            .unwrap_or_default();
+        reasons.push(format!(
+            "the scratch disk wrote out {file_bytes} of the {} bytes received{gap}",
+            a.bytes
+        ));
+    }
+    if ev.failed_outs > 0 {
+        reasons.push(format!(
+            "{} OUT requests of the scratch disk failed: the data may not be on the disk",
+            ev.failed_outs
+        ));
+    }
+    if !r.flushed {
+        reasons.push("no FLUSH before END: the data may not be on the disk".to_string());
+    }
+    a.receive = Some(r);
+    reasons
+}
+
+/// Copies a send span's device evidence into `a` and notes what looks wrong with it.
 fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
     a.disk_dma_bytes = ev.disk_dma_bytes;
     a.nic_payload_bytes = ev.nic_payload_bytes;
     a.nic_zero_copy_bytes = ev.nic_zero_copy_bytes;
     a.nic_copied_bytes = ev.nic_payload_bytes - ev.nic_zero_copy_bytes;
     a.zero_copy_pct = 100.0 * ratio(ev.nic_zero_copy_bytes, ev.nic_payload_bytes);
-    a.cpu_copied_bytes = ev.cpu_copied_bytes;
-    a.cpu_dma_destination_bytes = ev.cpu_dma_destination_bytes;
-    a.cpu_copied_seen_by_nic = ev.cpu_copied_seen_by_nic;
-    a.dirty_samples = ev.dirty_samples;
-    a.cpu_copies = ratio(ev.cpu_copied_bytes, a.bytes);
-    #[allow(
-        clippy::cast_possible_truncation,
-        reason = "rounded first; a float-to-int `as` saturates, and a copy count is a small number"
-    )]
-    let rounded = |n: u64| ratio(n, a.bytes).round() as u32;
-    a.dma_copies = rounded(ev.disk_dma_bytes) + rounded(ev.nic_payload_bytes);
+    a.cpu_copied_seen_by_nic = ev.cpu_copied_seen_by_reader;
+    a.dma_copies =
+        rounded_copies(ev.disk_dma_bytes, a.bytes) + rounded_copies(ev.nic_payload_bytes, a.bytes);
 
     if ev.no_syn {
         a.findings
@@ -480,14 +657,7 @@ fn fill(a: &mut MethodAudit, ev: &analyze::Evidence) {
             ev.nic_beyond_source, a.bytes
         ));
     }
-    if let Some(chunks) = a.chunks {
-        if ev.dirty_samples < chunks + 1 {
-            a.findings.push(format!(
-                "{} dirty-page samples for {chunks} chunks (expected one per chunk and one at END): CPU copies may be undercounted",
-                ev.dirty_samples
-            ));
-        }
-    }
+    fill_cpu(a, ev);
     if let Some(ZeroCopyCounts {
         sends,
         fallbacks: Some(fallbacks),

@@ -1,10 +1,23 @@
-//! The audit's rules for one TX frame and one guest page, exposed so that a tool
+//! The audit's rules for one frame and one guest page, exposed so that a tool
 //! following a few bytes through a log (`zc-vmm dma-log trace`) applies exactly the
 //! rules the verdicts come from: which connection is a method's, which frame bytes
 //! are payload at which stream (= file) offset, and when a piece the NIC read is
-//! zero-copy. The audit's own pass ([`crate::audit`]) is built on these.
+//! zero-copy. The audit's own pass ([`crate::audit`]) is built on these. A send
+//! method's connection is the guest's, from its SYN; a receive method's is the
+//! peer's side of it, from the peer's SYN-ACK ([`Connection::from_syn_ack`]): the
+//! same mapping of frame bytes to stream offsets, applied to the RX frames.
 
 use zc_dma_log::{fingerprint, DescRecord, Fingerprint, NetRequest, Piece, PAGE_BYTES, PAGE_SIZE};
+
+/// Whether an RX frame is the SYN-ACK the peer's port `peer_port` answered a SYN
+/// with (`S` and `A`, with ports and a sequence number).
+pub fn is_syn_ack_from(net: &NetRequest, peer_port: u16) -> bool {
+    net.tcp_flags
+        .as_deref()
+        .is_some_and(|fl| fl.contains('S') && fl.contains('A'))
+        && net.tcp_ports.is_some_and(|(from, _)| from == peer_port)
+        && net.tcp_seq.is_some()
+}
 
 /// Whether a TX frame is a bare SYN (`S` without `A`) with ports and a sequence
 /// number: the guest is the client, so this opens a method's connection.
@@ -62,7 +75,22 @@ impl Connection {
         })
     }
 
-    /// The payload of one TX frame, given its `data` descriptor records in chain
+    /// The peer's side of a connection the guest opened to `peer_port`, from the
+    /// peer's SYN-ACK ([`is_syn_ack_from`]), or `None`: its [`Connection::payload`]
+    /// maps the RX frames the peer sent on it (`ports` is then (peer port, guest
+    /// port), as those frames carry them; `isn` the peer's).
+    pub fn from_syn_ack(net: &NetRequest, peer_port: u16) -> Option<Self> {
+        if !is_syn_ack_from(net, peer_port) {
+            return None;
+        }
+        Some(Connection {
+            ports: net.tcp_ports?,
+            isn: net.tcp_seq?,
+            unwrap: Unwrap::default(),
+        })
+    }
+
+    /// The payload of one frame (TX for a send, RX for a receive), given its `data` descriptor records in chain
     /// order (they make up the frame from offset 0): empty for another
     /// connection's frame or one without payload. Bytes at frame offsets
     /// `[tcp_payload_off, tcp_payload_off + tcp_len)` are payload (Ethernet padding
@@ -133,8 +161,9 @@ pub struct SourcePages<'a> {
     /// fingerprint of file page i; the last, partial page is hashed zero-padded to
     /// 4 KiB, because that is what a page-cache page past EOF holds.
     page_fp: Vec<u64>,
-    /// The same fingerprints, to give a blk page its content in one lookup.
-    known: std::collections::HashSet<u64>,
+    /// The same fingerprints, to give a blk page its content in one lookup: each
+    /// to the index of the first file page that has it.
+    known: std::collections::HashMap<u64, u64>,
 }
 
 impl<'a> SourcePages<'a> {
@@ -152,7 +181,10 @@ impl<'a> SourcePages<'a> {
                 }
             })
             .collect();
-        let known = page_fp.iter().copied().collect();
+        let mut known = std::collections::HashMap::new();
+        for (index, fp) in (0u64..).zip(&page_fp) {
+            known.entry(*fp).or_insert(index);
+        }
         SourcePages {
             bytes,
             page_fp,
@@ -187,8 +219,18 @@ impl<'a> SourcePages<'a> {
     /// page's fingerprint when the piece is a whole page whose fingerprint is that
     /// of a page of the file, else `None` (the page then holds other content).
     pub fn file_page_written(&self, piece: &Piece) -> Option<u64> {
-        (u64::from(piece.len) == PAGE_SIZE && self.known.contains(&piece.hash.0))
+        (u64::from(piece.len) == PAGE_SIZE && self.known.contains_key(&piece.hash.0))
             .then_some(piece.hash.0)
+    }
+
+    /// The file offset of the page a whole 4 KiB `piece` holds, when its fingerprint
+    /// is that of a page of the file (the first such page if the file repeats a
+    /// page: the payload file's pages all differ, so there it is the only one).
+    pub fn file_off_of_page(&self, piece: &Piece) -> Option<u64> {
+        if u64::from(piece.len) != PAGE_SIZE {
+            return None;
+        }
+        self.known.get(&piece.hash.0).map(|index| index * PAGE_SIZE)
     }
 
     /// The audit's zero-copy rule for a piece the NIC read, wholly payload, at

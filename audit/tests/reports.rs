@@ -524,3 +524,88 @@ fn the_table_says_why_a_boot_failed_and_what_the_driver_refused() {
     });
     assert_eq!(v.variant_label("sg-on"), "sg-on");
 }
+
+/// A receive row beside the send rows: `passing()`'s read_write audit retold as
+/// `recv_write` (the reports render what they are given; the receive analysis is
+/// tested in `receive.rs`).
+fn with_a_receive_row() -> Verdicts {
+    let mut v = passing();
+    let mut r = one("read_write", "sg-on");
+    r.method = "recv_write".into();
+    r.direction = zc_protocol::Direction::Receive;
+    r.receive = Some(zc_audit::ReceiveFigures {
+        nic_rx_payload_bytes: 32768,
+        disk_out_bytes: 36864,
+        disk_payload_bytes: 32768,
+        disk_file_bytes: 32768,
+        disk_zero_copy_bytes: 0,
+        disk_copied_bytes: 32768,
+        cpu_copied_seen_by_disk: 0,
+        flushed: true,
+        test_disk_bytes: 0,
+    });
+    v.methods.insert(1, r);
+    v
+}
+
+#[test]
+fn every_report_says_each_rows_direction() {
+    let v = with_a_receive_row();
+    let t = report::table(&v);
+    let header = t.lines().next().unwrap();
+    assert!(header.starts_with("method  "), "{t}");
+    assert!(header.contains("  direction  "), "{t}");
+    let row = |m: &str| t.lines().find(|l| l.starts_with(m)).unwrap().to_string();
+    assert!(row("recv_write").contains(" receive "), "{t}");
+    assert!(row("sendfile ").contains(" send "), "{t}");
+
+    let k = report::ktap(&v);
+    let diag = |m: &str| {
+        k.lines()
+            .find(|l| l.starts_with(&format!("  # {m}: direction=")))
+            .unwrap_or_else(|| panic!("no diagnostic line for {m}:\n{k}"))
+            .to_string()
+    };
+    assert!(diag("recv_write").starts_with("  # recv_write: direction=receive cpu_copies="));
+    assert!(diag("recv_write").contains(" disk_file_bytes=32768 flushed=true bytes="));
+    assert!(diag("read_write").starts_with("  # read_write: direction=send cpu_copies="));
+    assert!(!diag("read_write").contains("flushed="));
+
+    let doc: serde_json::Value = serde_json::from_str(&report::json(&v)).unwrap();
+    let methods = doc["methods"].as_array().unwrap();
+    assert_eq!(methods[0]["direction"], "send");
+    assert!(methods[0].get("receive").is_none());
+    assert_eq!(methods[1]["direction"], "receive");
+    assert_eq!(methods[1]["receive"]["disk_out_bytes"], 36864);
+    let schema = validator(&manifest().join("../docs/schemas/zc-audit-2.schema.json"));
+    assert_eq!(errors(&schema, &doc), Vec::<String>::new());
+    // A receive row must carry its figures, a send row must not.
+    let mut bad = doc.clone();
+    bad["methods"][1].as_object_mut().unwrap().remove("receive");
+    assert!(!errors(&schema, &bad).is_empty());
+    let mut bad = doc;
+    bad["methods"][0]["receive"] = bad["methods"][1]["receive"].clone();
+    assert!(!errors(&schema, &bad).is_empty());
+
+    let xml = report::junit(&v);
+    assert!(xml.contains("<system-out>direction=receive "), "{xml}");
+    let kcidb: serde_json::Value =
+        serde_json::from_str(&report::kcidb(&v, &report::KcidbIds::standalone(&v))).unwrap();
+    let test = kcidb["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["path"] == "zc.sg-on.recv_write")
+        .unwrap();
+    assert_eq!(test["misc"]["direction"], "receive");
+    assert_eq!(test["misc"]["receive"]["flushed"], true);
+
+    let h = report::html(&v);
+    assert!(
+        h.contains("<td class=\"l\">receive</td>"),
+        "no direction cell"
+    );
+    assert!(h.contains("<td class=\"l\">send</td>"));
+    // The receive row's disk column is the scratch disk's OUT bytes.
+    assert!(h.contains("<td>36864</td>"));
+}

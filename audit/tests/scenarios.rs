@@ -1033,7 +1033,7 @@ fn expected_toml_covers_every_method_of_the_contract() {
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
         .collect();
-    assert_eq!(names.len(), 15, "{names:?}");
+    assert_eq!(names.len(), 20, "{names:?}");
     let ex = expected_toml();
     for name in &names {
         for variant in ["sg-on", "sg-off"] {

@@ -15,7 +15,7 @@ use crate::cmdline::{Ipv4Net, Options, TestHook};
 use crate::control::{Control, UartTx, COM2};
 use crate::error::{Context, Error, Result};
 use crate::methods::port::SamplePort;
-use crate::methods::{self, Hooks};
+use crate::methods::{self, Hooks, Peer, Roots};
 use crate::scenarios::{self, Outcome};
 use crate::{disk, modules, mounts, net, power, sys};
 use zc_protocol::addr::{Card, GUEST_PREFIX};
@@ -121,7 +121,11 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
                 ),
             )?;
         }
-        if test.needs_scratch() && !scratch_mounted {
+        // The method suite writes to the scratch disk only when it has a receive
+        // method: a send-only suite boots as before, with or without that disk.
+        let needs_scratch =
+            test.needs_scratch() || (*test == TestHook::Methods && options.suite.receives());
+        if needs_scratch && !scratch_mounted {
             let device = disk::mount_scratch()?;
             scratch_mounted = true;
             say(
@@ -156,10 +160,20 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
             TestHook::Methods => {
                 let suite = &options.suite;
                 let names: Vec<&str> = suite.methods.iter().map(|m| m.name()).collect();
+                let peers: Vec<Peer> = peers.iter().copied().map(Peer::at).collect();
+                let receiving = if suite.receives() {
+                    format!(
+                        "; receive methods from {} into {}",
+                        Peer::at(options.peer).receive_from,
+                        disk::SCRATCH_MOUNT_POINT
+                    )
+                } else {
+                    String::new()
+                };
                 say(
                     control,
                     &format!(
-                        "methods: {} from {}/{} ({}), chunk {}, to {}",
+                        "methods: {} from {}/{} ({}), chunk {}, to {}{receiving}",
                         names.join(","),
                         disk::MOUNT_POINT,
                         suite.file,
@@ -173,12 +187,11 @@ fn run_tests(options: &Options, control: &mut Option<Channel>) -> Result<bool> {
                 match SamplePort::open() {
                     Ok(port) => {
                         let mut hooks = GuestHooks { control, port };
-                        let passed = methods::run_suite(
-                            suite,
-                            Path::new(disk::MOUNT_POINT),
-                            &peers,
-                            &mut hooks,
-                        )?;
+                        let roots = Roots {
+                            disk: Path::new(disk::MOUNT_POINT),
+                            scratch: Path::new(disk::SCRATCH_MOUNT_POINT),
+                        };
+                        let passed = methods::run_suite(suite, roots, &peers, &mut hooks)?;
                         // Each method already reported; the suite has no report of
                         // its own.
                         all_passed &= passed;

@@ -211,9 +211,9 @@ impl std::fmt::Display for Comparison {
     }
 }
 
-/// Compares file `name` on `image` with the first `expected_len` bytes of `expected`,
-/// dumping it to `work_dir/name` first. The dump is removed when the two are
-/// identical and kept, for a look, when they are not.
+/// Compares file `name` on `image` with the first `expected_len` bytes of the file
+/// `expected`, dumping it to `work_dir/name` first. The dump is removed when the two
+/// are identical and kept, for a look, when they are not.
 pub fn compare(
     image: &Path,
     name: &str,
@@ -221,34 +221,58 @@ pub fn compare(
     expected_len: u64,
     work_dir: &Path,
 ) -> Result<Comparison, ReadBackError> {
+    let file = File::open(expected).map_err(io_err("opening", expected))?;
+    compare_with(image, name, file.take(expected_len), expected, work_dir)
+}
+
+/// [`compare`] with the expected bytes in memory.
+pub fn compare_bytes(
+    image: &Path,
+    name: &str,
+    expected: &[u8],
+    work_dir: &Path,
+) -> Result<Comparison, ReadBackError> {
+    compare_with(
+        image,
+        name,
+        expected,
+        Path::new("the expected bytes"),
+        work_dir,
+    )
+}
+
+fn compare_with(
+    image: &Path,
+    name: &str,
+    expected: impl Read,
+    expected_name: &Path,
+    work_dir: &Path,
+) -> Result<Comparison, ReadBackError> {
     let dumped = work_dir.join(name);
     dump(image, name, &dumped)?;
-    let comparison = compare_files(&dumped, expected, expected_len)?;
+    let comparison = compare_files(&dumped, expected, expected_name)?;
     if comparison.identical() {
         fs::remove_file(&dumped).map_err(io_err("removing", &dumped))?;
     }
     Ok(comparison)
 }
 
-/// Compares `got` with the first `expected_len` bytes of `expected`, in chunks.
+/// Compares the file `got` with the bytes of `expected`, in chunks.
 fn compare_files(
     got: &Path,
-    expected: &Path,
-    expected_len: u64,
+    mut expected: impl Read,
+    expected_name: &Path,
 ) -> Result<Comparison, ReadBackError> {
     const CHUNK: usize = 1 << 20;
     let len = fs::metadata(got).map_err(io_err("reading", got))?.len();
     let mut a = File::open(got).map_err(io_err("opening", got))?;
-    let mut b = File::open(expected)
-        .map_err(io_err("opening", expected))?
-        .take(expected_len);
     let (mut abuf, mut bbuf) = (vec![0; CHUNK], vec![0; CHUNK]);
     let mut at = 0u64;
     let mut first_difference = None;
     let mut expected_seen = 0u64;
     loop {
         let n = read_full(&mut a, &mut abuf).map_err(io_err("reading", got))?;
-        let m = read_full(&mut b, &mut bbuf).map_err(io_err("reading", expected))?;
+        let m = read_full(&mut expected, &mut bbuf).map_err(io_err("reading", expected_name))?;
         expected_seen += m as u64;
         let common = n.min(m);
         if first_difference.is_none() {
@@ -262,10 +286,10 @@ fn compare_files(
         }
         at += common as u64;
         if n < CHUNK || m < CHUNK {
-            // One side ended; count what is left of the expected file for its length.
+            // One side ended; count what is left of the expected bytes for their length.
             if m == CHUNK {
-                expected_seen +=
-                    io::copy(&mut b, &mut io::sink()).map_err(io_err("reading", expected))?;
+                expected_seen += io::copy(&mut expected, &mut io::sink())
+                    .map_err(io_err("reading", expected_name))?;
             }
             break;
         }
@@ -314,7 +338,14 @@ mod tests {
         let got = dir.path().join("got");
         let check = |bytes: &[u8], len: u64| {
             fs::write(&got, bytes).unwrap();
-            compare_files(&got, &want, len).unwrap()
+            let from_file =
+                compare_files(&got, File::open(&want).unwrap().take(len), &want).unwrap();
+            let end = usize::try_from(len)
+                .unwrap_or(usize::MAX)
+                .min(expected.len());
+            let from_memory = compare_files(&got, &expected[..end], &want).unwrap();
+            assert_eq!(from_file, from_memory);
+            from_file
         };
         assert!(check(&expected, u64::MAX).identical());
         assert!(check(&expected[..1000], 1000).identical());
@@ -383,6 +414,8 @@ mod tests {
         let work = dir.path().join("work");
         fs::create_dir(&work).unwrap();
         let same = compare(&image, "recv.bin", &source, u64::MAX, &work).unwrap();
+        assert!(same.identical(), "{same}");
+        let same = compare_bytes(&image, "recv.bin", &payload, &work).unwrap();
         assert!(same.identical(), "{same}");
         assert!(
             !work.join("recv.bin").exists(),

@@ -26,6 +26,6 @@ pub mod report;
 
 pub use control::{ControlMessage, MAX_LINE};
 pub use marker::{Marker, SpanName};
-pub use method::{Method, UnknownMethod};
+pub use method::{Direction, Method, UnknownMethod};
 pub use options::{MethodRun, Options, OptionsError, Role, Suite, SuiteCard, TestHook};
-pub use report::{MethodReport, ZeroCopyCounts};
+pub use report::{MethodReport, ZeroCopyCounts, ZeroCopyReceive};

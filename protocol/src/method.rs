@@ -3,13 +3,45 @@
 //! `BEGIN`/`END` markers, the `report` lines and `audit/expected.toml` all use them.
 //!
 //! Adding a method: a variant here (with its name and properties, and its place in
-//! [`Method::ALL`]), its guest module (`guest-tests/src/methods/`) and its rows in
-//! `audit/expected.toml`.
+//! [`Method::ALL`] or [`Method::RECEIVE`]), its guest module
+//! (`guest-tests/src/methods/`) and its rows in `audit/expected.toml`.
+//!
+//! Two directions ([`Direction`]): the send methods move a file on the test disk to
+//! the TCP peer; the receive methods (issue 12, being built) take the payload the
+//! peer sends (on `addr::PEER_SEND_PORT`) and write it to a file on the scratch
+//! disk. [`Method::ALL`], what `zc.methods=all` runs, holds the send methods only
+//! until the audit judges the receive ones; a receive method runs when named.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// One transfer method, from a file on the test disk to the TCP peer.
+/// Which way a method moves the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// File on the test disk to the TCP peer.
+    Send,
+    /// TCP peer to a file on the scratch disk.
+    Receive,
+}
+
+impl Direction {
+    /// The name in reports: `send` or `receive`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Send => "send",
+            Direction::Receive => "receive",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One transfer method: a send method (file on the test disk to the TCP peer) or a
+/// receive method (TCP peer to a file on the scratch disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Method {
     /// `read` into a user buffer, `write` it to the socket.
@@ -45,6 +77,18 @@ pub enum Method {
     /// (a tiny `net.core.optmem_max`): each send the kernel refuses (ENOBUFS) is
     /// sent again without MSG_ZEROCOPY, as an application would.
     ZerocopyPressure,
+    /// Receive: `recv` into a user buffer, `write` it to the file (page cache).
+    RecvWrite,
+    /// Receive: `recv` into an aligned user buffer, `write` it to the file opened
+    /// with O_DIRECT.
+    RecvDirect,
+    /// Receive: `splice` socket -> pipe -> file.
+    SpliceRecv,
+    /// Receive: `recv` straight into a MAP_SHARED mapping of the pre-sized file.
+    RecvMmap,
+    /// Receive: `getsockopt(TCP_ZEROCOPY_RECEIVE)` maps what it can of the payload,
+    /// the rest is `recv`ed; the chunk is written to the file opened with O_DIRECT.
+    TcpZerocopyReceive,
 }
 
 impl Method {
@@ -68,6 +112,32 @@ impl Method {
         Method::ZerocopyPressure,
     ];
 
+    /// Every receive method, in the order the suite runs them when named.
+    pub const RECEIVE: [Method; 5] = [
+        Method::RecvWrite,
+        Method::RecvDirect,
+        Method::SpliceRecv,
+        Method::RecvMmap,
+        Method::TcpZerocopyReceive,
+    ];
+
+    /// Every method of both directions: [`Method::ALL`], then [`Method::RECEIVE`].
+    pub fn every() -> impl Iterator<Item = Method> {
+        Method::ALL.into_iter().chain(Method::RECEIVE)
+    }
+
+    /// Which way the method moves the payload.
+    pub const fn direction(self) -> Direction {
+        match self {
+            Method::RecvWrite
+            | Method::RecvDirect
+            | Method::SpliceRecv
+            | Method::RecvMmap
+            | Method::TcpZerocopyReceive => Direction::Receive,
+            _ => Direction::Send,
+        }
+    }
+
     /// The contract's name.
     pub const fn name(self) -> &'static str {
         match self {
@@ -86,20 +156,28 @@ impl Method {
             Method::SpliceDirect => "splice_direct",
             Method::Vmsplice => "vmsplice",
             Method::ZerocopyPressure => "zerocopy_pressure",
+            Method::RecvWrite => "recv_write",
+            Method::RecvDirect => "recv_direct",
+            Method::SpliceRecv => "splice_recv",
+            Method::RecvMmap => "recv_mmap",
+            Method::TcpZerocopyReceive => "tcp_zerocopy_receive",
         }
     }
 
-    /// The method called `name`, if any.
+    /// The method called `name`, if any (of either direction).
     pub fn from_name(name: &str) -> Option<Method> {
-        Method::ALL.into_iter().find(|m| m.name() == name)
+        Method::every().find(|m| m.name() == name)
     }
 
-    /// Every name, comma-separated, in [`Method::ALL`] order (for error messages).
+    /// Every name, comma-separated, in [`Method::every`] order (for error messages).
     pub fn names() -> String {
-        Method::ALL.map(Method::name).join(", ")
+        Method::every()
+            .map(Method::name)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
-    /// Whether the file is opened with O_DIRECT (the disk DMA lands in a user
+    /// Whether the file is opened with O_DIRECT (the disk DMA reads or writes a user
     /// buffer instead of the page cache).
     pub const fn direct(self) -> bool {
         matches!(
@@ -109,6 +187,8 @@ impl Method {
                 | Method::SendfileDirect
                 | Method::SpliceDirect
                 | Method::Vmsplice
+                | Method::RecvDirect
+                | Method::TcpZerocopyReceive
         )
     }
 
@@ -150,8 +230,9 @@ impl Method {
         matches!(self, Method::SendfileTmpfs)
     }
 
-    /// Whether the disk's DMA brings the file in during the span (not for a warm
-    /// page cache or a copy on tmpfs).
+    /// Whether the disk's DMA moves the file during the span (not for a warm page
+    /// cache or a copy on tmpfs): reads it in for a send method, writes it out (the
+    /// fsync) for a receive method.
     pub const fn disk_dma_in_span(self) -> bool {
         !self.warm() && !self.tmpfs()
     }
@@ -209,9 +290,10 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_parse_back() {
-        for (i, m) in Method::ALL.iter().enumerate() {
+        let every: Vec<Method> = Method::every().collect();
+        for (i, m) in every.iter().enumerate() {
             assert_eq!(m.name().parse::<Method>(), Ok(*m));
-            assert!(Method::ALL[..i].iter().all(|o| o.name() != m.name()));
+            assert!(every[..i].iter().all(|o| o.name() != m.name()));
         }
         let err = "send_file".parse::<Method>().unwrap_err().to_string();
         assert!(err.contains("read_write, mmap_write"), "{err}");
@@ -222,6 +304,24 @@ mod tests {
         let mut sorted = Method::ALL;
         sorted.sort();
         assert_eq!(sorted, Method::ALL);
+        let every: Vec<Method> = Method::every().collect();
+        let mut sorted = every.clone();
+        sorted.sort();
+        assert_eq!(sorted, every);
+    }
+
+    #[test]
+    fn directions_split_the_methods() {
+        assert!(Method::ALL.iter().all(|m| m.direction() == Direction::Send));
+        assert!(Method::RECEIVE
+            .iter()
+            .all(|m| m.direction() == Direction::Receive));
+        for m in Method::RECEIVE {
+            assert_eq!(m.name().parse::<Method>(), Ok(m));
+            assert!(!m.warm() && !m.tmpfs() && !m.msg_zerocopy() && !m.io_uring());
+        }
+        assert!(Method::names().ends_with("tcp_zerocopy_receive"));
+        assert_eq!(Direction::Receive.to_string(), "receive");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::str::FromStr;
 
 use crate::addr::{Card, DEFAULT_PEER, GUEST_IP, GUEST_PREFIX, MAX_CARDS};
 use crate::marker::valid_variant;
-use crate::method::Method;
+use crate::method::{Direction, Method};
 
 /// An option that does not parse: one line that names the option, its value and
 /// what is expected instead (e.g. `zc.chunk=1000: expected a multiple of 4096...`).
@@ -116,6 +116,17 @@ impl MethodRun<'_> {
     pub fn span(&self) -> String {
         crate::marker::qualified_span(self.method.name(), self.variant)
     }
+
+    /// The file a receive run writes in the scratch disk's root, which the host
+    /// reads back after the run: `<method>.bin`, or `<method>.<variant>.bin` on a
+    /// named card, so that the runs of several cards in one boot each have their
+    /// own. Only letters, digits, `.`, `_` and `-` (a variant's name is no more).
+    pub fn scratch_file(&self) -> String {
+        match self.variant {
+            Some(variant) => format!("{}.{variant}.bin", self.method.name()),
+            None => format!("{}.bin", self.method.name()),
+        }
+    }
 }
 
 impl Default for Suite {
@@ -162,6 +173,13 @@ impl Suite {
     /// How many cards the suite sends through.
     pub fn card_count(&self) -> usize {
         self.cards.len().max(1)
+    }
+
+    /// Whether any run is a receive method (which writes to the scratch disk).
+    pub fn receives(&self) -> bool {
+        self.runs()
+            .iter()
+            .any(|run| run.method.direction() == Direction::Receive)
     }
 }
 
@@ -746,6 +764,17 @@ mod tests {
     }
 
     #[test]
+    fn a_suite_receives_when_any_card_runs_a_receive_method() {
+        assert!(!Suite::default().receives());
+        let named = Options::parse("zc.methods=sendfile,recv_mmap").unwrap();
+        assert!(named.suite.receives());
+        let cards = Options::parse("zc.cards=sg-on:sendfile/sg-off:tcp_zerocopy_receive").unwrap();
+        assert!(cards.suite.receives());
+        let sends = Options::parse("zc.cards=sg-on:all/sg-off:splice").unwrap();
+        assert!(!sends.suite.receives());
+    }
+
+    #[test]
     fn method_suite_errors_are_one_helpful_line() {
         let err = Options::parse("zc.methods=sendfile,zerocopy")
             .unwrap_err()
@@ -852,6 +881,15 @@ mod tests {
             Options::parse("zc.test=panic").unwrap().tests,
             [TestHook::Panic]
         );
+    }
+
+    #[test]
+    fn receive_runs_name_their_scratch_files_apart() {
+        let o = Options::parse("zc.cards=sg-on:recv_write/sg-off:recv_write").unwrap();
+        let files: Vec<String> = o.suite.runs().iter().map(MethodRun::scratch_file).collect();
+        assert_eq!(files, ["recv_write.sg-on.bin", "recv_write.sg-off.bin"]);
+        let plain = Options::parse("zc.methods=recv_mmap").unwrap();
+        assert_eq!(plain.suite.runs()[0].scratch_file(), "recv_mmap.bin");
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //!  "zerocopy":{"sends":256,"completions":256,"copied":0}}
 //! ```
 //! `variant` (after `method`) only when the boot had one card per NIC variant
-//! (`zc.cards`): the variant whose card carried the method. `zerocopy` only for the
+//! (`zc.cards`): the variant whose card carried the method. `direction` (after
+//! `variant`) only for a receive method, always `"receive"` (a report without it
+//! is a send's). `zerocopy` only for the
 //! zero-copy methods, `copied` `null` when the kernel does
-//! not say (io_uring before Linux 6.2). A skipped method is
+//! not say (io_uring before Linux 6.2); `zerocopy_receive` only for
+//! `tcp_zerocopy_receive`: `{"mapped":N,"received":M}`. A skipped method is
 //! `{"test":"method","method":M,"ok":true,"skipped":"<reason>"}`, a failed one
 //! `{"test":"method","method":M,"ok":false,"error":"<one line>"}`.
 //!
@@ -39,6 +42,10 @@ pub struct MethodReport {
     /// card per variant (`zc.cards`); absent in a one-card run.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub variant: Option<String>,
+    /// `"receive"` for a receive method (`crate::Direction::name`); absent for a
+    /// send method, so that send reports keep their shape.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub direction: Option<String>,
     /// Whether the guest completed the transfer (the peer confirmed every byte),
     /// or skipped it.
     pub ok: bool,
@@ -61,6 +68,9 @@ pub struct MethodReport {
     pub setup_syscalls: Option<u64>,
     /// What the kernel said about MSG_ZEROCOPY / SEND_ZC sends, if the method uses them.
     pub zerocopy: Option<ZeroCopyCounts>,
+    /// How `tcp_zerocopy_receive` got the payload: mapped or copied.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub zerocopy_receive: Option<ZeroCopyReceive>,
     /// Why the guest skipped the method (it did not run).
     pub skipped: Option<String>,
     /// Why the method failed, one line.
@@ -90,6 +100,21 @@ pub struct ZeroCopyCounts {
     pub fallbacks: Option<u64>,
 }
 
+/// How a `TCP_ZEROCOPY_RECEIVE` method got the payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct ZeroCopyReceive {
+    /// Bytes the kernel mapped into the process (the receive pages themselves,
+    /// no copy).
+    pub mapped: u64,
+    /// Bytes it could not map, read with `recv` (copied).
+    pub received: u64,
+}
+
 impl MethodReport {
     /// The report of a method that sent everything; the counts are the caller's.
     pub fn new(method: &str, ok: bool) -> MethodReport {
@@ -117,6 +142,9 @@ impl MethodReport {
             .str("method", &self.method);
         if let Some(variant) = &self.variant {
             json = json.str("variant", variant);
+        }
+        if let Some(direction) = &self.direction {
+            json = json.str("direction", direction);
         }
         json = json.bool("ok", self.ok);
         let u64_member = |json: Object, key: &str, value: Option<u64>| match value {
@@ -148,6 +176,12 @@ impl MethodReport {
             };
             let z = u64_member(z, "fallbacks", zc.fallbacks);
             json = json.object("zerocopy", z);
+        }
+        if let Some(zr) = self.zerocopy_receive {
+            let z = Object::new()
+                .u64("mapped", zr.mapped)
+                .u64("received", zr.received);
+            json = json.object("zerocopy_receive", z);
         }
         if let Some(reason) = &self.skipped {
             json = json.str("skipped", reason);
@@ -218,6 +252,34 @@ mod tests {
         }
     }
 
+    fn received() -> MethodReport {
+        MethodReport {
+            direction: Some("receive".into()),
+            zerocopy_receive: Some(ZeroCopyReceive {
+                mapped: 8192,
+                received: 100,
+            }),
+            syscalls: vec![("getsockopt".into(), 2), ("recv".into(), 2)],
+            ..MethodReport::new("tcp_zerocopy_receive", true)
+        }
+    }
+
+    #[test]
+    fn a_receive_report_says_its_direction_and_what_was_mapped() {
+        assert_eq!(
+            received().to_json(),
+            r#"{"test":"method","method":"tcp_zerocopy_receive","direction":"receive","ok":true,"syscalls":{"getsockopt":2,"recv":2},"zerocopy_receive":{"mapped":8192,"received":100}}"#
+        );
+        let on_card = MethodReport {
+            variant: Some("sg-off".into()),
+            zerocopy_receive: None,
+            ..received()
+        };
+        assert!(on_card
+            .to_json()
+            .starts_with(r#"{"test":"method","method":"tcp_zerocopy_receive","variant":"sg-off","direction":"receive","ok":true,"#));
+    }
+
     #[test]
     fn writes_the_contract_shape() {
         assert_eq!(
@@ -279,6 +341,7 @@ mod tests {
                 variant: Some("sg-off".into()),
                 ..sendfile()
             },
+            received(),
         ];
         for report in reports {
             let json = report.to_json();

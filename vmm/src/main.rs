@@ -297,6 +297,10 @@ struct RunFlags {
     /// order. The run fails unless the guest acknowledges every byte and counts them.
     #[arg(long = "peer-send", value_name = "FILE")]
     peer_send: Vec<PathBuf>,
+    /// Each connection to the send port carries only the first BYTES of its
+    /// --peer-send file.
+    #[arg(long, value_name = "BYTES", requires = "peer_send")]
+    peer_send_bytes: Option<u64>,
     /// With --net tap: the tap device's name (created if absent; `%d` is numbered).
     /// In emulated mode it lives inside the emulated host.
     #[arg(long, default_value = "zctap%d")]
@@ -346,6 +350,7 @@ impl RunFlags {
             peer_expect: self.peer_expect,
             peer_expect_bytes: self.peer_expect_bytes,
             peer_send: self.peer_send,
+            peer_send_bytes: self.peer_send_bytes,
         });
         Ok(RunSpec {
             kernel,
@@ -785,6 +790,8 @@ mod tests {
             "100",
             "--peer-send",
             "/s1",
+            "--peer-send-bytes",
+            "50",
             "--dma-log",
             "/o/dma.jsonl",
             "--dirty-samples",
@@ -813,6 +820,7 @@ mod tests {
                 peer_expect: vec!["/p1".into(), "/p2".into()],
                 peer_expect_bytes: Some(100),
                 peer_send: vec!["/s1".into()],
+                peer_send_bytes: Some(50),
             }],
             dirty_samples: true,
             transport: TransportChoice::Pci,

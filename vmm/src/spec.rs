@@ -220,6 +220,10 @@ pub struct NicSpec {
     /// of each and sends back the right count.
     #[serde(default)]
     pub peer_send: Vec<PathBuf>,
+    /// Each connection to the send port carries only the first this many bytes of
+    /// its file.
+    #[serde(default)]
+    pub peer_send_bytes: Option<u64>,
 }
 
 /// The network backend of one card.
@@ -316,7 +320,10 @@ pub enum SpecError {
     /// A byte limit without files to apply it to.
     #[error("--peer-expect-bytes needs --peer-expect: name the file the guest will send")]
     BytesWithoutExpectation,
-    /// A byte limit beyond the end of an expected file.
+    /// A send byte limit without files to apply it to.
+    #[error("--peer-send-bytes needs --peer-send: name the file the peer is to send")]
+    SendBytesWithoutFiles,
+    /// A byte limit beyond the end of an expected file (or a file to send).
     #[error("--peer-expect-bytes {bytes}: {} has only {size} bytes", path.display())]
     BytesBeyondFile {
         /// The limit.
@@ -424,14 +431,19 @@ impl RunSpec {
     }
 
     /// The file dirty-page samples look for and how much of it, when the run samples
-    /// at all: it needs the DMA log (where samples go) and an expected file.
+    /// at all: it needs the DMA log (where samples go) and a file the first card's
+    /// peer expects, or else one it sends (a run of receive methods only). The suite
+    /// gives both the same payload.
     pub fn dirty_sample_payload(&self) -> Option<(&Path, Option<u64>)> {
         if !self.dirty_samples || self.outputs.dma_log.is_none() {
             return None;
         }
         let nic = self.nics.first()?;
-        let file = nic.peer_expect.first()?;
-        Some((file.as_path(), nic.peer_expect_bytes))
+        match (nic.peer_expect.first(), nic.peer_send.first()) {
+            (Some(file), _) => Some((file.as_path(), nic.peer_expect_bytes)),
+            (None, Some(file)) => Some((file.as_path(), nic.peer_send_bytes)),
+            (None, None) => None,
+        }
     }
 
     /// Checks everything a user can get wrong, before anything boots; returns the
@@ -508,6 +520,7 @@ impl NicSpec {
             peer_expect: Vec::new(),
             peer_expect_bytes: None,
             peer_send: Vec::new(),
+            peer_send_bytes: None,
         }
     }
 
@@ -524,8 +537,22 @@ impl NicSpec {
                 return Err(SpecError::TapSend);
             }
         }
+        if self.peer_send_bytes.is_some() && self.peer_send.is_empty() {
+            return Err(SpecError::SendBytesWithoutFiles);
+        }
         for file in &self.peer_send {
             require_file("--peer-send", file, "name the file the peer is to send")?;
+            let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+            match self.peer_send_bytes {
+                Some(bytes) if bytes > size => {
+                    return Err(SpecError::BytesBeyondFile {
+                        bytes,
+                        path: file.clone(),
+                        size,
+                    })
+                }
+                _ => {}
+            }
         }
         if self.peer_expect_bytes.is_some() && self.peer_expect.is_empty() {
             return Err(SpecError::BytesWithoutExpectation);
@@ -782,6 +809,18 @@ mod tests {
             spec.dirty_sample_payload(),
             Some((dir.path().join("payload.bin").as_path(), Some(64)))
         );
+        // A card that only sends to the guest: the file it sends.
+        let sent = dir.path().join("sent.bin");
+        spec.nics[0].peer_expect.clear();
+        spec.nics[0].peer_send = vec![sent.clone()];
+        spec.nics[0].peer_send_bytes = Some(32);
+        assert_eq!(
+            spec.dirty_sample_payload(),
+            Some((sent.as_path(), Some(32)))
+        );
+        spec.nics[0].peer_send.clear();
+        assert_eq!(spec.dirty_sample_payload(), None);
+        spec = full_spec(dir.path());
         spec.outputs.dma_log = None;
         assert_eq!(spec.dirty_sample_payload(), None);
     }
@@ -798,6 +837,8 @@ mod tests {
     #[case::missing_expected_file(|s: &mut RunSpec, d: &Path| s.nics[0].peer_expect[1] = d.join("nope"), "the guest will send")]
     #[case::limit_past_the_file(|s: &mut RunSpec, _: &Path| s.nics[0].peer_expect_bytes = Some(101), "only 100 bytes")]
     #[case::limit_without_files(|s: &mut RunSpec, _: &Path| s.nics[1].peer_expect_bytes = Some(1), "needs --peer-expect")]
+    #[case::send_limit_past_the_file(|s: &mut RunSpec, d: &Path| { s.nics[0].peer_send = vec![d.join("payload.bin")]; s.nics[0].peer_send_bytes = Some(101); }, "only 100 bytes")]
+    #[case::send_limit_without_files(|s: &mut RunSpec, _: &Path| s.nics[0].peer_send_bytes = Some(1), "needs --peer-send")]
     #[case::missing_file_to_send(|s: &mut RunSpec, d: &Path| s.nics[0].peer_send = vec![d.join("nope")], "the peer is to send")]
     #[case::send_over_tap(|s: &mut RunSpec, d: &Path| s.nics[1].peer_send = vec![d.join("payload.bin")], "needs --net peer")]
     #[case::tap_check_without_address(

@@ -19,12 +19,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use zc_audit::report::KcidbIds;
 use zc_audit::{
-    AuditInput, Expectations, MethodAudit, Negotiated, OutputFile, RunContext, VariantRun, Verdicts,
+    AuditInput, Expectations, MethodAudit, Negotiated, OutputFile, RunContext, VariantRun, Verdict,
+    Verdicts,
 };
+use zc_protocol::addr::Card;
 use zc_protocol::control::ControlMessage;
-use zc_protocol::options::{Options, Suite, SuiteCard, TestHook};
+use zc_protocol::options::{MethodRun, Options, Suite, SuiteCard, TestHook};
 use zc_protocol::report::{MethodReport, METHOD_TEST};
-use zc_protocol::Method;
+use zc_protocol::{Direction, Method};
 use zc_vmm::exits::VcpuExits;
 use zc_vmm::host::{self, HostMode};
 use zc_vmm::progress::MethodProgress;
@@ -54,10 +56,12 @@ pub struct MethodsArgs {
     #[arg(long, default_value = DEFAULT_PAYLOAD)]
     payload: PathBuf,
     /// Methods to run with the NIC's scatter-gather on, comma-separated, or `all`
-    /// (every method of audit/expected.toml).
+    /// (every method of audit/expected.toml, both directions), `send` (file to
+    /// network) or `receive` (network to file, on a scratch disk).
     #[arg(long, default_value = "all")]
     methods: String,
-    /// Methods to run again with scatter-gather off (a second boot), or `none`. By
+    /// Methods to run again with scatter-gather off (through a second card), the
+    /// same words, or `none`. By
     /// default the two whose rows show what the NIC changes: `sendfile` (1 CPU copy
     /// instead of 0) and `mmap_zerocopy` (the kernel's zero-copy claim vs the device).
     #[arg(long, default_value = "sendfile,mmap_zerocopy")]
@@ -125,6 +129,36 @@ struct Variant {
     name: String,
     sg: bool,
     methods: Vec<String>,
+}
+
+impl Variant {
+    /// How many of its methods go `direction`.
+    fn count(&self, direction: Direction) -> usize {
+        self.methods
+            .iter()
+            .filter(|m| Method::from_name(m).map(Method::direction) == Some(direction))
+            .count()
+    }
+}
+
+/// The scratch disk the receive methods write to (`suite.scratch.img`, read back
+/// after the boot); kept with the outputs, so `zc-vmm audit` reads it back again.
+const SCRATCH_IMAGE: &str = "scratch.img";
+
+/// A blank scratch disk for the boot, if a card runs receive methods: room for each
+/// run's `size` bytes.
+fn new_scratch_disk(out: &Path, variants: &[Variant], size: u64) -> Result<Option<PathBuf>> {
+    let path = out.join(format!("{BOOT_NAME}.{SCRATCH_IMAGE}"));
+    let receives: usize = variants.iter().map(|v| v.count(Direction::Receive)).sum();
+    if receives == 0 {
+        // Not this boot's: an older run's image would be read back as this one's.
+        let _ = std::fs::remove_file(&path);
+        return Ok(None);
+    }
+    let bytes = size * u64::try_from(receives).expect("a handful of methods");
+    zc_images::scratch::create(&path, zc_images::scratch::size_for(bytes))
+        .with_context(|| format!("cannot make the scratch disk {}", path.display()))?;
+    Ok(Some(path))
 }
 
 /// The name of the boot's own files: `suite.spec.json`, `suite.run.json`,
@@ -210,16 +244,26 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     }
     let expectations = Expectations::load(&args.expected)
         .with_context(|| format!("cannot load the expected table {}", args.expected.display()))?;
-    // The protocol's order (cheapest copies last, warm cache at the end); the table
-    // names no other method (`Expectations::load` checks).
-    let known: Vec<String> = Method::ALL
-        .iter()
-        .filter(|m| expectations.methods.contains_key(m.name()))
+    // The protocol's order (send methods, cheapest copies last, warm cache at the
+    // end; then the receive methods); the table names no other method
+    // (`Expectations::load` checks).
+    let with_rows = |m: &Method| expectations.methods.contains_key(m.name());
+    let known: Vec<String> = Method::every()
+        .filter(with_rows)
         .map(|m| m.name().to_string())
         .collect();
+    let of_direction = |direction: Direction| -> Vec<String> {
+        Method::every()
+            .filter(|m| with_rows(m) && m.direction() == direction)
+            .map(|m| m.name().to_string())
+            .collect()
+    };
     let select = |list: &str, flag: &str| -> Result<Vec<String>> {
-        if list == "all" {
-            return Ok(known.clone());
+        match list {
+            "all" => return Ok(known.clone()),
+            "send" => return Ok(of_direction(Direction::Send)),
+            "receive" => return Ok(of_direction(Direction::Receive)),
+            _ => {}
         }
         if list == "none" {
             return Ok(Vec::new());
@@ -278,6 +322,8 @@ pub fn run(args: MethodsArgs) -> Result<i32> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create the output directory {}", args.out.display()))?;
+    let mut spec = spec;
+    spec.scratch_disk = new_scratch_disk(&args.out, &variants, size)?;
 
     let progress = Progress::new();
     let boot = boot_suite(&args.out, &variants, &spec, &progress)?;
@@ -516,7 +562,8 @@ fn audit_boot(boot: &Boot, source: &[u8], expectations: &Expectations) -> BootRu
     for (card, v) in (0u16..).zip(&boot.variants) {
         input.variant = v.name.clone();
         input.card = Some(card);
-        let audits = zc_audit::audit_wanted(&input, expectations, &v.methods);
+        let mut audits = zc_audit::audit_wanted(&input, expectations, &v.methods);
+        read_back_scratch(boot, card, v, source, &mut audits);
         let nic_features = summary
             .as_ref()
             .and_then(|s| s.run.nics.get(usize::from(card)))
@@ -541,6 +588,66 @@ fn audit_boot(boot: &Boot, source: &[u8], expectations: &Expectations) -> BootRu
         variants,
         summary,
         log_incomplete,
+    }
+}
+
+/// Checks what each receive method of `variant` (card `card`) left on the boot's
+/// scratch disk against the payload, byte for byte, where it landed: in the image,
+/// after the guest's FLUSH, read by the host. A run whose file is missing, short,
+/// long or different FAILs with the figure; one that matches says so among its
+/// findings. A SKIP (the guest ran nothing) stays.
+fn read_back_scratch(
+    boot: &Boot,
+    card: u16,
+    variant: &Variant,
+    source: &[u8],
+    audits: &mut [MethodAudit],
+) {
+    let Some(card) = u8::try_from(card).ok().and_then(Card::new) else {
+        return;
+    };
+    let image = boot.file(SCRATCH_IMAGE);
+    // Once per card is cheap next to a boot; e2fsck reads only the metadata.
+    let consistent = image.exists().then(|| zc_images::scratch::check(&image));
+    for audit in audits.iter_mut().filter(|a| a.verdict != Verdict::Skip) {
+        let Some(method) = Method::from_name(&audit.method) else {
+            continue;
+        };
+        if method.direction() != Direction::Receive {
+            continue;
+        }
+        let run = MethodRun {
+            method,
+            card,
+            variant: Some(&variant.name),
+        };
+        let file = run.scratch_file();
+        let outcome = match &consistent {
+            None => Err(format!(
+                "no scratch disk {} to read {file} back from",
+                image.display()
+            )),
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(())) => zc_images::scratch::compare_bytes(&image, &file, source, &boot.dir)
+                .map_err(|e| e.to_string())
+                .and_then(|c| {
+                    if c.identical() {
+                        Ok(format!("{file} read back from the scratch disk: {c}"))
+                    } else {
+                        Err(format!(
+                            "{file} on the scratch disk: {c} (kept in {} for a look)",
+                            boot.dir.display()
+                        ))
+                    }
+                }),
+        };
+        match outcome {
+            Ok(finding) => audit.findings.push(finding),
+            Err(why) => {
+                audit.verdict = Verdict::Fail;
+                audit.reasons.insert(0, why);
+            }
+        }
     }
 }
 
@@ -573,11 +680,26 @@ fn negotiated(nic: &zc_vmm::report::NicSummary) -> Negotiated {
 /// As many missing transfers as skipped methods are theirs, so none of the methods
 /// that ran lost its data; more missing than skipped is a lost transfer and stays
 /// the boot's failure.
+/// The same for the files the peer was to send to the receive methods.
 fn excuse_skipped_transfers(mut summary: RunSummary, reports: &[MethodReport]) -> RunSummary {
-    let skipped = reports.iter().filter(|r| r.skipped.is_some()).count();
-    let missing = summary.run.missing_transfers.len();
-    if missing > 0 && missing <= skipped {
-        summary.run.missing_transfers.clear();
+    let skipped = |direction: Direction| {
+        reports
+            .iter()
+            .filter(|r| r.skipped.is_some())
+            .filter(|r| Method::from_name(&r.method).map(Method::direction) == Some(direction))
+            .count()
+    };
+    let mut excused = false;
+    for (missing, direction) in [
+        (&mut summary.run.missing_transfers, Direction::Send),
+        (&mut summary.run.missing_sends, Direction::Receive),
+    ] {
+        if !missing.is_empty() && missing.len() <= skipped(direction) {
+            missing.clear();
+            excused = true;
+        }
+    }
+    if excused {
         summary.failure = summary.run.failure();
     }
     summary
@@ -957,8 +1079,6 @@ fn boot_suite(
     })
 }
 
-/// The guest's options for the boot: the method suite from the read-only test
-/// disk, each variant's methods through its own card (`zc.cards`).
 /// The error a line of `zc-vmm run`'s stderr reports, if it is one. Found anywhere
 /// in the line: a command inside the emulated host that stopped mid-line (its disk
 /// full, say) leaves the outer run's error at the end of that line.
@@ -969,6 +1089,8 @@ fn run_error(line: &str) -> Option<&str> {
         .next()
 }
 
+/// The guest's options for the boot: the method suite from the read-only test
+/// disk, each variant's methods through its own card (`zc.cards`).
 fn guest_options(variants: &[Variant], size: u64, chunk: u64) -> Result<Options> {
     let cards = variants
         .iter()
@@ -1022,12 +1144,17 @@ fn suite_spec(args: &MethodsArgs, variants: &[Variant], size: u64) -> Result<Run
         }),
         nics: variants
             .iter()
-            .map(|v| NicSpec {
-                sg: v.sg,
-                pcap: Some(args.out.join(format!("{}.pcap", v.name))),
-                peer_expect: vec![args.payload.clone(); v.methods.len()],
-                peer_expect_bytes: Some(size),
-                ..NicSpec::peer()
+            .map(|v| {
+                let (sends, receives) = (v.count(Direction::Send), v.count(Direction::Receive));
+                NicSpec {
+                    sg: v.sg,
+                    pcap: Some(args.out.join(format!("{}.pcap", v.name))),
+                    peer_expect: vec![args.payload.clone(); sends],
+                    peer_expect_bytes: (sends > 0).then_some(size),
+                    peer_send: vec![args.payload.clone(); receives],
+                    peer_send_bytes: (receives > 0).then_some(size),
+                    ..NicSpec::peer()
+                }
             })
             .collect(),
         dirty_samples: true,
@@ -1339,6 +1466,143 @@ mod tests {
         );
         let s = excuse_skipped_transfers(summary(1), &reports[..1]);
         assert!(s.failure.is_some(), "nothing skipped, nothing excused");
+
+        // The files the peer was to send: excused only by skipped receive methods.
+        let mut unsent = summary(0);
+        unsent.run.missing_sends = vec!["payload.bin".into()];
+        unsent.failure = unsent.run.failure();
+        assert!(unsent.failure.is_some());
+        let s = excuse_skipped_transfers(unsent.clone(), &reports);
+        assert!(
+            s.failure.is_some(),
+            "a skipped send method excuses no unsent file"
+        );
+        let skipped_receive = [report(
+            "tcp_zerocopy_receive",
+            Some("no TCP_ZEROCOPY_RECEIVE"),
+        )];
+        let s = excuse_skipped_transfers(unsent, &skipped_receive);
+        assert_eq!(s.failure, None);
+        assert!(s.run.missing_sends.is_empty());
+    }
+
+    #[test]
+    fn receive_methods_get_files_from_the_peer_and_a_scratch_disk() {
+        let variants = [
+            variant("sg-on", true, &["sendfile", "recv_write", "recv_mmap"]),
+            variant("sg-off", false, &["sendfile"]),
+        ];
+        let spec = suite_spec(&methods_args(&[]), &variants, 8192).unwrap();
+        let on = &spec.nics[0];
+        assert_eq!(on.peer_expect.len(), 1);
+        assert_eq!(on.peer_send, vec![PathBuf::from(DEFAULT_PAYLOAD); 2]);
+        assert_eq!(
+            (on.peer_expect_bytes, on.peer_send_bytes),
+            (Some(8192), Some(8192))
+        );
+        let off = &spec.nics[1];
+        assert!(off.peer_send.is_empty() && off.peer_send_bytes.is_none());
+        // The scratch disk is made fresh per boot, only when a card receives.
+        let out = tempfile::tempdir().unwrap();
+        let image = out.path().join("suite.scratch.img");
+        match new_scratch_disk(out.path(), &variants, 8192) {
+            Ok(made) => assert_eq!(made, Some(image.clone())),
+            // Without e2fsprogs there is nothing to make it with.
+            Err(e) if format!("{e:#}").contains("mkfs.ext4 not found") => return,
+            Err(e) => panic!("{e:#}"),
+        }
+        assert!(image.exists());
+        let sends_only = [variant("sg-on", true, &["sendfile"])];
+        assert_eq!(
+            new_scratch_disk(out.path(), &sends_only, 8192).unwrap(),
+            None
+        );
+        assert!(
+            !image.exists(),
+            "an older boot's scratch disk is not this one's"
+        );
+    }
+
+    /// The host's read-back: a receive run whose file is the payload keeps its
+    /// verdict and says so; one whose file differs, or is missing, FAILs with why.
+    #[test]
+    fn receive_runs_fail_unless_their_file_is_on_the_scratch_disk_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("suite.scratch.img");
+        if zc_images::scratch::create(&image, 40 << 20).is_err() {
+            eprintln!("skipped: no mkfs.ext4");
+            return;
+        }
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        let mut altered = payload.clone();
+        altered[12_345] ^= 1;
+        for (name, bytes) in [
+            ("recv_write.sg-on.bin", &payload),
+            ("recv_mmap.sg-on.bin", &altered),
+        ] {
+            let source = dir.path().join(name);
+            std::fs::write(&source, bytes).unwrap();
+            let wrote = Command::new("debugfs")
+                .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+                .args(["-w", "-R"])
+                .arg(format!("write {} {name}", source.display()))
+                .arg(&image)
+                .output()
+                .unwrap();
+            assert!(wrote.status.success(), "{wrote:?}");
+            std::fs::remove_file(&source).unwrap();
+        }
+        let boot = Boot {
+            variants: Vec::new(),
+            dir: dir.path().to_path_buf(),
+            exit_failure: None,
+        };
+        let v = variant(
+            "sg-on",
+            true,
+            &["recv_write", "recv_mmap", "recv_direct", "sendfile"],
+        );
+        // Rows as the audit makes them (of an empty log), then taken as passing, so
+        // that only the read-back can change them.
+        let input = AuditInput {
+            records: Vec::new(),
+            source: payload.clone(),
+            reports: Vec::new(),
+            variant: "sg-on".into(),
+            card: Some(0),
+            kernel_release: None,
+        };
+        let expected = Expectations::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../audit/expected.toml"),
+        )
+        .unwrap();
+        let mut audits = zc_audit::audit_wanted(&input, &expected, &v.methods);
+        for a in &mut audits {
+            a.verdict = Verdict::Pass;
+            a.reasons.clear();
+            a.findings.clear();
+        }
+        read_back_scratch(&boot, 0, &v, &payload, &mut audits);
+        let [intact, altered_run, missing, send] = &audits[..] else {
+            unreachable!()
+        };
+        assert_eq!(intact.verdict, Verdict::Pass, "{intact:?}");
+        assert!(
+            intact.findings[0].contains("20000 bytes, identical"),
+            "{intact:?}"
+        );
+        assert_eq!(altered_run.verdict, Verdict::Fail);
+        assert!(
+            altered_run.reasons[0].contains("differs from byte 12345"),
+            "{altered_run:?}"
+        );
+        assert_eq!(missing.verdict, Verdict::Fail);
+        assert!(
+            missing.reasons[0].contains("not on the scratch disk"),
+            "{missing:?}"
+        );
+        assert_eq!(send.verdict, Verdict::Pass);
+        assert!(send.findings.is_empty() && send.reasons.is_empty());
     }
 
     #[test]

@@ -602,8 +602,19 @@ fn peer_backend(config: &NicSpec, card: Card) -> Result<NetPeer, VmError> {
         peer.expect(expectation);
     }
     for path in &config.peer_send {
-        let offer = Offer::of_file(path.display().to_string(), path)
+        let mut offer = Offer::of_file(path.display().to_string(), path)
             .map_err(|e| net_err("cannot read a file the peer is to send")(&e))?;
+        if let Some(bytes) = config.peer_send_bytes {
+            if bytes > offer.size {
+                return Err(SpecError::BytesBeyondFile {
+                    bytes,
+                    path: path.clone(),
+                    size: offer.size,
+                }
+                .into());
+            }
+            offer.size = bytes;
+        }
         peer.offer(offer);
     }
     Ok(peer)

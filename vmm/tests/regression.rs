@@ -50,7 +50,13 @@ fn a_patched_kernel_fails_exactly_the_rows_its_patch_names() {
     );
 
     let out = tempfile::tempdir().unwrap();
-    let output = common::methods(&kernel_images, out.path(), &["--sg-off-methods", "all"]);
+    // The send methods, the paths the regression patches break (the receive
+    // methods have not run on the source-built kernel yet).
+    let output = common::methods(
+        &kernel_images,
+        out.path(),
+        &["--methods", "send", "--sg-off-methods", "send"],
+    );
     assert_eq!(
         output.status.code(),
         Some(1),

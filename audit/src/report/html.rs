@@ -136,16 +136,17 @@ fn list(items: &[String]) -> String {
 const COLUMNS: &[(&str, &str)] = &[
     ("method", "the transfer method (see the list of methods below)"),
     ("variant", "the NIC variant: sg-on offers checksum offload, so Linux gives the card scatter-gather; sg-off does not, so Linux linearises every frame. When the driver refused what was offered, the variant says so."),
+    ("direction", "send: a file on the test disk to the TCP peer; receive: the peer's payload to a file on the scratch disk"),
     ("verdict", "PASS: every count matches audit/expected.toml; FAIL: a count differs, evidence is missing or the boot failed (reasons in the last column); SKIP: the guest kernel cannot run the method"),
-    ("syscalls / chunk", "system calls the guest issued per chunk in its send loop (the guest's own count)"),
+    ("syscalls / chunk", "system calls the guest issued per chunk in its transfer loop (the guest's own count)"),
     ("switches / chunk", "user/kernel mode switches per chunk: twice the system calls"),
-    ("DMA copies", "disk bytes DMA'd during the method / bytes sent, plus NIC payload bytes / bytes sent, each rounded"),
-    ("CPU copies", "payload bytes the guest CPU wrote (KVM's dirty-page log, plus NIC reads of CPU-written pages), per byte sent"),
-    ("zero-copy %", "share of the NIC's payload read from the very page virtio-blk filled, content unchanged"),
-    ("disk DMA bytes", "bytes virtio-blk wrote into guest memory during the method"),
-    ("NIC payload bytes", "TCP payload bytes the NIC read for the method's connection"),
+    ("DMA copies", "disk bytes DMA'd during the method / bytes moved, plus NIC payload bytes / bytes moved, each rounded"),
+    ("CPU copies", "payload bytes the guest CPU wrote (KVM's dirty-page log, plus the last device's reads of CPU-written pages), per byte moved"),
+    ("zero-copy %", "send: share of the NIC's payload read from the very page virtio-blk filled, content unchanged; receive: share of the scratch disk's payload read from the very page the NIC's RX DMA filled, content unchanged"),
+    ("disk DMA bytes", "send: bytes virtio-blk wrote into guest memory during the method; receive: bytes the scratch disk read out of guest memory (OUT)"),
+    ("NIC payload bytes", "TCP payload bytes of the method's connection the NIC read (send) or wrote (receive)"),
     ("CPU-copied bytes", "the numerator of CPU copies"),
-    ("Mbit/s", "bytes sent / the guest's transfer time"),
+    ("Mbit/s", "bytes moved / the guest's transfer time"),
     ("kernel zero-copy", "MSG_ZEROCOPY / io_uring send_zc: sends / completions / sends the kernel flagged as copied"),
     ("reasons and findings", "why a row is not PASS; findings are observations that do not decide the verdict"),
 ];
@@ -205,6 +206,23 @@ const METHODS: &[(&str, &str)] = &[
     (
         "zerocopy_pressure",
         "send with MSG_ZEROCOPY with net.core.optmem_max 0; each refused (ENOBUFS) send sent again without it",
+    ),
+    (
+        "recv_write",
+        "receive: recv into a user buffer, write it to the file",
+    ),
+    (
+        "recv_direct",
+        "receive: recv into an aligned user buffer, write it to the file opened with O_DIRECT",
+    ),
+    ("splice_recv", "receive: splice socket to pipe, splice pipe to file"),
+    (
+        "recv_mmap",
+        "receive: recv straight into a shared mapping of the pre-sized file",
+    ),
+    (
+        "tcp_zerocopy_receive",
+        "receive: getsockopt(TCP_ZEROCOPY_RECEIVE) maps what it can, the rest is received with recv; written with O_DIRECT",
     ),
 ];
 
@@ -295,7 +313,7 @@ pub fn html(v: &Verdicts) -> String {
         1,
         "%",
     ));
-    s.push_str("\n<h2>CPU copies per byte sent (tick: expected)</h2>\n");
+    s.push_str("\n<h2>CPU copies per byte moved (tick: expected)</h2>\n");
     s.push_str(&bar_chart(
         audits,
         |a| (a.verdict != Verdict::Skip).then_some(a.cpu_copies),
@@ -323,7 +341,7 @@ pub fn html(v: &Verdicts) -> String {
     for (h, what) in COLUMNS {
         let class = if matches!(
             *h,
-            "method" | "variant" | "verdict" | "reasons and findings"
+            "method" | "variant" | "direction" | "verdict" | "reasons and findings"
         ) {
             " class=\"l\""
         } else {
@@ -340,6 +358,12 @@ pub fn html(v: &Verdicts) -> String {
                 format!("{}/{}/{}", k.sends, k.completions, copied)
             },
         );
+        // A receive's disk and NIC columns are its own: what the scratch disk read
+        // out, what the NIC wrote in.
+        let (disk, nic) = match &a.receive {
+            Some(r) => (r.disk_out_bytes, r.nic_rx_payload_bytes),
+            None => (a.disk_dma_bytes, a.nic_payload_bytes),
+        };
         let row_class = if a.verdict == Verdict::Fail {
             " class=\"FAILROW\""
         } else {
@@ -347,16 +371,17 @@ pub fn html(v: &Verdicts) -> String {
         };
         let _ = writeln!(
             s,
-            "<tr{row_class}><td class=\"l\">{}</td><td class=\"lv\">{}</td><td class=\"l {verdict}\">{verdict}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"why\">{}{}</td></tr>",
+            "<tr{row_class}><td class=\"l\">{}</td><td class=\"lv\">{}</td><td class=\"l\">{}</td><td class=\"l {verdict}\">{verdict}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"why\">{}{}</td></tr>",
             esc(&a.method),
             esc(&v.variant_label(&a.variant)),
+            a.direction,
             num(a.syscalls_per_chunk, 2),
             num(a.mode_switches_per_chunk, 2),
             a.dma_copies,
             a.cpu_copies,
             a.zero_copy_pct,
-            a.disk_dma_bytes,
-            a.nic_payload_bytes,
+            disk,
+            nic,
             a.cpu_copied_bytes,
             num(a.throughput_mbit_s, 1),
             esc(&kernel),

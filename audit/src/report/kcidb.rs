@@ -61,6 +61,7 @@ fn path_part(s: &str) -> String {
 fn method_misc(a: &MethodAudit) -> Value {
     let mut m = Map::new();
     m.insert("variant".into(), json!(a.variant));
+    m.insert("direction".into(), json!(a.direction.name()));
     m.insert("measurements".into(), json!(measurements(a)));
     m.insert("cpu_copies".into(), json!(a.cpu_copies));
     m.insert("zero_copy_pct".into(), json!(a.zero_copy_pct));
@@ -70,6 +71,9 @@ fn method_misc(a: &MethodAudit) -> Value {
     }
     if let Some(t) = a.throughput_mbit_s {
         m.insert("mbit_s".into(), json!(t));
+    }
+    if let Some(r) = &a.receive {
+        m.insert("receive".into(), json!(r));
     }
     if !a.reasons.is_empty() {
         m.insert("reasons".into(), json!(a.reasons));

@@ -94,9 +94,12 @@ pub fn ktap(v: &Verdicts) -> String {
     out
 }
 
-/// The measurements of one method as `key=value` words.
+/// The measurements of one method as `key=value` words, its direction first; a
+/// receive adds whether the scratch disk was flushed and how much of the file it
+/// wrote out.
 pub(super) fn measurements(a: &MethodAudit) -> String {
     let mut words = vec![
+        format!("direction={}", a.direction),
         format!("cpu_copies={:.2}", a.cpu_copies),
         format!("zero_copy_pct={:.1}", a.zero_copy_pct),
         format!("dma_copies={}", a.dma_copies),
@@ -115,6 +118,10 @@ pub(super) fn measurements(a: &MethodAudit) -> String {
             k.copied
                 .map_or_else(|| "unknown".to_string(), |c| c.to_string())
         ));
+    }
+    if let Some(r) = &a.receive {
+        words.push(format!("disk_file_bytes={}", r.disk_file_bytes));
+        words.push(format!("flushed={}", r.flushed));
     }
     words.push(format!("bytes={}", a.bytes));
     words.join(" ")

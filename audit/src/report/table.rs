@@ -3,7 +3,8 @@
 use super::{num, one_line};
 use crate::Verdicts;
 
-/// A fixed-width text table, one row per audit: method, variant, system calls and
+/// A fixed-width text table, one row per audit: method, variant, direction (`send`
+/// or `receive`), system calls and
 /// mode switches per chunk, DMA and CPU copies, zero-copy share, throughput, and the
 /// verdict with its first reason; then one line per finding and per failed boot.
 /// The variant column says what the driver negotiated when it differs from what the
@@ -13,6 +14,7 @@ pub fn table(v: &Verdicts) -> String {
     let header = [
         "method",
         "variant",
+        "direction",
         "syscalls/chunk",
         "switches/chunk",
         "DMA copies",
@@ -21,7 +23,7 @@ pub fn table(v: &Verdicts) -> String {
         "Mbit/s",
         "verdict",
     ];
-    let rows: Vec<[String; 9]> = audits
+    let rows: Vec<[String; 10]> = audits
         .iter()
         .map(|a| {
             let verdict = match a.reasons.first() {
@@ -31,6 +33,7 @@ pub fn table(v: &Verdicts) -> String {
             [
                 a.method.clone(),
                 v.variant_label(&a.variant),
+                a.direction.to_string(),
                 num(a.syscalls_per_chunk, 2),
                 num(a.mode_switches_per_chunk, 2),
                 a.dma_copies.to_string(),
@@ -53,8 +56,8 @@ pub fn table(v: &Verdicts) -> String {
         for (i, (cell, w)) in cells.iter().zip(width).enumerate() {
             // Names left, numbers right, the verdict last and unpadded.
             match i {
-                0 | 1 => s.push_str(&format!("{cell:<w$}  ")),
-                8 => s.push_str(cell),
+                0..=2 => s.push_str(&format!("{cell:<w$}  ")),
+                9 => s.push_str(cell),
                 _ => s.push_str(&format!("{cell:>w$}  ")),
             }
         }

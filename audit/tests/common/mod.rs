@@ -90,6 +90,9 @@ pub struct Sim {
     dirty: BTreeSet<u64>,
     /// The card the next virtio-net records come from (`card` in the log).
     pub net_card: u16,
+    /// The card the next virtio-blk records come from: 0 the test disk, 1 the
+    /// scratch disk.
+    pub blk_card: u16,
 }
 
 impl Sim {
@@ -101,13 +104,14 @@ impl Sim {
             tag: HashMap::new(),
             dirty: BTreeSet::new(),
             net_card: 0,
+            blk_card: 0,
         }
     }
 
     fn card_of(&self, device: DeviceKind) -> u16 {
         match device {
             DeviceKind::Net => self.net_card,
-            DeviceKind::Blk => 0,
+            DeviceKind::Blk => self.blk_card,
         }
     }
 
@@ -402,6 +406,83 @@ impl Sim {
         let summary = format!("rx tcp 10.0.2.2:{dp}>10.0.2.15:{sp} seq=1 len=0 flags=A buffers=1");
         let tcp_len = u32::try_from(len.saturating_sub(u64::from(L2_L4))).unwrap();
         self.tcp_request(NET_RX, head, summary, (1, tcp_len), "A", (dp, sp));
+    }
+
+    /// virtio-blk OUT: the device reads `segs` (gpa, len) out of guest memory, as
+    /// the device models log it (header, data records with the pieces memory holds
+    /// now, status byte, request) on the current `blk_card`.
+    pub fn blk_write(&mut self, head: u16, segs: &[(u64, u64)], sector: u64, meta_gpa: u64) {
+        let (reads, writes) = (Direction::DeviceReads, Direction::DeviceWrites);
+        self.log_desc(BLK, head, head, (meta_gpa, 16), reads, DescRole::Header);
+        let mut desc = head;
+        for &seg in segs {
+            desc += 1;
+            self.log_desc(BLK, head, desc, seg, reads, DescRole::Data);
+        }
+        self.set(meta_gpa + 16, 0, None);
+        let status = (meta_gpa + 16, 1);
+        self.log_desc(BLK, head, desc + 1, status, writes, DescRole::Status);
+        self.blk_op(head, "out", 1, sector, segs.iter().map(|s| s.1).sum());
+    }
+
+    /// virtio-blk FLUSH on the current `blk_card`.
+    pub fn blk_flush(&mut self, head: u16, meta_gpa: u64) {
+        let (reads, writes) = (Direction::DeviceReads, Direction::DeviceWrites);
+        self.log_desc(BLK, head, head, (meta_gpa, 16), reads, DescRole::Header);
+        self.set(meta_gpa + 16, 0, None);
+        let status = (meta_gpa + 16, 1);
+        self.log_desc(BLK, head, head + 1, status, writes, DescRole::Status);
+        self.blk_op(head, "flush", 4, 0, 0);
+    }
+
+    fn blk_op(&mut self, head: u16, op: &str, code: u32, sector: u64, bytes: u64) {
+        self.request(
+            BLK,
+            head,
+            RequestDetail::Blk(BlkRequest {
+                op: op.into(),
+                code,
+                sector,
+                bytes,
+                status: BlkStatus::Ok,
+            }),
+        );
+    }
+
+    /// virtio-net RX of one TCP frame from the peer: into the buffer at `gpa` the
+    /// device writes the virtio-net header, the Ethernet/IPv4/TCP headers and
+    /// `len` payload bytes, the file's bytes from stream offset `off` (sequence
+    /// number `seq`); `ports` are (peer, guest), as the frame carries them.
+    pub fn rx_payload(
+        &mut self,
+        head: u16,
+        gpa: u64,
+        (ports, seq, flags): ((u16, u16), u32, &str),
+        off: u64,
+        len: u64,
+    ) {
+        let hdrs = NET_HDR + u64::from(L2_L4);
+        for i in 0..hdrs {
+            self.set(gpa + i, 0x5a, None);
+        }
+        for i in 0..len {
+            let f = off + i;
+            self.set(
+                gpa + hdrs + i,
+                self.src[usize::try_from(f).unwrap()],
+                Some(f),
+            );
+        }
+        let writes = Direction::DeviceWrites;
+        self.log_desc(NET_RX, head, head, (gpa, NET_HDR), writes, DescRole::Header);
+        let data = (gpa + NET_HDR, u64::from(L2_L4) + len);
+        self.log_desc(NET_RX, head, head, data, writes, DescRole::Data);
+        let (sp, dp) = ports;
+        let summary = format!(
+            "rx tcp 10.0.2.2:{sp}>10.0.2.15:{dp} seq={seq} len={len} flags={flags} buffers=1"
+        );
+        let tcp_len = u32::try_from(len).unwrap();
+        self.tcp_request(NET_RX, head, summary, (seq, tcp_len), flags, ports);
     }
 
     // ---- the guest's marks and the VMM ----

@@ -31,5 +31,6 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
     Ok(Done {
         keep: Vec::new(),
         zerocopy: Some(zc.completions.report()),
+        zerocopy_receive: None,
     })
 }

@@ -16,5 +16,6 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
     Ok(Done {
         keep: vec![Box::new(map)],
         zerocopy: None,
+        zerocopy_receive: None,
     })
 }

@@ -1,7 +1,9 @@
 //! The method suite (`zc.test=methods`): every file-to-network transfer method of
 //! `docs/transfer-methods.md`, run one after the other from the same file to
 //! the same TCP peer, each between a `mark BEGIN <name>` / `mark END <name>` pair,
-//! with a dirty-page sample request after every chunk.
+//! with a dirty-page sample request after every chunk; and, when named, the
+//! receive methods, which take the same file from the peer (its send port) and
+//! write it to the scratch disk.
 //!
 //! The contract with the VMM and the audit is `docs/method-suite.md`. Per method
 //! the guest reports its own view (bytes, time, system calls by name, MSG_ZEROCOPY
@@ -12,6 +14,8 @@
 //! Layout: one module per method (its per-chunk system calls), plus
 //! - [`runner`]: the per-method sequence (cache, open, marks, connect, chunk loop
 //!   with samples, ACK, report),
+//! - [`receive`]: what the receive methods share (the target file, exact
+//!   receives, the count sent back, the check of the file written),
 //! - [`syscalls`]: the counter every method's system calls go through,
 //! - [`zerocopy`]: MSG_ZEROCOPY sends and completion accounting,
 //! - [`report`]: the report JSON and the KTAP lines,
@@ -23,6 +27,7 @@ use std::net::SocketAddrV4;
 use std::path::Path;
 
 use crate::error::Result;
+use zc_protocol::addr::PEER_SEND_PORT;
 
 pub mod cow_zerocopy;
 pub mod direct_write;
@@ -31,6 +36,10 @@ pub mod mmap_write;
 pub mod mmap_zerocopy;
 pub mod port;
 pub mod read_write;
+pub mod receive;
+pub mod recv_direct;
+pub mod recv_mmap;
+pub mod recv_write;
 pub mod report;
 pub mod runner;
 pub mod sendfile;
@@ -39,7 +48,9 @@ pub mod sendfile_tmpfs;
 pub mod sendfile_warm;
 pub mod splice;
 pub mod splice_direct;
+pub mod splice_recv;
 pub mod syscalls;
+pub mod tcp_zerocopy_receive;
 pub mod uring_send_zc;
 pub mod vmsplice;
 pub mod zerocopy;
@@ -49,6 +60,37 @@ pub use zc_protocol::method::Method;
 #[cfg(test)]
 pub use zc_protocol::options::DEFAULT_FILE;
 pub use zc_protocol::options::{Suite, CHUNK_ALIGN};
+
+/// Where the suite's files are.
+#[derive(Debug, Clone, Copy)]
+pub struct Roots<'a> {
+    /// Where `suite.file`, the payload, lives (the test disk's mount point in the
+    /// guest).
+    pub disk: &'a Path,
+    /// Where the receive methods write it (the scratch disk's mount point), as
+    /// `MethodRun::scratch_file`.
+    pub scratch: &'a Path,
+}
+
+/// One card's TCP peer, as the guest reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Where the send methods connect: the peer receives and checks the bytes.
+    pub send_to: SocketAddrV4,
+    /// Where the receive methods connect: the peer sends the payload.
+    pub receive_from: SocketAddrV4,
+}
+
+impl Peer {
+    /// The peer at `send_to`, which sends on the same address's
+    /// [`PEER_SEND_PORT`] (the VMM's peer).
+    pub fn at(send_to: SocketAddrV4) -> Peer {
+        Peer {
+            send_to,
+            receive_from: SocketAddrV4::new(*send_to.ip(), PEER_SEND_PORT),
+        }
+    }
+}
 
 /// What the suite needs from its surroundings, so that tests can run it without
 /// port I/O privileges, a control channel or root.
@@ -77,13 +119,13 @@ pub trait Hooks {
 /// result). Returns whether no method failed (a skipped method is not a failure);
 /// an `Err` only when the hooks themselves fail (the control channel).
 ///
-/// `root` is where `suite.file` lives (the disk's mount point in the guest);
+/// `roots` says where the payload is and where receive methods write;
 /// `peers[n]` is card `n`'s peer. With several cards (`zc.cards`) each run's span,
 /// report and KTAP name say its variant (`sendfile@sg-off`).
 pub fn run_suite(
     suite: &Suite,
-    root: &Path,
-    peers: &[SocketAddrV4],
+    roots: Roots<'_>,
+    peers: &[Peer],
     hooks: &mut dyn Hooks,
 ) -> Result<bool> {
     let runs = suite.runs();
@@ -93,7 +135,7 @@ pub fn run_suite(
     for (index, run) in runs.iter().enumerate() {
         let card = usize::from(run.card.index());
         let result = match peers.get(card) {
-            Some(&peer) => runner::run(run, suite, root, peer, hooks),
+            Some(&peer) => runner::run(run, suite, roots, peer, hooks),
             None => {
                 report::MethodResult::Failed(run.method, format!("no peer address for card {card}"))
             }

@@ -1,7 +1,8 @@
 //! A method's result as the `report` JSON line (`zc_protocol::MethodReport`, whose
 //! docs show the shape) and as KTAP lines (a diagnostic line and the result line).
 
-use zc_protocol::report::{MethodReport, ZeroCopyCounts};
+use zc_protocol::report::{MethodReport, ZeroCopyCounts, ZeroCopyReceive};
+use zc_protocol::Direction;
 
 use super::Method;
 
@@ -35,6 +36,8 @@ pub struct Measured {
     pub setup_syscalls: u64,
     /// Zero-copy counts (zero-copy methods only).
     pub zerocopy: Option<ZcReport>,
+    /// What `tcp_zerocopy_receive` mapped and copied (that method only).
+    pub zerocopy_receive: Option<ZeroCopyReceive>,
 }
 
 impl Measured {
@@ -67,6 +70,22 @@ impl MethodResult {
 
     /// The report.
     pub fn report(&self) -> MethodReport {
+        let mut report = self.report_of_either_direction();
+        let method = match self {
+            MethodResult::Passed(method, _)
+            | MethodResult::Skipped(method, _)
+            | MethodResult::Failed(method, _) => *method,
+        };
+        // Only a receive method's report says its direction: send reports keep
+        // the shape they always had.
+        if method.direction() == Direction::Receive {
+            report.direction = Some(Direction::Receive.name().to_string());
+        }
+        report
+    }
+
+    /// [`MethodResult::report`] without the direction.
+    fn report_of_either_direction(&self) -> MethodReport {
         match self {
             MethodResult::Passed(method, m) => MethodReport {
                 bytes: Some(m.bytes),
@@ -81,6 +100,7 @@ impl MethodResult {
                 loop_syscalls: Some(m.loop_syscalls),
                 setup_syscalls: Some(m.setup_syscalls),
                 zerocopy: m.zerocopy,
+                zerocopy_receive: m.zerocopy_receive,
                 ..MethodReport::new(method.name(), true)
             },
             MethodResult::Skipped(method, reason) => MethodReport {
@@ -134,6 +154,12 @@ impl MethodResult {
                         zc.sends, zc.completions
                     ));
                 }
+                if let Some(zr) = m.zerocopy_receive {
+                    figures.push_str(&format!(
+                        " zc_mapped={} zc_received={}",
+                        zr.mapped, zr.received
+                    ));
+                }
                 vec![figures, format!("ok {number} {method}")]
             }
             MethodResult::Skipped(_, reason) => {
@@ -171,6 +197,7 @@ mod tests {
             loop_syscalls: 256,
             setup_syscalls: 3,
             zerocopy: None,
+            zerocopy_receive: None,
         }
     }
 
@@ -248,6 +275,49 @@ mod tests {
         );
         assert!(f.failed());
         assert_eq!(ktap_plan(10), "1..10");
+    }
+
+    #[test]
+    fn a_receive_report_says_receive_and_what_was_mapped() {
+        let m = Measured {
+            bytes: 1 << 20,
+            chunks: 16,
+            syscalls: vec![("recv", 16), ("getsockopt", 16), ("pwritev", 16)],
+            loop_syscalls: 48,
+            zerocopy_receive: Some(ZeroCopyReceive {
+                mapped: 0,
+                received: 1 << 20,
+            }),
+            ..sendfile()
+        };
+        let r = MethodResult::Passed(Method::TcpZerocopyReceive, m);
+        let json = r.json();
+        assert!(
+            json.starts_with(
+                r#"{"test":"method","method":"tcp_zerocopy_receive","direction":"receive","ok":true,"bytes":1048576,"#
+            ),
+            "{json}"
+        );
+        assert!(
+            json.ends_with(r#""zerocopy_receive":{"mapped":0,"received":1048576}}"#),
+            "{json}"
+        );
+        assert!(
+            r.ktap_lines(2)[0].ends_with("syscalls_per_chunk=3.00 zc_mapped=0 zc_received=1048576")
+        );
+        // Skipped and failed receive methods say their direction too; a send never.
+        let s = MethodResult::Skipped(Method::TcpZerocopyReceive, "no".into());
+        assert!(s
+            .json()
+            .contains(r#""direction":"receive","ok":true,"skipped":"no""#));
+        let f = MethodResult::Failed(Method::RecvWrite, "short".into());
+        assert_eq!(
+            f.json(),
+            r#"{"test":"method","method":"recv_write","direction":"receive","ok":false,"error":"short"}"#
+        );
+        assert!(!MethodResult::Passed(Method::Sendfile, sendfile())
+            .json()
+            .contains("direction"));
     }
 
     #[test]

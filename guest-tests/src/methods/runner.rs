@@ -11,6 +11,12 @@
 //! 6. zero-copy methods drain their remaining completions;
 //! 7. `mark END <name>`, then (in [`super::run_suite`]) the report and KTAP lines.
 //!
+//! A receive method ([`super::receive`]) has the same marks, connection, chunk
+//! loop, samples and report; what differs is prepared before `BEGIN` (the target
+//! file on the scratch disk instead of the source) and how the transfer ends
+//! (`fsync`, then the guest sends the count), and after `END` the file written
+//! is compared with the payload.
+//!
 //! Descriptors and mappings are closed and unmapped after `END`, so that the span
 //! holds exactly the counted system calls. Buffers are allocated before `BEGIN`
 //! for the same reason (a heap allocation may `brk` or `mmap`).
@@ -24,16 +30,18 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::receive::{self, Check};
 use super::report::{Measured, MethodResult, ZcReport};
 use super::syscalls::{Mapping, Syscalls};
 use super::zerocopy::SO_ZEROCOPY;
 use super::{
-    cow_zerocopy, direct_write, direct_zerocopy, mmap_write, mmap_zerocopy, read_write, sendfile,
-    sendfile_direct, sendfile_tmpfs, sendfile_warm, splice, splice_direct, uring_send_zc, vmsplice,
-    zerocopy_pressure, Hooks, Method, Suite, CHUNK_ALIGN,
+    cow_zerocopy, direct_write, direct_zerocopy, mmap_write, mmap_zerocopy, read_write,
+    recv_direct, recv_mmap, recv_write, sendfile, sendfile_direct, sendfile_tmpfs, sendfile_warm,
+    splice, splice_direct, splice_recv, tcp_zerocopy_receive, uring_send_zc, vmsplice,
+    zerocopy_pressure, Hooks, Method, Peer, Roots, Suite, CHUNK_ALIGN,
 };
 use crate::error::{Context, Error, Result};
-use zc_protocol::{ack, Marker, MethodRun};
+use zc_protocol::{ack, Direction, Marker, MethodRun, ZeroCopyReceive};
 
 /// Bound on connecting and on any one blocking send or receive (SO_SNDTIMEO and
 /// SO_RCVTIMEO), so that a dead peer fails the method instead of hanging the run
@@ -50,6 +58,8 @@ pub struct Done {
     pub keep: Keep,
     /// The zero-copy counts, for the zero-copy methods.
     pub zerocopy: Option<ZcReport>,
+    /// What `tcp_zerocopy_receive` mapped and copied.
+    pub zerocopy_receive: Option<ZeroCopyReceive>,
 }
 
 impl Done {
@@ -58,6 +68,7 @@ impl Done {
         Done {
             keep: Vec::new(),
             zerocopy: None,
+            zerocopy_receive: None,
         }
     }
 }
@@ -129,11 +140,13 @@ impl AlignedBuf {
 pub struct Transfer<'a> {
     /// The counter all system calls go through.
     pub sys: Syscalls,
-    /// The source file (O_DIRECT for the direct methods), at offset 0.
+    /// A send method's source file, or a receive method's target file (new and
+    /// empty, or pre-sized for `recv_mmap`); O_DIRECT for the direct methods; at
+    /// offset 0.
     pub file: &'a File,
     /// The connected socket.
     pub sock: RawFd,
-    /// Bytes to send: a prefix of the file.
+    /// Bytes to send or receive: a prefix of the payload file.
     pub size: u64,
     /// Bytes per chunk.
     pub chunk: usize,
@@ -299,14 +312,39 @@ pub fn send_error(call: &str, e: std::io::Error) -> Error {
 pub fn run(
     run: &MethodRun<'_>,
     suite: &Suite,
-    root: &Path,
-    peer: SocketAddrV4,
+    roots: Roots<'_>,
+    peer: Peer,
     hooks: &mut dyn Hooks,
 ) -> MethodResult {
-    match measure(run, suite, root, peer, hooks) {
+    match measure(run, suite, roots, peer, hooks) {
         Ok(result) => result,
         Err(err) => MethodResult::Failed(run.method, err.to_string()),
     }
+}
+
+/// A method made ready before `BEGIN`: everything that may fail without a span.
+pub struct Ready {
+    /// The file the method reads (send) or writes (receive), open.
+    pub file: File,
+    /// Bytes to move.
+    pub size: u64,
+    /// Whom to connect to.
+    pub peer: SocketAddrV4,
+    /// Dropped after `END` (`sendfile_tmpfs`'s copy).
+    pub keep: Keep,
+    /// `uring_send_zc`: whether the kernel reports copied sends.
+    pub uring_report_usage: bool,
+    /// A receive method's check after `END` of the file it wrote.
+    pub check: Option<Check>,
+}
+
+/// What preparing a method came to: ready, or skipped for a missing kernel feature
+/// (before any cache drop or mark).
+pub enum Prepared {
+    /// Run it.
+    Ready(Ready),
+    /// Skip it, for this reason.
+    Skipped(String),
 }
 
 /// [`run`]'s body: `Ok` with a passed or skipped result, `Err` with why the
@@ -314,17 +352,128 @@ pub fn run(
 fn measure(
     run: &MethodRun<'_>,
     suite: &Suite,
-    root: &Path,
-    peer: SocketAddrV4,
+    roots: Roots<'_>,
+    peer: Peer,
     hooks: &mut dyn Hooks,
 ) -> Result<MethodResult> {
     let method = run.method;
+    let prepared = match method.direction() {
+        Direction::Send => prepare_send(method, suite, roots.disk, peer.send_to, hooks)?,
+        Direction::Receive => receive::prepare(run, suite, roots, peer.receive_from, hooks)?,
+    };
+    let ready = match prepared {
+        Prepared::Ready(ready) => ready,
+        Prepared::Skipped(reason) => return Ok(MethodResult::Skipped(method, reason)),
+    };
+    let size = ready.size;
+
+    let span = run.span();
+    let (begin, end) = (
+        Marker::begin(span.as_str()).label(),
+        Marker::end(span.as_str()).label(),
+    );
+    let buf = AlignedBuf::new(suite.chunk);
+    let whole = (method == Method::Vmsplice).then(|| {
+        let len =
+            usize::try_from(size).map_or(usize::MAX, |s| s.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN);
+        AlignedBuf::new(len)
+    });
+    // Last before BEGIN, after everything that may fail, so that a failure never
+    // leaves the option memory exhausted for the methods that follow.
+    let optmem_before = if method.optmem_pressure() {
+        Some(hooks.set_optmem_max(zerocopy_pressure::PRESSURE_OPTMEM_MAX)?)
+    } else {
+        None
+    };
+    if let Err(e) = hooks.mark(&begin) {
+        if let Some(before) = optmem_before {
+            hooks.set_optmem_max(before)?;
+        }
+        return Err(e);
+    }
+    let start = Instant::now();
+    let mut sys = Syscalls::new();
+    let sock = connect(&mut sys, ready.peer, method.msg_zerocopy());
+    let (outcome, sys, sock) = match sock {
+        Err(err) => (Err(err), sys, None),
+        Ok(sock) => {
+            let mut t = Transfer {
+                sys,
+                file: &ready.file,
+                sock: sock.as_raw_fd(),
+                size,
+                chunk: suite.chunk,
+                buf,
+                whole,
+                direct: method.direct(),
+                hooks: &mut *hooks,
+            };
+            let outcome = dispatch(method, &mut t, ready.uring_report_usage);
+            (outcome, t.sys, Some(sock))
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    let end_mark = hooks.mark(&end);
+    let optmem_restored = match optmem_before {
+        Some(before) => hooks.set_optmem_max(before).map(drop),
+        None => Ok(()),
+    };
+    // Teardown only now, after END: the span holds only counted calls. (A method
+    // that failed has already dropped what it held, uncounted; its report carries
+    // no counts.)
+    let done = outcome?;
+    drop(done.keep);
+    drop(sock);
+    drop(ready.keep);
+    end_mark?;
+    optmem_restored?;
+    if let Some(check) = &ready.check {
+        check.verify()?;
+    }
+    Ok(MethodResult::Passed(
+        method,
+        Measured {
+            bytes: size,
+            chunk: suite.chunk as u64,
+            chunks: size.div_ceil(suite.chunk as u64),
+            seconds,
+            syscalls: sys.by_name(),
+            loop_syscalls: sys.loop_calls(),
+            setup_syscalls: sys.setup_calls(),
+            zerocopy: done.zerocopy,
+            zerocopy_receive: done.zerocopy_receive,
+        },
+    ))
+}
+
+/// The bytes a method moves: `zc.size`, or the whole payload file of `file_len`
+/// bytes (`shown` names it, for messages); never more than the file, never 0.
+pub fn transfer_size(suite: &Suite, file_len: u64, shown: &dyn std::fmt::Display) -> Result<u64> {
+    let size = suite.size.unwrap_or(file_len);
+    if size > file_len {
+        return Err(Error::new(format!(
+            "zc.size={size} but {shown} has only {file_len} bytes"
+        )));
+    }
+    if size == 0 {
+        return Err(Error::new(format!("{shown} is empty: nothing to transfer")));
+    }
+    Ok(size)
+}
+
+/// A send method's preparation: its capability check, its source file open (and
+/// for `sendfile_tmpfs` staged on tmpfs), caches dropped or warmed.
+fn prepare_send(
+    method: Method,
+    suite: &Suite,
+    root: &Path,
+    peer: SocketAddrV4,
+    hooks: &mut dyn Hooks,
+) -> Result<Prepared> {
     // Capability check first: a skipped method touches neither caches nor marks.
     let uring = if method.io_uring() {
         match uring_send_zc::probe()? {
-            uring_send_zc::Support::Missing(reason) => {
-                return Ok(MethodResult::Skipped(method, reason))
-            }
+            uring_send_zc::Support::Missing(reason) => return Ok(Prepared::Skipped(reason)),
             uring_send_zc::Support::Present { report_usage } => report_usage,
         }
     } else {
@@ -335,8 +484,7 @@ fn measure(
         match sendfile_tmpfs::tmpfs_dir() {
             Some(dir) => Some(dir),
             None => {
-                return Ok(MethodResult::Skipped(
-                    method,
+                return Ok(Prepared::Skipped(
                     "no tmpfs mounted at /tmp or /dev/shm (CONFIG_TMPFS?)".to_string(),
                 ))
             }
@@ -386,15 +534,7 @@ fn measure(
         )
     })?;
     let file_len = file.metadata().context(|| format!("stat {shown}"))?.len();
-    let size = suite.size.unwrap_or(file_len);
-    if size > file_len {
-        return Err(Error::new(format!(
-            "zc.size={size} but {shown} has only {file_len} bytes"
-        )));
-    }
-    if size == 0 {
-        return Err(Error::new(format!("{shown} is empty: nothing to send")));
-    }
+    let size = transfer_size(suite, file_len, &shown)?;
     if matches!(method, Method::SendfileDirect | Method::SpliceDirect)
         && size != file_len
         && !size.is_multiple_of(CHUNK_ALIGN as u64)
@@ -403,80 +543,18 @@ fn measure(
             "zc.size={size}: {method} reads with O_DIRECT straight into a pipe, in whole pages, so the bytes to send must end on a {CHUNK_ALIGN}-byte boundary or at the end of {shown} ({file_len} bytes)"
         )));
     }
-
-    let span = run.span();
-    let (begin, end) = (
-        Marker::begin(span.as_str()).label(),
-        Marker::end(span.as_str()).label(),
-    );
-    let buf = AlignedBuf::new(suite.chunk);
-    let whole = (method == Method::Vmsplice).then(|| {
-        let len =
-            usize::try_from(size).map_or(usize::MAX, |s| s.div_ceil(CHUNK_ALIGN) * CHUNK_ALIGN);
-        AlignedBuf::new(len)
-    });
-    // Last before BEGIN, after everything that may fail, so that a failure never
-    // leaves the option memory exhausted for the methods that follow.
-    let optmem_before = if method.optmem_pressure() {
-        Some(hooks.set_optmem_max(zerocopy_pressure::PRESSURE_OPTMEM_MAX)?)
-    } else {
-        None
-    };
-    if let Err(e) = hooks.mark(&begin) {
-        if let Some(before) = optmem_before {
-            hooks.set_optmem_max(before)?;
-        }
-        return Err(e);
-    }
-    let start = Instant::now();
-    let mut sys = Syscalls::new();
-    let sock = connect(&mut sys, peer, method.msg_zerocopy());
-    let (outcome, sys, sock) = match sock {
-        Err(err) => (Err(err), sys, None),
-        Ok(sock) => {
-            let mut t = Transfer {
-                sys,
-                file: &file,
-                sock: sock.as_raw_fd(),
-                size,
-                chunk: suite.chunk,
-                buf,
-                whole,
-                direct: method.direct(),
-                hooks: &mut *hooks,
-            };
-            let outcome = dispatch(method, &mut t, uring);
-            (outcome, t.sys, Some(sock))
-        }
-    };
-    let seconds = start.elapsed().as_secs_f64();
-    let end_mark = hooks.mark(&end);
-    let optmem_restored = match optmem_before {
-        Some(before) => hooks.set_optmem_max(before).map(drop),
-        None => Ok(()),
-    };
-    // Teardown only now, after END: the span holds only counted calls. (A method
-    // that failed has already dropped what it held, uncounted; its report carries
-    // no counts.)
-    let done = outcome?;
-    drop(done.keep);
-    drop(sock);
-    drop(staged);
-    end_mark?;
-    optmem_restored?;
-    Ok(MethodResult::Passed(
-        method,
-        Measured {
-            bytes: size,
-            chunk: suite.chunk as u64,
-            chunks: size.div_ceil(suite.chunk as u64),
-            seconds,
-            syscalls: sys.by_name(),
-            loop_syscalls: sys.loop_calls(),
-            setup_syscalls: sys.setup_calls(),
-            zerocopy: done.zerocopy,
-        },
-    ))
+    let keep: Keep = staged
+        .into_iter()
+        .map(|s| Box::new(s) as Box<dyn Any>)
+        .collect();
+    Ok(Prepared::Ready(Ready {
+        file,
+        size,
+        peer,
+        keep,
+        uring_report_usage: uring,
+        check: None,
+    }))
 }
 
 /// `socket`, the timeouts, SO_ZEROCOPY for MSG_ZEROCOPY methods, `connect`.
@@ -498,7 +576,8 @@ fn connect(sys: &mut Syscalls, peer: SocketAddrV4, zerocopy: bool) -> Result<Own
     Ok(sock)
 }
 
-/// The method's own part: set-up, chunk loop, ACK, completion drain.
+/// The method's own part: set-up, chunk loop, ACK (send) or count (receive),
+/// completion drain.
 fn dispatch(method: Method, t: &mut Transfer<'_>, uring_report_usage: bool) -> Result<Done> {
     match method {
         Method::ReadWrite => read_write::transfer(t),
@@ -516,6 +595,11 @@ fn dispatch(method: Method, t: &mut Transfer<'_>, uring_report_usage: bool) -> R
         Method::SpliceDirect => splice_direct::transfer(t),
         Method::Vmsplice => vmsplice::transfer(t),
         Method::ZerocopyPressure => zerocopy_pressure::transfer(t),
+        Method::RecvWrite => recv_write::transfer(t),
+        Method::RecvDirect => recv_direct::transfer(t),
+        Method::SpliceRecv => splice_recv::transfer(t),
+        Method::RecvMmap => recv_mmap::transfer(t),
+        Method::TcpZerocopyReceive => tcp_zerocopy_receive::transfer(t),
     }
 }
 

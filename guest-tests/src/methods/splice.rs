@@ -77,5 +77,6 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
     Ok(Done {
         keep: vec![Box::new(pipe_r), Box::new(pipe_w)],
         zerocopy: None,
+        zerocopy_receive: None,
     })
 }

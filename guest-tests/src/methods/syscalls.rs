@@ -60,11 +60,21 @@ pub enum Call {
     IoUringEnter,
     /// `io_uring_register(2)`.
     IoUringRegister,
+    /// `pwrite(2)` (the kernel's `pwrite64`).
+    Pwrite,
+    /// `pwritev(2)`.
+    Pwritev,
+    /// `fsync(2)`.
+    Fsync,
+    /// `ftruncate(2)`.
+    Ftruncate,
+    /// `shutdown(2)`.
+    Shutdown,
 }
 
 impl Call {
     /// Every call, in report order.
-    pub const ALL: [Call; 19] = [
+    pub const ALL: [Call; 24] = [
         Call::Read,
         Call::Write,
         Call::Send,
@@ -84,6 +94,11 @@ impl Call {
         Call::IoUringSetup,
         Call::IoUringEnter,
         Call::IoUringRegister,
+        Call::Pwrite,
+        Call::Pwritev,
+        Call::Fsync,
+        Call::Ftruncate,
+        Call::Shutdown,
     ];
 
     /// The libc name.
@@ -108,6 +123,11 @@ impl Call {
             Call::IoUringSetup => "io_uring_setup",
             Call::IoUringEnter => "io_uring_enter",
             Call::IoUringRegister => "io_uring_register",
+            Call::Pwrite => "pwrite",
+            Call::Pwritev => "pwritev",
+            Call::Fsync => "fsync",
+            Call::Ftruncate => "ftruncate",
+            Call::Shutdown => "shutdown",
         }
     }
 }
@@ -116,6 +136,10 @@ impl Call {
 fn socklen_of<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(std::mem::size_of::<T>()).expect("a small C struct")
 }
+
+/// The most buffers one [`Syscalls::pwritev`] takes: the receive methods write a
+/// chunk from at most two places (a mapping and a buffer).
+pub const MAX_WRITE_PARTS: usize = 2;
 
 /// Counts a method's system calls by name, split into the per-chunk loop and the
 /// rest ("setup": connecting, mapping, the ACK, final completion drains).
@@ -224,6 +248,69 @@ impl Syscalls {
         })
     }
 
+    /// `pwrite(fd, buf, offset)`.
+    pub fn pwrite(&mut self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let offset = file_offset(offset)?;
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call.
+        self.raw(Call::Pwrite, || unsafe {
+            libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), offset)
+        })
+    }
+
+    /// `pwritev(fd, parts, offset)`: the parts, in order, written as one run of
+    /// bytes from `offset`; at most [`MAX_WRITE_PARTS`] parts.
+    pub fn pwritev(&mut self, fd: RawFd, parts: &[&[u8]], offset: u64) -> io::Result<usize> {
+        if parts.len() > MAX_WRITE_PARTS {
+            return Err(io::Error::other(format!(
+                "pwritev of {} parts: at most {MAX_WRITE_PARTS}",
+                parts.len()
+            )));
+        }
+        let offset = file_offset(offset)?;
+        // A fixed array: no allocation inside the counted loop.
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_WRITE_PARTS];
+        for (slot, part) in iov.iter_mut().zip(parts) {
+            slot.iov_base = part.as_ptr().cast_mut().cast();
+            slot.iov_len = part.len();
+        }
+        let count = libc::c_int::try_from(parts.len()).expect("at most MAX_WRITE_PARTS");
+        let ptr = iov.as_ptr();
+        // SAFETY: the first `count` iovecs describe `parts`, each valid for reads of
+        // its length for the whole call; the kernel only reads them.
+        self.raw(Call::Pwritev, || unsafe {
+            libc::pwritev(fd, ptr, count, offset)
+        })
+    }
+
+    /// `fsync(fd)`.
+    pub fn fsync(&mut self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: fsync takes a descriptor only.
+        self.raw(Call::Fsync, || unsafe { libc::fsync(fd) as isize })
+            .map(drop)
+    }
+
+    /// `ftruncate(fd, len)`.
+    pub fn ftruncate(&mut self, fd: RawFd, len: u64) -> io::Result<()> {
+        let len = file_offset(len)?;
+        // SAFETY: ftruncate takes integers only.
+        self.raw(Call::Ftruncate, || unsafe {
+            libc::ftruncate(fd, len) as isize
+        })
+        .map(drop)
+    }
+
+    /// `shutdown(fd, how)`.
+    pub fn shutdown(&mut self, fd: RawFd, how: libc::c_int) -> io::Result<()> {
+        // SAFETY: shutdown takes integers only.
+        self.raw(Call::Shutdown, || unsafe {
+            libc::shutdown(fd, how) as isize
+        })
+        .map(drop)
+    }
+
     /// `send(fd, buf, flags)`.
     ///
     /// With MSG_ZEROCOPY the kernel keeps reading `buf`'s pages after the call
@@ -275,6 +362,24 @@ impl Syscalls {
         // whole call; the output offset is null; no user buffers are involved.
         self.raw(Call::Splice, || unsafe {
             libc::splice(fd_in, off_in, fd_out, std::ptr::null_mut(), len, flags)
+        })
+    }
+
+    /// `splice(fd_in, NULL, fd_out, &off_out, len, flags)`: from a pipe into a
+    /// file at `off_out` (advanced by the kernel).
+    pub fn splice_to_file(
+        &mut self,
+        fd_in: RawFd,
+        fd_out: RawFd,
+        off_out: &mut i64,
+        len: usize,
+        flags: libc::c_uint,
+    ) -> io::Result<usize> {
+        let off_out: *mut i64 = off_out;
+        // SAFETY: `off_out` is a valid, exclusively borrowed loff_t for the whole
+        // call; the input offset is null (a pipe); no user buffers are involved.
+        self.raw(Call::Splice, || unsafe {
+            libc::splice(fd_in, std::ptr::null_mut(), fd_out, off_out, len, flags)
         })
     }
 
@@ -348,6 +453,29 @@ impl Syscalls {
             tv_usec: timeout.subsec_micros() as libc::suseconds_t,
         };
         self.setsockopt(fd, libc::SOL_SOCKET, name, &tv)
+    }
+
+    /// `getsockopt(fd, level, name, value, &len)` with `len` = the size of `T`,
+    /// for an option the kernel reads and writes back (`TCP_ZEROCOPY_RECEIVE`);
+    /// returns the length the kernel wrote back.
+    ///
+    /// `T` must be a plain C struct of the option's layout: the kernel writes
+    /// into it.
+    pub fn getsockopt_inout<T: Copy>(
+        &mut self,
+        fd: RawFd,
+        level: libc::c_int,
+        name: libc::c_int,
+        value: &mut T,
+    ) -> io::Result<libc::socklen_t> {
+        let mut len = socklen_of::<T>();
+        let (pv, pl): (*mut T, *mut libc::socklen_t) = (value, &mut len);
+        // SAFETY: `pv` points to a live, exclusively borrowed `T` of `len` bytes and
+        // `pl` to a live local; the kernel writes at most `len` bytes to `pv`.
+        self.raw(Call::Getsockopt, || unsafe {
+            libc::getsockopt(fd, level, name, pv.cast(), pl) as isize
+        })?;
+        Ok(len)
     }
 
     /// `getsockopt(fd, SOL_SOCKET, SO_ERROR)`: the socket's pending error, 0 if none.
@@ -470,6 +598,12 @@ impl Syscalls {
     }
 }
 
+/// `offset` as a file offset (`off_t`).
+fn file_offset(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::other(format!("file offset {offset}: too large")))
+}
+
 /// A memory mapping of a file, unmapped on drop (not counted: it is dropped after
 /// `END`).
 #[derive(Debug)]
@@ -492,6 +626,23 @@ impl Mapping {
         // mapped and readable for `self`'s lifetime; the shared borrow of `self`
         // keeps `touch` (the only writer) from running meanwhile.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// The bytes `offset..offset + len` of a writable (PROT_WRITE) mapping, to
+    /// fill: writing them writes the file's page-cache pages (MAP_SHARED).
+    ///
+    /// Panics when out of bounds. On a read-only mapping a write faults (SIGSEGV).
+    pub fn slice_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset <= self.len && len <= self.len - offset);
+        // SAFETY: the range is inside the mapping (checked above), which stays
+        // mapped for `self`'s lifetime; `&mut self` means no other slice of it is
+        // borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// The mapping's start address (what `TCP_ZEROCOPY_RECEIVE` maps pages at).
+    pub fn address(&self) -> u64 {
+        self.ptr.as_ptr() as u64
     }
 
     /// Rewrites the byte at `offset` with its own value: on a writable MAP_PRIVATE

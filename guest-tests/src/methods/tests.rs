@@ -22,6 +22,8 @@ use zc_protocol::Marker;
 #[path = "../../../audit/tests/support/kunit.rs"]
 mod kunit;
 
+mod receive;
+
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
     DropCaches,
@@ -205,6 +207,19 @@ fn spawn_peer(expected: Vec<u8>, ack_offset: u64) -> (SocketAddrV4, mpsc::Receiv
     (addr, rx)
 }
 
+/// The payload in `disk`, receive methods' files in `scratch`.
+fn roots<'a>(disk: &'a Path, scratch: &'a Path) -> Roots<'a> {
+    Roots { disk, scratch }
+}
+
+/// A peer that only receives: a receive method sent its way finds a closed port.
+fn send_only(send_to: SocketAddrV4) -> Peer {
+    Peer {
+        send_to,
+        receive_from: closed_port(),
+    }
+}
+
 /// A closed local port: bound, then dropped.
 fn closed_port() -> SocketAddrV4 {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -319,6 +334,11 @@ fn check_method(report: &Value, chunks: u64) {
     let method = report["method"].as_str().unwrap();
     let lp = report["loop_syscalls"].as_u64().unwrap();
     match Method::from_name(method).unwrap() {
+        Method::RecvWrite
+        | Method::RecvDirect
+        | Method::SpliceRecv
+        | Method::RecvMmap
+        | Method::TcpZerocopyReceive => panic!("{method}: a receive method in the send suite"),
         Method::ReadWrite | Method::DirectWrite => {
             assert_eq!(count(report, "read"), chunks, "{method}");
             assert!(count(report, "write") >= chunks, "{method}");
@@ -414,7 +434,14 @@ fn run(
 ) -> (Recorder, bool, Vec<Received>) {
     let (peer, seen) = spawn_peer(expected.to_vec(), ack_offset);
     let mut recorder = Recorder::default();
-    let passed = run_suite(suite, dir, &[peer], &mut recorder).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let passed = run_suite(
+        suite,
+        roots(dir, scratch.path()),
+        &[send_only(peer)],
+        &mut recorder,
+    )
+    .unwrap();
     let received = seen.try_iter().collect();
     (recorder, passed, received)
 }
@@ -578,7 +605,13 @@ fn failures_are_reported_and_spans_stay_paired() {
         ..Suite::default()
     };
     let mut recorder = Recorder::default();
-    let passed = run_suite(&suite, dir.path(), &[closed_port()], &mut recorder).unwrap();
+    let passed = run_suite(
+        &suite,
+        roots(dir.path(), dir.path()),
+        &[send_only(closed_port())],
+        &mut recorder,
+    )
+    .unwrap();
     assert!(!passed);
     let reports = recorder.reports();
     for (report, method) in reports.iter().zip(["sendfile", "read_write"]) {
@@ -668,7 +701,8 @@ fn each_card_runs_its_methods_to_its_own_peer_with_spans_named_by_variant() {
     let (peer0, seen0) = spawn_peer(data.clone(), 0);
     let (peer1, seen1) = spawn_peer(data.clone(), 0);
     let mut recorder = Recorder::default();
-    assert!(run_suite(&suite, dir.path(), &[peer0, peer1], &mut recorder).unwrap());
+    let both = [send_only(peer0), send_only(peer1)];
+    assert!(run_suite(&suite, roots(dir.path(), dir.path()), &both, &mut recorder).unwrap());
     // Card 0's peer got its two methods, card 1's its one.
     assert_eq!(seen0.try_iter().filter(|r| r.matched).count(), 2);
     assert_eq!(seen1.try_iter().filter(|r| r.matched).count(), 1);
@@ -718,7 +752,13 @@ fn each_card_runs_its_methods_to_its_own_peer_with_spans_named_by_variant() {
     // A card without a peer address fails its methods, not the suite's run.
     let mut recorder = Recorder::default();
     let (peer0, _seen0) = spawn_peer(data, 0);
-    assert!(!run_suite(&suite, dir.path(), &[peer0], &mut recorder).unwrap());
+    assert!(!run_suite(
+        &suite,
+        roots(dir.path(), dir.path()),
+        &[send_only(peer0)],
+        &mut recorder
+    )
+    .unwrap());
     let error = recorder.reports()[2]["error"].as_str().unwrap().to_string();
     assert_eq!(error, "no peer address for card 1");
 }

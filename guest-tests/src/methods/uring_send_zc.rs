@@ -346,6 +346,7 @@ pub fn transfer(t: &mut Transfer<'_>, report_usage: bool) -> Result<Done> {
         // In this order: the ring goes before the memory its requests named.
         keep: vec![Box::new(u.ring), Box::new(map)],
         zerocopy,
+        zerocopy_receive: None,
     })
 }
 

@@ -231,6 +231,7 @@ pub fn send_mapping(
     Ok(Done {
         keep: vec![Box::new(map)],
         zerocopy: Some(zc.completions.report()),
+        zerocopy_receive: None,
     })
 }
 

@@ -59,5 +59,6 @@ pub fn transfer(t: &mut Transfer<'_>) -> Result<Done> {
     Ok(Done {
         keep: vec![Box::new(map)],
         zerocopy: Some(counts),
+        zerocopy_receive: None,
     })
 }
