@@ -2,10 +2,11 @@
 //!
 //! The peer sends the payload (the same file the guest has on the test disk, or
 //! its first `zc.size` bytes) on each connection to its send port; the guest
-//! writes it to `<scratch>/<method>.<variant>.bin` (`MethodRun::scratch_file`) chunk by chunk, each chunk at the same
-//! file offset as in the payload, so that a page of the stream is a page of the
-//! file (the audit identifies pages by their content). After the last chunk it
-//! `fsync`s the file, sends the 8-byte little-endian count of what it received
+//! writes it to `<scratch>/<method>.<variant>.bin` (`MethodRun::scratch_file`)
+//! chunk by chunk, each chunk at the same file offset as in the payload, so that a
+//! page of the stream is a page of the file (the audit identifies pages by their
+//! content). After the last chunk it `fsync`s the file and `syncfs`s its file
+//! system, sends the 8-byte little-endian count of what it received
 //! (`zc_protocol::ack`), half-closes, and reads until the peer's FIN.
 //!
 //! After `END`, [`Check::verify`] compares the file written with the payload: a
@@ -195,15 +196,20 @@ pub fn finish(t: &mut Transfer<'_>) -> Result<()> {
             .ftruncate(fd, size)
             .context(|| format!("ftruncate of the received file to {size} bytes"))?;
     }
-    // fsync, not fdatasync: on ext4 without a journal (the scratch disk), fdatasync
-    // of an inode whose only change is its mtime (recv_mmap's: the file was sized
-    // before BEGIN, the mapping only dirties pages) writes the pages but sends no
-    // cache FLUSH and leaves the new blocks' metadata unwritten (6.1
-    // fs/ext4/fsync.c, ext4_fsync_nojournal: no I_DIRTY_DATASYNC, return before
-    // `needs_barrier`). An application that wants the bytes to last calls fsync.
+    // fsync, then syncfs: the data and its metadata are written by fsync, but on
+    // ext4 without a journal (the scratch disk) neither fdatasync nor fsync always
+    // asks the disk to flush its cache (6.1 fs/ext4/fsync.c, ext4_fsync_nojournal:
+    // an inode that is not dirty, or only I_DIRTY_SYNC for fdatasync, returns
+    // before `needs_barrier`). Measured: recv_mmap's fdatasync sent no FLUSH (its
+    // inode only had a new mtime), and recv_write's fsync sent none once the
+    // periodic writeback had written the inode during the transfer. syncfs
+    // (ext4_sync_fs) always flushes; without a FLUSH the audit FAILs the method.
     t.sys
         .fsync(fd)
         .context(|| "fsync of the received file".to_string())?;
+    t.sys
+        .syncfs(fd)
+        .context(|| "syncfs of the scratch disk".to_string())?;
     let count = ack::encode(size);
     let mut sent = 0;
     while sent < count.len() {

@@ -66,6 +66,8 @@ pub enum Call {
     Pwritev,
     /// `fsync(2)`.
     Fsync,
+    /// `syncfs(2)`.
+    Syncfs,
     /// `ftruncate(2)`.
     Ftruncate,
     /// `shutdown(2)`.
@@ -74,7 +76,7 @@ pub enum Call {
 
 impl Call {
     /// Every call, in report order.
-    pub const ALL: [Call; 24] = [
+    pub const ALL: [Call; 25] = [
         Call::Read,
         Call::Write,
         Call::Send,
@@ -97,6 +99,7 @@ impl Call {
         Call::Pwrite,
         Call::Pwritev,
         Call::Fsync,
+        Call::Syncfs,
         Call::Ftruncate,
         Call::Shutdown,
     ];
@@ -126,6 +129,7 @@ impl Call {
             Call::Pwrite => "pwrite",
             Call::Pwritev => "pwritev",
             Call::Fsync => "fsync",
+            Call::Syncfs => "syncfs",
             Call::Ftruncate => "ftruncate",
             Call::Shutdown => "shutdown",
         }
@@ -289,6 +293,13 @@ impl Syscalls {
     pub fn fsync(&mut self, fd: RawFd) -> io::Result<()> {
         // SAFETY: fsync takes a descriptor only.
         self.raw(Call::Fsync, || unsafe { libc::fsync(fd) as isize })
+            .map(drop)
+    }
+
+    /// `syncfs(fd)`: the file system `fd` is on.
+    pub fn syncfs(&mut self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: syncfs takes a descriptor only.
+        self.raw(Call::Syncfs, || unsafe { libc::syncfs(fd) as isize })
             .map(drop)
     }
 

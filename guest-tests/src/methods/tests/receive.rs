@@ -282,6 +282,7 @@ fn check_received(
         ("setsockopt", 2),
         ("connect", 1),
         ("fsync", 1),
+        ("syncfs", 1),
         ("send", 1),
         ("shutdown", 1),
     ] {
