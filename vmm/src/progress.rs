@@ -22,7 +22,8 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
 const PREFIX: &str = "zc-vmm: progress: ";
 
-/// What the peer has received during one method: a progress line.
+/// What the peer has received during one method (sent, for a receive method): a
+/// progress line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MethodProgress {
     /// The method (the guest's `BEGIN <method>` mark).
@@ -87,11 +88,24 @@ impl MethodProgress {
 #[derive(Debug, Default)]
 struct Span {
     method: Option<String>,
+    /// A receive method's: the count is of what the peers sent, not received.
+    receives: bool,
     /// Each peer's connection count at its `BEGIN`: its connections are numbered
     /// from here.
     first_connection: Vec<u64>,
     /// The last count printed, not to repeat an unchanged line.
     printed: Option<u64>,
+}
+
+/// Whether the span `span` (`<method>` or `<method>@<variant>`) is a receive
+/// method's, whose bytes the peer sends.
+pub fn receives(span: &str) -> bool {
+    let method = span
+        .split(zc_protocol::marker::VARIANT_SEP)
+        .next()
+        .unwrap_or(span);
+    zc_protocol::Method::from_name(method)
+        .is_some_and(|m| m.direction() == zc_protocol::Direction::Receive)
 }
 
 /// Prints the peer's progress through each method: a line at the method's `BEGIN`
@@ -127,13 +141,18 @@ impl PeerProgress {
         match Marker::parse(label) {
             Some(Marker::Begin(span)) => {
                 let method = span.as_str();
+                let receives = receives(method);
                 let (first, expected): (Vec<u64>, Vec<Option<u64>>) = self
                     .nics
                     .iter()
                     .map(|nic| {
                         nic.with(|d| {
                             let peer = d.backend();
-                            (peer.stats().connections, peer.next_expected_size())
+                            if receives {
+                                (peer.stats().send_connections, peer.next_offer_size())
+                            } else {
+                                (peer.stats().connections, peer.next_expected_size())
+                            }
                         })
                     })
                     .unzip();
@@ -141,6 +160,7 @@ impl PeerProgress {
                 let mut span = self.span();
                 *span = Span {
                     method: Some(method.to_string()),
+                    receives,
                     first_connection: first,
                     printed: Some(0),
                 };
@@ -172,7 +192,11 @@ impl PeerProgress {
             .map(|(nic, &first)| {
                 nic.with(|d| {
                     let peer = d.backend();
-                    (peer.received_since(first), peer.next_expected_size())
+                    if span.receives {
+                        (peer.sent_since(first), peer.next_offer_size())
+                    } else {
+                        (peer.received_since(first), peer.next_expected_size())
+                    }
                 })
             });
         // The card the method sends through: the one that received most since
@@ -243,6 +267,12 @@ mod tests {
             expected,
             done,
         }
+    }
+
+    #[test]
+    fn receive_spans_are_known_by_their_method() {
+        assert!(receives("recv_write") && receives("tcp_zerocopy_receive@sg-off"));
+        assert!(!receives("sendfile@sg-on") && !receives("disk-roundtrip"));
     }
 
     #[test]

@@ -910,12 +910,18 @@ impl PlainProgress {
     }
 }
 
-/// `sg-on: sendfile: 8.0 of 16.0 MiB (50%) sent`, `..., done` at the method's end.
+/// `sg-on: sendfile: 8.0 of 16.0 MiB (50%) sent`, `..., done` at the method's end
+/// (`received` for a receive method).
 fn sent(variant: &str, p: &MethodProgress) -> String {
     format!(
-        "{variant}: {}: {} sent{}",
+        "{variant}: {}: {} {}{}",
         p.method,
         p.amount(),
+        if zc_vmm::progress::receives(&p.method) {
+            "received"
+        } else {
+            "sent"
+        },
         if p.done { ", done" } else { "" }
     )
 }

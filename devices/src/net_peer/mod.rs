@@ -229,6 +229,25 @@ pub struct ReceivedSince {
     pub expected: Option<u64>,
 }
 
+impl ReceivedSince {
+    /// The sum over connections' `(bytes, expected)`.
+    fn of(connections: impl Iterator<Item = (u64, Option<u64>)>) -> ReceivedSince {
+        let mut since = ReceivedSince {
+            expected: Some(0),
+            ..ReceivedSince::default()
+        };
+        for (bytes, expected) in connections {
+            since.connections += 1;
+            since.bytes += bytes;
+            since.expected = since.expected.zip(expected).map(|(a, b)| a + b);
+        }
+        if since.connections == 0 {
+            since.expected = None;
+        }
+        since
+    }
+}
+
 /// One listening/connected TCP socket and where its connection stands.
 struct Conn {
     handle: SocketHandle,
@@ -612,19 +631,28 @@ impl NetPeer {
             }
             _ => None,
         });
-        let mut since = ReceivedSince {
-            expected: Some(0),
-            ..ReceivedSince::default()
-        };
-        for (bytes, expected) in ended.chain(open) {
-            since.connections += 1;
-            since.bytes += bytes;
-            since.expected = since.expected.zip(expected).map(|(a, b)| a + b);
-        }
-        if since.connections == 0 {
-            since.expected = None;
-        }
-        since
+        ReceivedSince::of(ended.chain(open))
+    }
+
+    /// The send port's [`NetPeer::received_since`]: over its connections numbered
+    /// `first` and later (`PeerStats::send_connections` counts them), finished or
+    /// still open, the bytes the guest's TCP acknowledged and what they are to carry.
+    pub fn sent_since(&self, first: u64) -> ReceivedSince {
+        let ended = self
+            .sent
+            .iter()
+            .filter(|s| s.connection >= first)
+            .map(|s| (s.bytes_acked, s.offer.as_ref().map(|o| o.size)));
+        let open = self.conns.iter().filter_map(|c| match &c.phase {
+            Phase::Sending(o) if o.id >= first => Some((o.acked(), o.size())),
+            _ => None,
+        });
+        ReceivedSince::of(ended.chain(open))
+    }
+
+    /// The size of the next file offered, if one is queued.
+    pub fn next_offer_size(&self) -> Option<u64> {
+        self.offers.front().map(|o| o.size)
     }
 
     /// Counters of frames and connections.

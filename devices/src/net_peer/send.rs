@@ -148,6 +148,16 @@ pub(super) struct Outgoing {
 }
 
 impl Outgoing {
+    /// Bytes the guest's TCP acknowledged so far.
+    pub(super) fn acked(&self) -> u64 {
+        self.bytes_acked
+    }
+
+    /// What the connection is to carry (`None`: nothing was offered).
+    pub(super) fn size(&self) -> Option<u64> {
+        self.offer.as_ref().map(|o| o.size)
+    }
+
     /// A connection accepted at `t` (time since the peer started), to carry `offer`.
     pub(super) fn new(
         id: u64,

@@ -863,6 +863,15 @@ fn net_peer_sends_8mib_file_and_checks_the_guests_count() {
     assert!(net.peer.results().is_empty());
     assert_eq!(net.peer.active_connections(), 0);
     assert!(net.peer.pending_offer_labels().is_empty());
+    assert_eq!(net.peer.next_offer_size(), None);
+    // The progress count: every byte acknowledged, of as many offered.
+    let since = net.peer.sent_since(0);
+    assert_eq!(
+        (since.connections, since.bytes, since.expected),
+        (1, SIZE as u64, Some(SIZE as u64))
+    );
+    assert_eq!(net.peer.sent_since(1).connections, 0);
+    assert_eq!(net.peer.received_since(0).connections, 0);
     assert_eq!(net.peer.take_sent().len(), 1);
     assert!(net.peer.sent().is_empty());
 }
