@@ -242,7 +242,7 @@ pub fn disk_read() -> Result<Outcome> {
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_full(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read(&mut buf[done..]) {

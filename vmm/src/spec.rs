@@ -540,39 +540,47 @@ impl NicSpec {
         if self.peer_send_bytes.is_some() && self.peer_send.is_empty() {
             return Err(SpecError::SendBytesWithoutFiles);
         }
-        for file in &self.peer_send {
-            require_file("--peer-send", file, "name the file the peer is to send")?;
-            let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-            match self.peer_send_bytes {
-                Some(bytes) if bytes > size => {
-                    return Err(SpecError::BytesBeyondFile {
-                        bytes,
-                        path: file.clone(),
-                        size,
-                    })
-                }
-                _ => {}
-            }
-        }
+        require_files_of(
+            &self.peer_send,
+            self.peer_send_bytes,
+            "--peer-send",
+            "name the file the peer is to send",
+        )?;
         if self.peer_expect_bytes.is_some() && self.peer_expect.is_empty() {
             return Err(SpecError::BytesWithoutExpectation);
         }
-        for file in &self.peer_expect {
-            require_file("--peer-expect", file, "name the file the guest will send")?;
-            let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-            match self.peer_expect_bytes {
-                Some(bytes) if bytes > size => {
-                    return Err(SpecError::BytesBeyondFile {
-                        bytes,
-                        path: file.clone(),
-                        size,
-                    })
-                }
-                _ => {}
-            }
-        }
+        require_files_of(
+            &self.peer_expect,
+            self.peer_expect_bytes,
+            "--peer-expect",
+            "name the file the guest will send",
+        )?;
         Ok(())
     }
+}
+
+/// Each of `files` exists and, with a byte limit, holds at least that many bytes.
+fn require_files_of(
+    files: &[PathBuf],
+    limit: Option<u64>,
+    what: &'static str,
+    hint: &'static str,
+) -> Result<(), SpecError> {
+    for file in files {
+        require_file(what, file, hint)?;
+        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        match limit {
+            Some(bytes) if bytes > size => {
+                return Err(SpecError::BytesBeyondFile {
+                    bytes,
+                    path: file.clone(),
+                    size,
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn require_file(what: &'static str, path: &Path, hint: &'static str) -> Result<(), SpecError> {

@@ -24,6 +24,7 @@ use super::syscalls::Syscalls;
 use super::tcp_zerocopy_receive;
 use super::{Hooks, Method, Roots, Suite, CHUNK_ALIGN};
 use crate::error::{Context, Error, Result};
+use crate::scenarios::read_full;
 use zc_protocol::ack;
 use zc_protocol::MethodRun;
 
@@ -293,20 +294,6 @@ impl Check {
             offset += n as u64;
         }
     }
-}
-
-/// Reads until `buf` is full or the end of `reader`; returns the bytes read.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match reader.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 #[cfg(test)]
