@@ -12,6 +12,7 @@ use zc_dma_log::{
     BlkStatus, DescRecord, DescRole, DeviceKind, Direction, DirtyRecord, NetRequest, Piece, Record,
     RequestDetail, PAGE_SIZE,
 };
+use zc_protocol::disk::{SCRATCH_DISK_CARD, TEST_DISK_CARD};
 use zc_protocol::{addr::PEER_SEND_PORT, Marker, SpanName};
 
 use crate::stream::{Connection, SourcePages as Source};
@@ -20,11 +21,6 @@ use crate::stream::{Connection, SourcePages as Source};
 const RX_QUEUE: u16 = 0;
 /// virtio-net's transmit queue.
 const TX_QUEUE: u16 = 1;
-/// The test disk's card in the DMA log: the VMM attaches it first.
-const TEST_DISK_CARD: u16 = 0;
-/// The scratch disk's card in the DMA log: the VMM attaches it second
-/// (`vmm/src/vm.rs`, `attach_disk`: the `n`-th disk is card `n`).
-pub(crate) const SCRATCH_DISK_CARD: u16 = 1;
 
 /// What a device last wrote into a guest page (or part of one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -55,9 +55,8 @@ pub fn mount(read_only: bool) -> Result<()> {
 
 /// Where the scratch disk is mounted.
 pub const SCRATCH_MOUNT_POINT: &str = "/scratch";
-/// The scratch disk's ext4 label (`zc_images::scratch::LABEL`; the guest does not
-/// link the image builder).
-pub const SCRATCH_LABEL: &str = "zc-scratch";
+/// The scratch disk's ext4 label.
+pub const SCRATCH_LABEL: &str = zc_protocol::disk::SCRATCH_DISK_LABEL;
 
 /// The ext4 volume label of block device `path`, if it holds ext4.
 fn ext4_label(path: &str) -> Option<String> {

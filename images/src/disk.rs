@@ -60,7 +60,7 @@ pub const MANIFEST_FORMAT: u32 = 1;
 pub const FILES_DIR: &str = "disk-files";
 /// The test disk's ext4 label (the scratch disk has [`crate::scratch::LABEL`]): the
 /// guest tells its disks apart by it, not by their order.
-pub const TEST_DISK_LABEL: &str = "zc-test";
+pub const TEST_DISK_LABEL: &str = zc_protocol::disk::TEST_DISK_LABEL;
 
 /// Errors of the test-disk builder.
 #[derive(Debug, Error)]

@@ -22,7 +22,7 @@ use thiserror::Error;
 use crate::disk::{self, DiskError, PAGE};
 
 /// The scratch disk's ext4 label.
-pub const LABEL: &str = "zc-scratch";
+pub const LABEL: &str = zc_protocol::disk::SCRATCH_DISK_LABEL;
 /// Room the file system itself takes beyond the files' blocks (inode tables, bitmaps,
 /// directories), generously: the image is sparse, so unused room costs nothing.
 const FS_OVERHEAD: u64 = 32 << 20;

@@ -6,6 +6,7 @@
 //! - [`control`]: the guest → VMM control channel's messages (format and parse);
 //! - [`addr`]: the I/O ports and network addresses both sides use;
 //! - [`ack`]: the peer's 8-byte acknowledgement;
+//! - [`disk`]: the test and scratch disks' labels and DMA-log cards;
 //! - [`options`]: the guest's `zc.*` kernel command-line options (format and parse);
 //! - [`report`]: a method's `report` JSON (hand-written writer, serde reader);
 //! - [`json`]: the small JSON object writer the guest uses (it has no serde);
@@ -18,6 +19,7 @@ pub mod ack;
 pub mod addr;
 pub mod control;
 pub mod dirty;
+pub mod disk;
 pub mod json;
 pub mod marker;
 pub mod method;

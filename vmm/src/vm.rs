@@ -28,6 +28,7 @@ use zc_devices::pci::bus::PciBus;
 use zc_devices::virtio::blk::{Block, BlockOptions};
 use zc_devices::virtio::net::{Net, NetBackend, NetOptions};
 use zc_devices::virtio::VirtioDevice;
+use zc_protocol::disk::{SCRATCH_DISK_CARD, TEST_DISK_CARD};
 use zc_protocol::Marker;
 
 use crate::acpi::{self, AcpiConfig};
@@ -118,13 +119,14 @@ fn net_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> VmError {
 pub fn run(spec: &RunSpec) -> Result<RunReport, VmError> {
     let mut builder = VmBuilder::new(spec)?;
     if let Some(disk) = &spec.disk {
-        builder.attach_disk(disk)?;
+        builder.attach_disk(disk, TEST_DISK_CARD)?;
     }
     if let Some(scratch) = &spec.scratch_disk {
-        builder.attach_disk(&DiskSpec {
+        let scratch = DiskSpec {
             path: scratch.clone(),
             read_only: false,
-        })?;
+        };
+        builder.attach_disk(&scratch, SCRATCH_DISK_CARD)?;
     }
     for nic in &spec.nics {
         builder.attach_nic(nic)?;
@@ -216,15 +218,13 @@ impl<'a> VmBuilder<'a> {
         })
     }
 
-    /// Attaches a virtio-blk disk backed by `disk`'s image file. The `n`-th disk
-    /// names itself card `n` in the DMA log (the test disk `blk/0/...`, the scratch
-    /// disk `blk/1/...`).
-    pub fn attach_disk(&mut self, disk: &DiskSpec) -> Result<(), VmError> {
+    /// Attaches a virtio-blk disk backed by `disk`'s image file, naming itself `card`
+    /// in the DMA log (`zc_protocol::disk`: the test disk 0, the scratch disk 1).
+    pub fn attach_disk(&mut self, disk: &DiskSpec, card: u16) -> Result<(), VmError> {
         let options = BlockOptions {
             read_only: disk.read_only,
             ..BlockOptions::default()
         };
-        let card = u16::try_from(self.disks.len()).expect("a VM has a handful of disks");
         let block =
             Block::open(&disk.path, options, self.dma_log.for_card(card)).map_err(VmError::Disk)?;
         let device = self.plug(block, ExitTarget::Disk)?;
