@@ -6,14 +6,17 @@
 //!
 //! Input: a flag byte (verify checksums or not, one or two listeners), two
 //! expectations (size and kind: sized, sized with XXH3-128, or a source file compared
-//! byte for byte), then operations until the input ends: a raw frame, a TCP segment
-//! (port, control flag, ACK, sequence numbers automatic or raw, window, payload), an
-//! ARP request, or time passing (then `poll`). Time is virtual.
+//! byte for byte), two offers for the send port (the sizes of files the peer sends),
+//! then operations until the input ends: a raw frame, a TCP segment (guest port,
+//! which of the peer's ports, control flag, ACK, sequence numbers automatic or raw,
+//! window, payload: on the send port the guest's count, or anything), an ARP
+//! request, or time passing (then `poll`). Time is virtual.
 //!
 //! Checked, besides "no panic": no frame for the guest exceeds the MTU plus the
 //! Ethernet header; a connection that ended without a failure carried exactly its
 //! expected size; a result whose content or hash is known good has no failure of
-//! that kind.
+//! that kind; a send that ended without a failure had every byte acknowledged and
+//! counted by the guest.
 //!
 //! Counters (`ZC_FUZZ_STATS=1`): inputs that got a connection, results (by how they ended,
 //! with the count sent), payload bytes checked, content mismatches, frames to the
@@ -39,7 +42,8 @@ use smoltcp::wire::{
     TcpSeqNumber,
 };
 use zc_devices::net_peer::{
-    xxh3_128, End, Expectation, Failure, NetPeer, NetPeerConfig, DEFAULT_GUEST_IP, DEFAULT_MAC,
+    xxh3_128, End, Expectation, Failure, NetPeer, NetPeerConfig, Offer, SendFailure,
+    DEFAULT_GUEST_IP, DEFAULT_MAC,
 };
 use zc_devices::virtio::net::DEFAULT_GUEST_MAC;
 
@@ -107,6 +111,10 @@ fuzz_target!(|data: &[u8]| {
             _ => Expectation::of_file("fuzz", &source_file(size)).expect("the source file"),
         };
         peer.expect(expectation);
+    }
+    for _ in 0..2 {
+        let size = usize::from(inp.u16() % 8192);
+        peer.offer(Offer::of_file("fuzz", &source_file(size)).expect("the source file"));
     }
     let mut h = Harness {
         peer,
@@ -197,6 +205,31 @@ impl Harness {
                 assert_ne!(r.hash_ok, Some(true), "{r:?}");
             }
         }
+        for s in self.peer.take_sent() {
+            count("sends", 1);
+            count("send_bytes_acked", s.bytes_acked);
+            count("sends_with_a_count", u64::from(s.guest_count.is_some()));
+            count(
+                match s.failure {
+                    None => "sends_ok",
+                    Some(SendFailure::NoOffer) => "sends_without_offer",
+                    Some(SendFailure::Source { .. }) => "sends_source_failed",
+                    Some(SendFailure::Undelivered { .. }) => "sends_undelivered",
+                    Some(SendFailure::NoCount { .. }) => "sends_without_count",
+                    Some(SendFailure::WrongCount { .. }) => "sends_wrong_count",
+                    Some(SendFailure::ExtraBytes { .. }) => "sends_extra_bytes",
+                },
+                1,
+            );
+            if s.failure.is_none() {
+                let size = s.offer.as_ref().map(|o| o.size);
+                assert_eq!(
+                    (Some(s.bytes_acked), s.guest_count),
+                    (size, size),
+                    "no failure, yet not every byte acknowledged and counted: {s:?}"
+                );
+            }
+        }
     }
 
     /// Follows the peer's sequence numbers in the TCP segments it sends the guest.
@@ -228,6 +261,13 @@ impl Harness {
     fn tcp(&mut self, inp: &mut Input) {
         let ctl = inp.u8();
         let port = 40000 + u16::from(ctl & 3);
+        // Guest ports 40002 and 40003 talk to the send port, the others to the
+        // receive port: each connection keeps its peer port.
+        let peer_port = if ctl & 2 != 0 {
+            self.config.send_port
+        } else {
+            self.config.port
+        };
         let control = match ctl >> 2 & 7 {
             0 | 5 => TcpControl::None,
             1 => TcpControl::Syn,
@@ -258,7 +298,7 @@ impl Harness {
         let syn = control == TcpControl::Syn;
         let repr = TcpRepr {
             src_port: port,
-            dst_port: self.config.port,
+            dst_port: peer_port,
             control,
             seq_number: TcpSeqNumber(seq as i32),
             ack_number: ack.filter(|_| with_ack).map(|a| TcpSeqNumber(a as i32)),

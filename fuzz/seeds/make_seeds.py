@@ -206,11 +206,23 @@ def parsers():
     w("images/elf_modinfo", bytes([2]) + elf_with_modinfo())
     w("images/cpio", bytes([3]) + cpio([("init", 0o100755, b"#!/bin/sh\n"), ("dev", 0o40755, b""), ("TRAILER!!!", 0, b"")]))
     w("images/cpio_gz", bytes([3]) + gzip.compress(cpio([("bin/sh", 0o120777, b"busybox"), ("TRAILER!!!", 0, b"")])))
-    # net_peer: checksums on, 2 listeners; sized 8-byte expectation, then
-    # SYN; ACK; 8 bytes of data; FIN (automatic sequence numbers).
+    # net_peer: checksums on, 2 listeners; sized 8-byte expectation, two 16-byte
+    # offers, then an ARP request (so the peer knows the guest's MAC), SYN; ACK;
+    # 8 bytes of data; FIN (automatic sequence numbers).
     seg = lambda ctl, data=b"": bytes([1, ctl]) + struct.pack("<H", 65535) + bytes([len(data)]) + data
-    ops = seg(0x04 | 0x80) + seg(0x20) + seg(0x20 | 0x10, bytes(range(8))) + seg(0x20 | 0x08) + bytes([4, 100, 0])
-    w("net_peer/transfer", bytes([3, 0, 8, 2, 8]) + ops)
+    head = bytes([3, 0, 8, 2, 8]) + struct.pack("<HH", 16, 16)
+    arp = bytes([3])
+    ops = arp + seg(0x04 | 0x80) + seg(0x20) + seg(0x20 | 0x10, bytes(range(8))) + seg(0x20 | 0x08) + bytes([4, 100, 0])
+    w("net_peer/transfer", head + ops)
+    # The send port (guest port 40002: ctl bit 1), 10 ms passing (and a poll)
+    # after each segment: SYN; ACK (the peer streams its 16 bytes); ACK of them with
+    # the guest's count, 16 as a little-endian u64; FIN; ACK of the peer's FIN.
+    SEND = 0x02
+    t = bytes([4, 10, 0])
+    ops = (arp + seg(SEND | 0x04 | 0x80) + t + seg(SEND | 0x20) + t
+           + seg(SEND | 0x20, struct.pack("<Q", 16)) + t + seg(SEND | 0x20 | 0x08) + t
+           + seg(SEND | 0x20) + t)
+    w("net_peer/send", head + ops)
 
 
 for d in ("blk_queue", "net_queue", "mmio_regs", "control", "dma_log", "expect_toml", "images", "net_peer"):
