@@ -715,6 +715,16 @@ cpu_copies = 1.0
         Expectations::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("expected.toml")).unwrap()
     }
 
+    /// `method`'s sg-on and sg-off rows for a kernel `release`.
+    fn both_variants<'t>(
+        table: &'t Expectations,
+        method: Method,
+        release: &str,
+    ) -> (&'t Expectation, &'t Expectation) {
+        let row = |variant| table.select(method.name(), variant, Some(release)).unwrap();
+        (row("sg-on"), row("sg-off"))
+    }
+
     /// The table's numbers and the protocol's method properties are two accounts of
     /// the same methods; a new method with one and not the other fails here.
     #[test]
@@ -724,10 +734,7 @@ cpu_copies = 1.0
             .into_iter()
             .flat_map(|m| RELEASES.map(|r| (m, r)))
         {
-            let on = table.select(method.name(), "sg-on", Some(release)).unwrap();
-            let off = table
-                .select(method.name(), "sg-off", Some(release))
-                .unwrap();
+            let (on, off) = both_variants(&table, method, release);
             let (on_cpu, off_cpu) = (on.cpu_copies.unwrap(), off.cpu_copies.unwrap());
             // Under one copy with scatter-gather exactly when the send path takes
             // the payload without a CPU copy (COW's one page in sixteen is not a
@@ -773,10 +780,7 @@ cpu_copies = 1.0
             .into_iter()
             .flat_map(|m| RELEASES.map(|r| (m, r)))
         {
-            let on = table.select(method.name(), "sg-on", Some(release)).unwrap();
-            let off = table
-                .select(method.name(), "sg-off", Some(release))
-                .unwrap();
+            let (on, off) = both_variants(&table, method, release);
             assert_eq!(on, off, "{method}");
             assert_eq!(on.dma_copies, Some(2), "{method}");
             assert!(on.cpu_copies.unwrap() >= 1.0, "{method}");

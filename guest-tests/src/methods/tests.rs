@@ -248,6 +248,23 @@ fn o_direct_works(dir: &Path) -> bool {
         .is_ok()
 }
 
+/// A report's system calls by name add up to its loop's plus its setup's; returns
+/// those two.
+fn assert_split_adds_up(report: &Value, method: &str) -> (u64, u64) {
+    let total: u64 = report["syscalls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    let (lp, setup) = (
+        report["loop_syscalls"].as_u64().unwrap(),
+        report["setup_syscalls"].as_u64().unwrap(),
+    );
+    assert_eq!(lp + setup, total, "{method}: {report}");
+    (lp, setup)
+}
+
 fn count(report: &Value, call: &str) -> u64 {
     report["syscalls"][call].as_u64().unwrap_or(0)
 }
@@ -299,17 +316,7 @@ fn check_common(
     assert_eq!(got, want, "{method}");
 
     // The split adds up, and connecting is setup.
-    let total: u64 = report["syscalls"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    let (lp, setup) = (
-        report["loop_syscalls"].as_u64().unwrap(),
-        report["setup_syscalls"].as_u64().unwrap(),
-    );
-    assert_eq!(lp + setup, total, "{method}: {report}");
+    let (_, setup) = assert_split_adds_up(report, method);
     assert_eq!(count(report, "socket"), 1, "{method}");
     assert_eq!(count(report, "connect"), 1, "{method}");
     assert!(count(report, "recv") >= 1, "{method}");

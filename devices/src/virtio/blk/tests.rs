@@ -33,15 +33,7 @@ const LIMIT_FEATURES: u64 =
 
 /// Page-unique pseudo-random disk content.
 fn disk_content() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..DISK_SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    crate::virtio::test_util::noise(0x9e37_79b9_7f4a_7c15, DISK_SIZE)
 }
 
 struct H {

@@ -266,17 +266,7 @@ fn check_received(
     assert_eq!(span(events, name), want.as_slice(), "{name}");
 
     // The split adds up; connecting and the end of the transfer are setup.
-    let total: u64 = report["syscalls"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    let (lp, setup) = (
-        report["loop_syscalls"].as_u64().unwrap(),
-        report["setup_syscalls"].as_u64().unwrap(),
-    );
-    assert_eq!(lp + setup, total, "{name}: {report}");
+    super::assert_split_adds_up(report, name);
     for (call, n) in [
         ("socket", 1),
         ("setsockopt", 2),
