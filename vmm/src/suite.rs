@@ -559,11 +559,21 @@ fn audit_boot(boot: &Boot, source: &[u8], expectations: &Expectations) -> BootRu
         kernel_release: summary.as_ref().and_then(|s| s.run.kernel_release.clone()),
     };
     let mut variants = Vec::new();
+    // Once per boot, for every card's receive runs: e2fsck reads only the metadata.
+    let scratch = boot.file(SCRATCH_IMAGE);
+    let scratch_consistent = scratch
+        .exists()
+        .then(|| zc_images::scratch::check(&scratch));
+    let read_back = ScratchReadBack {
+        boot,
+        consistent: scratch_consistent.as_ref(),
+        source,
+    };
     for (card, v) in (0u16..).zip(&boot.variants) {
         input.variant = v.name.clone();
         input.card = Some(card);
         let mut audits = zc_audit::audit_wanted(&input, expectations, &v.methods);
-        read_back_scratch(boot, card, v, source, &mut audits);
+        read_back.judge(card, v, &mut audits);
         let nic_features = summary
             .as_ref()
             .and_then(|s| s.run.nics.get(usize::from(card)))
@@ -591,61 +601,66 @@ fn audit_boot(boot: &Boot, source: &[u8], expectations: &Expectations) -> BootRu
     }
 }
 
-/// Checks what each receive method of `variant` (card `card`) left on the boot's
-/// scratch disk against the payload, byte for byte, where it landed: in the image,
-/// after the guest's FLUSH, read by the host. A run whose file is missing, short,
-/// long or different FAILs with the figure; one that matches says so among its
-/// findings. A SKIP (the guest ran nothing) stays.
-fn read_back_scratch(
-    boot: &Boot,
-    card: u16,
-    variant: &Variant,
-    source: &[u8],
-    audits: &mut [MethodAudit],
-) {
-    let Some(card) = u8::try_from(card).ok().and_then(Card::new) else {
-        return;
-    };
-    let image = boot.file(SCRATCH_IMAGE);
-    // Once per card is cheap next to a boot; e2fsck reads only the metadata.
-    let consistent = image.exists().then(|| zc_images::scratch::check(&image));
-    for audit in audits.iter_mut().filter(|a| a.verdict != Verdict::Skip) {
-        let Some(method) = Method::from_name(&audit.method) else {
-            continue;
+/// The boot's scratch disk, as the host reads it back after the run.
+struct ScratchReadBack<'a> {
+    boot: &'a Boot,
+    /// `e2fsck -fn` of the image (`None`: the boot has none).
+    consistent: Option<&'a Result<(), zc_images::scratch::ReadBackError>>,
+    /// The payload each receive run was sent.
+    source: &'a [u8],
+}
+
+impl ScratchReadBack<'_> {
+    /// Checks what each receive method of `variant` (card `card`) left on the boot's
+    /// scratch disk against the payload, byte for byte, where it landed: in the image,
+    /// after the guest's FLUSH, read by the host. A run whose file is missing, short,
+    /// long or different FAILs with the figure; one that matches says so among its
+    /// findings. A SKIP (the guest ran nothing) stays.
+    fn judge(&self, card: u16, variant: &Variant, audits: &mut [MethodAudit]) {
+        let Some(card) = u8::try_from(card).ok().and_then(Card::new) else {
+            return;
         };
-        if method.direction() != Direction::Receive {
-            continue;
-        }
-        let run = MethodRun {
-            method,
-            card,
-            variant: Some(&variant.name),
-        };
-        let file = run.scratch_file();
-        let outcome = match &consistent {
-            None => Err(format!(
-                "no scratch disk {} to read {file} back from",
-                image.display()
-            )),
-            Some(Err(e)) => Err(e.to_string()),
-            Some(Ok(())) => zc_images::scratch::compare_bytes(&image, &file, source, &boot.dir)
-                .map_err(|e| e.to_string())
-                .and_then(|c| {
-                    if c.identical() {
-                        Ok(format!("{file} read back from the scratch disk: {c}"))
-                    } else {
-                        Err(format!(
-                            "{file} on the scratch disk: {c} (kept in {} for a look)",
-                            boot.dir.display()
-                        ))
-                    }
-                }),
-        };
-        match outcome {
-            Ok(finding) => audit.findings.push(finding),
-            Err(why) => {
-                audit.verdict = Verdict::Fail;
-                audit.reasons.insert(0, why);
+        let image = self.boot.file(SCRATCH_IMAGE);
+        for audit in audits.iter_mut().filter(|a| a.verdict != Verdict::Skip) {
+            let Some(method) = Method::from_name(&audit.method) else {
+                continue;
+            };
+            if method.direction() != Direction::Receive {
+                continue;
+            }
+            let run = MethodRun {
+                method,
+                card,
+                variant: Some(&variant.name),
+            };
+            let file = run.scratch_file();
+            let outcome = match self.consistent {
+                None => Err(format!(
+                    "no scratch disk {} to read {file} back from",
+                    image.display()
+                )),
+                Some(Err(e)) => Err(e.to_string()),
+                Some(Ok(())) => {
+                    zc_images::scratch::compare_bytes(&image, &file, self.source, &self.boot.dir)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| {
+                            if c.identical() {
+                                Ok(format!("{file} read back from the scratch disk: {c}"))
+                            } else {
+                                Err(format!(
+                                    "{file} on the scratch disk: {c} (kept in {} for a look)",
+                                    self.boot.dir.display()
+                                ))
+                            }
+                        })
+                }
+            };
+            match outcome {
+                Ok(finding) => audit.findings.push(finding),
+                Err(why) => {
+                    audit.verdict = Verdict::Fail;
+                    audit.reasons.insert(0, why);
+                }
             }
         }
     }
@@ -1588,7 +1603,13 @@ mod tests {
             a.reasons.clear();
             a.findings.clear();
         }
-        read_back_scratch(&boot, 0, &v, &payload, &mut audits);
+        let consistent = zc_images::scratch::check(&image);
+        let read_back = ScratchReadBack {
+            boot: &boot,
+            consistent: Some(&consistent),
+            source: &payload,
+        };
+        read_back.judge(0, &v, &mut audits);
         let [intact, altered_run, missing, send] = &audits[..] else {
             unreachable!()
         };
